@@ -1,0 +1,128 @@
+"""Input validation shared by every public function.
+
+All checks run at trace time (they look only at shapes and dtypes), so a bad
+argument raises a ``ValueError``/``TypeError`` that names the argument, the
+expected and the actual shape or dtype, before XLA ever sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# A shape spec is a tuple whose entries are ints (must match) or None (anything).
+ShapeSpec = Sequence["int | None"]
+
+
+def describe(x) -> str:
+    """``float32[3, 4]`` style description of an array-like."""
+    shape = tuple(np.shape(x))
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(x).dtype
+    return f"{jnp.dtype(dtype).name}[{', '.join(str(int(d)) for d in shape)}]"
+
+
+def _fmt_spec(spec: ShapeSpec, names: Sequence[str] | None = None) -> str:
+    parts = []
+    for i, d in enumerate(spec):
+        if d is None:
+            parts.append(names[i] if names else "*")
+        else:
+            label = f"{names[i]}={d}" if names else str(d)
+            parts.append(label)
+    return "[" + ", ".join(parts) + "]"
+
+
+def as_array(name: str, x):
+    """Converts ``x`` to a jax array, turning conversion failures into TypeError."""
+    if isinstance(x, jax.Array | np.ndarray) or hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    try:
+        return jnp.asarray(x)
+    except Exception as e:  # noqa: BLE001 - re-raised with a readable message
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__} ({e})") from None
+
+
+def check_floating(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name}: expected a floating dtype, got {describe(x)}")
+
+
+def check_integer(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {describe(x)}")
+
+
+def check_bool(name: str, x) -> None:
+    if x.dtype != jnp.bool_:
+        raise TypeError(f"{name}: expected dtype bool, got {describe(x)}")
+
+
+def check_ndim(name: str, x, ndim: int, what: str = "") -> None:
+    if x.ndim != ndim:
+        hint = f" {what}" if what else ""
+        raise ValueError(
+            f"{name}: expected rank {ndim}{hint}, got rank {x.ndim} with shape {describe(x)}"
+        )
+
+
+def check_min_ndim(name: str, x, ndim: int, what: str = "") -> None:
+    if x.ndim < ndim:
+        hint = f" {what}" if what else ""
+        raise ValueError(
+            f"{name}: expected rank >= {ndim}{hint}, got rank {x.ndim} with shape {describe(x)}"
+        )
+
+
+def check_shape(name: str, x, spec: ShapeSpec, names: Sequence[str] | None = None) -> None:
+    """Checks ``x.shape`` against ``spec`` (ints must match, None is free)."""
+    shape = tuple(x.shape)
+    ok = len(shape) == len(spec) and all(s is None or s == d for s, d in zip(spec, shape))
+    if not ok:
+        raise ValueError(f"{name}: expected shape {_fmt_spec(spec, names)}, got {describe(x)}")
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def check_key(name: str, key) -> None:
+    """Accepts both new-style typed keys and raw uint32[2] keys."""
+    if key is None:
+        raise TypeError(f"{name}: expected a jax.random key, got None")
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype is None or dtype != jnp.uint32 or tuple(np.shape(key))[-1:] != (2,):
+        raise TypeError(
+            f"{name}: expected a jax.random key (jax.random.key(...) or PRNGKey), "
+            f"got {describe(key) if dtype is not None else type(key).__name__}"
+        )
+
+
+def check_tree_matches(name: str, tree, expected, what: str) -> None:
+    """Checks that ``tree`` has the structure, shapes and dtypes of ``expected``."""
+    t_struct = jax.tree_util.tree_structure(tree)
+    e_struct = jax.tree_util.tree_structure(expected)
+    if t_struct != e_struct:
+        raise ValueError(f"{name}: expected {what} with structure {e_struct}, got {t_struct}")
+    for path_leaf, e_leaf in zip(
+        jax.tree_util.tree_leaves_with_path(tree), jax.tree_util.tree_leaves(expected)
+    ):
+        path, leaf = path_leaf
+        where = jax.tree_util.keystr(path)
+        if tuple(np.shape(leaf)) != tuple(np.shape(e_leaf)):
+            raise ValueError(
+                f"{name}{where}: expected shape {describe(e_leaf)} for {what}, got {describe(leaf)}"
+            )
