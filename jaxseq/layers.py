@@ -167,11 +167,15 @@ def stacked_rollout(
         raise TypeError(f"stack: expected js.Stack, got {type(stack).__name__}")
     n = len(stack.layers)
     if not isinstance(params, tuple | list) or len(params) != n:
-        raise ValueError(f"params: expected a tuple of {n} layer params, got {type(params).__name__}")
+        raise ValueError(
+            f"params: expected a tuple of {n} layer params, got {type(params).__name__}"
+        )
     if carry is None:
         carry = (None,) * n
     elif not isinstance(carry, tuple | list) or len(carry) != n:
-        raise ValueError(f"carry: expected a tuple of {n} layer carries, got {type(carry).__name__}")
+        raise ValueError(
+            f"carry: expected a tuple of {n} layer carries, got {type(carry).__name__}"
+        )
     use_dropout = key is not None and stack.dropout_rate > 0.0
     if use_dropout:
         _checks.check_key("key", key)
@@ -223,9 +227,7 @@ def dense(params: DenseParams, x):
     _checks.check_floating("x", x)
     _checks.check_min_ndim("x", x, 1, "[..., D]")
     if x.shape[-1] != params.w.shape[0]:
-        raise ValueError(
-            f"x: expected last dim D={params.w.shape[0]}, got {_checks.describe(x)}"
-        )
+        raise ValueError(f"x: expected last dim D={params.w.shape[0]}, got {_checks.describe(x)}")
     return add_bias(matmul_f32(x, params.w), params.b).astype(jnp.result_type(x, params.w))
 
 
