@@ -5,7 +5,16 @@ rollouts with lengths, resets and reverse, stacked and bidirectional layers,
 vmapped attention, and a truncated-BPTT training loop.
 """
 
-from jaxseq import initializers
+from jaxseq import (
+    checkpoint,
+    data,
+    diagnostics,
+    initializers,
+    losses,
+    models,
+    sampling,
+    train,
+)
 from jaxseq.cells import (
     GRU,
     LSTM,
@@ -30,6 +39,8 @@ from jaxseq.layers import (
     embedding_init,
     stacked_rollout,
 )
+from jaxseq.models import LanguageModel, char_lm
 from jaxseq.rollout import rollout, rollout_unrolled
+from jaxseq.train import TrainState, fit, make_optimizer, make_train_step
 
 __version__ = "0.1.0"

@@ -1,0 +1,286 @@
+"""Data for sequence training: character vocabularies, stream batching for
+truncated BPTT, padding, and a cached download with a checksum.
+
+Stream batching (as in char-rnn and min-char-rnn): one long token sequence of
+length N is cut into B contiguous streams of length L = N // B, stored
+time-major ``int[L, B]`` (stream b is ``ids[b*L:(b+1)*L]``). An epoch walks
+the streams in chunks of K steps: chunk i has inputs ``streams[iK : iK+K]``
+and targets shifted by one; the last chunk, when ``L - 1`` is not a multiple
+of K, is padded to K steps and masked, so every chunk has the same shape and
+a training step compiles once.
+
+Shapes: L stream length, B streams (batch), K chunk length, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "Chunk",
+    "CharVocab",
+    "StreamBatcher",
+    "download",
+    "make_streams",
+    "pad_sequences",
+    "split_text",
+]
+
+
+class CharVocab:
+    """A character vocabulary: the sorted set of characters of a text.
+
+    ``encode(str) -> int32[N]``, ``decode(ids) -> str``; ``size`` is V.
+    """
+
+    def __init__(self, chars: Iterable[str]):
+        chars = sorted(set(chars))
+        if not chars:
+            raise ValueError("chars: expected at least one character, got an empty text")
+        self.chars = "".join(chars)
+        self._index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharVocab:
+        return cls(text)
+
+    @property
+    def size(self) -> int:
+        return len(self.chars)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, text: str) -> np.ndarray:
+        try:
+            return np.fromiter((self._index[c] for c in text), dtype=np.int32, count=len(text))
+        except KeyError as e:
+            raise ValueError(f"text: character {e.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+            raise ValueError(
+                f"ids: expected values in [0, {self.size}), got {ids.min()}..{ids.max()}"
+            )
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def split_text(text, fraction: float = 0.9):
+    """First ``fraction`` for training, the rest for validation."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: expected a value in (0, 1), got {fraction!r}")
+    n = int(len(text) * fraction)
+    return text[:n], text[n:]
+
+
+def make_streams(ids, num_streams: int, boundaries=None):
+    """Cuts ``ids: int[N]`` into ``num_streams`` contiguous streams, time-major ``int[L, B]``.
+
+    ``boundaries: bool[N]`` (optional) marks document starts; it is cut the
+    same way. The last ``N % B`` tokens are dropped.
+
+    Returns ``(streams int32[L, B], boundaries bool[L, B] or None)``.
+    """
+    ids = np.asarray(ids)
+    if ids.ndim != 1:
+        raise ValueError(f"ids: expected a rank-1 token sequence [N], got shape {list(ids.shape)}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"ids: expected integer token ids, got dtype {ids.dtype}")
+    b = int(num_streams)
+    if b <= 0:
+        raise ValueError(f"num_streams: expected a positive int, got {num_streams!r}")
+    n = ids.shape[0]
+    if n < 2 * b:
+        raise ValueError(
+            f"num_streams: {b} streams need at least {2 * b} tokens (2 per stream), got N={n}"
+        )
+    length = n // b
+    streams = ids[: length * b].reshape(b, length).T.astype(np.int32)
+    bnd = None
+    if boundaries is not None:
+        boundaries = np.asarray(boundaries, dtype=bool)
+        if boundaries.shape != ids.shape:
+            raise ValueError(
+                f"boundaries: expected shape {list(ids.shape)} (the shape of ids), "
+                f"got {list(boundaries.shape)}"
+            )
+        bnd = boundaries[: length * b].reshape(b, length).T.copy()
+    return np.ascontiguousarray(streams), bnd
+
+
+class Chunk(NamedTuple):
+    """One TBPTT chunk, time-major. All fields ``[K, B]``."""
+
+    inputs: np.ndarray  # int32[K, B]
+    targets: np.ndarray  # int32[K, B]
+    mask: np.ndarray  # bool[K, B]: True where the target is real (False in the padded tail)
+    reset: np.ndarray  # bool[K, B]: zero the carry before this step (epoch/document start)
+
+
+class StreamBatcher:
+    """Chunks of K steps over B parallel streams for truncated BPTT.
+
+    Args:
+      ids: ``int[N]`` the token sequence.
+      num_streams: B.
+      chunk_len: K.
+      boundaries: optional ``bool[N]`` document starts; the carry of a stream
+        is reset before a token that starts a document.
+      reset_every_chunk: reset every stream's carry at every chunk start
+        (training without carrying the state: plain BPTT over K-step windows).
+      vocab_size: when given, token ids are checked to be in ``[0, V)``.
+
+    The carry of every stream is reset at the start of each epoch (chunk 0).
+    ``chunk(i)`` returns :class:`Chunk`; ``num_chunks`` per epoch; the data
+    position of global step ``s`` is ``(epoch, chunk) = divmod(s, num_chunks)``.
+    """
+
+    def __init__(
+        self,
+        ids,
+        num_streams: int,
+        chunk_len: int,
+        *,
+        boundaries=None,
+        reset_every_chunk: bool = False,
+        vocab_size: int | None = None,
+    ):
+        ids = np.asarray(ids)
+        k = int(chunk_len)
+        if isinstance(chunk_len, bool) or k <= 0:
+            raise ValueError(f"chunk_len: expected a positive int, got {chunk_len!r}")
+        if ids.ndim != 1:
+            raise ValueError(
+                f"ids: expected a rank-1 token sequence [N], got shape {list(ids.shape)}"
+            )
+        n = ids.shape[0]
+        if k >= n:
+            raise ValueError(
+                f"chunk_len: K={k} is larger than the data: N={n} tokens give at most "
+                f"{n - 1} (input, target) steps"
+            )
+        if vocab_size is not None and n:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= int(vocab_size):
+                raise ValueError(
+                    f"ids: token ids must lie in [0, vocab_size={vocab_size}) of the model, got "
+                    f"{lo}..{hi} (vocabulary and model sizes do not match)"
+                )
+        self.streams, self.boundaries = make_streams(ids, num_streams, boundaries)
+        length = self.streams.shape[0]
+        if length - 1 < k:
+            raise ValueError(
+                f"num_streams: {num_streams} streams of N={n} tokens are {length} tokens long, "
+                f"shorter than one chunk (K={k} steps need {k + 1} tokens); use fewer streams "
+                f"or a shorter chunk_len"
+            )
+        self.chunk_len = k
+        self.num_streams = int(num_streams)
+        self.reset_every_chunk = bool(reset_every_chunk)
+        self.num_chunks = math.ceil((length - 1) / k)
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return (self.streams.shape[0] - 1) * self.num_streams
+
+    def position(self, step: int) -> tuple[int, int]:
+        """``(epoch, chunk index)`` of global step ``step``."""
+        return divmod(int(step), self.num_chunks)
+
+    def chunk(self, i: int) -> Chunk:
+        """Chunk ``i`` (``0 <= i < num_chunks``), padded to K steps and masked."""
+        if not 0 <= i < self.num_chunks:
+            raise IndexError(f"i: expected a chunk index in [0, {self.num_chunks}), got {i}")
+        k, b = self.chunk_len, self.num_streams
+        length = self.streams.shape[0]
+        start = i * k
+        valid = min(k, length - 1 - start)
+        inputs = np.zeros((k, b), np.int32)
+        targets = np.zeros((k, b), np.int32)
+        mask = np.zeros((k, b), bool)
+        reset = np.zeros((k, b), bool)
+        inputs[:valid] = self.streams[start : start + valid]
+        targets[:valid] = self.streams[start + 1 : start + 1 + valid]
+        mask[:valid] = True
+        if self.boundaries is not None:
+            reset[:valid] = self.boundaries[start : start + valid]
+        if i == 0 or self.reset_every_chunk:
+            reset[0] = True
+        return Chunk(inputs, targets, mask, reset)
+
+    def at_step(self, step: int) -> Chunk:
+        """The chunk that global step ``step`` trains on."""
+        return self.chunk(self.position(step)[1])
+
+    def stacked(self, step: int, n: int) -> Chunk:
+        """Chunks of steps ``step .. step+n-1`` stacked on a leading axis: ``[n, K, B]``."""
+        chunks = [self.at_step(step + j) for j in range(n)]
+        return Chunk(*(np.stack(f) for f in zip(*chunks)))
+
+
+def pad_sequences(seqs, pad_value=0, dtype=np.int32, length: int | None = None):
+    """Right-pads a list of 1-D sequences into time-major ``[T, B]``; returns ``(padded, lengths)``."""
+    seqs = [np.asarray(s) for s in seqs]
+    if not seqs:
+        raise ValueError("seqs: expected at least one sequence, got none")
+    for i, s in enumerate(seqs):
+        if s.ndim != 1:
+            raise ValueError(f"seqs[{i}]: expected a rank-1 sequence, got shape {list(s.shape)}")
+    lengths = np.array([len(s) for s in seqs], np.int32)
+    t = int(lengths.max()) if length is None else int(length)
+    if lengths.max() > t:
+        raise ValueError(f"length: {t} is shorter than the longest sequence ({lengths.max()})")
+    out = np.full((t, len(seqs)), pad_value, dtype)
+    for b, s in enumerate(seqs):
+        out[: len(s), b] = s
+    return out, lengths
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, sha256: str, cache_dir=None, filename: str | None = None, timeout=30.0):
+    """Fetches ``url`` into ``cache_dir`` (default ``~/.cache/jaxseq``) once, checking its sha256.
+
+    A cached file with the right checksum is reused. The file is written to a
+    temporary name and renamed, so an interrupted download leaves nothing
+    half-written. Raises ``RuntimeError`` with a readable message when there is
+    no network or the checksum does not match.
+    """
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxseq")
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, filename or os.path.basename(url))
+    if os.path.exists(path) and _sha256(path) == sha256:
+        return path
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
+            while block := r.read(1 << 20):
+                f.write(block)
+        got = _sha256(tmp)
+        if got != sha256:
+            raise RuntimeError(
+                f"download: checksum mismatch for {url}: expected {sha256}, got {got}"
+            )
+        os.replace(tmp, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise RuntimeError(f"download: could not fetch {url} ({e})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path

@@ -1,0 +1,153 @@
+"""Losses and metrics for sequence models.
+
+Shapes: ``logits: [*N, V]`` (any leading dims, e.g. time-major ``[T, B, V]``),
+``targets: int[*N]``, ``mask: bool[*N]`` (True = counts). ``lengths: int[B]``
+is the time-major shorthand for a mask over ``[T, B]``: step ``t`` of sequence
+``b`` counts when ``t < lengths[b]``. V is the vocabulary size.
+
+Numerics: log-softmax in float32 (stable for any logit scale and for
+bfloat16 inputs), float32 sums; the mean is over valid tokens only, and a
+batch with no valid token gives 0, not NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+
+__all__ = [
+    "accuracy",
+    "bits_per_token",
+    "cross_entropy",
+    "lengths_to_mask",
+    "mse",
+    "nats_to_bits",
+    "token_cross_entropy",
+]
+
+LN2 = math.log(2.0)
+
+
+def lengths_to_mask(lengths, t: int) -> jax.Array:
+    """``lengths: int[*B]`` -> ``bool[T, *B]`` with ``mask[t, b] = t < lengths[b]`` (time-major)."""
+    lengths = _checks.as_array("lengths", lengths)
+    _checks.check_integer("lengths", lengths)
+    steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
+    return steps < lengths[None].astype(jnp.int32)
+
+
+def _resolve_mask(name_shape, shape, mask, lengths):
+    if mask is not None and lengths is not None:
+        raise ValueError("mask, lengths: give at most one of them, got both")
+    if lengths is not None:
+        lengths = _checks.as_array("lengths", lengths)
+        _checks.check_integer("lengths", lengths)
+        if len(shape) < 1 or tuple(lengths.shape) != tuple(shape[1:]):
+            raise ValueError(
+                f"lengths: expected shape {list(shape[1:])} (the batch dims of {name_shape} "
+                f"[T, *B] = {list(shape)}), got {_checks.describe(lengths)}"
+            )
+        return lengths_to_mask(lengths, shape[0])
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(
+                f"mask: expected shape {list(shape)} (the shape of {name_shape}), "
+                f"got {_checks.describe(mask)}"
+            )
+        return mask.astype(jnp.bool_)
+    return None
+
+
+def _check_logits_targets(logits, targets):
+    logits = _checks.as_array("logits", logits)
+    targets = _checks.as_array("targets", targets)
+    _checks.check_floating("logits", logits)
+    _checks.check_min_ndim("logits", logits, 1, "[*N, V]")
+    _checks.check_integer("targets", targets)
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets: expected shape {list(logits.shape[:-1])} (logits {_checks.describe(logits)} "
+            f"without the vocabulary axis), got {_checks.describe(targets)}"
+        )
+    return logits, targets
+
+
+def _masked_mean(values, mask):
+    """float32 mean of ``values`` over ``mask`` (all when None); 0 when nothing is valid."""
+    values = values.astype(jnp.float32)
+    if mask is None:
+        return jnp.mean(values) if values.size else jnp.zeros((), jnp.float32)
+    w = mask.astype(jnp.float32)
+    total = jnp.sum(values * w)
+    count = jnp.sum(w)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def token_cross_entropy(logits, targets) -> jax.Array:
+    """Per-token ``-log softmax(logits)[target]`` in float32: ``[*N, V], int[*N] -> [*N]``."""
+    logits, targets = _check_logits_targets(logits, targets)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
+    return -picked[..., 0]
+
+
+def cross_entropy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
+    """Softmax cross-entropy in nats, averaged over valid tokens.
+
+    Args:
+      logits: ``[*N, V]`` floating.
+      targets: ``int[*N]`` class ids in ``[0, V)``.
+      mask: optional ``bool[*N]``; False entries do not count.
+      lengths: optional ``int[B]`` for time-major ``[T, B]`` inputs (instead of ``mask``).
+
+    Returns:
+      float32 scalar: mean over valid tokens (0 when there are none).
+    """
+    logits, targets = _check_logits_targets(logits, targets)
+    mask = _resolve_mask("targets", targets.shape, mask, lengths)
+    return _masked_mean(token_cross_entropy(logits, targets), mask)
+
+
+def accuracy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
+    """Fraction of valid tokens whose argmax equals the target (float32 scalar)."""
+    logits, targets = _check_logits_targets(logits, targets)
+    mask = _resolve_mask("targets", targets.shape, mask, lengths)
+    hit = jnp.argmax(logits, axis=-1) == targets
+    return _masked_mean(hit, mask)
+
+
+def nats_to_bits(nats):
+    """Converts a loss in nats to bits (divides by ln 2)."""
+    return nats / LN2
+
+
+def bits_per_token(logits, targets, mask=None, *, lengths=None) -> jax.Array:
+    """:func:`cross_entropy` in bits per token (bits per character for a char model)."""
+    return nats_to_bits(cross_entropy(logits, targets, mask, lengths=lengths))
+
+
+def mse(predictions, targets, mask=None, *, lengths=None) -> jax.Array:
+    """Mean squared error over valid positions, float32.
+
+    ``predictions, targets: [*N, D]`` (same shape); ``mask: bool[*N]`` masks
+    whole positions (all D features); the mean is over valid positions and features.
+    """
+    predictions = _checks.as_array("predictions", predictions)
+    targets = _checks.as_array("targets", targets)
+    _checks.check_floating("predictions", predictions)
+    _checks.check_min_ndim("predictions", predictions, 1, "[*N, D]")
+    if tuple(targets.shape) != tuple(predictions.shape):
+        raise ValueError(
+            f"targets: expected shape {list(predictions.shape)} (the shape of predictions), "
+            f"got {_checks.describe(targets)}"
+        )
+    mask = _resolve_mask("predictions[..., 0]", predictions.shape[:-1], mask, lengths)
+    err = jnp.mean(
+        jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32)), axis=-1
+    )
+    return _masked_mean(err, mask)
