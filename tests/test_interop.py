@@ -1,0 +1,481 @@
+"""Parity with PyTorch (stored fixtures) and Flax (live), and the interop converters.
+
+The PyTorch references live in ``tests/fixtures/torch_*.npz`` (written by
+``tests/fixtures/make_torch_fixtures.py``); torch is not needed to run these tests.
+"""
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+from jaxseq import interop
+
+FIXTURES = Path(__file__).parent / "fixtures"
+H = 6  # hidden size of every fixture
+TOL = dict(rtol=1e-5, atol=1e-5)
+CELLS = {
+    "rnn_tanh": js.RNN(H),
+    "rnn_relu": js.RNN(H, activation="relu"),
+    "lstm": js.LSTM(H),
+    "gru": js.GRU(H),
+}
+
+
+def load(name: str, prefix: str) -> dict:
+    with np.load(FIXTURES / f"torch_{name}.npz") as f:
+        return {k[len(prefix) :]: f[k] for k in f.files if k.startswith(prefix)}
+
+
+def section(case: dict, tag: str) -> dict:
+    return {k[len(tag) :]: v for k, v in case.items() if k.startswith(tag)}
+
+
+def weight_grads(case: dict) -> dict:
+    """PyTorch's ``.grad`` of every state dict entry (inputs and initial states left out)."""
+    return {k: v for k, v in section(case, "g.").items() if k not in ("x", "h0", "c0")}
+
+
+def assert_grads_match(got: dict, want: dict):
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], err_msg=k, **TOL)
+
+
+def torch_final_states(carries, field: str) -> jax.Array:
+    """Stacks per-layer carries into PyTorch's ``h_n`` layout ``[L * dirs, B, H]``."""
+    out = []
+    for c in carries:
+        parts = [c.forward, c.backward] if isinstance(c, js.BidirectionalCarry) else [c]
+        out.extend(getattr(p, field) for p in parts)
+    return jnp.stack(out)
+
+
+def loss_and_aux(case, is_lstm, ys, carries):
+    h_n = torch_final_states(carries, "h")
+    loss = jnp.sum(ys * case["r_out"]) + jnp.sum(h_n * case["r_h"])
+    c_n = None
+    if is_lstm:
+        c_n = torch_final_states(carries, "c")
+        loss = loss + jnp.sum(c_n * case["r_c"])
+    return loss, (ys, h_n, c_n)
+
+
+def check_forward(case, is_lstm, loss, aux):
+    ys, h_n, c_n = aux
+    np.testing.assert_allclose(ys, case["out"], **TOL)
+    np.testing.assert_allclose(h_n, case["h_n"], **TOL)
+    if is_lstm:
+        np.testing.assert_allclose(c_n, case["c_n"], **TOL)
+    np.testing.assert_allclose(loss, case["loss"], rtol=1e-5)
+
+
+# -- PyTorch parity (fixtures) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_parity_two_layer_bidirectional_packed(name):
+    case, cell = load(name, "bi_"), CELLS[name]
+    is_lstm = name == "lstm"
+    sd = section(case, "w.")
+    stack, params = interop.stack_from_torch(cell, sd)
+    assert len(stack.layers) == 2 and all(isinstance(lay, js.Bidirectional) for lay in stack.layers)
+    xs = jnp.asarray(case["x"], jnp.float32)
+    lengths = jnp.asarray(case["lengths"], jnp.int32)
+    assert int(lengths.min()) < int(lengths.max()) <= xs.shape[0]
+
+    def f(params, xs):
+        carries, ys = js.stacked_rollout(stack, params, xs, lengths=lengths)
+        return loss_and_aux(case, is_lstm, ys, carries)
+
+    (loss, aux), (g_params, g_x) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        params, xs
+    )
+    check_forward(case, is_lstm, loss, aux)
+    np.testing.assert_allclose(g_x, case["g.x"], **TOL)
+    assert_grads_match(interop.stack_grads_to_torch(stack, g_params), weight_grads(case))
+
+    # The same gradients by differentiating through the conversion itself.
+    def f_sd(sd_j):
+        _, p = interop.stack_from_torch(cell, sd_j)
+        return f(p, xs)[0]
+
+    g_sd = jax.jit(jax.grad(f_sd))({k: jnp.asarray(v) for k, v in sd.items()})
+    assert_grads_match(g_sd, weight_grads(case))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_parity_one_layer_with_initial_state(name):
+    case, cell = load(name, "uni_"), CELLS[name]
+    is_lstm = name == "lstm"
+    params = interop.from_torch(cell, section(case, "w."))
+    xs = jnp.asarray(case["x"], jnp.float32)
+    h0 = jnp.asarray(case["h0"][0], jnp.float32)
+    carry = (
+        js.LSTMCarry(h0, jnp.asarray(case["c0"][0], jnp.float32)) if is_lstm else js.RNNCarry(h0)
+    )
+
+    def f(params, xs, carry):
+        final, ys = js.rollout(cell, params, xs, carry)
+        return loss_and_aux(case, is_lstm, ys, (final,))
+
+    (loss, aux), (g_params, g_x, g_carry) = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+        params, xs, carry
+    )
+    check_forward(case, is_lstm, loss, aux)
+    np.testing.assert_allclose(g_x, case["g.x"], **TOL)
+    np.testing.assert_allclose(g_carry.h, case["g.h0"][0], **TOL)
+    if is_lstm:
+        np.testing.assert_allclose(g_carry.c, case["g.c0"][0], **TOL)
+    assert_grads_match(interop.grads_to_torch(cell, g_params), weight_grads(case))
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_parity_no_bias(name):
+    case, cell = load(name, "nobias_"), CELLS[name]
+    is_lstm = name == "lstm"
+    sd = section(case, "w.")
+    assert sorted(sd) == ["weight_hh_l0", "weight_ih_l0"]
+    params = interop.from_torch(cell, sd)
+    for field in params._fields[2:]:
+        np.testing.assert_array_equal(getattr(params, field), 0.0)
+    xs = jnp.asarray(case["x"], jnp.float32)
+    lengths = jnp.asarray(case["lengths"], jnp.int32)
+
+    def f(params, xs):
+        final, ys = js.rollout(cell, params, xs, lengths=lengths)
+        return loss_and_aux(case, is_lstm, ys, (final,))
+
+    (loss, aux), (g_params, g_x) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, xs)
+    check_forward(case, is_lstm, loss, aux)
+    np.testing.assert_allclose(g_x, case["g.x"], **TOL)
+    assert_grads_match(interop.grads_to_torch(cell, g_params, bias=False), weight_grads(case))
+    # The exported module has no biases either.
+    assert sorted(interop.to_torch(cell, params, bias=False)) == sorted(sd)
+
+
+# -- PyTorch converters ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_torch_round_trip(name):
+    cell = CELLS[name]
+    sd = section(load(name, "bi_"), "w.")
+    for layer in (0, 1):
+        for reverse in (False, True):
+            p = interop.from_torch(cell, sd, layer=layer, reverse=reverse)
+            back = interop.to_torch(cell, p, layer=layer, reverse=reverse)
+            sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+            assert sorted(back) == sorted(
+                f"{n}{sfx}" for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+            )
+            assert all(isinstance(v, np.ndarray) for v in back.values())
+            np.testing.assert_array_equal(back[f"weight_ih{sfx}"], sd[f"weight_ih{sfx}"])
+            np.testing.assert_array_equal(back[f"weight_hh{sfx}"], sd[f"weight_hh{sfx}"])
+            # Same function: the biases may be split differently, but convert back identically.
+            p2 = interop.from_torch(cell, back, layer=layer, reverse=reverse)
+            jax.tree_util.tree_map(np.testing.assert_array_equal, p2, p)
+    stack, params = interop.stack_from_torch(cell, sd)
+    full = interop.stack_to_torch(stack, params)
+    assert sorted(full) == sorted(sd)
+    _, params2 = interop.stack_from_torch(cell, full)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+
+
+def test_torch_bias_layout():
+    """b = b_ih + b_hh; for the GRU the n part of b_hh stays apart as b_hn."""
+    rng = np.random.default_rng(0)
+    d = 3
+    for cell, g in ((js.LSTM(H), 4), (js.GRU(H), 3), (js.RNN(H), 1)):
+        sd = {
+            "weight_ih_l0": rng.normal(size=(g * H, d)).astype(np.float32),
+            "weight_hh_l0": rng.normal(size=(g * H, H)).astype(np.float32),
+            "bias_ih_l0": rng.normal(size=(g * H,)).astype(np.float32),
+            "bias_hh_l0": rng.normal(size=(g * H,)).astype(np.float32),
+        }
+        p = interop.from_torch(cell, sd)
+        np.testing.assert_array_equal(p.w_ih, sd["weight_ih_l0"].T)
+        np.testing.assert_array_equal(p.w_hh, sd["weight_hh_l0"].T)
+        if g == 3:
+            b_hh = sd["bias_hh_l0"]
+            np.testing.assert_array_equal(p.b[: 2 * H], sd["bias_ih_l0"][: 2 * H] + b_hh[: 2 * H])
+            np.testing.assert_array_equal(p.b[2 * H :], sd["bias_ih_l0"][2 * H :])
+            np.testing.assert_array_equal(p.b_hn, b_hh[2 * H :])
+            back = interop.to_torch(cell, p)
+            np.testing.assert_array_equal(back["bias_hh_l0"][: 2 * H], 0.0)
+            np.testing.assert_array_equal(back["bias_hh_l0"][2 * H :], b_hh[2 * H :])
+        else:
+            np.testing.assert_array_equal(p.b, sd["bias_ih_l0"] + sd["bias_hh_l0"])
+            back = interop.to_torch(cell, p)
+            np.testing.assert_array_equal(back["bias_hh_l0"], 0.0)
+        assert p.w_ih.dtype == jnp.float32
+
+
+class FakeTensor:
+    """Quacks like a torch tensor that requires grad: no __array__ until detached."""
+
+    def __init__(self, value, requires_grad=True):
+        self.value, self.requires_grad = np.asarray(value), requires_grad
+
+    def __array__(self, dtype=None, copy=None):
+        if self.requires_grad:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad.")
+        return self.value if dtype is None else self.value.astype(dtype)
+
+    def detach(self):
+        return FakeTensor(self.value, requires_grad=False)
+
+    def cpu(self):
+        return self
+
+    def numpy(self):
+        return self.value
+
+
+def test_torch_accepts_tensor_like_and_prefix():
+    sd = section(load("gru", "uni_"), "w.")
+    want = interop.from_torch(js.GRU(H), sd)
+    fake = {f"encoder.rnn.{k}": FakeTensor(v) for k, v in sd.items()}
+    fake["encoder.embed.weight"] = FakeTensor(np.zeros((3, 2), np.float32))
+    got = interop.from_torch(js.GRU(H), fake, prefix="encoder.rnn.")
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    stack, params = interop.stack_from_torch(js.GRU(H), fake, prefix="encoder.rnn.")
+    assert stack.layers == (js.GRU(H),)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params[0], want)
+    assert "encoder.rnn.weight_ih_l0" in interop.to_torch(js.GRU(H), want, prefix="encoder.rnn.")
+
+
+def test_torch_live_module_if_installed():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.LSTM(input_size=3, hidden_size=4, num_layers=2, bidirectional=True)
+    stack, params = interop.stack_from_torch(js.LSTM(4), dict(module.named_parameters()))
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        out, (h_n, c_n) = module(x)
+    carries, ys = js.stacked_rollout(stack, params, jnp.asarray(x.numpy()))
+    np.testing.assert_allclose(ys, out.numpy(), **TOL)
+    np.testing.assert_allclose(torch_final_states(carries, "c"), c_n.numpy(), **TOL)
+    module.load_state_dict(
+        {k: torch.from_numpy(v) for k, v in interop.stack_to_torch(stack, params).items()}
+    )
+    with torch.no_grad():
+        out2, _ = module(x)
+    np.testing.assert_allclose(out2.numpy(), out.numpy(), **TOL)
+
+
+# -- PyTorch validation ----------------------------------------------------------------------
+
+
+def small_sd(g, h=H, d=3, bias=True, layer=0):
+    sd = {
+        f"weight_ih_l{layer}": np.zeros((g * h, d), np.float32),
+        f"weight_hh_l{layer}": np.zeros((g * h, h), np.float32),
+    }
+    if bias:
+        sd[f"bias_ih_l{layer}"] = np.zeros((g * h,), np.float32)
+        sd[f"bias_hh_l{layer}"] = np.zeros((g * h,), np.float32)
+    return sd
+
+
+def test_torch_wrong_cell_type_names_key_and_shapes():
+    with pytest.raises(
+        ValueError,
+        match=r"weight_ih_l0'\] for js\.GRU\(hidden_size=6\): expected shape "
+        r"\[3\*H=18, D\], got float32\[24, 3\] \(that is 4\*H: weights of a LSTM",
+    ):
+        interop.from_torch(js.GRU(H), small_sd(4))
+    with pytest.raises(ValueError, match=r"weights of a GRU, not a LSTM"):
+        interop.from_torch(js.LSTM(H), small_sd(3))
+    with pytest.raises(ValueError, match=r"weight_hh_l0'\] .*expected shape \[4\*H=20, H=5\]"):
+        interop.from_torch(js.LSTM(5), {**small_sd(4, h=5), "weight_hh_l0": np.zeros((20, 6))})
+    with pytest.raises(ValueError, match=r"\[4\*H=20, D\], got float32\[24, 3\]"):
+        interop.from_torch(js.LSTM(5), small_sd(4))  # hidden size 6 weights for H=5
+
+
+def test_torch_missing_and_bad_keys():
+    with pytest.raises(ValueError, match=r"missing key 'weight_ih_l1_reverse' \(layer=1"):
+        interop.from_torch(js.GRU(H), small_sd(3), layer=1, reverse=True)
+    sd = small_sd(3)
+    del sd["bias_hh_l0"]
+    with pytest.raises(ValueError, match=r"missing key 'bias_hh_l0': expected both biases"):
+        interop.from_torch(js.GRU(H), sd)
+    with pytest.raises(
+        ValueError, match=r"bias_ih_l0'\] .*expected shape \[3\*H=18\], got float32\[17\]"
+    ):
+        interop.from_torch(js.GRU(H), {**small_sd(3), "bias_ih_l0": np.zeros((17,), np.float32)})
+    with pytest.raises(TypeError, match=r"weight_hh_l0'\]: expected a floating dtype, got int32"):
+        interop.from_torch(js.RNN(H), {**small_sd(1), "weight_hh_l0": np.zeros((H, H), np.int32)})
+    with pytest.raises(ValueError, match=r"weight_hr_l0'\]: LSTMs with proj_size"):
+        interop.from_torch(js.LSTM(H), {**small_sd(4), "weight_hr_l0": np.zeros((2, H))})
+    with pytest.raises(TypeError, match=r"state_dict: expected a mapping"):
+        interop.from_torch(js.LSTM(H), [np.zeros(3)])
+    with pytest.raises(TypeError, match=r"cell: expected js.RNN, js.LSTM or js.GRU"):
+        interop.from_torch(js.Bidirectional(js.LSTM(H)), small_sd(4))
+    with pytest.raises(ValueError, match=r"layer: expected a non-negative int, got -1"):
+        interop.from_torch(js.LSTM(H), small_sd(4), layer=-1)
+
+
+def test_torch_stack_validation():
+    with pytest.raises(ValueError, match=r"no key 'weight_ih_l<k>' found"):
+        interop.stack_from_torch(js.GRU(H), {"fc.weight": np.zeros((2, 2))})
+    sd = {**small_sd(3), **small_sd(3, d=H, layer=1)}
+    sd["weight_ih_l0_reverse"] = sd["weight_ih_l0"]
+    with pytest.raises(ValueError, match=r"missing key 'weight_ih_l1_reverse'"):
+        interop.stack_from_torch(js.GRU(H), sd)
+    sd = {**small_sd(3), **small_sd(3, d=5, layer=1)}
+    with pytest.raises(
+        ValueError,
+        match=r"weight_ih_l1'\] .*expected shape \[3\*H=18, D=6\].*got float32\[18, 5\]",
+    ):
+        interop.stack_from_torch(js.GRU(H), sd)
+    mixed = js.Stack((js.GRU(H), js.LSTM(H)))
+    params = mixed.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match=r"one cell type, hidden size and direction count"):
+        interop.stack_to_torch(mixed, params)
+    with pytest.raises(ValueError, match=r"params: expected a tuple of 2 layer params"):
+        interop.stack_to_torch(mixed, params[:1])
+
+
+def test_to_torch_bias_false_needs_zero_bias(key):
+    cell = js.LSTM(H)  # forget_bias=1.0 makes b nonzero
+    params = cell.init(key, 3)
+    with pytest.raises(ValueError, match=r"params.b: bias=False needs zero biases"):
+        interop.to_torch(cell, params, bias=False)
+    with pytest.raises(TypeError, match=r"params: expected GRUParams for GRU, got LSTMParams"):
+        interop.to_torch(js.GRU(H), params)
+
+
+# -- Flax parity (live) ----------------------------------------------------------------------
+
+FLAX_CASES = {
+    "LSTMCell": (lambda: nn.LSTMCell(H), js.LSTM(H), {}),
+    "OptimizedLSTMCell": (lambda: nn.OptimizedLSTMCell(H), js.LSTM(H), {}),
+    "GRUCell": (lambda: nn.GRUCell(H), js.GRU(H), {}),
+    "SimpleCell": (lambda: nn.SimpleCell(H), js.RNN(H), {}),
+    "SimpleCell-relu": (lambda: nn.SimpleCell(H, activation_fn=nn.relu), js.RNN(H, "relu"), {}),
+    "SimpleCell-residual": (
+        lambda: nn.SimpleCell(H, residual=True),
+        js.RNN(H),
+        {"residual": True},
+    ),
+}
+
+
+def random_flax_variables(flax_cell, key, d):
+    """Flax init, then every leaf redrawn (flax's zero biases would hide bias mix-ups)."""
+    k_init, k_leaves = jax.random.split(key)
+    carry = flax_cell.initialize_carry(k_init, (1, d))
+    variables = flax_cell.init(k_init, carry, jnp.zeros((1, d)))
+    leaves, tree = jax.tree_util.tree_flatten(variables)
+    keys = jax.random.split(k_leaves, len(leaves))
+    new = [0.4 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(tree, new)
+
+
+@pytest.mark.parametrize("case", list(FLAX_CASES))
+def test_flax_cell_parity_step_by_step(case, key):
+    make, cell, kw = FLAX_CASES[case]
+    flax_cell, d, t = make(), 4, 5
+    k_var, k_x, k_c = jax.random.split(key, 3)
+    variables = random_flax_variables(flax_cell, k_var, d)
+    params = interop.from_flax(cell, variables, **kw)
+    jax.tree_util.tree_map(  # the inner dict works too
+        np.testing.assert_array_equal, interop.from_flax(cell, variables["params"], **kw), params
+    )
+    xs = jax.random.normal(k_x, (t, 2, 3, d))
+    carry_js = jax.tree_util.tree_map(
+        lambda z: 0.5 * jax.random.normal(k_c, z.shape), cell.initial_carry((2, 3))
+    )
+    carry_fx = interop.carry_to_flax(cell, carry_js)
+    for i in range(t):
+        carry_fx, y_fx = flax_cell.apply(variables, carry_fx, xs[i])
+        carry_js, y_js = cell.step(params, carry_js, xs[i])
+        np.testing.assert_allclose(y_js, y_fx, err_msg=f"step {i}", **TOL)
+        jax.tree_util.tree_map(
+            lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+            carry_js,
+            interop.carry_from_flax(cell, carry_fx),
+        )
+
+    back = interop.to_flax(cell, params, **kw)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), back, variables
+    )
+
+
+@pytest.mark.parametrize("case", ["LSTMCell", "GRUCell", "SimpleCell"])
+def test_flax_rnn_parity_with_lengths(case, key):
+    """nn.RNN (batch-major, seq_lengths) vs js.rollout (time-major, lengths)."""
+    make, cell, kw = FLAX_CASES[case]
+    d, t = 3, 6
+    k_var, k_x = jax.random.split(key)
+    rnn = nn.RNN(make(), return_carry=True)
+    variables = random_flax_variables(make(), k_var, d)
+    variables = {"params": {"cell": variables["params"]}}  # nn.RNN nests the cell's params
+    # No length 0 here: flax then returns the carry of the last padded step, jaxseq the initial one.
+    lengths = jnp.array([6, 2, 4, 1], jnp.int32)
+    xs_bt = jax.random.normal(k_x, (4, t, d))
+    carry_fx, ys_fx = rnn.apply(variables, xs_bt, seq_lengths=lengths)
+    params = interop.from_flax(cell, variables, **kw)
+    carry_js, ys_js = js.rollout(cell, params, jnp.swapaxes(xs_bt, 0, 1), lengths=lengths)
+    valid = (jnp.arange(t)[None, :] < lengths[:, None])[..., None]
+    ys_fx = jnp.where(valid, ys_fx, 0.0)  # flax leaves padded outputs as they fall
+    np.testing.assert_allclose(jnp.swapaxes(ys_js, 0, 1), ys_fx, **TOL)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, **TOL),
+        carry_js,
+        interop.carry_from_flax(cell, carry_fx),
+    )
+
+
+def test_flax_from_js_params_drive_flax_cell(key):
+    """to_flax of jaxseq-initialised params gives a flax GRUCell equal to js.GRU."""
+    cell = js.GRU(H)
+    k_p, k_b, k_x = jax.random.split(key, 3)
+    params = cell.init(k_p, 3)
+    params = params._replace(b_hn=jax.random.normal(k_b, (H,)))
+    x = jax.random.normal(k_x, (2, 3))
+    h0 = jnp.ones((2, H)) * 0.3
+    h_fx, _ = nn.GRUCell(H).apply(interop.to_flax(cell, params), h0, x)
+    h_js, _ = cell.step(params, js.RNNCarry(h0), x)
+    np.testing.assert_allclose(h_js.h, h_fx, **TOL)
+
+
+def test_flax_validation(key):
+    gru_vars = random_flax_variables(nn.GRUCell(H), key, 3)
+    with pytest.raises(
+        ValueError,
+        match=r"variables\['params'\]: missing \['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io'\] "
+        r"for flax LSTMCell/OptimizedLSTMCell params; got keys .*look like flax GRUCell",
+    ):
+        interop.from_flax(js.LSTM(H), gru_vars)
+    with pytest.raises(
+        ValueError,
+        match=r"\['ir'\]\['kernel'\] for js.GRU\(hidden_size=5\): expected shape \[D=3, H=5\], got float32\[3, 6\]",
+    ):
+        interop.from_flax(js.GRU(5), gru_vars)
+    bad = jax.tree_util.tree_map(lambda x: x, gru_vars)
+    bad["params"]["hn"] = {"kernel": gru_vars["params"]["hn"]["kernel"]}
+    with pytest.raises(ValueError, match=r"\['hn'\]: missing 'bias'"):
+        interop.from_flax(js.GRU(H), bad)
+    bad["params"]["hn"] = dict(gru_vars["params"]["hn"], bias=jnp.zeros((H + 1,)))
+    with pytest.raises(
+        ValueError, match=r"\['hn'\]\['bias'\] .*expected shape \[H=6\], got float32\[7\]"
+    ):
+        interop.from_flax(js.GRU(H), bad)
+    bad["params"]["in"] = dict(gru_vars["params"]["in"], kernel=jnp.zeros((4, H)))
+    with pytest.raises(
+        ValueError, match=r"\['in'\]\['kernel'\] .*expected shape \[D=3, H=6\], got float32\[4, 6\]"
+    ):
+        interop.from_flax(js.GRU(H), bad)
+    with pytest.raises(ValueError, match=r"residual: only flax SimpleCell has it"):
+        interop.from_flax(js.GRU(H), gru_vars, residual=True)
+    with pytest.raises(TypeError, match=r"variables: expected a mapping"):
+        interop.from_flax(js.GRU(H), [1, 2])
+    with pytest.raises(TypeError, match=r"carry: expected flax LSTM carry \(c, h\)"):
+        interop.carry_from_flax(js.LSTM(H), jnp.zeros((2, H)))
