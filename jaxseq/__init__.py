@@ -10,6 +10,7 @@ from jaxseq import (
     data,
     diagnostics,
     initializers,
+    interop,
     losses,
     models,
     sampling,
