@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq import _checks
+from jaxseq import _checks, kernels
 
 __all__ = ["rollout", "rollout_unrolled"]
 
@@ -114,17 +114,25 @@ def processing_resets(reset, lengths, reverse: bool):
     return reset
 
 
-def resolve_unroll(unroll, t: int) -> int:
-    """Turns the ``unroll`` argument into a positive int for ``lax.scan``."""
+def resolve_unroll(unroll, t: int, work: int | None = None) -> int:
+    """Turns the ``unroll`` argument into a positive int for ``lax.scan``.
+
+    ``"auto"`` asks :func:`jaxseq.kernels.auto_unroll` (``work``: multiply-adds
+    of one step's recurrent matmul, when known).
+    """
     if unroll is True:
         return max(t, 1)
-    if unroll == "auto":
-        from jaxseq import kernels  # local import: kernels sits above rollout's helpers
-
-        return kernels.auto_unroll(t)
+    if isinstance(unroll, str) and unroll == "auto":
+        return kernels.auto_unroll(t, work)
     if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer) or unroll < 1:
         raise ValueError(f"unroll: expected a positive int, True or 'auto', got {unroll!r}")
     return int(unroll)
+
+
+def _check_checkpoint_every(checkpoint_every):
+    if checkpoint_every is None:
+        return None
+    return _checks.check_positive_int("checkpoint_every", checkpoint_every)
 
 
 def _make_step(cell, params, lengths, hoisted: bool):
@@ -148,8 +156,20 @@ def _make_step(cell, params, lengths, hoisted: bool):
     return body
 
 
-def rollout(cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=False, unroll=1):
-    """Runs ``cell`` over ``xs`` with ``jax.lax.scan``.
+def rollout(
+    cell,
+    params,
+    xs,
+    carry=None,
+    *,
+    lengths=None,
+    reset=None,
+    reverse=False,
+    unroll="auto",
+    kernel="auto",
+    checkpoint_every=None,
+):
+    """Runs ``cell`` over ``xs``: a fused kernel for built-in cells, ``lax.scan`` otherwise.
 
     Args:
       cell: a cell (``js.RNN``/``js.LSTM``/``js.GRU`` or any object with
@@ -164,16 +184,74 @@ def rollout(cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=F
       reverse: run backwards over each sequence's valid part; outputs stay in
         original time order.
       unroll: ``lax.scan`` unroll factor: a positive int, ``True`` (fully), or
-        ``"auto"``.
+        ``"auto"`` (default; chosen from the shape and backend by
+        :func:`jaxseq.kernels.auto_unroll`).
+      kernel: ``"auto"`` (default): the fused kernel of :mod:`jaxseq.kernels`
+        (hoisted projection, custom VJP with one-matmul weight gradients) for
+        cells whose type is exactly ``RNN``/``LSTM``/``GRU``, except under
+        forward-mode autodiff (``jax.jvp``), which gets the scan path;
+        ``"fused"``: require the fused kernel (``ValueError`` for other cells);
+        ``"scan"``: always the plain ``lax.scan`` path with ordinary autodiff
+        (use it for ``jax.jvp`` of an already-jitted function).
+      checkpoint_every: None, or ``k``: rematerialise the forward in segments
+        of ``k`` steps during the backward (the carry is stored every ``k``
+        steps), so activation memory drops about ``k``-fold for about one more
+        forward pass of compute. ``T`` need not be a multiple of ``k``.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]``; zeros at padded steps.
     """
     xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
-    n_unroll = resolve_unroll(unroll, t)
+    _checks.check_choice("kernel", kernel, kernels.KERNELS)
+    k = _check_checkpoint_every(checkpoint_every)
+    fused_ok = kernels.supports_fused(cell)
+    if kernel == "fused" and not fused_ok:
+        raise ValueError(
+            f"kernel: 'fused' needs a cell of type RNN, LSTM or GRU, got {type(cell).__name__}; "
+            "use kernel='auto' or 'scan'"
+        )
+    use_fused = kernel == "fused" or (
+        kernel == "auto" and fused_ok and not kernels.under_forward_mode(params, xs, carry)
+    )
+    work = kernels.step_work(cell, batch_shape) if fused_ok else None
+    n_unroll = resolve_unroll(unroll, t, work)
+    reset_p = processing_resets(reset, lengths, reverse)
+
+    if use_fused:
+        valid = None
+        if lengths is not None:
+            steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
+            valid = steps < lengths[None]
+        return kernels.fused_rollout(
+            cell,
+            params,
+            xs,
+            carry,
+            valid=valid,
+            reset=reset_p,
+            reverse=reverse,
+            unroll=n_unroll,
+            checkpoint_every=k,
+        )
+
     hoisted = callable(getattr(cell, "project", None)) and callable(getattr(cell, "recur", None))
     inputs = cell.project(params, xs) if hoisted else xs
-    reset_p = processing_resets(reset, lengths, reverse)
+    steps = jnp.arange(t, dtype=jnp.int32)
+    if k is not None and k < t:
+        # Pad to whole segments with steps that count as padding (t >= lengths).
+        n_seg = -(-t // k)
+        pad = n_seg * k - t
+        if pad:
+            if lengths is None:
+                lengths = jnp.full(batch_shape, t, jnp.int32)
+            inputs = jnp.concatenate(
+                [inputs, jnp.zeros((pad,) + inputs.shape[1:], inputs.dtype)], axis=0
+            )
+            steps = jnp.arange(t + pad, dtype=jnp.int32)
+            if reset_p is not None:
+                reset_p = jnp.concatenate(
+                    [reset_p, jnp.zeros((pad,) + reset_p.shape[1:], bool)], axis=0
+                )
     zero_carry = jax.tree_util.tree_map(jnp.zeros_like, carry)
     body = _make_step(cell, params, lengths, hoisted)
 
@@ -181,11 +259,20 @@ def rollout(cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=F
         x_t, step_idx, r_t = inp
         return body(c, (x_t, step_idx, r_t, zero_carry))
 
-    steps = jnp.arange(t, dtype=jnp.int32)
+    def run(c, seq):
+        n = seq[1].shape[0]
+        return jax.lax.scan(scan_body, c, seq, reverse=reverse, unroll=min(n_unroll, max(n, 1)))
+
+    if k is None or k >= t:
+        return run(carry, (inputs, steps, reset_p))
+
+    def seg(a):
+        return None if a is None else a.reshape((-1, k) + a.shape[1:])
+
     carry, ys = jax.lax.scan(
-        scan_body, carry, (inputs, steps, reset_p), reverse=reverse, unroll=min(n_unroll, max(t, 1))
+        jax.checkpoint(run), carry, (seg(inputs), seg(steps), seg(reset_p)), reverse=reverse
     )
-    return carry, ys
+    return carry, ys.reshape((-1,) + ys.shape[2:])[:t]
 
 
 def rollout_unrolled(cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=False):
