@@ -99,13 +99,13 @@ def test_torch_parity_two_layer_bidirectional_packed(name):
     np.testing.assert_allclose(g_x, case["g.x"], **TOL)
     assert_grads_match(interop.stack_grads_to_torch(stack, g_params), weight_grads(case))
 
-    # The same gradients by differentiating through the conversion itself.
-    def f_sd(sd_j):
-        _, p = interop.stack_from_torch(cell, sd_j)
-        return f(p, xs)[0]
-
-    g_sd = jax.jit(jax.grad(f_sd))({k: jnp.asarray(v) for k, v in sd.items()})
-    assert_grads_match(g_sd, weight_grads(case))
+    # grads_to_torch is the adjoint of from_torch: the same numbers as pulling the
+    # parameter gradients back through the conversion itself.
+    _, pull_back = jax.vjp(
+        lambda sd_j: interop.stack_from_torch(cell, sd_j)[1],
+        {k: jnp.asarray(v) for k, v in sd.items()},
+    )
+    assert_grads_match(pull_back(g_params)[0], weight_grads(case))
 
 
 @pytest.mark.parametrize("name", list(CELLS))
@@ -150,7 +150,9 @@ def test_torch_parity_no_bias(name):
         final, ys = js.rollout(cell, params, xs, lengths=lengths)
         return loss_and_aux(case, is_lstm, ys, (final,))
 
-    (loss, aux), (g_params, g_x) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, xs)
+    (loss, aux), (g_params, g_x) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+        params, xs
+    )
     check_forward(case, is_lstm, loss, aux)
     np.testing.assert_allclose(g_x, case["g.x"], **TOL)
     assert_grads_match(interop.grads_to_torch(cell, g_params, bias=False), weight_grads(case))
@@ -257,8 +259,10 @@ def test_torch_live_module_if_installed():
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
         out, (h_n, c_n) = module(x)
-    carries, ys = js.stacked_rollout(stack, params, jnp.asarray(x.numpy()))
+    run = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x))
+    carries, ys = run(params, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(ys, out.numpy(), **TOL)
+    np.testing.assert_allclose(torch_final_states(carries, "h"), h_n.numpy(), **TOL)
     np.testing.assert_allclose(torch_final_states(carries, "c"), c_n.numpy(), **TOL)
     module.load_state_dict(
         {k: torch.from_numpy(v) for k, v in interop.stack_to_torch(stack, params).items()}
@@ -334,16 +338,21 @@ def test_torch_stack_validation():
     ):
         interop.stack_from_torch(js.GRU(H), sd)
     mixed = js.Stack((js.GRU(H), js.LSTM(H)))
-    params = mixed.init(jax.random.key(0), 3)
+    params = (
+        interop.from_torch(js.GRU(H), small_sd(3)),
+        interop.from_torch(js.LSTM(H), small_sd(4, d=H)),
+    )
     with pytest.raises(ValueError, match=r"one cell type, hidden size and direction count"):
         interop.stack_to_torch(mixed, params)
     with pytest.raises(ValueError, match=r"params: expected a tuple of 2 layer params"):
         interop.stack_to_torch(mixed, params[:1])
 
 
-def test_to_torch_bias_false_needs_zero_bias(key):
-    cell = js.LSTM(H)  # forget_bias=1.0 makes b nonzero
-    params = cell.init(key, 3)
+def test_to_torch_bias_false_needs_zero_bias():
+    cell = js.LSTM(H)
+    params = interop.from_torch(cell, small_sd(4))
+    interop.to_torch(cell, params, bias=False)  # zero biases: fine
+    params = params._replace(b=params.b.at[H].set(1.0))
     with pytest.raises(ValueError, match=r"params.b: bias=False needs zero biases"):
         interop.to_torch(cell, params, bias=False)
     with pytest.raises(TypeError, match=r"params: expected GRUParams for GRU, got LSTMParams"):
@@ -366,35 +375,40 @@ FLAX_CASES = {
 }
 
 
-def random_flax_variables(flax_cell, key, d):
-    """Flax init, then every leaf redrawn (flax's zero biases would hide bias mix-ups)."""
-    k_init, k_leaves = jax.random.split(key)
-    carry = flax_cell.initialize_carry(k_init, (1, d))
-    variables = flax_cell.init(k_init, carry, jnp.zeros((1, d)))
-    leaves, tree = jax.tree_util.tree_flatten(variables)
-    keys = jax.random.split(k_leaves, len(leaves))
-    new = [0.4 * jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)]
-    return jax.tree_util.tree_unflatten(tree, new)
+def normal(seed, shape, scale=1.0):
+    """Standard normal float32 draws from numpy (no per-shape jax compilation)."""
+    return jnp.asarray(scale * np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def random_flax_variables(flax_cell, seed, d):
+    """Flax's own variable tree (names, shapes) with every leaf drawn at random.
+
+    Only the structure comes from ``flax_cell.init`` (traced, not run); random
+    leaves also keep flax's zero default biases from hiding bias mix-ups.
+    """
+    carry = jax.eval_shape(lambda: flax_cell.initialize_carry(jax.random.key(0), (1, d)))
+    shapes = jax.eval_shape(flax_cell.init, jax.random.key(0), carry, jnp.zeros((1, d)))
+    rng = np.random.default_rng(seed)
+    draw = lambda leaf: jnp.asarray(0.4 * rng.standard_normal(leaf.shape), leaf.dtype)
+    return jax.tree_util.tree_map(draw, shapes)
 
 
 @pytest.mark.parametrize("case", list(FLAX_CASES))
-def test_flax_cell_parity_step_by_step(case, key):
+def test_flax_cell_parity_step_by_step(case):
     make, cell, kw = FLAX_CASES[case]
     flax_cell, d, t = make(), 4, 5
-    k_var, k_x, k_c = jax.random.split(key, 3)
-    variables = random_flax_variables(flax_cell, k_var, d)
+    variables = random_flax_variables(flax_cell, 0, d)
     params = interop.from_flax(cell, variables, **kw)
     jax.tree_util.tree_map(  # the inner dict works too
         np.testing.assert_array_equal, interop.from_flax(cell, variables["params"], **kw), params
     )
-    xs = jax.random.normal(k_x, (t, 2, 3, d))
-    carry_js = jax.tree_util.tree_map(
-        lambda z: 0.5 * jax.random.normal(k_c, z.shape), cell.initial_carry((2, 3))
-    )
+    xs = normal(1, (t, 2, 3, d))
+    carry_js = jax.tree_util.tree_map(lambda z: normal(2, z.shape, 0.5), cell.initial_carry((2, 3)))
     carry_fx = interop.carry_to_flax(cell, carry_js)
+    flax_step, js_step = jax.jit(flax_cell.apply), jax.jit(cell.step)
     for i in range(t):
-        carry_fx, y_fx = flax_cell.apply(variables, carry_fx, xs[i])
-        carry_js, y_js = cell.step(params, carry_js, xs[i])
+        carry_fx, y_fx = flax_step(variables, carry_fx, xs[i])
+        carry_js, y_js = js_step(params, carry_js, xs[i])
         np.testing.assert_allclose(y_js, y_fx, err_msg=f"step {i}", **TOL)
         jax.tree_util.tree_map(
             lambda a, b: np.testing.assert_allclose(a, b, **TOL),
@@ -409,20 +423,20 @@ def test_flax_cell_parity_step_by_step(case, key):
 
 
 @pytest.mark.parametrize("case", ["LSTMCell", "GRUCell", "SimpleCell"])
-def test_flax_rnn_parity_with_lengths(case, key):
+def test_flax_rnn_parity_with_lengths(case):
     """nn.RNN (batch-major, seq_lengths) vs js.rollout (time-major, lengths)."""
     make, cell, kw = FLAX_CASES[case]
     d, t = 3, 6
-    k_var, k_x = jax.random.split(key)
     rnn = nn.RNN(make(), return_carry=True)
-    variables = random_flax_variables(make(), k_var, d)
+    variables = random_flax_variables(make(), 3, d)
     variables = {"params": {"cell": variables["params"]}}  # nn.RNN nests the cell's params
     # No length 0 here: flax then returns the carry of the last padded step, jaxseq the initial one.
     lengths = jnp.array([6, 2, 4, 1], jnp.int32)
-    xs_bt = jax.random.normal(k_x, (4, t, d))
-    carry_fx, ys_fx = rnn.apply(variables, xs_bt, seq_lengths=lengths)
+    xs_bt = normal(4, (4, t, d))
+    carry_fx, ys_fx = jax.jit(rnn.apply)(variables, xs_bt, seq_lengths=lengths)
     params = interop.from_flax(cell, variables, **kw)
-    carry_js, ys_js = js.rollout(cell, params, jnp.swapaxes(xs_bt, 0, 1), lengths=lengths)
+    run = jax.jit(lambda p, xs: js.rollout(cell, p, xs, lengths=lengths))
+    carry_js, ys_js = run(params, jnp.swapaxes(xs_bt, 0, 1))
     valid = (jnp.arange(t)[None, :] < lengths[:, None])[..., None]
     ys_fx = jnp.where(valid, ys_fx, 0.0)  # flax leaves padded outputs as they fall
     np.testing.assert_allclose(jnp.swapaxes(ys_js, 0, 1), ys_fx, **TOL)
@@ -433,21 +447,21 @@ def test_flax_rnn_parity_with_lengths(case, key):
     )
 
 
-def test_flax_from_js_params_drive_flax_cell(key):
-    """to_flax of jaxseq-initialised params gives a flax GRUCell equal to js.GRU."""
+def test_flax_from_js_params_drive_flax_cell():
+    """to_flax of jaxseq params gives a flax GRUCell equal to js.GRU."""
     cell = js.GRU(H)
-    k_p, k_b, k_x = jax.random.split(key, 3)
-    params = cell.init(k_p, 3)
-    params = params._replace(b_hn=jax.random.normal(k_b, (H,)))
-    x = jax.random.normal(k_x, (2, 3))
+    params = js.GRUParams(
+        normal(5, (3, 3 * H)), normal(6, (H, 3 * H)), normal(7, (3 * H,)), normal(8, (H,))
+    )
+    x = normal(9, (2, 3))
     h0 = jnp.ones((2, H)) * 0.3
     h_fx, _ = nn.GRUCell(H).apply(interop.to_flax(cell, params), h0, x)
     h_js, _ = cell.step(params, js.RNNCarry(h0), x)
     np.testing.assert_allclose(h_js.h, h_fx, **TOL)
 
 
-def test_flax_validation(key):
-    gru_vars = random_flax_variables(nn.GRUCell(H), key, 3)
+def test_flax_validation():
+    gru_vars = random_flax_variables(nn.GRUCell(H), 10, 3)
     with pytest.raises(
         ValueError,
         match=r"variables\['params'\]: missing \['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io'\] "
