@@ -80,16 +80,22 @@ class LSTMCarry(NamedTuple):
 GRUCarry = RNNCarry
 
 
+def acc_dtype(*arrays) -> jnp.dtype:
+    """Accumulation dtype: float32, or float64 when an operand is float64."""
+    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of ``x``, accumulated in float32: ``[..., I] x [I, O] -> [..., O]``."""
+    """``x @ w`` over the last axis of ``x`` (``[..., I] x [I, O] -> [..., O]``),
+    accumulated and returned in at least float32."""
     return jax.lax.dot_general(
-        x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_dtype(x, w)
     )
 
 
 def add_bias(z: jax.Array, b: jax.Array) -> jax.Array:
     """``z + b`` with ``b: [O]`` broadcast explicitly over the leading dims of ``z: [..., O]``."""
-    return z + b.astype(jnp.float32).reshape((1,) * (z.ndim - 1) + b.shape)
+    return z + b.astype(acc_dtype(z, b)).reshape((1,) * (z.ndim - 1) + b.shape)
 
 
 class _CellBase:
@@ -301,7 +307,7 @@ class LSTM(_CellBase):
         """Recurrent part of a step given ``xp = project(params, x)``: ``[*B, 4H]``."""
         z = xp + matmul_f32(carry.h, params.w_hh)
         i, f, g, o = jnp.split(z, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * carry.c.astype(jnp.float32) + jax.nn.sigmoid(i) * jnp.tanh(g)
+        c = jax.nn.sigmoid(f) * carry.c.astype(z.dtype) + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(c)
         h = h.astype(carry.h.dtype)
         return LSTMCarry(h, c.astype(carry.c.dtype)), h
@@ -355,6 +361,6 @@ class GRU(_CellBase):
         r = jax.nn.sigmoid(xr + hr)
         z = jax.nn.sigmoid(xz + hz)
         n = jnp.tanh(xn + r * add_bias(hn, params.b_hn))
-        h = (1.0 - z) * n + z * carry.h.astype(jnp.float32)
+        h = (1.0 - z) * n + z * carry.h.astype(n.dtype)
         h = h.astype(carry.h.dtype)
         return RNNCarry(h), h
