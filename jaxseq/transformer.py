@@ -1,0 +1,178 @@
+"""A pre-LayerNorm causal Transformer block for ONE example (``jax.vmap`` it over a batch).
+
+::
+
+    h = x + Attention(LN_1(x))          # multi-head causal self-attention
+    y = h + W_2 gelu(W_1 LN_2(h))       # position-wise MLP
+
+(Pre-LN as in GPT-2 / Xiong et al. 2020: the residual stream is never
+normalised, which trains without warm-up tricks; put a final :func:`layer_norm`
+after the last block.) Shapes: ``T`` time, ``D`` model size, ``K`` heads,
+``F`` MLP hidden size. Time-major batches ``[T, B, D]`` are run with
+``jax.vmap(fn, in_axes=(None, 1), out_axes=1)``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+from jaxseq.attention import (
+    MultiHeadAttentionParams,
+    multi_head_attention,
+    multi_head_attention_init,
+)
+from jaxseq.layers import DenseParams, dense, dense_init, dropout
+
+__all__ = [
+    "LayerNormParams",
+    "TransformerBlockParams",
+    "layer_norm",
+    "layer_norm_init",
+    "transformer_block",
+    "transformer_block_init",
+]
+
+
+class LayerNormParams(NamedTuple):
+    scale: jax.Array  # [D]
+    bias: jax.Array  # [D]
+
+
+def layer_norm_init(dim: int, dtype=jnp.float32) -> LayerNormParams:
+    """Unit scale, zero bias ``[D]``."""
+    d = _checks.check_positive_int("dim", dim)
+    return LayerNormParams(jnp.ones((d,), dtype), jnp.zeros((d,), dtype))
+
+
+def layer_norm(params: LayerNormParams, x, eps: float = 1e-5):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x: [..., D]``.
+
+    Statistics in float32; the result has ``x``'s dtype.
+    """
+    if not isinstance(params, LayerNormParams):
+        raise TypeError(f"params: expected LayerNormParams, got {type(params).__name__}")
+    _checks.check_floating("x", x)
+    _checks.check_min_ndim("x", x, 1, "[..., D]")
+    d = params.scale.shape[0]
+    if x.shape[-1] != d:
+        raise ValueError(f"x: expected last dim D={d}, got {_checks.describe(x)}")
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    shape = (1,) * (x.ndim - 1) + (d,)
+    y = y * params.scale.astype(jnp.float32).reshape(shape) + params.bias.astype(
+        jnp.float32
+    ).reshape(shape)
+    return y.astype(x.dtype)
+
+
+class TransformerBlockParams(NamedTuple):
+    ln1: LayerNormParams
+    attn: MultiHeadAttentionParams
+    ln2: LayerNormParams
+    mlp_in: DenseParams  # [D, F]
+    mlp_out: DenseParams  # [F, D]
+
+
+def transformer_block_init(
+    key, dim: int, num_heads: int, *, mlp_size: int | None = None, dtype=jnp.float32
+) -> TransformerBlockParams:
+    """Parameters of one block: ``D = dim`` split into ``K = num_heads`` heads of ``D/K``.
+
+    ``mlp_size`` (``F``) defaults to ``4 * D``. The output projections of the
+    attention and the MLP are scaled down by ``1/sqrt(2)`` so the two residual
+    branches start small next to the stream.
+    """
+    _checks.check_key("key", key)
+    d = _checks.check_positive_int("dim", dim)
+    nh = _checks.check_positive_int("num_heads", num_heads)
+    if d % nh:
+        raise ValueError(f"num_heads: expected a divisor of dim={d}, got {nh}")
+    f = 4 * d if mlp_size is None else _checks.check_positive_int("mlp_size", mlp_size)
+    ka, k1, k2 = jax.random.split(key, 3)
+    attn = multi_head_attention_init(ka, d, nh, d // nh, dtype=dtype)
+    attn = attn._replace(w_o=(attn.w_o * (0.5**0.5)).astype(dtype))
+    mlp_out = dense_init(k2, f, d, dtype)
+    mlp_out = mlp_out._replace(w=(mlp_out.w * (0.5**0.5)).astype(dtype))
+    return TransformerBlockParams(
+        layer_norm_init(d, dtype),
+        attn,
+        layer_norm_init(d, dtype),
+        dense_init(k1, d, f, dtype),
+        mlp_out,
+    )
+
+
+def transformer_block(
+    params: TransformerBlockParams,
+    x,
+    *,
+    mask=None,
+    length=None,
+    causal: bool = True,
+    key=None,
+    dropout_rate: float = 0.0,
+    blockwise: bool = False,
+    return_weights: bool = False,
+):
+    """One pre-LN block on ``x: [T, D]`` (one example) -> ``[T, D]``.
+
+    Args:
+      mask: optional extra ``bool[T, T]`` attention mask (True = attend).
+      length: optional valid length (int scalar): keys ``>= length`` are masked.
+        Outputs at padded positions are computed but meaningless; mask them in the loss.
+      causal: causal self-attention (default True, for language models).
+      key, dropout_rate: dropout on attention weights and on both residual
+        branches, only when ``key`` is given.
+      blockwise: :func:`~jaxseq.attention.blockwise_attention` (long sequences,
+        causal/no mask only).
+      return_weights: also return the attention weights ``float32[K, T, T]``.
+    """
+    if not isinstance(params, TransformerBlockParams):
+        raise TypeError(f"params: expected TransformerBlockParams, got {type(params).__name__}")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x: expected an array [T, D], got {type(x).__name__}")
+    _checks.check_floating("x", x)
+    _checks.check_ndim("x", x, 2, "[T, D] (one example; vmap over a batch)")
+    d = params.ln1.scale.shape[0]
+    _checks.check_shape("x", x, (None, d), ("T", "D"))
+    t = x.shape[0]
+    if length is not None:
+        length = _checks.as_array("length", length)
+        _checks.check_integer("length", length)
+        _checks.check_shape("length", length, ())
+        kmask = jnp.broadcast_to((jnp.arange(t) < length)[None, :], (t, t))
+        mask = kmask if mask is None else mask & kmask
+    use_dropout = key is not None and dropout_rate > 0.0
+    if use_dropout:
+        _checks.check_key("key", key)
+        k_att, k_r1, k_r2 = jax.random.split(key, 3)
+    else:
+        k_att = k_r1 = k_r2 = None
+    h = layer_norm(params.ln1, x)
+    att = multi_head_attention(
+        params.attn,
+        h,
+        mask=mask,
+        causal=causal,
+        key=k_att,
+        dropout_rate=dropout_rate if use_dropout else 0.0,
+        return_weights=return_weights,
+        blockwise=blockwise,
+    )
+    if return_weights:
+        att, w = att
+    if use_dropout:
+        att = dropout(k_r1, att, dropout_rate)
+    x = x + att
+    h = layer_norm(params.ln2, x)
+    h = dense(params.mlp_out, jax.nn.gelu(dense(params.mlp_in, h)))
+    if use_dropout:
+        h = dropout(k_r2, h, dropout_rate)
+    y = x + h
+    return (y, w) if return_weights else y
