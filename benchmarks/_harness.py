@@ -281,7 +281,6 @@ def _target(spec: str) -> Callable:
 
 def _worker_main() -> None:
     """Child side of :class:`CompileBudgetRunner`: JSON requests on stdin, events on stdout."""
-    global _EVENT_HOOK
     proto = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     sys.stdout = sys.stderr  # anything the measured code prints stays off the protocol
 
@@ -289,7 +288,10 @@ def _worker_main() -> None:
         proto.write(json.dumps(msg) + "\n")
         proto.flush()
 
-    _EVENT_HOOK = lambda event, value: send({"event": event, "value": value})
+    # Run as ``python -m benchmarks._harness`` this module is ``__main__``; the measured
+    # code imports ``benchmarks._harness``, so the hook goes on that module.
+    harness = importlib.import_module("benchmarks._harness")
+    harness._EVENT_HOOK = lambda event, value: send({"event": event, "value": value})
     send({"event": "ready"})
     for line in sys.stdin:
         if not line.strip():
@@ -435,6 +437,12 @@ class CompileBudgetRunner:
                     compile_deadline = time.monotonic() + self.budget_s
                 elif msg["event"] == "compile_end":
                     compile_deadline = None
+                    if msg["value"] > self.budget_s:  # finished, but late (this side was slow)
+                        self._kill()
+                        return skipped(
+                            f"compile exceeded the {self.budget_s:g} s budget "
+                            f"(took {msg['value']:.3g} s)"
+                        )
                 elif msg["event"] == "result":
                     return msg["value"]
         except (self._Died, BrokenPipeError, OSError):

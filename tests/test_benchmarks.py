@@ -1,0 +1,202 @@
+"""The benchmark harness and scripts on tiny configurations (T=3, H=4); nothing here is timed."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import _harness as bh
+from benchmarks import frameworks, scan_vs_unrolled
+
+TIMING_KEYS = {"status", "compile_s", "first_call_s", "median_s", "min_s", "p10_s", "p90_s"}
+TINY = dict(B=2, D=3, H=4, T=3, repeats=2, warmup=1)
+
+
+def _check_timing(rec, jitted=True):
+    assert TIMING_KEYS | {"repeats"} <= set(rec)
+    assert rec["status"] == "ok"
+    assert rec["min_s"] <= rec["p10_s"] <= rec["median_s"] <= rec["p90_s"]
+    assert rec["first_call_s"] > 0
+    if jitted:
+        assert rec["compile_s"] > 0
+    else:
+        assert rec["compile_s"] is None
+
+
+# ----------------------------------------------------------------------------- harness
+
+
+def test_time_jitted_and_callable(key):
+    x = jax.random.normal(key, (4, 4))
+    rec = bh.time_jitted(lambda a: a @ a, x, repeats=3, warmup=1)
+    _check_timing(rec)
+    assert rec["repeats"] == 3
+    calls = []
+    rec = bh.time_callable(lambda: calls.append(1) or len(calls), repeats=4, warmup=2)
+    _check_timing(rec, jitted=False)
+    assert len(calls) == 1 + 2 + 4  # first call, warm-up, timed
+
+
+def test_time_jitted_rejects_bad_counts():
+    with pytest.raises(ValueError, match="repeats"):
+        bh.time_jitted(lambda a: a, jnp.ones(2), repeats=0)
+    with pytest.raises(ValueError, match="warmup"):
+        bh.time_callable(lambda: 1, warmup=-1)
+
+
+def test_flop_formulas():
+    # LSTM step 2*B*4H*(D+H); GRU 3H; RNN 1H; training 3x forward.
+    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=False) == 5 * 2 * 2 * 16 * 7
+    assert bh.rnn_flops("gru", 2, 3, 4, 5, training=False) == 5 * 2 * 2 * 12 * 7
+    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=True) == 3 * 5 * 2 * 2 * 4 * 7
+    assert bh.gflops(2e9, 0.5) == pytest.approx(4.0)
+    assert bh.gflops(None, 1.0) is None
+
+
+def test_environment_and_write_results(tmp_path):
+    env = bh.environment()
+    for k in ("jax", "jaxlib", "backend", "device_kind", "cpu_model", "cpu_count", "XLA_FLAGS"):
+        assert k in env
+    for peer in ("flax", "haiku", "torch"):
+        assert isinstance(env[peer], str) and env[peer]  # a version or "not installed"
+    records = [
+        {"name": "a", "median_s": 0.5, "nested": {"x": 1}},
+        {"name": "b|c", **bh.skipped("why not")},
+    ]
+    paths = bh.write_results(tmp_path / "out", "demo", records, env, extra_md="## More")
+    data = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert set(data) == {"environment", "records"}
+    assert data["records"][1] == {"name": "b|c", "status": "skipped", "reason": "why not"}
+    assert data["environment"]["jax"] == jax.__version__
+    md = (tmp_path / "out" / "demo.md").read_text()
+    assert paths["md"].endswith("demo.md")
+    assert "| name | median_s | status | reason |" in md  # scalar keys only, in order seen
+    assert "b\\|c" in md and "## More" in md and "## Environment" in md
+
+
+def test_peak_memory_subprocess():
+    rec = bh.peak_memory_subprocess("import sys; print(sys.argv[1])", ["hello"])
+    assert rec["status"] == "ok" and rec["returncode"] == 0
+    assert rec["stdout"].strip() == "hello"
+    assert rec["peak_rss_mb"] > 1
+    bad = bh.peak_memory_subprocess("raise SystemExit(3)")
+    assert bad["status"] == "error" and bad["returncode"] == 3
+
+
+# ----------------------------------------------------------------------------- scan vs unrolled
+
+
+def test_variants_agree_with_scan(key):
+    cell = scan_vs_unrolled.make_cell("gru", 4)
+    params = cell.init(key, 3)
+    xs = jax.random.normal(jax.random.fold_in(key, 1), (3, 2, 3))
+    ref = jax.jit(scan_vs_unrolled.make_program(cell, "scan_u1", "train"))(params, xs)
+    for variant in ("scan_u2", "scan_auto", "fori", "unrolled"):
+        got = jax.jit(scan_vs_unrolled.make_program(cell, variant, "train"))(params, xs)
+        for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+            assert jnp.allclose(a, b, rtol=1e-5, atol=1e-5), variant
+
+
+def test_predicted_compile_time():
+    hist = {"k": [(10, 2.0)]}
+    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 10) is None
+    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 30) == pytest.approx(6.0)  # linear
+    hist = {"k": [(10, 1.0), (30, 9.0)]}  # quadratic growth is followed
+    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 100) == pytest.approx(100.0)
+    hist = {"k": [(10, 1.0), (30, 1.0)]}  # never predicts faster than linear
+    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 60) == pytest.approx(2.0)
+
+
+def test_compile_budget_stops_a_slow_configuration():
+    records = scan_vs_unrolled.run_sweep(
+        ["lstm"], ["train"], [3, 5], [1], 2, 3, 4, repeats=1, warmup=0,
+        compile_budget_s=0.001, quiet=True, log=lambda *a: None, variants=["unrolled"],
+    )  # fmt: skip
+    by_t = {r["T"]: r for r in records}
+    assert by_t[3]["status"] == "skipped"
+    assert "compile exceeded the 0.001 s budget" in by_t[3]["reason"]
+    assert by_t[5]["status"] == "skipped" and "at T=3" in by_t[5]["reason"]  # not tried again
+
+
+def test_budget_runner_restarts_after_stopping():
+    kwargs = dict(cell="rnn", variant="unrolled", mode="forward", **TINY)
+    with bh.CompileBudgetRunner(budget_s=0.001) as runner:
+        first = runner.run("benchmarks.scan_vs_unrolled:measure", kwargs)
+        assert first["status"] == "skipped" and "compile exceeded" in first["reason"]
+        runner.budget_s = 300.0
+        second = runner.run("benchmarks.scan_vs_unrolled:measure", kwargs)
+        _check_timing(second)
+        third = runner.run("benchmarks.scan_vs_unrolled:nonexistent", {})
+        assert third["status"] == "error" and "nonexistent" in third["reason"]
+
+
+def test_scan_vs_unrolled_main_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["--out", str(out), "--cells", "rnn", "--T", "3", "--unrolls", "1"]
+    argv += ["--batch", "2", "--hidden", "4", "--repeats", "2", "--warmup", "1", "--quiet"]
+    assert scan_vs_unrolled.main(argv) == 0
+    for name in ("results.json", "results.md", "compile_time_vs_T.png", "step_time_vs_T.png"):
+        assert (out / name).stat().st_size > 0
+    for png in ("compile_time_vs_T.png", "step_time_vs_T.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "results.json").read_text())
+    assert data["environment"]["backend"] == jax.default_backend()
+    recs = data["records"]
+    variants = ["scan_u1", "scan_auto", "fori", "unrolled"]
+    assert [(r["mode"], r["variant"]) for r in recs] == [
+        (m, v) for m in ("forward", "train") for v in variants
+    ]
+    for r in recs:
+        assert {"cell", "mode", "variant", "T", "B", "D", "H", "flops", "status"} <= set(r)
+        assert r["status"] == "ok", r
+        _check_timing(r)
+        assert r["gflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e9)
+    printed = capsys.readouterr().out
+    assert "| cell | mode | T | scan_u1 | scan_auto | fori | unrolled | best |" in printed
+    assert "results.json" in printed
+
+
+# ----------------------------------------------------------------------------- frameworks
+
+
+def test_frameworks_reports_missing_peers_as_skipped(tmp_path, monkeypatch):
+    # Simulate peers that are not installed (and keep torch out of the test suite).
+    monkeypatch.setitem(frameworks.PEER_MODULES, "torch", "no_such_module_torch")
+    monkeypatch.setitem(frameworks.PEER_MODULES, "haiku", "no_such_module_haiku")
+    has_flax = frameworks.available("flax")
+    out = tmp_path / "fw"
+    argv = ["--out", str(out), "--cells", "rnn", "--configs", "2x4x3", "--repeats", "2"]
+    argv += ["--warmup", "0", "--quiet"]  # every impl: jaxseq, flax, haiku, torch, gemm
+    assert frameworks.main(argv) == 0
+    data = json.loads((out / "frameworks.json").read_text())
+    assert data["environment"]["flax"] != "not installed" or not has_flax
+    records = data["records"]
+    assert [r["mode"] for r in records] == ["forward", "train"]
+    for r in records:
+        assert (r["cell"], r["B"], r["D"], r["H"], r["T"]) == ("rnn", 2, 4, 4, 3)
+        assert r["flops"] == bh.rnn_flops("rnn", 2, 4, 4, 3, r["mode"] == "train")
+        _check_timing(r["jaxseq"])
+        _check_timing(r["gemm"])
+        assert r["jaxseq/gemm"] == pytest.approx(r["jaxseq_ms"] / r["gemm_ms"])
+        for peer in ("haiku", "torch"):
+            assert r[peer]["status"] == "skipped"
+            assert "not installed" in r[peer]["reason"]
+            assert r[f"{peer}_ms"] == "skipped" and r[f"jaxseq/{peer}"] is None
+        if has_flax:
+            _check_timing(r["flax"])
+            assert r["jaxseq/flax"] == pytest.approx(r["jaxseq_ms"] / r["flax_ms"])
+    md = (out / "frameworks.md").read_text()
+    assert "| jaxseq/flax | jaxseq/haiku | jaxseq/torch | jaxseq/gemm |" in md
+    assert "## Skipped" in md and "no_such_module_torch not installed" in md
+
+
+def test_gemm_bound_matches_formula_shapes(key):
+    (fwd, train), args = frameworks.build_gemm("lstm", 2, 3, 4, 5, key)
+    outs = jax.eval_shape(train, *args)
+    n, d, h = 2 * 5, 3, 4
+    assert [o.shape for o in outs] == [(n, 4 * h), (n, 4 * h), (n, d), (n, h), (d, 4 * h),
+                                       (h, 4 * h)]  # fmt: skip
+    # Forward FLOPs of these GEMMs equal the formula; training has 3x as many.
+    assert 2 * n * 4 * h * (d + h) == bh.rnn_flops("lstm", 2, d, h, 5, training=False)
+    assert len(jax.eval_shape(fwd, *args)) == 2
