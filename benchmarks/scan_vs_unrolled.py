@@ -38,7 +38,9 @@ MODES = ("forward", "train")
 FULL_T = (10, 30, 100, 300, 1000)
 FULL_UNROLLS = (1, 2, 4, 8, 16)
 DEFAULT_T = (10, 100)
-DEFAULT_UNROLLS = (1, 4, 16)
+DEFAULT_UNROLLS = (1, 4)
+# Growth of unrolled compile time in T assumed when only one smaller T was measured.
+SINGLE_POINT_EXPONENT = 1.5
 
 
 def variant_names(unrolls) -> list[str]:
@@ -78,15 +80,27 @@ def fori_rollout(cell, params, xs):
     return jax.lax.fori_loop(0, t_len, body, (carry, ys))
 
 
-def make_rollout(cell, variant: str):
-    """``(params, xs) -> (carry, ys)`` for one variant."""
+def _rollout_kwargs(kernel: str | None) -> dict:
+    """``kernel=`` for ``js.rollout`` when one is chosen and this version accepts it."""
+    import inspect
+
     import jaxseq as js
 
+    if kernel is None or "kernel" not in inspect.signature(js.rollout).parameters:
+        return {}
+    return {"kernel": kernel}
+
+
+def make_rollout(cell, variant: str, kernel: str | None = None):
+    """``(params, xs) -> (carry, ys)`` for one variant; ``kernel`` goes to ``js.rollout``."""
+    import jaxseq as js
+
+    kw = _rollout_kwargs(kernel)
     if variant.startswith("scan_u"):
         k = int(variant[len("scan_u") :])
-        return lambda p, xs: js.rollout(cell, p, xs, unroll=k)
+        return lambda p, xs: js.rollout(cell, p, xs, unroll=k, **kw)
     if variant == "scan_auto":
-        return lambda p, xs: js.rollout(cell, p, xs, unroll="auto")
+        return lambda p, xs: js.rollout(cell, p, xs, unroll="auto", **kw)
     if variant == "fori":
         return lambda p, xs: fori_rollout(cell, p, xs)
     if variant == "unrolled":
@@ -94,12 +108,12 @@ def make_rollout(cell, variant: str):
     raise ValueError(f"variant: unknown {variant!r}")
 
 
-def make_program(cell, variant: str, mode: str):
+def make_program(cell, variant: str, mode: str, kernel: str | None = None):
     """The function to jit: forward returns ``ys``; train returns ``(loss, (dparams, dxs))``."""
     import jax
     import jax.numpy as jnp
 
-    roll = make_rollout(cell, variant)
+    roll = make_rollout(cell, variant, kernel)
     if mode == "forward":
         return lambda p, xs: roll(p, xs)[1]
     if mode == "train":
@@ -123,6 +137,7 @@ def measure(
     repeats: int = 10,
     warmup: int = 2,
     seed: int = 0,
+    kernel: str | None = None,
 ) -> dict:
     """Times one configuration (in this process); returns the timing dict of ``time_jitted``."""
     import jax
@@ -143,15 +158,16 @@ def predicted_compile_s(history: dict, key, t: int):
     """Compile time at ``t`` extrapolated from the compile times measured at smaller T.
 
     Unrolled programs hold T copies of the step, so compile time grows at least
-    linearly in T (often faster): with two or more smaller T measured, a power law
-    through the two largest, its exponent clamped to [1, 2]; with one, linear.
-    Returns None when nothing smaller was measured.
+    linearly in T (the training step faster, about T^1.6 on XLA:CPU): with two or
+    more smaller T measured, a power law through the two largest, its exponent
+    clamped to [1, 2]; with one, ``T^SINGLE_POINT_EXPONENT`` (1.5). Returns None
+    when nothing smaller was measured.
     """
     smaller = sorted((tt, s) for tt, s in history.get(key, []) if tt < t)
     if not smaller:
         return None
     t1, s1 = smaller[-1]
-    exponent = 1.0
+    exponent = SINGLE_POINT_EXPONENT
     if len(smaller) >= 2:
         t0, s0 = smaller[-2]
         if s0 > 0 and s1 > 0 and t1 > t0:
@@ -174,6 +190,7 @@ def run_sweep(
     quiet: bool = False,
     log=print,
     variants=None,
+    kernel: str | None = None,
 ) -> list[dict]:
     """Every (cell, mode, T, variant); unrolled ones in a child process under the compile budget.
 
@@ -190,7 +207,7 @@ def run_sweep(
             base["H"] = Hd
             flops = bh.rnn_flops(cell, B, D, Hd, t, training=(mode == "train"))
             kwargs = dict(cell=cell, variant=variant, mode=mode, T=t, B=B, D=D, H=Hd)
-            kwargs.update(repeats=repeats, warmup=warmup)
+            kwargs.update(repeats=repeats, warmup=warmup, kernel=kernel)
             key = (cell, mode)
             if variant != "unrolled":
                 res = measure(**kwargs)
@@ -385,6 +402,11 @@ def parse_args(argv=None):
     p.add_argument(
         "--variants", default=None, help="comma list of variants (default: all for --unrolls)"
     )
+    p.add_argument(
+        "--kernel",
+        default=None,
+        help="kernel= for js.rollout in the scan variants (default: the library's default)",
+    )
     p.add_argument("--batch", "-B", type=int, default=16, help="batch size B (default 16)")
     p.add_argument("--hidden", "-H", type=int, default=128, help="hidden size H (default 128)")
     p.add_argument("--input-size", "-D", type=int, default=None, help="input size D (default H)")
@@ -424,6 +446,7 @@ def main(argv=None) -> int:
         "T": args.ts,
         "unrolls": args.unrolls,
         "variants": args.variants,
+        "kernel": args.kernel or "library default",
         "B": args.batch,
         "D": args.input_size,
         "H": args.hidden,
@@ -448,6 +471,7 @@ def main(argv=None) -> int:
         quiet=args.quiet,
         log=log,
         variants=args.variants,
+        kernel=args.kernel,
     )
     settings["wall_s"] = round(time.perf_counter() - t0, 1)
     paths = report(records, env, args.out, settings)

@@ -101,7 +101,8 @@ def test_variants_agree_with_scan(key):
 def test_predicted_compile_time():
     hist = {"k": [(10, 2.0)]}
     assert scan_vs_unrolled.predicted_compile_s(hist, "k", 10) is None
-    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 30) == pytest.approx(6.0)  # linear
+    one_point = 2.0 * 4.0**scan_vs_unrolled.SINGLE_POINT_EXPONENT
+    assert scan_vs_unrolled.predicted_compile_s(hist, "k", 40) == pytest.approx(one_point)
     hist = {"k": [(10, 1.0), (30, 9.0)]}  # quadratic growth is followed
     assert scan_vs_unrolled.predicted_compile_s(hist, "k", 100) == pytest.approx(100.0)
     hist = {"k": [(10, 1.0), (30, 1.0)]}  # never predicts faster than linear
