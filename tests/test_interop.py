@@ -123,10 +123,14 @@ def test_torch_parity_one_layer_with_initial_state(name):
         final, ys = js.rollout(cell, params, xs, carry)
         return loss_and_aux(case, is_lstm, ys, (final,))
 
-    (loss, aux), (g_params, g_x, g_carry) = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
+    grad_fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+    (loss, aux), (g_params, g_x, g_carry) = grad_fn(params, xs, carry)
+    check_forward(case, is_lstm, loss, aux)
+    # The plain lax.scan path (not the default fused kernel) agrees too.
+    _, ys_scan = jax.jit(lambda p, x, c: js.rollout(cell, p, x, c, kernel="scan"))(
         params, xs, carry
     )
-    check_forward(case, is_lstm, loss, aux)
+    np.testing.assert_allclose(ys_scan, case["out"], **TOL)
     np.testing.assert_allclose(g_x, case["g.x"], **TOL)
     np.testing.assert_allclose(g_carry.h, case["g.h0"][0], **TOL)
     if is_lstm:
