@@ -54,7 +54,9 @@ __all__ = [
     "progress",
     "rnn_flops",
     "skipped",
+    "compile_jitted",
     "time_callable",
+    "time_interleaved",
     "time_jitted",
     "write_results",
 ]
@@ -157,6 +159,10 @@ def environment() -> dict:
     }
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = os.environ.get(var, "")
+    try:  # other work on the machine inflates times; say how busy it was
+        env["load_avg_1_5_15m"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
     env["numpy"] = np.__version__
     env["flax"] = _version("flax")
     env["haiku"] = _version("dm-haiku")
@@ -223,17 +229,15 @@ def _check_counts(repeats: int, warmup: int) -> None:
         raise ValueError(f"warmup: expected a non-negative int, got {warmup!r}")
 
 
-def time_jitted(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict:
-    """Times ``jax.jit(fn)(*args)``; ``fn`` must not be jitted yet.
+def compile_jitted(fn: Callable, *args) -> tuple[Callable[[], Any], dict]:
+    """Jits, lowers and compiles ``fn`` for ``args`` and runs it once.
 
-    ``compile_s`` is trace + lower + XLA compile (``lower_s`` the first part),
-    measured apart from ``first_call_s`` (the first execution of the compiled
-    program); then ``warmup`` untimed and ``repeats`` timed calls, each waited
-    for with ``block_until_ready``.
+    Returns ``(call, info)``: ``call()`` runs the compiled program on ``args``;
+    ``info`` holds ``compile_s`` (trace + lower + compile), ``lower_s`` and
+    ``first_call_s``.
     """
     import jax
 
-    _check_counts(repeats, warmup)
     jitted = jax.jit(fn)
     _emit("compile_start")
     t0 = time.perf_counter()
@@ -245,8 +249,62 @@ def time_jitted(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict
     t0 = time.perf_counter()
     _block(compiled(*args))
     first_call_s = time.perf_counter() - t0
-    times = _timed_loop(lambda: compiled(*args), repeats, warmup)
-    return _summary(times, compile_s, first_call_s, lower_s=lower_s)
+    info = {"compile_s": compile_s, "lower_s": lower_s, "first_call_s": first_call_s}
+    return (lambda: compiled(*args)), info
+
+
+def time_jitted(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict:
+    """Times ``jax.jit(fn)(*args)``; ``fn`` must not be jitted yet.
+
+    ``compile_s`` is trace + lower + XLA compile (``lower_s`` the first part),
+    measured apart from ``first_call_s`` (the first execution of the compiled
+    program); then ``warmup`` untimed and ``repeats`` timed calls, each waited
+    for with ``block_until_ready``.
+    """
+    _check_counts(repeats, warmup)
+    call, info = compile_jitted(fn, *args)
+    times = _timed_loop(call, repeats, warmup)
+    return _summary(times, info["compile_s"], info["first_call_s"], lower_s=info["lower_s"])
+
+
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]],
+    repeats: int = 10,
+    warmup: int = 2,
+    info: dict[str, dict] | None = None,
+) -> dict[str, dict]:
+    """Times several zero-argument callables side by side, one call of each per round.
+
+    Rounds rotate the order, so a change in machine load during the
+    measurement hits every contender alike. ``info[name]`` (e.g. from
+    :func:`compile_jitted`) supplies ``compile_s``/``first_call_s``; returns a
+    timing dict (the keys of :func:`time_jitted`) per name.
+    """
+    _check_counts(repeats, warmup)
+    names = list(calls)
+    for _ in range(warmup):
+        for n in names:
+            _block(calls[n]())
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            k = r % len(names) if names else 0
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                _block(calls[n]())
+                samples[n].append(time.perf_counter() - t0)
+    finally:
+        if was_enabled:
+            gc.enable()
+    info = info or {}
+    out = {}
+    for n in names:
+        i = info.get(n, {})
+        out[n] = _summary(samples[n], i.get("compile_s"), i.get("first_call_s"), i.get("lower_s"))
+    return out
 
 
 def time_callable(fn: Callable, *args, repeats: int = 10, warmup: int = 2) -> dict:

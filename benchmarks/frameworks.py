@@ -13,8 +13,11 @@ and (1, 128, 1000), forward and training step (forward + backward of
   GEMMs over all steps (forward: ``X W_ih`` and ``H W_hh``; training adds the
   four backward products), i.e. the time if every FLOP ran at large-matmul speed.
 
-All in one process, side by side; the ``jaxseq/<peer>`` columns are time ratios
-(below 1: jaxseq is faster). A peer that is not installed is reported as skipped.
+All in one process, side by side: every implementation of a configuration is
+compiled first, then timed interleaved (each round calls each one once, in
+rotating order), so load changes hit all alike. The ``jaxseq/<peer>`` columns
+are ratios of median times (below 1: jaxseq is faster). A peer that is not
+installed is reported as skipped.
 
 Usage::
 
@@ -164,7 +167,8 @@ def torch_threads() -> int:
     return n
 
 
-def measure_torch(cell: str, B: int, D: int, H: int, T: int, mode: str, repeats, warmup, seed):
+def prepare_torch(cell: str, B: int, D: int, H: int, T: int, mode: str, seed: int = 0):
+    """A zero-argument torch step and its first-call time (``compile_s`` None)."""
     import torch
 
     torch_threads()
@@ -187,24 +191,38 @@ def measure_torch(cell: str, B: int, D: int, H: int, T: int, mode: str, repeats,
             loss.backward()
             return loss.detach()
 
-    return bh.time_callable(fn, repeats=repeats, warmup=warmup)
+    t0 = time.perf_counter()
+    fn()
+    return fn, {"compile_s": None, "first_call_s": time.perf_counter() - t0}
+
+
+def prepare(impl: str, cell: str, B: int, D: int, H: int, T: int, mode: str, seed: int = 0):
+    """``(call, info)`` for one implementation at one configuration, compiled and run once."""
+    if impl == "torch":
+        return prepare_torch(cell, B, D, H, T, mode, seed)
+    import jax
+
+    (fwd, train), args = JAX_BUILDERS[impl](cell, B, D, H, T, jax.random.key(seed))
+    return bh.compile_jitted(fwd if mode == "forward" else train, *args)
 
 
 # ----------------------------------------------------------------------------- sweep
 
 
-def measure(impl: str, cell: str, B: int, D: int, H: int, T: int, mode: str, **kw) -> dict:
-    """Times one implementation at one configuration; skipped when it is not installed."""
-    repeats, warmup, seed = kw.get("repeats", 10), kw.get("warmup", 2), kw.get("seed", 0)
-    if not available(impl):
-        return bh.skipped(f"{PEER_MODULES[impl]} not installed ({INSTALL_HINT.get(impl, '')})")
-    if impl == "torch":
-        return measure_torch(cell, B, D, H, T, mode, repeats, warmup, seed)
-    import jax
-
-    (fwd, train), args = JAX_BUILDERS[impl](cell, B, D, H, T, jax.random.key(seed))
-    fn = fwd if mode == "forward" else train
-    return bh.time_jitted(fn, *args, repeats=repeats, warmup=warmup)
+def measure_config(cell, B, D, H, T, mode, impls=IMPLS, *, repeats=10, warmup=2, seed=0):
+    """Timing dict per implementation, all timed interleaved (one call of each per round)."""
+    results, calls, info = {}, {}, {}
+    for impl in impls:
+        if not available(impl):
+            hint = INSTALL_HINT.get(impl, "")
+            results[impl] = bh.skipped(f"{PEER_MODULES[impl]} not installed ({hint})")
+            continue
+        try:
+            calls[impl], info[impl] = prepare(impl, cell, B, D, H, T, mode, seed)
+        except Exception as e:  # a peer's API changed: report it, keep the others
+            results[impl] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
+    results.update(bh.time_interleaved(calls, repeats=repeats, warmup=warmup, info=info))
+    return {impl: results[impl] for impl in impls}
 
 
 def run(
@@ -224,8 +242,8 @@ def run(
         d = h
         flops = bh.rnn_flops(cell, b, d, h, t, training=(mode == "train"))
         rec = {"cell": cell, "B": b, "D": d, "H": h, "T": t, "mode": mode, "flops": flops}
-        for impl in impls:
-            res = measure(impl, cell, b, d, h, t, mode, repeats=repeats, warmup=warmup)
+        timings = measure_config(cell, b, d, h, t, mode, impls, repeats=repeats, warmup=warmup)
+        for impl, res in timings.items():
             rec[impl] = res
             if res["status"] == "ok":
                 rec[f"{impl}_ms"] = 1e3 * res["median_s"]

@@ -36,6 +36,14 @@ def test_time_jitted_and_callable(key):
     rec = bh.time_callable(lambda: calls.append(1) or len(calls), repeats=4, warmup=2)
     _check_timing(rec, jitted=False)
     assert len(calls) == 1 + 2 + 4  # first call, warm-up, timed
+    order = []
+    recs = bh.time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+        repeats=3, warmup=1, info={"a": {"compile_s": 1.5, "first_call_s": 0.1}},
+    )  # fmt: skip
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
+    assert recs["a"]["compile_s"] == 1.5 and recs["b"]["compile_s"] is None
+    assert recs["a"]["repeats"] == recs["b"]["repeats"] == 3
 
 
 def test_time_jitted_rejects_bad_counts():
