@@ -50,7 +50,7 @@ PEER_MODULES = {
 INSTALL_HINT = {
     "flax": "pip install -e '.[bench]'",
     "haiku": "pip install -e '.[bench]'",
-    "torch": "pip install torch --index-url https://download.pytorch.org/whl/cpu",
+    "torch": "pip install -e '.[bench]' --extra-index-url https://download.pytorch.org/whl/cpu",
 }
 
 
