@@ -339,7 +339,7 @@ def stack_from_torch(cell, state_dict, *, prefix: str = ""):
             raise ValueError(
                 f"state_dict[{key!r}] for {label}: expected shape [{g}*H={g * h}, D={dirs * h}] "
                 f"(layer {k} reads the {dirs}*H outputs of layer {k - 1}), "
-                f"got {_checks.describe(state_dict[key])}"
+                f"got {_checks.describe(fwd.w_ih.T)}"
             )
         if bidir:
             bwd = from_torch(cell, state_dict, layer=k, reverse=True, prefix=prefix)
@@ -347,7 +347,7 @@ def stack_from_torch(cell, state_dict, *, prefix: str = ""):
                 key = f"{prefix}weight_ih_l{k}_reverse"
                 raise ValueError(
                     f"state_dict[{key!r}]: expected shape {list(fwd.w_ih.T.shape)} like the "
-                    f"forward direction, got {_checks.describe(state_dict[key])}"
+                    f"forward direction, got {_checks.describe(bwd.w_ih.T)}"
                 )
             layers.append(Bidirectional(cell))
             params.append(BidirectionalParams(fwd, bwd))

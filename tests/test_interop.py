@@ -335,12 +335,18 @@ def test_torch_stack_validation():
     sd["weight_ih_l0_reverse"] = sd["weight_ih_l0"]
     with pytest.raises(ValueError, match=r"missing key 'weight_ih_l1_reverse'"):
         interop.stack_from_torch(js.GRU(H), sd)
-    sd = {**small_sd(3), **small_sd(3, d=5, layer=1)}
+    sd = {k: FakeTensor(v) for k, v in {**small_sd(3), **small_sd(3, d=5, layer=1)}.items()}
     with pytest.raises(
         ValueError,
         match=r"weight_ih_l1'\] .*expected shape \[3\*H=18, D=6\].*got float32\[18, 5\]",
     ):
         interop.stack_from_torch(js.GRU(H), sd)
+    sd = {**small_sd(3), "weight_ih_l0_reverse": np.zeros((18, 4), np.float32)}
+    sd["weight_hh_l0_reverse"] = sd["weight_hh_l0"]
+    with pytest.raises(
+        ValueError, match=r"weight_ih_l0_reverse'\]: expected shape \[18, 3\] like the forward"
+    ):
+        interop.stack_from_torch(js.GRU(H), sd, prefix="")
     mixed = js.Stack((js.GRU(H), js.LSTM(H)))
     params = (
         interop.from_torch(js.GRU(H), small_sd(3)),
