@@ -121,9 +121,8 @@ def test_stack_under_jit_and_grad(key):
 def test_dense_and_embedding(key):
     p = js.dense_init(key, 4, 3)
     x = jax.random.normal(key, (2, 5, 4))
-    np.testing.assert_allclose(
-        js.dense(p, x), np.asarray(x) @ p.w + np.asarray(p.b), rtol=1e-5, atol=1e-6
-    )
+    want = np.asarray(x) @ np.asarray(p.w) + np.asarray(p.b)
+    np.testing.assert_allclose(js.dense(p, x), want, rtol=1e-5, atol=1e-6)
     table = js.embedding_init(key, 10, 6)
     ids = jnp.array([[1, 2], [9, 0]])
     np.testing.assert_array_equal(js.embed(table, ids), table[ids])
