@@ -48,6 +48,32 @@ def _to_saveable(state):
     return jax.tree_util.tree_map(conv, state)
 
 
+def _saveable_shapes(tree):
+    """``ShapeDtypeStruct`` of what :func:`_to_saveable` makes of ``tree``, reading nothing."""
+
+    def conv(x):
+        if _is_typed_key(x):
+            return jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+
+    return jax.tree_util.tree_map(conv, tree)
+
+
+def _path_part(k) -> str:
+    for attr in ("name", "key", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes_by_path(tree) -> dict:
+    """``{"params/stack/0/w_ih": shape}`` for every leaf (NamedTuples and dicts alike)."""
+    return {
+        "/".join(_path_part(k) for k in path): tuple(np.shape(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -101,7 +127,12 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._mngr = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     # -- saving -------------------------------------------------------------------------
@@ -163,20 +194,20 @@ class Checkpointer:
                     "checkpoint: saved for an incompatible model: " + "; ".join(d)
                 )
         # shapes of the saved arrays against the template, before reading them
-        saved = self._mngr.item_metadata(step)["state"]
-        want = _to_saveable(jax.eval_shape(lambda: template))
-        s_leaves = jax.tree_util.tree_leaves_with_path(saved)
-        w_leaves = jax.tree_util.tree_leaves_with_path(want)
-        if len(s_leaves) != len(w_leaves):
+        saved = _shapes_by_path(self._mngr.item_metadata(step)["state"])
+        want = _shapes_by_path(_saveable_shapes(template))
+        if set(saved) != set(want):
+            missing = sorted(set(want) - set(saved))[:3]
+            extra = sorted(set(saved) - set(want))[:3]
             raise IncompatibleCheckpointError(
-                f"checkpoint: the saved state has {len(s_leaves)} arrays, this run's has "
-                f"{len(w_leaves)} (a different model or optimizer)"
+                f"checkpoint: the saved state has {len(saved)} arrays, this run's has {len(want)} "
+                f"(a different model or optimizer); missing {missing}, unexpected {extra}"
             )
-        for (path, s), (_, w) in zip(s_leaves, w_leaves):
-            if tuple(s.shape) != tuple(w.shape):
+        for path, w in want.items():
+            if saved[path] != w:
                 raise IncompatibleCheckpointError(
-                    f"checkpoint{jax.tree_util.keystr(path)}: saved shape {list(s.shape)}, "
-                    f"this run expects {list(w.shape)}"
+                    f"checkpoint: {path}: saved shape {list(saved[path])}, "
+                    f"this run expects {list(w)}"
                 )
         if self.hparams is not None and meta.get("hparams") is not None:
             d = _diff(meta["hparams"], self.hparams)
@@ -197,8 +228,7 @@ class Checkpointer:
         step = self._resolve(step)
         meta = self.read_meta(step)
         self.check_compatible(meta, template, override=override, step=step)
-        want = _to_saveable(template)
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, want)
+        abstract = _saveable_shapes(template)
         got = self._mngr.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         )["state"]

@@ -21,21 +21,22 @@ from jaxseq import _checks
 __all__ = ["sample", "sample_logits"]
 
 
-def sample_logits(key, logits, *, temperature: float = 1.0, top_k: int | None = None, greedy=False):
+def sample_logits(key, logits, *, temperature=1.0, top_k=None, greedy=False):
     """Draws token ids from ``logits: [*B, V]`` -> ``int32[*B]``.
 
     ``greedy``: argmax. Otherwise softmax of ``logits / temperature`` restricted to
-    the ``top_k`` largest logits (all when None), in float32.
+    the ``top_k`` largest logits (all when None), in float32. ``temperature``,
+    ``top_k`` and ``greedy`` may be traced values (one compilation for all settings).
     """
     _checks.check_floating("logits", logits)
     logits = logits.astype(jnp.float32)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    v = logits.shape[-1]
     if top_k is not None:
-        v = logits.shape[-1]
-        kth = jax.lax.top_k(logits, min(int(top_k), v))[0][..., -1:]
+        k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v)
+        kth = jnp.take(jnp.sort(logits, axis=-1), v - k, axis=-1)[..., None]
         logits = jnp.where(logits < kth, jnp.finfo(jnp.float32).min, logits)
-    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    drawn = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
 
 
 def _check_args(model, prime, length, temperature, top_k):
@@ -89,15 +90,17 @@ def sample(
     model.check_params(params)
     if carry is None:
         carry = model.initial_carry(tuple(prime.shape[1:]))
-    return _sample_jit(model, int(length), float(temperature), top_k, bool(greedy))(
-        params, key, prime.astype(jnp.int32), carry
-    )
+    k = model.vocab_size if top_k is None else int(top_k)
+    return _sample_jit(model, int(length))(
+        params, key, prime.astype(jnp.int32), carry, jnp.float32(temperature), jnp.int32(k),
+        jnp.bool_(greedy),
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
-def _sample_jit(model, length, temperature, top_k, greedy):
+def _sample_jit(model, length):
     @jax.jit
-    def run(params, key, prime, carry):
+    def run(params, key, prime, carry, temperature, top_k, greedy):
         carry, logits = model.apply(params, carry, prime)
         k0, key = jax.random.split(key)
         first = sample_logits(k0, logits[-1], temperature=temperature, top_k=top_k, greedy=greedy)

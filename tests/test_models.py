@@ -1,0 +1,58 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+from jaxseq import models
+
+
+@pytest.fixture
+def lm():
+    return models.char_lm(6, cell="gru", layers=2, hidden=5, embed_dim=3, dropout_rate=0.3)
+
+
+def test_shapes_and_carry_threading(lm, key):
+    params = lm.init(key)
+    tokens = jax.random.randint(jax.random.fold_in(key, 1), (9, 2), 0, 6)
+    apply = jax.jit(lambda p, c, x: lm.apply(p, c, x))
+    carry, logits = apply(params, lm.initial_carry((2,)), tokens)
+    assert logits.shape == (9, 2, 6) and logits.dtype == jnp.float32
+    assert len(carry) == 2 and carry[1].h.shape == (2, 5)
+    c1, l1 = apply(params, lm.initial_carry((2,)), tokens[:4])
+    c2, l2 = apply(params, c1, tokens[4:])
+    np.testing.assert_allclose(jnp.concatenate([l1, l2]), logits, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(c2), jax.tree_util.tree_leaves(carry)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_reset_lengths_and_dropout(lm, key):
+    params = lm.init(key)
+    tokens = jax.random.randint(key, (6, 3), 0, 6)
+    _, full = lm.apply(params, None, tokens)
+    reset = jnp.zeros((6, 3), bool).at[3].set(True)
+    _, lr = lm.apply(params, None, tokens, reset=reset)
+    _, tail = lm.apply(params, None, tokens[3:])
+    np.testing.assert_allclose(lr[3:], tail, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lr[:3], full[:3], rtol=1e-5, atol=1e-6)
+    c_len, _ = lm.apply(params, None, tokens, lengths=jnp.array([2, 6, 4]))
+    c_two, _ = lm.apply(params, None, tokens[:2])
+    np.testing.assert_allclose(c_len[1].h[0], c_two[1].h[0], rtol=1e-5, atol=1e-6)
+    _, d1 = lm.apply(params, None, tokens, key=jax.random.key(1))
+    _, d2 = lm.apply(params, None, tokens, key=jax.random.key(2))
+    assert not np.allclose(d1, d2) and not np.allclose(d1, full)
+
+
+def test_vocab_and_config_errors(lm, key):
+    params = lm.init(key)
+    other = models.char_lm(7, cell="gru", layers=2, hidden=5, embed_dim=3)
+    with pytest.raises(ValueError, match=r"params.embedding: expected shape \[V=7, E=3\]"):
+        other.apply(params, None, jnp.zeros((2, 1), jnp.int32))
+    with pytest.raises(TypeError, match="tokens: expected an integer dtype"):
+        lm.apply(params, None, jnp.zeros((2, 1)))
+    with pytest.raises(ValueError, match="cell: expected one of"):
+        models.char_lm(5, cell="transformer")
+    cfg = lm.config()
+    assert cfg["vocab_size"] == 6 and cfg["layers"][0]["type"] == "GRU"
+    assert cfg["layers"][1]["hidden_size"] == 5
+    assert isinstance(js.LanguageModel, type)

@@ -1,0 +1,378 @@
+"""Tests of the training loop: TBPTT, guard, clipping, one trace, kill-and-resume, sharding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxseq as js
+from jaxseq import data, losses, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_lm(vocab=7, hidden=8, layers=2, cell="lstm"):
+    return js.models.char_lm(vocab, cell=cell, layers=layers, hidden=hidden, embed_dim=5)
+
+
+def _copy(tree):
+    def cp(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.array(x, copy=True)
+
+    return jax.tree_util.tree_map(cp, tree)
+
+
+def _bits_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(la, lb)
+    )
+
+
+def test_tbptt_with_k_equal_t_gives_full_bptt_gradients(key):
+    model = _tiny_lm()
+    params = model.init(key)
+    ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (3 * 13,), 0, 7))
+    bt = data.StreamBatcher(ids, 3, 12)  # L=13 -> one chunk of exactly T=12 steps
+    assert bt.num_chunks == 1
+    streams = jnp.asarray(bt.streams)
+
+    def full_loss(p):
+        _, logits = model.apply(p, None, streams[:-1])
+        return losses.cross_entropy(logits, streams[1:])
+
+    want = jax.jit(jax.grad(full_loss))(params)
+    opt = train.make_optimizer("sgd", 1.0, max_norm=None)  # update = -grad
+    state = train.init_state(params, opt, key, model.initial_carry((3,)))
+    step = train.make_train_step(train.lm_loss_fn(model), opt, donate=False)
+    new, m = step(state, bt.chunk(0))
+    got = jax.tree_util.tree_map(lambda a, b: a - b, params, new.params)
+    np.testing.assert_allclose(float(m["loss"]), float(full_loss(params)), rtol=1e-6)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(want)), rtol=1e-5)
+
+
+def test_tbptt_forward_losses_equal_one_full_pass_and_partial_chunk_is_masked(key):
+    model = _tiny_lm()
+    params = model.init(key)
+    b, k = 3, 8
+    ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 2), (b * 27,), 0, 7))
+    bt = data.StreamBatcher(ids, b, k)  # 26 steps per stream: chunks 8, 8, 8, 2
+    assert bt.num_chunks == 4
+    streams = jnp.asarray(bt.streams)
+    carry_full, per_tok = jax.jit(
+        lambda p, x: (lambda c, lg: (c, losses.token_cross_entropy(lg, x[1:])))(
+            *model.apply(p, None, x[:-1])
+        )
+    )(params, streams)
+    per_tok = np.asarray(per_tok)
+
+    opt = train.make_optimizer("sgd", 1e-30, max_norm=None)  # updates vanish in float32
+    state = train.init_state(params, opt, key, model.initial_carry((b,)))
+    step = train.make_train_step(train.lm_loss_fn(model), opt)
+    for i in range(bt.num_chunks):
+        chunk = bt.at_step(i)
+        state, m = step(state, chunk)
+        lo, hi = i * k, min((i + 1) * k, 26)
+        np.testing.assert_allclose(float(m["loss"]), per_tok[lo:hi].mean(), rtol=2e-5)
+    assert not chunk.mask[2:].any()  # the last chunk was padded ...
+    for a, c in zip(jax.tree_util.tree_leaves(state.carry), jax.tree_util.tree_leaves(carry_full)):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)  # ... and its padding ignored
+    state, _ = step(state, bt.at_step(4))  # epoch 2: chunk 0 again, the carry is reset
+    assert step.traces == 1  # one compilation for every chunk, the partial one included
+
+
+def _delay_task(rng, n, k):
+    """Segments [m, 0 x d, q, m]: after the query q comes the segment's marker m again.
+
+    Most delays d are short (the marker sits in the same chunk, so the gradient
+    teaches the model to hold it); 30% put the marker k+5 steps before the
+    token to predict, always in an earlier chunk: reachable only through the carry.
+    """
+    seg = []
+    for m in rng.integers(2, 4, size=n):
+        d = k + 3 if rng.random() < 0.3 else int(rng.integers(0, k - 1))
+        seg += [int(m)] + [0] * d + [1, int(m)]
+    return np.array(seg, np.int32)
+
+
+def _long_query_accuracy(apply, model, params, ids, b, k, reset_every_chunk):
+    bt = data.StreamBatcher(ids, b, k, reset_every_chunk=reset_every_chunk)
+    dist = np.full(bt.streams.shape, 10**6)  # steps back to the segment's marker
+    for s in range(b):
+        last = None
+        for t, tok in enumerate(bt.streams[:, s]):
+            if last is not None:
+                dist[t, s] = t - last
+            if tok >= 2 and (t == 0 or bt.streams[t - 1, s] != 1):
+                last = t
+    carry, hits, total = model.initial_carry((b,)), 0, 0
+    for i in range(bt.num_chunks):
+        ch = bt.chunk(i)
+        carry, logits = apply(params, carry, ch.inputs, ch.reset)
+        dd = dist[i * k : i * k + k]
+        dd = np.pad(dd, ((0, k - dd.shape[0]), (0, 0)), constant_values=10**6)
+        sel = (ch.inputs == 1) & ch.mask & (dd >= k + 4) & (dd < 10**6)
+        hits += int((np.argmax(logits, -1)[sel] == ch.targets[sel]).sum())
+        total += int(sel.sum())
+    assert total >= 40
+    return hits / total
+
+
+def test_carry_crossing_chunks_makes_a_long_delay_learnable(key):
+    k, b = 4, 16
+    rng = np.random.default_rng(0)
+    train_ids, test_ids = _delay_task(rng, 500, k), _delay_task(rng, 200, k)
+    model = js.models.char_lm(4, cell="lstm", layers=1, hidden=16, embed_dim=4)
+    opt = train.make_optimizer("adam", 1e-2, max_norm=1.0)
+    step = train.make_train_step(train.lm_loss_fn(model), opt, chunks_per_call=10)
+    apply = jax.jit(lambda p, c, x, r: model.apply(p, c, x, reset=r))
+    acc = {}
+    for no_carry in (False, True):
+        bt = data.StreamBatcher(train_ids, b, k, reset_every_chunk=no_carry)
+        state = train.init_state(model.init(key), opt, key, model.initial_carry((b,)))
+        for s in range(0, 300, 10):
+            state, _ = step(state, bt.stacked(s, 10))
+        acc[no_carry] = _long_query_accuracy(apply, model, state.params, test_ids, 4, k, no_carry)
+    assert step.traces == 1
+    assert acc[False] > 0.95, acc  # the carry holds the marker across chunk boundaries
+    assert acc[True] < 0.8, acc  # from zeros at every chunk: a coin flip
+
+
+def test_global_norm_clipping_caps_the_update_norm():
+    opt = train.make_optimizer("sgd", 1.0, max_norm=0.5)
+    params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
+    big = {"a": jnp.array([3.0, 0.0, 4.0]), "b": jnp.ones((2, 2))}  # norm sqrt(29)
+    upd, _ = opt.tx.update(big, opt.tx.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(upd)), 0.5, rtol=1e-6)
+    small = jax.tree_util.tree_map(lambda g: g * 0.01, big)
+    upd, _ = opt.tx.update(small, opt.tx.init(params), params)
+    np.testing.assert_allclose(float(optax.tree.norm(upd)), 0.01 * 29**0.5, rtol=1e-6)
+
+
+def test_step_reports_the_norm_before_clipping_and_the_schedule(key):
+    model = _tiny_lm()
+    params = model.init(key)
+    bt = data.StreamBatcher(np.arange(60) % 7, 2, 6)
+    opt = train.make_optimizer("adam", 1e-2, max_norm=1e-3, warmup_steps=4, total_steps=10)
+    state = train.init_state(params, opt, key, model.initial_carry((2,)))
+    step = train.make_train_step(train.lm_loss_fn(model), opt, donate=False)
+    _, m = step(state, bt.chunk(0))
+    lf = train.lm_loss_fn(model)
+    g = jax.jit(jax.grad(lambda p: lf(p, state.carry, bt.chunk(0), key)[0]))(params)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(g)), rtol=1e-5)
+    assert float(m["grad_norm"]) > 1e-3  # above max_norm: clipped, yet reported raw
+    assert float(m["lr"]) == 0.0  # warmup starts at 0
+    np.testing.assert_allclose(float(opt.schedule(4)), 1e-2, rtol=1e-6)
+    np.testing.assert_allclose(float(opt.schedule(10)), 0.0, atol=1e-9)
+
+
+def _regression():
+    cell = js.RNN(4)
+
+    def loss_fn(params, carry, chunk, key):
+        carry, ys = js.rollout(cell, params["cell"], chunk.inputs[..., None], carry)
+        pred = js.dense(params["head"], ys)[..., 0]
+        return losses.mse(pred[..., None], chunk.targets[..., None], chunk.mask), (carry, {})
+
+    def init(key):
+        k1, k2 = jax.random.split(key)
+        return {"cell": cell.init(k1, 1), "head": js.dense_init(k2, 4, 1)}
+
+    return cell, loss_fn, init
+
+
+def test_non_finite_batch_leaves_params_bit_identical(key):
+    cell, loss_fn, init = _regression()
+    opt = train.make_optimizer("adam", 1e-2)
+    state = train.init_state(init(key), opt, key, cell.initial_carry((3,)))
+    step = train.make_train_step(loss_fn, opt)
+    x = np.ones((5, 3), np.float32)
+    good = data.Chunk(x, x * 0.5, np.ones((5, 3), bool), np.zeros((5, 3), bool))
+    state, _ = step(state, good)
+    before = _copy(state)
+    bad = good._replace(inputs=np.where(np.arange(5)[:, None] == 2, np.nan, x).astype(np.float32))
+    state, m = step(state, bad)
+    assert not bool(m["finite"]) and np.isnan(float(m["loss"]))
+    assert _bits_equal(state.params, before.params)
+    assert _bits_equal(state.opt_state, before.opt_state)
+    assert _bits_equal(state.carry, before.carry)
+    assert int(state.bad_steps) == 1 and int(state.bad_streak) == 1 and int(state.step) == 2
+    state, m = step(state, good)
+    assert bool(m["finite"]) and int(state.bad_streak) == 0 and int(state.bad_steps) == 1
+    assert not _bits_equal(state.params, before.params)
+
+
+def test_fit_stops_after_consecutive_non_finite_steps(key, tmp_path):
+    model = _tiny_lm()
+    params = model.init(key)
+    params = params._replace(head=params.head._replace(b=params.head.b.at[0].set(jnp.nan)))
+    frozen = _copy(params)
+    bt = data.StreamBatcher(np.arange(70) % 7, 2, 5)
+    opt = train.make_optimizer("adam", 1e-2)
+    state = train.init_state(params, opt, key, model.initial_carry((2,)))
+    step = train.make_train_step(train.lm_loss_fn(model), opt)
+    with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
+        train.fit(step, state, bt, num_steps=20, max_bad_steps=3, out_dir=str(tmp_path), plot=False)
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["finite"] for r in recs] == [False] * 3
+    del frozen
+
+
+def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_path):
+    model = _tiny_lm()
+    bt = data.StreamBatcher(np.arange(110) % 7, 2, 6)
+    opt = train.make_optimizer("adam", 1e-2)
+    state = train.init_state(model.init(key), opt, key, model.initial_carry((2,)))
+    step = train.make_train_step(train.lm_loss_fn(model), opt, chunks_per_call=2)
+    with pytest.raises(ValueError, match=r"batch.inputs: expected rank 3 \[n=2, K, B\]"):
+        step(state, bt.chunk(0))
+    with pytest.raises(ValueError, match="state.carry is for batch"):
+        step(state, data.StreamBatcher(np.arange(110) % 7, 5, 6).stacked(0, 2))
+    with pytest.raises(ValueError, match="multiples of chunks_per_call=2"):
+        train.fit(step, state, bt, num_steps=5)
+    assert step.traces == 0  # every error came before any trace
+    ckpt = js.checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    seen = []
+    state, info = train.fit(
+        step, state, bt, num_steps=12, out_dir=str(tmp_path), checkpointer=ckpt,
+        checkpoint_every=4, eval_fn=lambda st: {"val_loss": 1.0}, eval_every=4,
+        on_step=lambda s, m: seen.append(s),
+    )  # fmt: skip
+    assert step.traces == 1 and info["steps"] == 12 and seen == list(range(1, 13))
+    recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    assert all({"loss", "grad_norm", "lr", "tokens_per_s"} <= set(r) for r in recs)
+    evals = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [4, 8, 12]
+    assert ckpt.all_steps() == [8, 12]  # keep=2
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import jax, numpy as np
+    import jaxseq as js
+
+    out, kill_at = sys.argv[1], int(sys.argv[2])
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 9, size=2000).astype(np.int32)
+    model = js.models.char_lm(9, layers=2, hidden=16, embed_dim=6, dropout_rate=0.1)
+    bt = js.data.StreamBatcher(ids, 4, 10)
+    opt = js.make_optimizer("adam", 1e-2, warmup_steps=2, total_steps=16)
+    key = jax.random.key(3)
+    state = js.train.init_state(model.init(key), opt, key, model.initial_carry((4,)))
+    ckpt = js.checkpoint.Checkpointer(os.path.join(out, "ckpt"), keep=2,
+                                      model_config=model.config(), hparams={"lr": 1e-2})
+    if ckpt.latest_step() is not None:
+        state, _ = ckpt.restore(state)
+    step = js.make_train_step(js.train.lm_loss_fn(model), opt)
+
+    def on_step(s, m):
+        if s == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    js.fit(step, state, bt, num_steps=16, out_dir=out, checkpointer=ckpt, checkpoint_every=3,
+           on_step=on_step, progress=False, plot=False)
+    """
+)
+
+
+def _run_driver(tmp_path, out, kill_at):
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, str(script), str(out), str(kill_at)], env=env, capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+
+
+def _losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(path))}
+
+
+def test_sigkill_and_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    ref = _run_driver(tmp_path, tmp_path / "ref", -1)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = _run_driver(tmp_path, tmp_path / "run", 11)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # died by SIGKILL after step 11
+    assert max(_losses(tmp_path / "run" / "metrics.jsonl")) in (10, 11)  # last line may be lost
+    resumed = _run_driver(tmp_path, tmp_path / "run", -1)  # resumes from the step-9 checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    want, got = (
+        _losses(tmp_path / "ref" / "metrics.jsonl"),
+        _losses(tmp_path / "run" / "metrics.jsonl"),
+    )
+    assert sorted(got) == list(range(1, 17))
+    assert got == want  # exact float equality, every step
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import json
+    import jax, numpy as np
+    import jaxseq as js
+
+    assert jax.device_count() == 8, jax.devices()
+    ids = np.random.default_rng(1).integers(0, 11, size=8 * 40).astype(np.int32)
+    model = js.models.char_lm(11, layers=2, hidden=8, embed_dim=4)
+    bt = js.data.StreamBatcher(ids, 8, 6)
+    opt = js.make_optimizer("adam", 1e-2)
+    out = {}
+    for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+        key = jax.random.key(0)
+        state = js.train.init_state(model.init(key), opt, key, model.initial_carry((8,)))
+        mesh = js.train.make_mesh(devices)
+        state = js.train.shard_state(state, mesh)
+        step = js.make_train_step(js.train.lm_loss_fn(model), opt)
+        ls = []
+        for s in range(8):
+            state, m = step(state, js.train.shard_batch(bt.at_step(s), mesh))
+            ls.append(float(m["loss"]))
+        out[name] = {"losses": ls, "carry_devices": len(state.carry[0].h.sharding.device_set),
+                     "w": np.asarray(state.params.head.w).ravel().tolist()}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def test_eight_simulated_devices_match_one_device(tmp_path):
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED)
+    env = dict(
+        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    )  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    np.testing.assert_allclose(res["eight"]["losses"], res["one"]["losses"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(res["eight"]["w"], res["one"]["w"], rtol=1e-5, atol=1e-5)
+    assert res["eight"]["carry_devices"] == 8 and res["one"]["carry_devices"] == 1
+
+
+def test_mesh_and_optimizer_errors():
+    with pytest.raises(ValueError, match="name: expected one of"):
+        train.make_optimizer("adagrad", 1e-3)
+    with pytest.raises(ValueError, match="total_steps: expected more than warmup_steps"):
+        train.make_optimizer("adam", 1e-3, warmup_steps=10, total_steps=5)
+    with pytest.raises(ValueError, match="weight_decay: only adamw"):
+        train.make_optimizer("adam", 1e-3, weight_decay=0.1)
+    mesh = train.make_mesh(jax.devices()[:1])
+    with pytest.raises(TypeError, match="mesh: expected a 1-D"):
+        train.shard_batch(data.StreamBatcher(np.arange(50), 2, 4).chunk(0), "mesh")
+    assert mesh.axis_names == ("data",)
