@@ -1,0 +1,172 @@
+"""Taggers, sequence classifiers and the attention encoder-decoder of jaxseq.models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+from jaxseq import models
+
+
+def _tokens(key, shape, v):
+    return jax.random.randint(key, shape, 0, v)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_tagger_sees_the_future_only_when_bidirectional(key, bidirectional):
+    tg = models.tagger(4, input_size=3, cell="gru", hidden=5, bidirectional=bidirectional)
+    params = tg.init(key)
+    xs = jax.random.normal(jax.random.fold_in(key, 1), (6, 2, 3))
+    logits = jax.jit(tg.apply)(params, xs)
+    assert logits.shape == (6, 2, 4) and logits.dtype == jnp.float32
+    # d logits[2] / d xs[t]: nonzero for t > 2 exactly when the tagger reads both directions
+    g = jax.jit(jax.grad(lambda x: jnp.sum(tg.apply(params, x)[2])))(xs)
+    future = float(jnp.abs(g[3:]).sum())
+    assert float(jnp.abs(g[:3]).sum()) > 0
+    assert (future > 0) if bidirectional else (future == 0.0)
+
+
+def test_tagger_padding_invariance(key):
+    tg = models.tagger(3, vocab_size=7, embed_dim=4, cell="lstm", hidden=6)
+    params = tg.init(key)
+    tokens = _tokens(jax.random.fold_in(key, 2), (8, 3), 7)
+    lengths = jnp.array([8, 5, 2])
+    apply = jax.jit(lambda p, x, n: tg.apply(p, x, lengths=n))
+    logits = apply(params, tokens, lengths)
+    # sequence 1 alone, unpadded: the same tags on its 5 valid steps
+    alone = jax.jit(tg.apply)(params, tokens[:5, 1:2])
+    np.testing.assert_allclose(logits[:5, 1], alone[:, 0], rtol=1e-5, atol=1e-5)
+    # junk in the padding changes nothing in the valid part (backward direction included)
+    noisy = tokens.at[5:, 1].set(6).at[2:, 2].set(0)
+    again = apply(params, noisy, lengths)
+    np.testing.assert_allclose(again[:5, 1], logits[:5, 1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again[:2, 2], logits[:2, 2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again[:, 0], logits[:, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_classifier_last_pool_matches_a_manual_rollout(key):
+    clf = models.classifier(2, input_size=3, cell="rnn", hidden=4)
+    params = clf.init(key)
+    xs = jax.random.normal(jax.random.fold_in(key, 3), (7, 2, 3))
+    lengths = jnp.array([7, 4])
+    out = jax.jit(lambda p, x, n: clf.apply(p, x, lengths=n))(params, xs, lengths)
+    assert out.shape == (2, 2)
+    cell = clf.stack.layers[0]
+    carry, _ = js.rollout(cell, params.stack[0], xs, lengths=lengths)
+    want = carry.h @ params.head.w + params.head.b[None]
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_bidirectional_last_and_mean_pool(key):
+    clf = models.classifier(3, vocab_size=5, embed_dim=4, hidden=3, bidirectional=True)
+    params = clf.init(key)
+    tokens = _tokens(jax.random.fold_in(key, 4), (6, 2), 5)
+    lengths = jnp.array([6, 3])
+    out = jax.jit(lambda p, x, n: clf.apply(p, x, lengths=n))(params, tokens, lengths)
+    alone = jax.jit(clf.apply)(params, tokens[:3, 1:2])
+    np.testing.assert_allclose(out[1], alone[0], rtol=1e-5, atol=1e-5)
+    mean_clf = models.SequenceClassifier(clf.stack, 3, vocab_size=5, embed_dim=4, pool="mean")
+    m, ys = jax.jit(
+        lambda p, x, n: (
+            mean_clf.apply(p, x, lengths=n),
+            js.stacked_rollout(clf.stack, p.stack, js.embed(p.embedding, x), lengths=n)[1],
+        )
+    )(params, tokens, lengths)
+    feat = jnp.sum(ys[:3, 1], axis=0) / 3.0
+    np.testing.assert_allclose(m[1], feat @ params.head.w + params.head.b, rtol=1e-5, atol=1e-5)
+
+
+def test_irnn_cell_kwargs_and_dropout_only_with_key(key):
+    clf = models.classifier(
+        1, input_size=2, cell="rnn", hidden=4, activation="relu", dropout_rate=0.5,
+        recurrent_init=js.initializers.identity(), bias_init=js.initializers.zeros(),
+    )  # fmt: skip
+    params = clf.init(key)
+    np.testing.assert_array_equal(params.stack[0].w_hh, np.eye(4, dtype=np.float32))
+    xs = jax.random.normal(key, (5, 3, 2))
+    apply = jax.jit(lambda p, x, k: clf.apply(p, x, key=k))
+    a, b = jax.jit(clf.apply)(params, xs), clf.apply(params, xs)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    c = apply(params, xs, jax.random.key(3))
+    assert not np.allclose(a, c)
+
+
+def test_sequence_model_bad_input(key):
+    with pytest.raises(ValueError, match="give exactly one"):
+        models.tagger(3, vocab_size=5, input_size=2)
+    with pytest.raises(ValueError, match="pool"):
+        models.classifier(2, input_size=2, pool="max")
+    tg = models.tagger(3, vocab_size=5, embed_dim=2, hidden=3)
+    params = tg.init(key)
+    with pytest.raises(TypeError, match="xs: expected an integer dtype"):
+        tg.apply(params, jnp.zeros((4, 2)))
+    with pytest.raises(ValueError, match=r"lengths: expected shape \[2\]"):
+        tg.apply(params, jnp.zeros((4, 2), jnp.int32), lengths=jnp.array([1, 2, 3]))
+    ft = models.tagger(3, input_size=2, hidden=3)
+    with pytest.raises(ValueError, match="xs: expected last dim D=2"):
+        ft.apply(ft.init(key), jnp.zeros((4, 2, 5)))
+    with pytest.raises(TypeError, match="params: expected SequenceParams"):
+        tg.apply({"w": 1}, jnp.zeros((4, 2), jnp.int32))
+
+
+@pytest.fixture
+def s2s():
+    return models.Seq2SeqAttention(6, 5, embed_dim=4, hidden=5, attention_size=3, cell="lstm")
+
+
+def test_seq2seq_teacher_forcing_equals_step_by_step(s2s, key):
+    params = s2s.init(key)
+    src = _tokens(jax.random.fold_in(key, 5), (7, 3), 6)
+    tgt_in = _tokens(jax.random.fold_in(key, 6), (4, 3), 5)
+    lengths = jnp.array([7, 4, 1])
+    logits, w = jax.jit(lambda p, s, t, n: s2s.apply(p, s, t, src_lengths=n))(
+        params, src, tgt_in, lengths
+    )
+    assert logits.shape == (4, 3, 5) and w.shape == (4, 3, 7)
+    np.testing.assert_allclose(jnp.sum(w, axis=-1), 1.0, rtol=1e-5)
+    valid = np.arange(7)[None, None, :] < np.asarray(lengths)[None, :, None]
+    assert np.all(np.asarray(w)[~np.broadcast_to(valid, w.shape)] == 0.0)
+    enc = jax.jit(s2s.encode)(params, src, lengths)
+    step = jax.jit(s2s.step)
+    carry = enc.carry
+    for t in range(4):
+        carry, lg, wt = step(params, enc, carry, tgt_in[t])
+        np.testing.assert_allclose(lg, logits[t], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(wt, w[t], rtol=1e-5, atol=1e-6)
+    # source padding is invisible: extra padded steps with junk change nothing
+    longer = jnp.concatenate([src, jnp.full((3, 3), 5, src.dtype)])
+    lg2, w2 = jax.jit(lambda p, s, t, n: s2s.apply(p, s, t, src_lengths=n))(
+        params, longer, tgt_in, lengths
+    )
+    np.testing.assert_allclose(lg2, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(w2[..., :7], w, rtol=1e-5, atol=1e-6)
+
+
+def test_seq2seq_greedy_decode_feeds_back_its_argmax(key):
+    s2s = models.Seq2SeqAttention(
+        6, 5, embed_dim=4, hidden=5, attention_size=3, bidirectional=False
+    )
+    params = s2s.init(key)
+    src = _tokens(jax.random.fold_in(key, 7), (5, 2), 6)
+    toks, w = jax.jit(lambda p, s: s2s.greedy_decode(p, s, 4, bos_id=0))(params, src)
+    assert toks.shape == (4, 2) and toks.dtype == jnp.int32 and w.shape == (4, 2, 5)
+    tgt_in = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), toks[:-1]])
+    logits, w_tf = jax.jit(s2s.apply)(params, src, tgt_in)
+    np.testing.assert_array_equal(jnp.argmax(logits, -1), toks)
+    np.testing.assert_allclose(w_tf, w, rtol=1e-5, atol=1e-6)
+
+
+def test_seq2seq_bad_input(s2s, key):
+    params = s2s.init(key)
+    src = jnp.zeros((5, 2), jnp.int32)
+    with pytest.raises(ValueError, match="tgt_in: expected batch B=2"):
+        s2s.apply(params, src, jnp.zeros((3, 4), jnp.int32))
+    with pytest.raises(ValueError, match=r"src: expected rank 2"):
+        s2s.apply(params, jnp.zeros((5,), jnp.int32), jnp.zeros((3, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"src_lengths: expected shape \[B=2\]"):
+        s2s.encode(params, src, jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="bos_id"):
+        s2s.greedy_decode(params, src, 3, bos_id=9)
+    with pytest.raises(ValueError, match="cell"):
+        models.Seq2SeqAttention(3, 3, cell="transformer")
