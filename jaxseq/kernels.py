@@ -52,7 +52,7 @@ iteration costs a fixed few microseconds of loop bookkeeping on top of its
 work, so unrolling pays when the per-step work is small and stops paying (and
 only grows compile time) once the per-step matmul dominates. The rule uses the
 per-step recurrent work ``N * H * G * H`` multiply-adds:
-``< 2**20`` -> unroll 8, ``< 2**23`` -> 2, otherwise 1; on GPU/TPU (where the
+``< 2**20`` -> unroll 4, ``< 2**23`` -> 2, otherwise 1; on GPU/TPU (where the
 loop runs on device and unrolling lets XLA fuse across steps) a flat 4.
 Sequences shorter than the factor are unrolled fully.
 """
@@ -122,7 +122,7 @@ def auto_unroll(t: int, work: int | None = None, backend: str | None = None) -> 
     if backend != "cpu":
         u = 4
     elif work is None or work < 2**20:
-        u = 8
+        u = 4
     elif work < 2**23:
         u = 2
     else:
@@ -357,24 +357,101 @@ def _split_carry(cfg, carry):
     return carry[0], (carry[1] if cfg.kind == "lstm" else None)
 
 
-def _segments(cfg, xs, v, r):
-    """Pads the time axis to a multiple of the segment and reshapes to ``[S, k, ...]``."""
+def _slice(a, start, size):
+    return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, axis=0)
+
+
+def _put(buf, part, start):
+    return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, axis=0)
+
+
+def _plan(cfg, t):
+    """Segments of a checkpointed rollout: ``S`` full ones of ``k`` steps, then ``[m, T)``."""
     k = cfg.segment
+    n_full = t // k
+    return k, n_full, n_full * k
+
+
+def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
+    """Forward keeping only the carry at each segment start (and the outputs)."""
     t = xs.shape[0]
-    s = -(-t // k)
-    pad = s * k - t
-    if pad:
-        if v is None:
-            v = jnp.ones((t,) + xs.shape[1:-1], bool)
-        xs = jnp.concatenate([xs, jnp.zeros((pad,) + xs.shape[1:], xs.dtype)], axis=0)
-        v = jnp.concatenate([v, jnp.zeros((pad,) + v.shape[1:], bool)], axis=0)
-        if r is not None:
-            r = jnp.concatenate([r, jnp.zeros((pad,) + r.shape[1:], bool)], axis=0)
+    k, n_full, m = _plan(cfg, t)
+    ys = jnp.zeros((t,) + xs.shape[1:-1] + (cfg.hidden,), h0.dtype)
 
-    def seg(a):
-        return None if a is None else a.reshape((s, k) + a.shape[1:])
+    def full_segments(hc, ys):
+        def outer(state, s):
+            hc, ys = state
+            start = s * k
+            new, ys_k, _ = _segment_forward(
+                cfg, params, _slice(xs, start, k), *hc, _slice(v, start, k), _slice(r, start, k)
+            )
+            return (new, _put(ys, ys_k, start)), hc
 
-    return seg(xs), seg(v), seg(r), pad
+        (hc, ys), starts = jax.lax.scan(outer, (hc, ys), jnp.arange(n_full), reverse=cfg.reverse)
+        return hc, ys, starts
+
+    def tail(hc, ys):
+        if m == t:
+            return hc, ys, None
+        new, ys_r, _ = _segment_forward(
+            cfg, params, xs[m:], *hc, None if v is None else v[m:], None if r is None else r[m:]
+        )
+        return new, _put(ys, ys_r, m), hc
+
+    hc = (h0, c0)
+    if cfg.reverse:
+        hc, ys, tail_start = tail(hc, ys)
+        hc, ys, starts = full_segments(hc, ys)
+    else:
+        hc, ys, starts = full_segments(hc, ys)
+        hc, ys, tail_start = tail(hc, ys)
+    return hc, ys, (starts, tail_start)
+
+
+def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
+    """Backward segment by segment, recomputing each segment's forward first."""
+    t = xs.shape[0]
+    k, n_full, m = _plan(cfg, t)
+    starts, tail_start = saved
+    acc = {
+        "w_ih": jnp.zeros(params.w_ih.shape, jnp.float32),
+        "w_hh": jnp.zeros(params.w_hh.shape, jnp.float32),
+        "b": jnp.zeros(params.b.shape, jnp.float32),
+    }
+    if cfg.kind == "gru":
+        acc["b_hn"] = jnp.zeros(params.b_hn.shape, jnp.float32)
+    dxs = jnp.zeros(xs.shape, jnp.float32)
+
+    def one(state, start, size, hs, cs):
+        dh, dc, acc, dxs = state
+        x_k, v_k, r_k = _slice(xs, start, size), _slice(v, start, size), _slice(r, start, size)
+        _, _, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
+        dh, dc, dp, dx_k = _segment_backward(
+            cfg, params, x_k, hs, cs, v_k, r_k, _slice(ys, start, size), res_k,
+            _slice(dys, start, size), dh, dc,
+        )  # fmt: skip
+        acc = {name: acc[name] + dp[name] for name in acc}
+        return dh, dc, acc, _put(dxs, dx_k, start)
+
+    def full_segments(state):
+        def outer(state, inp):
+            s, (hs, cs) = inp
+            return one(state, s * k, k, hs, cs), None
+
+        state, _ = jax.lax.scan(outer, state, (jnp.arange(n_full), starts), reverse=not cfg.reverse)
+        return state
+
+    def tail(state):
+        if m == t:
+            return state
+        return one(state, m, t - m, *tail_start)
+
+    state = (dh, dc, acc, dxs)
+    if cfg.reverse:
+        state = tail(full_segments(state))
+    else:
+        state = full_segments(tail(state))
+    return state
 
 
 def _fused_fwd(cfg: _Cfg, params, xs, carry, v, r):
@@ -382,56 +459,20 @@ def _fused_fwd(cfg: _Cfg, params, xs, carry, v, r):
     if not cfg.segment:
         (h, c), ys, res = _segment_forward(cfg, params, xs, h0, c0, v, r)
         return (h, c), ys, (params, xs, carry, v, r, ys, res)
-
-    t = xs.shape[0]
-    xs_s, v_s, r_s, _ = _segments(cfg, xs, v, r)
-
-    def outer(hc, inp):
-        x_k, v_k, r_k = inp
-        hc_new, ys_k, _ = _segment_forward(cfg, params, x_k, hc[0], hc[1], v_k, r_k)
-        return hc_new, (ys_k, hc)
-
-    (h, c), (ys_s, starts) = jax.lax.scan(outer, (h0, c0), (xs_s, v_s, r_s), reverse=cfg.reverse)
-    ys = ys_s.reshape((-1,) + ys_s.shape[2:])[:t]
-    return (h, c), ys, (params, xs, carry, v, r, ys, starts)
+    (h, c), ys, saved = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
+    return (h, c), ys, (params, xs, carry, v, r, ys, saved)
 
 
 def _fused_bwd(cfg: _Cfg, saved, cts):
     params, xs, carry, v, r, ys, extra = saved
     (dh, dc), dys = cts
     h0, c0 = _split_carry(cfg, carry)
+    dh = dh.astype(jnp.float32)
+    dc = None if dc is None else dc.astype(jnp.float32)
     if not cfg.segment:
         dh0, dc0, dp, dxs = _segment_backward(cfg, params, xs, h0, c0, v, r, ys, extra, dys, dh, dc)
     else:
-        t = xs.shape[0]
-        xs_s, v_s, r_s, pad = _segments(cfg, xs, v, r)
-        widths = ((0, pad),) + ((0, 0),) * (ys.ndim - 1)
-        ys_s = jnp.pad(ys, widths).reshape(xs_s.shape[:2] + ys.shape[1:])
-        dys_s = jnp.pad(dys, widths).reshape(ys_s.shape)
-        starts = extra
-        zeros = {
-            "w_ih": jnp.zeros(params.w_ih.shape, jnp.float32),
-            "w_hh": jnp.zeros(params.w_hh.shape, jnp.float32),
-            "b": jnp.zeros(params.b.shape, jnp.float32),
-        }
-        if cfg.kind == "gru":
-            zeros["b_hn"] = jnp.zeros(params.b_hn.shape, jnp.float32)
-
-        def outer(acc, inp):
-            dh_k, dc_k, dp_acc = acc
-            x_k, v_k, r_k, y_k, dy_k, (hs, cs) = inp
-            _, _, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
-            dh_k, dc_k, dp_k, dx_k = _segment_backward(
-                cfg, params, x_k, hs, cs, v_k, r_k, y_k, res_k, dy_k, dh_k, dc_k
-            )
-            dp_acc = {name: dp_acc[name] + dp_k[name] for name in dp_acc}
-            return (dh_k, dc_k, dp_acc), dx_k
-
-        init = (dh.astype(jnp.float32), None if dc is None else dc.astype(jnp.float32), zeros)
-        (dh0, dc0, dp), dxs_s = jax.lax.scan(
-            outer, init, (xs_s, v_s, r_s, ys_s, dys_s, starts), reverse=not cfg.reverse
-        )
-        dxs = dxs_s.reshape((-1,) + dxs_s.shape[2:])[:t]
+        dh0, dc0, dp, dxs = _ckpt_bwd(cfg, params, xs, v, r, ys, extra, dys, dh, dc)
     dparams = type(params)(**{name: dp[name].astype(getattr(params, name).dtype) for name in dp})
     dcarry = [dh0.astype(h0.dtype)]
     if cfg.kind == "lstm":
