@@ -63,7 +63,11 @@ __all__ = [
     "padding_mask",
 ]
 
-_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _acc_dtype(*xs):
+    """float32, or float64 when an input is float64 (so x64 gradient checks are exact)."""
+    return jnp.promote_types(jnp.float32, jnp.result_type(*xs))
 
 
 # -- masks ------------------------------------------------------------------------------
@@ -171,15 +175,12 @@ def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale
         _checks.check_shape("bias", bias, (tq, tk), ("Tq", "Tk"))
     if causal:
         mask = combine_masks(mask, causal_mask(tq, tk))
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    s = s * jnp.float32(_scale_of(scale, q.shape[1]))
+    acc = _acc_dtype(q, k)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
     if bias is not None:
-        s = s + bias.astype(jnp.float32)
-    if mask is None:
-        return jax.nn.softmax(s, axis=-1)
-    s = jnp.where(mask, s, _NEG)
-    w = jax.nn.softmax(s, axis=-1)
-    return jnp.where(mask, w, 0.0)
+        s = s + bias.astype(acc)
+    return _masked_softmax(s, mask)
 
 
 def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None):
@@ -199,7 +200,7 @@ def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False
     _check_qkv(q, k, v)
     w = attention_weights(q, k, mask, bias=bias, causal=causal, scale=scale)
     out = lax.dot_general(
-        w.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        w.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=_acc_dtype(v)
     )
     return out.astype(v.dtype)
 
@@ -253,7 +254,10 @@ def batched_dot_product_attention(
     def one(q1, k1, v1, m1, b1):
         w = attention_weights(q1, k1, m1, bias=b1, causal=causal, scale=scale)
         o = lax.dot_general(
-            w.astype(v1.dtype), v1, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+            w.astype(v1.dtype),
+            v1,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=_acc_dtype(v1),
         )
         return o.astype(v1.dtype), w
 
@@ -304,16 +308,16 @@ def _block_mask(i, j, *, causal, bq, bk, tk):
     return valid[None]  # [1, bq, bk]
 
 
-def _mm_qk(a, b):  # [N, x, D] x [N, y, D] -> f32[N, x, y]
-    return lax.dot_general(a, b, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+def _mm_qk(a, b, acc=jnp.float32):  # [N, x, D] x [N, y, D] -> f32[N, x, y]
+    return lax.dot_general(a, b, (((2,), (2,)), ((0,), (0,))), preferred_element_type=acc)
 
 
-def _mm_pv(p, v):  # [N, x, y] x [N, y, D] -> f32[N, x, D]
-    return lax.dot_general(p, v, (((2,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+def _mm_pv(p, v, acc=jnp.float32):  # [N, x, y] x [N, y, D] -> f32[N, x, D]
+    return lax.dot_general(p, v, (((2,), (1,)), ((0,), (0,))), preferred_element_type=acc)
 
 
-def _mm_tn(a, b):  # [N, x, y] x [N, x, D] -> f32[N, y, D]
-    return lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+def _mm_tn(a, b, acc=jnp.float32):  # [N, x, y] x [N, x, D] -> f32[N, y, D]
+    return lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
 
 
 def _pad_time(x, t_to):
@@ -331,6 +335,8 @@ def _bw_forward(q, k, v, causal, bq, bk, scale):
     qs = _pad_time((q * jnp.asarray(scale, q.dtype)).astype(q.dtype), nq * bq)
     kp, vp = _pad_time(k, nk * bk), _pad_time(v, nk * bk)
     geo = dict(causal=causal, bq=bq, bk=bk, tk=tk)
+    acc_t = _acc_dtype(q)
+    neg = float(jnp.finfo(acc_t).min)
 
     def q_block(_, i):
         qi = lax.dynamic_slice_in_dim(qs, i * bq, bq, axis=1)
@@ -340,25 +346,25 @@ def _bw_forward(q, k, v, causal, bq, bk, scale):
                 m, l, acc = state
                 kj = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
                 vj = lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
-                s = _mm_qk(qi, kj)  # [N, bq, bk]
+                s = _mm_qk(qi, kj, acc_t)  # [N, bq, bk]
                 if masked:
                     valid = _block_mask(i, j, **geo)
-                    s = jnp.where(valid, s, _NEG)
+                    s = jnp.where(valid, s, neg)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 p = jnp.exp(s - m_new[..., None])
                 if masked:
                     p = jnp.where(valid, p, 0.0)
                 corr = jnp.exp(m - m_new)
                 l = l * corr + jnp.sum(p, axis=-1)
-                acc = acc * corr[..., None] + _mm_pv(p.astype(vj.dtype), vj)
+                acc = acc * corr[..., None] + _mm_pv(p.astype(vj.dtype), vj, acc_t)
                 return m_new, l, acc
 
             return f
 
         state = (
-            jnp.full((n, bq), _NEG, jnp.float32),
-            jnp.zeros((n, bq), jnp.float32),
-            jnp.zeros((n, bq, dv), jnp.float32),
+            jnp.full((n, bq), neg, acc_t),
+            jnp.zeros((n, bq), acc_t),
+            jnp.zeros((n, bq, dv), acc_t),
         )
         n_full, n_end = _k_range(i, nk=nk, **geo)
         state = lax.fori_loop(0, n_full, body(False), state)
@@ -382,7 +388,8 @@ def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
     dv = vp.shape[2]
     nq, nk = tqp // bq, kp.shape[1] // bk
     do = _pad_time(g.astype(o.dtype), tqp)
-    delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [N, Tq]
+    acc_t = _acc_dtype(qs)
+    delta = jnp.sum(do.astype(acc_t) * o.astype(acc_t), axis=-1)  # [N, Tq]
     geo = dict(causal=causal, bq=bq, bk=bk, tk=tk)
 
     def k_block(dq, j):
@@ -396,24 +403,24 @@ def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
                 doi = lax.dynamic_slice_in_dim(do, i * bq, bq, axis=1)
                 lse_i = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=1)
                 delta_i = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=1)
-                s = _mm_qk(qi, kj)
+                s = _mm_qk(qi, kj, acc_t)
                 p = jnp.exp(s - lse_i[..., None])
                 if masked:
                     p = jnp.where(_block_mask(i, j, **geo), p, 0.0)
-                dv_j = dv_j + _mm_tn(p.astype(doi.dtype), doi)
-                dp = _mm_qk(doi, vj)
+                dv_j = dv_j + _mm_tn(p.astype(doi.dtype), doi, acc_t)
+                dp = _mm_qk(doi, vj, acc_t)
                 ds = p * (dp - delta_i[..., None])
-                dk_j = dk_j + _mm_tn(ds.astype(qi.dtype), qi)
+                dk_j = dk_j + _mm_tn(ds.astype(qi.dtype), qi, acc_t)
                 dq_i = lax.dynamic_slice_in_dim(dq, i * bq, bq, axis=1)
-                dq_i = dq_i + _mm_pv(ds.astype(kj.dtype), kj)
+                dq_i = dq_i + _mm_pv(ds.astype(kj.dtype), kj, acc_t)
                 dq = lax.dynamic_update_slice_in_dim(dq, dq_i, i * bq, axis=1)
                 return dk_j, dv_j, dq
 
             return f
 
         state = (
-            jnp.zeros((n, bk, dk), jnp.float32),
-            jnp.zeros((n, bk, dv), jnp.float32),
+            jnp.zeros((n, bk, dk), acc_t),
+            jnp.zeros((n, bk, dv), acc_t),
             dq,
         )
         start, full = _q_range(j, nq=nq, **geo)
@@ -422,7 +429,7 @@ def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
         dk_j, dv_j, dq = state
         return dq, (dk_j, dv_j)
 
-    dq, (dk, dvv) = lax.scan(k_block, jnp.zeros((n, tqp, dk), jnp.float32), jnp.arange(nk))
+    dq, (dk, dvv) = lax.scan(k_block, jnp.zeros((n, tqp, dk), acc_t), jnp.arange(nk))
     dk = jnp.moveaxis(dk, 0, 1).reshape(n, nk * bk, dk.shape[-1])[:, :tk]
     dvv = jnp.moveaxis(dvv, 0, 1).reshape(n, nk * bk, dv)[:, :tk]
     dq = (dq[:, :tq] * scale).astype(qs.dtype)
@@ -719,7 +726,7 @@ def _masked_softmax(scores, mask):
     """float32 softmax over the last axis; masked entries 0, fully masked rows all 0."""
     if mask is None:
         return jax.nn.softmax(scores, axis=-1)
-    scores = jnp.where(mask, scores, _NEG)
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
 
 

@@ -1,0 +1,428 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxseq as js
+from jaxseq import attention as att
+
+
+def _rand(key, *shapes, dtype=jnp.float32):
+    keys = jax.random.split(key, len(shapes))
+    return [jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes)]
+
+
+def _np_attention(q, k, v, mask=None, bias=None, scale=None):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.T * scale
+    if bias is not None:
+        s = s + np.asarray(bias, np.float64)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    m = np.max(s, axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    den = e.sum(-1, keepdims=True)
+    w = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+    return w @ v, w
+
+
+# -- masks ----------------------------------------------------------------------------
+
+
+def test_mask_helpers():
+    np.testing.assert_array_equal(
+        js.causal_mask(3), np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
+    )
+    assert js.causal_mask(2, 4).shape == (2, 4)
+    np.testing.assert_array_equal(
+        att.length_mask(jnp.array([0, 2]), 3), np.array([[0, 0, 0], [1, 1, 0]], bool)
+    )
+    pm = att.padding_mask(jnp.array(1), jnp.array(2), 2, 3)
+    np.testing.assert_array_equal(pm, np.array([[1, 1, 0], [0, 0, 0]], bool))
+    pm2 = att.padding_mask(None, jnp.array([1, 3]), 2, 3)
+    assert pm2.shape == (2, 2, 3) and bool(pm2[1].all()) and int(pm2[0].sum()) == 2
+    both = att.combine_masks(js.causal_mask(3), None, jnp.ones((3, 3), bool))
+    np.testing.assert_array_equal(both, js.causal_mask(3))
+    assert att.combine_masks(None) is None
+    with pytest.raises(ValueError, match=r"expected shape \[3, 3\], got bool\[3, 2\]"):
+        att.combine_masks(js.causal_mask(3), jnp.ones((3, 2), bool))
+
+
+# -- dense attention ------------------------------------------------------------------
+
+
+def test_dot_product_attention_matches_numpy(key):
+    q, k, v, b = _rand(key, (5, 8), (7, 8), (7, 3), (5, 7))
+    mask = jax.random.bernoulli(jax.random.key(1), 0.7, (5, 7)).at[:, 0].set(True)
+    out = js.dot_product_attention(q, k, v, mask, bias=b, scale=0.3)
+    ref, ref_w = _np_attention(q, k, v, np.asarray(mask), b, 0.3)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    w = att.attention_weights(q, k, mask, bias=b, scale=0.3)
+    assert w.dtype == jnp.float32
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    # causal flag == explicit causal mask; default scale is 1/sqrt(Dk)
+    out_c = js.dot_product_attention(q[:5], k[:5], v[:5], causal=True)
+    ref_c, _ = _np_attention(q[:5], k[:5], v[:5], np.tril(np.ones((5, 5), bool)))
+    np.testing.assert_allclose(out_c, ref_c, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_equals_no_jit(key):
+    q, k, v = _rand(key, (6, 4), (6, 4), (6, 4))
+    f = lambda q, k, v: js.dot_product_attention(q, k, v, causal=True)
+    np.testing.assert_allclose(jax.jit(f)(q, k, v), f(q, k, v), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_batched_equals_jax_nn(key, causal):
+    b, t, h, d = 3, 10, 2, 8
+    q, k, v = _rand(key, (b, t, h, d), (b, t, h, d), (b, t, h, d))
+    kv_len = jnp.array([10, 4, 1])
+    mask = att.padding_mask(None, kv_len, t, t)  # [B, Tq, Tk]
+    ours = jax.jit(lambda q, k, v, m: js.batched_dot_product_attention(q, k, v, m, causal=causal))
+    out = ours(q, k, v, mask)
+    ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_len)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    # query padding: rows past the query length are zeros here; valid rows agree with jax.nn
+    q_len = jnp.array([10, 6, 3])
+    mask_q = att.padding_mask(q_len, kv_len, t, t)
+    out_q = ours(q, k, v, mask_q)
+    ref_q = jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, query_seq_lengths=q_len, key_value_seq_lengths=kv_len
+    )
+    valid = np.asarray(att.length_mask(q_len, t))[:, :, None, None]
+    np.testing.assert_allclose(np.where(valid, out_q, 0), np.where(valid, ref_q, 0), atol=1e-5)
+    np.testing.assert_array_equal(np.where(valid, 0, out_q), 0)
+
+
+def test_vmap_over_batch_and_heads_equals_loops(key):
+    b, t, h, d = 2, 5, 3, 4
+    q, k, v = _rand(key, (b, t, h, d), (b, 7, h, d), (b, 7, h, 2))
+    mask = jax.random.bernoulli(jax.random.key(3), 0.6, (b, h, t, 7))
+    out, w = jax.jit(
+        lambda q, k, v, m: js.batched_dot_product_attention(q, k, v, m, return_weights=True)
+    )(q, k, v, mask)
+    assert out.shape == (b, t, h, 2) and w.shape == (b, h, t, 7)
+    one = jax.jit(js.dot_product_attention)
+    for i in range(b):
+        for j in range(h):
+            o1 = one(q[i, :, j], k[i, :, j], v[i, :, j], mask[i, j])
+            np.testing.assert_allclose(out[i, :, j], o1, rtol=1e-6, atol=1e-6)
+    # the documented vmap idiom
+    per_head = jax.vmap(js.dot_product_attention, in_axes=(1, 1, 1), out_axes=1)
+    np.testing.assert_allclose(
+        jax.vmap(per_head)(q, k, v), js.batched_dot_product_attention(q, k, v), atol=1e-6
+    )
+
+
+def test_fully_masked_rows_are_zero_in_values_and_grads(key):
+    q, k, v = _rand(key, (4, 3), (5, 3), (5, 2))
+    mask = jnp.ones((4, 5), bool).at[1].set(False).at[3].set(False)
+
+    def loss(q, k, v):
+        return jnp.sum(js.dot_product_attention(q, k, v, mask) ** 2)
+
+    out = js.dot_product_attention(q, k, v, mask)
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_array_equal(out[3], 0.0)
+    grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for g in grads:
+        assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_array_equal(grads[0][1], 0.0)
+    np.testing.assert_array_equal(grads[0][3], 0.0)
+    # every key masked: all zero, gradients zero
+    none = jnp.zeros((4, 5), bool)
+    np.testing.assert_array_equal(js.dot_product_attention(q, k, v, none), 0.0)
+    g0 = jax.grad(lambda q, k, v: js.dot_product_attention(q, k, v, none).sum(), (0, 1, 2))(q, k, v)
+    for g in g0:
+        np.testing.assert_array_equal(g, 0.0)
+
+
+def test_bfloat16_softmax_in_float32(key):
+    q, k, v = _rand(key, (6, 16), (6, 16), (6, 8))
+    ref = js.dot_product_attention(q, k, v, causal=True)
+    qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    out = js.dot_product_attention(qb, kb, vb, causal=True)
+    assert out.dtype == jnp.bfloat16
+    assert att.attention_weights(qb, kb, causal=True).dtype == jnp.float32
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+
+
+def _causality_check(fn, t, d):
+    x = jax.random.normal(jax.random.key(7), (t, d))
+    jac = jax.jit(jax.jacrev(fn))(x)  # [T, D_out, T, D]
+    jac = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [T_out, T_in]
+    future = np.triu(np.ones((t, t), bool), k=1)
+    assert (jac[future] == 0.0).all()
+    assert (jac[~future] > 0).sum() > t  # the past does influence the output
+
+
+def test_causality_by_gradients(key):
+    kq, kk, kv = _rand(key, (4, 4), (4, 4), (4, 4))
+    _causality_check(lambda x: js.dot_product_attention(x @ kq, x @ kk, x @ kv, causal=True), 9, 4)
+    _causality_check(
+        lambda x: js.blockwise_attention(x @ kq, x @ kk, x @ kv, causal=True, block_q=4, block_k=2),
+        9,
+        4,
+    )
+
+
+def test_check_grads_dense(key):
+    with jax.enable_x64(True):
+        q, k, v = (np.asarray(a, np.float64) for a in _rand(key, (4, 3), (5, 3), (5, 2)))
+        mask = np.ones((4, 5), bool)
+        mask[2, 1:] = False
+        f = lambda q, k, v: js.dot_product_attention(q, k, v, jnp.asarray(mask))
+        check_grads(jax.jit(f), (q, k, v), order=2, modes=["rev"], eps=1e-4)
+
+
+# -- blockwise ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "tq,tk,bq,bk", [(13, 13, 4, 8), (9, 14, 4, 3), (14, 9, 5, 4), (6, 6, 32, 32)]
+)
+def test_blockwise_equals_dense_values_and_grads(key, tq, tk, bq, bk):
+    """Values and all three gradients, causal and not, T not a multiple of the blocks."""
+    q, k, v, g = _rand(key, (2, tq, 8), (2, tk, 8), (2, tk, 5), (2, tq, 5))
+
+    @jax.jit
+    def both(q, k, v, g):
+        res = []
+        for causal in (False, True):
+            dense = jax.vmap(lambda q, k, v, c=causal: js.dot_product_attention(q, k, v, causal=c))
+            blk = lambda q, k, v, c=causal: js.blockwise_attention(
+                q, k, v, causal=c, block_q=bq, block_k=bk
+            )
+            for f in (dense, blk):
+                o, vjp = jax.vjp(f, q, k, v)
+                res.append((o, *vjp(g)))
+        return res
+
+    d0, b0, d1, b1 = both(q, k, v, g)
+    for dense, blk in ((d0, b0), (d1, b1)):
+        for xb, xd in zip(blk, dense):
+            np.testing.assert_allclose(xb, xd, atol=5e-6, rtol=1e-5)
+
+
+def test_blockwise_batch_dims_vmap_and_scale(key):
+    q, k, v = _rand(key, (2, 3, 10, 4), (2, 3, 10, 4), (2, 3, 10, 6))
+    out = jax.jit(
+        lambda q, k, v: js.blockwise_attention(
+            q, k, v, causal=True, block_q=4, block_k=4, scale=0.7
+        )
+    )(q, k, v)
+    assert out.shape == (2, 3, 10, 6)
+    ref = jax.jit(
+        jax.vmap(
+            jax.vmap(lambda a, b, c: js.dot_product_attention(a, b, c, causal=True, scale=0.7))
+        )
+    )(q, k, v)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    one = lambda a, b, c: js.blockwise_attention(
+        a, b, c, causal=True, block_q=4, block_k=4, scale=0.7
+    )
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.vmap(one)))(q, k, v), ref, atol=2e-6)
+    # per-example (no batch dims)
+    np.testing.assert_allclose(jax.jit(one)(q[0, 0], k[0, 0], v[0, 0]), ref[0, 0], atol=2e-6)
+
+
+def test_blockwise_bfloat16(key):
+    q, k, v = _rand(key, (12, 8), (12, 8), (12, 8))
+    ref = js.dot_product_attention(q, k, v, causal=True)
+    qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
+    out = js.blockwise_attention(qb, kb, vb, causal=True, block_q=4, block_k=4)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+    g = jax.grad(
+        lambda q: (
+            js.blockwise_attention(q, kb, vb, causal=True, block_q=4).sum().astype(jnp.float32)
+        )
+    )(qb)
+    assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
+
+
+def test_check_grads_blockwise(key):
+    with jax.enable_x64(True):
+        q, k, v = (np.asarray(a, np.float64) for a in _rand(key, (7, 3), (7, 3), (7, 2)))
+        f = lambda q, k, v: js.blockwise_attention(q, k, v, causal=True, block_q=3, block_k=2)
+        check_grads(jax.jit(f), (q, k, v), order=1, modes=["rev"], eps=1e-4)
+
+
+def test_blockwise_memory_is_blocked():
+    """The compiled program never holds a [T, T] score matrix (forward and backward)."""
+    t, d = 256, 8
+
+    def loss(q, k, v):
+        return js.blockwise_attention(q, k, v, causal=True, block_q=32, block_k=32).sum()
+
+    x = jax.ShapeDtypeStruct((t, d), jnp.float32)
+    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).as_text()
+    assert f"{t}x{t}x" not in hlo
+    dense = lambda q, k, v: js.dot_product_attention(q, k, v, causal=True).sum()
+    assert f"{t}x{t}x" in jax.jit(jax.grad(dense, (0, 1, 2))).lower(x, x, x).as_text()
+
+
+def test_blockwise_skips_masked_causal_blocks():
+    """Causal blockwise runs about half the block pairs of non-causal (counted via the loops)."""
+
+    def count(causal, nq, nk, bq, bk, tk):
+        total = 0
+        for i in range(nq):
+            n_full, n_end = att._k_range(i, causal=causal, bq=bq, bk=bk, tk=tk, nk=nk)
+            total += int(n_end)
+        return total
+
+    assert count(False, 8, 8, 16, 16, 128) == 64
+    assert count(True, 8, 8, 16, 16, 128) == 36  # 8 * 9 / 2
+    # the backward loops visit exactly the same pairs
+    nq = 8
+    pairs = sum(
+        nq - int(att._q_range(j, causal=True, bq=16, bk=16, tk=128, nq=nq)[0]) for j in range(8)
+    )
+    assert pairs == 36
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def test_shape_errors_name_expected_and_actual(key):
+    q, k, v = _rand(key, (4, 8), (5, 8), (5, 3))
+    with pytest.raises(ValueError, match=r"q: expected shape \[Tq, Dk=8\].*float32\[4, 7\]"):
+        js.dot_product_attention(q[:, :7], k, v)
+    with pytest.raises(ValueError, match=r"v: expected shape \[Tk=5, Dv\].*float32\[4, 3\]"):
+        js.dot_product_attention(q, k, v[:4])
+    with pytest.raises(ValueError, match=r"mask: expected shape \[Tq=4, Tk=5\], got bool\[5, 4\]"):
+        js.dot_product_attention(q, k, v, jnp.ones((5, 4), bool))
+    with pytest.raises(TypeError, match=r"mask: expected dtype bool"):
+        js.dot_product_attention(q, k, v, jnp.ones((4, 5)))
+    with pytest.raises(ValueError, match=r"q: expected rank 2"):
+        js.dot_product_attention(q[None], k, v)
+    with pytest.raises(ValueError, match=r"k: expected shape \[2, 'Tk', 8\].*float32\[3, 5, 8\]"):
+        js.blockwise_attention(jnp.zeros((2, 4, 8)), jnp.zeros((3, 5, 8)), jnp.zeros((3, 5, 2)))
+    with pytest.raises(ValueError, match=r"block_q: expected a positive int, got 0"):
+        js.blockwise_attention(q, k, v, block_q=0)
+    with pytest.raises(ValueError, match=r"k: expected shape \[2, 'Tk', 3, 4\]"):
+        js.batched_dot_product_attention(
+            jnp.zeros((2, 5, 3, 4)), jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4))
+        )
+
+
+# -- multi-head -----------------------------------------------------------------------
+
+
+def test_multi_head_attention_matches_manual(key):
+    p = js.multi_head_attention_init(key, 6, num_heads=2, key_size=4, value_size=3, output_size=5)
+    p = p._replace(b_q=jnp.full((2, 4), 0.1), b_o=jnp.full((5,), -0.2))
+    x = jax.random.normal(jax.random.key(1), (7, 6))
+    out, w = js.multi_head_attention(p, x, causal=True, return_weights=True)
+    assert out.shape == (7, 5) and w.shape == (2, 7, 7)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    heads = []
+    xn = np.asarray(x, np.float64)
+    for h in range(2):
+        qh = xn @ np.asarray(p.w_q[:, h]) + np.asarray(p.b_q[h])
+        kh = xn @ np.asarray(p.w_k[:, h])
+        vh = xn @ np.asarray(p.w_v[:, h])
+        o, wh = _np_attention(qh, kh, vh, np.tril(np.ones((7, 7), bool)))
+        np.testing.assert_allclose(w[h], wh, atol=1e-5)
+        heads.append(o @ np.asarray(p.w_o[h]))
+    np.testing.assert_allclose(out, sum(heads) + np.asarray(p.b_o), rtol=1e-4, atol=1e-5)
+    # blockwise path gives the same output
+    out_b = js.multi_head_attention(p, x, causal=True, blockwise=True)
+    np.testing.assert_allclose(out_b, out, atol=1e-5)
+
+
+def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
+    p = js.multi_head_attention_init(
+        key, 4, num_heads=2, key_size=3, context_size=5, use_bias=False
+    )
+    assert p.b_q is None
+    x, ctx = _rand(jax.random.key(2), (3, 4), (6, 5))
+    mask = jnp.broadcast_to(jnp.arange(6) < 4, (3, 6))
+    out, w = js.multi_head_attention(p, x, ctx, mask, return_weights=True)
+    assert out.shape == (3, 4)
+    np.testing.assert_array_equal(w[..., 4:], 0.0)
+    # padding beyond the mask does not change the result
+    ctx2 = ctx.at[4:].set(100.0)
+    np.testing.assert_allclose(js.multi_head_attention(p, x, ctx2, mask), out, atol=1e-6)
+    # dropout only with a key; deterministic given the key
+    d1 = js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
+    d2 = js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
+    np.testing.assert_array_equal(d1, d2)
+    assert not np.allclose(d1, out)
+    np.testing.assert_array_equal(js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5), out)
+    # vmap over a batch == loop
+    xb, cb = _rand(jax.random.key(4), (2, 3, 4), (2, 6, 5))
+    ob = jax.vmap(lambda a, c: js.multi_head_attention(p, a, c))(xb, cb)
+    for i in range(2):
+        np.testing.assert_allclose(ob[i], js.multi_head_attention(p, xb[i], cb[i]), atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"context: expected shape \[Tk, Dc=5\], got float32\[6, 4\]"
+    ):
+        js.multi_head_attention(p, x, ctx[:, :4])
+    with pytest.raises(ValueError, match=r"x: expected rank 2"):
+        js.multi_head_attention(p, xb, ctx)
+
+
+# -- additive / Luong -----------------------------------------------------------------
+
+
+def test_additive_attention_matches_numpy_and_masks(key):
+    p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
+    p = p._replace(b=jnp.full((5,), 0.3))
+    qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
+    ctx, w = js.additive_attention(p, qv, keys, vals, length=jnp.array(4))
+    e = np.tanh(
+        np.asarray(qv) @ np.asarray(p.w_q) + np.asarray(p.b) + np.asarray(keys) @ np.asarray(p.w_k)
+    ) @ np.asarray(p.v)
+    e = e[:4]
+    ref_w = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
+    np.testing.assert_allclose(w[:4], ref_w, rtol=1e-5)
+    np.testing.assert_array_equal(w[4:], 0.0)
+    np.testing.assert_allclose(ctx, ref_w @ np.asarray(vals[:4]), rtol=1e-5, atol=1e-6)
+    # precomputed keys and several queries at once
+    pk = att.additive_attention_keys(p, keys)
+    ctx2, w2 = js.additive_attention(
+        p, jnp.stack([qv, qv]), keys, vals, length=jnp.array(4), projected_keys=pk
+    )
+    np.testing.assert_allclose(w2[1], w, rtol=1e-6)
+    np.testing.assert_allclose(ctx2[0], ctx, rtol=1e-6)
+    # empty source: zeros, finite grads
+    c0, w0 = js.additive_attention(p, qv, keys, vals, length=jnp.array(0))
+    np.testing.assert_array_equal(w0, 0.0)
+    np.testing.assert_array_equal(c0, 0.0)
+    g = jax.grad(lambda q: js.additive_attention(p, q, keys, length=jnp.array(0))[0].sum())(qv)
+    np.testing.assert_array_equal(g, 0.0)
+    with pytest.raises(ValueError, match=r"query: expected shape \[3\], got float32\[4\]"):
+        js.additive_attention(p, jnp.zeros(4), keys)
+    with pytest.raises(
+        ValueError, match=r"keys: expected shape \[Tk=6, Dk=4\], got float32\[6, 3\]"
+    ):
+        js.additive_attention(p, qv, keys[:, :3])
+
+
+@pytest.mark.parametrize("score", ["dot", "general"])
+def test_luong_attention(key, score):
+    p = js.luong_attention_init(key, 4, 4, score=score)
+    qv, keys = _rand(jax.random.key(1), (4,), (5, 4))
+    ctx, w = js.luong_attention(p, qv, keys, length=jnp.array(3))
+    qw = np.asarray(qv) if score == "dot" else np.asarray(qv) @ np.asarray(p.w)
+    e = (np.asarray(keys) @ qw)[:3]
+    ref = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
+    np.testing.assert_allclose(w[:3], ref, rtol=1e-5)
+    np.testing.assert_array_equal(w[3:], 0.0)
+    np.testing.assert_allclose(ctx, ref @ np.asarray(keys[:3]), rtol=1e-5, atol=1e-6)
+    # batched decoder step via vmap over (query, keys, length)
+    qb, kb = _rand(jax.random.key(2), (2, 4), (2, 5, 4))
+    lens = jnp.array([5, 2])
+    cb, wb = jax.vmap(lambda q, k, n: js.luong_attention(p, q, k, length=n))(qb, kb, lens)
+    for i in range(2):
+        c1, w1 = js.luong_attention(p, qb[i], kb[i], length=lens[i])
+        np.testing.assert_allclose(wb[i], w1, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"key_size: score='dot' needs key_size == query_size"):
+        js.luong_attention_init(key, 4, 3, score="dot")
+    with pytest.raises(ValueError, match=r"mask: expected shape \[Tk=5\], got bool\[4\]"):
+        js.luong_attention(p, qv, keys, mask=jnp.ones(4, bool))

@@ -1,0 +1,83 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+
+
+def test_layer_norm_known_values():
+    p = js.layer_norm_init(4)
+    x = jnp.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
+    y = js.layer_norm(p, x)
+    ref = (x[0] - 2.5) / np.sqrt(1.25 + 1e-5)
+    np.testing.assert_allclose(y[0], ref, rtol=1e-5)
+    np.testing.assert_allclose(y[1], 0.0, atol=1e-6)  # constant row: no NaN
+    p2 = js.LayerNormParams(jnp.full((4,), 2.0), jnp.full((4,), 0.5))
+    np.testing.assert_allclose(js.layer_norm(p2, x)[0], 2 * ref + 0.5, rtol=1e-5)
+    yb = js.layer_norm(p, x.astype(jnp.bfloat16))
+    assert yb.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"x: expected last dim D=4, got float32\[2, 3\]"):
+        js.layer_norm(p, x[:, :3])
+
+
+@pytest.fixture
+def block(key):
+    return js.transformer_block_init(key, 16, num_heads=4, mlp_size=24)
+
+
+def test_block_shapes_and_pre_ln_residual(block):
+    x = jax.random.normal(jax.random.key(1), (9, 16))
+    y, w = jax.jit(lambda x: js.transformer_block(block, x, return_weights=True))(x)
+    assert y.shape == (9, 16) and w.shape == (4, 9, 9)
+    np.testing.assert_array_equal(np.triu(np.asarray(w[0]), 1), 0.0)  # causal by default
+    # with the residual branches' output weights zeroed the block is the identity
+    z = block._replace(
+        attn=block.attn._replace(w_o=jnp.zeros_like(block.attn.w_o)),
+        mlp_out=block.mlp_out._replace(w=jnp.zeros_like(block.mlp_out.w)),
+    )
+    np.testing.assert_allclose(js.transformer_block(z, x), x, atol=1e-6)
+
+
+def test_block_causality_by_gradients(block):
+    t = 7
+    x = jax.random.normal(jax.random.key(2), (t, 16))
+    jac = jax.jit(jax.jacrev(lambda x: js.transformer_block(block, x)))(x)
+    infl = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [T_out, T_in]
+    future = np.triu(np.ones((t, t), bool), k=1)
+    assert (infl[future] == 0.0).all()
+    assert (infl[~future] > 0).all()
+
+
+def test_block_vmap_time_major_length_dropout_blockwise(block):
+    xs = jax.random.normal(jax.random.key(3), (8, 2, 16))  # [T, B, D]
+    f = jax.jit(jax.vmap(lambda x: js.transformer_block(block, x), in_axes=1, out_axes=1))
+    ys = f(xs)
+    for b in range(2):
+        np.testing.assert_allclose(ys[:, b], js.transformer_block(block, xs[:, b]), atol=1e-5)
+    # length: keys past the length do not matter (causal: earlier outputs unchanged anyway;
+    # non-causal: every valid output ignores the padding)
+    x = xs[:, 0]
+    x_pad = x.at[5:].set(50.0)
+    a = js.transformer_block(block, x, length=jnp.array(5), causal=False)
+    b_ = js.transformer_block(block, x_pad, length=jnp.array(5), causal=False)
+    np.testing.assert_allclose(a[:5], b_[:5], atol=1e-5)
+    # blockwise attention path equals the dense one
+    np.testing.assert_allclose(js.transformer_block(block, x, blockwise=True), ys[:, 0], atol=1e-5)
+    # dropout only with a key
+    d1 = js.transformer_block(block, x, key=jax.random.key(0), dropout_rate=0.3)
+    assert not np.allclose(d1, ys[:, 0])
+    np.testing.assert_allclose(
+        js.transformer_block(block, x, dropout_rate=0.3), ys[:, 0], atol=1e-5
+    )
+
+
+def test_block_errors(key):
+    p = js.transformer_block_init(key, 8, num_heads=2)
+    assert p.mlp_in.w.shape == (8, 32)
+    with pytest.raises(ValueError, match=r"x: expected shape \[T, D=8\], got float32\[3, 6\]"):
+        js.transformer_block(p, jnp.zeros((3, 6)))
+    with pytest.raises(ValueError, match=r"x: expected rank 2"):
+        js.transformer_block(p, jnp.zeros((2, 3, 8)))
+    with pytest.raises(ValueError, match=r"num_heads: expected a divisor of dim=8, got 3"):
+        js.transformer_block_init(key, 8, num_heads=3)
