@@ -330,6 +330,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if "torch" in args.impls and available("torch"):
         torch_threads()  # before anything else runs, so the interop setting sticks
+    env = bh.environment()
     t0 = time.perf_counter()
     records = run(
         args.cells,
@@ -340,7 +341,6 @@ def main(argv=None) -> int:
         warmup=args.warmup,
         quiet=args.quiet,
     )
-    env = bh.environment()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
     env["repeats"] = args.repeats
     cols = columns(args.impls)
