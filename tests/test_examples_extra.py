@@ -1,0 +1,169 @@
+"""Smoke tests of the music, seq2seq, long-memory and tagging examples on tiny
+generated data (no corpora), plus checks of their data generators."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "examples", f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def music():
+    return _load("music_gen")
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    return _load("seq2seq_attention")
+
+
+@pytest.fixture(scope="module")
+def long_memory():
+    return _load("long_memory")
+
+
+@pytest.fixture(scope="module")
+def tagging():
+    return _load("tagging")
+
+
+TUNE = """X:{i}
+T:Tune number {i}
+M:6/8
+L:1/8
+K:D Major
+dAF {n}FA|dfe dcB|AFA dfa|gec d2:|!
+fga {n}ag|fed cBA|"Em"B2c d3|]"""
+
+
+def _outputs(out, names):
+    for name in names:
+        assert (out / name).exists(), name
+
+
+def test_check_abc(music):
+    good = TUNE.format(i=1, n="A")
+    assert music.check_abc(good) == []
+    assert "no K: key line" in music.check_abc("X:1\nT:a\nabc|def|")
+    assert "no X: number line first" in music.check_abc(good.replace("X:1", "X:one"))
+    assert "no T: title in the header" in music.check_abc(good.replace("T:Tune number 1", "T:"))
+    assert "no body" in music.check_abc("X:1\nT:a\nK:G")
+    assert "characters that are not ABC music" in music.check_abc(good + "\nhello, world?")
+    assert music.split_tunes("junk\n" + good + "\n\n\n" + TUNE.format(i=2, n="B")) == [
+        good,
+        TUNE.format(i=2, n="B"),
+    ]
+
+
+def test_music_gen_smoke(music, tmp_path):
+    data = tmp_path / "tunes.abc"
+    data.write_text("\n\n".join(TUNE.format(i=i, n="ABcd"[i % 4]) for i in range(1, 13)))
+    out = tmp_path / "music"
+    s = music.main(
+        ["--data", str(data), "--out", str(out), "--steps", "4", "--batch", "2", "--seq", "16",
+         "--hidden", "8", "--embed", "4", "--eval-every", "2", "--samples", "3",
+         "--sample-len", "40", "--quiet"]
+    )  # fmt: skip
+    _outputs(out, ["metrics.jsonl", "eval.jsonl", "curves.png", "samples.abc", "summary.json"])
+    assert s["steps"] == 4 and np.isfinite(s["val_loss"]) and s["samples"] == 3
+    assert 0 <= s["plausible"] <= 3 and s["train_tunes_plausible"] == 1.0
+    assert (out / "samples.abc").read_text().count("% sample") == 3
+    assert json.load(open(out / "summary.json"))["plausible"] == s["plausible"]
+    with pytest.raises(SystemExit, match="--data"):
+        music.main(["--out", str(out)])
+
+
+def test_dates_are_consistent(seq2seq):
+    rng = np.random.default_rng(0)
+    src_vocab, tgt_vocab = seq2seq.vocabularies("dates")
+    months = seq2seq.MONTHS
+    for _ in range(300):
+        src, tgt = seq2seq.date_example(rng)
+        iso = "".join(tgt)
+        y, m, d = int(iso[:4]), int(iso[5:7]), int(iso[8:])
+        assert 1950 <= y < 2030 and months[m - 1] in src
+        assert 1 <= d <= seq2seq.DAYS_IN_MONTH[m - 1]
+        words = " ".join(src)
+        assert " ".join(seq2seq.ordinal_words(d)) in words
+        assert len(src) <= 14 and src_vocab.encode(src) and tgt_vocab.encode(tgt)
+    assert seq2seq.ordinal_words(22) == ["twenty", "second"]
+    assert seq2seq.ordinal_words(30) == ["thirtieth"]
+    assert seq2seq.number_words(47) == ["forty", "seven"]
+
+
+def test_seq2seq_smoke(seq2seq, tmp_path):
+    out = tmp_path / "s2s"
+    s = seq2seq.main(
+        ["--task", "reverse", "--max-len", "4", "--steps", "3", "--batch", "4", "--hidden", "8",
+         "--embed", "4", "--attention", "4", "--test-size", "6", "--eval-every", "2",
+         "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "attention.png", "samples.txt"])
+    assert 0.0 <= s["test_seq_acc"] <= 1.0 and np.isfinite(s["test_loss"])
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in recs] == [1, 2, 3] and "test_seq_acc" in recs[1]
+
+
+def test_long_memory_generators(long_memory):
+    rng = np.random.default_rng(0)
+    xs, y = long_memory.adding_batch(rng, 5, 10)
+    assert xs.shape == (10, 5, 2) and y.shape == (5, 1)
+    np.testing.assert_array_equal(xs[..., 1].sum(0), 2.0)
+    assert np.all(xs[:5, :, 1].sum(0) == 1.0)
+    np.testing.assert_allclose((xs[..., 0] * xs[..., 1]).sum(0), y[:, 0], rtol=1e-6)
+    inp, tgt = long_memory.copy_batch(rng, 3, 7)
+    assert inp.shape == tgt.shape == (27, 3)
+    np.testing.assert_array_equal(tgt[-10:], inp[:10])
+    assert np.all(inp[16] == long_memory.DELIM) and np.all(tgt[:17] == long_memory.BLANK)
+    assert long_memory.baseline("copy", 7) == pytest.approx(10 * np.log(8) / 27)
+
+
+@pytest.mark.parametrize("task,cells", [("adding", "irnn"), ("copy", "gru")])
+def test_long_memory_smoke(long_memory, tmp_path, task, cells):
+    out = tmp_path / task
+    s = long_memory.main(
+        ["--task", task, "--T", "6", "--cells", cells, "--steps", "2", "--batch", "4",
+         "--hidden", "4", "--test-size", "8", "--eval-every", "1", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "grad_norms.png"])
+    assert list(s["cells"]) == cells.split(",")
+    for r in s["cells"].values():
+        assert np.isfinite(r["test_loss"]) and r["grad_ratio_first_last_at_init"] > 0
+    with pytest.raises(SystemExit):
+        long_memory.main(["--cells", "transformer", "--out", str(out)])
+
+
+def test_tag_sequence(tagging):
+    assert "".join(tagging.TAGS[k] for k in tagging.tag_sequence([3, 1, 3, 2, 1, 3])) == "FFRURR"
+    rng = np.random.default_rng(0)
+    tokens, tags, lengths = tagging.make_batch(rng, 6, 5, 2, 7)
+    assert tokens.shape == tags.shape == (7, 6)
+    for b, n in enumerate(lengths):
+        assert np.all(tokens[n:, b] == tagging.PAD) and np.all(tokens[:n, b] > 0)
+        np.testing.assert_array_equal(tags[:n, b], tagging.tag_sequence(tokens[:n, b]))
+
+
+def test_tagging_smoke(tagging, tmp_path):
+    out = tmp_path / "tag"
+    s = tagging.main(
+        ["--steps", "2", "--batch", "4", "--hidden", "4", "--embed", "4", "--max-len", "6",
+         "--test-size", "8", "--eval-every", "1", "--no-compare", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "predictions.txt"])
+    assert set(s["models"]) == {"bilstm"}
+    for r in s["models"].values():
+        assert 0.0 <= r["test_token_acc"] <= 1.0 and np.isfinite(r["test_loss"])
+    assert "gold" in (out / "predictions.txt").read_text()
