@@ -68,7 +68,14 @@ import numpy as np
 
 from jaxseq.cells import GRU, LSTM, RNN, add_bias, matmul_f32
 
-__all__ = ["KERNELS", "auto_unroll", "fused_rollout", "supports_fused", "under_forward_mode"]
+__all__ = [
+    "KERNELS",
+    "auto_unroll",
+    "fused_rollout",
+    "step_work",
+    "supports_fused",
+    "under_forward_mode",
+]
 
 KERNELS = ("auto", "fused", "scan")
 
@@ -558,11 +565,8 @@ def fused_rollout(
     return carry_o, ys.reshape((t, *batch_shape, hsz))
 
 
-def _np_work(cell, n: int) -> int:
-    g = {"lstm": 4, "gru": 3}.get(_kind(cell), 1)
-    return int(n) * cell.hidden_size * g * cell.hidden_size
-
-
 def step_work(cell, batch_shape) -> int:
-    """Multiply-adds of one step's recurrent matmul for ``cell`` at ``batch_shape``."""
-    return _np_work(cell, int(np.prod(batch_shape, dtype=np.int64)))
+    """Multiply-adds of one step's recurrent matmul, ``N * H * G * H``, for a built-in cell."""
+    n = int(np.prod(batch_shape, dtype=np.int64))
+    g = {"lstm": 4, "gru": 3}.get(_kind(cell), 1)
+    return n * cell.hidden_size * g * cell.hidden_size
