@@ -39,7 +39,7 @@ def corpus(tmp_path):
 def _args(corpus, out, steps):
     return [
         "--data", corpus, "--out", str(out), "--steps", str(steps), "--batch", "4", "--seq", "8",
-        "--hidden", "16", "--embed", "8", "--eval-every", "3", "--checkpoint-every", "3",
+        "--layers", "1", "--hidden", "8", "--embed", "4", "--eval-every", "3", "--checkpoint-every", "3",
         "--sample-len", "20", "--eval-streams", "4", "--dropout", "0.1", "--quiet",
     ]  # fmt: skip
 
