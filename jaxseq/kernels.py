@@ -163,9 +163,19 @@ def _dot_t(dz, w):
     )
 
 
-def _cell_forward(cfg: _Cfg, params, h, c, xp_t):
-    """One step from the (already reset) carry; returns ``(h_new, c_new, residual)``."""
+def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
+    """One step from the (already reset) carry; returns ``(h_new, c_new, residual)``.
+
+    With ``save=False`` (inference, or the forward of a checkpointed rollout)
+    nothing is kept for the backward.
+    """
     hsz = cfg.hidden
+    if cfg.kind == "lstm" and not save:
+        z = xp_t + matmul_f32(h, params.w_hh)
+        i, f, o = (jax.nn.sigmoid(z[:, k * hsz : (k + 1) * hsz]) for k in (0, 1, 3))
+        c32 = f * c.astype(jnp.float32) + i * jnp.tanh(z[:, 2 * hsz : 3 * hsz])
+        h32 = o * jnp.tanh(c32)
+        return h32.astype(h.dtype), c32.astype(c.dtype), ()
     if cfg.kind == "lstm":
         z = xp_t + matmul_f32(h, params.w_hh)
         a = jnp.concatenate(
@@ -186,10 +196,12 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t):
         hn = add_bias(hp[:, 2 * hsz :], params.b_hn)
         n = jnp.tanh(xp_t[:, 2 * hsz :] + r * hn)
         h32 = (1.0 - zg) * n + zg * h.astype(jnp.float32)
+        if not save:
+            return h32.astype(h.dtype), None, ()
         return h32.astype(h.dtype), None, (jnp.concatenate([rz, n, hn], axis=-1),)
     z = xp_t + matmul_f32(h, params.w_hh)
     h32 = jnp.tanh(z) if cfg.kind == "tanh" else jax.nn.relu(z)
-    res = () if h.dtype == jnp.float32 else (h32,)
+    res = () if h.dtype == jnp.float32 or not save else (h32,)
     return h32.astype(h.dtype), None, res
 
 
@@ -245,7 +257,7 @@ def _mask(m, x):
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
-def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r):
+def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
     """Runs the segment; returns ``((h, c), ys, residuals)``. ``xs: [S, N, D]``."""
     xp = add_bias(matmul_f32(xs, params.w_ih), params.b)
 
@@ -257,7 +269,7 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r):
             hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
             if c is not None:
                 ci = jnp.where(_mask(r_t, c), jnp.zeros_like(c), c)
-        hn, cn, res = _cell_forward(cfg, params, hi, ci, xp_t)
+        hn, cn, res = _cell_forward(cfg, params, hi, ci, xp_t, save)
         y = hn
         if v_t is not None:
             y = jnp.where(_mask(v_t, hn), hn, jnp.zeros_like(hn))
@@ -268,7 +280,11 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r):
 
     steps = xs.shape[0]
     carry, (ys, res) = jax.lax.scan(
-        body, (h0, c0), (xp, v, r), reverse=cfg.reverse, unroll=max(1, min(cfg.unroll, steps))
+        body,
+        (h0, c0),
+        (xp, v, r),
+        reverse=cfg.reverse,
+        unroll=max(1, min(cfg.unroll, steps)),
     )
     return carry, ys, res
 
@@ -379,7 +395,7 @@ def _plan(cfg, t):
     return k, n_full, n_full * k
 
 
-def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
+def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = False):
     """Forward keeping only the carry at each segment start (and the outputs)."""
     t = xs.shape[0]
     k, n_full, m = _plan(cfg, t)
@@ -390,7 +406,13 @@ def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
             hc, ys = state
             start = s * k
             new, ys_k, _ = _segment_forward(
-                cfg, params, _slice(xs, start, k), *hc, _slice(v, start, k), _slice(r, start, k)
+                cfg,
+                params,
+                _slice(xs, start, k),
+                *hc,
+                _slice(v, start, k),
+                _slice(r, start, k),
+                save=False,
             )
             return (new, _put(ys, ys_k, start)), hc
 
@@ -401,7 +423,13 @@ def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
         if m == t:
             return hc, ys, None
         new, ys_r, _ = _segment_forward(
-            cfg, params, xs[m:], *hc, None if v is None else v[m:], None if r is None else r[m:]
+            cfg,
+            params,
+            xs[m:],
+            *hc,
+            None if v is None else v[m:],
+            None if r is None else r[m:],
+            save=False,
         )
         return new, _put(ys, ys_r, m), hc
 
@@ -431,7 +459,11 @@ def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
 
     def one(state, start, size, hs, cs):
         dh, dc, acc, dxs = state
-        x_k, v_k, r_k = _slice(xs, start, size), _slice(v, start, size), _slice(r, start, size)
+        x_k, v_k, r_k = (
+            _slice(xs, start, size),
+            _slice(v, start, size),
+            _slice(r, start, size),
+        )
         _, _, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
         dh, dc, dp, dx_k = _segment_backward(
             cfg, params, x_k, hs, cs, v_k, r_k, _slice(ys, start, size), res_k,
@@ -488,7 +520,12 @@ def _fused_bwd(cfg: _Cfg, saved, cts):
 
 
 def _fused_primal(cfg: _Cfg, params, xs, carry, v, r):
-    (h, c), ys, _ = _fused_fwd(cfg, params, xs, carry, v, r)
+    """Inference: the same scan, saving nothing for a backward."""
+    h0, c0 = _split_carry(cfg, carry)
+    if cfg.segment:
+        (h, c), ys, _ = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
+    else:
+        (h, c), ys, _ = _segment_forward(cfg, params, xs, h0, c0, v, r, save=False)
     return (type(carry)(h, c) if cfg.kind == "lstm" else type(carry)(h)), ys
 
 
