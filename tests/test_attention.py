@@ -225,6 +225,15 @@ def test_blockwise_batch_dims_vmap_and_scale(key):
         a, b, c, causal=True, block_q=4, block_k=4, scale=0.7
     )
     np.testing.assert_allclose(jax.jit(jax.vmap(jax.vmap(one)))(q, k, v), ref, atol=2e-6)
+    # the flattened batch (6 rows) in chunks of 2 through a lax.map
+    chunked = jax.jit(
+        lambda q, k, v: js.blockwise_attention(
+            q, k, v, causal=True, block_q=4, block_k=4, scale=0.7, batch_chunk=2
+        )
+    )
+    np.testing.assert_allclose(chunked(q, k, v), ref, atol=2e-6)
+    with pytest.raises(ValueError, match=r"batch_chunk: expected a divisor of .* size 6, got 4"):
+        js.blockwise_attention(q, k, v, batch_chunk=4)
     # per-example (no batch dims)
     np.testing.assert_allclose(jax.jit(one)(q[0, 0], k[0, 0], v[0, 0]), ref[0, 0], atol=2e-6)
 
