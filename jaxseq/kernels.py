@@ -46,15 +46,16 @@ ordinary autodiff runs. One case cannot be detected: ``jax.jvp`` of an
 already-``jit``-ed function whose rollout uses the fused kernel; pass
 ``kernel="scan"`` there.
 
-**The ``unroll="auto"`` rule** (:func:`auto_unroll`), measured on a 2-core
-x86 CPU (AVX-512) with float32 LSTM/GRU/RNN training steps: on CPU each scan
-iteration costs a fixed few microseconds of loop bookkeeping on top of its
-work, so unrolling pays when the per-step work is small and stops paying (and
-only grows compile time) once the per-step matmul dominates. The rule uses the
-per-step recurrent work ``N * H * G * H`` multiply-adds:
-``< 2**20`` -> unroll 4, ``< 2**23`` -> 2, otherwise 1; on GPU/TPU (where the
-loop runs on device and unrolling lets XLA fuse across steps) a flat 4.
-Sequences shorter than the factor are unrolled fully.
+**The ``unroll="auto"`` rule** (:func:`auto_unroll`), from unroll sweeps of
+float32 LSTM training steps on a 2-core x86 CPU (AVX-512; re-measure with
+``python -m benchmarks.kernels --only unroll``): on CPU each scan iteration
+costs a fixed few microseconds of loop bookkeeping on top of its work, so
+unrolling pays when the per-step work is small, while compile time grows with
+the factor (about 2x from unroll 1 to 8 for a small LSTM) and large per-step
+matmuls gain nothing. The rule uses the per-step recurrent work
+``N * H * G * H`` multiply-adds: ``< 2**20`` -> unroll 4, ``< 2**23`` -> 2,
+otherwise 1; on GPU/TPU (where unrolling lets XLA fuse across steps) a flat 4.
+The factor never exceeds ``T``, and compile time stays independent of ``T``.
 """
 
 from __future__ import annotations
