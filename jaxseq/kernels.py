@@ -31,8 +31,9 @@
 Shapes: ``T`` time, ``N`` the flattened batch (``prod(*B)``), ``D`` input,
 ``H`` hidden, ``G`` gates (RNN 1, LSTM 4, GRU 3).
 
-Numerics follow the cells: matmuls accumulate in float32, the gate math and
-all cotangents inside the kernel are float32; carries keep their dtype
+Numerics follow the cells: matmuls accumulate in float32 (float64 when an
+operand is float64), the gate math and all cotangents inside the kernel use
+that accumulation dtype; carries keep their dtype
 (rounded each step exactly as :meth:`cell.recur` does), cotangents are cast
 back to the dtype of the primal they belong to.
 
@@ -67,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq.cells import GRU, LSTM, RNN, add_bias, matmul_f32
+from jaxseq.cells import GRU, LSTM, RNN, acc_dtype, add_bias, matmul_f32
 
 __all__ = [
     "KERNELS",
@@ -147,6 +148,7 @@ class _Cfg(NamedTuple):
     reverse: bool
     unroll: int
     segment: int  # 0: no rematerialisation, else checkpoint_every
+    acc: object  # accumulation dtype: float32, or float64 when an operand is float64
 
 
 def _kind(cell) -> str:
@@ -158,9 +160,9 @@ def _kind(cell) -> str:
 
 
 def _dot_t(dz, w):
-    """``dz @ w.T`` in float32: ``[..., O] x [I, O] -> [..., I]``."""
+    """``dz @ w.T`` accumulated in ``dz``'s dtype: ``[..., O] x [I, O] -> [..., I]``."""
     return jax.lax.dot_general(
-        dz, w, (((dz.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+        dz, w, (((dz.ndim - 1,), (1,)), ((), ())), preferred_element_type=dz.dtype
     )
 
 
@@ -174,7 +176,7 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
     if cfg.kind == "lstm" and not save:
         z = xp_t + matmul_f32(h, params.w_hh)
         i, f, o = (jax.nn.sigmoid(z[:, k * hsz : (k + 1) * hsz]) for k in (0, 1, 3))
-        c32 = f * c.astype(jnp.float32) + i * jnp.tanh(z[:, 2 * hsz : 3 * hsz])
+        c32 = f * c.astype(cfg.acc) + i * jnp.tanh(z[:, 2 * hsz : 3 * hsz])
         h32 = o * jnp.tanh(c32)
         return h32.astype(h.dtype), c32.astype(c.dtype), ()
     if cfg.kind == "lstm":
@@ -187,7 +189,7 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
             ],
             axis=-1,
         )
-        c32 = a[:, hsz : 2 * hsz] * c.astype(jnp.float32) + a[:, :hsz] * a[:, 2 * hsz : 3 * hsz]
+        c32 = a[:, hsz : 2 * hsz] * c.astype(cfg.acc) + a[:, :hsz] * a[:, 2 * hsz : 3 * hsz]
         h32 = a[:, 3 * hsz :] * jnp.tanh(c32)
         return h32.astype(h.dtype), c32.astype(c.dtype), (a, c32)
     if cfg.kind == "gru":
@@ -196,13 +198,13 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
         r, zg = rz[:, :hsz], rz[:, hsz:]
         hn = add_bias(hp[:, 2 * hsz :], params.b_hn)
         n = jnp.tanh(xp_t[:, 2 * hsz :] + r * hn)
-        h32 = (1.0 - zg) * n + zg * h.astype(jnp.float32)
+        h32 = (1.0 - zg) * n + zg * h.astype(cfg.acc)
         if not save:
             return h32.astype(h.dtype), None, ()
         return h32.astype(h.dtype), None, (jnp.concatenate([rz, n, hn], axis=-1),)
     z = xp_t + matmul_f32(h, params.w_hh)
     h32 = jnp.tanh(z) if cfg.kind == "tanh" else jax.nn.relu(z)
-    res = () if h.dtype == jnp.float32 or not save else (h32,)
+    res = () if h.dtype == cfg.acc or not save else (h32,)
     return h32.astype(h.dtype), None, res
 
 
@@ -237,7 +239,7 @@ def _cell_backward(cfg: _Cfg, params, res, y_t, h_in, c_in, gh, gc):
         dhp = jnp.concatenate([dpr, dpz, dpn * r], axis=-1)
         dxp = jnp.concatenate([dpr, dpz, dpn], axis=-1)
         return dxp, _dot_t(dhp, params.w_hh) + gh * zg, None
-    h32 = res[0] if res else y_t.astype(jnp.float32)
+    h32 = res[0] if res else y_t.astype(cfg.acc)
     dz = gh * (1.0 - h32 * h32) if cfg.kind == "tanh" else jnp.where(h32 > 0, gh, 0.0)
     return dz, _dot_t(dz, params.w_hh), None
 
@@ -319,13 +321,13 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     c_in = None
     if cfg.kind == "lstm":
         c_seq = res[1].astype(c0.dtype)
-        c_in = _carry_in(c_seq, c0, v, r, cfg.reverse).astype(jnp.float32)
-    h_in_loop = h_in.astype(jnp.float32) if cfg.kind == "gru" else None
+        c_in = _carry_in(c_seq, c0, v, r, cfg.reverse).astype(cfg.acc)
+    h_in_loop = h_in.astype(cfg.acc) if cfg.kind == "gru" else None
 
     def body(carry, inp):
         gh_c, gc_c = carry
         res_t, y_t, hin_t, cin_t, dy_t, v_t, r_t = inp
-        gh = gh_c + dy_t.astype(jnp.float32)
+        gh = gh_c + dy_t.astype(cfg.acc)
         gc = gc_c
         if v_t is not None:
             vm = _mask(v_t, gh)
@@ -342,14 +344,14 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
             dh_in = jnp.where(vm, dh_in, gh_c)
             if dc_in is not None:
                 dc_in = jnp.where(vm, dc_in, gc_c)
-        dh_in = dh_in.astype(h0.dtype).astype(jnp.float32)
+        dh_in = dh_in.astype(h0.dtype).astype(cfg.acc)
         if dc_in is not None:
-            dc_in = dc_in.astype(c0.dtype).astype(jnp.float32)
+            dc_in = dc_in.astype(c0.dtype).astype(cfg.acc)
         return (dh_in, dc_in), dxp
 
     steps = xs.shape[0]
     y_loop = ys if (cfg.kind in ("tanh", "relu") and not res) else None
-    init = (dh.astype(jnp.float32), None if dc is None else dc.astype(jnp.float32))
+    init = (dh.astype(cfg.acc), None if dc is None else dc.astype(cfg.acc))
     (dh0, dc0), dxp = jax.lax.scan(
         body,
         init,
@@ -360,11 +362,11 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     # Weight gradients: one matmul / reduction each over all steps of the segment.
     dhp = _recurrent_cotangent(cfg, dxp, res)
     d_w_hh = jax.lax.dot_general(
-        h_in.astype(jnp.float32), dhp, (((0, 1), (0, 1)), ((), ())),
-        preferred_element_type=jnp.float32,
+        h_in.astype(cfg.acc), dhp, (((0, 1), (0, 1)), ((), ())),
+        preferred_element_type=cfg.acc,
     )  # fmt: skip
     d_w_ih = jax.lax.dot_general(
-        xs, dxp, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+        xs, dxp, (((0, 1), (0, 1)), ((), ())), preferred_element_type=cfg.acc
     )
     d_b = jnp.sum(dxp, axis=(0, 1))
     dparams = {"w_ih": d_w_ih, "w_hh": d_w_hh, "b": d_b}
@@ -450,13 +452,13 @@ def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
     k, n_full, m = _plan(cfg, t)
     starts, tail_start = saved
     acc = {
-        "w_ih": jnp.zeros(params.w_ih.shape, jnp.float32),
-        "w_hh": jnp.zeros(params.w_hh.shape, jnp.float32),
-        "b": jnp.zeros(params.b.shape, jnp.float32),
+        "w_ih": jnp.zeros(params.w_ih.shape, cfg.acc),
+        "w_hh": jnp.zeros(params.w_hh.shape, cfg.acc),
+        "b": jnp.zeros(params.b.shape, cfg.acc),
     }
     if cfg.kind == "gru":
-        acc["b_hn"] = jnp.zeros(params.b_hn.shape, jnp.float32)
-    dxs = jnp.zeros(xs.shape, jnp.float32)
+        acc["b_hn"] = jnp.zeros(params.b_hn.shape, cfg.acc)
+    dxs = jnp.zeros(xs.shape, cfg.acc)
 
     def one(state, start, size, hs, cs):
         dh, dc, acc, dxs = state
@@ -507,8 +509,8 @@ def _fused_bwd(cfg: _Cfg, saved, cts):
     params, xs, carry, v, r, ys, extra = saved
     (dh, dc), dys = cts
     h0, c0 = _split_carry(cfg, carry)
-    dh = dh.astype(jnp.float32)
-    dc = None if dc is None else dc.astype(jnp.float32)
+    dh = dh.astype(cfg.acc)
+    dc = None if dc is None else dc.astype(cfg.acc)
     if not cfg.segment:
         dh0, dc0, dp, dxs = _segment_backward(cfg, params, xs, h0, c0, v, r, ys, extra, dys, dh, dc)
     else:
@@ -586,7 +588,8 @@ def fused_rollout(
     n = math.prod(batch_shape)
     hsz = cell.hidden_size
     seg = 0 if checkpoint_every is None or checkpoint_every >= t else int(checkpoint_every)
-    cfg = _Cfg(_kind(cell), hsz, bool(reverse), int(unroll), seg)
+    acc = acc_dtype(*jax.tree_util.tree_leaves((params, xs, carry)))
+    cfg = _Cfg(_kind(cell), hsz, bool(reverse), int(unroll), seg, jnp.dtype(acc))
 
     if t == 0:
         return carry, jnp.zeros((0, *batch_shape, hsz), carry.h.dtype)
