@@ -45,7 +45,9 @@ def test_learned(key):
     assert table.shape == (16, 4)
     assert 0.005 < float(jnp.std(table)) < 0.05
     np.testing.assert_array_equal(pos.learned(table, 5), table[:5])
-    np.testing.assert_array_equal(pos.learned(table, positions=jnp.array([3, 0])), table[jnp.array([3, 0])])
+    np.testing.assert_array_equal(
+        pos.learned(table, positions=jnp.array([3, 0])), table[jnp.array([3, 0])]
+    )
     g = jax.grad(lambda t: pos.learned(t, 3).sum())(table)
     np.testing.assert_array_equal(g[:3], 1.0)
     np.testing.assert_array_equal(g[3:], 0.0)
