@@ -189,8 +189,8 @@ def rollout(
       kernel: ``"auto"`` (default): the fused kernel of :mod:`jaxseq.kernels`
         (hoisted projection, custom VJP with one-matmul weight gradients) for
         cells whose type is exactly ``RNN``/``LSTM``/``GRU``, except under
-        forward-mode autodiff (``jax.jvp``) and for float64 operands (the
-        kernel computes in float32), which get the scan path;
+        forward-mode autodiff (``jax.jvp``), which gets the scan path (the
+        kernel accumulates in float64 when an operand is float64);
         ``"fused"``: require the fused kernel (``ValueError`` for other cells);
         ``"scan"``: always the plain ``lax.scan`` path with ordinary autodiff
         (use it for ``jax.jvp`` of an already-jitted function).
@@ -211,17 +211,8 @@ def rollout(
             f"kernel: 'fused' needs a cell of type RNN, LSTM or GRU, got {type(cell).__name__}; "
             "use kernel='auto' or 'scan'"
         )
-    # The fused kernel computes in float32; float64 work (e.g. gradient checks under x64)
-    # keeps full precision on the scan path.
-    is_f64 = any(
-        getattr(leaf, "dtype", None) == jnp.float64
-        for leaf in jax.tree_util.tree_leaves((params, xs, carry))
-    )
     use_fused = kernel == "fused" or (
-        kernel == "auto"
-        and fused_ok
-        and not is_f64
-        and not kernels.under_forward_mode(params, xs, carry)
+        kernel == "auto" and fused_ok and not kernels.under_forward_mode(params, xs, carry)
     )
     work = kernels.step_work(cell, batch_shape) if fused_ok else None
     n_unroll = resolve_unroll(unroll, t, work)
