@@ -10,8 +10,9 @@ README = (ROOT / "README.md").read_text()
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert blocks, "README has no python blocks"
+    namespace = {"__name__": "readme"}  # blocks build on each other, as a reader runs them
     for i, block in enumerate(blocks):
-        exec(compile(block, f"README.md[python block {i}]", "exec"), {"__name__": "readme"})
+        exec(compile(block, f"README.md[python block {i}]", "exec"), namespace)
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
