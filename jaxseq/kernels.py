@@ -47,16 +47,20 @@ ordinary autodiff runs. One case cannot be detected: ``jax.jvp`` of an
 already-``jit``-ed function whose rollout uses the fused kernel; pass
 ``kernel="scan"`` there.
 
-**The ``unroll="auto"`` rule** (:func:`auto_unroll`), from unroll sweeps of
-float32 LSTM training steps on a 2-core x86 CPU (AVX-512; re-measure with
-``python -m benchmarks.kernels --only unroll``): on CPU each scan iteration
-costs a fixed few microseconds of loop bookkeeping on top of its work, so
-unrolling pays when the per-step work is small, while compile time grows with
-the factor (about 2x from unroll 1 to 8 for a small LSTM) and large per-step
-matmuls gain nothing. The rule uses the per-step recurrent work
-``N * H * G * H`` multiply-adds: ``< 2**20`` -> unroll 4, ``< 2**23`` -> 2,
-otherwise 1; on GPU/TPU (where unrolling lets XLA fuse across steps) a flat 4.
-The factor never exceeds ``T``, and compile time stays independent of ``T``.
+**The ``unroll="auto"`` rule** (:func:`auto_unroll`): on CPU each scan
+iteration costs a fixed few microseconds of loop bookkeeping on top of its
+work, so unrolling pays only when the per-step work is tiny, while compile
+time grows with the factor. Measured on a 2-core x86 CPU, float32 training
+steps: LSTM ``(B, H, T) = (1, 128, 1000)``: unroll 4 is 1.4x faster than 1;
+``(32, 256, 100)``: unroll 4 is 1.2-1.4x slower; ``(16, 128, 100)`` (the
+default ``benchmarks.scan_vs_unrolled`` configuration) for RNN, LSTM and GRU:
+unroll 1 is fastest or within noise. The rule therefore uses the per-step
+recurrent work ``N * H * G * H`` multiply-adds: ``< 2**18`` -> unroll 4,
+otherwise 1; on GPU/TPU (where unrolling lets XLA fuse across steps) a flat
+4. The factor never exceeds ``T``, and compile time stays independent of
+``T``. Re-measure on other hardware with
+``python -m benchmarks.scan_vs_unrolled`` and
+``python -m benchmarks.kernels --only unroll``.
 """
 
 from __future__ import annotations
@@ -130,10 +134,8 @@ def auto_unroll(t: int, work: int | None = None, backend: str | None = None) -> 
     backend = backend or jax.default_backend()
     if backend != "cpu":
         u = 4
-    elif work is None or work < 2**20:
+    elif work is None or work < 2**18:
         u = 4
-    elif work < 2**23:
-        u = 2
     else:
         u = 1
     return max(1, min(u, t))

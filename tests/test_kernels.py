@@ -359,6 +359,7 @@ def test_unroll_values_agree(key):
 def test_auto_unroll_rule():
     assert kernels.auto_unroll(1000, 1 * 128 * 512, "cpu") == 4
     assert kernels.auto_unroll(1000, 64 * 512 * 2048, "cpu") == 1
+    assert kernels.auto_unroll(100, 16 * 128 * 512, "cpu") == 1  # scan_vs_unrolled default
     assert kernels.auto_unroll(3, 10, "cpu") == 3  # never more than T
     assert kernels.auto_unroll(0, 10, "cpu") == 1
     assert kernels.auto_unroll(100, 10, "gpu") == 4
