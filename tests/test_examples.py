@@ -1,29 +1,16 @@
 """Smoke tests of the examples on tiny generated data (no network, no corpora)."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
 from jaxseq.checkpoint import IncompatibleCheckpointError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "examples", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
-def char_lm():
-    return _load("char_lm")
+def char_lm(load_example):
+    return load_example("char_lm")
 
 
 @pytest.fixture

@@ -1,43 +1,30 @@
 """Smoke tests of the music, seq2seq, long-memory and tagging examples on tiny
 generated data (no corpora), plus checks of their data generators."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(ROOT, "examples", f"{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture(scope="module")
+def music(load_example):
+    return load_example("music_gen")
 
 
 @pytest.fixture(scope="module")
-def music():
-    return _load("music_gen")
+def seq2seq(load_example):
+    return load_example("seq2seq_attention")
 
 
 @pytest.fixture(scope="module")
-def seq2seq():
-    return _load("seq2seq_attention")
+def long_memory(load_example):
+    return load_example("long_memory")
 
 
 @pytest.fixture(scope="module")
-def long_memory():
-    return _load("long_memory")
-
-
-@pytest.fixture(scope="module")
-def tagging():
-    return _load("tagging")
+def tagging(load_example):
+    return load_example("tagging")
 
 
 TUNE = """X:{i}
