@@ -126,3 +126,15 @@ def check_tree_matches(name: str, tree, expected, what: str) -> None:
             raise ValueError(
                 f"{name}{where}: expected shape {describe(e_leaf)} for {what}, got {describe(leaf)}"
             )
+
+
+def check_lengths(lengths, batch_shape, xs):
+    """Validates ``lengths: int[*B]`` against the batch dims ``*B`` of ``xs: [T, *B, ...]``; returns an array."""
+    lengths = as_array("lengths", lengths)
+    check_integer("lengths", lengths)
+    if tuple(lengths.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"lengths: expected shape {list(batch_shape)} (the batch dims of xs "
+            f"{describe(xs)}), got {describe(lengths)}"
+        )
+    return lengths

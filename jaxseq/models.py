@@ -304,13 +304,7 @@ class _SequenceModel:
             batch_shape = tuple(xs.shape[1:-1])
             x = xs
         if lengths is not None:
-            lengths = _checks.as_array("lengths", lengths)
-            _checks.check_integer("lengths", lengths)
-            if tuple(lengths.shape) != batch_shape:
-                raise ValueError(
-                    f"lengths: expected shape {list(batch_shape)} (the batch dims of xs), "
-                    f"got {_checks.describe(lengths)}"
-                )
+            lengths = _checks.check_lengths(lengths, batch_shape, xs)
         return x, lengths
 
     def _run(self, params, xs, lengths, key):

@@ -62,13 +62,7 @@ def _prepare(cell, params, xs, carry, lengths, reset):
         _checks.check_tree_matches("carry", carry, ref, "the cell's carry")
 
     if lengths is not None:
-        lengths = _checks.as_array("lengths", lengths)
-        _checks.check_integer("lengths", lengths)
-        if tuple(lengths.shape) != batch_shape:
-            raise ValueError(
-                f"lengths: expected shape {list(batch_shape)} (the batch dims of xs "
-                f"{_checks.describe(xs)}), got {_checks.describe(lengths)}"
-            )
+        lengths = _checks.check_lengths(lengths, batch_shape, xs)
         if _is_concrete(lengths):
             lv = np.asarray(lengths)
             if lv.size and (lv.min() < 0 or lv.max() > t):
