@@ -451,13 +451,95 @@ def _blockwise_bwd(causal, bq, bk, scale, tk, res, g):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+def _rows_blocks(tq, tk, bq, causal):
+    """Static ``(r0, r1, kend)`` per query block: rows ``[r0, r1)`` see keys ``[0, kend)``."""
+    out = []
+    for r0 in range(0, tq, bq):
+        r1 = min(r0 + bq, tq)
+        out.append((r0, r1, min(r1, tk) if causal else tk))
+    return out
+
+
+def _rows_valid(r0, r1, kend):
+    q_pos = r0 + lax.broadcasted_iota(jnp.int32, (r1 - r0, kend), 0)
+    k_pos = lax.broadcasted_iota(jnp.int32, (r1 - r0, kend), 1)
+    return (q_pos >= k_pos)[None]
+
+
+def _rows_forward(q, k, v, causal, bq, scale):
+    """Query blocks unrolled, each against all the keys it can see: no online softmax.
+
+    q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv] -> (out [N, Tq, Dv], residuals).
+    """
+    tq, tk = q.shape[1], k.shape[1]
+    acc_t = _acc_dtype(q)
+    neg = float(jnp.finfo(acc_t).min)
+    qs = (q * jnp.asarray(scale, q.dtype)).astype(q.dtype)
+    outs, lses = [], []
+    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal):
+        s = _mm_qk(qs[:, r0:r1], k[:, :kend], acc_t)
+        if causal:
+            valid = _rows_valid(r0, r1, kend)
+            s = jnp.where(valid, s, neg)
+        m = jnp.max(s, axis=-1)
+        p = jnp.exp(s - m[..., None])
+        if causal:
+            p = jnp.where(valid, p, 0.0)
+        l = jnp.sum(p, axis=-1)
+        o = _mm_pv(p.astype(v.dtype), v[:, :kend], acc_t) / l[..., None]
+        outs.append(o.astype(v.dtype))
+        lses.append(m + jnp.log(l))
+    o = jnp.concatenate(outs, axis=1)
+    return o, (qs, k, v, o, jnp.concatenate(lses, axis=1))
+
+
+def _rows_backward(causal, bq, scale, res, g):
+    qs, k, v, o, lse = res
+    tq, tk = qs.shape[1], k.shape[1]
+    acc_t = _acc_dtype(qs)
+    do = g.astype(o.dtype)
+    delta = jnp.sum(do.astype(acc_t) * o.astype(acc_t), axis=-1)  # [N, Tq]
+    dq, dk, dv = [], jnp.zeros(k.shape, acc_t), jnp.zeros(v.shape, acc_t)
+    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal):
+        qi, doi = qs[:, r0:r1], do[:, r0:r1]
+        kp, vp = k[:, :kend], v[:, :kend]
+        p = jnp.exp(_mm_qk(qi, kp, acc_t) - lse[:, r0:r1, None])
+        if causal:
+            p = jnp.where(_rows_valid(r0, r1, kend), p, 0.0)
+        dv = dv.at[:, :kend].add(_mm_tn(p.astype(doi.dtype), doi, acc_t))
+        ds = p * (_mm_qk(doi, vp, acc_t) - delta[:, r0:r1, None])
+        dk = dk.at[:, :kend].add(_mm_tn(ds.astype(qi.dtype), qi, acc_t))
+        dq.append(_mm_pv(ds.astype(kp.dtype), kp, acc_t))
+    dq = jnp.concatenate(dq, axis=1) * scale
+    return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _rows(q, k, v, causal, bq, scale):
+    return _rows_forward(q, k, v, causal, bq, scale)[0]
+
+
+_rows.defvjp(
+    lambda q, k, v, causal, bq, scale: _rows_forward(q, k, v, causal, bq, scale),
+    _rows_backward,
+)
+
+# The unrolled query-block loop is used up to this many query blocks (compile time
+# grows with the count; beyond it the scan over blocks compiles once for any length).
+_ROWS_MAX_BLOCKS = 8
+
+
 # Rows of the flattened batch processed together: about this many score elements per block
 # step (512 KiB in float32), so one step's temporaries stay in the CPU cache.
 _CHUNK_ELEMS = 1 << 17
 
 
-def _default_chunk(n, bq, bk):
-    c = max(1, min(n, _CHUNK_ELEMS // (bq * bk)))
+_ROWS_CHUNK_ELEMS = 1 << 18
+
+
+def _default_chunk(n, bq, bk, method="scan"):
+    budget = _ROWS_CHUNK_ELEMS if method == "unrolled" else _CHUNK_ELEMS
+    c = max(1, min(n, budget // (bq * bk)))
     while n % c:
         c -= 1
     return c
@@ -473,6 +555,7 @@ def blockwise_attention(
     block_q: int = 128,
     block_k: int = 128,
     batch_chunk: int | None = None,
+    method: str = "auto",
 ):
     """Exact attention computed block by block with an online softmax (memory ``O(T * block)``).
 
@@ -487,6 +570,18 @@ def blockwise_attention(
     about half the work for ``Tq = Tk``. Only the blocks crossing the diagonal
     or holding padding pay for masking.
 
+    Two schedules compute the same result (``method``):
+
+    * ``"scan"``: the online softmax above; one compilation for any length.
+    * ``"unrolled"``: a Python loop over the query blocks, each attending to all
+      the keys it can see in one piece (with ``causal``, the prefix up to its
+      last row, so the masked part is still skipped; ``block_k`` is unused).
+      Memory ``O(block_q * Tk)``, larger operations and no per-block
+      rescaling: faster for short and medium lengths, but the program grows
+      with the number of query blocks.
+    * ``"auto"`` (default): ``"unrolled"`` when there are at most 8 query
+      blocks, else ``"scan"``.
+
     Args:
       q: ``[*B, Tq, Dk]``; k: ``[*B, Tk, Dk]``; v: ``[*B, Tk, Dv]``. ``*B`` are
         any leading batch dims (e.g. batch and heads), none for one example; the
@@ -498,9 +593,10 @@ def blockwise_attention(
       batch_chunk: how many rows of the flattened batch ``prod(*B)`` go through
         the blocks together (a ``lax.map`` runs over the chunks; it must divide
         the batch). Default: the largest divisor of the batch with at most
-        ``2**17 / (block_q * block_k)`` rows, so one block step's temporaries
-        fit in a CPU cache (on this kind of CPU, 1.6x faster at B=32, T=512,
-        8 heads than all rows at once).
+        ``2**17 / (block_q * block_k)`` rows (``"scan"``) or
+        ``2**18 / (block_q * Tk)`` rows (``"unrolled"``), so one block's
+        temporaries stay in the CPU caches.
+      method: ``"auto"``, ``"scan"`` or ``"unrolled"`` (see above).
 
     Returns ``[*B, Tq, Dv]`` in the dtype of ``v``.
     """
@@ -525,9 +621,13 @@ def blockwise_attention(
     bq = min(_checks.check_positive_int("block_q", block_q), tq)
     bk = min(_checks.check_positive_int("block_k", block_k), tk)
     scale = float(_scale_of(scale, dk))
+    if method not in ("auto", "scan", "unrolled"):
+        raise ValueError(f"method: expected 'auto', 'scan' or 'unrolled', got {method!r}")
+    if method == "auto":
+        method = "unrolled" if _cdiv(tq, bq) <= _ROWS_MAX_BLOCKS else "scan"
     n = math.prod(batch)
     if batch_chunk is None:
-        c = _default_chunk(n, bq, bk)
+        c = _default_chunk(n, bq, tk if method == "unrolled" else bk, method)
     else:
         c = _checks.check_positive_int("batch_chunk", batch_chunk)
         if n % c:
@@ -541,7 +641,10 @@ def blockwise_attention(
         k.reshape(n // c, c, tk, dk).astype(dtype),
         v.reshape(n // c, c, tk, dv).astype(dtype),
     )
-    run = lambda a: _blockwise(a[0], a[1], a[2], bool(causal), bq, bk, scale, tk)
+    if method == "unrolled":
+        run = lambda a: _rows(a[0], a[1], a[2], bool(causal), bq, scale)
+    else:
+        run = lambda a: _blockwise(a[0], a[1], a[2], bool(causal), bq, bk, scale, tk)
     out = run([a[0] for a in args]) if c == n else lax.map(run, args)
     return out.reshape(batch + (tq, v.shape[-1])).astype(v.dtype)
 

@@ -385,14 +385,6 @@ def _split_carry(cfg, carry):
     return carry[0], (carry[1] if cfg.kind == "lstm" else None)
 
 
-def _slice(a, start, size):
-    return None if a is None else jax.lax.dynamic_slice_in_dim(a, start, size, axis=0)
-
-
-def _put(buf, part, start):
-    return jax.lax.dynamic_update_slice_in_dim(buf, part.astype(buf.dtype), start, axis=0)
-
-
 def _plan(cfg, t):
     """Segments of a checkpointed rollout: ``S`` full ones of ``k`` steps, then ``[m, T)``."""
     k = cfg.segment
@@ -400,51 +392,51 @@ def _plan(cfg, t):
     return k, n_full, n_full * k
 
 
-def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = False):
-    """Forward keeping only the carry at each segment start (and the outputs)."""
+def _segments(a, n_full, k):
+    """``[T, ...] -> [n_full, k, ...]`` over the full segments (``None`` stays ``None``)."""
+    return None if a is None else a[: n_full * k].reshape((n_full, k) + a.shape[1:])
+
+
+def _tail(a, m):
+    return None if a is None else a[m:]
+
+
+def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
+    """Forward keeping only the carry at each segment start (and the outputs).
+
+    The segments are the ``xs`` of an outer ``lax.scan`` and their outputs its
+    stacked ``ys``: no ``[T, ...]`` buffer is threaded through the loop.
+    """
     t = xs.shape[0]
     k, n_full, m = _plan(cfg, t)
-    ys = jnp.zeros((t,) + xs.shape[1:-1] + (cfg.hidden,), h0.dtype)
 
-    def full_segments(hc, ys):
-        def outer(state, s):
-            hc, ys = state
-            start = s * k
-            new, ys_k, _ = _segment_forward(
-                cfg,
-                params,
-                _slice(xs, start, k),
-                *hc,
-                _slice(v, start, k),
-                _slice(r, start, k),
-                save=False,
-            )
-            return (new, _put(ys, ys_k, start)), hc
+    def outer(hc, inp):
+        x_k, v_k, r_k = inp
+        new, ys_k, _ = _segment_forward(cfg, params, x_k, *hc, v_k, r_k, save=False)
+        return new, (ys_k, hc)
 
-        (hc, ys), starts = jax.lax.scan(outer, (hc, ys), jnp.arange(n_full), reverse=cfg.reverse)
-        return hc, ys, starts
+    def full_segments(hc):
+        seg = (_segments(xs, n_full, k), _segments(v, n_full, k), _segments(r, n_full, k))
+        hc, (ys, starts) = jax.lax.scan(outer, hc, seg, reverse=cfg.reverse)
+        return hc, ys.reshape((m,) + ys.shape[2:]), starts
 
-    def tail(hc, ys):
+    def tail(hc):
         if m == t:
-            return hc, ys, None
+            return hc, None, None
         new, ys_r, _ = _segment_forward(
-            cfg,
-            params,
-            xs[m:],
-            *hc,
-            None if v is None else v[m:],
-            None if r is None else r[m:],
-            save=False,
+            cfg, params, xs[m:], *hc, _tail(v, m), _tail(r, m), save=False
         )
-        return new, _put(ys, ys_r, m), hc
+        return new, ys_r, hc
 
     hc = (h0, c0)
     if cfg.reverse:
-        hc, ys, tail_start = tail(hc, ys)
-        hc, ys, starts = full_segments(hc, ys)
+        hc, ys_tail, tail_start = tail(hc)
+        hc, ys, starts = full_segments(hc)
     else:
-        hc, ys, starts = full_segments(hc, ys)
-        hc, ys, tail_start = tail(hc, ys)
+        hc, ys, starts = full_segments(hc)
+        hc, ys_tail, tail_start = tail(hc)
+    if ys_tail is not None:
+        ys = jnp.concatenate([ys, ys_tail], axis=0)
     return hc, ys, (starts, tail_start)
 
 
@@ -460,42 +452,41 @@ def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
     }
     if cfg.kind == "gru":
         acc["b_hn"] = jnp.zeros(params.b_hn.shape, cfg.acc)
-    dxs = jnp.zeros(xs.shape, cfg.acc)
 
-    def one(state, start, size, hs, cs):
-        dh, dc, acc, dxs = state
-        x_k, v_k, r_k = (
-            _slice(xs, start, size),
-            _slice(v, start, size),
-            _slice(r, start, size),
-        )
+    def one(state, x_k, v_k, r_k, ys_k, dys_k, hs, cs):
+        dh, dc, acc = state
         _, _, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
         dh, dc, dp, dx_k = _segment_backward(
-            cfg, params, x_k, hs, cs, v_k, r_k, _slice(ys, start, size), res_k,
-            _slice(dys, start, size), dh, dc,
-        )  # fmt: skip
+            cfg, params, x_k, hs, cs, v_k, r_k, ys_k, res_k, dys_k, dh, dc
+        )
         acc = {name: acc[name] + dp[name] for name in acc}
-        return dh, dc, acc, _put(dxs, dx_k, start)
+        return (dh, dc, acc), dx_k
 
     def full_segments(state):
         def outer(state, inp):
-            s, (hs, cs) = inp
-            return one(state, s * k, k, hs, cs), None
+            *seq, (hs, cs) = inp
+            return one(state, *seq, hs, cs)
 
-        state, _ = jax.lax.scan(outer, state, (jnp.arange(n_full), starts), reverse=not cfg.reverse)
-        return state
+        seg = tuple(_segments(a, n_full, k) for a in (xs, v, r, ys, dys))
+        state, dx = jax.lax.scan(outer, state, (*seg, starts), reverse=not cfg.reverse)
+        return state, dx.reshape((m,) + dx.shape[2:])
 
     def tail(state):
         if m == t:
-            return state
-        return one(state, m, t - m, *tail_start)
+            return state, None
+        seq = (xs[m:], _tail(v, m), _tail(r, m), ys[m:], dys[m:])
+        return one(state, *seq, *tail_start)
 
-    state = (dh, dc, acc, dxs)
+    state = (dh, dc, acc)
     if cfg.reverse:
-        state = tail(full_segments(state))
+        state, dx = full_segments(state)
+        state, dx_tail = tail(state)
     else:
-        state = full_segments(tail(state))
-    return state
+        state, dx_tail = tail(state)
+        state, dx = full_segments(state)
+    if dx_tail is not None:
+        dx = jnp.concatenate([dx, dx_tail], axis=0)
+    return (*state, dx)
 
 
 def _fused_fwd(cfg: _Cfg, params, xs, carry, v, r):

@@ -184,10 +184,11 @@ def test_check_grads_dense(key):
 # -- blockwise ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
 @pytest.mark.parametrize(
     "tq,tk,bq,bk", [(13, 13, 4, 8), (9, 14, 4, 3), (14, 9, 5, 4), (6, 6, 32, 32)]
 )
-def test_blockwise_equals_dense_values_and_grads(key, tq, tk, bq, bk):
+def test_blockwise_equals_dense_values_and_grads(key, tq, tk, bq, bk, method):
     """Values and all three gradients, causal and not, T not a multiple of the blocks."""
     q, k, v, g = _rand(key, (2, tq, 8), (2, tk, 8), (2, tk, 5), (2, tq, 5))
 
@@ -197,7 +198,7 @@ def test_blockwise_equals_dense_values_and_grads(key, tq, tk, bq, bk):
         for causal in (False, True):
             dense = jax.vmap(lambda q, k, v, c=causal: js.dot_product_attention(q, k, v, causal=c))
             blk = lambda q, k, v, c=causal: js.blockwise_attention(
-                q, k, v, causal=c, block_q=bq, block_k=bk
+                q, k, v, causal=c, block_q=bq, block_k=bk, method=method
             )
             for f in (dense, blk):
                 o, vjp = jax.vjp(f, q, k, v)
@@ -256,19 +257,25 @@ def test_blockwise_bfloat16(key):
     assert g.dtype == jnp.bfloat16 and np.isfinite(np.asarray(g, np.float32)).all()
 
 
-def test_check_grads_blockwise(key):
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
+def test_check_grads_blockwise(key, method):
     with jax.enable_x64(True):
         q, k, v = (np.asarray(a, np.float64) for a in _rand(key, (7, 3), (7, 3), (7, 2)))
-        f = lambda q, k, v: js.blockwise_attention(q, k, v, causal=True, block_q=3, block_k=2)
+        f = lambda q, k, v: js.blockwise_attention(
+            q, k, v, causal=True, block_q=3, block_k=2, method=method
+        )
         check_grads(jax.jit(f), (q, k, v), order=1, modes=["rev"], eps=1e-4)
 
 
-def test_blockwise_memory_is_blocked():
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
+def test_blockwise_memory_is_blocked(method):
     """The compiled program never holds a [T, T] score matrix (forward and backward)."""
     t, d = 256, 8
 
     def loss(q, k, v):
-        return js.blockwise_attention(q, k, v, causal=True, block_q=32, block_k=32).sum()
+        return js.blockwise_attention(
+            q, k, v, causal=True, block_q=32, block_k=32, method=method
+        ).sum()
 
     x = jax.ShapeDtypeStruct((t, d), jnp.float32)
     hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).as_text()
@@ -297,6 +304,23 @@ def test_blockwise_skips_masked_causal_blocks():
     assert pairs == 36
 
 
+def test_blockwise_unrolled_skips_masked_keys():
+    """The unrolled schedule scores each query block only against the keys it can see."""
+    t, b = 96, 32
+    x = jax.ShapeDtypeStruct((t, 8), jnp.float32)
+
+    def loss(q, k, v):
+        return js.blockwise_attention(q, k, v, causal=True, block_q=b, method="unrolled").sum()
+
+    hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).as_text()
+    for end in (32, 64, 96):
+        assert f"tensor<1x{b}x{end}xf32>" in hlo
+    # without causal every block sees all keys
+    full = lambda q, k, v: js.blockwise_attention(q, k, v, block_q=b, method="unrolled").sum()
+    hlo = jax.jit(jax.grad(full, (0, 1, 2))).lower(x, x, x).as_text()
+    assert f"tensor<1x{b}x32xf32>" not in hlo and f"tensor<1x{b}x96xf32>" in hlo
+
+
 # -- errors ---------------------------------------------------------------------------
 
 
@@ -316,6 +340,8 @@ def test_shape_errors_name_expected_and_actual(key):
         js.blockwise_attention(jnp.zeros((2, 4, 8)), jnp.zeros((3, 5, 8)), jnp.zeros((3, 5, 2)))
     with pytest.raises(ValueError, match=r"block_q: expected a positive int, got 0"):
         js.blockwise_attention(q, k, v, block_q=0)
+    with pytest.raises(ValueError, match=r"method: expected 'auto', 'scan' or 'unrolled'"):
+        js.blockwise_attention(q, k, v, method="flash")
     with pytest.raises(ValueError, match=r"k: expected shape \[2, 'Tk', 3, 4\]"):
         js.batched_dot_product_attention(
             jnp.zeros((2, 5, 3, 4)), jnp.zeros((2, 5, 2, 4)), jnp.zeros((2, 5, 2, 4))
