@@ -58,6 +58,7 @@ def _einsum_attention(q, k, v):
 
 
 def _contenders(block_q, block_k):
+    """name -> attention on ``[B, T, K, D]`` inputs (the layout of ``jax.nn``)."""
     return {
         "xla_jax_nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
         "vmap_js": lambda q, k, v: js.batched_dot_product_attention(q, k, v, causal=True),
@@ -68,6 +69,13 @@ def _contenders(block_q, block_k):
             )
         ),
     }
+
+
+# Contenders also fed in their own layout, ``[B, K, T, D]`` (heads as a leading batch
+# dim, as ``blockwise_attention`` takes them), so no transposes are timed; their
+# gradients are swapped back to ``[B, T, K, D]`` only for the comparison. The
+# ``*_from_btkd`` row times the same function with the transposes from jax.nn's layout.
+NATIVE_BKTD = {"blockwise_js": "blockwise_js_from_btkd"}
 
 
 def _fwd_bwd(attn):
@@ -98,12 +106,20 @@ def part_target(args, records):
     max_diff_masked = float(jnp.max(jnp.abs(ours(q, kk, v) - ref(q, kk, v))))
     calls, info = {}, {}
     outs = {}
-    for name, attn in H.progress(
-        _contenders(args.block, args.block).items(), "compile", quiet=args.quiet
-    ):
-        call, info[name] = H.compile_jitted(_fwd_bwd(attn), q, kk, v, g)
+    native = [np.ascontiguousarray(np.asarray(_swap(a))) for a in (q, kk, v, g)]
+    contenders = []
+    for name, attn in _contenders(args.block, args.block).items():
+        if name in NATIVE_BKTD:  # the same function timed on [B, T, K, D] (with transposes)
+            contenders.append((NATIVE_BKTD[name], attn, (q, kk, v, g), False))
+            inner = lambda q, k, v, a=attn: _swap(a(_swap(q), _swap(k), _swap(v)))
+            contenders.append((name, inner, [jnp.asarray(a) for a in native], True))
+        else:
+            contenders.append((name, attn, (q, kk, v, g), False))
+    for name, attn, inputs, swapped in H.progress(contenders, "compile", quiet=args.quiet):
+        call, info[name] = H.compile_jitted(_fwd_bwd(attn), *inputs)
         calls[name] = call
-        outs[name] = call()
+        out = call()
+        outs[name] = tuple(_swap(o) for o in out) if swapped else out
     timings = H.time_interleaved(calls, repeats=args.repeats, warmup=1, info=info)
     base = timings["xla_jax_nn"]["median_s"]
     for name, rec in timings.items():
@@ -118,12 +134,13 @@ def part_target(args, records):
                 "T": t,
                 "heads": k,
                 "d": d,
-                "block": args.block if name == "blockwise_js" else None,
+                "layout": "B,K,T,D" if name in NATIVE_BKTD else "B,T,K,D",
+                "block": args.block if name.startswith("blockwise_js") else None,
                 **rec,
                 "speedup_vs_xla": base / rec["median_s"],
                 "max_grad_diff_vs_xla": grad_diff,
                 "max_out_diff_vs_xla_masked": max_diff_masked if name == "vmap_js" else None,
-                "matmul_gflops": _matmul_flops(b, t, k, d, name == "blockwise_js")
+                "matmul_gflops": _matmul_flops(b, t, k, d, name.startswith("blockwise_js"))
                 / rec["median_s"]
                 / 1e9,
             }
@@ -282,6 +299,7 @@ def main(argv=None):
     cols = [
         "part",
         "impl",
+        "layout",
         "B",
         "T",
         "heads",
