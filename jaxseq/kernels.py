@@ -392,9 +392,10 @@ def _plan(cfg, t):
     return k, n_full, n_full * k
 
 
-def _segments(a, n_full, k):
-    """``[T, ...] -> [n_full, k, ...]`` over the full segments (``None`` stays ``None``)."""
-    return None if a is None else a[: n_full * k].reshape((n_full, k) + a.shape[1:])
+def _segment(a, s, k):
+    """Segment ``s`` (``k`` steps) of ``a: [T, ...]``, sliced inside the loop so the
+    full-segment prefix of ``a`` is never copied out (``None`` stays ``None``)."""
+    return None if a is None else jax.lax.dynamic_slice_in_dim(a, s * k, k, axis=0)
 
 
 def _tail(a, m):
@@ -404,20 +405,19 @@ def _tail(a, m):
 def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
     """Forward keeping only the carry at each segment start (and the outputs).
 
-    The segments are the ``xs`` of an outer ``lax.scan`` and their outputs its
-    stacked ``ys``: no ``[T, ...]`` buffer is threaded through the loop.
+    An outer ``lax.scan`` over the segments slices its inputs and stacks its
+    outputs: no ``[T, ...]`` buffer is threaded through (and copied by) the loop.
     """
     t = xs.shape[0]
     k, n_full, m = _plan(cfg, t)
 
-    def outer(hc, inp):
-        x_k, v_k, r_k = inp
+    def outer(hc, s):
+        x_k, v_k, r_k = (_segment(a, s, k) for a in (xs, v, r))
         new, ys_k, _ = _segment_forward(cfg, params, x_k, *hc, v_k, r_k, save=False)
         return new, (ys_k, hc)
 
     def full_segments(hc):
-        seg = (_segments(xs, n_full, k), _segments(v, n_full, k), _segments(r, n_full, k))
-        hc, (ys, starts) = jax.lax.scan(outer, hc, seg, reverse=cfg.reverse)
+        hc, (ys, starts) = jax.lax.scan(outer, hc, jnp.arange(n_full), reverse=cfg.reverse)
         return hc, ys.reshape((m,) + ys.shape[2:]), starts
 
     def tail(hc):
@@ -464,11 +464,12 @@ def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
 
     def full_segments(state):
         def outer(state, inp):
-            *seq, (hs, cs) = inp
-            return one(state, *seq, hs, cs)
+            s, (hs, cs) = inp
+            return one(state, *(_segment(a, s, k) for a in (xs, v, r, ys, dys)), hs, cs)
 
-        seg = tuple(_segments(a, n_full, k) for a in (xs, v, r, ys, dys))
-        state, dx = jax.lax.scan(outer, state, (*seg, starts), reverse=not cfg.reverse)
+        state, dx = jax.lax.scan(
+            outer, state, (jnp.arange(n_full), starts), reverse=not cfg.reverse
+        )
         return state, dx.reshape((m,) + dx.shape[2:])
 
     def tail(state):
