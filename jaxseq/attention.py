@@ -557,7 +557,7 @@ def blockwise_attention(
     batch_chunk: int | None = None,
     method: str = "auto",
 ):
-    """Exact attention computed block by block with an online softmax (memory ``O(T * block)``).
+    """Exact attention computed block by block, never forming ``[Tq, Tk]`` (memory ``O(T * block)``).
 
     Same result as :func:`dot_product_attention` (without ``mask``/``bias``),
     but the ``[Tq, Tk]`` score matrix is never formed: a ``lax.scan`` runs over
