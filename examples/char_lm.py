@@ -39,7 +39,7 @@ SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 # Settings that define a run: a resumed run must agree on them (or pass --override).
 HPARAMS = (
     "model", "layers", "hidden", "embed", "batch", "seq", "steps", "optimizer", "lr",
-    "warmup", "schedule", "final_lr", "clip", "weight_decay", "dropout", "seed",
+    "warmup", "schedule", "final_lr", "clip", "weight_decay", "dropout", "variational_dropout", "seed",
     "no_carry", "chunks_per_call", "train_fraction",
 )  # fmt: skip
 
@@ -64,6 +64,11 @@ def parse_args(argv=None):
         type=float,
         default=0.0,
         help="dropout on embeddings, between layers and before the head",
+    )
+    m.add_argument(
+        "--variational-dropout",
+        action="store_true",
+        help="one dropout mask per stream and chunk, shared by its K steps",
     )
     t = p.add_argument_group("training")
     t.add_argument("--batch", type=int, default=32, help="B, parallel streams")
@@ -132,6 +137,7 @@ def main(argv=None) -> dict:
     model = js.models.char_lm(
         vocab.size, cell=args.model, layers=args.layers, hidden=args.hidden,
         embed_dim=args.embed, dropout_rate=args.dropout,
+        variational_dropout=args.variational_dropout,
     )  # fmt: skip
     # data first: bad sizes fail here, before anything compiles
     batcher = js.data.StreamBatcher(

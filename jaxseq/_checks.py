@@ -92,6 +92,23 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_axes(name: str, axes, ndim: int) -> frozenset:
+    """Normalises an int or a sequence of ints naming axes of an ``ndim``-array."""
+    items = (axes,) if isinstance(axes, int) else axes
+    try:
+        items = tuple(items)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or a sequence of ints, got {axes!r}") from None
+    out = set()
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, int):
+            raise TypeError(f"{name}: expected ints, got {a!r} in {axes!r}")
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}: axis {a} is out of range for an array of rank {ndim}")
+        out.add(a % ndim)
+    return frozenset(out)
+
+
 def check_choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")

@@ -116,11 +116,14 @@ class Stack:
         (sizes must agree there).
       dropout_rate: dropout on the outputs of every layer but the last, applied
         only when :func:`stacked_rollout` gets a ``key``.
+      variational_dropout: one dropout mask per sequence, shared by all time steps
+        (Gal and Ghahramani 2016), instead of a fresh mask at every step.
     """
 
     layers: tuple
     residual: bool = False
     dropout_rate: float = 0.0
+    variational_dropout: bool = False
 
     def __post_init__(self):
         layers = tuple(self.layers) if isinstance(self.layers, Sequence) else None
@@ -186,23 +189,37 @@ def stacked_rollout(
         if stack.residual and i > 0:
             y = y + h.astype(y.dtype)
         if use_dropout and i < n - 1:
-            y = dropout(keys[i], y, stack.dropout_rate)
+            y = dropout(keys[i], y, stack.dropout_rate, shared_axes=_time_axes(stack))
         carries.append(c)
         h = y
     return tuple(carries), h
 
 
+def _time_axes(module) -> tuple:
+    """The axes a dropout mask is shared along: time (axis 0) for variational dropout."""
+    return (0,) if module.variational_dropout else ()
+
+
 # -- small pieces ---------------------------------------------------------------------
 
 
-def dropout(key, x, rate: float):
-    """Inverted dropout: zeroes a fraction ``rate`` of ``x`` and scales the rest by 1/(1-rate)."""
+def dropout(key, x, rate: float, *, shared_axes=()):
+    """Inverted dropout: zeroes a fraction ``rate`` of ``x`` and scales the rest by 1/(1-rate).
+
+    ``shared_axes``: axes along which one mask is reused. ``shared_axes=(0,)`` on a
+    time-major ``[T, *B, D]`` sequence drops the same units at every step
+    (variational or "locked" dropout, Gal and Ghahramani 2016), and draws T times
+    fewer random numbers.
+    """
     if not 0.0 <= float(rate) < 1.0:
         raise ValueError(f"rate: expected a value in [0, 1), got {rate!r}")
     if rate == 0.0:
         return x
     _checks.check_key("key", key)
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    x = _checks.as_array("x", x)
+    axes = _checks.check_axes("shared_axes", shared_axes, x.ndim)
+    mask_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 

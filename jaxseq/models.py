@@ -67,6 +67,8 @@ class LanguageModel:
       dropout_rate: dropout on the embeddings and on the last layer's outputs
         (before the head); like the stack's, it is on only when ``apply`` gets a ``key``.
       unroll: the ``lax.scan`` unroll passed to the rollouts.
+      variational_dropout: share each dropout mask over the time axis (one mask per
+        sequence and chunk, as the stack's ``variational_dropout``).
     """
 
     vocab_size: int
@@ -74,6 +76,7 @@ class LanguageModel:
     stack: Stack
     dropout_rate: float = 0.0
     unroll: Any = 1
+    variational_dropout: bool = False
 
     def __post_init__(self):
         _checks.check_positive_int("vocab_size", self.vocab_size)
@@ -112,6 +115,8 @@ class LanguageModel:
             "residual": bool(self.stack.residual),
             "stack_dropout": float(self.stack.dropout_rate),
             "dropout_rate": float(self.dropout_rate),
+            "variational_dropout": bool(self.variational_dropout),
+            "stack_variational_dropout": bool(self.stack.variational_dropout),
         }
 
     def check_tokens(self, tokens, name: str = "tokens"):
@@ -151,13 +156,14 @@ class LanguageModel:
         if carry is None:
             carry = self.initial_carry(batch_shape)
         use_dropout = key is not None and self.dropout_rate > 0.0
+        shared = (0,) if self.variational_dropout else ()  # time axis: one mask per chunk
         k_in = k_stack = k_out = None
         if key is not None:
             _checks.check_key("key", key)
             k_in, k_stack, k_out = jax.random.split(key, 3)
         x = embed(params.embedding, tokens)
         if use_dropout:
-            x = dropout(k_in, x, self.dropout_rate)
+            x = dropout(k_in, x, self.dropout_rate, shared_axes=shared)
         carry, h = stacked_rollout(
             self.stack,
             params.stack,
@@ -169,7 +175,7 @@ class LanguageModel:
             unroll=self.unroll,
         )
         if use_dropout:
-            h = dropout(k_out, h, self.dropout_rate)
+            h = dropout(k_out, h, self.dropout_rate, shared_axes=shared)
         logits = dense(params.head, h).astype(jnp.float32)
         return carry, logits
 
@@ -183,12 +189,14 @@ def char_lm(
     embed_dim: int = 128,
     dropout_rate: float = 0.0,
     layer_dropout: float | None = None,
+    variational_dropout: bool = False,
     unroll: Any = 1,
 ) -> LanguageModel:
     """A character language model: ``layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
 
     ``dropout_rate`` applies to the embeddings and the head input;
-    ``layer_dropout`` (default: ``dropout_rate``) between the recurrent layers.
+    ``layer_dropout`` (default: ``dropout_rate``) between the recurrent layers;
+    ``variational_dropout`` shares every mask over time (one per stream and chunk).
     """
     _checks.check_choice("cell", cell, tuple(CELLS))
     n = _checks.check_positive_int("layers", layers)
@@ -198,9 +206,10 @@ def char_lm(
     return LanguageModel(
         vocab_size,
         embed_dim,
-        Stack(cells, dropout_rate=ld),
+        Stack(cells, dropout_rate=ld, variational_dropout=variational_dropout),
         dropout_rate=dropout_rate,
         unroll=unroll,
+        variational_dropout=variational_dropout,
     )
 
 

@@ -104,6 +104,35 @@ def test_dropout_statistics(key):
         js.dropout(key, x, 1.0)
 
 
+def test_variational_dropout_shares_the_mask_over_time(key):
+    x = jnp.ones((7, 300, 40))
+    y = np.asarray(js.dropout(key, x, 0.25, shared_axes=(0,)))
+    kept = y != 0
+    np.testing.assert_array_equal(kept, np.broadcast_to(kept[:1], kept.shape))  # same every step
+    assert abs(kept[0].mean() - 0.75) < 0.02
+    np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-5)
+    # negative axes count from the end; an empty tuple is plain dropout
+    np.testing.assert_array_equal(js.dropout(key, x, 0.25, shared_axes=-3), y)
+    np.testing.assert_array_equal(
+        js.dropout(key, x, 0.25, shared_axes=()), js.dropout(key, x, 0.25)
+    )
+    with pytest.raises(
+        ValueError, match="shared_axes: axis 3 is out of range for an array of rank 3"
+    ):
+        js.dropout(key, x, 0.25, shared_axes=(3,))
+    with pytest.raises(TypeError, match="shared_axes: expected ints, got 0.5"):
+        js.dropout(key, x, 0.25, shared_axes=(0.5,))
+    # a stack with variational dropout drops the same units of layer 1's output at every step
+    stack = js.Stack([js.RNN(H), js.RNN(H)], dropout_rate=0.5, variational_dropout=True)
+    p = stack.init(key, D)
+    xs, _ = _data(key)
+    _, y1 = js.stacked_rollout(stack, p, xs, key=jax.random.key(1))
+    _, h1 = js.rollout(stack.layers[0], p[0], xs)
+    k0 = jax.random.split(jax.random.key(1), 1)[0]
+    _, want = js.rollout(stack.layers[1], p[1], js.dropout(k0, h1, 0.5, shared_axes=(0,)))
+    np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
+
+
 def test_stack_under_jit_and_grad(key):
     stack = js.Stack([js.LSTM(H), js.Bidirectional(js.LSTM(H))], dropout_rate=0.1)
     p = stack.init(key, D)

@@ -43,6 +43,26 @@ def test_reset_lengths_and_dropout(lm, key):
     assert not np.allclose(d1, d2) and not np.allclose(d1, full)
 
 
+def test_variational_dropout_masks_embeddings_and_head_input_once_per_sequence(key):
+    lm = models.char_lm(6, layers=1, hidden=5, embed_dim=3, dropout_rate=0.5,
+                        variational_dropout=True)  # fmt: skip
+    assert lm.stack.variational_dropout and lm.config()["variational_dropout"]
+    params = lm.init(key)
+    # the same masks, drawn by hand with the keys apply splits from its key
+    tokens = jnp.zeros((9, 4), jnp.int32)
+    k = jax.random.key(3)
+    k_in, _, k_out = jax.random.split(k, 3)
+    x = js.dropout(k_in, js.embed(params.embedding, tokens), 0.5, shared_axes=(0,))
+    _, h = js.rollout(lm.stack.layers[0], params.stack[0], x)
+    want = js.dense(params.head, js.dropout(k_out, h, 0.5, shared_axes=(0,)))
+    _, got = lm.apply(params, None, tokens, key=k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    _, plain = models.char_lm(6, layers=1, hidden=5, embed_dim=3, dropout_rate=0.5).apply(
+        params, None, tokens, key=k
+    )
+    assert not np.allclose(plain, got)
+
+
 def test_vocab_and_config_errors(lm, key):
     params = lm.init(key)
     other = models.char_lm(7, cell="gru", layers=2, hidden=5, embed_dim=3)
