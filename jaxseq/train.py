@@ -99,6 +99,7 @@ def make_optimizer(
     total_steps: int | None = None,
     final_lr_ratio: float = 0.0,
     weight_decay: float = 0.0,
+    decay_biases: bool = False,
     momentum: float = 0.0,
     b1: float = 0.9,
     b2: float = 0.999,
@@ -113,7 +114,9 @@ def make_optimizer(
       warmup_steps: linear warmup from 0 to ``learning_rate`` over this many steps.
       total_steps: when given, cosine decay to ``final_lr_ratio * learning_rate``
         at ``total_steps`` (after the warmup); when None, constant after warmup.
-      weight_decay: decoupled weight decay (adamw only).
+      weight_decay: decoupled weight decay (adamw only), on the weight matrices and
+        embeddings (leaves with 2 or more dimensions); biases (the LSTM forget-gate
+        bias among them) and other vectors are not decayed unless ``decay_biases``.
       momentum: for sgd (0: plain) and rmsprop.
       b1, b2, eps: Adam/AdamW moments.
     """
@@ -146,13 +149,19 @@ def make_optimizer(
     if name == "adam":
         base = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
     elif name == "adamw":
-        base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        mask = None if decay_biases else _matrices_mask
+        base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
     elif name == "sgd":
         base = optax.sgd(schedule, momentum=momentum or None)
     else:
         base = optax.rmsprop(schedule, momentum=momentum)
     parts = [] if max_norm is None else [optax.clip_by_global_norm(float(max_norm))]
     return Optimizer(optax.chain(*parts, base), schedule, max_norm)
+
+
+def _matrices_mask(params):
+    """True for the leaves weight decay applies to: those with at least 2 dimensions."""
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) >= 2, params)
 
 
 # -- state ----------------------------------------------------------------------------

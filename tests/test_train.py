@@ -369,6 +369,20 @@ def test_eight_simulated_devices_match_one_device(tmp_path):
     assert res["eight"]["carry_devices"] == 8 and res["one"]["carry_devices"] == 1
 
 
+def test_adamw_decays_matrices_not_biases():
+    params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4), "emb": jnp.ones((5, 2))}
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for decay_biases, want_b in ((False, 1.0), (True, 1.0 - 0.1 * 0.5)):
+        tx = train.make_optimizer(
+            "adamw", 0.1, weight_decay=0.5, max_norm=None, decay_biases=decay_biases
+        ).tx
+        upd, _ = tx.update(zeros, tx.init(params), params)
+        new = optax.apply_updates(params, upd)
+        np.testing.assert_allclose(new["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)
+        np.testing.assert_allclose(new["emb"], 1.0 - 0.1 * 0.5, rtol=1e-6)
+        np.testing.assert_allclose(new["b"], want_b, rtol=1e-6)
+
+
 def test_mesh_and_optimizer_errors():
     with pytest.raises(ValueError, match="name: expected one of"):
         train.make_optimizer("adagrad", 1e-3)
