@@ -168,6 +168,22 @@ def _dot_t(dz, w):
     )
 
 
+def _lstm_gates(z, hsz):
+    """LSTM gate activations ``[sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]`` of ``z: [N, 4H]``.
+
+    Computed as ONE ``tanh`` over the whole contiguous ``z`` with
+    ``sigmoid(x) = (1 + tanh(x / 2)) / 2``: ``a = s * tanh(s * z) + (1 - s)``,
+    ``s = 1/2`` on the sigmoid columns and 1 on the ``g`` columns. Inside a scan
+    step XLA:CPU runs a transcendental of column slices of ``z`` about 4x slower
+    than one over the whole row (``benchmarks.kernels --only gates``); the two
+    forms agree to float32 rounding (the sigmoid form is not more accurate near
+    0, where both are within ``2**-24`` absolute of the exact value).
+    """
+    col = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
+    s = jnp.where((col >= 2 * hsz) & (col < 3 * hsz), 1.0, 0.5).astype(z.dtype)
+    return s * jnp.tanh(s * z) + (1.0 - s)
+
+
 def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
     """One step from the (already reset) carry; returns ``(h_new, c_new, residual)``.
 
@@ -175,25 +191,11 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
     nothing is kept for the backward.
     """
     hsz = cfg.hidden
-    if cfg.kind == "lstm" and not save:
-        z = xp_t + matmul_f32(h, params.w_hh)
-        i, f, o = (jax.nn.sigmoid(z[:, k * hsz : (k + 1) * hsz]) for k in (0, 1, 3))
-        c32 = f * c.astype(cfg.acc) + i * jnp.tanh(z[:, 2 * hsz : 3 * hsz])
-        h32 = o * jnp.tanh(c32)
-        return h32.astype(h.dtype), c32.astype(c.dtype), ()
     if cfg.kind == "lstm":
-        z = xp_t + matmul_f32(h, params.w_hh)
-        a = jnp.concatenate(
-            [
-                jax.nn.sigmoid(z[:, : 2 * hsz]),
-                jnp.tanh(z[:, 2 * hsz : 3 * hsz]),
-                jax.nn.sigmoid(z[:, 3 * hsz :]),
-            ],
-            axis=-1,
-        )
+        a = _lstm_gates(xp_t + matmul_f32(h, params.w_hh), hsz)
         c32 = a[:, hsz : 2 * hsz] * c.astype(cfg.acc) + a[:, :hsz] * a[:, 2 * hsz : 3 * hsz]
         h32 = a[:, 3 * hsz :] * jnp.tanh(c32)
-        return h32.astype(h.dtype), c32.astype(c.dtype), (a, c32)
+        return h32.astype(h.dtype), c32.astype(c.dtype), ((a, c32) if save else ())
     if cfg.kind == "gru":
         hp = matmul_f32(h, params.w_hh)
         rz = jax.nn.sigmoid(xp_t[:, : 2 * hsz] + hp[:, : 2 * hsz])
@@ -222,15 +224,13 @@ def _cell_backward(cfg: _Cfg, params, res, y_t, h_in, c_in, gh, gc):
         i, f, g, o = (a[:, k * hsz : (k + 1) * hsz] for k in range(4))
         tc = jnp.tanh(c32)
         dc = gc + gh * o * (1.0 - tc * tc)
-        dz = jnp.concatenate(
-            [
-                dc * g * i * (1.0 - i),
-                dc * c_in * f * (1.0 - f),
-                dc * i * (1.0 - g * g),
-                gh * tc * o * (1.0 - o),
-            ],
-            axis=-1,
-        )
+        # Whole-row form (see _lstm_gates): the activation derivative is
+        # a(1 - a) on the sigmoid columns and 1 - a^2 on the g columns.
+        col = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1)
+        da = jnp.where((col >= 2 * hsz) & (col < 3 * hsz), 1.0, a) - a * a
+        outer = jnp.concatenate([dc, dc, dc, gh], axis=-1)
+        inner = jnp.concatenate([g, c_in, i, tc], axis=-1)
+        dz = outer * inner * da
         return dz, _dot_t(dz, params.w_hh), dc * f
     if cfg.kind == "gru":
         (a,) = res
