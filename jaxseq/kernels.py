@@ -197,15 +197,20 @@ def _cell_forward(cfg: _Cfg, params, h, c, xp_t, save: bool = True):
         h32 = a[:, 3 * hsz :] * jnp.tanh(c32)
         return h32.astype(h.dtype), c32.astype(c.dtype), ((a, c32) if save else ())
     if cfg.kind == "gru":
+        # Whole-row transcendentals (see _lstm_gates): r and z come from one tanh
+        # over all 3H columns of xp + hp, n from one tanh over all 3H columns of
+        # xp + r * (hp + b_hn) tiled three times (only its last H columns are used).
         hp = matmul_f32(h, params.w_hh)
-        rz = jax.nn.sigmoid(xp_t[:, : 2 * hsz] + hp[:, : 2 * hsz])
-        r, zg = rz[:, :hsz], rz[:, hsz:]
-        hn = add_bias(hp[:, 2 * hsz :], params.b_hn)
-        n = jnp.tanh(xp_t[:, 2 * hsz :] + r * hn)
+        rz = 0.5 * jnp.tanh(0.5 * (xp_t + hp)) + 0.5
+        r, zg = rz[:, :hsz], rz[:, hsz : 2 * hsz]
+        hn3 = add_bias(hp, jnp.concatenate([params.b_hn] * 3))
+        n = jnp.tanh(xp_t + jnp.concatenate([r, r, r], axis=-1) * hn3)[:, 2 * hsz :]
+        hn = hn3[:, 2 * hsz :]
+        rz = rz[:, : 2 * hsz]
         h32 = (1.0 - zg) * n + zg * h.astype(cfg.acc)
         if not save:
             return h32.astype(h.dtype), None, ()
-        return h32.astype(h.dtype), None, (jnp.concatenate([rz, n, hn], axis=-1),)
+        return h32.astype(h.dtype), None, (rz, n, hn)
     z = xp_t + matmul_f32(h, params.w_hh)
     h32 = jnp.tanh(z) if cfg.kind == "tanh" else jax.nn.relu(z)
     res = () if h.dtype == cfg.acc or not save else (h32,)
@@ -233,8 +238,8 @@ def _cell_backward(cfg: _Cfg, params, res, y_t, h_in, c_in, gh, gc):
         dz = outer * inner * da
         return dz, _dot_t(dz, params.w_hh), dc * f
     if cfg.kind == "gru":
-        (a,) = res
-        r, zg, n, hn = (a[:, k * hsz : (k + 1) * hsz] for k in range(4))
+        rz, n, hn = res
+        r, zg = rz[:, :hsz], rz[:, hsz:]
         dpn = gh * (1.0 - zg) * (1.0 - n * n)
         dpr = dpn * hn * r * (1.0 - r)
         dpz = gh * (h_in - n) * zg * (1.0 - zg)
@@ -264,11 +269,14 @@ def _mask(m, x):
 
 def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
     """Runs the segment; returns ``((h, c), ys, residuals)``. ``xs: [S, N, D]``."""
-    xp = add_bias(matmul_f32(xs, params.w_ih), params.b)
+    # The bias is added inside the step (where it fuses into the gate math for
+    # free) rather than to the whole [S, N, G*H] projection (one more pass over it).
+    xp = matmul_f32(xs, params.w_ih)
 
     def body(carry, inp):
         h, c = carry
         xp_t, v_t, r_t = inp
+        xp_t = add_bias(xp_t, params.b)
         hi, ci = h, c
         if r_t is not None:
             hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
