@@ -18,6 +18,11 @@ forward + backward of ``sum(ys**2)`` w.r.t. the parameters, float32):
 * ``unroll`` -- the measurement behind ``unroll="auto"``: the fused training
   step at unroll 1, 2, 4, 8 for the three configurations (median time and
   compile time).
+* ``gates`` -- why the kernels compute gate activations over whole rows: a
+  100-step scan of only the LSTM / GRU gate math (pre-activations given),
+  written with ``sigmoid``/``tanh`` of column slices (the textbook form, as in
+  ``LSTM.recur``) against the kernels' whole-row form (one ``tanh`` over all
+  ``G*H`` columns), and the same math over all steps at once without a loop.
 
 Every comparison is timed side by side in one process, interleaved (one call
 of each contender per round), median of ``--repeats``.
@@ -31,6 +36,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -282,10 +288,102 @@ def bench_unroll(unrolls=(1, 2, 4, 8), repeats=10, quiet=False):
     return records
 
 
+# ----------------------------------------------------------------------------- gates
+
+
+def _gate_forms(cell_name, hidden):
+    """``(slices, whole_row)`` step functions ``(zs, h, c) -> (h, c)``.
+
+    ``zs``: LSTM ``(z,)`` with ``z = xp + h W_hh: [N, 4H]``; GRU ``(xp, hp)``, each ``[N, 3H]``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxseq import kernels
+
+    hs = hidden
+    if cell_name == "lstm":
+
+        def slices(zs, h, c):
+            (z,) = zs
+            i, f, g, o = (z[:, k * hs : (k + 1) * hs] for k in range(4))
+            c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+            return jax.nn.sigmoid(o) * jnp.tanh(c), c
+
+        def whole_row(zs, h, c):
+            (z,) = zs
+            a = kernels._lstm_gates(z, hs)
+            c = a[:, hs : 2 * hs] * c + a[:, :hs] * a[:, 2 * hs : 3 * hs]
+            return a[:, 3 * hs :] * jnp.tanh(c), c
+
+        return slices, whole_row
+
+    def slices(zs, h, c):
+        xp, hp = zs
+        r = jax.nn.sigmoid(xp[:, :hs] + hp[:, :hs])
+        u = jax.nn.sigmoid(xp[:, hs : 2 * hs] + hp[:, hs : 2 * hs])
+        n = jnp.tanh(xp[:, 2 * hs :] + r * hp[:, 2 * hs :])
+        return (1.0 - u) * n + u * h, c
+
+    def whole_row(zs, h, c):
+        xp, hp = zs
+        ru = 0.5 * jnp.tanh(0.5 * (xp + hp)) + 0.5
+        r, u = ru[:, :hs], ru[:, hs : 2 * hs]
+        n = jnp.tanh(xp + jnp.concatenate([r, r, r], axis=-1) * hp)[:, 2 * hs :]
+        return (1.0 - u) * n + u * h, c
+
+    return slices, whole_row
+
+
+def _gates_in_scan(form, hidden, zs):
+    import jax
+    import jax.numpy as jnp
+
+    def body(hc, z):
+        h, c = hc
+        # h feeds the next step's pre-activations: a true recurrence
+        h, c = form((z[0] + h[:, :1],) + z[1:], h, c)
+        return (h, c), h
+
+    h0 = jnp.zeros((zs[0].shape[1], hidden), zs[0].dtype)
+    return jax.lax.scan(body, (h0, h0), zs)[1]
+
+
+def _gates_no_loop(form, hidden, zs):
+    z = tuple(a.reshape(-1, a.shape[-1]) for a in zs)
+    return form(z, z[0][:, :hidden], z[0][:, hidden : 2 * hidden])[0]
+
+
+def bench_gates(configs=((32, 256, 100), (64, 512, 100)), repeats=10, quiet=False):
+    import jax
+
+    records = []
+    for cell_name in bh.progress(("lstm", "gru"), "gates", quiet=quiet):
+        for batch, hidden, steps in configs:
+            width = (4 if cell_name == "lstm" else 3) * hidden
+            keys = jax.random.split(jax.random.key(0), 2 if cell_name == "gru" else 1)
+            zs = tuple(jax.random.normal(k, (steps, batch, width)) for k in keys)
+            calls, info = {}, {}
+            for name, form in zip(("slices", "whole_row"), _gate_forms(cell_name, hidden)):
+                in_scan = functools.partial(_gates_in_scan, form, hidden)
+                no_loop = functools.partial(_gates_no_loop, form, hidden)
+                calls[f"{name}_in_scan"], info[f"{name}_in_scan"] = bh.compile_jitted(in_scan, zs)
+                calls[f"{name}_no_loop"], info[f"{name}_no_loop"] = bh.compile_jitted(no_loop, zs)
+            res = bh.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
+            rec = {"question": "gates", "cell": cell_name, "B": batch, "H": hidden, "T": steps}
+            for name, r in res.items():
+                rec[f"{name}_ms"] = r["median_s"] * 1e3
+            rec["slices_over_whole_row_in_scan"] = (
+                res["slices_in_scan"]["median_s"] / res["whole_row_in_scan"]["median_s"]
+            )
+            records.append(rec)
+    return records
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="results", help="output directory (default: results)")
-    p.add_argument("--only", default="compile,memory,profile,unroll", help="comma list")
+    p.add_argument("--only", default="compile,memory,profile,unroll,gates", help="comma list")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per contender")
     p.add_argument("--quick", action="store_true", help="smaller memory run (T=2000), 5 repeats")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -308,6 +406,8 @@ def main(argv=None) -> int:
         records += bench_profile(repeats=repeats, quiet=args.quiet)
     if "unroll" in only:
         records += bench_unroll(repeats=repeats, quiet=args.quiet)
+    if "gates" in only:
+        records += bench_gates(repeats=repeats, quiet=args.quiet)
     if "memory" in only:
         steps = 2000 if args.quick else 10000
         records += bench_memory(steps=steps, repeats=3, quiet=args.quiet)

@@ -168,16 +168,23 @@ def _dot_t(dz, w):
     )
 
 
+# Rows * hidden from which the LSTM backward step uses the whole-row form. Measured
+# (training step, same process): N=1, H=128 slices 22 vs whole-row 27 ms; N=2, H=128
+# level; N=1, H=512 level; N=4, H=128 34 vs 30 ms; N=32, H=256 145 vs 134 ms.
+_WHOLE_ROW_MIN = 512
+
+
 def _lstm_gates(z, hsz):
     """LSTM gate activations ``[sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)]`` of ``z: [N, 4H]``.
 
     Computed as ONE ``tanh`` over the whole contiguous ``z`` with
     ``sigmoid(x) = (1 + tanh(x / 2)) / 2``: ``a = s * tanh(s * z) + (1 - s)``,
     ``s = 1/2`` on the sigmoid columns and 1 on the ``g`` columns. Inside a scan
-    step XLA:CPU runs a transcendental of column slices of ``z`` about 4x slower
-    than one over the whole row (``benchmarks.kernels --only gates``); the two
-    forms agree to float32 rounding (the sigmoid form is not more accurate near
-    0, where both are within ``2**-24`` absolute of the exact value).
+    step XLA:CPU runs transcendentals of column slices of ``z`` several times
+    slower than one over the whole row (``python -m benchmarks.kernels --only
+    gates``). The result equals the sigmoid to within float32 rounding in
+    absolute terms (a few ``1e-8``); for very negative inputs, where the exact
+    sigmoid is below that, it may round to 0.
     """
     col = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1)
     s = jnp.where((col >= 2 * hsz) & (col < 3 * hsz), 1.0, 0.5).astype(z.dtype)
@@ -229,13 +236,24 @@ def _cell_backward(cfg: _Cfg, params, res, y_t, h_in, c_in, gh, gc):
         i, f, g, o = (a[:, k * hsz : (k + 1) * hsz] for k in range(4))
         tc = jnp.tanh(c32)
         dc = gc + gh * o * (1.0 - tc * tc)
-        # Whole-row form (see _lstm_gates): the activation derivative is
-        # a(1 - a) on the sigmoid columns and 1 - a^2 on the g columns.
-        col = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1)
-        da = jnp.where((col >= 2 * hsz) & (col < 3 * hsz), 1.0, a) - a * a
-        outer = jnp.concatenate([dc, dc, dc, gh], axis=-1)
-        inner = jnp.concatenate([g, c_in, i, tc], axis=-1)
-        dz = outer * inner * da
+        if gh.shape[0] * hsz >= _WHOLE_ROW_MIN:
+            # Whole-row form (see _lstm_gates): the activation derivative is
+            # a(1 - a) on the sigmoid columns and 1 - a^2 on the g columns.
+            col = jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1)
+            da = jnp.where((col >= 2 * hsz) & (col < 3 * hsz), 1.0, a) - a * a
+            outer = jnp.concatenate([dc, dc, dc, gh], axis=-1)
+            inner = jnp.concatenate([g, c_in, i, tc], axis=-1)
+            dz = outer * inner * da
+        else:  # tiny steps: fewer ops per step beat vector-friendly ones
+            dz = jnp.concatenate(
+                [
+                    dc * g * i * (1.0 - i),
+                    dc * c_in * f * (1.0 - f),
+                    dc * i * (1.0 - g * g),
+                    gh * tc * o * (1.0 - o),
+                ],
+                axis=-1,
+            )
         return dz, _dot_t(dz, params.w_hh), dc * f
     if cfg.kind == "gru":
         rz, n, hn = res

@@ -209,3 +209,22 @@ def test_gemm_bound_matches_formula_shapes(key):
     # Forward FLOPs of these GEMMs equal the formula; training has 3x as many.
     assert 2 * n * 4 * h * (d + h) == bh.rnn_flops("lstm", 2, d, h, 5, training=False)
     assert len(jax.eval_shape(fwd, *args)) == 2
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gate_forms_agree(cell, key):
+    from benchmarks import kernels as bk
+
+    h = 4
+    zs = tuple(
+        3.0 * jax.random.normal(k, (2, 3, (4 if cell == "lstm" else 3) * h))
+        for k in jax.random.split(key, 1 if cell == "lstm" else 2)
+    )
+    slices, whole = bk._gate_forms(cell, h)
+    a = bk._gates_in_scan(slices, h, zs)
+    b = bk._gates_in_scan(whole, h, zs)
+    assert a.shape == (2, 3, h)
+    assert jnp.allclose(a, b, atol=1e-6)
+    assert jnp.allclose(
+        bk._gates_no_loop(slices, h, zs), bk._gates_no_loop(whole, h, zs), atol=1e-6
+    )

@@ -116,6 +116,20 @@ def test_fused_matches_reference(key, name, case):
     _check_case(key, name, case, kernel="fused", unroll=1)
 
 
+def test_lstm_whole_row_backward_matches_reference(key):
+    """Rows * hidden at the threshold: the LSTM backward step takes its whole-row form."""
+    batch = (kernels._WHOLE_ROW_MIN // H,)
+    cell = CELLS["lstm"]
+    params, xs, carry = _problem(key, cell, batch)
+    k1, k2 = jax.random.split(jax.random.fold_in(key, 2))
+    lengths = jax.random.randint(k1, batch, 0, T + 1)
+    reset = jax.random.bernoulli(k2, 0.3, (T, *batch))
+    for kw in ({}, dict(lengths=lengths, reset=reset, reverse=True)):
+        got = _grads(js.rollout, cell, params, xs, carry, kernel="fused", **kw)
+        want = _grads(js.rollout_unrolled, cell, params, xs, carry, **kw)
+        assert _max_rel(got, want) < 1e-5, kw
+
+
 @pytest.mark.parametrize("name", ["lstm", "gru"])
 @pytest.mark.parametrize("case", ["lengths", "reset_reverse"])
 def test_lengths_only_and_reset_only(key, name, case):
