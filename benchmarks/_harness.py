@@ -100,10 +100,11 @@ def gflops(flops: float | None, seconds: float | None) -> float | None:
 
 
 def jax_thread_count() -> int:
-    """Threads XLA's CPU backend uses for one computation (the cores this process may use)."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_cpu_multi_thread_eigen=false" in flags:
-        return 1
+    """Threads XLA's CPU backend uses for one computation: the cores this process may use.
+
+    (``--xla_cpu_multi_thread_eigen=false`` does not limit it: XLA's CPU matmuls run
+    through its own thread pool. Restrict the process instead, e.g. ``taskset -c 0``.)
+    """
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
