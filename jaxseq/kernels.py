@@ -278,7 +278,7 @@ def _recurrent_cotangent(cfg: _Cfg, dxp, res):
     if cfg.kind != "gru":
         return dxp
     hsz = cfg.hidden
-    r = res[0][..., :hsz]
+    r = res[0][..., :hsz].reshape(dxp.shape[0], hsz)
     return jnp.concatenate([dxp[..., : 2 * hsz], dxp[..., 2 * hsz :] * r], axis=-1)
 
 
@@ -295,9 +295,7 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
     # free) rather than to the whole [S, N, G*H] projection (one more pass over it).
     xp = matmul_f32(xs, params.w_ih)
 
-    def body(carry, inp):
-        h, c = carry
-        xp_t, v_t, r_t = inp
+    def step(h, c, xp_t, v_t, r_t):
         xp_t = add_bias(xp_t, params.b)
         hi, ci = h, c
         if r_t is not None:
@@ -311,16 +309,38 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
             hn = jnp.where(_mask(v_t, hn), hn, h)
             if c is not None:
                 cn = jnp.where(_mask(v_t, cn), cn, c)
-        return (hn, cn), (y, res)
+        return hn, cn, y, res
 
     steps = xs.shape[0]
-    carry, (ys, res) = jax.lax.scan(
-        body,
-        (h0, c0),
-        (xp, v, r),
-        reverse=cfg.reverse,
-        unroll=max(1, min(cfg.unroll, steps)),
-    )
+    unroll = max(1, min(cfg.unroll, steps))
+    if cfg.kind == "lstm" and save:
+        # The gate activations overwrite the projection they came from, step by
+        # step, in the one [S, N, 4H] buffer carried through the loop: the
+        # training step holds one such buffer instead of two (its temporaries
+        # are first-touched memory on every call on CPU, see _segment_backward).
+        def body_inplace(carry, inp):
+            h, c, buf = carry
+            t, v_t, r_t = inp
+            xp_t = jax.lax.dynamic_index_in_dim(buf, t, 0, keepdims=False)
+            hn, cn, y, (a, c32) = step(h, c, xp_t, v_t, r_t)
+            buf = jax.lax.dynamic_update_index_in_dim(buf, a, t, 0)
+            return (hn, cn, buf), (y, c32)
+
+        (h, c, acts), (ys, cs) = jax.lax.scan(
+            body_inplace,
+            (h0, c0, xp),
+            (jnp.arange(steps), v, r),
+            reverse=cfg.reverse,
+            unroll=unroll,
+        )
+        return (h, c), ys, (acts, cs)
+
+    def body(carry, inp):
+        h, c = carry
+        hn, cn, y, res = step(h, c, *inp)
+        return (hn, cn), (y, res)
+
+    carry, (ys, res) = jax.lax.scan(body, (h0, c0), (xp, v, r), reverse=cfg.reverse, unroll=unroll)
     return carry, ys, res
 
 
@@ -351,9 +371,6 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     """Backward of one segment; returns ``(dh0, dc0, dparams, dxs)``."""
     h_in = _carry_in(ys, h0, v, r, cfg.reverse)
     c_in = None
-    if cfg.kind == "lstm":
-        c_seq = res[1].astype(c0.dtype)
-        c_in = _carry_in(c_seq, c0, v, r, cfg.reverse).astype(cfg.acc)
     h_in_loop = h_in.astype(cfg.acc) if cfg.kind == "gru" else None
 
     def body(carry, inp):
@@ -382,29 +399,79 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         return (dh_in, dc_in), dxp
 
     steps = xs.shape[0]
-    y_loop = ys if (cfg.kind in ("tanh", "relu") and not res) else None
+    unroll = max(1, min(cfg.unroll, steps))
     init = (dh.astype(cfg.acc), None if dc is None else dc.astype(cfg.acc))
-    (dh0, dc0), dxp = jax.lax.scan(
-        body,
-        init,
-        (res, y_loop, h_in_loop, c_in, dys, v, r),
-        reverse=not cfg.reverse,
-        unroll=max(1, min(cfg.unroll, steps)),
-    )
-    # Weight gradients: one matmul / reduction each over all steps of the segment.
+    if cfg.kind == "lstm":
+        # The gate cotangents overwrite the activations they came from, step by
+        # step, in the residual's [S, N, 4H] buffer carried through the loop, and
+        # the carry each step started from is read from the saved cell states
+        # by index: no second [S, N, 4H] buffer (nor its zero fill) and no
+        # shifted copy of the cell states. On CPU a training step's temporaries
+        # are fresh pages on every call (about a microsecond per 4 KiB touched),
+        # so memory not allocated is time saved.
+        acts, c_seq = res
+        c_seq = c_seq.astype(c0.dtype)
+        first, delta = (steps - 1, 1) if cfg.reverse else (0, -1)
+
+        def body_inplace(carry, inp):
+            gh_c, gc_c, buf, a_t = carry
+            t, dy_t, v_t, r_t = inp
+            c32_t = jax.lax.dynamic_index_in_dim(res[1], t, 0, keepdims=False)
+            is_first = t == first
+            t_prev = jnp.clip(t + delta, 0, steps - 1)
+            c_prev = jax.lax.dynamic_index_in_dim(c_seq, t_prev, 0, keepdims=False)
+            c_prev = jnp.where(is_first, c0, c_prev)
+            if v is not None:
+                v_prev = jax.lax.dynamic_index_in_dim(v, t_prev, 0, keepdims=False)
+                c_prev = jnp.where(_mask(v_prev | is_first, c_prev), c_prev, c0)
+            if r_t is not None:
+                c_prev = jnp.where(_mask(r_t, c_prev), jnp.zeros_like(c_prev), c_prev)
+            (dh_in, dc_in), dxp = body(
+                (gh_c, gc_c), ((a_t, c32_t), None, None, c_prev.astype(cfg.acc), dy_t, v_t, r_t)
+            )
+            buf = jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0)
+            # The next step's activations are read from the updated buffer (they
+            # are untouched there): the write is then the old buffer's only reader
+            # and XLA updates it in place. Read before the write, as an input of
+            # this step's gate math, the activations would make XLA copy the
+            # whole buffer every step to keep the readers' view intact.
+            a_next = jax.lax.dynamic_index_in_dim(buf, t_prev, 0, keepdims=False)
+            return (dh_in, dc_in, buf, a_next), None
+
+        start = steps - 1 - first  # the step this backward scan processes first
+        a0 = jax.lax.dynamic_index_in_dim(acts, start, 0, keepdims=False)
+        (dh0, dc0, dxp, _), _ = jax.lax.scan(
+            body_inplace,
+            (*init, acts, a0),
+            (jnp.arange(steps, dtype=jnp.int32), dys, v, r),
+            reverse=not cfg.reverse,
+            unroll=unroll,
+        )
+    else:
+        y_loop = ys if (cfg.kind in ("tanh", "relu") and not res) else None
+        (dh0, dc0), dxp = jax.lax.scan(
+            body,
+            init,
+            (res, y_loop, h_in_loop, c_in, dys, v, r),
+            reverse=not cfg.reverse,
+            unroll=unroll,
+        )
+    # Weight gradients: one matmul / reduction each over all steps of the segment,
+    # on [S*N, .] matrices (one view of each operand for all its consumers).
+    rows = steps * xs.shape[1]
+    dxp = dxp.reshape(rows, -1)
     dhp = _recurrent_cotangent(cfg, dxp, res)
-    d_w_hh = jax.lax.dot_general(
-        h_in.astype(cfg.acc), dhp, (((0, 1), (0, 1)), ((), ())),
-        preferred_element_type=cfg.acc,
-    )  # fmt: skip
-    d_w_ih = jax.lax.dot_general(
-        xs, dxp, (((0, 1), (0, 1)), ((), ())), preferred_element_type=cfg.acc
-    )
-    d_b = jnp.sum(dxp, axis=(0, 1))
+
+    def gram(a, b):  # a^T b over the rows
+        return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cfg.acc)
+
+    d_w_hh = gram(h_in.astype(cfg.acc).reshape(rows, -1), dhp)
+    d_w_ih = gram(xs.reshape(rows, -1), dxp)
+    d_b = jnp.sum(dxp, axis=0)
     dparams = {"w_ih": d_w_ih, "w_hh": d_w_hh, "b": d_b}
     if cfg.kind == "gru":
-        dparams["b_hn"] = jnp.sum(dhp[..., 2 * cfg.hidden :], axis=(0, 1))
-    dxs = _dot_t(dxp, params.w_ih)
+        dparams["b_hn"] = jnp.sum(dhp[:, 2 * cfg.hidden :], axis=0)
+    dxs = _dot_t(dxp, params.w_ih).reshape(xs.shape)
     return dh0, dc0, dparams, dxs
 
 
