@@ -370,7 +370,12 @@ def _carry_in(seq, start, v, r, reverse: bool):
 def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc):
     """Backward of one segment; returns ``(dh0, dc0, dparams, dxs)``."""
     h_in = _carry_in(ys, h0, v, r, cfg.reverse)
+    # In place (see below) only for a rolled loop: in an unrolled body XLA
+    # copies the buffer between the unrolled steps (the buffers are small there).
+    in_place = cfg.kind == "lstm" and cfg.unroll == 1
     c_in = None
+    if cfg.kind == "lstm" and not in_place:
+        c_in = _carry_in(res[1].astype(c0.dtype), c0, v, r, cfg.reverse).astype(cfg.acc)
     h_in_loop = h_in.astype(cfg.acc) if cfg.kind == "gru" else None
 
     def body(carry, inp):
@@ -401,7 +406,7 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     steps = xs.shape[0]
     unroll = max(1, min(cfg.unroll, steps))
     init = (dh.astype(cfg.acc), None if dc is None else dc.astype(cfg.acc))
-    if cfg.kind == "lstm":
+    if in_place:
         # The gate cotangents overwrite the activations they came from, step by
         # step, in the residual's [S, N, 4H] buffer carried through the loop, and
         # the carry each step started from is read from the saved cell states
