@@ -507,43 +507,52 @@ def _tail(a, m):
 def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
     """Forward keeping only the carry at each segment start (and the outputs).
 
-    An outer ``lax.scan`` over the segments slices its inputs and stacks its
-    outputs: no ``[T, ...]`` buffer is threaded through (and copied by) the loop.
+    An outer ``lax.scan`` over the segments slices its inputs and writes each
+    segment's outputs into one ``[T, N, H]`` buffer it carries (updated in
+    place: the write is the buffer's only reader in the loop), so the outputs
+    occupy their own size once, with no stacked copy to concatenate with the
+    last, shorter segment.
     """
     t = xs.shape[0]
     k, n_full, m = _plan(cfg, t)
+    hsz = cfg.hidden
 
-    def outer(hc, s):
+    def outer(carry, s):
+        hc, buf = carry
         x_k, v_k, r_k = (_segment(a, s, k) for a in (xs, v, r))
         new, ys_k, _ = _segment_forward(cfg, params, x_k, *hc, v_k, r_k, save=False)
-        return new, (ys_k, hc)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, ys_k, s * k, axis=0)
+        return (new, buf), hc
 
-    def full_segments(hc):
-        hc, (ys, starts) = jax.lax.scan(outer, hc, jnp.arange(n_full), reverse=cfg.reverse)
-        return hc, ys.reshape((m,) + ys.shape[2:]), starts
+    def full_segments(hc, buf):
+        (hc, buf), starts = jax.lax.scan(outer, (hc, buf), jnp.arange(n_full), reverse=cfg.reverse)
+        return hc, buf, starts
 
-    def tail(hc):
+    def tail(hc, buf):
         if m == t:
-            return hc, None, None
+            return hc, buf, None
         new, ys_r, _ = _segment_forward(
             cfg, params, xs[m:], *hc, _tail(v, m), _tail(r, m), save=False
         )
-        return new, ys_r, hc
+        return new, jax.lax.dynamic_update_slice_in_dim(buf, ys_r, m, axis=0), hc
 
     hc = (h0, c0)
+    buf = jnp.zeros((t, xs.shape[1], hsz), h0.dtype)
     if cfg.reverse:
-        hc, ys_tail, tail_start = tail(hc)
-        hc, ys, starts = full_segments(hc)
+        hc, buf, tail_start = tail(hc, buf)
+        hc, buf, starts = full_segments(hc, buf)
     else:
-        hc, ys, starts = full_segments(hc)
-        hc, ys_tail, tail_start = tail(hc)
-    if ys_tail is not None:
-        ys = jnp.concatenate([ys, ys_tail], axis=0)
-    return hc, ys, (starts, tail_start)
+        hc, buf, starts = full_segments(hc, buf)
+        hc, buf, tail_start = tail(hc, buf)
+    return hc, buf, (starts, tail_start)
 
 
-def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
-    """Backward segment by segment, recomputing each segment's forward first."""
+def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, saved, dys, dh, dc):
+    """Backward segment by segment, recomputing each segment's forward first.
+
+    The outputs are recomputed with the rest of the segment rather than saved:
+    the loss's cotangent ``dys`` can then take the outputs' memory.
+    """
     t = xs.shape[0]
     k, n_full, m = _plan(cfg, t)
     starts, tail_start = saved
@@ -555,40 +564,42 @@ def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, ys, saved, dys, dh, dc):
     if cfg.kind == "gru":
         acc["b_hn"] = jnp.zeros(params.b_hn.shape, cfg.acc)
 
-    def one(state, x_k, v_k, r_k, ys_k, dys_k, hs, cs):
+    def one(state, x_k, v_k, r_k, dys_k, hs, cs):
         dh, dc, acc = state
-        _, _, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
+        _, ys_k, res_k = _segment_forward(cfg, params, x_k, hs, cs, v_k, r_k)
         dh, dc, dp, dx_k = _segment_backward(
             cfg, params, x_k, hs, cs, v_k, r_k, ys_k, res_k, dys_k, dh, dc
         )
         acc = {name: acc[name] + dp[name] for name in acc}
         return (dh, dc, acc), dx_k
 
-    def full_segments(state):
-        def outer(state, inp):
+    def full_segments(state, dx):
+        def outer(carry, inp):
+            state, dx = carry
             s, (hs, cs) = inp
-            return one(state, *(_segment(a, s, k) for a in (xs, v, r, ys, dys)), hs, cs)
+            state, dx_k = one(state, *(_segment(a, s, k) for a in (xs, v, r, dys)), hs, cs)
+            return (state, jax.lax.dynamic_update_slice_in_dim(dx, dx_k, s * k, axis=0)), None
 
-        state, dx = jax.lax.scan(
-            outer, state, (jnp.arange(n_full), starts), reverse=not cfg.reverse
+        (state, dx), _ = jax.lax.scan(
+            outer, (state, dx), (jnp.arange(n_full), starts), reverse=not cfg.reverse
         )
-        return state, dx.reshape((m,) + dx.shape[2:])
+        return state, dx
 
-    def tail(state):
+    def tail(state, dx):
         if m == t:
-            return state, None
-        seq = (xs[m:], _tail(v, m), _tail(r, m), ys[m:], dys[m:])
-        return one(state, *seq, *tail_start)
+            return state, dx
+        seq = (xs[m:], _tail(v, m), _tail(r, m), dys[m:])
+        state, dx_r = one(state, *seq, *tail_start)
+        return state, jax.lax.dynamic_update_slice_in_dim(dx, dx_r, m, axis=0)
 
-    state = (dh, dc, acc)
+    # The input cotangents go into one [T, N, D] buffer (as the outputs in _ckpt_fwd).
+    state, dx = (dh, dc, acc), jnp.zeros(xs.shape, cfg.acc)
     if cfg.reverse:
-        state, dx = full_segments(state)
-        state, dx_tail = tail(state)
+        state, dx = full_segments(state, dx)
+        state, dx = tail(state, dx)
     else:
-        state, dx_tail = tail(state)
-        state, dx = full_segments(state)
-    if dx_tail is not None:
-        dx = jnp.concatenate([dx, dx_tail], axis=0)
+        state, dx = tail(state, dx)
+        state, dx = full_segments(state, dx)
     return (*state, dx)
 
 
@@ -598,7 +609,7 @@ def _fused_fwd(cfg: _Cfg, params, xs, carry, v, r):
         (h, c), ys, res = _segment_forward(cfg, params, xs, h0, c0, v, r)
         return (h, c), ys, (params, xs, carry, v, r, ys, res)
     (h, c), ys, saved = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
-    return (h, c), ys, (params, xs, carry, v, r, ys, saved)
+    return (h, c), ys, (params, xs, carry, v, r, None, saved)
 
 
 def _fused_bwd(cfg: _Cfg, saved, cts):
@@ -610,7 +621,7 @@ def _fused_bwd(cfg: _Cfg, saved, cts):
     if not cfg.segment:
         dh0, dc0, dp, dxs = _segment_backward(cfg, params, xs, h0, c0, v, r, ys, extra, dys, dh, dc)
     else:
-        dh0, dc0, dp, dxs = _ckpt_bwd(cfg, params, xs, v, r, ys, extra, dys, dh, dc)
+        dh0, dc0, dp, dxs = _ckpt_bwd(cfg, params, xs, v, r, extra, dys, dh, dc)
     dparams = type(params)(**{name: dp[name].astype(getattr(params, name).dtype) for name in dp})
     dcarry = [dh0.astype(h0.dtype)]
     if cfg.kind == "lstm":
