@@ -18,6 +18,14 @@
   each as ONE large matmul or reduction over all steps:
   ``dW_hh = sum_t h_{t-1}^T dG_t``, ``dW_ih = X^T dG``, ``db = sum dG``,
   ``dX = dG W_ih^T``.
+* **memory**: the LSTM keeps ONE ``[T, N, 4H]`` buffer through a training
+  step: the forward writes the gate activations over the projection they came
+  from, and the backward (rolled loop, ``unroll=1``) writes the gate
+  cotangents over the activations. XLA:CPU hands a jitted call its
+  temporaries as fresh memory on every call, and first-touching it costs
+  about a millisecond per megabyte on a small VM, so memory not used is time
+  saved: the training step at ``(B, H, T) = (32, 256, 100)`` went from 46 to
+  20 MB of temporaries and from ~11k page faults per call to none.
 * ``lengths`` (right padding), ``reset`` and ``reverse`` are handled inside
   the kernel with the exact semantics of :func:`jaxseq.rollout_unrolled`
   (padded steps pass the carry through and output zeros; resets zero the
