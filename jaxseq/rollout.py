@@ -190,8 +190,9 @@ def rollout(
         (use it for ``jax.jvp`` of an already-jitted function).
       checkpoint_every: None, or ``k``: rematerialise the forward in segments
         of ``k`` steps during the backward (the carry is stored every ``k``
-        steps), so activation memory drops about ``k``-fold for about one more
-        forward pass of compute. ``T`` need not be a multiple of ``k``.
+        steps), so the memory saved for the backward drops about ``k``-fold
+        (the outputs and inputs themselves stay) for about one more forward
+        pass of compute. ``T`` need not be a multiple of ``k``.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]``; zeros at padded steps.
