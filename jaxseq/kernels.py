@@ -420,7 +420,7 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         # the carry each step started from is read from the saved cell states
         # by index: no second [S, N, 4H] buffer (nor its zero fill) and no
         # shifted copy of the cell states. On CPU a training step's temporaries
-        # are fresh pages on every call (about a microsecond per 4 KiB touched),
+        # are fresh pages on every call (a few microseconds per 4 KiB touched),
         # so memory not allocated is time saved.
         acts, c_seq = res
         c_seq = c_seq.astype(c0.dtype)
