@@ -337,7 +337,7 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
         (h, c, acts), (ys, cs) = jax.lax.scan(
             body_inplace,
             (h0, c0, xp),
-            (jnp.arange(steps), v, r),
+            (jnp.arange(steps, dtype=jnp.int32), v, r),
             reverse=cfg.reverse,
             unroll=unroll,
         )
@@ -422,14 +422,14 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         # shifted copy of the cell states. On CPU a training step's temporaries
         # are fresh pages on every call (a few microseconds per 4 KiB touched),
         # so memory not allocated is time saved.
-        acts, c_seq = res
-        c_seq = c_seq.astype(c0.dtype)
+        acts, cs = res  # cs: the cell states in the accumulation dtype
+        c_seq = cs.astype(c0.dtype)  # rounded as the carry was
         first, delta = (steps - 1, 1) if cfg.reverse else (0, -1)
 
         def body_inplace(carry, inp):
             gh_c, gc_c, buf, a_t = carry
             t, dy_t, v_t, r_t = inp
-            c32_t = jax.lax.dynamic_index_in_dim(res[1], t, 0, keepdims=False)
+            c32_t = jax.lax.dynamic_index_in_dim(cs, t, 0, keepdims=False)
             is_first = t == first
             t_prev = jnp.clip(t + delta, 0, steps - 1)
             c_prev = jax.lax.dynamic_index_in_dim(c_seq, t_prev, 0, keepdims=False)
