@@ -106,3 +106,121 @@ def test_bad_inputs_name_the_argument():
         )
     with pytest.raises(ValueError, match="targets: expected shape"):
         losses.mse(jnp.zeros((3, 2)), jnp.zeros((3, 3)))
+
+
+# -- float64 references on bfloat16 inputs ------------------------------------------------
+#
+# Logits of large magnitude with many distinct values: a log-softmax evaluated in
+# bfloat16 (8 significant bits) is off by ~1e-1 here, one in float32 by ~1e-5. The
+# references below take the same bf16-rounded values, upcast to float64.
+
+
+def _bf16_logits(seed, shape, scale=30.0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=shape) * scale, jnp.bfloat16)
+    return x, np.asarray(x.astype(jnp.float32), np.float64)
+
+
+def _ref_token_xent(x64, targets):
+    m = x64.max(-1, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(x64 - m).sum(-1))
+    return lse - np.take_along_axis(x64, targets[..., None], -1)[..., 0]
+
+
+def _ref_logp(x64):
+    m = x64.max(-1, keepdims=True)
+    return x64 - m - np.log(np.exp(x64 - m).sum(-1, keepdims=True))
+
+
+def test_bf16_logits_token_cross_entropy_is_float32_accurate():
+    x, x64 = _bf16_logits(0, (7, 4, 50))
+    targets = np.random.default_rng(1).integers(0, 50, size=(7, 4))
+    want = _ref_token_xent(x64, targets)
+    assert np.abs(want).max() > 10  # large losses: bf16 rounding would show
+    got = losses.token_cross_entropy(x, jnp.asarray(targets, jnp.int32))
+    assert got.dtype == jnp.float32 and got.shape == (7, 4)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-6, atol=2e-5)
+    # the same values given as float32 give the same per-token losses
+    got32 = losses.token_cross_entropy(x.astype(jnp.float32), jnp.asarray(targets, jnp.int32))
+    np.testing.assert_allclose(got, got32, rtol=1e-6, atol=1e-5)
+
+
+def test_bf16_cross_entropy_mask_lengths_and_none_against_float64():
+    t, b, v = 9, 5, 64
+    x, x64 = _bf16_logits(2, (t, b, v))
+    targets = np.random.default_rng(3).integers(0, v, size=(t, b))
+    per = _ref_token_xent(x64, targets)
+    tg = jnp.asarray(targets, jnp.int32)
+    # no mask: mean over every token
+    got = losses.cross_entropy(x, tg)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(float(got), per.mean(), rtol=2e-6)
+    # explicit mask with holes: only the True entries count
+    mask = np.random.default_rng(4).random((t, b)) < 0.5
+    mask[0, 0] = True
+    np.testing.assert_allclose(
+        float(losses.cross_entropy(x, tg, jnp.asarray(mask))), per[mask].mean(), rtol=2e-6
+    )
+    # lengths: step s of sequence j counts when s < lengths[j]; a length of 0 counts nothing
+    lengths = np.array([9, 0, 4, 1, 7])
+    lmask = np.arange(t)[:, None] < lengths[None, :]
+    want = per[lmask].mean()
+    np.testing.assert_allclose(
+        float(losses.cross_entropy(x, tg, lengths=jnp.asarray(lengths))), want, rtol=2e-6
+    )
+    np.testing.assert_allclose(
+        float(losses.bits_per_token(x, tg, lengths=jnp.asarray(lengths))),
+        want / np.log(2.0),
+        rtol=2e-6,
+    )
+    # the mean is a mean: masking out positions changes the answer (not a sum)
+    assert abs(per[lmask].sum() - want) > 1.0
+    # a mask that masks out everything is 0
+    assert float(losses.cross_entropy(x, tg, jnp.zeros((t, b), bool))) == 0.0
+
+
+def test_bf16_cross_entropy_gradient_against_float64():
+    t, b, v = 4, 3, 40
+    x, x64 = _bf16_logits(5, (t, b, v), scale=8.0)
+    targets = np.random.default_rng(6).integers(0, v, size=(t, b))
+    mask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 0]], bool)
+    # d mean_{mask}(lse - x[target]) / dx = mask * (softmax - onehot) / count
+    p = np.exp(_ref_logp(x64))
+    onehot = np.eye(v)[targets]
+    want = (p - onehot) * mask[..., None] / mask.sum()
+    xf = x.astype(jnp.float32)
+    g = jax.grad(losses.cross_entropy)(xf, jnp.asarray(targets, jnp.int32), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(g, np.float64), want, rtol=1e-5, atol=1e-7)
+
+
+def test_accuracy_and_mse_against_numpy_with_mask_and_lengths():
+    t, b, v = 6, 4, 11
+    x, x64 = _bf16_logits(7, (t, b, v))
+    targets = np.argmax(x64, -1)
+    targets[::2, 1] = (targets[::2, 1] + 1) % v  # some misses
+    hit = np.argmax(x64, -1) == targets
+    mask = np.random.default_rng(8).random((t, b)) < 0.6
+    mask[0, 1] = True
+    tg = jnp.asarray(targets, jnp.int32)
+    np.testing.assert_allclose(float(losses.accuracy(x, tg)), hit.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(losses.accuracy(x, tg, jnp.asarray(mask))), hit[mask].mean(), rtol=1e-6
+    )
+    lengths = np.array([6, 3, 1, 0])
+    lmask = np.arange(t)[:, None] < lengths[None, :]
+    np.testing.assert_allclose(
+        float(losses.accuracy(x, tg, lengths=jnp.asarray(lengths))), hit[lmask].mean(), rtol=1e-6
+    )
+    # mse: per-position mean over features, then a mean over valid positions
+    rng = np.random.default_rng(9)
+    pred = jnp.asarray(rng.normal(size=(t, b, 3)) * 10, jnp.bfloat16)
+    tgt = jnp.asarray(rng.normal(size=(t, b, 3)), jnp.float32)
+    p64 = np.asarray(pred.astype(jnp.float32), np.float64)
+    err = ((p64 - np.asarray(tgt, np.float64)) ** 2).mean(-1)
+    np.testing.assert_allclose(float(losses.mse(pred, tgt)), err.mean(), rtol=2e-6)
+    np.testing.assert_allclose(
+        float(losses.mse(pred, tgt, jnp.asarray(mask))), err[mask].mean(), rtol=2e-6
+    )
+    np.testing.assert_allclose(
+        float(losses.mse(pred, tgt, lengths=jnp.asarray(lengths))), err[lmask].mean(), rtol=2e-6
+    )
