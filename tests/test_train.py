@@ -394,3 +394,87 @@ def test_mesh_and_optimizer_errors():
     with pytest.raises(TypeError, match="mesh: expected a 1-D"):
         train.shard_batch(data.StreamBatcher(np.arange(50), 2, 4).chunk(0), "mesh")
     assert mesh.axis_names == ("data",)
+
+
+# -- evaluation with known answers --------------------------------------------------------
+
+
+class _BigramLM:
+    """A model whose logits are a table row per input token; the carry counts valid steps.
+
+    ``apply`` follows the language-model interface ``evaluate_lm`` uses.
+    """
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return jnp.zeros(batch_shape, dtype)
+
+    def apply(self, params, carry, tokens, *, reset=None, lengths=None, key=None):
+        assert key is None  # evaluation: no dropout key
+        carry = jnp.where(jnp.asarray(reset)[0], 0.0, carry) + lengths.astype(jnp.float32)
+        return carry, jnp.take(params, tokens, axis=0)
+
+
+def test_eval_step_uniform_logits_give_log_v_per_valid_token():
+    v, b, k = 6, 3, 4
+    ids = np.arange(b * 11) % v  # 11 tokens per stream: 10 steps = chunks 4, 4, 2 (padded)
+    bt = data.StreamBatcher(ids, b, k)
+    assert bt.num_chunks == 3
+    model = _BigramLM()
+    ev = train.make_eval_step(model)
+    params = jnp.zeros((v, v), jnp.float32)  # uniform: exactly log(V) nats per token
+    last = bt.chunk(2)
+    assert last.mask.sum() == 2 * b  # 2 valid steps of 4
+    carry, s, c = ev(params, jnp.zeros((b,)), last)
+    assert float(c) == 2 * b
+    np.testing.assert_allclose(float(s), 2 * b * np.log(v), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(carry), [2.0] * b)  # lengths = valid steps
+    got = train.evaluate_lm(model, params, bt)
+    np.testing.assert_allclose(got, np.log(v), rtol=1e-6)
+
+
+def test_evaluate_lm_equals_hand_computed_mean_over_valid_tokens():
+    v, b, k = 5, 2, 4
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, v, size=b * 8)  # 8 per stream: 7 steps = chunks 4, 3 (padded)
+    # the padded inputs/targets are token 0; make (0 -> 0) cost far more than any real pair
+    table = rng.normal(size=(v, v)) * 2
+    table[0] = [-30.0, 10.0, 10.0, 10.0, 10.0]
+    ids = np.where(ids == 0, 1, ids)  # no real token 0, so every 0 is padding
+    bt = data.StreamBatcher(ids, b, k)
+    assert bt.num_chunks == 2 and not bt.chunk(1).mask.all()
+    params = jnp.asarray(table, jnp.float32)
+    # the reference: every (stream[t], stream[t+1]) pair once, in float64
+    s = bt.streams
+    lp = table - table.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    want = -lp[s[:-1], s[1:]].mean()
+    got = train.evaluate_lm(_BigramLM(), params, bt)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # one chunk by hand: its sum of nats and its count of valid tokens
+    ev = train.make_eval_step(_BigramLM())
+    _, nats, count = ev(params, jnp.zeros((b,)), bt.chunk(1))
+    assert float(count) == 3 * b
+    np.testing.assert_allclose(float(nats), -lp[s[4:7], s[5:8]].sum(), rtol=1e-6)
+
+
+def test_evaluate_lm_threads_the_carry_like_one_full_pass(key):
+    model = _tiny_lm(layers=1)
+    params = model.init(key)
+    b, k = 2, 5
+    ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 4), (b * 18,), 0, 7))
+    bt = data.StreamBatcher(ids, b, k)  # 17 steps: chunks 5, 5, 5, 2
+    streams = jnp.asarray(bt.streams)
+    _, logits = model.apply(params, None, streams[:-1])
+    want = float(np.mean(losses.token_cross_entropy(logits, streams[1:])))
+    np.testing.assert_allclose(train.evaluate_lm(model, params, bt), want, rtol=1e-5)
+    # with the carry reset at every chunk the answer is that of separate windows
+    bt_r = data.StreamBatcher(ids, b, k, reset_every_chunk=True)
+    parts = []
+    for i in range(bt_r.num_chunks):
+        ch = bt_r.chunk(i)
+        n = int(ch.mask[:, 0].sum())
+        _, lg = model.apply(params, None, jnp.asarray(ch.inputs[:n]))
+        parts.append(np.asarray(losses.token_cross_entropy(lg, jnp.asarray(ch.targets[:n]))))
+    want_r = float(np.concatenate(parts).mean())
+    np.testing.assert_allclose(train.evaluate_lm(model, params, bt_r), want_r, rtol=1e-5)
+    assert abs(want_r - want) > 1e-4
