@@ -1,0 +1,319 @@
+"""Mutation testing of the core modules: do the tests fail when the code is wrong?
+
+Runs `mutmut <https://github.com/boxed/mutmut>`_ (3.x) over the core modules
+with the test files that guard them, in a scratch copy of the repository (the
+working tree is never touched), and reports the kill rate per module.
+
+    python -m benchmarks.mutation --out results/mutation                # every mutant
+    python -m benchmarks.mutation --sample 0.1 --out results/mutation   # a 10% sample
+    python -m benchmarks.mutation --modules losses,rollout --out ...    # some modules
+    python -m benchmarks.mutation --tests-rev HEAD~5 --out ...          # older tests
+
+A mutant is one small change to the source (``+`` -> ``-``, ``<`` -> ``<=``, a
+number changed, an argument dropped or replaced by ``None``, ...). It is
+*killed* when at least one test fails, *survives* when all pass. A surviving
+mutant is either a missing test or an *equivalent* mutant (a change that cannot
+alter behaviour); the equivalent ones are listed with a one-line reason in
+``benchmarks/mutation_equivalent.json`` and reported apart.
+
+What is not mutated: ``raise`` statements (the error messages are asserted by
+the bad-input tests, and a mutated message is not a behaviour) and decorated
+functions (mutmut skips them: here the two ``custom_vjp`` cores of blockwise
+attention, whose forward and backward rules are mutated separately).
+
+Speed: every mutant runs in a fresh process forked from a server that has
+imported the test modules; a persistent JAX compilation cache (in the scratch
+directory) lets a mutant whose compiled programs are unchanged skip XLA
+compilation. mutmut runs only the tests that executed the mutated function in
+a first, traced run of the suite, stopping at the first failure.
+
+Writes ``<out>/mutation.json`` (every mutant and its status) and
+``<out>/mutation.md`` (the table per module and the surviving mutants with
+their diffs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Core module -> the test files that guard it.
+MODULES = {
+    "cells": ["tests/test_cells.py", "tests/test_rollout.py"],
+    "kernels": ["tests/test_kernels.py", "tests/test_rollout.py"],
+    "rollout": ["tests/test_rollout.py", "tests/test_kernels.py"],
+    "layers": ["tests/test_layers.py"],
+    "losses": ["tests/test_losses.py"],
+    "attention": ["tests/test_attention.py", "tests/test_transformer.py"],
+    "transformer": ["tests/test_transformer.py"],
+    "train": ["tests/test_train.py"],
+}
+
+# mutmut's exit-code -> status mapping, reduced to what the report needs.
+KILLED, SURVIVED, TIMEOUT, NO_TESTS = "killed", "survived", "timeout", "no tests"
+_STATUS = {1: KILLED, 3: KILLED, 0: SURVIVED, 5: NO_TESTS, 33: NO_TESTS, 36: TIMEOUT, 24: TIMEOUT}
+_STATUS.update({-24: TIMEOUT, 152: TIMEOUT, 255: TIMEOUT})
+
+EQUIVALENT_FILE = Path(__file__).resolve().parent / "mutation_equivalent.json"
+
+
+def _status(code) -> str:
+    if code is None:
+        return "not checked"
+    return _STATUS.get(code, "suspicious")
+
+
+def _mutmut_config(modules: list[str]) -> str:
+    tests = sorted({t for m in modules for t in MODULES[m]})
+    lines = [
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["jaxseq/"]',
+        f"only_mutate = {json.dumps([f'jaxseq/{m}.py' for m in modules])}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider", "-p", "no:benchmark"]',
+        'do_not_mutate_patterns = ["^\\\\s*raise "]',
+        'process_isolation = "forkserver"',
+        "timeout_multiplier = 4.0",
+        "timeout_constant = 20.0",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _prepare(work: Path, modules: list[str], tests_rev: str | None) -> None:
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    shutil.copytree(ROOT / "jaxseq", work / "jaxseq", ignore=shutil.ignore_patterns("__pycache__"))
+    if tests_rev is None:
+        shutil.copytree(
+            ROOT / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__")
+        )
+    else:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", tests_rev, "tests"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        ).stdout
+        with tempfile.TemporaryFile() as f:
+            f.write(archive)
+            f.seek(0)
+            with tarfile.open(fileobj=f) as tar:
+                tar.extractall(work, filter="data")
+    config = (ROOT / "pyproject.toml").read_text() + _mutmut_config(modules)
+    (work / "pyproject.toml").write_text(config)
+
+
+def _env(work: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(work / "jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONDONTWRITEBYTECODE="1",
+    )
+    return env
+
+
+def _read_meta(work: Path) -> dict[str, int | None]:
+    codes = {}
+    for meta in sorted((work / "mutants" / "jaxseq").glob("*.py.meta")):
+        codes.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return codes
+
+
+def _module_of(name: str) -> str:
+    return name.split(".")[1]
+
+
+def _generate(work: Path, env: dict) -> dict[str, int | None]:
+    """Creates the mutants and the test statistics (mutmut's first run with no match)."""
+    subprocess.run(
+        [sys.executable, "-m", "mutmut", "run", "--max-children", "2", "__no_such_mutant__*"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    codes = _read_meta(work)
+    if not codes:
+        raise RuntimeError(f"mutmut generated no mutants in {work}")
+    return codes
+
+
+def _sample(names: list[str], fraction: float, seed: int) -> list[str]:
+    if fraction >= 1.0:
+        return names
+    by_module: dict[str, list[str]] = {}
+    for n in names:
+        by_module.setdefault(_module_of(n), []).append(n)
+    rng = random.Random(seed)
+    chosen = []
+    for mod in sorted(by_module):
+        group = sorted(by_module[mod])
+        k = max(1, round(fraction * len(group)))
+        chosen += sorted(rng.sample(group, k))
+    return chosen
+
+
+def _diff(work: Path, env: dict, name: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "mutmut", "show", name],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def _report(records: list[dict], modules: list[str], meta: dict) -> str:
+    lines = [
+        "# Mutation testing of the core modules",
+        "",
+        f"mutmut {meta['mutmut']}, {meta['when']}, CPU: {meta['cpu']}, "
+        f"{meta['seconds']:.0f} s for {meta['run']} mutants "
+        f"(sample {meta['sample']:.0%} of {meta['generated']}, seed {meta['seed']}), "
+        f"tests from {meta['tests']}.",
+        "",
+        "Kill rate = killed / (run - timeouts - no tests); equivalent survivors are "
+        "listed in `benchmarks/mutation_equivalent.json` with their reason.",
+        "",
+        "| module | run | killed | survived | equivalent | timeout | no tests | kill rate "
+        "| kill rate, equivalent excluded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    rows = [*modules, "all"]
+    for mod in rows:
+        group = [r for r in records if mod == "all" or r["module"] == mod]
+        count = {s: sum(r["status"] == s for r in group) for s in (KILLED, SURVIVED, TIMEOUT)}
+        count[NO_TESTS] = sum(r["status"] == NO_TESTS for r in group)
+        equiv = sum(r["status"] == SURVIVED and bool(r.get("equivalent")) for r in group)
+        judged = count[KILLED] + count[SURVIVED]
+        rate = count[KILLED] / judged if judged else float("nan")
+        rate_eq = count[KILLED] / (judged - equiv) if judged - equiv else float("nan")
+        lines.append(
+            f"| {mod} | {len(group)} | {count[KILLED]} | {count[SURVIVED]} | {equiv} "
+            f"| {count[TIMEOUT]} | {count[NO_TESTS]} | {rate:.1%} | {rate_eq:.1%} |"
+        )
+    survivors = [r for r in records if r["status"] == SURVIVED]
+    if survivors:
+        lines += ["", "## Surviving mutants", ""]
+        for r in survivors:
+            why = r.get("equivalent") or "**not explained: a missing test**"
+            lines += [f"### `{r['name']}`", "", f"Equivalent: {why}", "", "```diff"]
+            lines += [r.get("diff", ""), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated core modules")
+    ap.add_argument("--sample", type=float, default=1.0, help="fraction of mutants to run")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tests-rev", default=None, help="take tests/ from this git revision")
+    ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--out", default="results/mutation")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only (re)write the report from the mutants already run in --work",
+    )
+    args = ap.parse_args(argv)
+
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = sorted(set(modules) - set(MODULES))
+    if unknown:
+        ap.error(f"--modules: unknown {unknown}; choose from {sorted(MODULES)}")
+    if not 0.0 < args.sample <= 1.0:
+        ap.error(f"--sample: expected a fraction in (0, 1], got {args.sample}")
+    try:
+        import mutmut
+    except ImportError:
+        print("mutmut is not installed: pip install mutmut", file=sys.stderr)
+        return 2
+
+    if args.report_only and not args.work:
+        ap.error("--report-only needs --work")
+    work = Path(args.work or tempfile.mkdtemp(prefix="jaxseq-mutation-")).resolve()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = _env(work)
+    start = time.perf_counter()
+    if args.report_only:
+        names = _sample(sorted(_read_meta(work)), args.sample, args.seed)
+    else:
+        _prepare(work, modules, args.tests_rev)
+        print(f"generating mutants and test statistics in {work} ...", flush=True)
+        codes = _generate(work, env)
+        names = _sample(sorted(codes), args.sample, args.seed)
+        print(f"{len(codes)} mutants generated, running {len(names)}", flush=True)
+        # mutmut shows its own progress line; it re-runs only the mutants named.
+        subprocess.run(
+            [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children)]
+            + names,
+            cwd=work,
+            env=env,
+            check=False,
+        )
+    seconds = time.perf_counter() - start
+    previous = out / "mutation.json"
+    if args.report_only and previous.exists():  # keep the time of the run itself
+        seconds = json.loads(previous.read_text())["meta"]["seconds"]
+    codes = _read_meta(work)
+    equivalent = json.loads(EQUIVALENT_FILE.read_text()) if EQUIVALENT_FILE.exists() else {}
+    records = []
+    for name in names:
+        rec = {"name": name, "module": _module_of(name), "status": _status(codes.get(name))}
+        if rec["status"] == SURVIVED:
+            rec["diff"] = _diff(work, env, name)
+            rec["equivalent"] = equivalent.get(name)
+        records.append(rec)
+    meta = {
+        "mutmut": getattr(mutmut, "__version__", "3"),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": _cpu_model(),
+        "seconds": seconds,
+        "run": len(names),
+        "generated": len(codes),
+        "sample": args.sample,
+        "seed": args.seed,
+        "tests": args.tests_rev or "the working tree",
+        "modules": modules,
+    }
+    (out / "mutation.json").write_text(json.dumps({"meta": meta, "mutants": records}, indent=1))
+    report = _report(records, modules, meta)
+    (out / "mutation.md").write_text(report)
+    print(report.split("\n## ")[0])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
