@@ -133,20 +133,6 @@ def test_variational_dropout_shares_the_mask_over_time(key):
     np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
 
 
-def test_stack_under_jit_and_grad(key):
-    stack = js.Stack([js.LSTM(H), js.Bidirectional(js.LSTM(H))], dropout_rate=0.1)
-    p = stack.init(key, D)
-    xs, lengths = _data(key)
-
-    @jax.jit
-    def loss(p, xs, k):
-        _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths, key=k)
-        return jnp.sum(ys**2)
-
-    g = jax.grad(loss)(p, xs, jax.random.key(3))
-    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(g))
-
-
 def test_dense_and_embedding(key):
     p = js.dense_init(key, 4, 3)
     x = jax.random.normal(key, (2, 5, 4))
@@ -176,3 +162,276 @@ def test_layer_bad_input(key):
     bi = js.Bidirectional(js.GRU(H))
     with pytest.raises(TypeError, match="params: expected BidirectionalParams"):
         js.bidirectional_rollout(bi, p[0], xs)
+
+
+# -- plain NumPy references ---------------------------------------------------------------
+#
+# The cells from the parameter layout of jaxseq.cells (weights [in, out], PyTorch gate
+# order: LSTM i, f, g, o; GRU r, z, n with b_hn inside the reset). ``xp`` is numpy for
+# float64 references, or jax.numpy for a differentiable reference of the same loop.
+
+
+def _sig(xp, z):
+    return 1.0 / (1.0 + xp.exp(-z))
+
+
+def _ref_step(xp, cell, p, carry, x):
+    h = cell.hidden_size
+    if isinstance(cell, js.LSTM):
+        hp, cp = carry
+        z = x @ p.w_ih + hp @ p.w_hh + p.b
+        i, f, g, o = z[:h], z[h : 2 * h], z[2 * h : 3 * h], z[3 * h :]
+        c = _sig(xp, f) * cp + _sig(xp, i) * xp.tanh(g)
+        return (_sig(xp, o) * xp.tanh(c), c)
+    (hp,) = carry
+    if isinstance(cell, js.GRU):
+        a, r_ = x @ p.w_ih + p.b, hp @ p.w_hh
+        r = _sig(xp, a[:h] + r_[:h])
+        z = _sig(xp, a[h : 2 * h] + r_[h : 2 * h])
+        n = xp.tanh(a[2 * h :] + r * (r_[2 * h :] + p.b_hn))
+        return ((1.0 - z) * n + z * hp,)
+    z = x @ p.w_ih + hp @ p.w_hh + p.b
+    return (xp.tanh(z) if cell.activation == "tanh" else xp.maximum(z, 0.0),)
+
+
+def _ref_rollout(xp, cell, p, xs, lengths, reverse=False):
+    """Per sequence: run over its valid part (backwards when ``reverse``); zeros after it."""
+    t, b = xs.shape[0], xs.shape[1]
+    h = cell.hidden_size
+    n_carry = 2 if isinstance(cell, js.LSTM) else 1
+    zeros = xp.zeros((h,), xs.dtype)
+    cols, carries = [], []
+    for j in range(b):
+        n = int(lengths[j])
+        carry = (zeros,) * n_carry
+        out = [zeros] * t
+        for s in range(n - 1, -1, -1) if reverse else range(n):
+            carry = _ref_step(xp, cell, p, carry, xs[s, j])
+            out[s] = carry[0]
+        cols.append(xp.stack(out))
+        carries.append(carry)
+    ys = xp.stack(cols, axis=1)
+    return tuple(xp.stack([c[k] for c in carries]) for k in range(n_carry)), ys
+
+
+def _ref_layer(xp, layer, p, xs, lengths):
+    if isinstance(layer, js.Bidirectional):
+        cf, yf = _ref_rollout(xp, layer.forward, p.forward, xs, lengths)
+        cb, yb = _ref_rollout(xp, layer.backward, p.backward, xs, lengths, reverse=True)
+        return (cf, cb), xp.concatenate([yf, yb], axis=-1)
+    return _ref_rollout(xp, layer, p, xs, lengths)
+
+
+def _ref_stack(xp, stack, params, xs, lengths, masks=None):
+    """Layer after layer; residual from the second layer; ``masks[i]`` after layer i."""
+    h, carries = xs, []
+    for i, (layer, p) in enumerate(zip(stack.layers, params)):
+        c, y = _ref_layer(xp, layer, p, h, lengths)
+        if stack.residual and i > 0:
+            y = y + h
+        if masks is not None and i < len(stack.layers) - 1:
+            y = y * masks[i]
+        carries.append(c)
+        h = y
+    return carries, h
+
+
+def _np(tree):
+    return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), tree)
+
+
+def _carry_leaves(c):
+    """A jaxseq carry as a tuple like the reference's: (h,) or (h, c)."""
+    return (c.h, c.c) if isinstance(c, js.LSTMCarry) else (c.h,)
+
+
+TOL = dict(rtol=1e-5, atol=1e-6)
+LENGTHS = np.array([6, 2, 0, 4], np.int32)  # full, short, empty, partial
+
+
+def _xs(key, t=T, d=D):
+    return jax.random.normal(key, (t, len(LENGTHS), d))
+
+
+@pytest.mark.parametrize(
+    "fwd, bwd", [(js.LSTM(H), js.GRU(3)), (js.GRU(H), None), (js.RNN(H, "relu"), js.LSTM(2))]
+)
+def test_bidirectional_matches_numpy_forward_and_reversed_valid_part(key, fwd, bwd):
+    layer = js.Bidirectional(fwd, bwd)
+    p = layer.init(key, D)
+    xs = _xs(jax.random.fold_in(key, 1))
+    for lengths in (LENGTHS, None):
+        ln = np.full(len(LENGTHS), T) if lengths is None else lengths
+        (cf, cb), want = _ref_layer(np, layer, _np(p), np.asarray(xs, np.float64), ln)
+        run = jax.jit(lambda p, x, lg: js.bidirectional_rollout(layer, p, x, lengths=lg))
+        for got_c, ys in (
+            js.bidirectional_rollout(layer, p, xs, lengths=lengths),
+            run(p, xs, lengths),
+        ):
+            assert ys.shape == (T, len(LENGTHS), layer.output_size)
+            np.testing.assert_allclose(ys, want, **TOL)
+            for g, w in zip(_carry_leaves(got_c.forward), cf):
+                np.testing.assert_allclose(g, w, **TOL)
+            for g, w in zip(_carry_leaves(got_c.backward), cb):  # the carry after step 0
+                np.testing.assert_allclose(g, w, **TOL)
+
+
+def test_bidirectional_backward_half_is_not_a_forward_run(key):
+    # a check of the check: the reversed run differs from a forward run of the same cell
+    layer = js.Bidirectional(js.GRU(H))
+    p = layer.init(key, D)
+    xs = np.asarray(_xs(jax.random.fold_in(key, 1)), np.float64)
+    _, yb = _ref_rollout(np, layer.backward, _np(p.backward), xs, LENGTHS, reverse=True)
+    _, yf = _ref_rollout(np, layer.backward, _np(p.backward), xs, LENGTHS)
+    assert np.abs(yb - yf).max() > 1e-2
+    _, ys = js.bidirectional_rollout(layer, p, jnp.asarray(xs, jnp.float32), lengths=LENGTHS)
+    np.testing.assert_allclose(ys[..., H:], yb, **TOL)
+
+
+@pytest.mark.parametrize(
+    "layers, residual",
+    [
+        ((js.LSTM(H), js.Bidirectional(js.GRU(H)), js.RNN(2 * H)), False),
+        ((js.GRU(D), js.LSTM(D), js.RNN(D)), False),  # equal sizes: any input would fit
+        ((js.GRU(H), js.Bidirectional(js.RNN(H), js.LSTM(H)), js.RNN(2 * H)), False),
+        ((js.GRU(D), js.LSTM(D), js.GRU(D)), True),
+    ],
+)
+def test_stack_matches_numpy_layer_after_layer(key, layers, residual):
+    stack = js.Stack(layers, residual=residual)
+    p = stack.init(key, D)
+    xs = _xs(jax.random.fold_in(key, 2))
+    carries_w, want = _ref_stack(np, stack, _np(p), np.asarray(xs, np.float64), LENGTHS)
+    run = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x, lengths=LENGTHS))
+    for carries, ys in (js.stacked_rollout(stack, p, xs, lengths=LENGTHS), run(p, xs)):
+        assert ys.shape == want.shape
+        np.testing.assert_allclose(ys, want, **TOL)
+        for layer, got_c, want_c in zip(stack.layers, carries, carries_w):
+            if isinstance(layer, js.Bidirectional):
+                pairs = zip(
+                    _carry_leaves(got_c.forward) + _carry_leaves(got_c.backward),
+                    want_c[0] + want_c[1],
+                )
+            else:
+                pairs = zip(_carry_leaves(got_c), want_c)
+            for g, w in pairs:
+                np.testing.assert_allclose(g, w, **TOL)
+
+
+def _stack_masks(stack, key, ys_shapes):
+    """The dropout masks stacked_rollout draws (js.dropout of ones with its per-layer keys)."""
+    keys = jax.random.split(key, max(len(stack.layers) - 1, 1))
+    shared = (0,) if stack.variational_dropout else ()
+    return [
+        js.dropout(keys[i], jnp.ones(s), stack.dropout_rate, shared_axes=shared)
+        for i, s in enumerate(ys_shapes)
+    ]
+
+
+@pytest.mark.parametrize("variational", [False, True])
+def test_stack_with_dropout_under_jit_and_grad_matches_a_reference_loop(key, variational):
+    rate, t, lengths = 0.3, 4, np.array([4, 1, 0], np.int32)
+    stack = js.Stack(
+        [js.LSTM(3), js.Bidirectional(js.GRU(3))],
+        dropout_rate=rate,
+        variational_dropout=variational,
+    )
+    p = stack.init(key, D)
+    xs = jax.random.normal(jax.random.fold_in(key, 3), (t, 3, D))
+    k = jax.random.key(3)
+    (mask,) = _stack_masks(stack, k, [(t, 3, 3)])
+    m = np.asarray(mask)
+    inv = float(np.float32(1 / (1 - rate)))
+    assert set(np.unique(m).tolist()) == {0.0, inv}  # inverted dropout values
+    if variational:
+        np.testing.assert_array_equal(m, np.broadcast_to(m[:1], m.shape))
+    g_out = jax.random.normal(jax.random.fold_in(key, 4), (t, 3, 6))
+
+    @jax.jit
+    def loss(p, xs, k):
+        _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths, key=k)
+        return jnp.sum(ys * g_out)
+
+    def ref_loss(p, xs):
+        _, ys = _ref_stack(jnp, stack, p, xs, lengths, masks=[mask])
+        return jnp.sum(ys * g_out)
+
+    _, want = _ref_stack(np, stack, _np(p), np.asarray(xs, np.float64), lengths, [m])
+    _, ys = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x, lengths=lengths, key=k))(p, xs)
+    np.testing.assert_allclose(ys, want, **TOL)
+    if variational:
+        return  # the gradient path is the same; checked once below
+    got = jax.grad(loss, argnums=(0, 1))(p, xs, k)
+    ref = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(p, xs)
+    leaves_g, leaves_r = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)
+    assert len(leaves_g) == len(leaves_r)
+    for a, b in zip(leaves_g, leaves_r):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # gradients of padded input steps are exactly zero
+    gx = np.asarray(got[1])
+    for j, n in enumerate(lengths):
+        np.testing.assert_array_equal(gx[n:, j], 0.0)
+        if n:
+            assert np.abs(gx[:n, j]).max() > 0
+
+
+def test_stack_gradients_match_finite_differences_in_float64(key):
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        stack = js.Stack([js.GRU(3), js.Bidirectional(js.LSTM(2))])
+        p = stack.init(key, 2, jnp.float64)
+        xs = jax.random.normal(jax.random.fold_in(key, 5), (4, 2, 2), jnp.float64)
+        lengths = jnp.array([4, 2], jnp.int32)
+
+        def f(p, xs):
+            _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths)
+            return jnp.sum(jnp.sin(ys))
+
+        check_grads(jax.jit(f), (p, xs), order=1, modes=["rev"], eps=1e-5)
+
+
+def test_dense_and_embed_match_numpy_with_gradients(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    p = js.dense_init(k1, 4, 3)
+    p = p._replace(b=jnp.array([0.5, -1.0, 2.0]))
+    x = jax.random.normal(k2, (2, 5, 4))
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, p.w, p.b))
+    want = np.einsum("tbd,do->tbo", x64, w64) + b64
+    np.testing.assert_allclose(jax.jit(js.dense)(p, x), want, **TOL)
+    g = np.asarray(jax.random.normal(k3, (2, 5, 3)), np.float64)
+    gp, gx = jax.grad(lambda p, x: jnp.sum(js.dense(p, x) * g), argnums=(0, 1))(p, x)
+    np.testing.assert_allclose(gp.w, np.einsum("tbd,tbo->do", x64, g), **TOL)
+    np.testing.assert_allclose(gp.b, g.sum((0, 1)), **TOL)
+    np.testing.assert_allclose(gx, np.einsum("tbo,do->tbd", g, w64), **TOL)
+    # embedding: rows of the table; its gradient adds up the rows' cotangents
+    table = js.embedding_init(k1, 6, 3)
+    ids = np.array([[1, 5, 1], [0, 1, 3]])
+    np.testing.assert_array_equal(js.embed(table, ids), np.asarray(table)[ids])
+    gy = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
+    gt = jax.grad(lambda t: jnp.sum(js.embed(t, ids) * gy))(table)
+    want_gt = np.zeros((6, 3), np.float32)
+    np.add.at(want_gt, ids, gy)
+    np.testing.assert_array_equal(gt, want_gt)
+    assert (
+        not want_gt[2].any()
+        and want_gt[1].sum() == gy[0, 0].sum() + gy[0, 2].sum() + gy[1, 1].sum()
+    )
+
+
+def test_dropout_is_a_fixed_mask_under_jit_and_grad(key):
+    rate = 0.4
+    x = jax.random.normal(key, (50, 40))
+    y = jax.jit(lambda k, x: js.dropout(k, x, rate))(key, x)
+    keep = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[keep], np.asarray(x)[keep] / (1 - rate), rtol=1e-6)
+    assert abs(keep.mean() - (1 - rate)) < 0.03
+    # d sum(dropout(x) * g) / dx = keep * g / (1 - rate): the same mask as the forward
+    g = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
+    gx = jax.grad(lambda x: jnp.sum(js.dropout(key, x, rate) * g))(x)
+    np.testing.assert_allclose(gx, np.where(keep, np.asarray(g) / (1 - rate), 0.0), rtol=1e-6)
+    # the expectation is kept: mean of many draws over ones is ~1
+    ones = jnp.ones((400, 250))
+    np.testing.assert_allclose(float(jnp.mean(js.dropout(key, ones, rate))), 1.0, atol=0.02)
+    xb = x.astype(jnp.bfloat16)
+    assert js.dropout(key, xb, rate).dtype == jnp.bfloat16
