@@ -54,12 +54,54 @@ def test_time_jitted_rejects_bad_counts():
 
 
 def test_flop_formulas():
-    # LSTM step 2*B*4H*(D+H); GRU 3H; RNN 1H; training 3x forward.
-    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=False) == 5 * 2 * 2 * 16 * 7
-    assert bh.rnn_flops("gru", 2, 3, 4, 5, training=False) == 5 * 2 * 2 * 12 * 7
-    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=True) == 3 * 5 * 2 * 2 * 4 * 7
+    # Counted by hand for B=2, D=3, H=4, T=5: per step x @ W_ih is 2*B*D*(G*H) and
+    # h @ W_hh is 2*B*H*(G*H) multiply-adds counted as 2 FLOPs each.
+    #   LSTM (G=4): 2*2*3*16 = 192 + 2*2*4*16 = 256 -> 448 per step, 2240 for 5 steps
+    #   GRU  (G=3): 144 + 192 = 336 per step, 1680 for 5 steps
+    #   RNN  (G=1): 48 + 64 = 112 per step, 560 for 5 steps; training 3x = 1680
+    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=False) == 2240
+    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=True) == 6720
+    assert bh.rnn_flops("gru", 2, 3, 4, 5, training=False) == 1680
+    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=False) == 560
+    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=True) == 1680
+    assert bh.rnn_flops("gru", 1, 1, 1, 1, training=False) == 12  # 2*1*1*3 twice
     assert bh.gflops(2e9, 0.5) == pytest.approx(4.0)
     assert bh.gflops(None, 1.0) is None
+
+
+def _dot_flops(fn, *args):
+    """2 * (output size) * (contracted size) summed over every dot_general ``fn`` traces."""
+    import math
+
+    def walk(jaxpr, times):
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval.shape
+                out = eqn.outvars[0].aval.shape
+                total += times * 2 * math.prod(out) * math.prod(lhs[a] for a in lhs_contract)
+            n = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+            for v in eqn.params.values():
+                for sub in v if isinstance(v, tuple | list) else (v,):
+                    sub = getattr(sub, "jaxpr", sub)  # a closed jaxpr holds a jaxpr
+                    if hasattr(sub, "eqns"):
+                        total += walk(sub, times * n)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr, 1)
+
+
+@pytest.mark.parametrize("cell, flops", [("lstm", 2240), ("gru", 1680), ("rnn", 560)])
+def test_flop_formula_counts_the_matmuls_a_rollout_runs(cell, flops, key):
+    import jaxseq as js
+
+    c = {"lstm": js.LSTM, "gru": js.GRU, "rnn": js.RNN}[cell](4)
+    params = c.init(key, 3)
+    xs = jnp.ones((5, 2, 3))
+    assert _dot_flops(lambda p, x: js.rollout_unrolled(c, p, x)[1], params, xs) == flops
+    assert _dot_flops(lambda p, x: js.rollout(c, p, x)[1], params, xs) == flops  # in a scan
+    assert bh.rnn_flops(cell, 2, 3, 4, 5, training=False) == flops
 
 
 def test_environment_and_write_results(tmp_path):
@@ -206,8 +248,10 @@ def test_gemm_bound_matches_formula_shapes(key):
     n, d, h = 2 * 5, 3, 4
     assert [o.shape for o in outs] == [(n, 4 * h), (n, 4 * h), (n, d), (n, h), (d, 4 * h),
                                        (h, 4 * h)]  # fmt: skip
-    # Forward FLOPs of these GEMMs equal the formula; training has 3x as many.
-    assert 2 * n * 4 * h * (d + h) == bh.rnn_flops("lstm", 2, d, h, 5, training=False)
+    # FLOPs of these GEMMs, counted from their traced matmuls: [10, 3] @ [3, 16] is
+    # 2*10*3*16 = 960 and [10, 4] @ [4, 16] is 1280, so 2240 forward and 6720 training.
+    assert _dot_flops(fwd, *args) == 2240 == bh.rnn_flops("lstm", 2, d, h, 5, training=False)
+    assert _dot_flops(train, *args) == 6720 == bh.rnn_flops("lstm", 2, d, h, 5, training=True)
     assert len(jax.eval_shape(fwd, *args)) == 2
 
 
