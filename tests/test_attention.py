@@ -1,3 +1,4 @@
+import _np_models as npm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,20 +14,27 @@ def _rand(key, *shapes, dtype=jnp.float32):
     return [jax.random.normal(k, s, dtype) for k, s in zip(keys, shapes)]
 
 
-def _np_attention(q, k, v, mask=None, bias=None, scale=None):
-    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
-    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
-    s = q @ k.T * scale
-    if bias is not None:
-        s = s + np.asarray(bias, np.float64)
-    if mask is not None:
-        s = np.where(mask, s, -np.inf)
-    m = np.max(s, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m)
-    den = e.sum(-1, keepdims=True)
-    w = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
-    return w @ v, w
+def _bf16_qkv(seed, tq, tk, dk=16, dv=8):
+    """bfloat16 q, k, v whose scores share a large offset (64) per row and differ by O(1)
+    across keys: float32 scores are right to ~4e-6 (so the weights to a few 1e-6 relative),
+    bfloat16 scores (spacing 0.5 at 64) move each weight by ~10%. ``dk=16`` makes the
+    default scale 1/4 exact."""
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((tq, dk)), rng.standard_normal((tk, dk))
+    q[:, 0] = k[:, 0] = 16.0
+    v = rng.standard_normal((tk, dv))
+    return [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
+
+
+def _assert_bf16_close(out, want, v):
+    """``out`` (bfloat16) within what its own rounding allows: half a bfloat16 step of the
+    result plus the rounding of the weights to bfloat16 before ``@ v`` (2^-9 of the
+    column's largest ``|v|``), doubled. Both sides are divided by that ``|v|`` per column,
+    so the absolute tolerance is per column."""
+    assert out.dtype == jnp.bfloat16
+    vmax = np.max(np.abs(np.asarray(v, np.float64)), axis=0)[None]
+    got = np.asarray(out, np.float64) / vmax
+    np.testing.assert_allclose(got, want / vmax, rtol=2**-8, atol=2**-8)
 
 
 # -- masks ----------------------------------------------------------------------------
@@ -58,15 +66,15 @@ def test_dot_product_attention_matches_numpy(key):
     q, k, v, b = _rand(key, (5, 8), (7, 8), (7, 3), (5, 7))
     mask = jax.random.bernoulli(jax.random.key(1), 0.7, (5, 7)).at[:, 0].set(True)
     out = js.dot_product_attention(q, k, v, mask, bias=b, scale=0.3)
-    ref, ref_w = _np_attention(q, k, v, np.asarray(mask), b, 0.3)
-    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    want, want_w = npm.attention(q, k, v, np.asarray(mask), b, scale=0.3)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     w = att.attention_weights(q, k, mask, bias=b, scale=0.3)
     assert w.dtype == jnp.float32
-    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
     # causal flag == explicit causal mask; default scale is 1/sqrt(Dk)
     out_c = js.dot_product_attention(q[:5], k[:5], v[:5], causal=True)
-    ref_c, _ = _np_attention(q[:5], k[:5], v[:5], np.tril(np.ones((5, 5), bool)))
-    np.testing.assert_allclose(out_c, ref_c, rtol=1e-5, atol=1e-5)
+    want_c, _ = npm.attention(q[:5], k[:5], v[:5], np.tril(np.ones((5, 5), bool)))
+    np.testing.assert_allclose(out_c, want_c, rtol=1e-5, atol=1e-5)
 
 
 def test_jit_equals_no_jit(key):
@@ -143,14 +151,20 @@ def test_fully_masked_rows_are_zero_in_values_and_grads(key):
         np.testing.assert_array_equal(g, 0.0)
 
 
-def test_bfloat16_softmax_in_float32(key):
-    q, k, v = _rand(key, (6, 16), (6, 16), (6, 8))
-    ref = js.dot_product_attention(q, k, v, causal=True)
-    qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
-    out = js.dot_product_attention(qb, kb, vb, causal=True)
-    assert out.dtype == jnp.bfloat16
-    assert att.attention_weights(qb, kb, causal=True).dtype == jnp.float32
-    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+def test_bfloat16_inputs_scores_and_softmax_in_float32():
+    """bfloat16 q, k, v: the weights are those of float32 arithmetic on the same values."""
+    q, k, v = _bf16_qkv(0, 24, 64)
+    mask = np.ones((24, 64), bool)
+    mask[3, :] = False  # a fully masked row
+    mask[:, 50:] = False
+    want, want_w = npm.attention(q, k, v, mask, causal=True)
+    w = att.attention_weights(q, k, jnp.asarray(mask), causal=True)
+    assert w.dtype == jnp.float32
+    np.testing.assert_allclose(w, want_w, rtol=5e-5, atol=1e-7)
+    _assert_bf16_close(js.dot_product_attention(q, k, v, jnp.asarray(mask), causal=True), want, v)
+    want_n, want_nw = npm.attention(q, k, v)
+    np.testing.assert_allclose(att.attention_weights(q, k), want_nw, rtol=5e-5, atol=1e-7)
+    _assert_bf16_close(js.dot_product_attention(q, k, v), want_n, v)
 
 
 def _causality_check(fn, t, d):
@@ -242,13 +256,18 @@ def test_blockwise_batch_dims_vmap_and_scale(key):
     np.testing.assert_allclose(jax.jit(one)(q[0, 0], k[0, 0], v[0, 0]), ref[0, 0], atol=2e-6)
 
 
-def test_blockwise_bfloat16(key):
-    q, k, v = _rand(key, (12, 8), (12, 8), (12, 8))
-    ref = js.dot_product_attention(q, k, v, causal=True)
-    qb, kb, vb = (a.astype(jnp.bfloat16) for a in (q, k, v))
-    out = js.blockwise_attention(qb, kb, vb, causal=True, block_q=4, block_k=4)
-    assert out.dtype == jnp.bfloat16
-    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=5e-2)
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
+def test_blockwise_bfloat16_inputs_softmax_in_float32(method):
+    """bfloat16 q, k, v: running max, normaliser and scores in float32 (scan and unrolled)."""
+    q, k, v = _bf16_qkv(1, 24, 64)
+    for causal in (False, True):
+        want, _ = npm.attention(q, k, v, causal=causal)
+        out = js.blockwise_attention(q, k, v, causal=causal, block_q=8, block_k=16, method=method)
+        _assert_bf16_close(out, want, v)
+
+
+def test_blockwise_bfloat16_grads(key):
+    qb, kb, vb = (a.astype(jnp.bfloat16) for a in _rand(key, (12, 8), (12, 8), (12, 8)))
     g = jax.grad(
         lambda q: (
             js.blockwise_attention(q, kb, vb, causal=True, block_q=4).sum().astype(jnp.float32)
@@ -351,26 +370,61 @@ def test_shape_errors_name_expected_and_actual(key):
 # -- multi-head -----------------------------------------------------------------------
 
 
-def test_multi_head_attention_matches_manual(key):
-    p = js.multi_head_attention_init(key, 6, num_heads=2, key_size=4, value_size=3, output_size=5)
-    p = p._replace(b_q=jnp.full((2, 4), 0.1), b_o=jnp.full((5,), -0.2))
-    x = jax.random.normal(jax.random.key(1), (7, 6))
-    out, w = js.multi_head_attention(p, x, causal=True, return_weights=True)
-    assert out.shape == (7, 5) and w.shape == (2, 7, 7)
-    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
-    heads = []
-    xn = np.asarray(x, np.float64)
+@pytest.mark.parametrize("case", ["causal", "head_mask", "cross"])
+def test_multi_head_attention_matches_reference(key, case):
+    """Random non-zero weights and biases (b_q, b_k, b_v, b_o), against the NumPy reference.
+
+    (``b_k`` adds ``q_i . b_k`` to a whole row of scores, which the softmax ignores: no
+    output or weight depends on it.)"""
+    dc = 5 if case == "cross" else None
+    p = js.multi_head_attention_init(
+        key, 6, num_heads=2, key_size=4, value_size=3, output_size=5, context_size=dc
+    )
+    p = npm.perturb(p, seed=1)
+    x, ctx = _rand(jax.random.key(1), (7, 6), (9, 5))
+    ctx = None if case != "cross" else ctx
+    tk = 7 if ctx is None else 9
+    mask = None
+    if case == "head_mask":
+        mask = np.random.default_rng(2).random((2, 7, tk)) < 0.6
+        mask[:, :, 0] = True
+        mask[0, 4] = False  # one head's row with every key masked
+    elif case == "cross":
+        mask = np.broadcast_to(np.arange(tk) < 6, (7, tk))
+    causal = case == "causal"
+    out, w = js.multi_head_attention(
+        p, x, ctx, None if mask is None else jnp.asarray(mask), causal=causal, return_weights=True
+    )
+    assert out.shape == (7, 5) and w.shape == (2, 7, tk)
+    want, want_w = npm.multi_head_attention(p, x, ctx, mask, causal=causal)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    if case == "causal":  # the blockwise path too
+        out_b = js.multi_head_attention(p, x, causal=True, blockwise=True)
+        np.testing.assert_allclose(out_b, want, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_head_attention_bfloat16_softmax_in_float32():
+    """bfloat16 inputs and weights: the returned weights are float32 arithmetic on the
+    bfloat16 projections (identity projections here, so q, k, v are exactly the inputs)."""
+    x, _, _ = _bf16_qkv(2, 16, 16, dk=32)
+    ctx, _, _ = _bf16_qkv(3, 48, 48, dk=32)
+    x = x.at[:, 16].set(16.0)  # head 1 gets the same large offset as head 0
+    ctx = ctx.at[:, 16].set(16.0)
+    eye = jnp.eye(32, dtype=jnp.bfloat16)
+    p = js.MultiHeadAttentionParams(
+        eye.reshape(32, 2, 16), eye.reshape(32, 2, 16), eye.reshape(32, 2, 16),
+        eye.reshape(2, 16, 32), None, None, None, None,
+    )  # fmt: skip
+    mask = np.broadcast_to(np.arange(48) < 40, (16, 48))
+    out, w = js.multi_head_attention(p, x, ctx, jnp.asarray(mask), return_weights=True)
+    assert w.dtype == jnp.float32
+    xn, cn = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
     for h in range(2):
-        qh = xn @ np.asarray(p.w_q[:, h]) + np.asarray(p.b_q[h])
-        kh = xn @ np.asarray(p.w_k[:, h])
-        vh = xn @ np.asarray(p.w_v[:, h])
-        o, wh = _np_attention(qh, kh, vh, np.tril(np.ones((7, 7), bool)))
-        np.testing.assert_allclose(w[h], wh, atol=1e-5)
-        heads.append(o @ np.asarray(p.w_o[h]))
-    np.testing.assert_allclose(out, sum(heads) + np.asarray(p.b_o), rtol=1e-4, atol=1e-5)
-    # blockwise path gives the same output
-    out_b = js.multi_head_attention(p, x, causal=True, blockwise=True)
-    np.testing.assert_allclose(out_b, out, atol=1e-5)
+        sl = slice(16 * h, 16 * (h + 1))
+        want, want_w = npm.attention(xn[:, sl], cn[:, sl], cn[:, sl], mask)
+        np.testing.assert_allclose(w[h], want_w, rtol=5e-5, atol=1e-7)
+        _assert_bf16_close(out[:, sl], want, ctx[:, sl])
 
 
 def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
@@ -410,17 +464,13 @@ def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
 
 def test_additive_attention_matches_numpy_and_masks(key):
     p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
-    p = p._replace(b=jnp.full((5,), 0.3))
+    p = npm.perturb(p, seed=2)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
     ctx, w = js.additive_attention(p, qv, keys, vals, length=jnp.array(4))
-    e = np.tanh(
-        np.asarray(qv) @ np.asarray(p.w_q) + np.asarray(p.b) + np.asarray(keys) @ np.asarray(p.w_k)
-    ) @ np.asarray(p.v)
-    e = e[:4]
-    ref_w = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
-    np.testing.assert_allclose(w[:4], ref_w, rtol=1e-5)
+    want_ctx, want_w = npm.additive_attention(p, qv, keys, vals, length=4)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[4:], 0.0)
-    np.testing.assert_allclose(ctx, ref_w @ np.asarray(vals[:4]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-6)
     # precomputed keys and several queries at once
     pk = att.additive_attention_keys(p, keys)
     ctx2, w2 = js.additive_attention(
@@ -447,19 +497,18 @@ def test_luong_attention(key, score):
     p = js.luong_attention_init(key, 4, 4, score=score)
     qv, keys = _rand(jax.random.key(1), (4,), (5, 4))
     ctx, w = js.luong_attention(p, qv, keys, length=jnp.array(3))
-    qw = np.asarray(qv) if score == "dot" else np.asarray(qv) @ np.asarray(p.w)
-    e = (np.asarray(keys) @ qw)[:3]
-    ref = np.exp(e - e.max()) / np.exp(e - e.max()).sum()
-    np.testing.assert_allclose(w[:3], ref, rtol=1e-5)
+    want_ctx, want_w = npm.luong_attention(p, qv, keys, length=3)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[3:], 0.0)
-    np.testing.assert_allclose(ctx, ref @ np.asarray(keys[:3]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-6)
     # batched decoder step via vmap over (query, keys, length)
     qb, kb = _rand(jax.random.key(2), (2, 4), (2, 5, 4))
     lens = jnp.array([5, 2])
     cb, wb = jax.vmap(lambda q, k, n: js.luong_attention(p, q, k, length=n))(qb, kb, lens)
     for i in range(2):
-        c1, w1 = js.luong_attention(p, qb[i], kb[i], length=lens[i])
-        np.testing.assert_allclose(wb[i], w1, rtol=1e-6)
+        c1, w1 = npm.luong_attention(p, qb[i], kb[i], length=lens[i])
+        np.testing.assert_allclose(wb[i], w1, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(cb[i], c1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"key_size: score='dot' needs key_size == query_size"):
         js.luong_attention_init(key, 4, 3, score="dot")
     with pytest.raises(ValueError, match=r"mask: expected shape \[Tk=5\], got bool\[4\]"):

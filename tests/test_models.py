@@ -1,3 +1,4 @@
+import _np_models as npm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,28 @@ def test_shapes_and_carry_threading(lm, key):
     np.testing.assert_allclose(jnp.concatenate([l1, l2]), logits, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(c2), jax.tree_util.tree_leaves(carry)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_apply_matches_reference(lm, key):
+    """Embedding, two GRU layers from a given carry, per-sequence lengths and the head,
+    against a NumPy float64 model with every weight and bias random and non-zero."""
+    params = npm.perturb(lm.init(key), seed=11)
+    tokens = jax.random.randint(jax.random.fold_in(key, 2), (6, 2), 0, 6)
+    rng = np.random.default_rng(12)
+    carry0 = tuple(
+        js.RNNCarry(jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)) for _ in range(2)
+    )
+    lengths = np.array([6, 3])
+    carry, logits = jax.jit(lambda p, c, x, n: lm.apply(p, c, x, lengths=n))(
+        params, carry0, tokens, jnp.asarray(lengths)
+    )
+    for b in range(2):
+        h = np.asarray(params.embedding, np.float64)[np.asarray(tokens[:, b])]
+        for i, (cp, c0) in enumerate(zip(params.stack, carry0)):
+            (hb,), h = npm.rollout("gru", cp, h, lengths[b], carry=(c0.h[b],))
+            np.testing.assert_allclose(carry[i].h[b], hb, rtol=1e-5, atol=1e-6)
+        want = npm.dense(params.head, h)
+        np.testing.assert_allclose(logits[:, b], want, rtol=1e-5, atol=1e-6)
 
 
 def test_reset_lengths_and_dropout(lm, key):

@@ -1,5 +1,6 @@
 """Taggers, sequence classifiers and the attention encoder-decoder of jaxseq.models."""
 
+import _np_models as npm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,6 +139,44 @@ def test_seq2seq_teacher_forcing_equals_step_by_step(s2s, key):
     lg2, w2 = apply(params, junk, tgt_in, lengths)
     np.testing.assert_allclose(lg2, logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(w2, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell,bidirectional", [("lstm", True), ("gru", False)])
+def test_seq2seq_matches_reference(key, cell, bidirectional):
+    """Encoder, bridge (mean over each source's valid steps), one decoder step and teacher
+    forcing against a NumPy float64 model, with every weight and bias random and non-zero."""
+    s2s = models.Seq2SeqAttention(
+        6, 5, embed_dim=4, hidden=5, attention_size=3, cell=cell, bidirectional=bidirectional
+    )
+    params = npm.perturb(s2s.init(key), seed=8)
+    src = _tokens(jax.random.fold_in(key, 9), (7, 4), 6)
+    tgt_in = _tokens(jax.random.fold_in(key, 10), (4, 4), 5)
+    lengths = np.array([7, 4, 1, 0])  # the mean divides by these, not by S = 7
+    enc = jax.jit(s2s.encode)(params, src, jnp.asarray(lengths))
+    step = jax.jit(s2s.step)(params, enc, enc.carry, tgt_in[0])
+    logits, w = jax.jit(lambda p, s, t, n: s2s.apply(p, s, t, src_lengths=n))(
+        params, src, tgt_in, jnp.asarray(lengths)
+    )
+    srcn, tgtn = np.asarray(src), np.asarray(tgt_in)
+    tol = dict(rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(enc.lengths, lengths)
+    for b in range(4):
+        states, h0 = npm.seq2seq_encode(params, cell, bidirectional, srcn[:, b], lengths[b])
+        np.testing.assert_allclose(enc.states[b], states, **tol)
+        np.testing.assert_allclose(enc.keys[b], states @ np.asarray(params.attention.w_k), **tol)
+        carry = npm.seq2seq_initial_carry(cell, h0)
+        for got, want in zip(enc.carry, carry):
+            np.testing.assert_allclose(got[b], want, **tol)
+        carry1, lg1, w1 = npm.seq2seq_step(params, cell, states, lengths[b], carry, tgtn[0, b])
+        for got, want in zip(step[0], carry1):
+            np.testing.assert_allclose(got[b], want, **tol)
+        np.testing.assert_allclose(step[1][b], lg1, **tol)
+        np.testing.assert_allclose(step[2][b], w1, **tol)
+        want_lg, want_w = npm.seq2seq_apply(
+            params, cell, bidirectional, srcn[:, b], tgtn[:, b], lengths[b]
+        )
+        np.testing.assert_allclose(logits[:, b], want_lg, **tol)
+        np.testing.assert_allclose(w[:, b], want_w, **tol)
 
 
 def test_seq2seq_greedy_decode_feeds_back_its_argmax(key):

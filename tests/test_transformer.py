@@ -1,3 +1,4 @@
+import _np_models as npm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +16,10 @@ def test_layer_norm_known_values():
     np.testing.assert_allclose(y[1], 0.0, atol=1e-6)  # constant row: no NaN
     p2 = js.LayerNormParams(jnp.full((4,), 2.0), jnp.full((4,), 0.5))
     np.testing.assert_allclose(js.layer_norm(p2, x)[0], 2 * ref + 0.5, rtol=1e-5)
+    # random scale and offset, against the reference, over a batch of rows
+    p3 = npm.perturb(js.layer_norm_init(16), seed=3)
+    x3 = jax.random.normal(jax.random.key(4), (3, 5, 16)) * 3.0 + 1.0
+    np.testing.assert_allclose(js.layer_norm(p3, x3), npm.layer_norm(p3, x3), rtol=1e-5, atol=1e-5)
     yb = js.layer_norm(p, x.astype(jnp.bfloat16))
     assert yb.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"x: expected last dim D=4, got float32\[2, 3\]"):
@@ -37,6 +42,36 @@ def test_block_shapes_and_pre_ln_residual(block):
         mlp_out=block.mlp_out._replace(w=jnp.zeros_like(block.mlp_out.w)),
     )
     np.testing.assert_allclose(js.transformer_block(z, x), x, atol=1e-6)
+
+
+@pytest.fixture
+def random_block(key):
+    """Every weight and bias random and non-zero; the two layer norms random and different."""
+    return npm.perturb(js.transformer_block_init(key, 16, num_heads=4, mlp_size=24), seed=5)
+
+
+@pytest.mark.parametrize("case", ["causal", "length", "mask"])
+def test_block_matches_reference(random_block, case):
+    """The block against a NumPy float64 pre-LN block (tanh GELU, both residuals)."""
+    p = random_block
+    assert not np.allclose(p.ln1.scale, p.ln2.scale) and not np.allclose(p.ln1.bias, p.ln2.bias)
+    x = jax.random.normal(jax.random.key(6), (9, 16))
+    kw, rkw = {}, {}
+    if case == "length":
+        kw = rkw = dict(length=6, causal=False)
+        kw = dict(kw, length=jnp.array(6))
+    elif case == "mask":
+        mask = np.random.default_rng(7).random((9, 9)) < 0.5
+        mask[:, 0] = True
+        mask[3] = False  # a query row with every key masked: its attention is just b_o
+        kw, rkw = dict(mask=jnp.asarray(mask), causal=False), dict(mask=mask, causal=False)
+    y, w = js.transformer_block(p, x, return_weights=True, **kw)
+    want, want_w = npm.transformer_block(p, x, **rkw)
+    np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    if case == "causal":  # the blockwise attention path too
+        y_b = js.transformer_block(p, x, blockwise=True)
+        np.testing.assert_allclose(y_b, want, rtol=1e-5, atol=1e-5)
 
 
 def test_block_causality_by_gradients(block):
