@@ -43,8 +43,10 @@ Shapes: ``T`` time, ``N`` the flattened batch (``prod(*B)``), ``D`` input,
 ``H`` hidden, ``G`` gates (RNN 1, LSTM 4, GRU 3).
 
 Numerics follow the cells: matmuls accumulate in float32 (float64 when an
-operand is float64), the gate math and all cotangents inside the kernel use
-that accumulation dtype; carries keep their dtype
+operand is float64, so float64 rollouts, which take this kernel under
+``kernel="auto"`` like any other dtype, are float64 throughout), the gate math
+and all cotangents inside the kernel use that accumulation dtype; carries keep
+their dtype
 (rounded each step exactly as :meth:`cell.recur` does), cotangents are cast
 back to the dtype of the primal they belong to.
 

@@ -183,8 +183,9 @@ def rollout(
       kernel: ``"auto"`` (default): the fused kernel of :mod:`jaxseq.kernels`
         (hoisted projection, custom VJP with one-matmul weight gradients) for
         cells whose type is exactly ``RNN``/``LSTM``/``GRU``, except under
-        forward-mode autodiff (``jax.jvp``), which gets the scan path (the
-        kernel accumulates in float64 when an operand is float64);
+        forward-mode autodiff (``jax.jvp``), which gets the scan path. The
+        dtype does not change the choice: float64 operands take the fused
+        kernel too, which then accumulates in float64;
         ``"fused"``: require the fused kernel (``ValueError`` for other cells);
         ``"scan"``: always the plain ``lax.scan`` path with ordinary autodiff
         (use it for ``jax.jvp`` of an already-jitted function).

@@ -1,3 +1,4 @@
+import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,33 +21,17 @@ def name(request):
     return request.param
 
 
-def _np_sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
+KIND = {"rnn_tanh": "tanh", "rnn_relu": "relu", "lstm": "lstm", "gru": "gru"}
 
 
-def _np_step(name, p, carry, x):
-    """Independent NumPy implementation of one step, for known-value checks."""
-    p = {k: np.asarray(v, np.float64) for k, v in p._asdict().items()}
-    h = np.asarray(carry.h, np.float64)
-    x = np.asarray(x, np.float64)
-    if name.startswith("rnn"):
-        z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
-        h = np.tanh(z) if name == "rnn_tanh" else np.maximum(z, 0)
-        return (h,), h
-    if name == "lstm":
-        c = np.asarray(carry.c, np.float64)
-        z = x @ p["w_ih"] + h @ p["w_hh"] + p["b"]
-        i, f, g, o = np.split(z, 4, axis=-1)
-        c = _np_sigmoid(f) * c + _np_sigmoid(i) * np.tanh(g)
-        h = _np_sigmoid(o) * np.tanh(c)
-        return (h, c), h
-    xr, xz, xn = np.split(x @ p["w_ih"] + p["b"], 3, axis=-1)
-    hr, hz, hn = np.split(h @ p["w_hh"], 3, axis=-1)
-    r = _np_sigmoid(xr + hr)
-    z = _np_sigmoid(xz + hz)
-    n = np.tanh(xn + r * (hn + p["b_hn"]))
-    h = (1 - z) * n + z * h
-    return (h,), h
+def _ref_step(name, p, carry, x, dtype=np.float64):
+    """The independent NumPy reference step on the same values, upcast to ``dtype``."""
+    arrays = ref.as_arrays(
+        jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), p), dtype=dtype
+    )
+    carry = tuple(np.asarray(np.asarray(c, np.float32), dtype) for c in carry)
+    x = np.asarray(np.asarray(x, np.float32), dtype)
+    return ref.step(KIND[name], arrays, carry, x)
 
 
 def _random_params(cell, key, d):
@@ -77,30 +62,40 @@ def test_shapes_and_dtypes(name, key):
     assert cell.output_size == h
 
 
-def test_step_matches_numpy(name, key):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_step_matches_reference(name, key, dtype):
+    """One step from a random carry, every carry leaf (the LSTM's c included) and the
+    output, against the NumPy float64 reference."""
     cell = CELLS[name](7)
     p = _random_params(cell, key, 4)
     x = jax.random.normal(jax.random.key(3), (3, 4))
     carry = jax.tree_util.tree_map(
         lambda z: jax.random.normal(jax.random.key(4), z.shape), cell.initial_carry((3,))
     )
-    new, y = cell.step(p, carry, x)
-    ref_carry, ref_y = _np_step(name, p, carry, x)
-    np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-6)
-    for a, b in zip(new, ref_carry):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with jax.enable_x64(dtype == "float64"):
+        args = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), (p, carry, x))
+        new, y = jax.jit(cell.step)(*args)
+        assert y.dtype == jnp.dtype(dtype) and all(c.dtype == jnp.dtype(dtype) for c in new)
+        got = (tuple(np.asarray(c) for c in new), np.asarray(y))
+    ref.assert_close(got, _ref_step(name, p, carry, x), ref.TOL[dtype], name)
+    np.testing.assert_array_equal(got[1], got[0][0])  # y is h
 
 
-def test_project_then_recur_equals_step(name, key):
+def test_project_then_recur_matches_reference(name, key):
     cell = CELLS[name](5)
     p = _random_params(cell, key, 3)
     xs = jax.random.normal(key, (4, 2, 3))
     xp = cell.project(p, xs)
     assert xp.shape == (4, 2, GATES[name] * 5) and xp.dtype == jnp.float32
-    carry = cell.initial_carry((2,))
-    c1, y1 = cell.recur(p, carry, xp[0])
-    c2, y2 = cell.step(p, carry, xs[0])
-    np.testing.assert_allclose(y1, y2, rtol=1e-6)
+    arrays = ref.as_arrays(p)
+    want_xp = np.asarray(xs, np.float64) @ arrays["w_ih"] + arrays["b"]
+    ref.assert_close(xp, want_xp, ref.TOL["float32"], "project")
+    carry = jax.tree_util.tree_map(
+        lambda z: jax.random.normal(jax.random.key(4), z.shape), cell.initial_carry((2,))
+    )
+    new, y = cell.recur(p, carry, xp[0])
+    got = (tuple(new), y)
+    ref.assert_close(got, _ref_step(name, p, carry, xs[0]), ref.TOL["float32"], "recur")
 
 
 def test_vmap_equals_explicit_batch(name, key):
@@ -124,20 +119,54 @@ def test_jit_equals_nojit(name, key):
     jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6), a, b)
 
 
-def test_bfloat16_inputs_accumulate_in_float32(name, key):
-    cell = CELLS[name](8)
-    p = cell.init(key, 4)
-    x = jax.random.normal(key, (3, 4))
-    carry, y = cell.step(p, cell.initial_carry((3,)), x.astype(jnp.bfloat16))
+def _bf16(a):
+    return jnp.asarray(a, jnp.bfloat16)
+
+
+def test_bfloat16_operands_compute_in_float32(name, key):
+    """bfloat16 inputs and params with a float32 carry: the matmuls accumulate and the
+    gate math runs in float32, so the result equals the float64 reference on the same
+    bfloat16 values to float32 round-off. Rounding any matmul, the pre-activations or
+    the gates to bfloat16 is off by ~1e-3 to 1e-2, hundreds of times the tolerance."""
+    cell = CELLS[name](16)
+    d = 24  # long enough sums that a bfloat16 accumulation shows
+    p = jax.tree_util.tree_map(_bf16, _random_params(cell, key, d))
+    x = _bf16(jax.random.normal(jax.random.key(3), (3, d)))
+    # A float32 carry with values that bfloat16 cannot hold.
+    carry = jax.tree_util.tree_map(
+        lambda z: 0.7 * jax.random.normal(jax.random.key(4), z.shape), cell.initial_carry((3,))
+    )
+    new, y = cell.step(p, carry, x)
+    assert y.dtype == jnp.float32 and all(c.dtype == jnp.float32 for c in new)
+    want = _ref_step(name, p, carry, x)
+    ref.assert_close((tuple(new), y), want, ref.TOL["float32"], "bf16 x and params")
+    xp = cell.project(p, x)
+    assert xp.dtype == jnp.float32
+    arrays = ref.as_arrays(jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), p))
+    want_xp = np.asarray(np.asarray(x, np.float32), np.float64) @ arrays["w_ih"] + arrays["b"]
+    ref.assert_close(xp, want_xp, ref.TOL["float32"], "project")
+    # bf16 inputs with float32 params: the same.
+    p32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), p)
+    new, y = cell.step(p32, carry, x)
     assert y.dtype == jnp.float32
-    _, y32 = cell.step(p, cell.initial_carry((3,)), x)
-    np.testing.assert_allclose(y, y32, atol=3e-2)
-    # bf16 params and carry: the carry keeps its dtype, the math runs in float32.
-    p16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p)
-    c16 = cell.initial_carry((3,), dtype=jnp.bfloat16)
-    new, y16 = cell.step(p16, c16, x.astype(jnp.bfloat16))
-    assert y16.dtype == jnp.bfloat16 and new.h.dtype == jnp.bfloat16
-    np.testing.assert_allclose(y16.astype(jnp.float32), y32, atol=5e-2)
+    ref.assert_close((tuple(new), y), want, ref.TOL["float32"], "bf16 x")
+
+
+def test_bfloat16_carry_keeps_its_dtype(name, key):
+    """A bfloat16 carry stays bfloat16: the float32 result rounded once, to within one
+    bfloat16 rounding of the reference."""
+    cell = CELLS[name](8)
+    p = jax.tree_util.tree_map(_bf16, _random_params(cell, key, 4))
+    x = _bf16(jax.random.normal(key, (3, 4)))
+    c16 = jax.tree_util.tree_map(
+        lambda z: _bf16(0.7 * jax.random.normal(jax.random.key(4), z.shape)),
+        cell.initial_carry((3,)),
+    )
+    new, y16 = cell.step(p, c16, x)
+    assert y16.dtype == jnp.bfloat16 and all(c.dtype == jnp.bfloat16 for c in new)
+    want = _ref_step(name, p, c16, x)
+    got = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), (tuple(new), y16))
+    ref.assert_close(got, want, 2.0**-8, "bf16 carry")
 
 
 def test_init_is_deterministic_and_gate_blocks(key):
@@ -148,6 +177,40 @@ def test_init_is_deterministic_and_gate_blocks(key):
     # Default recurrent init: each [H, H] gate block is orthogonal.
     for blk in np.split(np.asarray(p1.w_hh), 4, axis=1):
         np.testing.assert_allclose(blk.T @ blk, np.eye(4), atol=1e-5)
+    # Each gate block of the input weights is drawn on its own.
+    blocks = np.split(np.asarray(p1.w_ih), 4, axis=1)
+    assert all(np.all(blocks[i] != blocks[j]) for i in range(4) for j in range(i))
+
+
+def test_init_biases_exact(key):
+    """The default forget bias is 1 on the f block only (order i, f, g, o); bias_init
+    fills every block and the forget bias adds to it; the GRU's b_hn comes from
+    bias_init too; identity() gives one identity per gate block."""
+    c = inits.constant(0.5)
+    eye = inits.identity()
+
+    def np32(a):
+        return np.asarray(a, np.float32)
+
+    p = js.LSTM(3).init(key, 2)
+    np.testing.assert_array_equal(p.b, np.r_[np.zeros(3), np.ones(3), np.zeros(6)])
+    p = js.LSTM(3, forget_bias=-2.0, bias_init=c).init(key, 2)
+    np.testing.assert_array_equal(p.b, np.r_[[0.5] * 3, [-1.5] * 3, [0.5] * 6])
+    p = js.LSTM(3, bias_init=c, recurrent_init=eye).init(key, 2, jnp.bfloat16)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in p)
+    np.testing.assert_array_equal(np32(p.b), np.r_[[0.5] * 3, [1.5] * 3, [0.5] * 6])
+    np.testing.assert_array_equal(np32(p.w_hh), np.tile(np.eye(3), (1, 4)))
+    p = js.GRU(3).init(key, 2)
+    np.testing.assert_array_equal(p.b, np.zeros(9))
+    np.testing.assert_array_equal(p.b_hn, np.zeros(3))
+    p = js.GRU(3, bias_init=c, recurrent_init=eye).init(key, 2)
+    np.testing.assert_array_equal(p.b, 0.5 * np.ones(9))
+    np.testing.assert_array_equal(p.b_hn, 0.5 * np.ones(3))
+    np.testing.assert_array_equal(p.w_hh, np.tile(np.eye(3), (1, 3)))
+    for act in ("tanh", "relu"):
+        p = js.RNN(3, activation=act, bias_init=c).init(key, 2)
+        np.testing.assert_array_equal(p.b, 0.5 * np.ones(3))
+        assert p.w_ih.shape == (2, 3) and p.w_hh.shape == (3, 3)
 
 
 def test_zero_weights_give_zero_state_rnn(key):
