@@ -181,7 +181,25 @@ def _diff(work: Path, env: dict, name: str) -> str:
     return out.stdout.strip()
 
 
-def _report(records: list[dict], modules: list[str], meta: dict) -> str:
+def _rates(records: list[dict], module: str) -> dict:
+    """Counts and the mutation score of one module ("all": every module).
+
+    Detected = killed + timeout; the score is detected / (detected + survived +
+    no tests): a mutant no test runs counts against it, as a survivor does.
+    """
+    group = [r for r in records if module == "all" or r["module"] == module]
+    n = {s: sum(r["status"] == s for r in group) for s in (KILLED, SURVIVED, TIMEOUT, NO_TESTS)}
+    n["run"] = len(group)
+    n["equivalent"] = sum(r["status"] == SURVIVED and bool(r.get("equivalent")) for r in group)
+    detected = n[KILLED] + n[TIMEOUT]
+    judged = detected + n[SURVIVED] + n[NO_TESTS]
+    n["score"] = detected / judged if judged else float("nan")
+    rest = judged - n["equivalent"]
+    n["score_eq"] = detected / rest if rest else float("nan")
+    return n
+
+
+def _report(records: list[dict], modules: list[str], meta: dict, baseline: dict | None) -> str:
     lines = [
         "# Mutation testing of the core modules",
         "",
@@ -190,34 +208,48 @@ def _report(records: list[dict], modules: list[str], meta: dict) -> str:
         f"(sample {meta['sample']:.0%} of {meta['generated']}, seed {meta['seed']}), "
         f"tests from {meta['tests']}.",
         "",
-        "Kill rate = killed / (run - timeouts - no tests); equivalent survivors are "
-        "listed in `benchmarks/mutation_equivalent.json` with their reason.",
-        "",
-        "| module | run | killed | survived | equivalent | timeout | no tests | kill rate "
-        "| kill rate, equivalent excluded |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Score = (killed + timeout) / (killed + timeout + survived + no tests). Equivalent "
+        "survivors (a change that cannot alter behaviour) are listed in "
+        "`benchmarks/mutation_equivalent.json` with their reason and left out of the last "
+        "column.",
     ]
-    rows = [*modules, "all"]
-    for mod in rows:
-        group = [r for r in records if mod == "all" or r["module"] == mod]
-        count = {s: sum(r["status"] == s for r in group) for s in (KILLED, SURVIVED, TIMEOUT)}
-        count[NO_TESTS] = sum(r["status"] == NO_TESTS for r in group)
-        equiv = sum(r["status"] == SURVIVED and bool(r.get("equivalent")) for r in group)
-        judged = count[KILLED] + count[SURVIVED]
-        rate = count[KILLED] / judged if judged else float("nan")
-        rate_eq = count[KILLED] / (judged - equiv) if judged - equiv else float("nan")
-        lines.append(
-            f"| {mod} | {len(group)} | {count[KILLED]} | {count[SURVIVED]} | {equiv} "
-            f"| {count[TIMEOUT]} | {count[NO_TESTS]} | {rate:.1%} | {rate_eq:.1%} |"
+    head = "| module | run | killed | timeout | survived | no tests | equivalent | score "
+    head += "| score, equivalent left out |"
+    if baseline:
+        head += f" score with tests from {baseline['meta']['tests']} |"
+        lines += [
+            "",
+            f"Baseline: the same mutants with the tests from {baseline['meta']['tests']} "
+            f"({baseline['meta']['when']}).",
+        ]
+    lines += ["", head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
+    for mod in [*modules, "all"]:
+        n = _rates(records, mod)
+        row = (
+            f"| {mod} | {n['run']} | {n[KILLED]} | {n[TIMEOUT]} | {n[SURVIVED]} | {n[NO_TESTS]} "
+            f"| {n['equivalent']} | {n['score']:.1%} | {n['score_eq']:.1%} |"
         )
-    survivors = [r for r in records if r["status"] == SURVIVED]
-    if survivors:
-        lines += ["", "## Surviving mutants", ""]
-        for r in survivors:
+        if baseline:
+            b = _rates(baseline["mutants"], mod)
+            row += f" {b['score']:.1%} ({b[SURVIVED] + b[NO_TESTS]} undetected) |"
+        lines.append(row)
+    undetected = [r for r in records if r["status"] in (SURVIVED, NO_TESTS)]
+    if undetected:
+        lines += ["", "## Undetected mutants", ""]
+        for r in undetected:
             why = r.get("equivalent") or "**not explained: a missing test**"
-            lines += [f"### `{r['name']}`", "", f"Equivalent: {why}", "", "```diff"]
-            lines += [r.get("diff", ""), "```", ""]
+            lines += [f"### `{r['name']}` ({r['status']})", "", f"Equivalent: {why}", ""]
+            lines += ["```diff", r.get("diff", ""), "```", ""]
     return "\n".join(lines) + "\n"
+
+
+def _describe_rev(rev: str | None) -> str:
+    if rev is None:
+        return "the working tree"
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True
+    )
+    return f"commit {out.stdout.strip() or rev}"
 
 
 def _cpu_model() -> str:
@@ -241,6 +273,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--out", default="results/mutation")
+    ap.add_argument("--baseline", default=None, help="a mutation.json to compare with")
     ap.add_argument(
         "--report-only",
         action="store_true",
@@ -292,7 +325,7 @@ def main(argv=None) -> int:
     records = []
     for name in names:
         rec = {"name": name, "module": _module_of(name), "status": _status(codes.get(name))}
-        if rec["status"] == SURVIVED:
+        if rec["status"] in (SURVIVED, NO_TESTS):
             rec["diff"] = _diff(work, env, name)
             rec["equivalent"] = equivalent.get(name)
         records.append(rec)
@@ -305,11 +338,12 @@ def main(argv=None) -> int:
         "generated": len(codes),
         "sample": args.sample,
         "seed": args.seed,
-        "tests": args.tests_rev or "the working tree",
+        "tests": _describe_rev(args.tests_rev),
         "modules": modules,
     }
     (out / "mutation.json").write_text(json.dumps({"meta": meta, "mutants": records}, indent=1))
-    report = _report(records, modules, meta)
+    baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
+    report = _report(records, modules, meta, baseline)
     (out / "mutation.md").write_text(report)
     print(report.split("\n## ")[0])
     return 0
