@@ -9,6 +9,7 @@ a query row with every key masked gets zero weights; the default score scale is
 with the tanh approximation of GELU (``jax.nn.gelu``'s default).
 """
 
+import _reference as ref
 import jax
 import ml_dtypes
 import numpy as np
@@ -31,10 +32,6 @@ def perturb(params, seed, scale=0.5):
     noisy = [np.asarray(a) + scale * rng.standard_normal(a.shape).astype(a.dtype) for a in leaves]
     noisy = [jax.numpy.asarray(a) for a in noisy]
     return jax.tree_util.tree_unflatten(tree, noisy)
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def gelu_tanh(x):
@@ -140,58 +137,18 @@ def luong_attention(p, query, keys, values=None, length=None):
     return w @ values, w
 
 
-# -- recurrent cells (one example: x [D], carry leaves [H]) ---------------------------
+# -- recurrent cells: the equations are those of _reference.py ---------------------------
+
+# the models' cell names -> _reference's kinds
+KINDS = {"lstm": "lstm", "gru": "gru", "rnn": "tanh"}
 
 
-def lstm_step(p, carry, x):
-    """Gates i, f, g, o; ``carry = (h, c)``."""
-    h, c = carry
-    z = f64(x) @ f64(p.w_ih) + h @ f64(p.w_hh) + f64(p.b)
-    i, f, g, o = np.split(z, 4)
-    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
-    h = sigmoid(o) * np.tanh(c)
-    return (h, c), h
-
-
-def gru_step(p, carry, x):
-    """Gates r, z, n; ``b_hn`` inside the reset; ``carry = (h,)``."""
-    (h,) = carry
-    xr, xz, xn = np.split(f64(x) @ f64(p.w_ih) + f64(p.b), 3)
-    hr, hz, hn = np.split(h @ f64(p.w_hh), 3)
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = np.tanh(xn + r * (hn + f64(p.b_hn)))
-    h = (1.0 - z) * n + z * h
-    return (h,), h
-
-
-def rnn_step(p, carry, x, activation="tanh"):
-    (h,) = carry
-    z = f64(x) @ f64(p.w_ih) + h @ f64(p.w_hh) + f64(p.b)
-    h = np.tanh(z) if activation == "tanh" else np.maximum(z, 0.0)
-    return (h,), h
-
-
-STEPS = {"lstm": lstm_step, "gru": gru_step, "rnn": rnn_step}
-
-
-def zero_carry(cell, hidden):
-    return tuple(np.zeros(hidden) for _ in range(2 if cell == "lstm" else 1))
-
-
-def rollout(cell, p, xs, length=None, reverse=False, carry=None):
-    """``xs [T, D]`` -> ``(final carry, ys [T, H])``, over the first ``length`` steps
-    only (backwards from the last valid one when ``reverse``); zeros past the length.
-    ``carry``: the initial carry (a tuple of ``[H]``; zeros when None)."""
-    xs = f64(xs)
-    t = xs.shape[0]
-    n = t if length is None else int(length)
-    hidden = p.w_hh.shape[0]
-    carry = zero_carry(cell, hidden) if carry is None else tuple(f64(c) for c in carry)
-    ys = np.zeros((t, hidden))
-    for i in reversed(range(n)) if reverse else range(n):
-        carry, ys[i] = STEPS[cell](p, carry, xs[i])
-    return carry, ys
+def cell_rollout(cell, p, xs, length=None, reverse=False):
+    """One example from a zero carry: ``xs [T, D]`` -> ``ys [T, H]``, zeros past ``length``."""
+    kind = KINDS[cell]
+    carry = ref.zero_carry(kind, p.w_hh.shape[0])
+    _, ys = ref.rollout(kind, ref.as_arrays(p), f64(xs), carry, length, reverse=reverse)
+    return ys
 
 
 # -- seq2seq with additive attention (one example) --------------------------------------
@@ -201,11 +158,11 @@ def seq2seq_encode(p, cell, bidirectional, src, length):
     """``src int[S]`` -> ``(states [S, He], h0 [Hd])``; ``h0 = tanh(W_b mean_{j<length} h_j + b_b)``."""
     x = f64(p.src_embedding)[np.asarray(src)]
     if bidirectional:
-        _, yf = rollout(cell, p.encoder.forward, x, length)
-        _, yb = rollout(cell, p.encoder.backward, x, length, reverse=True)
+        yf = cell_rollout(cell, p.encoder.forward, x, length)
+        yb = cell_rollout(cell, p.encoder.backward, x, length, reverse=True)
         states = np.concatenate([yf, yb], axis=-1)
     else:
-        _, states = rollout(cell, p.encoder, x, length)
+        states = cell_rollout(cell, p.encoder, x, length)
     mean = states[: int(length)].sum(0) / max(int(length), 1)
     return states, np.tanh(dense(p.bridge, mean))
 
@@ -218,7 +175,7 @@ def seq2seq_step(p, cell, states, length, carry, y_prev):
     """One decoder step -> ``(carry, logits [Vt], weights [S])``."""
     ctx, w = additive_attention(p.attention, carry[0], states, length=length)
     x = np.concatenate([f64(p.tgt_embedding)[int(y_prev)], ctx])
-    carry, h = STEPS[cell](p.decoder, carry, x)
+    carry, h = ref.step(KINDS[cell], ref.as_arrays(p.decoder), carry, x)
     logits = dense(p.head, np.concatenate([h, ctx]))
     return carry, logits, w
 

@@ -40,6 +40,11 @@ def num_carry(kind: str) -> int:
     return 2 if kind == "lstm" else 1
 
 
+def zero_carry(kind: str, hidden: int, batch=(), xnp=numpy, dtype=numpy.float64) -> tuple:
+    """The zero carry of a cell: ``num_carry(kind)`` arrays ``[*batch, hidden]``."""
+    return tuple(xnp.zeros((*batch, hidden), dtype) for _ in range(num_carry(kind)))
+
+
 def step(kind: str, p: dict, carry: tuple, x, xnp=numpy):
     """One cell step: ``x: [..., D]``, ``carry[i]: [..., H]`` -> ``(new_carry, y)``."""
     h = carry[0]

@@ -1,3 +1,4 @@
+import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,52 +167,24 @@ def test_layer_bad_input(key):
 
 # -- plain NumPy references ---------------------------------------------------------------
 #
-# The cells from the parameter layout of jaxseq.cells (weights [in, out], PyTorch gate
-# order: LSTM i, f, g, o; GRU r, z, n with b_hn inside the reset). ``xp`` is numpy for
-# float64 references, or jax.numpy for a differentiable reference of the same loop.
+# The cells are those of _reference.py. ``xp`` is numpy for float64 references, or
+# jax.numpy for a differentiable reference of the same loop.
 
 
-def _sig(xp, z):
-    return 1.0 / (1.0 + xp.exp(-z))
-
-
-def _ref_step(xp, cell, p, carry, x):
-    h = cell.hidden_size
+def _kind(cell):
+    """The _reference kind of a jaxseq cell."""
     if isinstance(cell, js.LSTM):
-        hp, cp = carry
-        z = x @ p.w_ih + hp @ p.w_hh + p.b
-        i, f, g, o = z[:h], z[h : 2 * h], z[2 * h : 3 * h], z[3 * h :]
-        c = _sig(xp, f) * cp + _sig(xp, i) * xp.tanh(g)
-        return (_sig(xp, o) * xp.tanh(c), c)
-    (hp,) = carry
-    if isinstance(cell, js.GRU):
-        a, r_ = x @ p.w_ih + p.b, hp @ p.w_hh
-        r = _sig(xp, a[:h] + r_[:h])
-        z = _sig(xp, a[h : 2 * h] + r_[h : 2 * h])
-        n = xp.tanh(a[2 * h :] + r * (r_[2 * h :] + p.b_hn))
-        return ((1.0 - z) * n + z * hp,)
-    z = x @ p.w_ih + hp @ p.w_hh + p.b
-    return (xp.tanh(z) if cell.activation == "tanh" else xp.maximum(z, 0.0),)
+        return "lstm"
+    return "gru" if isinstance(cell, js.GRU) else cell.activation
 
 
 def _ref_rollout(xp, cell, p, xs, lengths, reverse=False):
-    """Per sequence: run over its valid part (backwards when ``reverse``); zeros after it."""
-    t, b = xs.shape[0], xs.shape[1]
-    h = cell.hidden_size
-    n_carry = 2 if isinstance(cell, js.LSTM) else 1
-    zeros = xp.zeros((h,), xs.dtype)
-    cols, carries = [], []
-    for j in range(b):
-        n = int(lengths[j])
-        carry = (zeros,) * n_carry
-        out = [zeros] * t
-        for s in range(n - 1, -1, -1) if reverse else range(n):
-            carry = _ref_step(xp, cell, p, carry, xs[s, j])
-            out[s] = carry[0]
-        cols.append(xp.stack(out))
-        carries.append(carry)
-    ys = xp.stack(cols, axis=1)
-    return tuple(xp.stack([c[k] for c in carries]) for k in range(n_carry)), ys
+    """Per sequence, from a zero carry: run over its valid part (backwards when
+    ``reverse``); zeros after it. -> ``(carry, ys)``, ``carry`` a tuple ``(h,)``/``(h, c)``."""
+    kind = _kind(cell)
+    carry = ref.zero_carry(kind, cell.hidden_size, xs.shape[1:-1], xp, xs.dtype)
+    p = ref.as_arrays(p, xp, None)  # keeps the dtype (float32 leaves under jax.grad)
+    return ref.rollout(kind, p, xs, carry, lengths, reverse=reverse, xnp=xp)
 
 
 def _ref_layer(xp, layer, p, xs, lengths):

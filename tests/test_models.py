@@ -1,4 +1,5 @@
 import _np_models as npm
+import _reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,7 +44,8 @@ def test_apply_matches_reference(lm, key):
     for b in range(2):
         h = np.asarray(params.embedding, np.float64)[np.asarray(tokens[:, b])]
         for i, (cp, c0) in enumerate(zip(params.stack, carry0)):
-            (hb,), h = npm.rollout("gru", cp, h, lengths[b], carry=(c0.h[b],))
+            c0b = (np.asarray(c0.h[b], np.float64),)
+            (hb,), h = ref.rollout("gru", ref.as_arrays(cp), h, c0b, lengths[b])
             np.testing.assert_allclose(carry[i].h[b], hb, rtol=1e-5, atol=1e-6)
         want = npm.dense(params.head, h)
         np.testing.assert_allclose(logits[:, b], want, rtol=1e-5, atol=1e-6)
