@@ -8,6 +8,7 @@ working tree is never touched), and reports the kill rate per module.
     python -m benchmarks.mutation --sample 0.1 --out results/mutation   # a 10% sample
     python -m benchmarks.mutation --modules losses,rollout --out ...    # some modules
     python -m benchmarks.mutation --tests-rev HEAD~5 --out ...          # older tests
+    python -m benchmarks.mutation --sample 0.1 --work DIR --recheck --out ...  # see below
 
 A mutant is one small change to the source (``+`` -> ``-``, ``<`` -> ``<=``, a
 number changed, an argument dropped or replaced by ``None``, ...). It is
@@ -16,10 +17,18 @@ mutant is either a missing test or an *equivalent* mutant (a change that cannot
 alter behaviour); the equivalent ones are listed with a one-line reason in
 ``benchmarks/mutation_equivalent.json`` and reported apart.
 
+``--recheck`` takes a finished run in ``--work`` and re-runs only its undetected,
+unexplained mutants against today's tests (the tests added since go first), so
+that killing the survivors of a long run needs no second long run.
+``--report-only`` rewrites the report from ``--work``; ``--baseline`` adds the
+score of an earlier ``mutation.json`` (e.g. the same sample with older tests).
+
 What is not mutated: ``raise`` statements (the error messages are asserted by
 the bad-input tests, and a mutated message is not a behaviour) and decorated
 functions (mutmut skips them: here the two ``custom_vjp`` cores of blockwise
-attention, whose forward and backward rules are mutated separately).
+attention, whose forward and backward rules are mutated separately). What is
+not scored: in ``train.py`` only the training step is (``OUT_OF_SCOPE`` lists
+the loop, logging and sharding helpers left out, and why).
 
 Speed: every mutant runs in a fresh process forked from a server that has
 imported the test modules; a persistent JAX compilation cache (in the scratch
@@ -211,6 +220,76 @@ def _diff(work: Path, env: dict, name: str) -> str:
     return out.stdout.strip()
 
 
+def _pytest(tree: Path, env: dict, args: list[str], mutant: str | None, timeout: float):
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    cmd += ["-p", "no:xdist", "-p", "no:benchmark", "-p", "no:randomly", *args]
+    run_env = dict(env, MUTANT_UNDER_TEST=mutant or "")
+    try:
+        proc = subprocess.run(
+            cmd, cwd=tree, env=run_env, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None, ""
+    return proc.returncode, proc.stdout
+
+
+def _test_ids(tree: Path, env: dict, files: list[str]) -> list[str]:
+    code, out = _pytest(tree, env, ["--collect-only", *files], None, 600)
+    if code not in (0, 5):
+        raise RuntimeError(f"collecting {files} in {tree} failed:\n{out[-3000:]}")
+    return [line for line in out.splitlines() if "::" in line]
+
+
+def _recheck(work: Path, env: dict, names: list[str], codes: dict, equivalent: dict, jobs: int):
+    """Re-runs the undetected, unexplained mutants of a finished run against today's tests.
+
+    The mutated tree mutmut built is copied with ``tests/`` replaced by the working
+    tree's; each mutant is switched on by mutmut's own ``MUTANT_UNDER_TEST`` variable.
+    The tests added since the run go first, then the module's whole test files, each
+    run stopping at its first failure. Statuses go to ``<work>/recheck.json``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    todo = [
+        n for n in names if _status(codes.get(n)) in (SURVIVED, NO_TESTS) and n not in equivalent
+    ]
+    tree = work / "recheck"
+    if tree.exists():
+        shutil.rmtree(tree)
+    shutil.copytree(work / "mutants", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    old_ids = {
+        m: set(_test_ids(tree, env, MODULES[m])) for m in sorted({_module_of(n) for n in todo})
+    }
+    shutil.rmtree(tree / "tests")
+    shutil.copytree(ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    new_ids = {
+        m: [t for t in _test_ids(tree, env, MODULES[m]) if t not in old_ids[m]] for m in old_ids
+    }
+    # The new tests must pass without a mutant (the suite as a whole is CI's to check).
+    fresh = sorted({t for ids in new_ids.values() for t in ids})
+    code, out = _pytest(tree, env, fresh, None, 3600) if fresh else (0, "")
+    if code != 0:
+        raise RuntimeError(f"the new tests fail without any mutant:\n{out[-3000:]}")
+
+    def one(name):
+        files = MODULES[_module_of(name)]
+        first = new_ids[_module_of(name)]
+        code = 0
+        if first:
+            code, _ = _pytest(tree, env, first, name, 1800)
+        if code == 0 or code == 5:
+            code, _ = _pytest(tree, env, files, name, 3600)
+        return name, {None: TIMEOUT, 1: KILLED, 0: SURVIVED}.get(code, "suspicious")
+
+    results = {}
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for i, (name, status) in enumerate(pool.map(one, todo), 1):
+            results[name] = status
+            print(f"[{i}/{len(todo)}] {status}: {name}", flush=True)
+    (work / "recheck.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
 def _rates(records: list[dict], module: str) -> dict:
     """Counts and the mutation score of one module ("all": every module).
 
@@ -305,6 +384,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/mutation")
     ap.add_argument("--baseline", default=None, help="a mutation.json to compare with")
     ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="re-run the undetected mutants of the finished run in --work with today's tests",
+    )
+    ap.add_argument(
         "--report-only",
         action="store_true",
         help="only (re)write the report from the mutants already run in --work",
@@ -323,15 +407,18 @@ def main(argv=None) -> int:
         print("mutmut is not installed: pip install mutmut", file=sys.stderr)
         return 2
 
-    if args.report_only and not args.work:
-        ap.error("--report-only needs --work")
+    if (args.report_only or args.recheck) and not args.work:
+        ap.error("--report-only and --recheck need --work")
     work = Path(args.work or tempfile.mkdtemp(prefix="jaxseq-mutation-")).resolve()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = _env(work)
     start = time.perf_counter()
-    if args.report_only:
+    equivalent = json.loads(EQUIVALENT_FILE.read_text()) if EQUIVALENT_FILE.exists() else {}
+    if args.report_only or args.recheck:
         names = _sample(sorted(_read_meta(work)), args.sample, args.seed)
+        if args.recheck:
+            _recheck(work, env, names, _read_meta(work), equivalent, args.max_children)
     else:
         _prepare(work, modules, args.tests_rev)
         print(f"generating mutants and test statistics in {work} ...", flush=True)
@@ -351,10 +438,14 @@ def main(argv=None) -> int:
     if args.report_only and previous.exists():  # keep the time of the run itself
         seconds = json.loads(previous.read_text())["meta"]["seconds"]
     codes = _read_meta(work)
-    equivalent = json.loads(EQUIVALENT_FILE.read_text()) if EQUIVALENT_FILE.exists() else {}
+    rechecked_file = work / "recheck.json"
+    rechecked = json.loads(rechecked_file.read_text()) if rechecked_file.exists() else {}
     records = []
     for name in names:
-        rec = {"name": name, "module": _module_of(name), "status": _status(codes.get(name))}
+        status = rechecked.get(name) or _status(codes.get(name))
+        rec = {"name": name, "module": _module_of(name), "status": status}
+        if name in rechecked:
+            rec["rechecked"] = True
         if rec["status"] in (SURVIVED, NO_TESTS):
             rec["diff"] = _diff(work, env, name)
             rec["equivalent"] = equivalent.get(name)
@@ -368,7 +459,13 @@ def main(argv=None) -> int:
         "generated": len(codes),
         "sample": args.sample,
         "seed": args.seed,
-        "tests": _describe_rev(args.tests_rev),
+        "tests": _describe_rev(args.tests_rev)
+        + (
+            f"; its {len(rechecked)} undetected, unexplained mutants re-run with "
+            "the working tree's tests"
+            if rechecked
+            else ""
+        ),
         "modules": modules,
     }
     (out / "mutation.json").write_text(json.dumps({"meta": meta, "mutants": records}, indent=1))
