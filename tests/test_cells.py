@@ -317,3 +317,22 @@ def test_wrong_carry_type(key):
     p = cell.init(key, 3)
     with pytest.raises(TypeError, match=r"carry: expected LSTMCarry\('h', 'c'\)"):
         cell.step(p, js.RNNCarry(jnp.zeros((2, 4))), jnp.zeros((2, 3)))
+
+
+def test_check_projected(name, key):
+    """``check_projected`` accepts ``xp: [*B, G*H]`` with a matching carry and names
+    the argument when the last dim or the carry is wrong."""
+    cell = CELLS[name](4)
+    p = cell.init(key, 3)
+    c = cell.initial_carry((2,))
+    gh = cell.num_gates * 4
+    xp = cell.project(p, jnp.zeros((2, 3)))
+    assert xp.shape == (2, gh)
+    cell.check_projected(p, xp, c)  # no error
+    cell.check_projected(p, xp[0], cell.initial_carry(()))
+    with pytest.raises(ValueError, match=rf"xp: expected last dim G\*H={gh}, got float32\[2, 5\]"):
+        cell.check_projected(p, jnp.zeros((2, 5)), c)
+    with pytest.raises(ValueError, match=r"proj: expected last dim"):
+        cell.check_projected(p, jnp.zeros((2, 5)), c, name="proj")
+    with pytest.raises(ValueError, match=r"carry.h: expected shape \[3, 4\]"):
+        cell.check_projected(p, jnp.zeros((3, gh)), c)

@@ -408,3 +408,16 @@ def test_dropout_is_a_fixed_mask_under_jit_and_grad(key):
     np.testing.assert_allclose(float(jnp.mean(js.dropout(key, ones, rate))), 1.0, atol=0.02)
     xb = x.astype(jnp.bfloat16)
     assert js.dropout(key, xb, rate).dtype == jnp.bfloat16
+
+
+def test_bidirectional_initial_carry():
+    """Zeros for both directions, each in its own cell's carry type, shape and dtype."""
+    layer = js.Bidirectional(js.LSTM(H), js.GRU(3))
+    carry = layer.initial_carry((B,), jnp.bfloat16)
+    assert isinstance(carry, js.BidirectionalCarry)
+    assert isinstance(carry.forward, js.LSTMCarry) and isinstance(carry.backward, js.RNNCarry)
+    leaves = [carry.forward.h, carry.forward.c, carry.backward.h]
+    for leaf, size in zip(leaves, (H, H, 3)):
+        assert leaf.shape == (B, size) and leaf.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(leaf, 0)
+    assert len(jax.tree_util.tree_leaves(carry)) == 3

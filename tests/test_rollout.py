@@ -407,3 +407,30 @@ def test_errors_raise_at_trace_time_under_jit(key):
     f = jax.jit(lambda xs: js.rollout(cell, p, xs))
     with pytest.raises(ValueError, match="xs: expected last dim D=3"):
         f(jnp.zeros((T, B, 2)))
+
+
+def test_rollout_unrolled_matches_reference():
+    """The Python-loop reference implementation itself, with reset flags (alone, and
+    with lengths and reverse), against the independent NumPy reference."""
+    kind = "lstm"
+    cell = make_cell(kind)
+    params, xs_np, c0_np, _ = problem(kind)
+    p, xs, c0, _ = to_jax(cell, problem(kind), jnp.float32)
+    for name in ("reset", "all"):
+        carry, ys = js.rollout_unrolled(cell, p, xs, c0, **OPTIONS[name])
+        want = ref.rollout(kind, params, xs_np, c0_np, **OPTIONS[name])
+        ref.assert_close((tuple(carry), ys), want, TOL["float32"], f"rollout_unrolled, {name}")
+
+
+def test_empty_sequence_outputs_keep_the_carry_dtype(key):
+    """T = 0: the empty outputs have the dtype a step would give (bfloat16 for a
+    bfloat16 carry), the same for every implementation, as for T = 1."""
+    cell = make_cell("gru")
+    p = cell.init(key, D)
+    xs = jax.random.normal(key, (1, 2, D))
+    c16 = cell.initial_carry((2,), jnp.bfloat16)
+    outs = [js.rollout(cell, p, x, c16, kernel=k) for x in (xs, xs[:0]) for k in KERNELS]
+    outs += [js.rollout_unrolled(cell, p, x, c16) for x in (xs, xs[:0])]
+    for carry, ys in outs:
+        assert ys.dtype == jnp.bfloat16 and carry.h.dtype == jnp.bfloat16
+        assert ys.shape[1:] == (2, H)
