@@ -106,6 +106,11 @@ def test_bad_inputs_name_the_argument():
         )
     with pytest.raises(ValueError, match="targets: expected shape"):
         losses.mse(jnp.zeros((3, 2)), jnp.zeros((3, 3)))
+    # a value that is no array at all: the TypeError names the argument
+    with pytest.raises(TypeError, match="targets: expected an array"):
+        losses.mse(jnp.zeros((3, 2)), "not an array")
+    with pytest.raises(TypeError, match="predictions: expected an array"):
+        losses.mse("not an array", jnp.zeros((3, 2)))
 
 
 # -- float64 references on bfloat16 inputs ------------------------------------------------
@@ -224,3 +229,27 @@ def test_accuracy_and_mse_against_numpy_with_mask_and_lengths():
     np.testing.assert_allclose(
         float(losses.mse(pred, tgt, lengths=jnp.asarray(lengths))), err[lmask].mean(), rtol=2e-6
     )
+
+
+def test_bits_per_token_honours_a_positional_mask():
+    logits = jnp.asarray(np.random.default_rng(10).normal(size=(4, 3, 6)) * 3, jnp.float32)
+    targets = jnp.asarray(np.random.default_rng(11).integers(0, 6, size=(4, 3)), jnp.int32)
+    mask = jnp.asarray(np.random.default_rng(12).random((4, 3)) < 0.5).at[0, 0].set(True)
+    per = _np_xent(np.asarray(logits, np.float64), np.asarray(targets))
+    want = per[np.asarray(mask)].mean() / np.log(2.0)
+    assert abs(want - per.mean() / np.log(2.0)) > 1e-3  # the mask changes the answer
+    np.testing.assert_allclose(float(losses.bits_per_token(logits, targets, mask)), want, rtol=1e-5)
+
+
+def test_lengths_to_mask_under_x64_and_strict_dtype_promotion():
+    # int32 steps against int32 lengths: no implicit int32/int64 promotion, which
+    # strict promotion forbids, even when x64 makes the default integer int64
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        lengths = jnp.asarray([2, 0, 3], jnp.int32)
+        mask = losses.lengths_to_mask(lengths, 4)
+        assert mask.dtype == jnp.bool_ and mask.shape == (4, 3)
+        want = np.arange(4)[:, None] < np.array([2, 0, 3])[None, :]
+        np.testing.assert_array_equal(np.asarray(mask), want)
+        logits = jnp.zeros((4, 3, 5), jnp.float32)
+        got = losses.cross_entropy(logits, jnp.zeros((4, 3), jnp.int32), lengths=lengths)
+        np.testing.assert_allclose(float(got), math.log(5.0), rtol=1e-6)

@@ -478,3 +478,29 @@ def test_evaluate_lm_threads_the_carry_like_one_full_pass(key):
     want_r = float(np.concatenate(parts).mean())
     np.testing.assert_allclose(train.evaluate_lm(model, params, bt_r), want_r, rtol=1e-5)
     assert abs(want_r - want) > 1e-4
+
+
+def test_evaluate_lm_on_a_one_device_mesh_equals_no_mesh():
+    v, b, k = 5, 2, 4
+    rng = np.random.default_rng(1)
+    bt = data.StreamBatcher(rng.integers(1, v, size=b * 8), b, k)  # chunks 4, 3 (padded)
+    params = jnp.asarray(rng.normal(size=(v, v)) * 2, jnp.float32)
+    want = train.evaluate_lm(_BigramLM(), params, bt)
+    mesh = train.make_mesh(jax.devices()[:1])
+    got = train.evaluate_lm(_BigramLM(), params, bt, mesh=mesh)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_train_step_lower_compiles_to_the_same_step(key):
+    cell, loss_fn, init = _regression()
+    opt = train.make_optimizer("sgd", 1e-2)
+    state = train.init_state(init(key), opt, key, cell.initial_carry((3,)))
+    step = train.make_train_step(loss_fn, opt, donate=False)
+    x = np.linspace(-1.0, 1.0, 15, dtype=np.float32).reshape(5, 3)
+    chunk = data.Chunk(x, x * 0.5, np.ones((5, 3), bool), np.zeros((5, 3), bool))
+    lowered = step.lower(state, chunk)
+    assert isinstance(lowered, jax.stages.Lowered) and step.traces == 1
+    new_c, m_c = lowered.compile()(state, chunk)
+    new, m = step(state, chunk)
+    assert _bits_equal(_copy(new_c), _copy(new)) and _bits_equal(m_c, m)
+    assert int(new.step) == 1 and not _bits_equal(new.params, state.params)
