@@ -504,3 +504,17 @@ def test_train_step_lower_compiles_to_the_same_step(key):
     new, m = step(state, chunk)
     assert _bits_equal(_copy(new_c), _copy(new)) and _bits_equal(m_c, m)
     assert int(new.step) == 1 and not _bits_equal(new.params, state.params)
+
+
+def test_init_state_and_make_train_step_errors_name_the_argument():
+    opt = train.make_optimizer("sgd", 1e-2)
+    params = {"w": jnp.zeros((2, 2))}
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
+        train.init_state(params, opt, None)
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
+        train.init_state(params, opt, np.zeros(3, np.float32))
+    with pytest.raises(TypeError, match=r"^optimizer: expected js.train.Optimizer"):
+        train.init_state(params, "sgd", jax.random.key(0))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=r"^chunks_per_call: expected a positive int"):
+            train.make_train_step(lambda *a: None, opt, chunks_per_call=bad)
