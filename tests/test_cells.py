@@ -336,3 +336,11 @@ def test_check_projected(name, key):
         cell.check_projected(p, jnp.zeros((2, 5)), c, name="proj")
     with pytest.raises(ValueError, match=r"carry.h: expected shape \[3, 4\]"):
         cell.check_projected(p, jnp.zeros((3, gh)), c)
+
+
+def test_rank_error_names_the_expected_layout(key):
+    """A scalar input is refused with the layout the step expects."""
+    cell = js.GRU(4)
+    p = cell.init(key, 3)
+    with pytest.raises(ValueError, match=r"x: expected rank >= 1 \[\.\.\., D\], got rank 0"):
+        cell.step(p, cell.initial_carry(()), jnp.float32(1.0))

@@ -466,3 +466,52 @@ def test_auto_unroll_rule():
     for t in (1, 7, 100):
         for work in (None, 1, 2**21, 2**30):
             assert 1 <= kernels.auto_unroll(t, work, "cpu") <= max(t, 1)
+
+
+def test_auto_unroll_default_backend_is_the_current_one():
+    """``backend=None`` means ``jax.default_backend()``."""
+    backend = jax.default_backend()
+    for t, work in ((1000, 64 * 512 * 2048), (1000, 10), (3, None)):
+        assert kernels.auto_unroll(t, work) == kernels.auto_unroll(t, work, backend)
+
+
+def test_jvp_with_respect_to_the_carry_alone_takes_the_scan_path(key):
+    """Forward mode through the initial carry only (params and xs constant) works
+    under kernel="auto" and equals the scan path's derivative."""
+    cell = make_cell("lstm")
+    params, xs, carry, _ = ref.to_jax(cell, problem("lstm"), jnp.float32)
+    tangent = jax.tree_util.tree_map(jnp.ones_like, carry)
+
+    def f(kernel):
+        return jax.jvp(
+            lambda c: js.rollout(cell, params, xs, c, kernel=kernel)[1], (carry,), (tangent,)
+        )
+
+    got, want = jax.jit(lambda: (f("auto"), f("scan")))()
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want
+    )
+
+
+@pytest.mark.parametrize("kind", ["tanh", "relu"])
+def test_fused_gradients_with_a_bfloat16_carry(kind, key):
+    """A bfloat16 carry with float32 params and inputs: the fused backward keeps the
+    float32 activations (the bfloat16 outputs are not precise enough) and its gradients
+    equal those of the scan path (ordinary autodiff of the same steps)."""
+    cell = make_cell(kind)
+    params, xs, carry, _ = ref.to_jax(cell, problem(kind), jnp.float32)
+    c16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), carry)
+    dys = jax.random.normal(key, (T, *BATCH, H))
+
+    def grads(kernel):
+        def loss(p, x, c):
+            _, ys = js.rollout(cell, p, x, c, kernel=kernel, **OPTIONS["masked_reverse"])
+            return jnp.sum(ys.astype(jnp.float32) * dys)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(params, xs, c16)
+
+    got, want = jax.jit(lambda: (grads("fused"), grads("scan")))()
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())

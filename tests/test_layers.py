@@ -421,3 +421,38 @@ def test_bidirectional_initial_carry():
         assert leaf.shape == (B, size) and leaf.dtype == jnp.bfloat16
         np.testing.assert_array_equal(leaf, 0)
     assert len(jax.tree_util.tree_leaves(carry)) == 3
+
+
+def test_layer_argument_errors_name_the_argument(key):
+    """Each bad argument is named in the error, with the layout expected."""
+    p = js.dense_init(key, 4, 3)
+    with pytest.raises(ValueError, match=r"x: expected rank >= 1 \[\.\.\., D\], got rank 0"):
+        js.dense(p, jnp.float32(1.0))
+    table = js.embedding_init(key, 10, 6)
+    with pytest.raises(ValueError, match=r"table: expected rank 2 \[V, E\], got rank 1"):
+        js.embed(table[0], jnp.array([1]))
+    with pytest.raises(TypeError, match="ids: expected an array"):
+        js.embed(table, object())
+    with pytest.raises(ValueError, match="dim: expected a positive int"):
+        js.embedding_init(key, 10, 0)
+
+
+def test_bidirectional_init_honours_dtype(key):
+    layer = js.Bidirectional(js.LSTM(H), js.GRU(3))
+    p = layer.init(key, D, jnp.bfloat16)
+    leaves = jax.tree_util.tree_leaves(p)
+    assert len(leaves) == 7 and all(leaf.dtype == jnp.bfloat16 for leaf in leaves)
+
+
+def test_three_layer_dropout_uses_one_key_per_gap(key):
+    """With n layers the key is split into n - 1 dropout keys, key i after layer i."""
+    stack = js.Stack([js.RNN(H), js.RNN(H), js.RNN(H)], dropout_rate=0.5)
+    p = stack.init(key, D)
+    xs, _ = _data(key)
+    drop_key = jax.random.key(3)
+    _, ys = js.stacked_rollout(stack, p, xs, key=drop_key)
+    k = jax.random.split(drop_key, 2)
+    _, h = js.rollout(stack.layers[0], p[0], xs)
+    _, h = js.rollout(stack.layers[1], p[1], js.dropout(k[0], h, 0.5))
+    _, want = js.rollout(stack.layers[2], p[2], js.dropout(k[1], h, 0.5))
+    np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)

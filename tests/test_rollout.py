@@ -434,3 +434,10 @@ def test_empty_sequence_outputs_keep_the_carry_dtype(key):
     for carry, ys in outs:
         assert ys.dtype == jnp.bfloat16 and carry.h.dtype == jnp.bfloat16
         assert ys.shape[1:] == (2, H)
+
+
+def test_unknown_kernel_is_named(key):
+    cell = make_cell("gru")
+    p = cell.init(key, D)
+    with pytest.raises(ValueError, match=r"kernel: expected one of \['auto', 'fused', 'scan'\]"):
+        js.rollout(cell, p, jnp.zeros((T, B, D)), kernel="cuda")
