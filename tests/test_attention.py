@@ -1,3 +1,5 @@
+import re
+
 import _np_models as npm
 import jax
 import jax.numpy as jnp
@@ -513,3 +515,180 @@ def test_luong_attention(key, score):
         js.luong_attention_init(key, 4, 3, score="dot")
     with pytest.raises(ValueError, match=r"mask: expected shape \[Tk=5\], got bool\[4\]"):
         js.luong_attention(p, qv, keys, mask=jnp.ones(4, bool))
+
+
+def test_batched_bias_shared_and_per_head():
+    """``bias`` ``[*B, Tq, Tk]`` (shared by the heads) or ``[*B, K, Tq, Tk]`` shifts the scores
+    of each example and head, as in the NumPy reference."""
+    b, tq, tk, h = 2, 3, 4, 2
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal(s) for s in ((b, tq, h, 4), (b, tk, h, 4), (b, tk, h, 2)))
+    bh = 3.0 * rng.standard_normal((b, h, tq, tk))
+    f = jax.jit(
+        lambda q, k, v, bias: js.batched_dot_product_attention(
+            q, k, v, bias=bias, return_weights=True
+        )
+    )
+    for bias in (bh, bh[:, 0]):
+        out, w = (np.asarray(a) for a in f(*(jnp.asarray(a, jnp.float32) for a in (q, k, v, bias))))
+        for i in range(b):
+            for j in range(h):
+                bij = bias[i, j] if bias.ndim == 4 else bias[i]
+                want, want_w = npm.attention(q[i, :, j], k[i, :, j], v[i, :, j], bias=bij)
+                np.testing.assert_allclose(w[i, j], want_w, rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(out[i, :, j], want, rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_grads_keep_the_input_dtype():
+    """Gradients come back in the dtype of q, k, v for both schedules: bfloat16 for bfloat16
+    inputs, and float32 (computed in float32: no float64 array in the program) for float32
+    inputs even with x64 enabled."""
+    for method in ("scan", "unrolled"):
+
+        def loss(q, k, v, method=method):
+            o = js.blockwise_attention(q, k, v, causal=True, block_q=4, block_k=4, method=method)
+            return o.astype(jnp.float32).sum()
+
+        x = jax.ShapeDtypeStruct((12, 8), jnp.bfloat16)
+        grads = jax.eval_shape(jax.grad(loss, (0, 1, 2)), x, x, x)
+        assert [g.dtype for g in grads] == [jnp.bfloat16] * 3, method
+        with jax.enable_x64(True):
+            x = jax.ShapeDtypeStruct((12, 8), jnp.float32)
+            jaxpr = jax.make_jaxpr(jax.grad(loss, (0, 1, 2)))(x, x, x)
+            assert [a.aval.dtype for a in jaxpr.jaxpr.outvars] == [jnp.float32] * 3, method
+            assert not re.search(r"f64\[\d", str(jaxpr)), method
+
+
+def test_encoder_attention_errors_name_the_argument(key):
+    p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
+    qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
+    with pytest.raises(TypeError, match=r"^query: expected a floating dtype, got int32\[3\]"):
+        js.additive_attention(p, jnp.zeros(3, jnp.int32), keys)
+    with pytest.raises(TypeError, match=r"^keys: expected a floating dtype, got int32\[6, 4\]"):
+        js.additive_attention(p, qv, jnp.zeros((6, 4), jnp.int32))
+    with pytest.raises(
+        ValueError, match=r"^values: expected shape \[Tk=6, Dv\], got float32\[5, 2\]"
+    ):
+        js.additive_attention(p, qv, keys, vals[:5])
+    with pytest.raises(
+        ValueError, match=r"^projected_keys: expected shape \[Tk=6, A=5\], got float32\[6, 4\]"
+    ):
+        js.additive_attention(p, qv, keys, projected_keys=jnp.zeros((6, 4)))
+    with pytest.raises(
+        ValueError, match=r"^keys: expected shape \[Tk, Dk=4\], got float32\[6, 3\]"
+    ):
+        att.additive_attention_keys(p, keys[:, :3])
+    # Luong: the default score is "general" (a [Dq, Dk] matrix, so Dq != Dk is allowed)
+    pl = js.luong_attention_init(key, 3, 4)
+    assert pl.w.shape == (3, 4)
+    with pytest.raises(
+        ValueError, match=r"^score: expected one of \['dot', 'general'\], got 'cos'"
+    ):
+        js.luong_attention_init(key, 3, 4, score="cos")
+    with pytest.raises(TypeError, match=r"^keys: expected a floating dtype"):
+        js.luong_attention(pl, qv, jnp.zeros((6, 4), jnp.int32))
+    with pytest.raises(
+        ValueError, match=r"^params\.w: expected shape \[Dq, Dk=4\], got float32\[3, 3\]"
+    ):
+        js.luong_attention(js.LuongAttentionParams(jnp.zeros((3, 3))), qv, keys)
+
+
+def test_encoder_attention_init_honours_dtype(key):
+    for p in (
+        js.additive_attention_init(key, 3, 4, 5, dtype=jnp.bfloat16),
+        js.luong_attention_init(key, 3, 4, dtype=jnp.bfloat16),
+        js.multi_head_attention_init(key, 4, 2, 3, dtype=jnp.bfloat16),
+    ):
+        leaves = jax.tree_util.tree_leaves(p)
+        assert leaves and all(a.dtype == jnp.bfloat16 for a in leaves), p
+
+
+def test_luong_general_bfloat16_rounds_the_projected_query():
+    """bfloat16 inputs: ``q W`` is rounded to bfloat16 (the input dtype, as the projections of
+    :func:`multi_head_attention`), then the scores and softmax run in float32. q and W are
+    multiples of 1/8, so ``q W`` is exact in float32 but not in bfloat16."""
+    rng = np.random.default_rng(11)
+    q = rng.integers(-16, 17, (3, 16)) / 8
+    w = rng.integers(-8, 9, (16, 16)) / 8
+    keys = npm.bf16_round(rng.standard_normal((6, 16)))
+    qw = q @ w
+    assert not np.array_equal(npm.bf16_round(qw), qw)
+    p = js.LuongAttentionParams(jnp.asarray(w, jnp.bfloat16))
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    ctx, weights = js.luong_attention(p, bf(q), bf(keys))
+    assert weights.dtype == jnp.float32 and ctx.dtype == jnp.bfloat16
+    want_w = npm.masked_softmax(npm.bf16_round(qw) @ keys.T)
+    np.testing.assert_allclose(weights, want_w, rtol=1e-4, atol=1e-7)
+
+
+def test_multi_head_attention_errors_name_the_argument(key):
+    p = js.multi_head_attention_init(key, 4, num_heads=1, key_size=3, context_size=5)
+    x, ctx = _rand(jax.random.key(2), (3, 4), (6, 5))
+    with pytest.raises(
+        ValueError, match=r"^x: expected rank 2 \[Tq, Dq\] \(one example; vmap over a batch\)"
+    ):
+        js.multi_head_attention(p, x[None], ctx)
+    with pytest.raises(ValueError, match=r"^context: expected rank 2 \[Tk, Dc\]"):
+        js.multi_head_attention(p, x, ctx[None])
+    # self-attention with parameters for a context of another size: x is what is wrong
+    with pytest.raises(ValueError, match=r"^x: expected shape \[Tk, Dc=5\], got float32\[3, 4\]"):
+        js.multi_head_attention(p, x)
+    with pytest.raises(ValueError, match=r"^mask: expected shape \[Tq=3, Tk=6\]"):
+        js.multi_head_attention(p, x, ctx, jnp.ones((3, 5), bool))
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
+        js.multi_head_attention(p, x, ctx, dropout_rate=0.5, key=jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match=r"^params\.w_v: expected rank 3 \[Dc, K, Dv\]"):
+        js.multi_head_attention(p._replace(w_v=p.w_v[:, 0]), x, ctx)
+
+
+def test_multi_head_attention_dropout_is_inverted():
+    """Dropout on the weights keeps each with probability ``1 - rate`` and scales it by
+    ``1 / (1 - rate)``: with one key (weight 1) and one head, no biases, the output is 0
+    (dropped) or twice the output without dropout (rate 0.5)."""
+    p = js.multi_head_attention_init(jax.random.key(3), 4, num_heads=1, key_size=3, use_bias=False)
+    x = jax.random.normal(jax.random.key(4), (1, 4))
+    out = np.asarray(js.multi_head_attention(p, x))
+    f = jax.vmap(lambda k: js.multi_head_attention(p, x, dropout_rate=0.5, key=k))
+    drop = np.asarray(f(jax.random.split(jax.random.key(5), 16)))
+    kept = np.abs(drop).sum(axis=(1, 2)) > 0
+    assert 0 < kept.sum() < 16
+    np.testing.assert_allclose(drop[kept], np.broadcast_to(2 * out, drop[kept].shape), rtol=1e-6)
+    np.testing.assert_array_equal(drop[~kept], 0.0)
+
+
+def test_multi_head_attention_bfloat16_rounds_the_projections():
+    """bfloat16 inputs: k and v (and the heads' output before ``W_o``) are rounded to
+    bfloat16 like the input, the scores run in float32. Inputs and weights are small dyadic
+    numbers, so every float32 product below is exact; ``u = 2**-9``, half the bfloat16
+    spacing in [1, 2)."""
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)
+    u = 2.0**-9
+    ctx = bf([[1.0, 3.0], [1.0, 6.0]])
+    w_q = bf([[1.0], [0.0]]).reshape(2, 1, 1)
+    w_dyadic = bf([[1.0], [u]]).reshape(2, 1, 1)  # rows -> 1 + 3u, 1 + 6u
+    # keys 1 + 3u, 1 + 6u round to 1 + 4u, 1 + 8u: with q = 64 the scores are 64.5 and 65
+    p = js.MultiHeadAttentionParams(w_q, w_dyadic, w_dyadic, bf([[[1.0]]]), None, None, None, None)
+    _, w = js.multi_head_attention(p, bf([[64.0, 0.0]]), ctx, return_weights=True)
+    np.testing.assert_allclose(w[0, 0], npm.masked_softmax(np.array([64.5, 65.0])), rtol=1e-6)
+    # equal keys (weights exactly 1/2), values 1 + 3u, 1 + 6u rounded to 1 + 4u, 1 + 8u:
+    # head output 1 + 6u, rounded to 1 + 8u (tie to even), times W_o = 3: 3 + 24u exactly
+    # (unrounded values would give 1 + 4.5u; an unrounded head output 3 + 18u -> 3 + 16u)
+    p = p._replace(w_k=w_q, w_o=bf([[[3.0]]]))
+    out = js.multi_head_attention(p, bf([[1.0, 0.0]]), ctx)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out, np.float64), [[3.0 + 24 * u]])
+
+
+def test_blockwise_backward_masks_only_the_diagonal_blocks():
+    """Causal backward: for key block ``j`` the query blocks ``[start, full)`` are those that
+    hold a masked entry and a visible one, ``[full, nq)`` those with no masked entry."""
+    for bq, bk in ((16, 16), (4, 8), (8, 4), (3, 5)):
+        tk = 4 * bk
+        nq = -(-tk // bq)
+        for j in range(4):
+            start, full = (int(a) for a in att._q_range(j, causal=True, bq=bq, bk=bk, tk=tk, nq=nq))
+            rows = np.arange(nq * bq).reshape(nq, bq)[:, :, None]
+            vis = rows >= np.arange(j * bk, (j + 1) * bk)[None, None, :]  # [nq, bq, bk]
+            partial = [i for i in range(nq) if vis[i].any() and not vis[i].all()]
+            assert list(range(start, full)) == partial, (bq, bk, j)
+            assert all(vis[i].all() for i in range(full, nq)), (bq, bk, j)

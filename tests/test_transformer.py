@@ -116,3 +116,34 @@ def test_block_errors(key):
         js.transformer_block(p, jnp.zeros((2, 3, 8)))
     with pytest.raises(ValueError, match=r"num_heads: expected a divisor of dim=8, got 3"):
         js.transformer_block_init(key, 8, num_heads=3)
+
+
+def test_layer_norm_one_vector_and_dtype():
+    """``x: [..., D]`` includes a single vector ``[D]``; ``dtype`` is honoured by the init."""
+    p = npm.perturb(js.layer_norm_init(4), seed=8)
+    x = jnp.array([1.0, -2.0, 0.5, 3.0])
+    np.testing.assert_allclose(js.layer_norm(p, x), npm.layer_norm(p, x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^x: expected rank >= 1"):
+        js.layer_norm(p, jnp.float32(1.0))
+    pb = js.layer_norm_init(4, dtype=jnp.bfloat16)
+    assert pb.scale.dtype == jnp.bfloat16 and pb.bias.dtype == jnp.bfloat16
+
+
+def test_block_init_dtype_key_and_residual_scaling(key):
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
+        js.transformer_block_init(None, 8, num_heads=2)
+    p = js.transformer_block_init(key, 64, num_heads=4, mlp_size=96, dtype=jnp.bfloat16)
+    leaves = jax.tree_util.tree_leaves_with_path(p)
+    assert all(a.dtype == jnp.bfloat16 for _, a in leaves), [
+        (jax.tree_util.keystr(k), a.dtype) for k, a in leaves if a.dtype != jnp.bfloat16
+    ]
+    # the residual branches' output projections start 1/sqrt(2) smaller than LeCun normal
+    # (std 1/sqrt(fan_in)); the input projections are plain LeCun normal
+    std = lambda a, fan_in: np.std(np.asarray(a, np.float64)) * np.sqrt(fan_in)
+    rel = {
+        "w_q": std(p.attn.w_q, 64) / 1.0,
+        "w_o": std(p.attn.w_o, 64) / 0.5**0.5,
+        "mlp_in": std(p.mlp_in.w, 64) / 1.0,
+        "mlp_out": std(p.mlp_out.w, 96) / 0.5**0.5,
+    }
+    assert all(abs(r - 1) < 0.1 for r in rel.values()), rel
