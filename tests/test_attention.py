@@ -692,3 +692,13 @@ def test_blockwise_backward_masks_only_the_diagonal_blocks():
             partial = [i for i in range(nq) if vis[i].any() and not vis[i].all()]
             assert list(range(start, full)) == partial, (bq, bk, j)
             assert all(vis[i].all() for i in range(full, nq)), (bq, bk, j)
+
+
+def test_blockwise_unrolled_forward_skips_masked_keys():
+    """The forward pass alone (no gradient) also scores each causal query block only against
+    the keys up to its last row."""
+    x = jax.ShapeDtypeStruct((96, 8), jnp.float32)
+    f = lambda q, k, v: js.blockwise_attention(q, k, v, causal=True, block_q=32, method="unrolled")
+    hlo = jax.jit(f).lower(x, x, x).as_text()
+    for end in (32, 64, 96):
+        assert f"tensor<1x32x{end}xf32>" in hlo
