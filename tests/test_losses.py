@@ -253,3 +253,26 @@ def test_lengths_to_mask_under_x64_and_strict_dtype_promotion():
         logits = jnp.zeros((4, 3, 5), jnp.float32)
         got = losses.cross_entropy(logits, jnp.zeros((4, 3), jnp.int32), lengths=lengths)
         np.testing.assert_allclose(float(got), math.log(5.0), rtol=1e-6)
+
+
+def test_non_array_arguments_are_named_and_a_numeric_mask_counts_as_bool():
+    logits = jnp.zeros((4, 3, 5))
+    tg = jnp.zeros((4, 3), jnp.int32)
+    for args, kwargs, name in [
+        (("not an array", tg), {}, "logits"),
+        ((logits, "not an array"), {}, "targets"),
+        ((logits, tg, "not an array"), {}, "mask"),
+        ((logits, tg), {"lengths": "not an array"}, "lengths"),
+    ]:
+        with pytest.raises(TypeError, match=rf"^{name}: expected an array"):
+            losses.cross_entropy(*args, **kwargs)
+    with pytest.raises(TypeError, match=r"^targets: expected an integer dtype"):
+        losses.token_cross_entropy(logits, jnp.zeros((4, 3)))
+    # a mask of non-zero integers is a mask of True (a weight of 1, not of the value)
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(4, 3, 5)), jnp.float32)
+    t = jnp.asarray(rng.integers(0, 5, size=(4, 3)), jnp.int32)
+    bmask = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 1, 0]], bool)
+    imask = jnp.asarray(bmask * np.array([[3], [1], [5], [2]]), jnp.int32)
+    want = float(losses.cross_entropy(x, t, jnp.asarray(bmask)))
+    np.testing.assert_allclose(float(losses.cross_entropy(x, t, imask)), want, rtol=1e-6)
