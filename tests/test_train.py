@@ -518,3 +518,29 @@ def test_init_state_and_make_train_step_errors_name_the_argument():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"^chunks_per_call: expected a positive int"):
             train.make_train_step(lambda *a: None, opt, chunks_per_call=bad)
+
+
+def test_make_optimizer_defaults_and_adam_moments_are_honoured():
+    opt = train.make_optimizer()  # documented defaults: adam, learning rate 1e-3
+    np.testing.assert_allclose(float(opt.schedule(0)), 1e-3, rtol=1e-6)
+    params = {"w": jnp.zeros(3)}
+    grads = [{"w": jnp.array([0.1, -0.2, 0.05])}, {"w": jnp.array([-0.3, 0.1, 0.2])}]
+    for kw in ({}, {"b2": 0.5}):
+        opt = train.make_optimizer("adam", 1e-2, **kw)
+        ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2, **kw))
+        s_opt, s_ref = opt.tx.init(params), ref.init(params)
+        for g in grads:  # grad norms < 1: the clip is a no-op
+            u, s_opt = opt.tx.update(g, s_opt, params)
+            r, s_ref = ref.update(g, s_ref, params)
+        np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6)
+
+
+def test_donating_train_step_consumes_the_input_state(key):
+    cell, loss_fn, init = _regression()
+    opt = train.make_optimizer("sgd", 1e-2)
+    state = train.init_state(init(key), opt, key, cell.initial_carry((3,)))
+    x = np.ones((5, 3), np.float32)
+    chunk = data.Chunk(x, x * 0.5, np.ones((5, 3), bool), np.zeros((5, 3), bool))
+    new, _ = train.make_train_step(loss_fn, opt)(state, chunk)  # donate=True by default
+    assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state.params))
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(new.params))
