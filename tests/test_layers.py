@@ -456,3 +456,20 @@ def test_three_layer_dropout_uses_one_key_per_gap(key):
     _, h = js.rollout(stack.layers[1], p[1], js.dropout(k[0], h, 0.5))
     _, want = js.rollout(stack.layers[2], p[2], js.dropout(k[1], h, 0.5))
     np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bidirectional_rollout_starts_from_the_given_carry(key):
+    """Both halves start from the carry passed in, as each cell's own rollout does."""
+    layer = js.Bidirectional(js.GRU(3), js.GRU(3))
+    p = layer.init(key, 2)
+    xs = jax.random.normal(key, (4, B, 2))
+    k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
+    carry = js.BidirectionalCarry(
+        js.RNNCarry(jax.random.normal(k1, (B, 3))), js.RNNCarry(jax.random.normal(k2, (B, 3)))
+    )
+    got_carry, ys = js.bidirectional_rollout(layer, p, xs, carry)
+    fwd_carry, fwd = js.rollout(layer.forward, p.forward, xs, carry.forward)
+    bwd_carry, bwd = js.rollout(layer.backward, p.backward, xs, carry.backward, reverse=True)
+    np.testing.assert_allclose(ys, jnp.concatenate([fwd, bwd], axis=-1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_carry.forward.h, fwd_carry.h, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_carry.backward.h, bwd_carry.h, rtol=1e-6, atol=1e-6)

@@ -441,3 +441,16 @@ def test_unknown_kernel_is_named(key):
     p = cell.init(key, D)
     with pytest.raises(ValueError, match=r"kernel: expected one of \['auto', 'fused', 'scan'\]"):
         js.rollout(cell, p, jnp.zeros((T, B, D)), kernel="cuda")
+
+
+def test_checkpointed_outputs_keep_the_carry_dtype(key):
+    """checkpoint_every changes memory, not dtypes: a bfloat16 carry gives bfloat16 outputs."""
+    cell = make_cell("lstm")
+    p = cell.init(key, D)
+    xs = jax.random.normal(key, (5, 2, D))
+    c16 = cell.initial_carry((2,), jnp.bfloat16)
+    for kernel in KERNELS:
+        plain = js.rollout(cell, p, xs, c16, kernel=kernel)
+        ckpt = js.rollout(cell, p, xs, c16, kernel=kernel, checkpoint_every=2)
+        assert ckpt[1].dtype == plain[1].dtype == jnp.bfloat16, kernel
+        np.testing.assert_array_equal(np.float32(ckpt[1]), np.float32(plain[1]))
