@@ -313,7 +313,8 @@ def _report(records: list[dict], modules: list[str], meta: dict, baseline: dict 
         "# Mutation testing of the core modules",
         "",
         f"mutmut {meta['mutmut']}, {meta['when']}, CPU: {meta['cpu']}, "
-        f"{meta['seconds']:.0f} s for {meta['run']} mutants "
+        + (f"{meta['seconds']:.0f} s for " if meta["seconds"] else "")
+        + f"{meta['run']} mutants "
         f"(sample {meta['sample']:.0%} of {meta['generated']}, seed {meta['seed']}), "
         f"tests from {meta['tests']}.",
         "",
@@ -322,6 +323,9 @@ def _report(records: list[dict], modules: list[str], meta: dict, baseline: dict 
         "`benchmarks/mutation_equivalent.json` with their reason and left out of the last "
         "column.",
     ]
+    unchecked = sum(r["status"] == "not checked" for r in records)
+    if unchecked:
+        lines += ["", f"{unchecked} sampled mutants were not checked (the run was stopped first)."]
     head = "| module | run | killed | timeout | survived | no tests | equivalent | score "
     head += "| score, equivalent left out |"
     if baseline:
@@ -435,8 +439,8 @@ def main(argv=None) -> int:
         )
     seconds = time.perf_counter() - start
     previous = out / "mutation.json"
-    if args.report_only and previous.exists():  # keep the time of the run itself
-        seconds = json.loads(previous.read_text())["meta"]["seconds"]
+    if args.report_only:  # the time of the run itself, when an earlier report kept it
+        seconds = json.loads(previous.read_text())["meta"]["seconds"] if previous.exists() else None
     codes = _read_meta(work)
     rechecked_file = work / "recheck.json"
     rechecked = json.loads(rechecked_file.read_text()) if rechecked_file.exists() else {}
