@@ -253,6 +253,9 @@ def _recheck(work: Path, env: dict, names: list[str], codes: dict, equivalent: d
     todo = [
         n for n in names if _status(codes.get(n)) in (SURVIVED, NO_TESTS) and n not in equivalent
     ]
+    done_file = work / "recheck.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    todo = [n for n in todo if done.get(n) != KILLED]  # a second recheck skips the killed
     tree = work / "recheck"
     if tree.exists():
         shutil.rmtree(tree)
@@ -281,12 +284,12 @@ def _recheck(work: Path, env: dict, names: list[str], codes: dict, equivalent: d
             code, _ = _pytest(tree, env, files, name, 3600)
         return name, {None: TIMEOUT, 1: KILLED, 0: SURVIVED}.get(code, "suspicious")
 
-    results = {}
+    results = dict(done)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for i, (name, status) in enumerate(pool.map(one, todo), 1):
             results[name] = status
             print(f"[{i}/{len(todo)}] {status}: {name}", flush=True)
-    (work / "recheck.json").write_text(json.dumps(results, indent=1))
+            done_file.write_text(json.dumps(results, indent=1))  # kept if the run is stopped
     return results
 
 

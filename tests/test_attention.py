@@ -702,3 +702,17 @@ def test_blockwise_unrolled_forward_skips_masked_keys():
     hlo = jax.jit(f).lower(x, x, x).as_text()
     for end in (32, 64, 96):
         assert f"tensor<1x32x{end}xf32>" in hlo
+
+
+def test_qkv_errors_name_the_argument_and_layout():
+    """Bad q, k or v: the error names the argument and the layout expected."""
+    q = jnp.zeros((3, 4))
+    with pytest.raises(TypeError, match=r"^q: expected an array"):
+        js.dot_product_attention([[0.0] * 4] * 3, q, q)
+    with pytest.raises(TypeError, match=r"^q: expected a floating"):
+        js.dot_product_attention(jnp.zeros((3, 4), jnp.int32), q, q)
+    for i, (name, layout) in enumerate((("q", "[Tq, Dk]"), ("k", "[Tk, Dk]"), ("v", "[Tk, Dv]"))):
+        args = [q, q, q]
+        args[i] = jnp.zeros((1, 3, 4))
+        with pytest.raises(ValueError, match=rf"^{name}: expected rank 2 {re.escape(layout)}"):
+            js.dot_product_attention(*args)
