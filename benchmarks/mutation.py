@@ -334,7 +334,8 @@ def _report(records: list[dict], modules: list[str], meta: dict, baseline: dict 
         head += f" score with tests from {baseline['meta']['tests']} |"
         lines += [
             "",
-            f"Baseline: the same mutants with the tests from {baseline['meta']['tests']} "
+            f"Baseline: the same mutants (those checked here) with the tests from "
+            f"{baseline['meta']['tests']} "
             f"({baseline['meta']['when']}).",
         ]
     lines += ["", head, "|---" + "|---:" * (head.count("|") - 2) + "|"]
@@ -344,8 +345,9 @@ def _report(records: list[dict], modules: list[str], meta: dict, baseline: dict 
             f"| {mod} | {n['run']} | {n[KILLED]} | {n[TIMEOUT]} | {n[SURVIVED]} | {n[NO_TESTS]} "
             f"| {n['equivalent']} | {n['score']:.1%} | {n['score_eq']:.1%} |"
         )
-        if baseline:
-            b = _rates(baseline["mutants"], mod)
+        if baseline:  # over the same mutants: those this run checked
+            checked = {r["name"] for r in records if r["status"] != "not checked"}
+            b = _rates([r for r in baseline["mutants"] if r["name"] in checked], mod)
             row += f" {b['score']:.1%} ({b[SURVIVED] + b[NO_TESTS]} undetected) |"
         lines.append(row)
     undetected = [r for r in records if r["status"] in (SURVIVED, NO_TESTS)]
