@@ -716,3 +716,17 @@ def test_qkv_errors_name_the_argument_and_layout():
         args[i] = jnp.zeros((1, 3, 4))
         with pytest.raises(ValueError, match=rf"^{name}: expected rank 2 {re.escape(layout)}"):
             js.dot_product_attention(*args)
+
+
+def test_more_errors_name_the_argument():
+    """bias, v and blockwise inputs: the error names the argument it is about."""
+    q = jnp.zeros((3, 4))
+    with pytest.raises(TypeError, match=r"^v: expected an array"):
+        js.dot_product_attention(q, q, [[0.0] * 4] * 3)
+    with pytest.raises(TypeError, match=r"^bias: expected a floating"):
+        js.attention_weights(q, q, bias=jnp.zeros((3, 3), jnp.int32))
+    for i, name in enumerate("qkv"):
+        args = [jnp.zeros((2, 3, 4))] * 3
+        args[i] = jnp.zeros((4,))
+        with pytest.raises(ValueError, match=rf"^{name}: expected rank >= 2 \[\*B, T, D\]"):
+            js.blockwise_attention(*args)
