@@ -55,6 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import _harness
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Core module -> the test files that guard it.
@@ -369,18 +371,6 @@ def _describe_rev(rev: str | None) -> str:
     return f"commit {out.stdout.strip() or rev}"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default=",".join(MODULES), help="comma-separated core modules")
@@ -461,7 +451,7 @@ def main(argv=None) -> int:
     meta = {
         "mutmut": getattr(mutmut, "__version__", "3"),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": _cpu_model(),
+        "cpu": _harness._cpu_model(),
         "seconds": seconds,
         "run": len(names),
         "generated": len(codes),
