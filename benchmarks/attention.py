@@ -96,7 +96,7 @@ def part_target(args, records):
     q, kk, v, g = _qkvg(b, t, k, d)
     # Target 1 equality: causal + padding masks against jax.nn.
     kv_len = jnp.asarray(np.linspace(t, 1, b).astype(np.int32))
-    mask = js.attention.padding_mask(None, kv_len, t, t)
+    mask = js.masks.padding_mask(None, kv_len, t, t)
     ours = jax.jit(lambda q, k, v: js.batched_dot_product_attention(q, k, v, mask, causal=True))
     ref = jax.jit(
         lambda q, k, v: jax.nn.dot_product_attention(

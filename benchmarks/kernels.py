@@ -266,7 +266,7 @@ def bench_profile(repeats=10, quiet=False):
 
 def bench_unroll(unrolls=(1, 2, 4, 8), repeats=10, quiet=False):
     import jaxseq as js
-    from jaxseq import kernels
+    from jaxseq.recurrent import kernels
 
     records = []
     for cell_name in ("lstm",):
@@ -308,7 +308,7 @@ def _gate_forms(cell_name, hidden):
     import jax
     import jax.numpy as jnp
 
-    from jaxseq import kernels
+    from jaxseq.recurrent import kernels
 
     hs = hidden
     if cell_name == "lstm":

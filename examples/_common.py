@@ -60,7 +60,7 @@ def pyfloat(x):
     return float(np.asarray(x))
 
 
-def make_step(loss_fn: Callable, optimizer: js.train.Optimizer):
+def make_step(loss_fn: Callable, optimizer: js.training.Optimizer):
     """A jitted supervised step ``(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
 
     ``loss_fn(params, batch, key) -> (loss, aux dict)``; metrics hold ``loss``,

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     t.add_argument("--seq", type=int, default=64, help="K, truncation length (steps per chunk)")
     t.add_argument("--steps", type=int, default=2000, help="total training steps (chunks)")
     t.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
-    t.add_argument("--optimizer", choices=js.train.OPTIMIZERS, default="adam")
+    t.add_argument("--optimizer", choices=js.training.OPTIMIZERS, default="adam")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     t.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
@@ -155,7 +155,7 @@ def main(argv=None) -> dict:
     key = jax.random.key(args.seed)
     k_init, k_train, k_sample = jax.random.split(key, 3)
     params = model.init(k_init)
-    state = js.train.init_state(params, opt, k_train, model.initial_carry((args.batch,)))
+    state = js.training.init_state(params, opt, k_train, model.initial_carry((args.batch,)))
     hparams = {h: getattr(args, h) for h in HPARAMS}
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
@@ -174,16 +174,16 @@ def main(argv=None) -> dict:
 
     mesh = None
     if jax.device_count() > 1:
-        mesh = js.train.make_mesh()
-        state = js.train.shard_state(state, mesh)
+        mesh = js.training.make_mesh()
+        state = js.training.shard_state(state, mesh)
     step_fn = js.make_train_step(
-        js.train.lm_loss_fn(model), opt, chunks_per_call=args.chunks_per_call
+        js.training.lm_loss_fn(model), opt, chunks_per_call=args.chunks_per_call
     )
-    eval_step = js.train.make_eval_step(model)
+    eval_step = js.training.make_eval_step(model)
 
     def eval_fn(st):
         t0 = time.perf_counter()
-        v = js.train.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step, mesh=None)
+        v = js.training.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step, mesh=None)
         return {"val_loss": v, "eval_s": round(time.perf_counter() - t0, 2)}
 
     t_start = time.perf_counter()
@@ -215,7 +215,7 @@ def main(argv=None) -> dict:
         summary["val_bits_per_char"] = float(js.losses.nats_to_bits(summary["val_loss"]))
     if args.no_carry:  # also the loss of the way it was trained: from zeros at every chunk
         vb = js.data.StreamBatcher(val_ids, eval_streams, args.seq, reset_every_chunk=True)
-        summary["val_loss_reset_every_chunk"] = js.train.evaluate_lm(
+        summary["val_loss_reset_every_chunk"] = js.training.evaluate_lm(
             model, params, vb, eval_step=eval_step
         )
 
@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
         (f"temperature {args.temperature}, top-k {args.top_k}", {"temperature": args.temperature, "top_k": min(args.top_k, vocab.size)}),
         ("temperature 1.0", {"temperature": 1.0}),
     ):  # fmt: skip
-        ids = js.sampling.sample(model, params, k_sample, prime, args.sample_len, **kw)
+        ids = js.decoding.sample(model, params, k_sample, prime, args.sample_len, **kw)
         lines.append(
             f"=== {label}, primed with {args.prime!r} ===\n{args.prime}{vocab.decode(ids)}\n"
         )

@@ -127,7 +127,7 @@ def grad_norms(task: str, model, params, batch):
         def loss_of(ys):
             return js.losses.cross_entropy(js.dense(params.head, ys).astype(jnp.float32), y)
 
-    return np.asarray(js.diagnostics.grad_norm_per_step(cell, params.stack[0], x, loss_of))
+    return np.asarray(js.training.diagnostics.grad_norm_per_step(cell, params.stack[0], x, loss_of))
 
 
 def parse_args(argv=None):

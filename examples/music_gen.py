@@ -141,15 +141,15 @@ def main(argv=None) -> dict:
     )
     opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
     k_init, k_train, k_sample = jax.random.split(jax.random.key(args.seed), 3)
-    state = js.train.init_state(
+    state = js.training.init_state(
         model.init(k_init), opt, k_train, model.initial_carry((args.batch,))
     )
-    step_fn = js.make_train_step(js.train.lm_loss_fn(model), opt)
-    eval_step = js.train.make_eval_step(model)
+    step_fn = js.make_train_step(js.training.lm_loss_fn(model), opt)
+    eval_step = js.training.make_eval_step(model)
 
     def eval_fn(st):
         return {
-            "val_loss": js.train.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step)
+            "val_loss": js.training.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step)
         }
 
     state, info = js.fit(
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     prime = np.tile(vocab.encode("X:")[:, None], (1, args.samples))  # [P, samples]
-    ids = js.sampling.sample(
+    ids = js.decoding.sample(
         model, params, k_sample, prime, args.sample_len,
         temperature=args.temperature, top_k=min(args.top_k, vocab.size),
     )  # fmt: skip

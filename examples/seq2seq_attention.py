@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
         logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
         toks, weights = model.greedy_decode(p, src, args.tgt_len, bos_id=bos, src_lengths=src_len)
         # exact match: every target token (EOS included) predicted, nothing checked after it
-        mask = js.losses.lengths_to_mask(tgt_len, args.tgt_len)
+        mask = js.masks.lengths_to_mask(tgt_len, args.tgt_len)
         seq_ok = ~jnp.any((toks != tgt_out) & mask, axis=0)
         metrics = {
             "test_loss": js.losses.cross_entropy(logits, tgt_out, lengths=tgt_len),

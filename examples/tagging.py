@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     t_tokens, t_tags, t_len = test
     counts = np.bincount(
-        t_tags[np.asarray(js.losses.lengths_to_mask(t_len, args.max_len))], minlength=3
+        t_tags[np.asarray(js.masks.lengths_to_mask(t_len, args.max_len))], minlength=3
     )
     summary = {
         "task": "repeats", "alphabet": args.alphabet, "lengths": [args.min_len, args.max_len],
@@ -116,7 +116,7 @@ def main(argv=None) -> dict:
         @jax.jit
         def evaluate(p, tokens, tags, lengths, model=model):
             logits = model.apply(p, tokens, lengths=lengths)
-            mask = js.losses.lengths_to_mask(lengths, tokens.shape[0])
+            mask = js.masks.lengths_to_mask(lengths, tokens.shape[0])
             pred = jnp.argmax(logits, axis=-1)
             wrong = (pred != tags) & mask
             return {
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
         preds[name] = np.asarray(pred)
         final = {k: float(x) for k, x in metrics.items()}
         per_tag = {}
-        mask = np.asarray(js.losses.lengths_to_mask(t_len, args.max_len))
+        mask = np.asarray(js.masks.lengths_to_mask(t_len, args.max_len))
         for k, tag in enumerate(TAGS):
             sel = mask & (t_tags == k)
             per_tag[tag] = float((preds[name][sel] == k).mean()) if sel.any() else None

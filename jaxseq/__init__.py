@@ -2,73 +2,68 @@
 
 Pure-function RNN/LSTM/GRU cells over parameter pytrees, ``lax.scan``
 rollouts with lengths, resets and reverse, stacked and bidirectional layers,
-vmapped attention, and a truncated-BPTT training loop.
+vmapped attention, models, and a training loop for any task.
+
+Layers, bottom to top (a module imports only from layers below it)::
+
+    _checks, _numerics, masks, initializers, protocols
+    recurrent/   cells, fused kernels, rollouts, Bidirectional, Stack
+    nn/          dense, embedding, dropout, layer norm
+    attention/   dot-product, multi-head, blockwise, additive/Luong, positional, Transformer
+    data/        token streams, real-valued streams, padded batches, download
+    models/      language models, taggers and classifiers, seq2seq
+    decoding     sampling
+    training/    losses, optimizer, train step, loop, checkpoints, sharding, diagnostics
+    interop/     PyTorch and Flax weights
+
+Every public name of the sub-packages is also reachable as ``js.<name>``.
 """
 
 from jaxseq import (
     attention,
-    checkpoint,
     data,
-    diagnostics,
+    decoding,
     initializers,
     interop,
-    losses,
+    masks,
     models,
-    positional,
-    sampling,
-    train,
-    transformer,
+    nn,
+    recurrent,
+    training,
 )
-from jaxseq.attention import (
-    AdditiveAttentionParams,
-    LuongAttentionParams,
-    MultiHeadAttentionParams,
-    additive_attention,
-    additive_attention_init,
-    attention_weights,
-    batched_dot_product_attention,
-    blockwise_attention,
-    causal_mask,
-    dot_product_attention,
-    luong_attention,
-    luong_attention_init,
-    multi_head_attention,
-    multi_head_attention_init,
-)
-from jaxseq.cells import (
-    GRU,
-    LSTM,
-    RNN,
-    GRUParams,
-    LSTMCarry,
-    LSTMParams,
-    RNNCarry,
-    RNNParams,
-)
-from jaxseq.layers import (
-    Bidirectional,
-    BidirectionalCarry,
-    BidirectionalParams,
-    DenseParams,
-    Stack,
-    bidirectional_rollout,
-    dense,
-    dense_init,
-    dropout,
-    embed,
-    embedding_init,
-    stacked_rollout,
-)
-from jaxseq.models import LanguageModel, char_lm
-from jaxseq.rollout import rollout, rollout_unrolled
-from jaxseq.train import TrainState, fit, make_optimizer, make_train_step
-from jaxseq.transformer import (
-    LayerNormParams,
-    TransformerBlockParams,
-    layer_norm,
-    layer_norm_init,
-    transformer_block,
-    transformer_block_init,
-)
+from jaxseq.attention import *  # noqa: F403
+from jaxseq.data import *  # noqa: F403
+from jaxseq.decoding import *  # noqa: F403
+from jaxseq.masks import *  # noqa: F403
+from jaxseq.models import *  # noqa: F403
+from jaxseq.nn import *  # noqa: F403
+from jaxseq.recurrent import *  # noqa: F403
+from jaxseq.training import *  # noqa: F403
+from jaxseq.training import checkpoint, losses
 
 __version__ = "0.1.0"
+
+__all__ = sorted(
+    [
+        "attention",
+        "checkpoint",
+        "data",
+        "decoding",
+        "initializers",
+        "interop",
+        "losses",
+        "masks",
+        "models",
+        "nn",
+        "recurrent",
+        "training",
+        *attention.__all__,
+        *data.__all__,
+        *decoding.__all__,
+        *masks.__all__,
+        *models.__all__,
+        *nn.__all__,
+        *recurrent.__all__,
+        *training.__all__,
+    ]
+)

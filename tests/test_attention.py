@@ -48,17 +48,17 @@ def test_mask_helpers():
     )
     assert js.causal_mask(2, 4).shape == (2, 4)
     np.testing.assert_array_equal(
-        att.length_mask(jnp.array([0, 2]), 3), np.array([[0, 0, 0], [1, 1, 0]], bool)
+        js.masks.length_mask(jnp.array([0, 2]), 3), np.array([[0, 0, 0], [1, 1, 0]], bool)
     )
-    pm = att.padding_mask(jnp.array(1), jnp.array(2), 2, 3)
+    pm = js.masks.padding_mask(jnp.array(1), jnp.array(2), 2, 3)
     np.testing.assert_array_equal(pm, np.array([[1, 1, 0], [0, 0, 0]], bool))
-    pm2 = att.padding_mask(None, jnp.array([1, 3]), 2, 3)
+    pm2 = js.masks.padding_mask(None, jnp.array([1, 3]), 2, 3)
     assert pm2.shape == (2, 2, 3) and bool(pm2[1].all()) and int(pm2[0].sum()) == 2
-    both = att.combine_masks(js.causal_mask(3), None, jnp.ones((3, 3), bool))
+    both = js.masks.combine_masks(js.causal_mask(3), None, jnp.ones((3, 3), bool))
     np.testing.assert_array_equal(both, js.causal_mask(3))
-    assert att.combine_masks(None) is None
+    assert js.masks.combine_masks(None) is None
     with pytest.raises(ValueError, match=r"expected shape \[3, 3\], got bool\[3, 2\]"):
-        att.combine_masks(js.causal_mask(3), jnp.ones((3, 2), bool))
+        js.masks.combine_masks(js.causal_mask(3), jnp.ones((3, 2), bool))
 
 
 # -- dense attention ------------------------------------------------------------------
@@ -90,19 +90,19 @@ def test_batched_equals_jax_nn(key, causal):
     b, t, h, d = 3, 10, 2, 8
     q, k, v = _rand(key, (b, t, h, d), (b, t, h, d), (b, t, h, d))
     kv_len = jnp.array([10, 4, 1])
-    mask = att.padding_mask(None, kv_len, t, t)  # [B, Tq, Tk]
+    mask = js.masks.padding_mask(None, kv_len, t, t)  # [B, Tq, Tk]
     ours = jax.jit(lambda q, k, v, m: js.batched_dot_product_attention(q, k, v, m, causal=causal))
     out = ours(q, k, v, mask)
     ref = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv_len)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     # query padding: rows past the query length are zeros here; valid rows agree with jax.nn
     q_len = jnp.array([10, 6, 3])
-    mask_q = att.padding_mask(q_len, kv_len, t, t)
+    mask_q = js.masks.padding_mask(q_len, kv_len, t, t)
     out_q = ours(q, k, v, mask_q)
     ref_q = jax.nn.dot_product_attention(
         q, k, v, is_causal=causal, query_seq_lengths=q_len, key_value_seq_lengths=kv_len
     )
-    valid = np.asarray(att.length_mask(q_len, t))[:, :, None, None]
+    valid = np.asarray(js.masks.length_mask(q_len, t))[:, :, None, None]
     np.testing.assert_allclose(np.where(valid, out_q, 0), np.where(valid, ref_q, 0), atol=1e-5)
     np.testing.assert_array_equal(np.where(valid, 0, out_q), 0)
 
@@ -311,7 +311,7 @@ def test_blockwise_skips_masked_causal_blocks():
     def count(causal, nq, nk, bq, bk, tk):
         total = 0
         for i in range(nq):
-            n_full, n_end = att._k_range(i, causal=causal, bq=bq, bk=bk, tk=tk, nk=nk)
+            n_full, n_end = att.blockwise._k_range(i, causal=causal, bq=bq, bk=bk, tk=tk, nk=nk)
             total += int(n_end)
         return total
 
@@ -320,7 +320,8 @@ def test_blockwise_skips_masked_causal_blocks():
     # the backward loops visit exactly the same pairs
     nq = 8
     pairs = sum(
-        nq - int(att._q_range(j, causal=True, bq=16, bk=16, tk=128, nq=nq)[0]) for j in range(8)
+        nq - int(att.blockwise._q_range(j, causal=True, bq=16, bk=16, tk=128, nq=nq)[0])
+        for j in range(8)
     )
     assert pairs == 36
 
@@ -686,7 +687,9 @@ def test_blockwise_backward_masks_only_the_diagonal_blocks():
         tk = 4 * bk
         nq = -(-tk // bq)
         for j in range(4):
-            start, full = (int(a) for a in att._q_range(j, causal=True, bq=bq, bk=bk, tk=tk, nq=nq))
+            start, full = (
+                int(a) for a in att.blockwise._q_range(j, causal=True, bq=bq, bk=bk, tk=tk, nq=nq)
+            )
             rows = np.arange(nq * bq).reshape(nq, bq)[:, :, None]
             vis = rows >= np.arange(j * bk, (j + 1) * bk)[None, None, :]  # [nq, bq, bk]
             partial = [i for i in range(nq) if vis[i].any() and not vis[i].all()]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import checkpoint, train
+from jaxseq import checkpoint
+from jaxseq import training as train
 
 
 def _state(key, hidden=6, vocab=5):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import diagnostics
+from jaxseq.training import diagnostics
 
 
 def test_identity_relu_rnn_passes_gradients_unchanged():

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxseq.checkpoint import IncompatibleCheckpointError
+from jaxseq.training.checkpoint import IncompatibleCheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import kernels
+from jaxseq.recurrent import kernels
 
 T, D, H = 5, 3, 4
 BATCH = (2, 3)

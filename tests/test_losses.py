@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq import losses
+from jaxseq import losses, masks
 
 
 def _np_xent(logits, targets):
@@ -34,7 +34,7 @@ def test_lengths_equal_mask(key):
     logits = jax.random.normal(key, (6, 4, 5))
     targets = jnp.zeros((6, 4), jnp.int32)
     lengths = jnp.array([6, 0, 3, 1])
-    mask = losses.lengths_to_mask(lengths, 6)
+    mask = masks.lengths_to_mask(lengths, 6)
     assert mask.shape == (6, 4) and bool(mask[2, 2]) and not bool(mask[3, 2])
     np.testing.assert_allclose(
         losses.cross_entropy(logits, targets, lengths=lengths),
@@ -246,7 +246,7 @@ def test_lengths_to_mask_under_x64_and_strict_dtype_promotion():
     # strict promotion forbids, even when x64 makes the default integer int64
     with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
         lengths = jnp.asarray([2, 0, 3], jnp.int32)
-        mask = losses.lengths_to_mask(lengths, 4)
+        mask = masks.lengths_to_mask(lengths, 4)
         assert mask.dtype == jnp.bool_ and mask.shape == (4, 3)
         want = np.arange(4)[:, None] < np.array([2, 0, 3])[None, :]
         np.testing.assert_array_equal(np.asarray(mask), want)

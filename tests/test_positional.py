@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import positional as pos
+from jaxseq.attention import positional as pos
 
 
 def test_sinusoidal_known_values():
@@ -102,4 +102,4 @@ def test_rotary_errors():
 
 
 def test_public_names():
-    assert js.positional.sinusoidal is pos.sinusoidal
+    assert js.attention.positional.sinusoidal is pos.sinusoidal

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq import models, sampling
+from jaxseq import decoding as sampling
+from jaxseq import models
 
 
 @pytest.fixture

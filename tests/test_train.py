@@ -13,7 +13,8 @@ import optax
 import pytest
 
 import jaxseq as js
-from jaxseq import data, losses, train
+from jaxseq import data, losses
+from jaxseq import training as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,13 +270,13 @@ _DRIVER = textwrap.dedent(
     model = js.models.char_lm(9, layers=1, hidden=16, embed_dim=6, dropout_rate=0.1)
     bt = js.data.StreamBatcher(ids, 4, 10)
     opt = js.make_optimizer("adam", 1e-2, warmup_steps=2, total_steps=16)
-    init = jax.jit(lambda k: js.train.init_state(model.init(k), opt, k, model.initial_carry((4,))))
+    init = jax.jit(lambda k: js.training.init_state(model.init(k), opt, k, model.initial_carry((4,))))
     state = init(jax.random.key(3))
     ckpt = js.checkpoint.Checkpointer(os.path.join(out, "ckpt"), keep=2,
                                       model_config=model.config(), hparams={"lr": 1e-2})
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
-    step = js.make_train_step(js.train.lm_loss_fn(model), opt)
+    step = js.make_train_step(js.training.lm_loss_fn(model), opt)
 
     def on_step(s, m):
         if s == kill_at:
@@ -337,13 +338,13 @@ _SHARDED = textwrap.dedent(
     out = {}
     for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
         key = jax.random.key(0)
-        state = js.train.init_state(model.init(key), opt, key, model.initial_carry((8,)))
-        mesh = js.train.make_mesh(devices)
-        state = js.train.shard_state(state, mesh)
-        step = js.make_train_step(js.train.lm_loss_fn(model), opt)
+        state = js.training.init_state(model.init(key), opt, key, model.initial_carry((8,)))
+        mesh = js.training.make_mesh(devices)
+        state = js.training.shard_state(state, mesh)
+        step = js.make_train_step(js.training.lm_loss_fn(model), opt)
         ls = []
         for s in range(8):
-            state, m = step(state, js.train.shard_batch(bt.at_step(s), mesh))
+            state, m = step(state, js.training.shard_batch(bt.at_step(s), mesh))
             ls.append(float(m["loss"]))
         out[name] = {"losses": ls, "carry_devices": len(state.carry[0].h.sharding.device_set),
                      "w": np.asarray(state.params.head.w).ravel().tolist()}
@@ -513,7 +514,7 @@ def test_init_state_and_make_train_step_errors_name_the_argument():
         train.init_state(params, opt, None)
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
         train.init_state(params, opt, np.zeros(3, np.float32))
-    with pytest.raises(TypeError, match=r"^optimizer: expected js.train.Optimizer"):
+    with pytest.raises(TypeError, match=r"^optimizer: expected js.training.Optimizer"):
         train.init_state(params, "sgd", jax.random.key(0))
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"^chunks_per_call: expected a positive int"):

@@ -21,7 +21,12 @@ import numpy as np
 
 from jaxseq import _checks
 
-__all__ = ["grad_norm_per_step", "plot_grad_norms", "plot_training_curves", "read_jsonl"]
+__all__ = [
+    "grad_norm_per_step",
+    "plot_grad_norms",
+    "plot_training_curves",
+    "read_jsonl",
+]
 
 
 def grad_norm_per_step(cell, params, xs, loss_fn, carry=None) -> jax.Array:

@@ -36,14 +36,15 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq import initializers as inits
+from jaxseq._numerics import add_bias, matmul_f32
 
 __all__ = [
     "GRU",
-    "LSTM",
-    "RNN",
     "GRUParams",
+    "LSTM",
     "LSTMCarry",
     "LSTMParams",
+    "RNN",
     "RNNCarry",
     "RNNParams",
 ]
@@ -78,24 +79,6 @@ class LSTMCarry(NamedTuple):
 
 
 GRUCarry = RNNCarry
-
-
-def acc_dtype(*arrays) -> jnp.dtype:
-    """Accumulation dtype: float32, or float64 when an operand is float64."""
-    return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
-
-
-def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``x @ w`` over the last axis of ``x`` (``[..., I] x [I, O] -> [..., O]``),
-    accumulated and returned in at least float32."""
-    return jax.lax.dot_general(
-        x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc_dtype(x, w)
-    )
-
-
-def add_bias(z: jax.Array, b: jax.Array) -> jax.Array:
-    """``z + b`` with ``b: [O]`` broadcast explicitly over the leading dims of ``z: [..., O]``."""
-    return z + b.astype(acc_dtype(z, b)).reshape((1,) * (z.ndim - 1) + b.shape)
 
 
 class _CellBase:

@@ -86,7 +86,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq.cells import GRU, LSTM, RNN, acc_dtype, add_bias, matmul_f32
+from jaxseq._numerics import acc_dtype, add_bias, matmul_f32
+from jaxseq.recurrent.cells import GRU, LSTM, RNN
 
 __all__ = [
     "KERNELS",
@@ -97,12 +98,10 @@ __all__ = [
     "under_forward_mode",
 ]
 
+
 KERNELS = ("auto", "fused", "scan")
 
 
-# ----------------------------------------------------------------------------------
-# Dispatch helpers
-# ----------------------------------------------------------------------------------
 def supports_fused(cell) -> bool:
     """Whether ``cell`` has a fused kernel (its type is exactly RNN, LSTM or GRU)."""
     return type(cell) in (RNN, LSTM, GRU)
@@ -155,9 +154,6 @@ def auto_unroll(t: int, work: int | None = None, backend: str | None = None) -> 
     return max(1, min(u, t))
 
 
-# ----------------------------------------------------------------------------------
-# Per-step math: forward saves residuals, backward turns (dh, dc) into gate cotangents
-# ----------------------------------------------------------------------------------
 class _Cfg(NamedTuple):
     kind: str  # "tanh" | "relu" | "lstm" | "gru"
     hidden: int
@@ -292,9 +288,6 @@ def _recurrent_cotangent(cfg: _Cfg, dxp, res):
     return jnp.concatenate([dxp[..., : 2 * hsz], dxp[..., 2 * hsz :] * r], axis=-1)
 
 
-# ----------------------------------------------------------------------------------
-# One segment (the whole sequence unless checkpointing): forward and backward scans
-# ----------------------------------------------------------------------------------
 def _mask(m, x):
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
@@ -490,9 +483,6 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     return dh0, dc0, dparams, dxs
 
 
-# ----------------------------------------------------------------------------------
-# The custom_vjp over the whole rollout
-# ----------------------------------------------------------------------------------
 def _split_carry(cfg, carry):
     return carry[0], (carry[1] if cfg.kind == "lstm" else None)
 

@@ -20,7 +20,13 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 
-__all__ = ["learned", "learned_init", "rotary", "rotary_angles", "sinusoidal"]
+__all__ = [
+    "learned",
+    "learned_init",
+    "rotary",
+    "rotary_angles",
+    "sinusoidal",
+]
 
 
 def _positions(positions, length, name="positions"):

@@ -18,26 +18,19 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
+from jaxseq.masks import lengths_to_mask
 
 __all__ = [
     "accuracy",
     "bits_per_token",
     "cross_entropy",
-    "lengths_to_mask",
     "mse",
     "nats_to_bits",
     "token_cross_entropy",
 ]
 
+
 LN2 = math.log(2.0)
-
-
-def lengths_to_mask(lengths, t: int) -> jax.Array:
-    """``lengths: int[*B]`` -> ``bool[T, *B]`` with ``mask[t, b] = t < lengths[b]`` (time-major)."""
-    lengths = _checks.as_array("lengths", lengths)
-    _checks.check_integer("lengths", lengths)
-    steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-    return steps < lengths[None].astype(jnp.int32)
 
 
 def _resolve_mask(name_shape, shape, mask, lengths):

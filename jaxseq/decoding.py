@@ -4,7 +4,7 @@ The priming tokens run through the model in one rollout; then each generated
 token is fed back for the next step inside a scan, so the whole generation
 compiles once for a given length::
 
-    ids = js.sampling.sample(model, params, key, prime, 200, temperature=0.8, top_k=10)
+    ids = js.decoding.sample(model, params, key, prime, 200, temperature=0.8, top_k=10)
 
 Shapes: P priming length, N generated length, B batch (any number of dims), V vocabulary.
 """
@@ -18,7 +18,10 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 
-__all__ = ["sample", "sample_logits"]
+__all__ = [
+    "sample",
+    "sample_logits",
+]
 
 
 def sample_logits(key, logits, *, temperature=1.0, top_k=None, greedy=False):

@@ -14,22 +14,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq import initializers as inits
-from jaxseq.cells import add_bias, matmul_f32
-from jaxseq.rollout import rollout
+from jaxseq.nn.dropout import dropout
+from jaxseq.recurrent.rollouts import rollout
 
 __all__ = [
     "Bidirectional",
     "BidirectionalCarry",
     "BidirectionalParams",
-    "DenseParams",
     "Stack",
     "bidirectional_rollout",
-    "dense",
-    "dense_init",
-    "dropout",
-    "embed",
-    "embedding_init",
     "stacked_rollout",
 ]
 
@@ -198,67 +191,3 @@ def stacked_rollout(
 def _time_axes(module) -> tuple:
     """The axes a dropout mask is shared along: time (axis 0) for variational dropout."""
     return (0,) if module.variational_dropout else ()
-
-
-# -- small pieces ---------------------------------------------------------------------
-
-
-def dropout(key, x, rate: float, *, shared_axes=()):
-    """Inverted dropout: zeroes a fraction ``rate`` of ``x`` and scales the rest by 1/(1-rate).
-
-    ``shared_axes``: axes along which one mask is reused. ``shared_axes=(0,)`` on a
-    time-major ``[T, *B, D]`` sequence drops the same units at every step
-    (variational or "locked" dropout, Gal and Ghahramani 2016), and draws T times
-    fewer random numbers.
-    """
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"rate: expected a value in [0, 1), got {rate!r}")
-    if rate == 0.0:
-        return x
-    _checks.check_key("key", key)
-    x = _checks.as_array("x", x)
-    axes = _checks.check_axes("shared_axes", shared_axes, x.ndim)
-    mask_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
-    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
-
-
-class DenseParams(NamedTuple):
-    w: jax.Array  # [D, O]
-    b: jax.Array  # [O]
-
-
-def dense_init(key, input_size: int, output_size: int, dtype=jnp.float32, kernel_init=None):
-    """Parameters of an affine layer ``[..., D] -> [..., O]`` (LeCun normal, zero bias)."""
-    _checks.check_key("key", key)
-    d = _checks.check_positive_int("input_size", input_size)
-    o = _checks.check_positive_int("output_size", output_size)
-    w = (kernel_init or inits.lecun_normal())(key, (d, o), dtype)
-    return DenseParams(w, jnp.zeros((o,), dtype))
-
-
-def dense(params: DenseParams, x):
-    """``x @ w + b`` for ``x: [..., D]`` (float32 accumulation, result in ``x``'s dtype)."""
-    if not isinstance(params, DenseParams):
-        raise TypeError(f"params: expected DenseParams, got {type(params).__name__}")
-    _checks.check_floating("x", x)
-    _checks.check_min_ndim("x", x, 1, "[..., D]")
-    if x.shape[-1] != params.w.shape[0]:
-        raise ValueError(f"x: expected last dim D={params.w.shape[0]}, got {_checks.describe(x)}")
-    return add_bias(matmul_f32(x, params.w), params.b).astype(jnp.result_type(x, params.w))
-
-
-def embedding_init(key, vocab_size: int, dim: int, dtype=jnp.float32):
-    """An embedding table ``[V, E]`` drawn from N(0, 1)."""
-    _checks.check_key("key", key)
-    v = _checks.check_positive_int("vocab_size", vocab_size)
-    e = _checks.check_positive_int("dim", dim)
-    return jax.random.normal(key, (v, e), dtype)
-
-
-def embed(table, ids):
-    """Looks up ``ids: int[...]`` in ``table: [V, E]`` -> ``[..., E]``."""
-    _checks.check_ndim("table", table, 2, "[V, E]")
-    ids = _checks.as_array("ids", ids)
-    _checks.check_integer("ids", ids)
-    return jnp.take(table, ids, axis=0)

@@ -14,73 +14,16 @@ Shapes: L stream length, B streams (batch), K chunk length, V vocabulary.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
     "Chunk",
-    "CharVocab",
     "StreamBatcher",
-    "download",
     "make_streams",
-    "pad_sequences",
-    "split_text",
 ]
-
-
-class CharVocab:
-    """A character vocabulary: the sorted set of characters of a text.
-
-    ``encode(str) -> int32[N]``, ``decode(ids) -> str``; ``size`` is V.
-    """
-
-    def __init__(self, chars: Iterable[str]):
-        chars = sorted(set(chars))
-        if not chars:
-            raise ValueError("chars: expected at least one character, got an empty text")
-        self.chars = "".join(chars)
-        self._index = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharVocab:
-        return cls(text)
-
-    @property
-    def size(self) -> int:
-        return len(self.chars)
-
-    def __len__(self) -> int:
-        return self.size
-
-    def encode(self, text: str) -> np.ndarray:
-        try:
-            return np.fromiter((self._index[c] for c in text), dtype=np.int32, count=len(text))
-        except KeyError as e:
-            raise ValueError(f"text: character {e.args[0]!r} is not in the vocabulary") from None
-
-    def decode(self, ids) -> str:
-        ids = np.asarray(ids).reshape(-1)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
-            raise ValueError(
-                f"ids: expected values in [0, {self.size}), got {ids.min()}..{ids.max()}"
-            )
-        return "".join(self.chars[int(i)] for i in ids)
-
-
-def split_text(text, fraction: float = 0.9):
-    """First ``fraction`` for training, the rest for validation."""
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction: expected a value in (0, 1), got {fraction!r}")
-    n = int(len(text) * fraction)
-    return text[:n], text[n:]
 
 
 def make_streams(ids, num_streams: int, boundaries=None):
@@ -226,61 +169,3 @@ class StreamBatcher:
         """Chunks of steps ``step .. step+n-1`` stacked on a leading axis: ``[n, K, B]``."""
         chunks = [self.at_step(step + j) for j in range(n)]
         return Chunk(*(np.stack(f) for f in zip(*chunks)))
-
-
-def pad_sequences(seqs, pad_value=0, dtype=np.int32, length: int | None = None):
-    """Right-pads a list of 1-D sequences into time-major ``[T, B]``; returns ``(padded, lengths)``."""
-    seqs = [np.asarray(s) for s in seqs]
-    if not seqs:
-        raise ValueError("seqs: expected at least one sequence, got none")
-    for i, s in enumerate(seqs):
-        if s.ndim != 1:
-            raise ValueError(f"seqs[{i}]: expected a rank-1 sequence, got shape {list(s.shape)}")
-    lengths = np.array([len(s) for s in seqs], np.int32)
-    t = int(lengths.max()) if length is None else int(length)
-    if lengths.max() > t:
-        raise ValueError(f"length: {t} is shorter than the longest sequence ({lengths.max()})")
-    out = np.full((t, len(seqs)), pad_value, dtype)
-    for b, s in enumerate(seqs):
-        out[: len(s), b] = s
-    return out, lengths
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def download(url: str, sha256: str, cache_dir=None, filename: str | None = None, timeout=30.0):
-    """Fetches ``url`` into ``cache_dir`` (default ``~/.cache/jaxseq``) once, checking its sha256.
-
-    A cached file with the right checksum is reused. The file is written to a
-    temporary name and renamed, so an interrupted download leaves nothing
-    half-written. Raises ``RuntimeError`` with a readable message when there is
-    no network or the checksum does not match.
-    """
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxseq")
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, filename or os.path.basename(url))
-    if os.path.exists(path) and _sha256(path) == sha256:
-        return path
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as r:
-            while block := r.read(1 << 20):
-                f.write(block)
-        got = _sha256(tmp)
-        if got != sha256:
-            raise RuntimeError(
-                f"download: checksum mismatch for {url}: expected {sha256}, got {got}"
-            )
-        os.replace(tmp, path)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise RuntimeError(f"download: could not fetch {url} ({e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path

@@ -26,7 +26,10 @@ import numpy as np
 
 from jaxseq import _checks
 
-__all__ = ["Checkpointer", "IncompatibleCheckpointError"]
+__all__ = [
+    "Checkpointer",
+    "IncompatibleCheckpointError",
+]
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -102,7 +105,7 @@ def _diff(saved, current, prefix=""):
 
 
 class Checkpointer:
-    """Saves and restores :class:`jaxseq.train.TrainState` under ``directory``.
+    """Saves and restores :class:`jaxseq.training.TrainState` under ``directory``.
 
     Args:
       directory: the checkpoint root (one subdirectory per step).

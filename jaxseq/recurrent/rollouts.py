@@ -26,9 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxseq import _checks, kernels
+from jaxseq import _checks
+from jaxseq.recurrent import kernels
 
-__all__ = ["rollout", "rollout_unrolled"]
+__all__ = [
+    "rollout",
+    "rollout_unrolled",
+]
 
 
 def _is_concrete(x) -> bool:

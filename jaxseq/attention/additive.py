@@ -1,0 +1,210 @@
+"""Attention of one decoder query over encoder states: additive (Bahdanau) and
+multiplicative (Luong), with a length or a mask over the encoder steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxseq import _checks
+from jaxseq import initializers as inits
+from jaxseq._numerics import add_bias, matmul_f32
+from jaxseq.masks import combine_masks
+
+__all__ = [
+    "AdditiveAttentionParams",
+    "LuongAttentionParams",
+    "additive_attention",
+    "additive_attention_init",
+    "additive_attention_keys",
+    "luong_attention",
+    "luong_attention_init",
+]
+
+
+def _masked_softmax(scores, mask):
+    """float32 softmax over the last axis; masked entries 0, fully masked rows all 0."""
+    if mask is None:
+        return jax.nn.softmax(scores, axis=-1)
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
+def _encoder_args(query, keys, values, length, mask):
+    if not hasattr(query, "shape") or not hasattr(keys, "shape"):
+        raise TypeError("query, keys: expected arrays")
+    _checks.check_floating("query", query)
+    _checks.check_floating("keys", keys)
+    if query.ndim not in (1, 2):
+        raise ValueError(
+            f"query: expected shape [Dq] or [Tq, Dq] (one example), got {_checks.describe(query)}"
+        )
+    _checks.check_ndim("keys", keys, 2, "[Tk, Dk] (encoder states of one example)")
+    tk = keys.shape[0]
+    if values is None:
+        values = keys
+    else:
+        _checks.check_floating("values", values)
+        _checks.check_ndim("values", values, 2, "[Tk, Dv]")
+        _checks.check_shape("values", values, (tk, None), ("Tk", "Dv"))
+    if length is not None:
+        length = _checks.as_array("length", length)
+        _checks.check_integer("length", length)
+        _checks.check_shape("length", length, ())
+        mask = combine_masks(mask, jnp.arange(tk) < length)
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        _checks.check_bool("mask", mask)
+        _checks.check_shape("mask", mask, (tk,), ("Tk",))
+    return values, mask
+
+
+def _context(weights, values):
+    ctx = lax.dot_general(
+        weights.astype(values.dtype),
+        values,
+        (((weights.ndim - 1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+    return ctx.astype(values.dtype)
+
+
+class AdditiveAttentionParams(NamedTuple):
+    w_q: jax.Array  # [Dq, A]
+    w_k: jax.Array  # [Dk, A]
+    b: jax.Array  # [A]
+    v: jax.Array  # [A]
+
+
+def additive_attention_init(
+    key, query_size: int, key_size: int, attention_size: int, dtype=jnp.float32
+) -> AdditiveAttentionParams:
+    """Parameters of additive attention (Bahdanau et al. 2015): ``A`` is the hidden size."""
+    _checks.check_key("key", key)
+    dq = _checks.check_positive_int("query_size", query_size)
+    dk = _checks.check_positive_int("key_size", key_size)
+    a = _checks.check_positive_int("attention_size", attention_size)
+    kq, kk, kv = jax.random.split(key, 3)
+    init = inits.lecun_normal()
+    return AdditiveAttentionParams(
+        init(kq, (dq, a), dtype),
+        init(kk, (dk, a), dtype),
+        jnp.zeros((a,), dtype),
+        init(kv, (a, 1), dtype).reshape(a),
+    )
+
+
+def additive_attention(
+    params: AdditiveAttentionParams,
+    query,
+    keys,
+    values=None,
+    *,
+    length=None,
+    mask=None,
+    projected_keys=None,
+):
+    """Bahdanau attention for ONE example: ``e_j = v . tanh(W_q q + W_k k_j + b)``.
+
+    Args:
+      query: ``[Dq]`` (a decoder state) or ``[Tq, Dq]``.
+      keys: ``[Tk, Dk]`` encoder states; values ``[Tk, Dv]`` default ``keys``.
+      length: source length (int scalar): keys ``j >= length`` are masked.
+      mask: optional ``bool[Tk]``.
+      projected_keys: ``keys @ W_k`` ``[Tk, A]`` precomputed once per source
+        sequence (see :func:`additive_attention_keys`) for use in a decoder loop.
+
+    Returns ``(context [Dv] or [Tq, Dv], weights float32[Tk] or [Tq, Tk])``; with
+    every key masked the weights and context are zeros.
+    """
+    if not isinstance(params, AdditiveAttentionParams):
+        raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
+    values, mask = _encoder_args(query, keys, values, length, mask)
+    dq, a = params.w_q.shape
+    _checks.check_shape("query", query, query.shape[:-1] + (dq,))
+    tk = keys.shape[0]
+    if projected_keys is None:
+        _checks.check_shape("keys", keys, (tk, params.w_k.shape[0]), ("Tk", "Dk"))
+        projected_keys = additive_attention_keys(params, keys)
+    else:
+        _checks.check_shape("projected_keys", projected_keys, (tk, a), ("Tk", "A"))
+    qp = add_bias(matmul_f32(query, params.w_q), params.b)  # [..., A]
+    h = jnp.tanh(
+        qp[..., None, :]
+        + projected_keys.astype(jnp.float32).reshape((1,) * (query.ndim - 1) + (tk, a))
+    )  # [..., Tk, A]
+    scores = matmul_f32(h, params.v.astype(jnp.float32).reshape(a, 1))[..., 0]  # [..., Tk]
+    if mask is not None:
+        mask = mask.reshape((1,) * (query.ndim - 1) + (tk,))
+    w = _masked_softmax(scores, mask)
+    return _context(w, values), w
+
+
+def additive_attention_keys(params: AdditiveAttentionParams, keys):
+    """``keys @ W_k``: ``[Tk, Dk] -> float32[Tk, A]``, computed once per source sequence."""
+    if not isinstance(params, AdditiveAttentionParams):
+        raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
+    _checks.check_ndim("keys", keys, 2, "[Tk, Dk]")
+    _checks.check_shape("keys", keys, (None, params.w_k.shape[0]), ("Tk", "Dk"))
+    return matmul_f32(keys, params.w_k)
+
+
+class LuongAttentionParams(NamedTuple):
+    w: jax.Array | None  # [Dq, Dk] for score="general"; None for score="dot"
+
+
+def luong_attention_init(
+    key, query_size: int, key_size: int, score: str = "general", dtype=jnp.float32
+) -> LuongAttentionParams:
+    """Parameters of multiplicative attention (Luong et al. 2015).
+
+    ``score="dot"``: ``e_j = q . k_j`` (no parameters; needs ``Dq == Dk``).
+    ``score="general"``: ``e_j = q^T W k_j`` with ``W: [Dq, Dk]``.
+    """
+    _checks.check_choice("score", score, ("dot", "general"))
+    dq = _checks.check_positive_int("query_size", query_size)
+    dk = _checks.check_positive_int("key_size", key_size)
+    if score == "dot":
+        if dq != dk:
+            raise ValueError(f"key_size: score='dot' needs key_size == query_size={dq}, got {dk}")
+        return LuongAttentionParams(None)
+    _checks.check_key("key", key)
+    return LuongAttentionParams(inits.lecun_normal()(key, (dq, dk), dtype))
+
+
+def luong_attention(
+    params: LuongAttentionParams, query, keys, values=None, *, length=None, mask=None
+):
+    """Luong attention for ONE example: ``e_j = q . k_j`` (dot) or ``q^T W k_j`` (general).
+
+    Args and returns as :func:`additive_attention`: ``query [Dq]`` or ``[Tq, Dq]``,
+    ``keys [Tk, Dk]``, ``values [Tk, Dv]`` (default keys), ``length``/``mask`` over
+    the source; returns ``(context, weights float32)``.
+    """
+    if not isinstance(params, LuongAttentionParams):
+        raise TypeError(f"params: expected LuongAttentionParams, got {type(params).__name__}")
+    values, mask = _encoder_args(query, keys, values, length, mask)
+    tk, dk = keys.shape
+    if params.w is None:
+        if query.shape[-1] != dk:
+            raise ValueError(
+                f"query: expected last dim Dk={dk} (score='dot'), got {_checks.describe(query)}"
+            )
+        qw = query
+    else:
+        _checks.check_shape("params.w", params.w, (None, dk), ("Dq", "Dk"))
+        dq = params.w.shape[0]
+        if query.shape[-1] != dq:
+            raise ValueError(f"query: expected last dim Dq={dq}, got {_checks.describe(query)}")
+        qw = matmul_f32(query, params.w).astype(query.dtype)
+    scores = lax.dot_general(
+        qw, keys, (((qw.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )  # [..., Tk]
+    if mask is not None:
+        mask = mask.reshape((1,) * (query.ndim - 1) + (tk,))
+    w = _masked_softmax(scores, mask)
+    return _context(w, values), w

@@ -1,0 +1,187 @@
+"""Attention written for ONE example and batched with ``jax.vmap``.
+
+Shapes (per example): ``Tq`` query length, ``Tk`` key/value length, ``Dk`` key
+size (queries and keys), ``Dv`` value size, ``K`` heads, ``*B`` any leading
+batch dims. Batch-major at this level: the batched helpers take
+``[*B, T, K, D]`` like ``jax.nn.dot_product_attention``.
+
+The idiom: write attention for one example, then ``vmap`` over heads and batch::
+
+    att = js.dot_product_attention                       # [Tq, Dk], [Tk, Dk], [Tk, Dv] -> [Tq, Dv]
+    per_head = jax.vmap(att, in_axes=(1, 1, 1), out_axes=1)  # [T, K, D] -> [T, K, Dv]
+    batched = jax.vmap(per_head)                         # [B, T, K, D] -> [B, T, K, Dv]
+
+:func:`batched_dot_product_attention` is that composition (with masks), and
+:func:`multi_head_attention` uses it.
+
+Numerics: scores, softmax and reductions run in float32 for any input dtype
+(bfloat16 included); masked scores are set to ``finfo(float32).min`` (never
+``-inf``); a query row whose keys are all masked gets zero weights, so its
+output and the gradients through it are exactly zero, not NaN.
+
+Masks are boolean, ``True`` = may attend. Helpers: :func:`causal_mask`,
+:func:`length_mask`, :func:`padding_mask`, :func:`combine_masks`.
+
+:func:`blockwise_attention` computes the same thing block by block with an
+online softmax (memory ``O(T * block)`` in the forward and the backward pass)
+and skips causal blocks that are fully masked. Additive (Bahdanau) and
+multiplicative (Luong) attention over encoder states serve RNN encoder-decoders.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxseq import _checks
+from jaxseq._numerics import acc_dtype
+from jaxseq.attention.additive import _masked_softmax
+from jaxseq.masks import causal_mask, combine_masks
+
+__all__ = [
+    "attention_weights",
+    "batched_dot_product_attention",
+    "dot_product_attention",
+]
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+        _checks.check_floating(name, x)
+    _checks.check_ndim("q", q, 2, "[Tq, Dk]")
+    _checks.check_ndim("k", k, 2, "[Tk, Dk]")
+    _checks.check_ndim("v", v, 2, "[Tk, Dv]")
+    tk, dk = k.shape
+    if q.shape[1] != dk:
+        raise ValueError(f"q: expected shape [Tq, Dk={dk}] (Dk of k), got {_checks.describe(q)}")
+    if v.shape[0] != tk:
+        raise ValueError(f"v: expected shape [Tk={tk}, Dv] (Tk of k), got {_checks.describe(v)}")
+
+
+def _scale_of(scale, dk: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(dk)
+    return scale
+
+
+def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale=None):
+    """Softmax attention weights ``float32[Tq, Tk]`` for one example.
+
+    ``weights = softmax(q k^T * scale + bias)`` over keys, with masked entries
+    (``mask`` False, or ``j > i`` when ``causal``) exactly zero; a fully masked
+    row is all zeros. ``scale`` defaults to ``1/sqrt(Dk)``.
+
+    Args:
+      q: ``[Tq, Dk]``; k: ``[Tk, Dk]``.
+      mask: optional ``bool[Tq, Tk]`` (True = attend).
+      bias: optional additive ``[Tq, Tk]`` score bias.
+      causal: also mask keys after the query position (top-left aligned).
+    """
+    _check_qkv(q, k, k[:, :1])
+    tq, tk = q.shape[0], k.shape[0]
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        _checks.check_bool("mask", mask)
+        _checks.check_shape("mask", mask, (tq, tk), ("Tq", "Tk"))
+    if bias is not None:
+        bias = _checks.as_array("bias", bias)
+        _checks.check_floating("bias", bias)
+        _checks.check_shape("bias", bias, (tq, tk), ("Tq", "Tk"))
+    if causal:
+        mask = combine_masks(mask, causal_mask(tq, tk))
+    acc = acc_dtype(q, k)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
+    if bias is not None:
+        s = s + bias.astype(acc)
+    return _masked_softmax(s, mask)
+
+
+def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None):
+    """Scaled dot-product attention for ONE example: ``softmax(q k^T * scale) v``.
+
+    Args:
+      q: ``[Tq, Dk]`` queries; k: ``[Tk, Dk]`` keys; v: ``[Tk, Dv]`` values.
+      mask: optional ``bool[Tq, Tk]``, True where query ``i`` may attend to key ``j``.
+      bias: optional additive score bias ``[Tq, Tk]`` (e.g. relative positions).
+      causal: also mask ``j > i`` (top-left aligned).
+      scale: score scale, default ``1/sqrt(Dk)``.
+
+    Returns ``[Tq, Dv]`` in the dtype of ``v``. A fully masked query row gives zeros.
+    For batches and heads use ``jax.vmap`` (see the module docstring) or
+    :func:`batched_dot_product_attention`.
+    """
+    _check_qkv(q, k, v)
+    w = attention_weights(q, k, mask, bias=bias, causal=causal, scale=scale)
+    out = lax.dot_general(
+        w.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype(v)
+    )
+    return out.astype(v.dtype)
+
+
+def batched_dot_product_attention(
+    q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None, return_weights=False
+):
+    """:func:`dot_product_attention` vmapped over heads and leading batch dims.
+
+    Args:
+      q: ``[*B, Tq, K, Dk]``; k: ``[*B, Tk, K, Dk]``; v: ``[*B, Tk, K, Dv]``
+        (the layout of ``jax.nn.dot_product_attention``).
+      mask: optional ``bool[*B, Tq, Tk]`` (shared by all heads) or ``bool[*B, K, Tq, Tk]``.
+      bias: optional ``[*B, K, Tq, Tk]`` or ``[*B, Tq, Tk]``.
+      return_weights: also return the weights ``float32[*B, K, Tq, Tk]``.
+
+    Returns ``[*B, Tq, K, Dv]`` (and the weights when asked).
+    """
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+        _checks.check_min_ndim(name, x, 3, f"[*B, T, K, D] for {name}")
+    batch = tuple(q.shape[:-3])
+    tq, nh, dk = q.shape[-3:]
+    tk = k.shape[-3]
+    if k.shape != batch + (tk, nh, dk):
+        raise ValueError(
+            f"k: expected shape {list(batch) + ['Tk', nh, dk]} (batch, K and Dk of q), "
+            f"got {_checks.describe(k)}"
+        )
+    if v.ndim != q.ndim or v.shape[:-1] != batch + (tk, nh):
+        raise ValueError(
+            f"v: expected shape {list(batch + (tk, nh))} + [Dv], got {_checks.describe(v)}"
+        )
+
+    def per_head_arg(name, x):
+        if x is None:
+            return None, None
+        if x.shape == batch + (tq, tk):
+            return x, None
+        if x.shape == batch + (nh, tq, tk):
+            return x, 0
+        raise ValueError(
+            f"{name}: expected shape {list(batch + (tq, tk))} or {list(batch + (nh, tq, tk))}, "
+            f"got {_checks.describe(x)}"
+        )
+
+    mask, m_ax = per_head_arg("mask", mask)
+    bias, b_ax = per_head_arg("bias", bias)
+
+    def one(q1, k1, v1, m1, b1):
+        w = attention_weights(q1, k1, m1, bias=b1, causal=causal, scale=scale)
+        o = lax.dot_general(
+            w.astype(v1.dtype),
+            v1,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=acc_dtype(v1),
+        )
+        return o.astype(v1.dtype), w
+
+    fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax), out_axes=(1, 0))
+    for _ in batch:
+        fn = jax.vmap(fn)
+    out, w = fn(q, k, v, mask, bias)
+    return (out, w) if return_weights else out

@@ -1,0 +1,221 @@
+"""Multi-head attention: projections to K heads, attention per head by ``vmap``, an output projection."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+from jaxseq import initializers as inits
+from jaxseq._numerics import add_bias, matmul_f32
+from jaxseq.attention.blockwise import blockwise_attention
+from jaxseq.attention.dot_product import attention_weights
+
+__all__ = [
+    "MultiHeadAttentionParams",
+    "multi_head_attention",
+    "multi_head_attention_init",
+]
+
+
+class MultiHeadAttentionParams(NamedTuple):
+    w_q: jax.Array  # [Dq, K, Dk]
+    w_k: jax.Array  # [Dc, K, Dk]
+    w_v: jax.Array  # [Dc, K, Dv]
+    w_o: jax.Array  # [K, Dv, Do]
+    b_q: jax.Array | None  # [K, Dk]
+    b_k: jax.Array | None  # [K, Dk]
+    b_v: jax.Array | None  # [K, Dv]
+    b_o: jax.Array | None  # [Do]
+
+
+def multi_head_attention_init(
+    key,
+    query_size: int,
+    num_heads: int,
+    key_size: int,
+    *,
+    value_size: int | None = None,
+    context_size: int | None = None,
+    output_size: int | None = None,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+) -> MultiHeadAttentionParams:
+    """Parameters of multi-head attention (Vaswani et al. 2017).
+
+    Args:
+      query_size: ``Dq``, the size of the inputs the queries are computed from.
+      num_heads: ``K``.
+      key_size: ``Dk`` per head (queries and keys).
+      value_size: ``Dv`` per head (default ``key_size``).
+      context_size: ``Dc``, size of the inputs keys and values are computed from
+        (default ``query_size``: self-attention).
+      output_size: ``Do`` (default ``query_size``).
+      use_bias: biases on the four projections (zeros at init).
+
+    Weights are LeCun normal; the head count and sizes are read back from the
+    shapes, so :func:`multi_head_attention` needs no config.
+    """
+    _checks.check_key("key", key)
+    dq = _checks.check_positive_int("query_size", query_size)
+    nh = _checks.check_positive_int("num_heads", num_heads)
+    dk = _checks.check_positive_int("key_size", key_size)
+    dv = dk if value_size is None else _checks.check_positive_int("value_size", value_size)
+    dc = dq if context_size is None else _checks.check_positive_int("context_size", context_size)
+    do = dq if output_size is None else _checks.check_positive_int("output_size", output_size)
+    kq, kk, kv, ko = jax.random.split(key, 4)
+    init = inits.lecun_normal()
+    w_q = init(kq, (dq, nh * dk), dtype).reshape(dq, nh, dk)
+    w_k = init(kk, (dc, nh * dk), dtype).reshape(dc, nh, dk)
+    w_v = init(kv, (dc, nh * dv), dtype).reshape(dc, nh, dv)
+    w_o = init(ko, (nh * dv, do), dtype).reshape(nh, dv, do)
+    if use_bias:
+        b = (
+            jnp.zeros((nh, dk), dtype),
+            jnp.zeros((nh, dk), dtype),
+            jnp.zeros((nh, dv), dtype),
+            jnp.zeros((do,), dtype),
+        )
+    else:
+        b = (None,) * 4
+    return MultiHeadAttentionParams(w_q, w_k, w_v, w_o, *b)
+
+
+def _check_mha_params(params):
+    if not isinstance(params, MultiHeadAttentionParams):
+        raise TypeError(f"params: expected MultiHeadAttentionParams, got {type(params).__name__}")
+    _checks.check_ndim("params.w_q", params.w_q, 3, "[Dq, K, Dk]")
+    dq, nh, dk = params.w_q.shape
+    _checks.check_ndim("params.w_k", params.w_k, 3, "[Dc, K, Dk]")
+    dc = params.w_k.shape[0]
+    _checks.check_shape("params.w_k", params.w_k, (dc, nh, dk), ("Dc", "K", "Dk"))
+    _checks.check_ndim("params.w_v", params.w_v, 3, "[Dc, K, Dv]")
+    dv = params.w_v.shape[2]
+    _checks.check_shape("params.w_v", params.w_v, (dc, nh, dv), ("Dc", "K", "Dv"))
+    _checks.check_ndim("params.w_o", params.w_o, 3, "[K, Dv, Do]")
+    do = params.w_o.shape[2]
+    _checks.check_shape("params.w_o", params.w_o, (nh, dv, do), ("K", "Dv", "Do"))
+    for name, b, shape in (
+        ("b_q", params.b_q, (nh, dk)),
+        ("b_k", params.b_k, (nh, dk)),
+        ("b_v", params.b_v, (nh, dv)),
+        ("b_o", params.b_o, (do,)),
+    ):
+        if b is not None:
+            _checks.check_shape(f"params.{name}", b, shape)
+    return dq, dc, nh, dk, dv, do
+
+
+def _project_heads(x, w, b):
+    """``x: [T, D] @ w: [D, K, E] (+ b: [K, E]) -> f32[T, K, E]`` as one matmul."""
+    d, nh, e = w.shape
+    y = matmul_f32(x, w.reshape(d, nh * e))
+    if b is not None:
+        y = add_bias(y, b.reshape(nh * e))
+    return y.reshape(x.shape[0], nh, e)
+
+
+def multi_head_attention(
+    params: MultiHeadAttentionParams,
+    x,
+    context=None,
+    mask=None,
+    *,
+    causal: bool = False,
+    bias=None,
+    dropout_rate: float = 0.0,
+    key=None,
+    return_weights: bool = False,
+    blockwise: bool = False,
+):
+    """Multi-head attention for ONE example (``jax.vmap`` it over a batch).
+
+    ``q = x W_q``, ``k = context W_k``, ``v = context W_v`` per head; each head
+    runs :func:`attention_weights` (heads by ``vmap``); the heads' outputs are
+    concatenated and projected by ``W_o``.
+
+    Args:
+      params: from :func:`multi_head_attention_init` (``K`` heads read from shapes).
+      x: ``[Tq, Dq]`` queries' inputs.
+      context: ``[Tk, Dc]`` keys'/values' inputs; ``None`` for self-attention (``x``).
+      mask: optional ``bool[Tq, Tk]`` or per head ``bool[K, Tq, Tk]`` (True = attend).
+      causal: mask keys after the query position.
+      bias: optional score bias ``[Tq, Tk]`` or ``[K, Tq, Tk]``.
+      dropout_rate, key: dropout on the attention weights, only when ``key`` is given.
+      return_weights: also return the weights ``float32[K, Tq, Tk]`` (after masking,
+        before dropout) for plotting.
+      blockwise: use :func:`blockwise_attention` (long sequences; no ``mask``,
+        ``bias``, dropout or weights then).
+
+    Returns ``[Tq, Do]`` in the dtype of ``x`` (and the weights when asked).
+    """
+    dq, dc, nh, dk, dv, do = _check_mha_params(params)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x: expected an array [Tq, Dq], got {type(x).__name__}")
+    _checks.check_floating("x", x)
+    _checks.check_ndim("x", x, 2, "[Tq, Dq] (one example; vmap over a batch)")
+    _checks.check_shape("x", x, (None, dq), ("Tq", "Dq"))
+    ctx = x if context is None else context
+    if context is not None:
+        _checks.check_floating("context", context)
+        _checks.check_ndim("context", context, 2, "[Tk, Dc] (one example)")
+    _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
+    tq, tk = x.shape[0], ctx.shape[0]
+    if not 0.0 <= float(dropout_rate) < 1.0:
+        raise ValueError(f"dropout_rate: expected a value in [0, 1), got {dropout_rate!r}")
+    dtype = x.dtype
+    q = _project_heads(x, params.w_q, params.b_q).astype(dtype)  # [Tq, K, Dk]
+    k = _project_heads(ctx, params.w_k, params.b_k).astype(dtype)  # [Tk, K, Dk]
+    v = _project_heads(ctx, params.w_v, params.b_v).astype(dtype)  # [Tk, K, Dv]
+
+    if blockwise:
+        if (
+            mask is not None
+            or bias is not None
+            or return_weights
+            or (key is not None and dropout_rate > 0)
+        ):
+            raise ValueError(
+                "blockwise: supports only causal or no masking, without bias, dropout or "
+                "returned weights"
+            )
+        o = blockwise_attention(
+            jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), causal=causal
+        )
+        o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
+        w = None
+    else:
+
+        def per_head_arg(name, a):
+            if a is None:
+                return None, None
+            a = _checks.as_array(name, a)
+            if a.shape == (tq, tk):
+                return a, None
+            if a.shape == (nh, tq, tk):
+                return a, 0
+            raise ValueError(
+                f"{name}: expected shape [Tq={tq}, Tk={tk}] or [K={nh}, Tq={tq}, Tk={tk}], "
+                f"got {_checks.describe(a)}"
+            )
+
+        mask, m_ax = per_head_arg("mask", mask)
+        bias, b_ax = per_head_arg("bias", bias)
+        weights_fn = jax.vmap(
+            lambda q1, k1, m1, b1: attention_weights(q1, k1, m1, bias=b1, causal=causal),
+            in_axes=(1, 1, m_ax, b_ax),
+        )
+        w = weights_fn(q, k, mask, bias)  # f32[K, Tq, Tk]
+        wd = w
+        if key is not None and dropout_rate > 0.0:
+            _checks.check_key("key", key)
+            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, w.shape)
+            wd = jnp.where(keep, w / (1.0 - dropout_rate), 0.0)
+        o = jnp.einsum("kqt,tkd->qkd", wd.astype(dtype), v, preferred_element_type=jnp.float32)
+    out = matmul_f32(o.reshape(tq, nh * dv).astype(dtype), params.w_o.reshape(nh * dv, do))
+    if params.b_o is not None:
+        out = add_bias(out, params.b_o)
+    out = out.astype(dtype)
+    return (out, w) if return_weights else out

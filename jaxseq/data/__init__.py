@@ -1,0 +1,27 @@
+"""Data: vocabularies, stream batching for truncated BPTT, padded batches, downloads."""
+
+from jaxseq.data.download import (
+    download,
+)
+from jaxseq.data.padded import (
+    pad_sequences,
+)
+from jaxseq.data.streams import (
+    Chunk,
+    StreamBatcher,
+    make_streams,
+)
+from jaxseq.data.text import (
+    CharVocab,
+    split_text,
+)
+
+__all__ = [
+    "CharVocab",
+    "Chunk",
+    "StreamBatcher",
+    "download",
+    "make_streams",
+    "pad_sequences",
+    "split_text",
+]

@@ -1,0 +1,217 @@
+"""An RNN encoder-decoder with additive attention (Bahdanau et al. 2015)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+from jaxseq.attention.additive import (
+    AdditiveAttentionParams,
+    additive_attention,
+    additive_attention_init,
+    additive_attention_keys,
+)
+from jaxseq.models.language import CELLS
+from jaxseq.nn.dense import DenseParams, dense, dense_init
+from jaxseq.nn.embedding import embed, embedding_init
+from jaxseq.recurrent.layers import Bidirectional, bidirectional_rollout
+from jaxseq.recurrent.rollouts import rollout
+
+__all__ = ["Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
+
+
+class Seq2SeqParams(NamedTuple):
+    src_embedding: jax.Array  # [Vs, E]
+    tgt_embedding: jax.Array  # [Vt, E]
+    encoder: Any  # BidirectionalParams, or one cell's params
+    bridge: DenseParams  # [He, Hd]: initial decoder state from the mean encoder state
+    attention: AdditiveAttentionParams  # query Hd, keys He, size A
+    decoder: Any  # cell params, input E + He
+    head: DenseParams  # [Hd + He, Vt]
+
+
+class Encoded(NamedTuple):
+    """What the decoder needs from the source, batch-major for per-example attention."""
+
+    states: jax.Array  # [B, S, He] encoder outputs (zeros past each source length)
+    keys: jax.Array  # float32[B, S, A] states @ W_k, projected once
+    lengths: jax.Array  # int32[B] source lengths
+    carry: Any  # initial decoder carry, [B, Hd] leaves
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqAttention:
+    """RNN encoder-decoder with additive (Bahdanau) attention (Bahdanau et al. 2015).
+
+    Encoder: source embeddings -> a bidirectional (default) or forward cell ->
+    states ``h_j`` ``[S, B, He]``. Decoder, for each target step ``t``::
+
+        c_t, a_t = additive_attention(s_{t-1}, h)          # context [He], weights [S]
+        s_t      = cell(s_{t-1}, [embed(y_{t-1}); c_t])
+        logits_t = W_o [s_t; c_t] + b_o                     # [Vt]
+
+    with ``s_0 = tanh(W_b mean_j h_j + b_b)`` (the cell state of an LSTM starts at 0).
+
+    Time-major with ONE batch dim: ``src: int[S, B]``, ``tgt_in: int[T, B]``.
+
+    Args:
+      src_vocab_size, tgt_vocab_size: Vs, Vt.
+      embed_dim: E, for source and target embeddings.
+      hidden: H of the encoder cells (each direction) and of the decoder cell.
+      attention_size: A.
+      cell: "gru" (default), "lstm" or "rnn", for encoder and decoder.
+      bidirectional: encoder direction(s); He = 2H when True, else H.
+    """
+
+    src_vocab_size: int
+    tgt_vocab_size: int
+    embed_dim: int = 64
+    hidden: int = 128
+    attention_size: int = 64
+    cell: str = "gru"
+    bidirectional: bool = True
+
+    def __post_init__(self):
+        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden", "attention_size"):
+            _checks.check_positive_int(name, getattr(self, name))
+        _checks.check_choice("cell", self.cell, tuple(CELLS))
+
+    @property
+    def encoder(self):
+        c = CELLS[self.cell](self.hidden)
+        return Bidirectional(c) if self.bidirectional else c
+
+    @property
+    def decoder(self):
+        return CELLS[self.cell](self.hidden)
+
+    @property
+    def encoder_size(self) -> int:
+        return self.encoder.output_size
+
+    def init(self, key, dtype=jnp.float32) -> Seq2SeqParams:
+        _checks.check_key("key", key)
+        ks = jax.random.split(key, 7)
+        e, h, he = self.embed_dim, self.hidden, self.encoder_size
+        return Seq2SeqParams(
+            src_embedding=embedding_init(ks[0], self.src_vocab_size, e, dtype),
+            tgt_embedding=embedding_init(ks[1], self.tgt_vocab_size, e, dtype),
+            encoder=self.encoder.init(ks[2], e, dtype),
+            bridge=dense_init(ks[3], he, h, dtype),
+            attention=additive_attention_init(ks[4], h, he, self.attention_size, dtype),
+            decoder=self.decoder.init(ks[5], e + he, dtype),
+            head=dense_init(ks[6], h + he, self.tgt_vocab_size, dtype),
+        )
+
+    def check_params(self, params, name: str = "params") -> None:
+        if not isinstance(params, Seq2SeqParams):
+            raise TypeError(f"{name}: expected Seq2SeqParams, got {type(params).__name__}")
+        e = self.embed_dim
+        _checks.check_shape(
+            f"{name}.src_embedding", params.src_embedding, (self.src_vocab_size, e), ("Vs", "E")
+        )
+        _checks.check_shape(
+            f"{name}.tgt_embedding", params.tgt_embedding, (self.tgt_vocab_size, e), ("Vt", "E")
+        )
+        _checks.check_shape(
+            f"{name}.head.w",
+            params.head.w,
+            (self.hidden + self.encoder_size, self.tgt_vocab_size),
+            ("Hd+He", "Vt"),
+        )
+
+    def _tokens(self, name, x, batch=None):
+        x = _checks.as_array(name, x)
+        _checks.check_integer(name, x)
+        _checks.check_ndim(name, x, 2, "[T, B] token ids (time-major, one batch dim)")
+        if batch is not None and x.shape[1] != batch:
+            raise ValueError(
+                f"{name}: expected batch B={batch} (the batch of src), got {_checks.describe(x)}"
+            )
+        return x
+
+    def encode(self, params: Seq2SeqParams, src, src_lengths=None) -> Encoded:
+        """Runs the encoder over ``src: int[S, B]`` (``src_lengths: int[B]``, default S)."""
+        self.check_params(params)
+        src = self._tokens("src", src)
+        s, b = src.shape
+        if src_lengths is None:
+            src_lengths = jnp.full((b,), s, jnp.int32)
+        src_lengths = _checks.as_array("src_lengths", src_lengths)
+        _checks.check_integer("src_lengths", src_lengths)
+        _checks.check_shape("src_lengths", src_lengths, (b,), ("B",))
+        src_lengths = src_lengths.astype(jnp.int32)
+        x = embed(params.src_embedding, src)
+        layer = self.encoder
+        if isinstance(layer, Bidirectional):
+            _, hs = bidirectional_rollout(layer, params.encoder, x, lengths=src_lengths)
+        else:
+            _, hs = rollout(layer, params.encoder, x, lengths=src_lengths)
+        states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
+        keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
+        mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
+            src_lengths.astype(jnp.float32), 1.0
+        ).reshape(b, 1)
+        h0 = jnp.tanh(dense(params.bridge, mean.astype(states.dtype)))
+        carry = self.decoder.initial_carry((b,), h0.dtype)._replace(h=h0)
+        return Encoded(states, keys, src_lengths, carry)
+
+    def _attend(self, params, enc: Encoded, query):
+        def one(q, st, k, n):
+            return additive_attention(params.attention, q, st, length=n, projected_keys=k)
+
+        return jax.vmap(one)(query, enc.states, enc.keys, enc.lengths)
+
+    def step(self, params: Seq2SeqParams, enc: Encoded, carry, y_prev):
+        """One decoder step: ``y_prev: int[B]`` -> ``(carry, logits f32[B, Vt], weights f32[B, S])``."""
+        ctx, w = self._attend(params, enc, carry.h)
+        x = jnp.concatenate([embed(params.tgt_embedding, y_prev), ctx.astype(carry.h.dtype)], -1)
+        carry, h = self.decoder.step(params.decoder, carry, x)
+        logits = dense(params.head, jnp.concatenate([h, ctx.astype(h.dtype)], axis=-1))
+        return carry, logits.astype(jnp.float32), w
+
+    def apply(self, params: Seq2SeqParams, src, tgt_in, *, src_lengths=None):
+        """Teacher forcing: the decoder reads ``tgt_in: int[T, B]`` (the target shifted
+        right, starting with a BOS id) and predicts the next target token at every step.
+
+        Returns ``(logits float32[T, B, Vt], attention weights float32[T, B, S])``.
+        """
+        enc = self.encode(params, src, src_lengths)
+        tgt_in = self._tokens("tgt_in", tgt_in, enc.states.shape[0])
+
+        def body(carry, y):
+            carry, logits, w = self.step(params, enc, carry, y)
+            return carry, (logits, w)
+
+        _, (logits, weights) = jax.lax.scan(body, enc.carry, tgt_in)
+        return logits, weights
+
+    def greedy_decode(
+        self, params: Seq2SeqParams, src, length: int, *, bos_id: int, src_lengths=None
+    ):
+        """Greedy decoding of ``length`` tokens after ``bos_id`` (one scan, compiles once).
+
+        Returns ``(tokens int32[N, B], attention weights float32[N, B, S])``; cut each
+        sequence at its first end-of-sequence token yourself.
+        """
+        n = _checks.check_positive_int("length", length)
+        if not 0 <= int(bos_id) < self.tgt_vocab_size:
+            raise ValueError(
+                f"bos_id: expected an id in [0, {self.tgt_vocab_size}), got {bos_id!r}"
+            )
+        enc = self.encode(params, src, src_lengths)
+        b = enc.states.shape[0]
+
+        def body(state, _):
+            carry, y = state
+            carry, logits, w = self.step(params, enc, carry, y)
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return (carry, nxt), (nxt, w)
+
+        y0 = jnp.full((b,), int(bos_id), jnp.int32)
+        _, (tokens, weights) = jax.lax.scan(body, (enc.carry, y0), None, length=n)
+        return tokens, weights

@@ -1,0 +1,32 @@
+"""Inverted dropout, optionally with one mask shared along some axes (variational)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+
+__all__ = [
+    "dropout",
+]
+
+
+def dropout(key, x, rate: float, *, shared_axes=()):
+    """Inverted dropout: zeroes a fraction ``rate`` of ``x`` and scales the rest by 1/(1-rate).
+
+    ``shared_axes``: axes along which one mask is reused. ``shared_axes=(0,)`` on a
+    time-major ``[T, *B, D]`` sequence drops the same units at every step
+    (variational or "locked" dropout, Gal and Ghahramani 2016), and draws T times
+    fewer random numbers.
+    """
+    if not 0.0 <= float(rate) < 1.0:
+        raise ValueError(f"rate: expected a value in [0, 1), got {rate!r}")
+    if rate == 0.0:
+        return x
+    _checks.check_key("key", key)
+    x = _checks.as_array("x", x)
+    axes = _checks.check_axes("shared_axes", shared_axes, x.ndim)
+    mask_shape = tuple(1 if a in axes else n for a, n in enumerate(x.shape))
+    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)

@@ -1,0 +1,50 @@
+"""Layer normalisation over the last axis, statistics in float32."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq import _checks
+
+__all__ = [
+    "LayerNormParams",
+    "layer_norm",
+    "layer_norm_init",
+]
+
+
+class LayerNormParams(NamedTuple):
+    scale: jax.Array  # [D]
+    bias: jax.Array  # [D]
+
+
+def layer_norm_init(dim: int, dtype=jnp.float32) -> LayerNormParams:
+    """Unit scale, zero bias ``[D]``."""
+    d = _checks.check_positive_int("dim", dim)
+    return LayerNormParams(jnp.ones((d,), dtype), jnp.zeros((d,), dtype))
+
+
+def layer_norm(params: LayerNormParams, x, eps: float = 1e-5):
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x: [..., D]``.
+
+    Statistics in float32; the result has ``x``'s dtype.
+    """
+    if not isinstance(params, LayerNormParams):
+        raise TypeError(f"params: expected LayerNormParams, got {type(params).__name__}")
+    _checks.check_floating("x", x)
+    _checks.check_min_ndim("x", x, 1, "[..., D]")
+    d = params.scale.shape[0]
+    if x.shape[-1] != d:
+        raise ValueError(f"x: expected last dim D={d}, got {_checks.describe(x)}")
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    shape = (1,) * (x.ndim - 1) + (d,)
+    y = y * params.scale.astype(jnp.float32).reshape(shape) + params.bias.astype(
+        jnp.float32
+    ).reshape(shape)
+    return y.astype(x.dtype)

@@ -1,0 +1,72 @@
+"""Language-model loss and evaluation over token streams."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxseq.data.streams import StreamBatcher
+from jaxseq.training import losses
+from jaxseq.training.sharding import _shard_tree, shard_batch
+
+__all__ = [
+    "evaluate_lm",
+    "lm_loss_fn",
+    "make_eval_step",
+]
+
+
+def lm_loss_fn(model, *, use_lengths: bool = True):
+    """The loss of a language model on a :class:`jaxseq.data.Chunk`, for :func:`make_train_step`.
+
+    ``loss_fn(params, carry, chunk, key) -> (loss, (new_carry, aux))``: mean
+    masked cross-entropy (nats/token) of ``model.apply`` over the chunk from
+    ``carry``, with ``chunk.reset`` applied. With ``use_lengths`` the carry
+    after a padded (partial) chunk is the one after its last valid step.
+    """
+
+    def loss_fn(params, carry, chunk, key):
+        lengths = None
+        if use_lengths:
+            lengths = jnp.sum(chunk.mask.astype(jnp.int32), axis=0)
+        carry, logits = model.apply(
+            params, carry, chunk.inputs, reset=chunk.reset, lengths=lengths, key=key
+        )
+        loss = losses.cross_entropy(logits, chunk.targets, chunk.mask)
+        return loss, (carry, {})
+
+    return loss_fn
+
+
+def make_eval_step(model):
+    """Jitted ``(params, carry, chunk) -> (carry, nats_sum, count)`` for a language model (no dropout)."""
+
+    @jax.jit
+    def ev(params, carry, chunk):
+        lengths = jnp.sum(chunk.mask.astype(jnp.int32), axis=0)
+        carry, logits = model.apply(params, carry, chunk.inputs, reset=chunk.reset, lengths=lengths)
+        tok = losses.token_cross_entropy(logits, chunk.targets)
+        w = chunk.mask.astype(jnp.float32)
+        return carry, jnp.sum(tok * w), jnp.sum(w)
+
+    return ev
+
+
+def evaluate_lm(model, params, batcher: StreamBatcher, *, eval_step=None, mesh=None) -> float:
+    """Mean nats/token of ``model`` over one pass of ``batcher`` (carry threaded across chunks).
+
+    With ``batcher.reset_every_chunk`` the carry starts from zeros at every chunk.
+    """
+    ev = eval_step or make_eval_step(model)
+    carry = model.initial_carry((batcher.num_streams,))
+    if mesh is not None:
+        carry = _shard_tree(carry, mesh, 0)
+    total, count = 0.0, 0.0
+    for i in range(batcher.num_chunks):
+        chunk = batcher.chunk(i)
+        if mesh is not None:
+            chunk = shard_batch(chunk, mesh)
+        carry, s, c = ev(params, carry, chunk)
+        total += float(s)
+        count += float(c)
+    return total / max(count, 1.0)
