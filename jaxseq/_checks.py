@@ -92,6 +92,17 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_rate(name: str, value) -> float:
+    """A probability in ``[0, 1)`` (dropout rates); returns it as a float."""
+    try:
+        rate = float(value)
+    except (TypeError, ValueError):
+        rate = None
+    if isinstance(value, bool) or rate is None or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name}: expected a value in [0, 1), got {value!r}")
+    return rate
+
+
 def check_axes(name: str, axes, ndim: int) -> frozenset:
     """Normalises an int or a sequence of ints naming axes of an ``ndim``-array."""
     items = (axes,) if isinstance(axes, int) else axes

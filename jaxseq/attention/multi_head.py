@@ -163,8 +163,7 @@ def multi_head_attention(
         _checks.check_ndim("context", context, 2, "[Tk, Dc] (one example)")
     _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
     tq, tk = x.shape[0], ctx.shape[0]
-    if not 0.0 <= float(dropout_rate) < 1.0:
-        raise ValueError(f"dropout_rate: expected a value in [0, 1), got {dropout_rate!r}")
+    _checks.check_rate("dropout_rate", dropout_rate)
     dtype = x.dtype
     q = _project_heads(x, params.w_q, params.b_q).astype(dtype)  # [Tq, K, Dk]
     k = _project_heads(ctx, params.w_k, params.b_k).astype(dtype)  # [Tk, K, Dk]

@@ -74,8 +74,7 @@ class LanguageModel:
         _checks.check_positive_int("embed_dim", self.embed_dim)
         if not isinstance(self.stack, Stack):
             raise TypeError(f"stack: expected js.Stack, got {type(self.stack).__name__}")
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate!r}")
+        _checks.check_rate("dropout_rate", self.dropout_rate)
 
     def init(self, key, dtype=jnp.float32) -> LMParams:
         _checks.check_key("key", key)

@@ -64,8 +64,7 @@ class _SequenceModel:
             _checks.check_positive_int("embed_dim", self.embed_dim)
         else:
             _checks.check_positive_int("input_size", self.input_size)
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate!r}")
+        _checks.check_rate("dropout_rate", self.dropout_rate)
 
     @property
     def _rnn_input_size(self) -> int:

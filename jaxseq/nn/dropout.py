@@ -20,8 +20,7 @@ def dropout(key, x, rate: float, *, shared_axes=()):
     (variational or "locked" dropout, Gal and Ghahramani 2016), and draws T times
     fewer random numbers.
     """
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"rate: expected a value in [0, 1), got {rate!r}")
+    _checks.check_rate("rate", rate)
     if rate == 0.0:
         return x
     _checks.check_key("key", key)

@@ -123,8 +123,7 @@ class Stack:
         if not layers:
             raise ValueError(f"layers: expected a non-empty sequence of cells, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(f"dropout_rate: expected a value in [0, 1), got {self.dropout_rate!r}")
+        _checks.check_rate("dropout_rate", self.dropout_rate)
         if self.residual:
             sizes = [lay.output_size for lay in layers]
             for i in range(1, len(layers)):
