@@ -6,7 +6,7 @@ working tree is never touched), and reports the kill rate per module.
 
     python -m benchmarks.mutation --out results/mutation                # every mutant
     python -m benchmarks.mutation --sample 0.1 --out results/mutation   # a 10% sample
-    python -m benchmarks.mutation --modules losses,rollout --out ...    # some modules
+    python -m benchmarks.mutation --modules masks,recurrent --out ...    # some modules
     python -m benchmarks.mutation --tests-rev HEAD~5 --out ...          # older tests
     python -m benchmarks.mutation --sample 0.1 --work DIR --recheck --out ...  # see below
 
@@ -27,8 +27,9 @@ What is not mutated: ``raise`` statements (the error messages are asserted by
 the bad-input tests, and a mutated message is not a behaviour) and decorated
 functions (mutmut skips them: here the two ``custom_vjp`` cores of blockwise
 attention, whose forward and backward rules are mutated separately). What is
-not scored: in ``train.py`` only the training step is (``OUT_OF_SCOPE`` lists
-the loop, logging and sharding helpers left out, and why).
+not scored: in ``training`` only the step, optimizer, losses and LM evaluation
+are (``OUT_OF_SCOPE`` lists the loop, logging and sharding helpers left out,
+and why).
 
 Speed: every mutant runs in a fresh process forked from a server that has
 imported the test modules; a persistent JAX compilation cache (in the scratch
@@ -59,23 +60,53 @@ from benchmarks import _harness
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Core module -> the test files that guard it.
+# Core group (a sub-package or top-level module of jaxseq, the second part of a mutant's
+# name) -> the files mutated and the test files that guard them.
 MODULES = {
-    "cells": ["tests/test_cells.py", "tests/test_rollout.py"],
-    "kernels": ["tests/test_kernels.py", "tests/test_rollout.py"],
-    "rollout": ["tests/test_rollout.py", "tests/test_kernels.py"],
-    "layers": ["tests/test_layers.py"],
-    "losses": ["tests/test_losses.py"],
-    "attention": ["tests/test_attention.py", "tests/test_transformer.py"],
-    "transformer": ["tests/test_transformer.py"],
-    "train": ["tests/test_train.py"],
+    "_numerics": (("jaxseq/_numerics.py",), ("tests/test_cells.py", "tests/test_rollout.py")),
+    "masks": (
+        ("jaxseq/masks.py",),
+        ("tests/test_masks.py", "tests/test_attention.py", "tests/test_losses.py"),
+    ),
+    "recurrent": (
+        ("jaxseq/recurrent/*",),
+        (
+            "tests/test_cells.py",
+            "tests/test_rollout.py",
+            "tests/test_kernels.py",
+            "tests/test_layers.py",
+        ),
+    ),
+    "nn": (
+        ("jaxseq/nn/*",),
+        ("tests/test_nn.py", "tests/test_layers.py", "tests/test_transformer.py"),
+    ),
+    "attention": (
+        ("jaxseq/attention/*",),
+        ("tests/test_attention.py", "tests/test_transformer.py", "tests/test_positional.py"),
+    ),
+    "training": (
+        (
+            "jaxseq/training/losses.py",
+            "jaxseq/training/optimizer.py",
+            "jaxseq/training/step.py",
+            "jaxseq/training/lm.py",
+        ),
+        ("tests/test_losses.py", "tests/test_train.py"),
+    ),
 }
 
-# Functions left out of the score, with why. train.py's core is the training step; its
-# loop (`fit`: files, logging, checkpoints, progress bar) and multi-device sharding are
-# exercised by the integration tests and the examples, not guarded by unit tests.
+
+def _tests_of(group: str) -> list[str]:
+    return [t for t in MODULES[group][1] if (ROOT / t).exists()]
+
+
+# Functions left out of the score, with why. In training only the step, the optimizer,
+# the losses and the LM evaluation are mutated; the loop (`fit`: files, logging,
+# checkpoints, progress bar) and multi-device sharding are exercised by the integration
+# tests and the examples, not guarded by unit tests.
 OUT_OF_SCOPE = {
-    "train": (
+    "training": (
         "fit",
         "_filter_jsonl",
         "_tqdm",
@@ -105,12 +136,12 @@ def _status(code) -> str:
 
 
 def _mutmut_config(modules: list[str]) -> str:
-    tests = sorted({t for m in modules for t in MODULES[m]})
+    tests = sorted({t for m in modules for t in _tests_of(m)})
     lines = [
         "",
         "[tool.mutmut]",
         'source_paths = ["jaxseq/"]',
-        f"only_mutate = {json.dumps([f'jaxseq/{m}.py' for m in modules])}",
+        f"only_mutate = {json.dumps([f for m in modules for f in MODULES[m][0]])}",
         f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
         'pytest_add_cli_args = ["-p", "no:xdist", "-p", "no:cacheprovider", "-p", "no:benchmark"]',
         'do_not_mutate_patterns = ["^\\\\s*raise "]',
@@ -263,12 +294,12 @@ def _recheck(work: Path, env: dict, names: list[str], codes: dict, equivalent: d
         shutil.rmtree(tree)
     shutil.copytree(work / "mutants", tree, ignore=shutil.ignore_patterns("__pycache__"))
     old_ids = {
-        m: set(_test_ids(tree, env, MODULES[m])) for m in sorted({_module_of(n) for n in todo})
+        m: set(_test_ids(tree, env, _tests_of(m))) for m in sorted({_module_of(n) for n in todo})
     }
     shutil.rmtree(tree / "tests")
     shutil.copytree(ROOT / "tests", tree / "tests", ignore=shutil.ignore_patterns("__pycache__"))
     new_ids = {
-        m: [t for t in _test_ids(tree, env, MODULES[m]) if t not in old_ids[m]] for m in old_ids
+        m: [t for t in _test_ids(tree, env, _tests_of(m)) if t not in old_ids[m]] for m in old_ids
     }
     # The new tests must pass without a mutant (the suite as a whole is CI's to check).
     fresh = sorted({t for ids in new_ids.values() for t in ids})

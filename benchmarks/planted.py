@@ -44,7 +44,7 @@ BUGS = (
         "stop_gradient on the params of the scan path's hoisted input projection",
         (
             (
-                "jaxseq/rollout.py",
+                "jaxseq/",
                 "inputs = cell.project(params, xs) if hoisted else xs",
                 "inputs = cell.project(jax.lax.stop_gradient(params), xs) if hoisted else xs",
             ),
@@ -56,7 +56,7 @@ BUGS = (
         "the seq2seq bridge divides the summed encoder states by S, not the source lengths",
         (
             (
-                "jaxseq/models.py",
+                "jaxseq/",
                 "mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(\n"
                 "            src_lengths.astype(jnp.float32), 1.0\n"
                 "        ).reshape(b, 1)",
@@ -68,7 +68,7 @@ BUGS = (
     Bug(
         "transformer_relu_for_gelu",
         "ReLU instead of GELU in the Transformer block's MLP",
-        (("jaxseq/transformer.py", "jax.nn.gelu(", "jax.nn.relu("),),
+        (("jaxseq/", "jax.nn.gelu(", "jax.nn.relu("),),
         ("tests/test_transformer.py",),
     ),
     Bug(
@@ -76,7 +76,7 @@ BUGS = (
         "multi-head attention ignores the value bias b_v",
         (
             (
-                "jaxseq/attention.py",
+                "jaxseq/",
                 "_project_heads(ctx, params.w_v, params.b_v)",
                 "_project_heads(ctx, params.w_v, None)",
             ),
@@ -88,7 +88,7 @@ BUGS = (
         "the cells' matmuls accumulate in bfloat16",
         (
             (
-                "jaxseq/cells.py",
+                "jaxseq/",
                 "    return jax.lax.dot_general(\n"
                 "        x, w, (((x.ndim - 1,), (0,)), ((), ())), "
                 "preferred_element_type=acc_dtype(x, w)\n    )",
@@ -105,14 +105,14 @@ BUGS = (
         "attention scores and softmax in bfloat16",
         (
             (
-                "jaxseq/attention.py",
-                "    acc = _acc_dtype(q, k)\n"
+                "jaxseq/",
+                "    acc = acc_dtype(q, k)\n"
                 "    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)",
                 "    acc = jnp.bfloat16\n"
                 "    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)",
             ),
             (
-                "jaxseq/attention.py",
+                "jaxseq/",
                 "        return jax.nn.softmax(scores, axis=-1)\n",
                 "        return jax.nn.softmax(scores.astype(jnp.bfloat16), axis=-1)\n",
             ),
@@ -124,7 +124,7 @@ BUGS = (
         "log-softmax of the loss in the input dtype instead of float32",
         (
             (
-                "jaxseq/losses.py",
+                "jaxseq/",
                 "jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)",
                 "jax.nn.log_softmax(logits, axis=-1).astype(jnp.float32)",
             ),
@@ -136,7 +136,7 @@ BUGS = (
         "make_eval_step drops the mask and doubles the count",
         (
             (
-                "jaxseq/train.py",
+                "jaxseq/",
                 "return carry, jnp.sum(tok * w), jnp.sum(w)",
                 "return carry, jnp.sum(tok), 2.0 * jnp.sum(w)",
             ),
@@ -148,14 +148,20 @@ BUGS = (
 
 def _plant(work: Path, bug: Bug) -> None:
     for rel, old, new in bug.edits:
-        path = work / rel
-        text = path.read_text()
-        if text.count(old) != 1:
+        # ``rel`` is a file or a folder of the package: the bug goes into the one file
+        # under it that holds the text, so it follows code moved between modules.
+        where = work / rel
+        files = sorted(where.rglob("*.py")) if where.is_dir() else [where]
+        hits = [(f, f.read_text().count(old)) for f in files]
+        hits = [(f, n) for f, n in hits if n]
+        if len(hits) != 1 or hits[0][1] != 1:
+            found = ", ".join(f"{f.relative_to(work)} x{n}" for f, n in hits) or "nowhere"
             raise RuntimeError(
-                f"{bug.name}: expected the text to plant over exactly once in {rel}, "
-                f"found it {text.count(old)} times (the code moved: update the bug)"
+                f"{bug.name}: expected the text to plant over exactly once under {rel}, "
+                f"found it {found} (the code changed: update the bug)"
             )
-        path.write_text(text.replace(old, new))
+        path = hits[0][0]
+        path.write_text(path.read_text().replace(old, new))
 
 
 def _run(bug: Bug, scratch: Path) -> dict:
