@@ -1,7 +1,15 @@
 """Boolean masks (``True`` = valid / may attend) from lengths and causality.
 
 The one place the package builds a mask from lengths: rollouts, losses, models
-and attention all use these.
+and attention all use these. :func:`length_mask` is the single implementation
+(batch-major ``bool[*B, T]``, the layout attention uses); :func:`lengths_to_mask`
+is its time-major layout ``bool[T, *B]`` (rollouts, losses, models), the same
+values with the time axis moved to the front.
+
+Invariants: ``mask[..., t]`` is True iff ``0 <= t < lengths[...]`` (right
+padding; a length <= 0 gives an all-False row, a length >= T an all-True row);
+lengths are compared as int32, so int64 lengths under x64 give the same masks.
+Shapes: ``T`` time (``Tq``/``Tk`` queries and keys), ``B`` batch (any number of dims).
 """
 
 from __future__ import annotations
@@ -21,44 +29,87 @@ __all__ = [
 
 
 def causal_mask(tq: int, tk: int | None = None) -> jax.Array:
-    """``bool[Tq, Tk]``: query ``i`` may attend to key ``j`` iff ``j <= i`` (top-left aligned)."""
+    """``bool[Tq, Tk]``: query ``i`` may attend to key ``j`` iff ``j <= i`` (top-left aligned).
+
+    ``tk`` defaults to ``tq``.
+
+    >>> causal_mask(3).astype(int)
+    Array([[1, 0, 0],
+           [1, 1, 0],
+           [1, 1, 1]], dtype=int32)
+    """
     tq = _checks.check_positive_int("tq", tq)
     tk = tq if tk is None else _checks.check_positive_int("tk", tk)
     return jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
 
 
-def length_mask(length, max_length: int) -> jax.Array:
-    """``bool[*B, T]``: position ``t`` is valid iff ``t < length`` (right padding).
+def length_mask(lengths, max_length: int) -> jax.Array:
+    """``bool[*B, T]`` (batch-major): position ``t`` is valid iff ``t < lengths`` (right padding).
 
-    ``length: int[*B]`` (a scalar for one example).
+    Args:
+      lengths: ``int[*B]`` valid lengths (a scalar for one example).
+      max_length: ``T``.
+
+    >>> length_mask(jnp.array([0, 2, 5]), 3).astype(int)
+    Array([[0, 0, 0],
+           [1, 1, 0],
+           [1, 1, 1]], dtype=int32)
     """
     max_length = _checks.check_positive_int("max_length", max_length)
-    length = _checks.as_array("length", length)
-    _checks.check_integer("length", length)
-    pos = jnp.arange(max_length).reshape((1,) * length.ndim + (max_length,))
-    return pos < length[..., None]
+    lengths = _checks.as_array("lengths", lengths)
+    _checks.check_integer("lengths", lengths)
+    steps = jnp.arange(max_length, dtype=jnp.int32).reshape((1,) * lengths.ndim + (max_length,))
+    return steps < lengths.astype(jnp.int32)[..., None]
 
 
-def padding_mask(q_length, k_length, tq: int, tk: int) -> jax.Array:
+def lengths_to_mask(lengths, max_length: int) -> jax.Array:
+    """``bool[T, *B]`` (time-major): ``mask[t, b] = t < lengths[b]``.
+
+    The time-major layout of :func:`length_mask` (``lengths: int[*B]``, ``max_length``
+    is ``T``), for rollouts, losses and models over ``[T, *B, ...]`` sequences.
+
+    >>> lengths_to_mask(jnp.array([1, 3]), 3).astype(int)
+    Array([[1, 1],
+           [0, 1],
+           [0, 1]], dtype=int32)
+    """
+    return jnp.moveaxis(length_mask(lengths, max_length), -1, 0)
+
+
+def padding_mask(q_lengths, k_lengths, tq: int, tk: int) -> jax.Array:
     """``bool[*B, Tq, Tk]``: valid query rows times valid key columns.
 
-    ``q_length`` may be ``None`` (every query row valid); ``k_length: int[*B]``.
+    Args:
+      q_lengths: ``int[*B]`` query lengths, or ``None`` (every query row valid).
+      k_lengths: ``int[*B]`` key lengths.
+      tq, tk: ``Tq`` and ``Tk``.
+
+    >>> padding_mask(jnp.array(1), jnp.array(2), 2, 3).astype(int)
+    Array([[1, 1, 0],
+           [0, 0, 0]], dtype=int32)
     """
-    k_valid = length_mask(k_length, tk)  # [*B, Tk]
-    if q_length is None:
+    k_valid = length_mask(k_lengths, tk)  # [*B, Tk]
+    if q_lengths is None:
         q_valid = jnp.ones(k_valid.shape[:-1] + (tq,), bool)
     else:
-        q_valid = length_mask(q_length, tq)
+        q_valid = length_mask(q_lengths, tq)
     if q_valid.shape[:-1] != k_valid.shape[:-1]:
         raise ValueError(
-            f"q_length: expected the batch shape of k_length {list(k_valid.shape[:-1])}, "
+            f"q_lengths: expected the batch shape of k_lengths {list(k_valid.shape[:-1])}, "
             f"got {list(q_valid.shape[:-1])}"
         )
     return q_valid[..., :, None] & k_valid[..., None, :]
 
 
 def combine_masks(*masks) -> jax.Array | None:
-    """Logical AND of boolean masks of one shape; ``None`` entries are ignored."""
+    """Logical AND of boolean masks of one shape; ``None`` entries are ignored.
+
+    Returns ``None`` when every entry is ``None``.
+
+    >>> combine_masks(causal_mask(2), None, jnp.array([[True, False], [False, True]])).astype(int)
+    Array([[1, 0],
+           [0, 1]], dtype=int32)
+    """
     masks = [m for m in masks if m is not None]
     if not masks:
         return None
@@ -71,11 +122,3 @@ def combine_masks(*masks) -> jax.Array | None:
             )
         out = out & m
     return out
-
-
-def lengths_to_mask(lengths, t: int) -> jax.Array:
-    """``lengths: int[*B]`` -> ``bool[T, *B]`` with ``mask[t, b] = t < lengths[b]`` (time-major)."""
-    lengths = _checks.as_array("lengths", lengths)
-    _checks.check_integer("lengths", lengths)
-    steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-    return steps < lengths[None].astype(jnp.int32)
