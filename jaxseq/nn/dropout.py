@@ -19,6 +19,14 @@ def dropout(key, x, rate: float, *, shared_axes=()):
     time-major ``[T, *B, D]`` sequence drops the same units at every step
     (variational or "locked" dropout, Gal and Ghahramani 2016), and draws T times
     fewer random numbers.
+
+    Shapes: ``x: [...]`` -> the same shape and dtype. ``rate == 0`` returns ``x``.
+
+    >>> y = dropout(jax.random.key(0), jnp.ones((4, 3)), 0.5, shared_axes=(0,))
+    >>> sorted(set(y.ravel().tolist())) in ([0.0, 2.0], [0.0], [2.0])
+    True
+    >>> bool(jnp.all(y == y[:1]))  # one mask for every row
+    True
     """
     _checks.check_rate("rate", rate)
     if rate == 0.0:

@@ -17,13 +17,19 @@ __all__ = [
 
 
 class LayerNormParams(NamedTuple):
+    """Layer-norm gain and offset, each ``[D]``."""
+
     scale: jax.Array  # [D]
     bias: jax.Array  # [D]
 
 
-def layer_norm_init(dim: int, dtype=jnp.float32) -> LayerNormParams:
-    """Unit scale, zero bias ``[D]``."""
-    d = _checks.check_positive_int("dim", dim)
+def layer_norm_init(input_size: int, dtype=jnp.float32) -> LayerNormParams:
+    """Unit scale, zero bias, each ``[D]`` with ``D = input_size``.
+
+    >>> layer_norm_init(3).scale.tolist()
+    [1.0, 1.0, 1.0]
+    """
+    d = _checks.check_positive_int("input_size", input_size)
     return LayerNormParams(jnp.ones((d,), dtype), jnp.zeros((d,), dtype))
 
 
@@ -31,6 +37,10 @@ def layer_norm(params: LayerNormParams, x, eps: float = 1e-5):
     """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x: [..., D]``.
 
     Statistics in float32; the result has ``x``'s dtype.
+
+    >>> y = layer_norm(layer_norm_init(4), jnp.array([[1.0, 2.0, 3.0, 4.0]]))
+    >>> [round(v, 3) for v in y[0].tolist()]
+    [-1.342, -0.447, 0.447, 1.342]
     """
     if not isinstance(params, LayerNormParams):
         raise TypeError(f"params: expected LayerNormParams, got {type(params).__name__}")
