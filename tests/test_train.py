@@ -154,10 +154,10 @@ def test_global_norm_clipping_caps_the_update_norm():
     opt = train.make_optimizer("sgd", 1.0, max_norm=0.5)
     params = {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))}
     big = {"a": jnp.array([3.0, 0.0, 4.0]), "b": jnp.ones((2, 2))}  # norm sqrt(29)
-    upd, _ = opt.tx.update(big, opt.tx.init(params), params)
+    upd, _ = opt.update(big, opt.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(upd)), 0.5, rtol=1e-6)
     small = jax.tree_util.tree_map(lambda g: g * 0.01, big)
-    upd, _ = opt.tx.update(small, opt.tx.init(params), params)
+    upd, _ = opt.update(small, opt.init(params), params)
     np.testing.assert_allclose(float(optax.tree.norm(upd)), 0.01 * 29**0.5, rtol=1e-6)
 
 
@@ -174,8 +174,14 @@ def test_step_reports_the_norm_before_clipping_and_the_schedule(key):
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(g)), rtol=1e-5)
     assert float(m["grad_norm"]) > 1e-3  # above max_norm: clipped, yet reported raw
     assert float(m["lr"]) == 0.0  # warmup starts at 0
-    np.testing.assert_allclose(float(opt.schedule(4)), 1e-2, rtol=1e-6)
-    np.testing.assert_allclose(float(opt.schedule(10)), 0.0, atol=1e-9)
+    lrs = []
+    for _ in range(12):
+        state, m = step(state, bt.chunk(0))
+        lrs.append(float(m["lr"]))
+    # the lr of update s: warmup to 1e-2 at s=4, cosine to 0 at s=10, 0 after
+    np.testing.assert_allclose(lrs[:5], [0.0, 2.5e-3, 5e-3, 7.5e-3, 1e-2], rtol=1e-6)
+    np.testing.assert_allclose(lrs[10:], 0.0, atol=1e-9)
+    assert lrs[4] > lrs[5] > lrs[6] > lrs[9] > 0
 
 
 def _regression():
@@ -234,7 +240,7 @@ def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_p
     opt = train.make_optimizer("adam", 1e-2)
     state = train.init_state(model.init(key), opt, key, model.initial_carry((2,)))
     step = train.make_train_step(train.lm_loss_fn(model), opt, chunks_per_call=2)
-    with pytest.raises(ValueError, match=r"batch.inputs: expected rank 3 \[n=2, K, B\]"):
+    with pytest.raises(ValueError, match=r"batch.inputs: expected a leading axis of n=2"):
         step(state, bt.chunk(0))
     with pytest.raises(ValueError, match="state.carry is for batch"):
         step(state, data.StreamBatcher(np.arange(110) % 7, 5, 6).stacked(0, 2))
@@ -376,7 +382,7 @@ def test_adamw_decays_matrices_not_biases():
     for decay_biases, want_b in ((False, 1.0), (True, 1.0 - 0.1 * 0.5)):
         tx = train.make_optimizer(
             "adamw", 0.1, weight_decay=0.5, max_norm=None, decay_biases=decay_biases
-        ).tx
+        )
         upd, _ = tx.update(zeros, tx.init(params), params)
         new = optax.apply_updates(params, upd)
         np.testing.assert_allclose(new["w"], 1.0 - 0.1 * 0.5, rtol=1e-6)
@@ -514,7 +520,7 @@ def test_init_state_and_make_train_step_errors_name_the_argument():
         train.init_state(params, opt, None)
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
         train.init_state(params, opt, np.zeros(3, np.float32))
-    with pytest.raises(TypeError, match=r"^optimizer: expected js.training.Optimizer"):
+    with pytest.raises(TypeError, match=r"^optimizer: expected an optax.GradientTransformation"):
         train.init_state(params, "sgd", jax.random.key(0))
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match=r"^chunks_per_call: expected a positive int"):
@@ -523,15 +529,15 @@ def test_init_state_and_make_train_step_errors_name_the_argument():
 
 def test_make_optimizer_defaults_and_adam_moments_are_honoured():
     opt = train.make_optimizer()  # documented defaults: adam, learning rate 1e-3
-    np.testing.assert_allclose(float(opt.schedule(0)), 1e-3, rtol=1e-6)
     params = {"w": jnp.zeros(3)}
+    np.testing.assert_allclose(float(opt.init(params).hyperparams["learning_rate"]), 1e-3)
     grads = [{"w": jnp.array([0.1, -0.2, 0.05])}, {"w": jnp.array([-0.3, 0.1, 0.2])}]
     for kw in ({}, {"b2": 0.5}):
         opt = train.make_optimizer("adam", 1e-2, **kw)
         ref = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2, **kw))
-        s_opt, s_ref = opt.tx.init(params), ref.init(params)
+        s_opt, s_ref = opt.init(params), ref.init(params)
         for g in grads:  # grad norms < 1: the clip is a no-op
-            u, s_opt = opt.tx.update(g, s_opt, params)
+            u, s_opt = opt.update(g, s_opt, params)
             r, s_ref = ref.update(g, s_ref, params)
         np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6)
 

@@ -31,7 +31,6 @@ from jaxseq.training.losses import (
 )
 from jaxseq.training.optimizer import (
     OPTIMIZERS,
-    Optimizer,
     make_optimizer,
 )
 from jaxseq.training.sharding import (
@@ -52,7 +51,6 @@ __all__ = [
     "Checkpointer",
     "IncompatibleCheckpointError",
     "NonFiniteError",
-    "Optimizer",
     "TrainState",
     "TrainStep",
     "accuracy",

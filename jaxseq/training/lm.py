@@ -46,8 +46,8 @@ def make_eval_step(model):
         lengths = jnp.sum(chunk.mask.astype(jnp.int32), axis=0)
         carry, logits = model.apply(params, carry, chunk.inputs, reset=chunk.reset, lengths=lengths)
         tok = losses.token_cross_entropy(logits, chunk.targets)
-        w = chunk.mask.astype(jnp.float32)
-        return carry, jnp.sum(tok * w), jnp.sum(w)
+        mask = chunk.mask.astype(jnp.bool_)
+        return carry, jnp.sum(jnp.where(mask, tok, 0.0)), jnp.sum(mask.astype(jnp.float32))
 
     return ev
 

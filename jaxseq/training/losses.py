@@ -75,9 +75,8 @@ def _masked_mean(values, mask):
     values = values.astype(jnp.float32)
     if mask is None:
         return jnp.mean(values) if values.size else jnp.zeros((), jnp.float32)
-    w = mask.astype(jnp.float32)
-    total = jnp.sum(values * w)
-    count = jnp.sum(w)
+    total = jnp.sum(jnp.where(mask, values, 0.0))
+    count = jnp.sum(mask.astype(jnp.float32))
     return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
 
 

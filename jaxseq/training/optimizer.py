@@ -1,18 +1,31 @@
-"""The optimizer factory: global-norm clipping, then Adam/AdamW/SGD/RMSprop."""
+"""The optimizer factory: global-norm clipping, then Adam/AdamW/SGD/RMSprop.
+
+:func:`make_optimizer` returns a plain ``optax.GradientTransformation``. Its
+learning rate (and, for AdamW, its weight decay) is injected with
+``optax.inject_hyperparams``, so the state carries the value of the current
+step in ``opt_state.hyperparams["learning_rate"]``: the train step reports it,
+and a user may overwrite it between steps.
+
+Schedule rule: a schedule is a function of the number of *applied* updates
+(the optimizer's own count; steps skipped by the non-finite guard do not
+count). A warmup + cosine schedule built with ``total_steps=N`` keeps its
+shape when a run is extended past N: it stays at its final value
+``final_lr_ratio * learning_rate``. For a new schedule over a longer run,
+build a new optimizer with the new total and restore the parameters (and,
+if wanted, the moments) from the checkpoint.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxseq import _checks
 
 __all__ = [
-    "Optimizer",
+    "OPTIMIZERS",
     "make_optimizer",
 ]
 
@@ -20,17 +33,35 @@ __all__ = [
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 
 
-class Optimizer(NamedTuple):
-    """An optax transformation and the learning-rate schedule it uses (for reporting)."""
-
-    tx: optax.GradientTransformation
-    schedule: Callable[[Any], Any]
-    max_norm: float | None
+def _check_learning_rate(learning_rate):
+    """A positive real scalar (Python, NumPy or JAX) as a float, or a schedule (callable)."""
+    if callable(learning_rate):
+        return learning_rate
+    bad = ValueError(
+        "learning_rate: expected a positive real scalar (Python, NumPy or JAX) or an optax "
+        f"schedule (step -> lr), got {learning_rate!r}"
+    )
+    if isinstance(learning_rate, bool | np.bool_) or np.ndim(learning_rate) != 0:
+        raise bad
+    dtype = np.asarray(learning_rate).dtype if not hasattr(learning_rate, "dtype") else None
+    dtype = learning_rate.dtype if dtype is None else dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        raise bad
+    try:
+        value = float(learning_rate)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise TypeError(
+            "learning_rate: expected a concrete scalar (make the optimizer outside jit), "
+            f"got {learning_rate!r}"
+        ) from None
+    if not (np.isfinite(value) and value > 0):
+        raise bad
+    return value
 
 
 def make_optimizer(
     name: str = "adam",
-    learning_rate: float = 1e-3,
+    learning_rate=1e-3,
     *,
     max_norm: float | None = 1.0,
     warmup_steps: int = 0,
@@ -42,33 +73,63 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
-) -> Optimizer:
-    """``optax.chain(clip_by_global_norm(max_norm), <name>)`` with an optional schedule.
+) -> optax.GradientTransformation:
+    """``clip_by_global_norm(max_norm)`` then ``<name>``, as one optax transformation.
 
     Args:
-      name: ``"adam"``, ``"adamw"``, ``"sgd"`` or ``"rmsprop"``.
-      learning_rate: peak learning rate.
+      name: ``"adam"``, ``"adamw"``, ``"sgd"`` or ``"rmsprop"`` (see ``OPTIMIZERS``).
+      learning_rate: the peak learning rate, a positive Python, NumPy or JAX scalar;
+        or any optax schedule (a callable ``count -> lr``), used as given.
       max_norm: clip the global gradient norm to this (None: no clipping).
-      warmup_steps: linear warmup from 0 to ``learning_rate`` over this many steps.
+      warmup_steps: linear warmup from 0 to ``learning_rate`` over this many steps
+        (a number ``learning_rate`` only).
       total_steps: when given, cosine decay to ``final_lr_ratio * learning_rate``
-        at ``total_steps`` (after the warmup); when None, constant after warmup.
+        at ``total_steps`` (after the warmup), constant afterwards; when None,
+        constant after the warmup (a number ``learning_rate`` only).
+      final_lr_ratio: the end of the cosine decay, as a fraction of ``learning_rate``.
       weight_decay: decoupled weight decay (adamw only), on the weight matrices and
         embeddings (leaves with 2 or more dimensions); biases (the LSTM forget-gate
         bias among them) and other vectors are not decayed unless ``decay_biases``.
+      decay_biases: decay every leaf, vectors included.
       momentum: for sgd (0: plain) and rmsprop.
       b1, b2, eps: Adam/AdamW moments.
+
+    Returns:
+      an ``optax.GradientTransformation`` whose state has ``hyperparams``
+      (``"learning_rate"``, and ``"weight_decay"`` for adamw): the values of the
+      last update (of step 0 right after ``init``).
+
+    >>> import jax.numpy as jnp, numpy as np, optax
+    >>> opt = make_optimizer("adam", np.float32(1e-2), warmup_steps=2, total_steps=10)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = opt.init(params)
+    >>> float(state.hyperparams["learning_rate"])
+    0.0
+    >>> _, state = opt.update({"w": jnp.ones(3)}, state, params)
+    >>> _, state = opt.update({"w": jnp.ones(3)}, state, params)
+    >>> round(float(state.hyperparams["learning_rate"]), 4)  # step 1 of the warmup
+    0.005
+    >>> opt = make_optimizer("sgd", optax.exponential_decay(0.1, 1, 0.5))
+    >>> _, state = opt.update({"w": jnp.ones(3)}, opt.init(params), params)
+    >>> float(state.hyperparams["learning_rate"])
+    0.1
     """
     _checks.check_choice("name", name, OPTIMIZERS)
-    if not (isinstance(learning_rate, int | float) and learning_rate > 0):
-        raise ValueError(f"learning_rate: expected a positive number, got {learning_rate!r}")
+    lr = _check_learning_rate(learning_rate)
     if max_norm is not None and not max_norm > 0:
         raise ValueError(f"max_norm: expected a positive number or None, got {max_norm!r}")
     if isinstance(warmup_steps, bool) or int(warmup_steps) != warmup_steps or warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected a non-negative int, got {warmup_steps!r}")
     if weight_decay and name != "adamw":
         raise ValueError(f"weight_decay: only adamw uses it, got {weight_decay!r} with {name!r}")
-    lr = float(learning_rate)
-    if total_steps is not None:
+    if callable(lr):
+        if warmup_steps or total_steps is not None:
+            raise ValueError(
+                "warmup_steps, total_steps: apply to a number learning_rate only, got a "
+                "schedule; put the warmup and decay in the schedule itself"
+            )
+        schedule = lr
+    elif total_steps is not None:
         total = _checks.check_positive_int("total_steps", total_steps)
         if total <= warmup_steps:
             raise ValueError(
@@ -83,18 +144,32 @@ def make_optimizer(
             [int(warmup_steps)],
         )
     else:
-        schedule = optax.constant_schedule(lr)
-    if name == "adam":
-        base = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
-    elif name == "adamw":
+        schedule = lr  # a constant: stored once in the state, no schedule call per step
+    clip = [] if max_norm is None else [optax.clip_by_global_norm(float(max_norm))]
+
+    if name == "adamw":
         mask = None if decay_biases else _matrices_mask
-        base = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
-    elif name == "sgd":
-        base = optax.sgd(schedule, momentum=momentum or None)
-    else:
-        base = optax.rmsprop(schedule, momentum=momentum)
-    parts = [] if max_norm is None else [optax.clip_by_global_norm(float(max_norm))]
-    return Optimizer(optax.chain(*parts, base), schedule, max_norm)
+
+        def factory(learning_rate, weight_decay):
+            base = optax.adamw(
+                learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
+            )
+            return optax.chain(*clip, base)
+
+        return optax.inject_hyperparams(factory)(
+            learning_rate=schedule, weight_decay=float(weight_decay)
+        )
+
+    def factory(learning_rate):
+        if name == "adam":
+            base = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+        elif name == "sgd":
+            base = optax.sgd(learning_rate, momentum=momentum or None)
+        else:
+            base = optax.rmsprop(learning_rate, momentum=momentum)
+        return optax.chain(*clip, base)
+
+    return optax.inject_hyperparams(factory)(learning_rate=schedule)
 
 
 def _matrices_mask(params):

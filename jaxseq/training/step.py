@@ -1,40 +1,29 @@
-"""Training: optimizer factory, train state, a jitted train step with a
-non-finite guard, the truncated-BPTT carry loop, and data-parallel sharding.
+"""The train state and a jitted train step for any task, with a non-finite guard.
 
-The pieces::
+The contract::
 
-    opt = make_optimizer("adam", 2e-3, max_norm=1.0, warmup_steps=100, total_steps=5000)
-    state = init_state(params, opt, key, carry=model.initial_carry((B,)))
-    step = make_train_step(lm_loss_fn(model), opt)          # jitted, donates the state
-    state, metrics = step(state, batcher.at_step(int(state.step)))
+    loss_fn(params, carry, batch, key) -> (loss, (new_carry, metrics))
 
-or the whole loop, with logging, checkpoints and a time budget::
+``batch`` is any pytree of arrays (a dict, a NamedTuple such as
+:class:`jaxseq.data.Chunk`, ...); ``carry`` is the recurrent state carried from
+one batch to the next in truncated BPTT, or ``None`` for tasks without one;
+``metrics`` is a dict of scalars (may be empty); ``key`` is the step's PRNG key
+(``fold_in(state.key, state.step)``), for dropout.
 
-    state = fit(step, state, batcher, num_steps=5000, out_dir="out", checkpointer=ckpt)
-
-**Truncated BPTT.** A :class:`jaxseq.data.StreamBatcher` cuts B parallel
-streams into chunks of K steps. The step runs the model over one chunk from
-the carry the previous chunk left (``state.carry``), backpropagates through
-those K steps only (the incoming carry is a constant: ``stop_gradient``), and
-stores the new carry for the next chunk. ``Chunk.reset`` zeroes a stream's
-carry at document boundaries and at each epoch start. Every chunk has the same
-shape (the last one is padded and masked), so the step compiles once.
-``chunks_per_call=n`` scans over n chunks inside one jitted call.
+**Truncated BPTT.** The step runs the loss from the carry the previous batch
+left (``state.carry``), backpropagates through this batch only (the incoming
+carry is a constant: ``stop_gradient``) and stores the new carry for the next
+batch. With a carry, every leaf of the batch is time-major ``[K, B, ...]``
+(K steps, B streams) and B must be the carry's batch size. Batches of one
+shape compile once; ``chunks_per_call=n`` scans over n stacked batches (every
+leaf ``[n, ...]``) inside one jitted call.
 
 **Non-finite guard.** A step whose loss or gradient norm is NaN/Inf keeps the
 previous params, optimizer state and carry bit for bit, adds one to
 ``state.bad_steps`` and ``state.bad_streak`` (reset by the next good step) and
-reports ``finite = False`` in its metrics. :func:`fit` stops with
-:class:`NonFiniteError` after ``max_bad_steps`` consecutive bad steps.
+reports ``finite = False`` in its metrics.
 
-**Sharding.** :func:`make_mesh` builds a 1-D ``jax.sharding.Mesh`` named
-``"data"`` over the devices; :func:`shard_state` replicates params and
-optimizer state and splits the carry along the stream axis;
-:func:`shard_batch` splits chunks along the stream axis. The same jitted step
-runs on one device or many (XLA inserts the gradient all-reduce); across hosts
-call :func:`init_distributed` first.
-
-Shapes: K chunk length (time), B streams (batch), V vocabulary, H hidden.
+Shapes: K chunk length (time), B streams (batch), n batches per call.
 """
 
 from __future__ import annotations
@@ -47,8 +36,6 @@ import numpy as np
 import optax
 
 from jaxseq import _checks
-from jaxseq.data.streams import Chunk
-from jaxseq.training.optimizer import Optimizer
 
 __all__ = [
     "TrainState",
@@ -59,54 +46,84 @@ __all__ = [
 
 
 class TrainState(NamedTuple):
+    """Everything a run needs to continue: made by :func:`init_state`, updated by a step.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> state = js.init_state({"w": jnp.zeros(2)}, js.make_optimizer("sgd", 0.1), jax.random.key(0))
+    >>> int(state.step), state.carry is None
+    (0, True)
+    """
+
     params: Any
     opt_state: Any
     step: jax.Array  # int32[]: steps taken (good and bad); the data position
     key: jax.Array  # PRNG key; the step's dropout key is fold_in(key, step)
-    carry: Any  # recurrent state carried from chunk to chunk, [B, H] leaves
+    carry: Any  # recurrent state carried from batch to batch ([B, H] leaves), or None
     bad_steps: jax.Array  # int32[]: non-finite steps so far (skipped)
     bad_streak: jax.Array  # int32[]: consecutive non-finite steps up to now
 
 
-def init_state(params, optimizer: Optimizer, key, carry=None) -> TrainState:
-    """A fresh :class:`TrainState` at step 0."""
-    if not isinstance(optimizer, Optimizer):
+def _check_optimizer(optimizer) -> None:
+    if not (
+        callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))
+    ):
         raise TypeError(
-            f"optimizer: expected js.training.Optimizer, got {type(optimizer).__name__}"
+            "optimizer: expected an optax.GradientTransformation (e.g. js.make_optimizer(...)), "
+            f"got {type(optimizer).__name__}"
         )
+
+
+def init_state(params, optimizer, key, carry=None) -> TrainState:
+    """A fresh :class:`TrainState` at step 0.
+
+    Args:
+      params: the model's parameter pytree.
+      optimizer: any ``optax.GradientTransformation`` (e.g. :func:`make_optimizer`).
+      key: a ``jax.random`` key; the key of step s is ``fold_in(key, s)``.
+      carry: the initial recurrent state (e.g. ``model.initial_carry((B,))``), or None.
+
+    >>> import jax, jax.numpy as jnp, optax, jaxseq as js
+    >>> state = js.init_state({"w": jnp.ones((2, 3))}, optax.sgd(0.1), jax.random.key(0),
+    ...                       carry=jnp.zeros((4, 8)))
+    >>> state.carry.shape, int(state.bad_steps)
+    ((4, 8), 0)
+    """
+    _check_optimizer(optimizer)
     _checks.check_key("key", key)
     z = jnp.zeros((), jnp.int32)
-    state = TrainState(params, optimizer.tx.init(params), z, key, carry, z, z)
+    state = TrainState(params, optimizer.init(params), z, key, carry, z, z)
     # distinct buffers for every leaf (shared zeros cannot be donated twice)
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state)
 
 
-def _check_chunk(batch, carry_batch: tuple | None, stacked: int | None):
-    if not isinstance(batch, Chunk):
-        raise TypeError(f"batch: expected a jaxseq.data.Chunk, got {type(batch).__name__}")
-    ref = np.shape(batch.inputs)
-    want_ndim = 2 if stacked is None else 3
-    for f in batch._fields:
-        arr = getattr(batch, f)
-        if np.ndim(arr) != want_ndim:
-            lay = "[K, B]" if stacked is None else f"[n={stacked}, K, B]"
-            raise ValueError(
-                f"batch.{f}: expected rank {want_ndim} {lay}, got shape {list(np.shape(arr))}"
-            )
-        if np.shape(arr) != ref:
-            raise ValueError(
-                f"batch.{f}: expected shape {list(ref)} (the shape of batch.inputs), "
-                f"got {list(np.shape(arr))}"
-            )
-    if stacked is not None and ref[0] != stacked:
+def _check_batch(batch, carry_batch: tuple | None, n: int) -> None:
+    """Validates a batch pytree in Python, before anything is traced."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    if not leaves:
         raise ValueError(
-            f"batch: expected {stacked} stacked chunks [n, K, B] (chunks_per_call), got {list(ref)}"
+            f"batch: expected a pytree of arrays, got {type(batch).__name__} with none"
         )
-    if carry_batch is not None and tuple(ref[-1:]) != tuple(carry_batch):
-        raise ValueError(
-            f"batch: {ref[-1]} streams (last axis of {list(ref)}) but state.carry is for "
-            f"batch {list(carry_batch)}"
-        )
+    for path, leaf in leaves:
+        name = "batch" + jax.tree_util.keystr(path)
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise TypeError(f"{name}: expected an array, got {type(leaf).__name__}")
+        if not (jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)):
+            raise TypeError(f"{name}: expected a numeric or bool array, got dtype {leaf.dtype}")
+        shape = tuple(np.shape(leaf))
+        if n > 1 and (not shape or shape[0] != n):
+            raise ValueError(
+                f"{name}: expected a leading axis of n={n} stacked batches (chunks_per_call), "
+                f"got shape {list(shape)}"
+            )
+        if carry_batch is not None:
+            axis = 1 if n == 1 else 2
+            if shape[axis : axis + len(carry_batch)] != carry_batch:
+                lay = "[K, B, ...]" if n == 1 else f"[n={n}, K, B, ...]"
+                raise ValueError(
+                    f"batch: {name} has shape {list(shape)}; with a carry every leaf is "
+                    f"time-major {lay} (axis {axis} = B), but state.carry is for batch "
+                    f"{list(carry_batch)}"
+                )
 
 
 def _carry_batch(carry):
@@ -118,7 +135,17 @@ class TrainStep:
     """The jitted train step made by :func:`make_train_step`.
 
     ``step(state, batch) -> (state, metrics)``; validates ``batch`` in Python
-    before calling the compiled function; ``traces`` counts how often it traced.
+    before calling the compiled function; ``traces`` counts how often it traced
+    (once per batch shape); ``chunks_per_call`` is n.
+
+    >>> import jax, jax.numpy as jnp, optax, jaxseq as js
+    >>> loss_fn = lambda p, c, b, k: (jnp.sum((p["w"] - b["x"]) ** 2), (c, {}))
+    >>> step = js.make_train_step(loss_fn, optax.sgd(0.1))
+    >>> state = js.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0))
+    >>> state, m = step(state, {"x": jnp.ones(2)})
+    >>> state, m = step(state, {"x": jnp.ones(2)})
+    >>> step.traces, int(state.step)
+    (1, 2)
     """
 
     def __init__(self, fn, chunks_per_call: int, donate: bool):
@@ -131,14 +158,18 @@ class TrainStep:
 
         self._jitted = jax.jit(counted, donate_argnums=(0,) if donate else ())
 
-    def __call__(self, state: TrainState, batch: Chunk):
+    def _check(self, state, batch):
         if not isinstance(state, TrainState):
             raise TypeError(f"state: expected TrainState, got {type(state).__name__}")
-        n = self.chunks_per_call
-        _check_chunk(batch, _carry_batch(state.carry), None if n == 1 else n)
+        _check_batch(batch, _carry_batch(state.carry), self.chunks_per_call)
+
+    def __call__(self, state: TrainState, batch):
+        self._check(state, batch)
         return self._jitted(state, batch)
 
     def lower(self, state, batch):
+        """``jax.jit(...).lower`` of the step on these arguments (for AOT compilation)."""
+        self._check(state, batch)
         return self._jitted.lower(state, batch)
 
 
@@ -146,40 +177,74 @@ def _tree_select(ok, new, old):
     return jax.tree_util.tree_map(lambda n, o: jax.lax.select(ok, n, o), new, old)
 
 
-def make_train_step(
-    loss_fn, optimizer: Optimizer, *, chunks_per_call: int = 1, donate: bool = True
-) -> TrainStep:
-    """A jitted TBPTT train step over one chunk (or ``chunks_per_call`` stacked chunks).
+def _find_hyperparams(opt_state):
+    """The ``hyperparams`` dict of the first ``inject_hyperparams`` state in ``opt_state``."""
+    hp = getattr(opt_state, "hyperparams", None)
+    if isinstance(hp, dict):
+        return hp
+    if isinstance(opt_state, tuple | list):
+        for s in opt_state:
+            hp = _find_hyperparams(s)
+            if hp is not None:
+                return hp
+    return None
+
+
+def make_train_step(loss_fn, optimizer, *, chunks_per_call: int = 1, donate: bool = True):
+    """A jitted train step over one batch (or ``chunks_per_call`` stacked batches).
 
     Args:
-      loss_fn: ``(params, carry, batch, key) -> (loss, (new_carry, aux_metrics))``,
-        e.g. :func:`lm_loss_fn`. ``key`` is the step's dropout key.
-      optimizer: from :func:`make_optimizer`.
-      chunks_per_call: scan over this many chunks (``batch`` fields ``[n, K, B]``)
-        inside one call; metrics come back with a leading ``[n]`` axis.
+      loss_fn: ``(params, carry, batch, key) -> (loss, (new_carry, metrics))``, e.g.
+        :func:`lm_loss_fn`; ``batch`` any pytree of arrays, ``carry`` None for tasks
+        without one, ``metrics`` a dict of scalars.
+      optimizer: any ``optax.GradientTransformation`` (e.g. :func:`make_optimizer`).
+      chunks_per_call: scan over this many batches (every leaf ``[n, ...]``) inside
+        one call; metrics come back with a leading ``[n]`` axis.
       donate: donate the input state's buffers (do not reuse ``state`` after the call).
 
-    Metrics: ``loss``, ``grad_norm`` (global norm before clipping), ``lr`` (of the
-    update), ``finite`` (False: skipped by the guard), ``bad_streak``, plus ``aux``.
-    """
-    if not isinstance(optimizer, Optimizer):
-        raise TypeError(
-            f"optimizer: expected js.training.Optimizer, got {type(optimizer).__name__}"
-        )
-    n = _checks.check_positive_int("chunks_per_call", chunks_per_call)
-    tx, schedule = optimizer.tx, optimizer.schedule
+    Returns:
+      a :class:`TrainStep`: ``step(state, batch) -> (state, metrics)``. Metrics:
+      ``loss``, ``grad_norm`` (global norm before clipping), ``lr`` (the learning
+      rate of this update, read from the optimizer's injected hyperparameters;
+      absent when the optimizer has none), ``finite`` (False: skipped by the
+      guard), ``bad_streak``, plus the loss function's metrics.
 
-    def one(state: TrainState, batch: Chunk):
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> def loss_fn(params, carry, batch, key):  # linear regression, batch-major
+    ...     err = batch["x"] @ params["w"] - batch["y"]
+    ...     return jnp.mean(err ** 2), (carry, {"max_err": jnp.max(jnp.abs(err))})
+    >>> opt = js.make_optimizer("sgd", 0.1)
+    >>> state = js.init_state({"w": jnp.zeros(3)}, opt, jax.random.key(0))
+    >>> step = js.make_train_step(loss_fn, opt)
+    >>> batch = {"x": jnp.eye(3), "y": jnp.array([1.0, 2.0, 3.0])}
+    >>> state, metrics = step(state, batch)
+    >>> sorted(metrics)
+    ['bad_streak', 'finite', 'grad_norm', 'loss', 'lr', 'max_err']
+    >>> round(float(metrics["loss"]), 4), round(float(metrics["lr"]), 4)
+    (4.6667, 0.1)
+    """
+    _check_optimizer(optimizer)
+    n = _checks.check_positive_int("chunks_per_call", chunks_per_call)
+    if not callable(loss_fn):
+        raise TypeError(
+            f"loss_fn: expected a function (params, carry, batch, key) -> (loss, (carry, "
+            f"metrics)), got {type(loss_fn).__name__}"
+        )
+
+    def one(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
         carry_in = jax.lax.stop_gradient(state.carry)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (carry, aux)), grads = grad_fn(state.params, carry_in, batch, key)
+        if jnp.shape(loss) != ():
+            raise ValueError(f"loss_fn: expected a scalar loss, got shape {list(jnp.shape(loss))}")
+        if not isinstance(aux, dict):
+            raise TypeError(f"loss_fn: expected a dict of metrics, got {type(aux).__name__}")
         carry = jax.lax.stop_gradient(carry)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        lr = schedule(state.step - state.bad_steps)
         new = TrainState(
             params=_tree_select(ok, params, state.params),
             opt_state=_tree_select(ok, opt_state, state.opt_state),
@@ -192,12 +257,13 @@ def make_train_step(
         metrics = {
             "loss": loss.astype(jnp.float32),
             "grad_norm": grad_norm.astype(jnp.float32),
-            "lr": jnp.asarray(lr, jnp.float32),
             "finite": ok,
             "bad_streak": new.bad_streak,
-            **aux,
         }
-        return new, metrics
+        hp = _find_hyperparams(opt_state)
+        if hp is not None and "learning_rate" in hp:
+            metrics["lr"] = jnp.asarray(hp["learning_rate"], jnp.float32)
+        return new, {**metrics, **aux}
 
     if n == 1:
         fn = one
