@@ -1,10 +1,16 @@
-"""Data: vocabularies, stream batching for truncated BPTT, padded batches, downloads."""
+"""Data: vocabularies, token and real-valued streams for truncated BPTT, padded batches,
+downloads."""
 
 from jaxseq.data.download import (
     download,
 )
 from jaxseq.data.padded import (
+    PaddedBatcher,
     pad_sequences,
+)
+from jaxseq.data.series import (
+    SeriesBatcher,
+    SeriesChunk,
 )
 from jaxseq.data.streams import (
     Chunk,
@@ -19,6 +25,9 @@ from jaxseq.data.text import (
 __all__ = [
     "CharVocab",
     "Chunk",
+    "PaddedBatcher",
+    "SeriesBatcher",
+    "SeriesChunk",
     "StreamBatcher",
     "download",
     "make_streams",

@@ -28,6 +28,15 @@ def download(url: str, sha256: str, cache_dir=None, filename: str | None = None,
     temporary name and renamed, so an interrupted download leaves nothing
     half-written. Raises ``RuntimeError`` with a readable message when there is
     no network or the checksum does not match.
+
+    >>> import hashlib, os, pathlib, tempfile, jaxseq as js
+    >>> tmp = tempfile.mkdtemp()
+    >>> src = pathlib.Path(tmp, "corpus.txt")
+    >>> _ = src.write_text("to be or not to be")
+    >>> sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    >>> path = js.data.download(src.as_uri(), sha, cache_dir=os.path.join(tmp, "cache"))
+    >>> open(path).read()
+    'to be or not to be'
     """
     cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "jaxseq")
     os.makedirs(cache_dir, exist_ok=True)

@@ -33,6 +33,11 @@ def make_streams(ids, num_streams: int, boundaries=None):
     same way. The last ``N % B`` tokens are dropped.
 
     Returns ``(streams int32[L, B], boundaries bool[L, B] or None)``.
+
+    >>> import numpy as np, jaxseq as js
+    >>> streams, _ = js.data.make_streams(np.arange(7), 2)
+    >>> streams.tolist()
+    [[0, 3], [1, 4], [2, 5]]
     """
     ids = np.asarray(ids)
     if ids.ndim != 1:
@@ -62,7 +67,13 @@ def make_streams(ids, num_streams: int, boundaries=None):
 
 
 class Chunk(NamedTuple):
-    """One TBPTT chunk, time-major. All fields ``[K, B]``."""
+    """One TBPTT chunk of token ids, time-major. All fields ``[K, B]``.
+
+    >>> import numpy as np, jaxseq as js
+    >>> ch = js.data.StreamBatcher(np.arange(20), 2, 4).chunk(0)
+    >>> ch.inputs[:, 0].tolist(), ch.targets[:, 0].tolist(), bool(ch.reset[0].all())
+    ([0, 1, 2, 3], [1, 2, 3, 4], True)
+    """
 
     inputs: np.ndarray  # int32[K, B]
     targets: np.ndarray  # int32[K, B]
@@ -86,7 +97,20 @@ class StreamBatcher:
     The carry of every stream is reset at the start of each epoch (chunk 0).
     ``chunk(i)`` returns :class:`Chunk`; ``num_chunks`` per epoch; the data
     position of global step ``s`` is ``(epoch, chunk) = divmod(s, num_chunks)``.
+    ``batch_axes = 1``: every field is time-major (for :func:`jaxseq.training.shard_batch`).
+
+    >>> import numpy as np, jaxseq as js
+    >>> bt = js.data.StreamBatcher(np.arange(33) % 5, num_streams=3, chunk_len=4, vocab_size=5)
+    >>> bt.num_chunks, bt.position(7)   # 11 tokens per stream: 10 steps = 4 + 4 + 2
+    (3, (2, 1))
+    >>> last = bt.chunk(2)
+    >>> last.inputs.shape, last.mask[:, 0].tolist()
+    ((4, 3), [True, True, False, False])
+    >>> bt.stacked(0, 2).inputs.shape
+    (2, 4, 3)
     """
+
+    batch_axes = 1
 
     def __init__(
         self,
@@ -134,6 +158,7 @@ class StreamBatcher:
 
     @property
     def tokens_per_epoch(self) -> int:
+        """(input, target) pairs per epoch: ``(L - 1) * B``."""
         return (self.streams.shape[0] - 1) * self.num_streams
 
     def position(self, step: int) -> tuple[int, int]:

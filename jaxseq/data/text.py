@@ -16,6 +16,11 @@ class CharVocab:
     """A character vocabulary: the sorted set of characters of a text.
 
     ``encode(str) -> int32[N]``, ``decode(ids) -> str``; ``size`` is V.
+
+    >>> import jaxseq as js
+    >>> vocab = js.data.CharVocab.from_text("hello")
+    >>> vocab.chars, vocab.size, vocab.encode("hell").tolist(), vocab.decode([3, 0])
+    ('ehlo', 4, [1, 0, 2, 2], 'oe')
     """
 
     def __init__(self, chars: Iterable[str]):
@@ -52,7 +57,12 @@ class CharVocab:
 
 
 def split_text(text, fraction: float = 0.9):
-    """First ``fraction`` for training, the rest for validation."""
+    """First ``fraction`` for training, the rest for validation.
+
+    >>> import jaxseq as js
+    >>> js.data.split_text("abcdefghij", 0.8)
+    ('abcdefgh', 'ij')
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction: expected a value in (0, 1), got {fraction!r}")
     n = int(len(text) * fraction)
