@@ -5,6 +5,7 @@ diagnostics.
 from jaxseq.training.checkpoint import (
     Checkpointer,
     IncompatibleCheckpointError,
+    restore_params,
 )
 from jaxseq.training.diagnostics import (
     grad_norm_per_step,
@@ -71,6 +72,7 @@ __all__ = [
     "plot_grad_norms",
     "plot_training_curves",
     "read_jsonl",
+    "restore_params",
     "shard_batch",
     "shard_state",
     "token_cross_entropy",

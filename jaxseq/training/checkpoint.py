@@ -14,6 +14,12 @@ hyperparameters must be the same unless ``override=True``::
     ckpt = Checkpointer("out/ckpt", keep=3, model_config=model.config(), hparams=hp)
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(template_state)
+
+For evaluation and sampling, :meth:`Checkpointer.restore_params` (or the
+function :func:`restore_params`) reads the parameters alone: no optimizer,
+carry or batch size is needed, and nothing else is read from disk. It is
+also the way to resume with a new optimizer (for instance a schedule over a
+longer run): restore the params, then build a fresh state around them.
 """
 
 from __future__ import annotations
@@ -29,11 +35,17 @@ from jaxseq import _checks
 __all__ = [
     "Checkpointer",
     "IncompatibleCheckpointError",
+    "restore_params",
 ]
 
 
 class IncompatibleCheckpointError(ValueError):
-    """The checkpoint does not fit this run (model, shapes or hyperparameters)."""
+    """The checkpoint does not fit this run (model, shapes or hyperparameters).
+
+    >>> import jaxseq as js
+    >>> issubclass(js.IncompatibleCheckpointError, ValueError)
+    True
+    """
 
 
 def _is_typed_key(x) -> bool:
@@ -114,6 +126,18 @@ class Checkpointer:
         a checkpoint whose config differs cannot be restored.
       hparams: JSON-able hyperparameters; a checkpoint with different values is
         restored only with ``override=True``.
+
+    >>> import tempfile, jax, jax.numpy as jnp, jaxseq as js
+    >>> opt = js.make_optimizer("adam", 1e-2)
+    >>> state = js.init_state({"w": jnp.arange(3.0)}, opt, jax.random.key(0))
+    >>> ckpt = js.Checkpointer(tempfile.mkdtemp(), keep=2)
+    >>> ckpt.save(state, {"note": "step 0"})
+    0
+    >>> restored, meta = ckpt.restore(state)
+    >>> restored.params["w"].tolist(), meta["note"]
+    ([0.0, 1.0, 2.0], 'step 0')
+    >>> ckpt.restore_params({"w": jnp.zeros(3)})["w"].tolist()  # params alone
+    [0.0, 1.0, 2.0]
     """
 
     def __init__(self, directory, *, keep: int = 3, model_config=None, hparams=None):
@@ -164,14 +188,17 @@ class Checkpointer:
 
     # -- reading ------------------------------------------------------------------------
     def all_steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, oldest first."""
         self._mngr.reload()
         return sorted(self._mngr.all_steps())
 
     def latest_step(self) -> int | None:
+        """The step of the newest checkpoint, or None when there is none."""
         steps = self.all_steps()
         return steps[-1] if steps else None
 
     def read_meta(self, step: int | None = None) -> dict:
+        """The JSON metadata of the checkpoint of ``step`` (default: latest)."""
         ocp = self._ocp
         step = self._resolve(step)
         return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
@@ -221,6 +248,73 @@ class Checkpointer:
                     + "); resume with the same settings or pass override=True (--override)"
                 )
 
+    def restore_params(self, template_params, step: int | None = None):
+        """The parameters of the checkpoint of ``step`` (default: latest), alone.
+
+        ``template_params`` is a parameter pytree of this run's model (e.g.
+        ``model.init(key)``); only its structure, shapes and dtypes are used. The
+        optimizer state, carry, step and key of the checkpoint are not read, so
+        any optimizer and any batch size will do. The model config is checked
+        when this checkpointer has one; the shapes always.
+        """
+        ocp = self._ocp
+        step = self._resolve(step)
+        meta = self.read_meta(step)
+        if self.model_config is not None and meta.get("model") is not None:
+            d = _diff(meta["model"], self.model_config)
+            if d:
+                raise IncompatibleCheckpointError(
+                    "checkpoint: saved for an incompatible model: " + "; ".join(d)
+                )
+        saved_tree = self._mngr.item_metadata(step)["state"]
+        saved_params = saved_tree["params"] if "params" in saved_tree else None
+        saved = {
+            "/".join(_path_part(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(saved_params)
+        }
+        want_paths = [
+            "/".join(_path_part(k) for k in path)
+            for path, _ in jax.tree_util.tree_leaves_with_path(template_params)
+        ]
+        want_leaves, treedef = jax.tree_util.tree_flatten(template_params)
+        if set(saved) != set(want_paths):
+            missing = sorted(set(want_paths) - set(saved))[:3]
+            extra = sorted(set(saved) - set(want_paths))[:3]
+            raise IncompatibleCheckpointError(
+                f"checkpoint: the saved params have {len(saved)} arrays, template_params has "
+                f"{len(want_paths)} (a different model); missing {missing}, unexpected {extra}"
+            )
+        for path, leaf in zip(want_paths, want_leaves):
+            got = tuple(saved[path].shape)
+            if got != tuple(np.shape(leaf)):
+                raise IncompatibleCheckpointError(
+                    f"checkpoint: params/{path}: saved shape {list(got)}, template_params has "
+                    f"{list(np.shape(leaf))}"
+                )
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        item = {
+            "params": jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved_params
+            )
+        }
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.ArrayRestoreArgs(sharding=device), item)
+        with ocp.PyTreeCheckpointer() as reader:
+            got = reader.restore(
+                os.path.join(self.directory, str(step), "state"),
+                args=ocp.args.PyTreeRestore(
+                    item=item, restore_args=restore_args, partial_restore=True
+                ),
+            )["params"]
+        by_path = {
+            "/".join(_path_part(k) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(got)
+        }
+        leaves = [
+            jnp.asarray(by_path[p], dtype=getattr(w, "dtype", None))
+            for p, w in zip(want_paths, want_leaves)
+        ]
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
     def restore(self, template, step: int | None = None, *, override: bool = False):
         """Restores the checkpoint of ``step`` (default: latest) into the structure of ``template``.
 
@@ -242,4 +336,27 @@ class Checkpointer:
         return got, meta
 
     def close(self):
+        """Releases the checkpoint manager (pending writes are finished first)."""
         self._mngr.close()
+
+
+def restore_params(directory, template_params, *, step: int | None = None, model_config=None):
+    """The parameters of the latest (or ``step``'s) checkpoint under ``directory``, alone.
+
+    See :meth:`Checkpointer.restore_params`: no optimizer, carry or batch size
+    needed; ``model_config``, when given, must equal the saved one.
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, optax, jaxseq as js
+    >>> directory = tempfile.mkdtemp()
+    >>> state = js.init_state({"w": jnp.ones(2)}, optax.adam(0.1), jax.random.key(0))
+    >>> _ = js.Checkpointer(directory).save(state)
+    >>> js.training.restore_params(directory, {"w": jnp.zeros(2)})["w"].tolist()
+    [1.0, 1.0]
+    """
+    if not os.path.isdir(os.fspath(directory)):
+        raise FileNotFoundError(f"directory: no checkpoint directory {os.fspath(directory)!r}")
+    ckpt = Checkpointer(directory, model_config=model_config)
+    try:
+        return ckpt.restore_params(template_params, step)
+    finally:
+        ckpt.close()
