@@ -266,7 +266,7 @@ def bench_profile(repeats=10, quiet=False):
 
 def bench_unroll(unrolls=(1, 2, 4, 8), repeats=10, quiet=False):
     import jaxseq as js
-    from jaxseq.recurrent import kernels
+    from jaxseq.recurrent import dispatch
 
     records = []
     for cell_name in ("lstm",):
@@ -277,7 +277,7 @@ def bench_unroll(unrolls=(1, 2, 4, 8), repeats=10, quiet=False):
                 calls[u], info[u] = bh.compile_jitted(train_step(cell, unroll=u), params, xs)
             res = bh.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
             best = min(res, key=lambda u: res[u]["median_s"])
-            auto = kernels.auto_unroll(steps, kernels.step_work(cell, (batch,)))
+            auto = dispatch.auto_unroll(steps, dispatch.step_work(cell, (batch,)))
             for u, r in res.items():
                 records.append(
                     {
@@ -308,7 +308,7 @@ def _gate_forms(cell_name, hidden):
     import jax
     import jax.numpy as jnp
 
-    from jaxseq.recurrent import kernels
+    from jaxseq.recurrent import rules
 
     hs = hidden
     if cell_name == "lstm":
@@ -321,7 +321,7 @@ def _gate_forms(cell_name, hidden):
 
         def whole_row(zs, h, c):
             (z,) = zs
-            a = kernels._lstm_gates(z, hs)
+            a = rules._lstm_gates(z, hs)
             c = a[:, hs : 2 * hs] * c + a[:, :hs] * a[:, 2 * hs : 3 * hs]
             return a[:, 3 * hs :] * jnp.tanh(c), c
 

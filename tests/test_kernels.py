@@ -1,4 +1,4 @@
-"""The rollout kernels (jaxseq/kernels.py and the ``lax.scan`` path) against the
+"""The rollout kernels (jaxseq/recurrent/kernels.py and the ``lax.scan`` path) against the
 independent reference of ``_reference.py``.
 
 Every equivalence test runs ``kernel="fused"`` and ``kernel="scan"`` in float32
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq.recurrent import kernels
+from jaxseq.recurrent import dispatch, rules
 
 T, D, H = 5, 3, 4
 BATCH = (2, 3)
@@ -109,8 +109,8 @@ def test_lstm_whole_row_backward_matches_reference(kernel, dtype):
     """Rows * hidden at the threshold: the LSTM backward step takes its whole-row
     form, on the one-buffer (unroll 1) and the stacked (unroll 2) fused backward."""
     hidden = 64
-    batch = (kernels._WHOLE_ROW_MIN // hidden,)
-    assert batch[0] * hidden >= kernels._WHOLE_ROW_MIN
+    batch = (rules._WHOLE_ROW_MIN // hidden,)
+    assert batch[0] * hidden >= rules._WHOLE_ROW_MIN
     rng = np.random.default_rng(3)
     opts = {
         "lengths": rng.integers(0, T + 1, batch).astype(np.int32),
@@ -457,22 +457,22 @@ def test_bad_arguments(key):
 
 
 def test_auto_unroll_rule():
-    assert kernels.auto_unroll(1000, 1 * 128 * 512, "cpu") == 4
-    assert kernels.auto_unroll(1000, 64 * 512 * 2048, "cpu") == 1
-    assert kernels.auto_unroll(100, 16 * 128 * 512, "cpu") == 1  # scan_vs_unrolled default
-    assert kernels.auto_unroll(3, 10, "cpu") == 3  # never more than T
-    assert kernels.auto_unroll(0, 10, "cpu") == 1
-    assert kernels.auto_unroll(100, 10, "gpu") == 4
+    assert dispatch.auto_unroll(1000, 1 * 128 * 512, "cpu") == 4
+    assert dispatch.auto_unroll(1000, 64 * 512 * 2048, "cpu") == 1
+    assert dispatch.auto_unroll(100, 16 * 128 * 512, "cpu") == 1  # scan_vs_unrolled default
+    assert dispatch.auto_unroll(3, 10, "cpu") == 3  # never more than T
+    assert dispatch.auto_unroll(0, 10, "cpu") == 1
+    assert dispatch.auto_unroll(100, 10, "gpu") == 4
     for t in (1, 7, 100):
         for work in (None, 1, 2**21, 2**30):
-            assert 1 <= kernels.auto_unroll(t, work, "cpu") <= max(t, 1)
+            assert 1 <= dispatch.auto_unroll(t, work, "cpu") <= max(t, 1)
 
 
 def test_auto_unroll_default_backend_is_the_current_one():
     """``backend=None`` means ``jax.default_backend()``."""
     backend = jax.default_backend()
     for t, work in ((1000, 64 * 512 * 2048), (1000, 10), (3, None)):
-        assert kernels.auto_unroll(t, work) == kernels.auto_unroll(t, work, backend)
+        assert dispatch.auto_unroll(t, work) == dispatch.auto_unroll(t, work, backend)
 
 
 def test_jvp_with_respect_to_the_carry_alone_takes_the_scan_path(key):

@@ -397,7 +397,10 @@ def test_bad_inputs(key):
         js.rollout(cell, p, xs, (jnp.zeros((b, 5)), jnp.zeros((b, 5))))
     with pytest.raises(ValueError, match="unroll: expected a positive int, True or 'auto', got 0"):
         js.rollout(cell, p, xs, unroll=0)
-    with pytest.raises(TypeError, match="cell: expected a cell"):
+    with pytest.raises(
+        TypeError,
+        match="layer: expected a cell .* or a sequence layer .*without .step. or .rollout.",
+    ):
         js.rollout(object(), p, xs)
 
 

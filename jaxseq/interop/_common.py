@@ -1,4 +1,4 @@
-"""Helpers shared by the PyTorch and Flax weight maps."""
+"""Private helpers shared by the PyTorch and Flax weight maps (no public names)."""
 
 from __future__ import annotations
 
@@ -13,23 +13,25 @@ from jaxseq.recurrent.cells import (
     RNN,
 )
 
-_KIND_NAMES = {1: "RNN", 3: "GRU", 4: "LSTM"}
+# The built-in cells whose weights map to PyTorch/Flax; each class declares its
+# gate count (``num_gates``), the one source of the layouts below.
+_BUILTIN_CELLS = (RNN, LSTM, GRU)
+_KIND_NAMES = {cls.num_gates: cls.__name__ for cls in _BUILTIN_CELLS}
 
 
 def _cell_info(cell, name: str = "cell"):
-    """Returns ``(G, H, label)`` for a built-in cell; TypeError otherwise."""
-    if isinstance(cell, LSTM):
-        g = 4
-    elif isinstance(cell, GRU):
-        g = 3
-    elif isinstance(cell, RNN):
-        g = 1
-    else:
+    """Returns ``(G, H, label)`` for a built-in cell (or a subclass); TypeError otherwise."""
+    base = next((cls for cls in _BUILTIN_CELLS if isinstance(cell, cls)), None)
+    if base is None:
         raise TypeError(
             f"{name}: expected js.RNN, js.LSTM or js.GRU (a cell, not a layer), "
             f"got {type(cell).__name__}"
         )
-    return g, cell.hidden_size, f"js.{type(cell).__name__}(hidden_size={cell.hidden_size})"
+    return (
+        base.num_gates,
+        cell.hidden_size,
+        f"js.{type(cell).__name__}(hidden_size={cell.hidden_size})",
+    )
 
 
 def _to_array(where: str, value):

@@ -87,6 +87,14 @@ def from_flax(cell, variables, *, residual: bool = False):
 
     Returns:
       The cell's params, in the variables' dtype.
+
+    >>> import numpy as np, jaxseq as js
+    >>> f32 = lambda a: np.asarray(a, np.float32)
+    >>> variables = {"params": {"i": {"kernel": f32(np.ones((3, 2))), "bias": f32([0, 1])},
+    ...                         "h": {"kernel": f32(np.eye(2))}}}  # a flax SimpleCell(2)
+    >>> params = js.interop.from_flax(js.RNN(2), variables)
+    >>> params.w_ih.shape, params.w_hh.shape, params.b.tolist()
+    ((3, 2), (2, 2), [0.0, 1.0])
     """
     g, h, label = _cell_info(cell)
     if residual and g != 1:
@@ -138,6 +146,12 @@ def to_flax(cell, params, *, residual: bool = False) -> dict:
     ``w_hh`` for ``SimpleCell(residual=True)``). The LSTM's bias goes to flax's
     recurrent side (``hi``..``ho``), where flax keeps it; the GRU's ``b`` to
     ``ir``/``iz``/``in`` and ``b_hn`` to ``hn``.
+
+    >>> import jax, jaxseq as js
+    >>> cell = js.LSTM(2)
+    >>> variables = js.interop.to_flax(cell, cell.init(jax.random.key(0), 3))
+    >>> sorted(variables["params"]), variables["params"]["ii"]["kernel"].shape
+    (['hf', 'hg', 'hi', 'ho', 'if', 'ig', 'ii', 'io'], (3, 2))
     """
     g, h, label = _cell_info(cell)
     cell.check_params(params)
@@ -163,6 +177,12 @@ def carry_from_flax(cell, carry):
     """A flax cell carry -> the jaxseq carry.
 
     Flax LSTMs carry ``(c, h)``, jaxseq ``LSTMCarry(h, c)``; GRU/SimpleCell carry ``h``.
+    Leaves are ``[*B, H]``.
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> carry = js.interop.carry_from_flax(js.LSTM(2), (jnp.zeros((1, 2)), jnp.ones((1, 2))))
+    >>> float(carry.h[0, 0]), float(carry.c[0, 0])
+    (1.0, 0.0)
     """
     g, _, label = _cell_info(cell)
     if g == 4:
@@ -176,7 +196,13 @@ def carry_from_flax(cell, carry):
 
 
 def carry_to_flax(cell, carry):
-    """Inverse of :func:`carry_from_flax`."""
+    """Inverse of :func:`carry_from_flax`: a jaxseq carry -> flax's (``(c, h)`` for an LSTM).
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> c, h = js.interop.carry_to_flax(js.LSTM(2), js.LSTMCarry(jnp.ones(2), jnp.zeros(2)))
+    >>> c.tolist(), h.tolist()
+    ([0.0, 0.0], [1.0, 1.0])
+    """
     g, _, label = _cell_info(cell)
     want = LSTMCarry if g == 4 else RNNCarry
     if not isinstance(carry, want):

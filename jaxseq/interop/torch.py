@@ -46,6 +46,14 @@ def from_torch(cell, state_dict, *, layer: int = 0, reverse: bool = False, prefi
 
     Returns:
       The cell's params (``RNNParams``/``LSTMParams``/``GRUParams``) in the weights' dtype.
+
+    >>> import numpy as np, jaxseq as js
+    >>> ones = lambda *shape: np.ones(shape, np.float32)
+    >>> sd = {"weight_ih_l0": ones(8, 3), "weight_hh_l0": ones(8, 2),
+    ...       "bias_ih_l0": ones(8), "bias_hh_l0": ones(8)}  # an nn.LSTM(3, 2)
+    >>> params = js.interop.from_torch(js.LSTM(2), sd)
+    >>> params.w_ih.shape, params.w_hh.shape, float(params.b[0])  # b = bias_ih + bias_hh
+    ((3, 8), (2, 8), 2.0)
     """
     g, h, label = _cell_info(cell)
     layer = _check_layer_arg(layer)
@@ -126,6 +134,12 @@ def to_torch(
     and ``bias_hh_l{layer}`` (zeros; for the GRU ``[0, 0, b_hn]``), each with the
     ``_reverse`` suffix when ``reverse``. ``bias=False`` (a module built without
     biases) needs all-zero biases.
+
+    >>> import jax, jaxseq as js
+    >>> cell = js.GRU(2)
+    >>> sd = js.interop.to_torch(cell, cell.init(jax.random.key(0), 3))
+    >>> {k: v.shape for k, v in sorted(sd.items())}
+    {'bias_hh_l0': (6,), 'bias_ih_l0': (6,), 'weight_hh_l0': (6, 2), 'weight_ih_l0': (6, 3)}
     """
     g, h, keys, p = _export(cell, params, layer, reverse, prefix)
     out = {
@@ -157,6 +171,14 @@ def grads_to_torch(
     ``b = bias_ih + bias_hh``, both biases get the gradient of ``b`` (for the GRU,
     ``bias_hh`` gets ``[grad b_r, grad b_z, grad b_hn]``). The result equals
     ``param.grad`` after PyTorch's backward pass of the same loss.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.RNN(2)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> grads = jax.grad(lambda p: js.rollout(cell, p, jnp.ones((4, 3)))[1].sum())(params)
+    >>> g = js.interop.grads_to_torch(cell, grads)
+    >>> g["weight_ih_l0"].shape, bool((g["bias_ih_l0"] == g["bias_hh_l0"]).all())
+    ((2, 3), True)
     """
     g, h, keys, p = _export(cell, grads, layer, reverse, prefix)
     out = {
@@ -184,6 +206,13 @@ def stack_from_torch(cell, state_dict, *, prefix: str = ""):
     ``batch_first=False``). PyTorch's ``h_n[k * dirs + d]`` is
     ``carries[k].h`` (unidirectional) or ``carries[k].forward.h`` /
     ``carries[k].backward.h`` (d = 0 / 1).
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> made = js.Stack([js.Bidirectional(js.GRU(2)), js.Bidirectional(js.GRU(2))])
+    >>> sd = js.interop.stack_to_torch(made, made.init(jax.random.key(0), 3))  # "nn.GRU"
+    >>> stack, params = js.interop.stack_from_torch(js.GRU(2), sd)
+    >>> len(stack.layers), js.rollout(stack, params, jnp.ones((5, 3)))[1].shape
+    (2, (5, 4))
     """
     g, h, label = _cell_info(cell)
     if not isinstance(state_dict, Mapping):
@@ -273,10 +302,25 @@ def _stack_export(fn, stack, tree, prefix, bias, what):
 
 
 def stack_to_torch(stack, params, *, prefix: str = "", bias: bool = True) -> dict:
-    """Inverse of :func:`stack_from_torch`: a whole module's state dict (numpy arrays)."""
+    """Inverse of :func:`stack_from_torch`: a whole module's state dict (numpy arrays).
+
+    >>> import jax, jaxseq as js
+    >>> stack = js.Stack([js.LSTM(2), js.LSTM(2)])
+    >>> sd = js.interop.stack_to_torch(stack, stack.init(jax.random.key(0), 3))
+    >>> len(sd), sd["weight_ih_l1"].shape  # 4 entries per layer; layer 1 reads H=2
+    (8, (8, 2))
+    """
     return _stack_export(to_torch, stack, params, prefix, bias, "params")
 
 
 def stack_grads_to_torch(stack, grads, *, prefix: str = "", bias: bool = True) -> dict:
-    """:func:`grads_to_torch` for every layer of a ``js.Stack`` (see :func:`stack_from_torch`)."""
+    """:func:`grads_to_torch` for every layer of a ``js.Stack`` (see :func:`stack_from_torch`).
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> stack = js.Stack([js.GRU(2), js.GRU(2)])
+    >>> params = stack.init(jax.random.key(0), 3)
+    >>> grads = jax.grad(lambda p: js.rollout(stack, p, jnp.ones((4, 3)))[1].sum())(params)
+    >>> sorted(js.interop.stack_grads_to_torch(stack, grads))[:2]
+    ['bias_hh_l0', 'bias_hh_l1']
+    """
     return _stack_export(grads_to_torch, stack, grads, prefix, bias, "grads")

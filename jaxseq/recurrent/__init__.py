@@ -1,4 +1,11 @@
-"""Recurrent layers: cells, the fused kernels, rollouts, bidirectional and stacked layers."""
+"""Recurrent layers: cells, the fused kernels, rollouts, bidirectional and stacked layers.
+
+Modules: ``cells`` (RNN, LSTM, GRU), ``dispatch`` (which kernel runs: the
+fused-rule registry, forward mode, ``unroll="auto"``), ``rules`` (each
+built-in cell's fused gate math), ``kernels`` (the fused custom-VJP rollout),
+``rollouts`` (:func:`rollout` for any cell or sequence layer), ``layers``
+(:class:`Bidirectional`, :class:`Stack`).
+"""
 
 from jaxseq.recurrent.cells import (
     GRU,
@@ -10,14 +17,17 @@ from jaxseq.recurrent.cells import (
     RNNCarry,
     RNNParams,
 )
-from jaxseq.recurrent.kernels import (
+from jaxseq.recurrent.dispatch import (
     KERNELS,
+    FusedRule,
     auto_unroll,
-    fused_rollout,
+    fused_rule,
+    register_fused_rule,
     step_work,
     supports_fused,
     under_forward_mode,
 )
+from jaxseq.recurrent.kernels import fused_rollout
 from jaxseq.recurrent.layers import (
     Bidirectional,
     BidirectionalCarry,
@@ -30,24 +40,32 @@ from jaxseq.recurrent.rollouts import (
     rollout,
     rollout_unrolled,
 )
+from jaxseq.recurrent.rules import GRU_RULE, LSTM_RULE, RELU_RULE, TANH_RULE
 
 __all__ = [
     "Bidirectional",
     "BidirectionalCarry",
     "BidirectionalParams",
+    "FusedRule",
     "GRU",
     "GRUParams",
+    "GRU_RULE",
     "KERNELS",
     "LSTM",
     "LSTMCarry",
     "LSTMParams",
+    "LSTM_RULE",
+    "RELU_RULE",
     "RNN",
     "RNNCarry",
     "RNNParams",
     "Stack",
+    "TANH_RULE",
     "auto_unroll",
     "bidirectional_rollout",
     "fused_rollout",
+    "fused_rule",
+    "register_fused_rule",
     "rollout",
     "rollout_unrolled",
     "stacked_rollout",

@@ -51,18 +51,39 @@ __all__ = [
 
 
 class RNNParams(NamedTuple):
+    """Elman RNN weights: ``w_ih [D, H]``, ``w_hh [H, H]``, ``b [H]``.
+
+    >>> import jax, jaxseq as js
+    >>> [a.shape for a in js.RNN(4).init(jax.random.key(0), 3)]
+    [(3, 4), (4, 4), (4,)]
+    """
+
     w_ih: jax.Array  # [D, H]
     w_hh: jax.Array  # [H, H]
     b: jax.Array  # [H]
 
 
 class LSTMParams(NamedTuple):
+    """LSTM weights, gates i, f, g, o: ``w_ih [D, 4H]``, ``w_hh [H, 4H]``, ``b [4H]``.
+
+    >>> import jax, jaxseq as js
+    >>> [a.shape for a in js.LSTM(4).init(jax.random.key(0), 3)]
+    [(3, 16), (4, 16), (16,)]
+    """
+
     w_ih: jax.Array  # [D, 4H], gates i, f, g, o
     w_hh: jax.Array  # [H, 4H]
     b: jax.Array  # [4H]
 
 
 class GRUParams(NamedTuple):
+    """GRU weights, gates r, z, n: ``w_ih [D, 3H]``, ``w_hh [H, 3H]``, ``b [3H]``, ``b_hn [H]``.
+
+    >>> import jax, jaxseq as js
+    >>> [a.shape for a in js.GRU(4).init(jax.random.key(0), 3)]
+    [(3, 12), (4, 12), (12,), (4,)]
+    """
+
     w_ih: jax.Array  # [D, 3H], gates r, z, n
     w_hh: jax.Array  # [H, 3H]
     b: jax.Array  # [3H]  input-side bias (for r and z it also holds the recurrent bias)
@@ -70,10 +91,25 @@ class GRUParams(NamedTuple):
 
 
 class RNNCarry(NamedTuple):
+    """Carry of the RNN and the GRU: ``h [*B, H]``.
+
+    >>> import jaxseq as js
+    >>> js.GRU(4).initial_carry((2,)).h.shape
+    (2, 4)
+    """
+
     h: jax.Array  # [*B, H]
 
 
 class LSTMCarry(NamedTuple):
+    """Carry of the LSTM: hidden state ``h [*B, H]`` and cell state ``c [*B, H]``.
+
+    >>> import jaxseq as js
+    >>> carry = js.LSTM(4).initial_carry((2, 3))
+    >>> carry.h.shape, carry.c.shape
+    ((2, 3, 4), (2, 3, 4))
+    """
+
     h: jax.Array  # [*B, H]
     c: jax.Array  # [*B, H]
 
@@ -223,6 +259,13 @@ class RNN(_CellBase):
       bias_init: initialiser of ``b`` (default zeros).
 
     Carry: ``RNNCarry(h)``. Params: ``RNNParams(w_ih [D, H], w_hh [H, H], b [H])``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.RNN(4, activation="relu")
+    >>> params = cell.init(jax.random.key(0), input_size=3)
+    >>> carry, y = cell.step(params, cell.initial_carry((2,)), jnp.ones((2, 3)))
+    >>> y.shape, bool(jnp.all(y >= 0))
+    ((2, 4), True)
     """
 
     hidden_size: int
@@ -265,6 +308,13 @@ class LSTM(_CellBase):
       kernel_init, recurrent_init, bias_init: as for :class:`RNN`.
 
     Carry: ``LSTMCarry(h, c)``. Params: ``LSTMParams(w_ih [D, 4H], w_hh [H, 4H], b [4H])``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.LSTM(4)
+    >>> params = cell.init(jax.random.key(0), input_size=3)
+    >>> carry, y = cell.step(params, cell.initial_carry((2,)), jnp.ones((2, 3)))
+    >>> y.shape, carry.c.shape, params.b[4:8].tolist()  # forget-gate bias 1.0
+    ((2, 4), (2, 4), [1.0, 1.0, 1.0, 1.0])
     """
 
     hidden_size: int
@@ -313,6 +363,13 @@ class GRU(_CellBase):
     Carry: ``RNNCarry(h)`` (alias ``GRUCarry``). Params:
     ``GRUParams(w_ih [D, 3H], w_hh [H, 3H], b [3H], b_hn [H])``; PyTorch's
     ``b_ih + b_hh`` is folded into ``b`` for r and z, its ``b_hh`` for n is ``b_hn``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.GRU(4)
+    >>> params = cell.init(jax.random.key(0), input_size=3)
+    >>> carry, y = cell.step(params, cell.initial_carry(), jnp.ones(3))  # no batch dims
+    >>> y.shape, carry.h.shape
+    ((4,), (4,))
     """
 
     hidden_size: int

@@ -1,7 +1,11 @@
-"""Layers built from cells: bidirectional, stacked (with residuals and dropout),
-plus the small pieces every sequence model needs (embedding, dense, dropout).
+"""Sequence layers built from cells: bidirectional, and stacked (residuals, dropout).
 
-Time-major like the rollouts: ``xs: [T, *B, D]``.
+Both are :class:`~jaxseq.protocols.SequenceLayer` s: ``js.rollout(layer, params,
+xs, ...)`` runs them through their ``rollout`` method, with the same arguments
+and defaults as for a cell; their halves/layers may be cells or any sequence
+layer. Time-major like the rollouts: ``xs: [T, *B, D] -> ys: [T, *B, H]``.
+:func:`bidirectional_rollout` and :func:`stacked_rollout` are the same methods
+as functions.
 """
 
 from __future__ import annotations
@@ -28,22 +32,47 @@ __all__ = [
 
 
 class BidirectionalParams(NamedTuple):
+    """Params of a :class:`Bidirectional`: those of its ``forward`` and ``backward`` halves.
+
+    >>> import jax, jaxseq as js
+    >>> params = js.Bidirectional(js.GRU(3)).init(jax.random.key(0), 2)
+    >>> params.forward.w_ih.shape, params.backward.w_ih.shape
+    ((2, 9), (2, 9))
+    """
+
     forward: Any
     backward: Any
 
 
 class BidirectionalCarry(NamedTuple):
+    """Carry of a :class:`Bidirectional`: the ``forward`` and ``backward`` halves' carries.
+
+    >>> import jaxseq as js
+    >>> carry = js.Bidirectional(js.LSTM(3), js.GRU(2)).initial_carry((4,))
+    >>> carry.forward.c.shape, carry.backward.h.shape
+    ((4, 3), (4, 2))
+    """
+
     forward: Any
     backward: Any
 
 
 @dataclasses.dataclass(frozen=True)
 class Bidirectional:
-    """A forward and a backward cell whose outputs are concatenated: ``[T, *B, Hf + Hb]``.
+    """A forward and a backward layer whose outputs are concatenated: ``[T, *B, Hf + Hb]``.
 
-    ``backward`` defaults to a cell of the same config as ``forward`` (separate
-    parameters). Under ``lengths`` the backward cell runs over each sequence's
-    valid part only, starting at its last valid step.
+    ``backward`` defaults to a layer of the same config as ``forward`` (separate
+    parameters). Under ``lengths`` the backward layer runs over each sequence's
+    valid part only, starting at its last valid step. Either half may be a cell
+    or any sequence layer. Params: ``BidirectionalParams(forward, backward)``;
+    carry: ``BidirectionalCarry(forward, backward)``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> layer = js.Bidirectional(js.LSTM(4), js.GRU(3))
+    >>> params = layer.init(jax.random.key(0), input_size=2)
+    >>> carry, ys = js.rollout(layer, params, jnp.ones((5, 2, 2)), lengths=jnp.array([5, 3]))
+    >>> ys.shape, layer.output_size, carry.backward.h.shape
+    ((5, 2, 7), 7, (2, 3))
     """
 
     forward: Any
@@ -55,9 +84,11 @@ class Bidirectional:
 
     @property
     def output_size(self) -> int:
+        """``Hf + Hb``, the last dim of the outputs."""
         return self.forward.output_size + self.backward.output_size
 
     def init(self, key, input_size: int, dtype=jnp.float32) -> BidirectionalParams:
+        """Params of both halves for inputs ``[..., D]``, ``D = input_size``."""
         _checks.check_key("key", key)
         kf, kb = jax.random.split(key)
         return BidirectionalParams(
@@ -65,38 +96,107 @@ class Bidirectional:
         )
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> BidirectionalCarry:
+        """Zero carries of both halves for batch ``*B = batch_shape``."""
         return BidirectionalCarry(
             self.forward.initial_carry(batch_shape, dtype),
             self.backward.initial_carry(batch_shape, dtype),
         )
 
+    def rollout(
+        self,
+        params,
+        xs,
+        carry=None,
+        *,
+        lengths=None,
+        reset=None,
+        reverse=False,
+        unroll="auto",
+        kernel="auto",
+        checkpoint_every=None,
+        key=None,
+    ):
+        """Both directions over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout` for the arguments.
+
+        ``reverse=True`` swaps the directions: ``forward`` runs from the end of
+        each sequence's valid part, ``backward`` from its start; the output
+        layout stays ``[forward's outputs, backward's outputs]``. So for
+        full-length sequences without resets, ``reverse=True`` on the
+        time-flipped input gives the time-flipped output. ``unroll``, ``kernel``
+        and ``checkpoint_every`` go to both halves; ``key`` (when given) is split
+        between them (cells ignore it).
+
+        Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``;
+        each carry is the one after that half's last processed step (for the
+        backward half without ``reverse``, after time step 0).
+        """
+        if not isinstance(params, BidirectionalParams):
+            raise TypeError(f"params: expected BidirectionalParams, got {type(params).__name__}")
+        if carry is None:
+            carry = BidirectionalCarry(None, None)
+        elif not isinstance(carry, BidirectionalCarry):
+            raise TypeError(f"carry: expected BidirectionalCarry, got {type(carry).__name__}")
+        kf = kb = None
+        if key is not None:
+            _checks.check_key("key", key)
+            kf, kb = jax.random.split(key)
+        kw = dict(
+            lengths=lengths,
+            reset=reset,
+            unroll=unroll,
+            kernel=kernel,
+            checkpoint_every=checkpoint_every,
+        )
+        reverse = bool(reverse)
+        cf, yf = rollout(
+            self.forward, params.forward, xs, carry.forward, reverse=reverse, key=kf, **kw
+        )
+        cb, yb = rollout(
+            self.backward, params.backward, xs, carry.backward, reverse=not reverse, key=kb, **kw
+        )
+        return BidirectionalCarry(cf, cb), jnp.concatenate([yf, yb], axis=-1)
+
 
 def bidirectional_rollout(
-    layer: Bidirectional, params, xs, carry=None, *, lengths=None, reset=None, unroll=1
+    layer: Bidirectional,
+    params,
+    xs,
+    carry=None,
+    *,
+    lengths=None,
+    reset=None,
+    reverse=False,
+    unroll="auto",
+    kernel="auto",
+    checkpoint_every=None,
+    key=None,
 ):
-    """Forward and reverse rollouts of a :class:`Bidirectional` layer.
+    """``layer.rollout(...)`` for a :class:`Bidirectional` (same arguments and defaults).
 
-    Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``; the
-    backward carry is the one after time step 0 (its last step).
+    Prefer ``js.rollout(layer, ...)``, which runs any layer.
+
+    Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> layer = js.Bidirectional(js.RNN(3))
+    >>> params = layer.init(jax.random.key(0), 2)
+    >>> js.bidirectional_rollout(layer, params, jnp.ones((4, 2)))[1].shape
+    (4, 6)
     """
     if not isinstance(layer, Bidirectional):
         raise TypeError(f"layer: expected js.Bidirectional, got {type(layer).__name__}")
-    if not isinstance(params, BidirectionalParams):
-        raise TypeError(f"params: expected BidirectionalParams, got {type(params).__name__}")
-    if carry is None:
-        carry = BidirectionalCarry(None, None)
-    elif not isinstance(carry, BidirectionalCarry):
-        raise TypeError(f"carry: expected BidirectionalCarry, got {type(carry).__name__}")
-    kw = dict(lengths=lengths, reset=reset, unroll=unroll)
-    cf, yf = rollout(layer.forward, params.forward, xs, carry.forward, **kw)
-    cb, yb = rollout(layer.backward, params.backward, xs, carry.backward, reverse=True, **kw)
-    return BidirectionalCarry(cf, cb), jnp.concatenate([yf, yb], axis=-1)
-
-
-def _layer_rollout(layer, params, xs, carry, **kw):
-    if isinstance(layer, Bidirectional):
-        return bidirectional_rollout(layer, params, xs, carry, **kw)
-    return rollout(layer, params, xs, carry, **kw)
+    return layer.rollout(
+        params,
+        xs,
+        carry,
+        lengths=lengths,
+        reset=reset,
+        reverse=reverse,
+        unroll=unroll,
+        kernel=kernel,
+        checkpoint_every=checkpoint_every,
+        key=key,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,13 +204,23 @@ class Stack:
     """Layers run one after another over the whole sequence (a deep RNN).
 
     Args:
-      layers: cells and/or :class:`Bidirectional` layers, bottom first.
+      layers: cells and/or sequence layers (:class:`Bidirectional`, user
+        layers), bottom first.
       residual: add each layer's input to its output from the second layer on
         (sizes must agree there).
       dropout_rate: dropout on the outputs of every layer but the last, applied
-        only when :func:`stacked_rollout` gets a ``key``.
+        only when the rollout gets a ``key``.
       variational_dropout: one dropout mask per sequence, shared by all time steps
         (Gal and Ghahramani 2016), instead of a fresh mask at every step.
+
+    Params: a tuple of the layers' params; carry: a tuple of their carries.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> stack = js.Stack([js.LSTM(4), js.Bidirectional(js.GRU(2))], dropout_rate=0.1)
+    >>> params = stack.init(jax.random.key(0), input_size=3)
+    >>> carries, ys = js.rollout(stack, params, jnp.ones((5, 2, 3)), key=jax.random.key(1))
+    >>> ys.shape, len(carries), stack.output_size
+    ((5, 2, 4), 2, 4)
     """
 
     layers: tuple
@@ -135,9 +245,11 @@ class Stack:
 
     @property
     def output_size(self) -> int:
+        """The last layer's output size."""
         return self.layers[-1].output_size
 
     def init(self, key, input_size: int, dtype=jnp.float32) -> tuple:
+        """Params of every layer, bottom first, for inputs ``[..., D]``, ``D = input_size``."""
         _checks.check_key("key", key)
         params, d = [], input_size
         for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
@@ -146,45 +258,113 @@ class Stack:
         return tuple(params)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> tuple:
+        """Zero carries of every layer for batch ``*B = batch_shape``."""
         return tuple(layer.initial_carry(batch_shape, dtype) for layer in self.layers)
+
+    def rollout(
+        self,
+        params,
+        xs,
+        carry=None,
+        *,
+        lengths=None,
+        reset=None,
+        reverse=False,
+        unroll="auto",
+        kernel="auto",
+        checkpoint_every=None,
+        key=None,
+    ):
+        """Every layer in turn over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout`.
+
+        ``lengths``/``reset`` apply to every layer; ``reverse=True`` reverses every
+        layer (a :class:`Bidirectional` swaps its directions); ``unroll``,
+        ``kernel`` and ``checkpoint_every`` go to every layer. Dropout between
+        layers is on only when ``key`` is given; each layer also gets a key of
+        its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
+
+        Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
+        last layer's outputs ``[T, *B, H_last]``.
+        """
+        n = len(self.layers)
+        if not isinstance(params, tuple | list) or len(params) != n:
+            raise ValueError(
+                f"params: expected a tuple of {n} layer params, got {type(params).__name__}"
+            )
+        if carry is None:
+            carry = (None,) * n
+        elif not isinstance(carry, tuple | list) or len(carry) != n:
+            raise ValueError(
+                f"carry: expected a tuple of {n} layer carries, got {type(carry).__name__}"
+            )
+        if key is not None:
+            _checks.check_key("key", key)
+        use_dropout = key is not None and self.dropout_rate > 0.0
+        if use_dropout:
+            keys = jax.random.split(key, max(n - 1, 1))
+        kw = dict(
+            lengths=lengths,
+            reset=reset,
+            reverse=reverse,
+            unroll=unroll,
+            kernel=kernel,
+            checkpoint_every=checkpoint_every,
+        )
+        carries, h = [], xs
+        for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):
+            k_layer = None if key is None else jax.random.fold_in(key, i)
+            c, y = rollout(layer, p, h, c, key=k_layer, **kw)
+            if self.residual and i > 0:
+                y = y + h.astype(y.dtype)
+            if use_dropout and i < n - 1:
+                y = dropout(keys[i], y, self.dropout_rate, shared_axes=_time_axes(self))
+            carries.append(c)
+            h = y
+        return tuple(carries), h
 
 
 def stacked_rollout(
-    stack: Stack, params, xs, carry=None, *, lengths=None, reset=None, key=None, unroll=1
+    stack: Stack,
+    params,
+    xs,
+    carry=None,
+    *,
+    lengths=None,
+    reset=None,
+    reverse=False,
+    unroll="auto",
+    kernel="auto",
+    checkpoint_every=None,
+    key=None,
 ):
-    """Runs a :class:`Stack` over ``xs: [T, *B, D]``.
+    """``stack.rollout(...)`` for a :class:`Stack` (same arguments and defaults).
+
+    Prefer ``js.rollout(stack, ...)``, which runs any layer.
 
     Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
-    last layer's outputs ``[T, *B, H_last]``. ``lengths``/``reset`` apply to every
-    layer. Dropout between layers is on only when ``key`` is given.
+    last layer's outputs ``[T, *B, H_last]``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> stack = js.Stack([js.GRU(3), js.GRU(3)], residual=True)
+    >>> params = stack.init(jax.random.key(0), 2)
+    >>> carries, ys = js.stacked_rollout(stack, params, jnp.ones((4, 2, 2)))
+    >>> ys.shape, carries[1].h.shape
+    ((4, 2, 3), (2, 3))
     """
     if not isinstance(stack, Stack):
         raise TypeError(f"stack: expected js.Stack, got {type(stack).__name__}")
-    n = len(stack.layers)
-    if not isinstance(params, tuple | list) or len(params) != n:
-        raise ValueError(
-            f"params: expected a tuple of {n} layer params, got {type(params).__name__}"
-        )
-    if carry is None:
-        carry = (None,) * n
-    elif not isinstance(carry, tuple | list) or len(carry) != n:
-        raise ValueError(
-            f"carry: expected a tuple of {n} layer carries, got {type(carry).__name__}"
-        )
-    use_dropout = key is not None and stack.dropout_rate > 0.0
-    if use_dropout:
-        _checks.check_key("key", key)
-        keys = jax.random.split(key, max(n - 1, 1))
-    carries, h = [], xs
-    for i, (layer, p, c) in enumerate(zip(stack.layers, params, carry)):
-        c, y = _layer_rollout(layer, p, h, c, lengths=lengths, reset=reset, unroll=unroll)
-        if stack.residual and i > 0:
-            y = y + h.astype(y.dtype)
-        if use_dropout and i < n - 1:
-            y = dropout(keys[i], y, stack.dropout_rate, shared_axes=_time_axes(stack))
-        carries.append(c)
-        h = y
-    return tuple(carries), h
+    return stack.rollout(
+        params,
+        xs,
+        carry,
+        lengths=lengths,
+        reset=reset,
+        reverse=reverse,
+        unroll=unroll,
+        kernel=kernel,
+        checkpoint_every=checkpoint_every,
+        key=key,
+    )
 
 
 def _time_axes(module) -> tuple:

@@ -18,6 +18,11 @@ Semantics shared by :func:`rollout` and :func:`rollout_unrolled`:
   order, so a bidirectional layer is correct under padding. Episode boundaries
   keep their forward-time meaning: the backward carry is reset when it crosses
   from step ``t`` to ``t - 1`` where ``reset[t]`` is set.
+
+:func:`rollout` runs cells and every sequence layer (an object with a
+``rollout`` method, see :class:`jaxseq.protocols.SequenceLayer`) with the same
+arguments and defaults; :func:`rollout_unrolled` is the cell-only reference.
+Masks from ``lengths`` come from :func:`jaxseq.masks.lengths_to_mask`.
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
-from jaxseq.recurrent import kernels
+from jaxseq.masks import lengths_to_mask
+from jaxseq.recurrent import dispatch, kernels
 
 __all__ = [
     "rollout",
@@ -39,14 +45,28 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _prepare(cell, params, xs, carry, lengths, reset):
-    """Validates the rollout arguments; returns (xs, batch_shape, T, carry, lengths, reset)."""
+def _is_layer(layer) -> bool:
+    """A :class:`~jaxseq.protocols.SequenceLayer`: runs itself through ``rollout``."""
+    return callable(getattr(layer, "rollout", None))
+
+
+def _check_cell(cell, name: str, layers_too: bool) -> None:
     for method in ("init", "initial_carry", "step"):
         if not callable(getattr(cell, method, None)):
+            if layers_too:
+                raise TypeError(
+                    f"{name}: expected a cell (init/initial_carry/step methods) or a sequence "
+                    f"layer (a rollout method), got {type(cell).__name__} without "
+                    f"'{method}' or 'rollout'"
+                )
             raise TypeError(
-                f"cell: expected a cell with init/initial_carry/step methods, "
+                f"{name}: expected a cell with init/initial_carry/step methods, "
                 f"got {type(cell).__name__} without '{method}'"
             )
+
+
+def _prepare(cell, params, xs, carry, lengths, reset):
+    """Validates the rollout arguments; returns (xs, batch_shape, T, carry, lengths, reset)."""
     if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
         raise TypeError(f"xs: expected an array [T, *B, D], got {type(xs).__name__}")
     _checks.check_floating("xs", xs)
@@ -95,18 +115,38 @@ def _select(mask, new, old):
     return jax.tree_util.tree_map(lambda n, o: jnp.where(_expand(mask, n), n, o), new, old)
 
 
+def valid_steps(lengths, t: int):
+    """``bool[T, *B]``: ``mask[t, b] = t < lengths[b]`` (time-major; ``T`` may be 0).
+
+    >>> import jax.numpy as jnp
+    >>> valid_steps(jnp.array([1, 3]), 3).astype(int)
+    Array([[1, 1],
+           [0, 1],
+           [0, 1]], dtype=int32)
+    """
+    if t == 0:
+        return jnp.zeros((0, *jnp.shape(lengths)), bool)
+    return lengths_to_mask(lengths, t)
+
+
 def processing_resets(reset, lengths, reverse: bool):
     """Reset flags in processing order: ``out[t]`` resets the carry before step ``t``.
 
     Flags at padded steps are dropped; in reverse, the flag of step ``t`` resets
     the carry before step ``t - 1`` (the episode boundary keeps its forward meaning).
+    ``reset: bool[T, *B]``, ``lengths: int[*B]`` or None.
+
+    >>> import jax.numpy as jnp
+    >>> reset = jnp.array([[False], [True], [True]])
+    >>> processing_resets(reset, jnp.array([2]), reverse=False)[:, 0].tolist()
+    [False, True, False]
+    >>> processing_resets(reset, None, reverse=True)[:, 0].tolist()
+    [True, True, False]
     """
     if reset is None:
         return None
     if lengths is not None:
-        t = reset.shape[0]
-        steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-        reset = reset & (steps < lengths[None])
+        reset = reset & valid_steps(lengths, reset.shape[0])
     if reverse:
         reset = jnp.concatenate([reset[1:], jnp.zeros_like(reset[:1])], axis=0)
     return reset
@@ -115,13 +155,16 @@ def processing_resets(reset, lengths, reverse: bool):
 def resolve_unroll(unroll, t: int, work: int | None = None) -> int:
     """Turns the ``unroll`` argument into a positive int for ``lax.scan``.
 
-    ``"auto"`` asks :func:`jaxseq.kernels.auto_unroll` (``work``: multiply-adds
-    of one step's recurrent matmul, when known).
+    ``"auto"`` asks :func:`~jaxseq.recurrent.dispatch.auto_unroll` (``work``: multiply-adds
+    of one step's recurrent matmul, when known); ``True`` unrolls all ``T`` steps.
+
+    >>> resolve_unroll(True, 7), resolve_unroll(2, 7)
+    (7, 2)
     """
     if unroll is True:
         return max(t, 1)
     if isinstance(unroll, str) and unroll == "auto":
-        return kernels.auto_unroll(t, work)
+        return dispatch.auto_unroll(t, work)
     if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer) or unroll < 1:
         raise ValueError(f"unroll: expected a positive int, True or 'auto', got {unroll!r}")
     return int(unroll)
@@ -155,7 +198,7 @@ def _make_step(cell, params, lengths, hoisted: bool):
 
 
 def rollout(
-    cell,
+    layer,
     params,
     xs,
     carry=None,
@@ -166,27 +209,40 @@ def rollout(
     unroll="auto",
     kernel="auto",
     checkpoint_every=None,
+    key=None,
 ):
-    """Runs ``cell`` over ``xs``: a fused kernel for built-in cells, ``lax.scan`` otherwise.
+    """Runs any sequence layer over ``xs: [T, *B, D] -> ys: [T, *B, H]`` (time-major).
+
+    ``layer`` is either
+
+    * a :class:`~jaxseq.protocols.SequenceLayer` (an object with a ``rollout``
+      method: ``js.Bidirectional``, ``js.Stack``, a user layer): this calls
+      ``layer.rollout(params, xs, carry, lengths=..., reset=..., reverse=...,
+      unroll=..., kernel=..., checkpoint_every=..., key=...)`` with the defaults
+      below, so every layer runs with the same defaults; or
+    * a :class:`~jaxseq.protocols.Cell` (``init``/``initial_carry``/``step``):
+      a fused kernel for cells whose exact type registered one (``RNN``,
+      ``LSTM``, ``GRU``; see :mod:`jaxseq.recurrent.dispatch`), ``lax.scan``
+      otherwise. Cells that also have ``project``/``recur``
+      (:class:`~jaxseq.protocols.HoistableCell`) get their input projection
+      hoisted out of the loop: one ``[T*B, D] x [D, G*H]`` matmul before the scan.
 
     Args:
-      cell: a cell (``js.RNN``/``js.LSTM``/``js.GRU`` or any object with
-        ``init``/``initial_carry``/``step``). Cells that also have
-        ``project``/``recur`` get their input projection hoisted out of the
-        loop: one ``[T*B, D] x [D, G*H]`` matmul before the scan.
-      params: the cell's parameters.
+      layer: the cell or sequence layer.
+      params: its parameters.
       xs: ``[T, *B, D]`` floating inputs, time-major.
       carry: initial carry for batch ``*B``; zeros when None.
       lengths: optional ``int[*B]`` valid lengths (see module docstring).
       reset: optional ``bool[T, *B]`` episode starts (see module docstring).
       reverse: run backwards over each sequence's valid part; outputs stay in
-        original time order.
+        original time order. For ``js.Bidirectional`` it swaps the directions,
+        for ``js.Stack`` every layer is reversed (see their ``rollout``).
       unroll: ``lax.scan`` unroll factor: a positive int, ``True`` (fully), or
         ``"auto"`` (default; chosen from the shape and backend by
-        :func:`jaxseq.kernels.auto_unroll`).
-      kernel: ``"auto"`` (default): the fused kernel of :mod:`jaxseq.kernels`
+        :func:`~jaxseq.recurrent.dispatch.auto_unroll`).
+      kernel: ``"auto"`` (default): the fused kernel of :mod:`jaxseq.recurrent.kernels`
         (hoisted projection, custom VJP with one-matmul weight gradients) for
-        cells whose type is exactly ``RNN``/``LSTM``/``GRU``, except under
+        cells whose exact type has a registered rule, except under
         forward-mode autodiff (``jax.jvp``), which gets the scan path. The
         dtype does not change the choice: float64 operands take the fused
         kernel too, which then accumulates in float64;
@@ -198,37 +254,52 @@ def rollout(
         steps), so the memory saved for the backward drops about ``k``-fold
         (the outputs and inputs themselves stay) for about one more forward
         pass of compute. ``T`` need not be a multiple of ``k``.
+      key: optional PRNG key, keyword-only and last, for layers with randomness
+        (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
+        still checked to be a key), so generic code may pass a key to any layer.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]``; zeros at padded steps.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.GRU(4)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> carry, ys = js.rollout(cell, params, jnp.ones((5, 2, 3)), lengths=jnp.array([5, 2]))
+    >>> ys.shape, carry.h.shape, bool(jnp.all(ys[2:, 1] == 0))
+    ((5, 2, 4), (2, 4), True)
     """
-    xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
-    _checks.check_choice("kernel", kernel, kernels.KERNELS)
-    k = _check_checkpoint_every(checkpoint_every)
-    fused_ok = kernels.supports_fused(cell)
-    if kernel == "fused" and not fused_ok:
-        raise ValueError(
-            f"kernel: 'fused' needs a cell of type RNN, LSTM or GRU, got {type(cell).__name__}; "
-            "use kernel='auto' or 'scan'"
+    if _is_layer(layer):
+        return layer.rollout(
+            params,
+            xs,
+            carry,
+            lengths=lengths,
+            reset=reset,
+            reverse=reverse,
+            unroll=unroll,
+            kernel=kernel,
+            checkpoint_every=checkpoint_every,
+            key=key,
         )
-    use_fused = kernel == "fused" or (
-        kernel == "auto" and fused_ok and not kernels.under_forward_mode(params, xs, carry)
-    )
-    work = kernels.step_work(cell, batch_shape) if fused_ok else None
+    cell = layer
+    _check_cell(cell, "layer", layers_too=True)
+    if key is not None:
+        _checks.check_key("key", key)
+    xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
+    _checks.check_choice("kernel", kernel, dispatch.KERNELS)
+    k = _check_checkpoint_every(checkpoint_every)
+    use_fused = dispatch.choose_fused(kernel, cell, params, xs, carry)
+    work = dispatch.step_work(cell, batch_shape) if dispatch.supports_fused(cell) else None
     n_unroll = resolve_unroll(unroll, t, work)
     reset_p = processing_resets(reset, lengths, reverse)
 
     if use_fused:
-        valid = None
-        if lengths is not None:
-            steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-            valid = steps < lengths[None]
         return kernels.fused_rollout(
             cell,
             params,
             xs,
             carry,
-            valid=valid,
+            valid=None if lengths is None else valid_steps(lengths, t),
             reset=reset_p,
             reverse=reverse,
             unroll=n_unroll,
@@ -281,8 +352,18 @@ def rollout_unrolled(cell, params, xs, carry=None, *, lengths=None, reset=None, 
 
     The reference implementation (and the "unrolled" contender in the
     benchmarks): under ``jit`` it traces ``T`` copies of the step, so compile
-    time grows with ``T``.
+    time grows with ``T``. Cells only: ``xs: [T, *B, D] -> ys: [T, *B, H]``.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.RNN(4)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> xs = jax.random.normal(jax.random.key(1), (5, 2, 3))
+    >>> _, ys = js.rollout_unrolled(cell, params, xs, reverse=True)
+    >>> _, want = js.rollout(cell, params, xs, reverse=True)
+    >>> ys.shape, bool(jnp.allclose(ys, want, atol=1e-6))
+    ((5, 2, 4), True)
     """
+    _check_cell(cell, "cell", layers_too=False)
     xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
     reset_p = processing_resets(reset, lengths, reverse)
     zero_carry = jax.tree_util.tree_map(jnp.zeros_like, carry)

@@ -1,0 +1,206 @@
+"""The contracts the library is built on, written down as ``typing.Protocol`` s.
+
+Three shapes of object carry the whole library (the way optax states
+``GradientTransformation``):
+
+* :class:`Cell`: one recurrent step, ``step(params, carry, x) -> (carry, y)``,
+  plus ``init``/``initial_carry``/``output_size``. Every built-in cell
+  (``js.RNN``, ``js.LSTM``, ``js.GRU``) is one; so is any user object with these
+  members, and :func:`jaxseq.rollout` scans it.
+* :class:`HoistableCell`: a cell whose step splits into ``project`` (the input
+  projection, run for all steps at once) and ``recur`` (the recurrent part):
+  :func:`jaxseq.rollout` then hoists the projection out of the time loop.
+* :class:`SequenceLayer`: anything that runs over a whole sequence through its
+  own ``rollout`` method (``js.Bidirectional``, ``js.Stack``, user layers such as
+  a parallel linear recurrence). :func:`jaxseq.rollout` calls that method with
+  its own defaults, so every layer is run the same way.
+* :class:`LossFn`: the training contract, ``loss_fn(params, carry, batch, key) ->
+  (loss, (carry, metrics))``.
+
+Invariants every implementation keeps: functions are pure (no state outside
+the arguments); params and carries are pytrees of arrays (NamedTuples for the
+built-ins); sequences are time-major ``[T, *B, ...]`` (``T`` time, ``B`` any
+number of batch dims, ``D`` input size, ``H`` output/hidden size); the order is
+always ``(params, carry, x) -> (carry, y)``, the order ``jax.lax.scan`` uses.
+
+The protocols are ``runtime_checkable``: ``isinstance`` checks that the members
+exist (not their signatures).
+
+>>> import jaxseq as js
+>>> isinstance(js.LSTM(4), Cell), isinstance(js.LSTM(4), HoistableCell)
+(True, True)
+>>> isinstance(js.Stack([js.GRU(4)]), SequenceLayer), isinstance(js.GRU(4), SequenceLayer)
+(True, False)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "Cell",
+    "HoistableCell",
+    "LossFn",
+    "SequenceLayer",
+]
+
+Params = Any  # a pytree of arrays
+Carry = Any  # a pytree of arrays, leaves [*B, ...]
+
+
+@runtime_checkable
+class Cell(Protocol):
+    """One recurrent step over a parameter pytree: ``x: [*B, D] -> y: [*B, H]``.
+
+    Members:
+      init(key, input_size, dtype=float32) -> params: fresh parameters for
+        inputs of size ``D``; ``key`` first, as every function whose job is
+        randomness.
+      initial_carry(batch_shape=(), dtype=float32) -> carry: the zero carry,
+        leaves ``[*batch_shape, ...]``; a reset sets the carry back to it.
+      step(params, carry, x) -> (carry, y): one step, ``x: [*B, D]``,
+        ``y: [*B, H]``; pure, with any number of leading batch dims (none under
+        ``jax.vmap``).
+      output_size: ``H``, the last dim of ``y``.
+
+    :func:`jaxseq.rollout` runs a cell with ``lax.scan`` (lengths, resets,
+    reverse and rematerialisation handled around the step). Optional members
+    (see :class:`HoistableCell`) let it hoist the input projection; a fused
+    kernel runs only for cell types that registered one
+    (:func:`jaxseq.recurrent.dispatch.register_fused_rule`).
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> class Leaky:  # a user cell: h' = 0.5 h + tanh(x W)
+    ...     output_size = 3
+    ...     def init(self, key, input_size, dtype=jnp.float32):
+    ...         return jax.random.normal(key, (input_size, 3), dtype)
+    ...     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+    ...         return jnp.zeros((*batch_shape, 3), dtype)
+    ...     def step(self, params, carry, x):
+    ...         h = 0.5 * carry + jnp.tanh(x @ params)
+    ...         return h, h
+    >>> isinstance(Leaky(), Cell)
+    True
+    >>> cell = Leaky()
+    >>> carry, ys = js.rollout(cell, cell.init(jax.random.key(0), 2), jnp.ones((5, 4, 2)))
+    >>> carry.shape, ys.shape
+    ((4, 3), (5, 4, 3))
+    """
+
+    @property
+    def output_size(self) -> int: ...
+
+    def init(self, key, input_size: int, dtype=...) -> Params: ...
+
+    def initial_carry(self, batch_shape=(), dtype=...) -> Carry: ...
+
+    def step(self, params: Params, carry: Carry, x) -> tuple[Carry, Any]: ...
+
+
+@runtime_checkable
+class HoistableCell(Cell, Protocol):
+    """A :class:`Cell` whose step is ``recur(params, carry, project(params, x))``.
+
+    Members (beyond :class:`Cell`'s):
+      project(params, xs) -> xp: the input projection on any leading shape,
+        ``[..., D] -> [..., P]`` (for the built-ins ``P = G*H``, G gates); a
+        rollout calls it once on ``xs: [T, *B, D]`` (one big matmul).
+      recur(params, carry, xp_t) -> (carry, y): the rest of the step,
+        ``xp_t: [*B, P]``.
+
+    >>> import jaxseq as js
+    >>> isinstance(js.GRU(4), HoistableCell)
+    True
+    """
+
+    def project(self, params: Params, xs) -> Any: ...
+
+    def recur(self, params: Params, carry: Carry, xp) -> tuple[Carry, Any]: ...
+
+
+@runtime_checkable
+class SequenceLayer(Protocol):
+    """Anything :func:`jaxseq.rollout` runs over a whole sequence through its own method.
+
+    Members:
+      init(key, input_size, dtype=float32) -> params.
+      initial_carry(batch_shape=(), dtype=float32) -> carry.
+      output_size: ``H``, the last dim of the outputs.
+      rollout(params, xs, carry=None, *, lengths=None, reset=None, reverse=False,
+        unroll="auto", kernel="auto", checkpoint_every=None, key=None)
+        -> (carry, ys): ``xs: [T, *B, D] -> ys: [T, *B, H]``, time-major, with
+        the semantics of :func:`jaxseq.rollout` (``lengths: int[*B]`` right
+        padding with zero outputs at padded steps, ``reset: bool[T, *B]``
+        episode starts, ``reverse`` processing from the end of each sequence's
+        valid part, outputs in the original time order). ``unroll``, ``kernel``
+        and ``checkpoint_every`` are passed on to the cells inside; ``key`` is
+        the layer's randomness (dropout), ``None`` for a deterministic run.
+        :func:`jaxseq.rollout` always passes every argument by keyword, after
+        ``params, xs, carry``.
+
+    Cells take the same path through :func:`jaxseq.rollout`'s cell branch, so
+    generic code calls ``js.rollout(layer, ...)`` for either.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> layer = js.Bidirectional(js.GRU(3))
+    >>> isinstance(layer, SequenceLayer)
+    True
+    >>> params = layer.init(jax.random.key(0), 2)
+    >>> carry, ys = js.rollout(layer, params, jnp.ones((5, 4, 2)))
+    >>> ys.shape
+    (5, 4, 6)
+    """
+
+    @property
+    def output_size(self) -> int: ...
+
+    def init(self, key, input_size: int, dtype=...) -> Params: ...
+
+    def initial_carry(self, batch_shape=(), dtype=...) -> Carry: ...
+
+    def rollout(
+        self,
+        params: Params,
+        xs,
+        carry: Carry = None,
+        *,
+        lengths=None,
+        reset=None,
+        reverse: bool = False,
+        unroll: int | bool | str = "auto",
+        kernel: str = "auto",
+        checkpoint_every: int | None = None,
+        key=None,
+    ) -> tuple[Carry, Any]: ...
+
+
+@runtime_checkable
+class LossFn(Protocol):
+    """The training contract: ``loss_fn(params, carry, batch, key) -> (loss, (carry, metrics))``.
+
+    * ``params``: the model's parameter pytree (what the optimizer updates).
+    * ``carry``: the recurrent state entering this batch (``None`` for tasks
+      without one); the returned carry is passed to the next chunk of truncated
+      BPTT, after ``jax.lax.stop_gradient``.
+    * ``batch``: any pytree of arrays (time-major sequences ``[T, *B, ...]``).
+    * ``key``: a PRNG key for dropout, or ``None`` for evaluation.
+    * ``loss``: a float32 scalar, differentiated with respect to ``params``;
+      ``metrics``: a dict of scalars for logging.
+
+    Any function of that signature is one (``isinstance`` only checks that it is
+    callable).
+
+    >>> import jax.numpy as jnp
+    >>> def loss_fn(params, carry, batch, key):
+    ...     loss = jnp.mean((batch["x"] * params) ** 2)
+    ...     return loss, (carry, {"loss": loss})
+    >>> isinstance(loss_fn, LossFn)
+    True
+    >>> loss, (carry, metrics) = loss_fn(2.0, None, {"x": jnp.ones(3)}, None)
+    >>> float(loss), carry
+    (4.0, None)
+    """
+
+    def __call__(
+        self, params: Params, carry: Carry, batch: Any, key: Any
+    ) -> tuple[Any, tuple[Carry, dict]]: ...
