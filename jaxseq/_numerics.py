@@ -31,6 +31,20 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     )
 
 
+def masked_softmax(scores: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of float32 ``scores``; ``mask`` (bool, True = keep,
+    broadcast to ``scores``) selects the entries: masked ones are exactly 0 and a fully
+    masked row is all 0 (never NaN), in values and gradients.
+
+    >>> masked_softmax(jnp.zeros((2, 2)), jnp.array([[True, True], [False, False]])).tolist()
+    [[0.5, 0.5], [0.0, 0.0]]
+    """
+    if mask is None:
+        return jax.nn.softmax(scores, axis=-1)
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+
+
 def add_bias(z: jax.Array, b: jax.Array) -> jax.Array:
     """``z + b`` with ``b: [O]`` broadcast explicitly over the leading dims of ``z: [..., O]``.
 

@@ -39,28 +39,6 @@ def _assert_bf16_close(out, want, v):
     np.testing.assert_allclose(got, want / vmax, rtol=2**-8, atol=2**-8)
 
 
-# -- masks ----------------------------------------------------------------------------
-
-
-def test_mask_helpers():
-    np.testing.assert_array_equal(
-        js.causal_mask(3), np.array([[1, 0, 0], [1, 1, 0], [1, 1, 1]], bool)
-    )
-    assert js.causal_mask(2, 4).shape == (2, 4)
-    np.testing.assert_array_equal(
-        js.masks.length_mask(jnp.array([0, 2]), 3), np.array([[0, 0, 0], [1, 1, 0]], bool)
-    )
-    pm = js.masks.padding_mask(jnp.array(1), jnp.array(2), 2, 3)
-    np.testing.assert_array_equal(pm, np.array([[1, 1, 0], [0, 0, 0]], bool))
-    pm2 = js.masks.padding_mask(None, jnp.array([1, 3]), 2, 3)
-    assert pm2.shape == (2, 2, 3) and bool(pm2[1].all()) and int(pm2[0].sum()) == 2
-    both = js.masks.combine_masks(js.causal_mask(3), None, jnp.ones((3, 3), bool))
-    np.testing.assert_array_equal(both, js.causal_mask(3))
-    assert js.masks.combine_masks(None) is None
-    with pytest.raises(ValueError, match=r"expected shape \[3, 3\], got bool\[3, 2\]"):
-        js.masks.combine_masks(js.causal_mask(3), jnp.ones((3, 2), bool))
-
-
 # -- dense attention ------------------------------------------------------------------
 
 
@@ -469,7 +447,7 @@ def test_additive_attention_matches_numpy_and_masks(key):
     p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
     p = npm.perturb(p, seed=2)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
-    ctx, w = js.additive_attention(p, qv, keys, vals, length=jnp.array(4))
+    ctx, w = js.additive_attention(p, qv, keys, vals, lengths=jnp.array(4))
     want_ctx, want_w = npm.additive_attention(p, qv, keys, vals, length=4)
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[4:], 0.0)
@@ -477,15 +455,15 @@ def test_additive_attention_matches_numpy_and_masks(key):
     # precomputed keys and several queries at once
     pk = att.additive_attention_keys(p, keys)
     ctx2, w2 = js.additive_attention(
-        p, jnp.stack([qv, qv]), keys, vals, length=jnp.array(4), projected_keys=pk
+        p, jnp.stack([qv, qv]), keys, vals, lengths=jnp.array(4), projected_keys=pk
     )
     np.testing.assert_allclose(w2[1], w, rtol=1e-6)
     np.testing.assert_allclose(ctx2[0], ctx, rtol=1e-6)
     # empty source: zeros, finite grads
-    c0, w0 = js.additive_attention(p, qv, keys, vals, length=jnp.array(0))
+    c0, w0 = js.additive_attention(p, qv, keys, vals, lengths=jnp.array(0))
     np.testing.assert_array_equal(w0, 0.0)
     np.testing.assert_array_equal(c0, 0.0)
-    g = jax.grad(lambda q: js.additive_attention(p, q, keys, length=jnp.array(0))[0].sum())(qv)
+    g = jax.grad(lambda q: js.additive_attention(p, q, keys, lengths=jnp.array(0))[0].sum())(qv)
     np.testing.assert_array_equal(g, 0.0)
     with pytest.raises(ValueError, match=r"query: expected shape \[3\], got float32\[4\]"):
         js.additive_attention(p, jnp.zeros(4), keys)
@@ -499,7 +477,7 @@ def test_additive_attention_matches_numpy_and_masks(key):
 def test_luong_attention(key, score):
     p = js.luong_attention_init(key, 4, 4, score=score)
     qv, keys = _rand(jax.random.key(1), (4,), (5, 4))
-    ctx, w = js.luong_attention(p, qv, keys, length=jnp.array(3))
+    ctx, w = js.luong_attention(p, qv, keys, lengths=jnp.array(3))
     want_ctx, want_w = npm.luong_attention(p, qv, keys, length=3)
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[3:], 0.0)
@@ -507,7 +485,7 @@ def test_luong_attention(key, score):
     # batched decoder step via vmap over (query, keys, length)
     qb, kb = _rand(jax.random.key(2), (2, 4), (2, 5, 4))
     lens = jnp.array([5, 2])
-    cb, wb = jax.vmap(lambda q, k, n: js.luong_attention(p, q, k, length=n))(qb, kb, lens)
+    cb, wb = jax.vmap(lambda q, k, n: js.luong_attention(p, q, k, lengths=n))(qb, kb, lens)
     for i in range(2):
         c1, w1 = npm.luong_attention(p, qb[i], kb[i], length=lens[i])
         np.testing.assert_allclose(wb[i], w1, rtol=1e-5, atol=1e-7)
@@ -719,6 +697,33 @@ def test_qkv_errors_name_the_argument_and_layout():
         args[i] = jnp.zeros((1, 3, 4))
         with pytest.raises(ValueError, match=rf"^{name}: expected rank 2 {re.escape(layout)}"):
             js.dot_product_attention(*args)
+
+
+def test_mask_and_bias_shapes_are_checked_by_one_rule(key):
+    """Batched and multi-head attention take a mask/bias shared by the heads or per head,
+    and both name the argument with the two accepted shapes when given anything else."""
+    q, k, v = _rand(key, (2, 3, 4, 8), (2, 5, 4, 8), (2, 5, 4, 6))
+    bad = jnp.ones((2, 3, 3, 5), bool)
+    with pytest.raises(
+        ValueError,
+        match=r"^mask: expected shape \[2, Tq=3, Tk=5\] or \[2, K=4, Tq=3, Tk=5\], "
+        r"got bool\[2, 3, 3, 5\]",
+    ):
+        js.batched_dot_product_attention(q, k, v, mask=bad)
+    with pytest.raises(ValueError, match=r"^bias: expected shape \[2, Tq=3, Tk=5\] or"):
+        js.batched_dot_product_attention(q, k, v, bias=jnp.zeros((2, 5, 3)))
+    p = js.multi_head_attention_init(key, 8, num_heads=4, key_size=2)
+    x = jnp.ones((3, 8))
+    with pytest.raises(
+        ValueError, match=r"^bias: expected shape \[Tq=3, Tk=3\] or \[K=4, Tq=3, Tk=3\]"
+    ):
+        js.multi_head_attention(p, x, bias=jnp.zeros((2, 3, 3)))
+    # a per-head mask that masks head h's key h equals masking that key by hand
+    per_head = jnp.ones((4, 3, 3), bool).at[jnp.arange(3), :, jnp.arange(3)].set(False)
+    _, w = js.multi_head_attention(p, x, mask=per_head, return_weights=True)
+    for h in range(3):
+        np.testing.assert_array_equal(w[h, :, h], 0.0)
+        np.testing.assert_allclose(w[h].sum(-1), 1.0, rtol=1e-6)
 
 
 def test_more_errors_name_the_argument():

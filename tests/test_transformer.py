@@ -58,8 +58,8 @@ def test_block_matches_reference(random_block, case):
     x = jax.random.normal(jax.random.key(6), (9, 16))
     kw, rkw = {}, {}
     if case == "length":
-        kw = rkw = dict(length=6, causal=False)
-        kw = dict(kw, length=jnp.array(6))
+        rkw = dict(length=6, causal=False)
+        kw = dict(lengths=jnp.array(6), causal=False)
     elif case == "mask":
         mask = np.random.default_rng(7).random((9, 9)) < 0.5
         mask[:, 0] = True
@@ -94,8 +94,8 @@ def test_block_vmap_time_major_length_dropout_blockwise(block):
     # non-causal: every valid output ignores the padding)
     x = xs[:, 0]
     x_pad = x.at[5:].set(50.0)
-    a = js.transformer_block(block, x, length=jnp.array(5), causal=False)
-    b_ = js.transformer_block(block, x_pad, length=jnp.array(5), causal=False)
+    a = js.transformer_block(block, x, lengths=jnp.array(5), causal=False)
+    b_ = js.transformer_block(block, x_pad, lengths=jnp.array(5), causal=False)
     np.testing.assert_allclose(a[:5], b_[:5], atol=1e-5)
     # blockwise attention path equals the dense one
     np.testing.assert_allclose(js.transformer_block(block, x, blockwise=True), ys[:, 0], atol=1e-5)
@@ -114,7 +114,7 @@ def test_block_errors(key):
         js.transformer_block(p, jnp.zeros((3, 6)))
     with pytest.raises(ValueError, match=r"x: expected rank 2"):
         js.transformer_block(p, jnp.zeros((2, 3, 8)))
-    with pytest.raises(ValueError, match=r"num_heads: expected a divisor of dim=8, got 3"):
+    with pytest.raises(ValueError, match=r"num_heads: expected a divisor of input_size=8, got 3"):
         js.transformer_block_init(key, 8, num_heads=3)
 
 

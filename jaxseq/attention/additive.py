@@ -12,8 +12,9 @@ from jax import lax
 
 from jaxseq import _checks
 from jaxseq import initializers as inits
-from jaxseq._numerics import add_bias, matmul_f32
-from jaxseq.masks import combine_masks
+from jaxseq._numerics import add_bias, masked_softmax, matmul_f32
+from jaxseq.attention.dot_product import _weighted_values
+from jaxseq.masks import combine_masks, length_mask
 
 __all__ = [
     "AdditiveAttentionParams",
@@ -26,15 +27,7 @@ __all__ = [
 ]
 
 
-def _masked_softmax(scores, mask):
-    """float32 softmax over the last axis; masked entries 0, fully masked rows all 0."""
-    if mask is None:
-        return jax.nn.softmax(scores, axis=-1)
-    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    return jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-
-
-def _encoder_args(query, keys, values, length, mask):
+def _encoder_args(query, keys, values, lengths, mask):
     if not hasattr(query, "shape") or not hasattr(keys, "shape"):
         raise TypeError("query, keys: expected arrays")
     _checks.check_floating("query", query)
@@ -51,29 +44,21 @@ def _encoder_args(query, keys, values, length, mask):
         _checks.check_floating("values", values)
         _checks.check_ndim("values", values, 2, "[Tk, Dv]")
         _checks.check_shape("values", values, (tk, None), ("Tk", "Dv"))
-    if length is not None:
-        length = _checks.as_array("length", length)
-        _checks.check_integer("length", length)
-        _checks.check_shape("length", length, ())
-        mask = combine_masks(mask, jnp.arange(tk) < length)
     if mask is not None:
         mask = _checks.as_array("mask", mask)
         _checks.check_bool("mask", mask)
         _checks.check_shape("mask", mask, (tk,), ("Tk",))
+    if lengths is not None:
+        lengths = _checks.as_array("lengths", lengths)
+        _checks.check_integer("lengths", lengths)
+        _checks.check_shape("lengths", lengths, ())
+        mask = combine_masks(length_mask(lengths, tk), mask)
     return values, mask
 
 
-def _context(weights, values):
-    ctx = lax.dot_general(
-        weights.astype(values.dtype),
-        values,
-        (((weights.ndim - 1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )
-    return ctx.astype(values.dtype)
-
-
 class AdditiveAttentionParams(NamedTuple):
+    """Additive attention: ``w_q: [Dq, A]``, ``w_k: [Dk, A]``, ``b: [A]``, ``v: [A]``."""
+
     w_q: jax.Array  # [Dq, A]
     w_k: jax.Array  # [Dk, A]
     b: jax.Array  # [A]
@@ -83,7 +68,12 @@ class AdditiveAttentionParams(NamedTuple):
 def additive_attention_init(
     key, query_size: int, key_size: int, attention_size: int, dtype=jnp.float32
 ) -> AdditiveAttentionParams:
-    """Parameters of additive attention (Bahdanau et al. 2015): ``A`` is the hidden size."""
+    """Parameters of additive attention (Bahdanau et al. 2015): ``A`` is the hidden size.
+
+    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    >>> p.w_q.shape, p.w_k.shape, p.v.shape
+    ((6, 5), (4, 5), (5,))
+    """
     _checks.check_key("key", key)
     dq = _checks.check_positive_int("query_size", query_size)
     dk = _checks.check_positive_int("key_size", key_size)
@@ -104,7 +94,7 @@ def additive_attention(
     keys,
     values=None,
     *,
-    length=None,
+    lengths=None,
     mask=None,
     projected_keys=None,
 ):
@@ -113,17 +103,23 @@ def additive_attention(
     Args:
       query: ``[Dq]`` (a decoder state) or ``[Tq, Dq]``.
       keys: ``[Tk, Dk]`` encoder states; values ``[Tk, Dv]`` default ``keys``.
-      length: source length (int scalar): keys ``j >= length`` are masked.
+      lengths: source length of this example (int scalar): keys ``j >= lengths``
+        are masked.
       mask: optional ``bool[Tk]``.
       projected_keys: ``keys @ W_k`` ``[Tk, A]`` precomputed once per source
         sequence (see :func:`additive_attention_keys`) for use in a decoder loop.
 
     Returns ``(context [Dv] or [Tq, Dv], weights float32[Tk] or [Tq, Tk])``; with
     every key masked the weights and context are zeros.
+
+    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    >>> ctx, w = additive_attention(p, jnp.ones(6), jnp.ones((3, 4)), lengths=2)
+    >>> ctx.shape, w.round(3).tolist()
+    ((4,), [0.5, 0.5, 0.0])
     """
     if not isinstance(params, AdditiveAttentionParams):
         raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
-    values, mask = _encoder_args(query, keys, values, length, mask)
+    values, mask = _encoder_args(query, keys, values, lengths, mask)
     dq, a = params.w_q.shape
     _checks.check_shape("query", query, query.shape[:-1] + (dq,))
     tk = keys.shape[0]
@@ -140,12 +136,17 @@ def additive_attention(
     scores = matmul_f32(h, params.v.astype(jnp.float32).reshape(a, 1))[..., 0]  # [..., Tk]
     if mask is not None:
         mask = mask.reshape((1,) * (query.ndim - 1) + (tk,))
-    w = _masked_softmax(scores, mask)
-    return _context(w, values), w
+    w = masked_softmax(scores, mask)
+    return _weighted_values(w, values), w
 
 
 def additive_attention_keys(params: AdditiveAttentionParams, keys):
-    """``keys @ W_k``: ``[Tk, Dk] -> float32[Tk, A]``, computed once per source sequence."""
+    """``keys @ W_k``: ``[Tk, Dk] -> float32[Tk, A]``, computed once per source sequence.
+
+    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    >>> additive_attention_keys(p, jnp.ones((3, 4))).shape
+    (3, 5)
+    """
     if not isinstance(params, AdditiveAttentionParams):
         raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
     _checks.check_ndim("keys", keys, 2, "[Tk, Dk]")
@@ -154,6 +155,8 @@ def additive_attention_keys(params: AdditiveAttentionParams, keys):
 
 
 class LuongAttentionParams(NamedTuple):
+    """Multiplicative attention: ``w: [Dq, Dk]`` (``score="general"``) or ``None`` (``"dot"``)."""
+
     w: jax.Array | None  # [Dq, Dk] for score="general"; None for score="dot"
 
 
@@ -164,6 +167,11 @@ def luong_attention_init(
 
     ``score="dot"``: ``e_j = q . k_j`` (no parameters; needs ``Dq == Dk``).
     ``score="general"``: ``e_j = q^T W k_j`` with ``W: [Dq, Dk]``.
+
+    >>> luong_attention_init(jax.random.key(0), 6, 4).w.shape
+    (6, 4)
+    >>> luong_attention_init(None, 4, 4, score="dot").w is None
+    True
     """
     _checks.check_choice("score", score, ("dot", "general"))
     dq = _checks.check_positive_int("query_size", query_size)
@@ -177,17 +185,23 @@ def luong_attention_init(
 
 
 def luong_attention(
-    params: LuongAttentionParams, query, keys, values=None, *, length=None, mask=None
+    params: LuongAttentionParams, query, keys, values=None, *, lengths=None, mask=None
 ):
     """Luong attention for ONE example: ``e_j = q . k_j`` (dot) or ``q^T W k_j`` (general).
 
     Args and returns as :func:`additive_attention`: ``query [Dq]`` or ``[Tq, Dq]``,
-    ``keys [Tk, Dk]``, ``values [Tk, Dv]`` (default keys), ``length``/``mask`` over
+    ``keys [Tk, Dk]``, ``values [Tk, Dv]`` (default keys), ``lengths``/``mask`` over
     the source; returns ``(context, weights float32)``.
+
+    >>> p = luong_attention_init(None, 2, 2, score="dot")
+    >>> keys = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    >>> ctx, w = luong_attention(p, jnp.array([1.0, 0.0]), keys, lengths=2)
+    >>> w.round(3).tolist()
+    [0.731, 0.269, 0.0]
     """
     if not isinstance(params, LuongAttentionParams):
         raise TypeError(f"params: expected LuongAttentionParams, got {type(params).__name__}")
-    values, mask = _encoder_args(query, keys, values, length, mask)
+    values, mask = _encoder_args(query, keys, values, lengths, mask)
     tk, dk = keys.shape
     if params.w is None:
         if query.shape[-1] != dk:
@@ -206,5 +220,5 @@ def luong_attention(
     )  # [..., Tk]
     if mask is not None:
         mask = mask.reshape((1,) * (query.ndim - 1) + (tk,))
-    w = _masked_softmax(scores, mask)
-    return _context(w, values), w
+    w = masked_softmax(scores, mask)
+    return _weighted_values(w, values), w

@@ -13,7 +13,7 @@ from jax import lax
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
-from jaxseq.attention.dot_product import _scale_of
+from jaxseq.attention.dot_product import _check_batched_qkv, _scale_of
 
 __all__ = [
     "blockwise_attention",
@@ -350,25 +350,14 @@ def blockwise_attention(
       method: ``"auto"``, ``"scan"`` or ``"unrolled"`` (see above).
 
     Returns ``[*B, Tq, Dv]`` in the dtype of ``v``.
+
+    >>> q = jax.random.normal(jax.random.key(0), (2, 6, 4))  # [B, T, D]
+    >>> out = blockwise_attention(q, q, q, causal=True, block_q=4, block_k=4)
+    >>> out.shape, bool(jnp.allclose(out[:, 0], q[:, 0], atol=1e-6))
+    ((2, 6, 4), True)
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-        _checks.check_floating(name, x)
-        _checks.check_min_ndim(name, x, 2, f"[*B, T, D] for {name}")
-    batch = tuple(q.shape[:-2])
-    tq, dk = q.shape[-2:]
-    tk = k.shape[-2]
-    if k.shape != batch + (tk, dk):
-        raise ValueError(
-            f"k: expected shape {list(batch) + ['Tk', dk]} (batch and Dk of q), "
-            f"got {_checks.describe(k)}"
-        )
-    if v.shape[:-1] != batch + (tk,) or v.ndim != q.ndim:
-        raise ValueError(
-            f"v: expected shape {list(batch) + [tk, 'Dv']} (batch of q, Tk of k), "
-            f"got {_checks.describe(v)}"
-        )
+    batch, tq, tk, _ = _check_batched_qkv(q, k, v, heads=False)
+    dk = q.shape[-1]
     bq = min(_checks.check_positive_int("block_q", block_q), tq)
     bk = min(_checks.check_positive_int("block_k", block_k), tk)
     scale = float(_scale_of(scale, dk))

@@ -19,8 +19,9 @@ Numerics: scores, softmax and reductions run in float32 for any input dtype
 ``-inf``); a query row whose keys are all masked gets zero weights, so its
 output and the gradients through it are exactly zero, not NaN.
 
-Masks are boolean, ``True`` = may attend. Helpers: :func:`causal_mask`,
-:func:`length_mask`, :func:`padding_mask`, :func:`combine_masks`.
+Masks are boolean, ``True`` = may attend. Helpers in :mod:`jaxseq.masks`:
+:func:`~jaxseq.masks.causal_mask`, :func:`~jaxseq.masks.length_mask`,
+:func:`~jaxseq.masks.padding_mask`, :func:`~jaxseq.masks.combine_masks`.
 
 :func:`blockwise_attention` computes the same thing block by block with an
 online softmax (memory ``O(T * block)`` in the forward and the backward pass)
@@ -37,8 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype
-from jaxseq.attention.additive import _masked_softmax
+from jaxseq._numerics import acc_dtype, masked_softmax, matmul_f32
 from jaxseq.masks import causal_mask, combine_masks
 
 __all__ = [
@@ -63,6 +63,62 @@ def _check_qkv(q, k, v):
         raise ValueError(f"v: expected shape [Tk={tk}, Dv] (Tk of k), got {_checks.describe(v)}")
 
 
+def _check_batched_qkv(q, k, v, heads: bool):
+    """Validates batched ``q, k, v``: ``[*B, T, K, D]`` (``heads``) or ``[*B, T, D]``.
+
+    Returns ``(batch, Tq, Tk, mid)`` with ``mid == (K,)`` or ``()``.
+    """
+    core = 3 if heads else 2
+    layout = "[*B, T, K, D]" if heads else "[*B, T, D]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
+        _checks.check_floating(name, x)
+        _checks.check_min_ndim(name, x, core, f"{layout} for {name}")
+    batch = tuple(q.shape[:-core])
+    tq, mid, dk = q.shape[-core], tuple(q.shape[-core + 1 : -1]), q.shape[-1]
+    tk = k.shape[-core]
+    what = "batch, K and Dk" if heads else "batch and Dk"
+    if k.shape != batch + (tk,) + mid + (dk,):
+        raise ValueError(
+            f"k: expected shape {list(batch) + ['Tk', *mid, dk]} ({what} of q), "
+            f"got {_checks.describe(k)}"
+        )
+    if v.ndim != q.ndim or v.shape[:-1] != batch + (tk,) + mid:
+        what = "batch and K" if heads else "batch"
+        raise ValueError(
+            f"v: expected shape {list(batch) + [tk, *mid, 'Dv']} ({what} of q, Tk of k), "
+            f"got {_checks.describe(v)}"
+        )
+    return batch, tq, tk, mid
+
+
+def _per_head_arg(name, x, batch, num_heads, tq, tk):
+    """A ``mask``/``bias`` shared by the heads ``[*B, Tq, Tk]`` (vmap axis ``None``)
+    or one per head ``[*B, K, Tq, Tk]`` (vmap axis 0 once the batch dims are mapped).
+
+    Returns ``(x, axis)``; ``(None, None)`` for ``None``.
+    """
+    if x is None:
+        return None, None
+    x = _checks.as_array(name, x)
+    if x.shape == batch + (tq, tk):
+        return x, None
+    if x.shape == batch + (num_heads, tq, tk):
+        return x, 0
+    lead = "".join(f"{d}, " for d in batch)
+    raise ValueError(
+        f"{name}: expected shape [{lead}Tq={tq}, Tk={tk}] or "
+        f"[{lead}K={num_heads}, Tq={tq}, Tk={tk}], got {_checks.describe(x)}"
+    )
+
+
+def _weighted_values(w, v):
+    """``w: float32[..., Tk] @ v: [Tk, Dv] -> [..., Dv]`` in the dtype of ``v``
+    (weights rounded to ``v``'s dtype, accumulated in at least float32)."""
+    return matmul_f32(w.astype(v.dtype), v).astype(v.dtype)
+
+
 def _scale_of(scale, dk: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(dk)
@@ -81,6 +137,11 @@ def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale
       mask: optional ``bool[Tq, Tk]`` (True = attend).
       bias: optional additive ``[Tq, Tk]`` score bias.
       causal: also mask keys after the query position (top-left aligned).
+      scale: score scale, default ``1/sqrt(Dk)``.
+
+    >>> w = attention_weights(jnp.ones((2, 4)), jnp.ones((3, 4)), causal=True)
+    >>> w.round(3).tolist()
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]
     """
     _check_qkv(q, k, k[:, :1])
     tq, tk = q.shape[0], k.shape[0]
@@ -99,7 +160,7 @@ def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale
     s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
     if bias is not None:
         s = s + bias.astype(acc)
-    return _masked_softmax(s, mask)
+    return masked_softmax(s, mask)
 
 
 def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None):
@@ -115,13 +176,14 @@ def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False
     Returns ``[Tq, Dv]`` in the dtype of ``v``. A fully masked query row gives zeros.
     For batches and heads use ``jax.vmap`` (see the module docstring) or
     :func:`batched_dot_product_attention`.
+
+    >>> v = jnp.arange(6.0).reshape(3, 2)
+    >>> dot_product_attention(jnp.ones((2, 4)), jnp.ones((3, 4)), v, causal=True).tolist()
+    [[0.0, 1.0], [1.0, 2.0]]
     """
     _check_qkv(q, k, v)
     w = attention_weights(q, k, mask, bias=bias, causal=causal, scale=scale)
-    out = lax.dot_general(
-        w.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=acc_dtype(v)
-    )
-    return out.astype(v.dtype)
+    return _weighted_values(w, v)
 
 
 def batched_dot_product_attention(
@@ -137,48 +199,19 @@ def batched_dot_product_attention(
       return_weights: also return the weights ``float32[*B, K, Tq, Tk]``.
 
     Returns ``[*B, Tq, K, Dv]`` (and the weights when asked).
+
+    >>> q = jnp.ones((2, 5, 4, 8))  # [B, T, K, D]
+    >>> out, w = batched_dot_product_attention(q, q, q, causal=True, return_weights=True)
+    >>> out.shape, w.shape
+    ((2, 5, 4, 8), (2, 4, 5, 5))
     """
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not hasattr(x, "shape"):
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-        _checks.check_min_ndim(name, x, 3, f"[*B, T, K, D] for {name}")
-    batch = tuple(q.shape[:-3])
-    tq, nh, dk = q.shape[-3:]
-    tk = k.shape[-3]
-    if k.shape != batch + (tk, nh, dk):
-        raise ValueError(
-            f"k: expected shape {list(batch) + ['Tk', nh, dk]} (batch, K and Dk of q), "
-            f"got {_checks.describe(k)}"
-        )
-    if v.ndim != q.ndim or v.shape[:-1] != batch + (tk, nh):
-        raise ValueError(
-            f"v: expected shape {list(batch + (tk, nh))} + [Dv], got {_checks.describe(v)}"
-        )
-
-    def per_head_arg(name, x):
-        if x is None:
-            return None, None
-        if x.shape == batch + (tq, tk):
-            return x, None
-        if x.shape == batch + (nh, tq, tk):
-            return x, 0
-        raise ValueError(
-            f"{name}: expected shape {list(batch + (tq, tk))} or {list(batch + (nh, tq, tk))}, "
-            f"got {_checks.describe(x)}"
-        )
-
-    mask, m_ax = per_head_arg("mask", mask)
-    bias, b_ax = per_head_arg("bias", bias)
+    batch, tq, tk, (nh,) = _check_batched_qkv(q, k, v, heads=True)
+    mask, m_ax = _per_head_arg("mask", mask, batch, nh, tq, tk)
+    bias, b_ax = _per_head_arg("bias", bias, batch, nh, tq, tk)
 
     def one(q1, k1, v1, m1, b1):
         w = attention_weights(q1, k1, m1, bias=b1, causal=causal, scale=scale)
-        o = lax.dot_general(
-            w.astype(v1.dtype),
-            v1,
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=acc_dtype(v1),
-        )
-        return o.astype(v1.dtype), w
+        return _weighted_values(w, v1), w
 
     fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax), out_axes=(1, 0))
     for _ in batch:

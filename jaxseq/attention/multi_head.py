@@ -11,7 +11,7 @@ from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
-from jaxseq.attention.dot_product import attention_weights
+from jaxseq.attention.dot_product import _per_head_arg, attention_weights
 
 __all__ = [
     "MultiHeadAttentionParams",
@@ -21,6 +21,8 @@ __all__ = [
 
 
 class MultiHeadAttentionParams(NamedTuple):
+    """Projections of multi-head attention; biases are ``None`` when built without them."""
+
     w_q: jax.Array  # [Dq, K, Dk]
     w_k: jax.Array  # [Dc, K, Dk]
     w_v: jax.Array  # [Dc, K, Dv]
@@ -57,6 +59,10 @@ def multi_head_attention_init(
 
     Weights are LeCun normal; the head count and sizes are read back from the
     shapes, so :func:`multi_head_attention` needs no config.
+
+    >>> p = multi_head_attention_init(jax.random.key(0), 16, num_heads=2, key_size=8)
+    >>> p.w_q.shape, p.w_o.shape, p.b_o.shape
+    ((16, 2, 8), (2, 8, 16), (16,))
     """
     _checks.check_key("key", key)
     dq = _checks.check_positive_int("query_size", query_size)
@@ -150,6 +156,11 @@ def multi_head_attention(
         ``bias``, dropout or weights then).
 
     Returns ``[Tq, Do]`` in the dtype of ``x`` (and the weights when asked).
+
+    >>> p = multi_head_attention_init(jax.random.key(0), 16, num_heads=2, key_size=8)
+    >>> y, w = multi_head_attention(p, jnp.ones((5, 16)), causal=True, return_weights=True)
+    >>> y.shape, w.shape, w[0, 0].tolist()
+    ((5, 16), (2, 5, 5), [1.0, 0.0, 0.0, 0.0, 0.0])
     """
     dq, dc, nh, dk, dv, do = _check_mha_params(params)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -186,22 +197,8 @@ def multi_head_attention(
         o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
         w = None
     else:
-
-        def per_head_arg(name, a):
-            if a is None:
-                return None, None
-            a = _checks.as_array(name, a)
-            if a.shape == (tq, tk):
-                return a, None
-            if a.shape == (nh, tq, tk):
-                return a, 0
-            raise ValueError(
-                f"{name}: expected shape [Tq={tq}, Tk={tk}] or [K={nh}, Tq={tq}, Tk={tk}], "
-                f"got {_checks.describe(a)}"
-            )
-
-        mask, m_ax = per_head_arg("mask", mask)
-        bias, b_ax = per_head_arg("bias", bias)
+        mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
+        bias, b_ax = _per_head_arg("bias", bias, (), nh, tq, tk)
         weights_fn = jax.vmap(
             lambda q1, k1, m1, b1: attention_weights(q1, k1, m1, bias=b1, causal=causal),
             in_axes=(1, 1, m_ax, b_ax),

@@ -49,6 +49,9 @@ def sinusoidal(
       dim: ``D`` (odd ``D`` drops the last cosine column).
       positions: optional ``int[T]`` or ``float[T]`` positions (default ``0..T-1``).
       base: the wavelength base (10000 in the paper).
+
+    >>> sinusoidal(3, 4).round(3).tolist()[1]
+    [0.841, 0.54, 0.01, 1.0]
     """
     length = _checks.check_positive_int("length", length)
     dim = _checks.check_positive_int("dim", dim)
@@ -63,7 +66,11 @@ def sinusoidal(
 def learned_init(
     key, max_length: int, dim: int, *, stddev: float = 0.02, dtype=jnp.float32
 ) -> jax.Array:
-    """A learned position table ``[T_max, D]`` drawn from N(0, stddev^2)."""
+    """A learned position table ``[T_max, D]`` drawn from N(0, stddev^2).
+
+    >>> learned_init(jax.random.key(0), 16, 4).shape
+    (16, 4)
+    """
     _checks.check_key("key", key)
     t = _checks.check_positive_int("max_length", max_length)
     d = _checks.check_positive_int("dim", dim)
@@ -74,6 +81,10 @@ def learned(table, length: int | None = None, *, positions=None) -> jax.Array:
     """Rows of a learned table: ``table[:length]`` or ``table[positions]`` -> ``[T, D]``.
 
     Raises if ``length`` exceeds the table (positions beyond it were never trained).
+
+    >>> table = jnp.arange(8.0).reshape(4, 2)
+    >>> learned(table, 2).tolist(), learned(table, positions=jnp.array([3])).tolist()
+    ([[0.0, 1.0], [2.0, 3.0]], [[6.0, 7.0]])
     """
     _checks.check_ndim("table", table, 2, "[T_max, D]")
     t_max = table.shape[0]
@@ -91,7 +102,12 @@ def learned(table, length: int | None = None, *, positions=None) -> jax.Array:
 
 
 def rotary_angles(length: int, dim: int, *, positions=None, base: float = 10000.0):
-    """``(cos, sin)``, each ``float32[T, D/2]``: angle ``t * base^(-2i/D)`` of pair ``i``."""
+    """``(cos, sin)``, each ``float32[T, D/2]``: angle ``t * base^(-2i/D)`` of pair ``i``.
+
+    >>> cos, sin = rotary_angles(3, 4)
+    >>> cos.shape, sin.round(3).tolist()[1]
+    ((3, 2), [0.841, 0.01])
+    """
     length = _checks.check_positive_int("length", length)
     dim = _checks.check_positive_int("dim", dim)
     if dim % 2:
@@ -108,6 +124,11 @@ def rotary(x, *, positions=None, base: float = 10000.0) -> jax.Array:
     Pair ``i`` is ``(x[..., i], x[..., i + D/2])``; at position ``t`` it is rotated
     by ``t * base^(-2i/D)``. Computed in float32, returned in ``x``'s dtype.
     Apply it to queries and keys (with their own positions), not to values.
+
+    >>> x = jnp.ones((3, 4))
+    >>> y = rotary(x)
+    >>> y.shape, bool(jnp.allclose(jnp.linalg.norm(y, axis=-1), 2.0))  # norms kept
+    ((3, 4), True)
     """
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"x: expected an array [T, D] or [T, K, D], got {type(x).__name__}")

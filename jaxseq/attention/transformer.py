@@ -25,6 +25,7 @@ from jaxseq.attention.multi_head import (
     multi_head_attention,
     multi_head_attention_init,
 )
+from jaxseq.masks import length_mask
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.dropout import dropout
 from jaxseq.nn.norm import LayerNormParams, layer_norm, layer_norm_init
@@ -37,6 +38,8 @@ __all__ = [
 
 
 class TransformerBlockParams(NamedTuple):
+    """One pre-LN block: two layer norms ``[D]``, attention, and the MLP ``[D, F]``, ``[F, D]``."""
+
     ln1: LayerNormParams
     attn: MultiHeadAttentionParams
     ln2: LayerNormParams
@@ -45,19 +48,23 @@ class TransformerBlockParams(NamedTuple):
 
 
 def transformer_block_init(
-    key, dim: int, num_heads: int, *, mlp_size: int | None = None, dtype=jnp.float32
+    key, input_size: int, num_heads: int, *, mlp_size: int | None = None, dtype=jnp.float32
 ) -> TransformerBlockParams:
-    """Parameters of one block: ``D = dim`` split into ``K = num_heads`` heads of ``D/K``.
+    """Parameters of one block: ``D = input_size`` split into ``K = num_heads`` heads of ``D/K``.
 
     ``mlp_size`` (``F``) defaults to ``4 * D``. The output projections of the
     attention and the MLP are scaled down by ``1/sqrt(2)`` so the two residual
     branches start small next to the stream.
+
+    >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
+    >>> p.attn.w_q.shape, p.mlp_in.w.shape
+    ((8, 2, 4), (8, 32))
     """
     _checks.check_key("key", key)
-    d = _checks.check_positive_int("dim", dim)
+    d = _checks.check_positive_int("input_size", input_size)
     nh = _checks.check_positive_int("num_heads", num_heads)
     if d % nh:
-        raise ValueError(f"num_heads: expected a divisor of dim={d}, got {nh}")
+        raise ValueError(f"num_heads: expected a divisor of input_size={d}, got {nh}")
     f = 4 * d if mlp_size is None else _checks.check_positive_int("mlp_size", mlp_size)
     ka, k1, k2 = jax.random.split(key, 3)
     attn = multi_head_attention_init(ka, d, nh, d // nh, dtype=dtype)
@@ -78,7 +85,7 @@ def transformer_block(
     x,
     *,
     mask=None,
-    length=None,
+    lengths=None,
     causal: bool = True,
     key=None,
     dropout_rate: float = 0.0,
@@ -89,7 +96,8 @@ def transformer_block(
 
     Args:
       mask: optional extra ``bool[T, T]`` attention mask (True = attend).
-      length: optional valid length (int scalar): keys ``>= length`` are masked.
+      lengths: optional valid length of this example (int scalar): keys ``>= lengths``
+        are masked.
         Outputs at padded positions are computed but meaningless; mask them in the loss.
       causal: causal self-attention (default True, for language models).
       key, dropout_rate: dropout on attention weights and on both residual
@@ -97,6 +105,11 @@ def transformer_block(
       blockwise: :func:`~jaxseq.attention.blockwise_attention` (long sequences,
         causal/no mask only).
       return_weights: also return the attention weights ``float32[K, T, T]``.
+
+    >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
+    >>> y, w = transformer_block(p, jnp.ones((5, 8)), lengths=3, return_weights=True)
+    >>> y.shape, w[0, 4].round(3).tolist()
+    ((5, 8), [0.333, 0.333, 0.333, 0.0, 0.0])
     """
     if not isinstance(params, TransformerBlockParams):
         raise TypeError(f"params: expected TransformerBlockParams, got {type(params).__name__}")
@@ -107,11 +120,11 @@ def transformer_block(
     d = params.ln1.scale.shape[0]
     _checks.check_shape("x", x, (None, d), ("T", "D"))
     t = x.shape[0]
-    if length is not None:
-        length = _checks.as_array("length", length)
-        _checks.check_integer("length", length)
-        _checks.check_shape("length", length, ())
-        kmask = jnp.broadcast_to((jnp.arange(t) < length)[None, :], (t, t))
+    if lengths is not None:
+        lengths = _checks.as_array("lengths", lengths)
+        _checks.check_integer("lengths", lengths)
+        _checks.check_shape("lengths", lengths, ())
+        kmask = jnp.broadcast_to(length_mask(lengths, t)[None, :], (t, t))
         mask = kmask if mask is None else mask & kmask
     use_dropout = key is not None and dropout_rate > 0.0
     if use_dropout:
