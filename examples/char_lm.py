@@ -19,7 +19,6 @@ string), ``curves.png``, and checkpoints under ``ckpt/``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,11 +26,8 @@ import time
 
 import jax
 
-try:
-    import jaxseq as js
-except ImportError:  # run from a source checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import jaxseq as js
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import js, parser, prepare_out, read_data, write_json  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
@@ -45,9 +41,10 @@ HPARAMS = (
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(
+        __doc__, steps=2000, out="out/char_lm", lr=2e-3, batch=32, eval_every=250,
+        batch_help="B, parallel streams",
+    )  # fmt: skip
     src = p.add_argument_group("data")
     src.add_argument("--data", help="path of the training text (e.g. tinyshakespeare.txt)")
     src.add_argument(
@@ -71,60 +68,44 @@ def parse_args(argv=None):
         help="one dropout mask per stream and chunk, shared by its K steps",
     )
     t = p.add_argument_group("training")
-    t.add_argument("--batch", type=int, default=32, help="B, parallel streams")
     t.add_argument("--seq", type=int, default=64, help="K, truncation length (steps per chunk)")
-    t.add_argument("--steps", type=int, default=2000, help="total training steps (chunks)")
     t.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
     t.add_argument("--optimizer", choices=js.training.OPTIMIZERS, default="adam")
-    t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
     t.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     t.add_argument(
         "--final-lr", type=float, default=0.05, help="cosine: final lr as a fraction of --lr"
     )
-    t.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clipping")
     t.add_argument("--weight-decay", type=float, default=0.0, help="adamw only")
     t.add_argument("--no-carry", action="store_true", help="reset the hidden state at every chunk")
     t.add_argument(
         "--chunks-per-call", type=int, default=1, help="chunks scanned inside one jitted call"
     )
-    t.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("output")
-    o.add_argument("--out", default="out/char_lm", help="output directory")
     o.add_argument("--checkpoint-every", type=int, default=500)
     o.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     o.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     o.add_argument("--override", action="store_true", help="resume even if hyperparameters differ")
-    o.add_argument(
-        "--eval-every", type=int, default=250, help="validation every N steps (0: only at the end)"
-    )
     o.add_argument("--eval-streams", type=int, default=32)
     o.add_argument("--sample-len", type=int, default=300)
     o.add_argument("--prime", default="ROMEO:\n")
     o.add_argument("--temperature", type=float, default=0.8)
     o.add_argument("--top-k", type=int, default=10)
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def load_text(args) -> str:
-    if args.data:
-        if not os.path.exists(args.data):
-            raise SystemExit(f"--data: no such file: {args.data}")
-        path = args.data
-    elif args.download:
+    path = args.data
+    if not path and args.download:
         try:
             path = js.data.download(URL, SHA256, filename="tinyshakespeare.txt")
         except RuntimeError as e:
             raise SystemExit(
                 f"{e}\nNo network? Pass the corpus with --data PATH instead."
             ) from None
-    else:
-        raise SystemExit("no data: pass --data PATH (a text file) or --download")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+    return read_data(path, "a text file (e.g. tinyshakespeare.txt), or --download")
 
 
 def main(argv=None) -> dict:
@@ -135,8 +116,8 @@ def main(argv=None) -> dict:
     train_ids, val_ids = vocab.encode(train_text), vocab.encode(val_text)
 
     model = js.models.char_lm(
-        vocab.size, cell=args.model, layers=args.layers, hidden=args.hidden,
-        embed_dim=args.embed, dropout_rate=args.dropout,
+        vocab.size, cell=args.model, num_layers=args.layers, hidden_size=args.hidden,
+        embedding_size=args.embed, dropout_rate=args.dropout,
         variational_dropout=args.variational_dropout,
     )  # fmt: skip
     # data first: bad sizes fail here, before anything compiles
@@ -155,7 +136,7 @@ def main(argv=None) -> dict:
     key = jax.random.key(args.seed)
     k_init, k_train, k_sample = jax.random.split(key, 3)
     params = model.init(k_init)
-    state = js.training.init_state(params, opt, k_train, model.initial_carry((args.batch,)))
+    state = js.init_state(params, opt, k_train, model.initial_carry((args.batch,)))
     hparams = {h: getattr(args, h) for h in HPARAMS}
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
@@ -168,9 +149,7 @@ def main(argv=None) -> dict:
         elapsed = float(meta.get("train_s", 0.0))
         print(f"resumed from step {int(state.step)} ({elapsed:.0f} s of training)", file=sys.stderr)
     elif not args.resume:
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
+        prepare_out(args.out)  # a fresh run: no logs of an earlier one
 
     mesh = None
     if jax.device_count() > 1:
@@ -227,14 +206,13 @@ def main(argv=None) -> dict:
         (f"temperature {args.temperature}, top-k {args.top_k}", {"temperature": args.temperature, "top_k": min(args.top_k, vocab.size)}),
         ("temperature 1.0", {"temperature": 1.0}),
     ):  # fmt: skip
-        ids = js.decoding.sample(model, params, k_sample, prime, args.sample_len, **kw)
+        ids = js.decoding.sample(k_sample, model, params, prime, args.sample_len, **kw)
         lines.append(
             f"=== {label}, primed with {args.prime!r} ===\n{args.prime}{vocab.decode(ids)}\n"
         )
     with open(os.path.join(args.out, "samples.txt"), "w") as f:
         f.write("\n".join(lines))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(args.out, "summary.json"), summary)
     if not args.quiet:
         print(json.dumps({k: v for k, v in summary.items() if k != "hparams"}, indent=2))
     return summary

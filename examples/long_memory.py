@@ -16,15 +16,17 @@ recurrent weights and zero bias, Le et al. 2015), an LSTM and a GRU::
     python examples/long_memory.py --task adding --T 100 --out out/long_memory
     python examples/long_memory.py --task copy --T 50 --steps 2000 --out out/copy
 
-Writes into ``--out``: ``metrics.jsonl`` (every step of every cell, ``run`` =
-cell), ``summary.json`` (test loss, accuracy, "learned" per cell),
-``curves.png`` (test loss vs step against the memoryless baseline) and
-``grad_norms.png`` (``||dL/dh_t||`` over t at initialisation and after
-training: the vanishing-gradient picture).
+Each cell trains with ``js.make_train_step`` and ``js.fit``. Writes into
+``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
+evaluation of every cell, ``run`` = cell), ``summary.json`` (test loss,
+accuracy, "learned" per cell), ``curves.png`` (test loss vs step against the
+memoryless baseline) and ``grad_norms.png`` (``||dL/dh_t||`` over t at
+initialisation and after training: the vanishing-gradient picture).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -34,7 +36,16 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import js, parser, prepare_out, pyplot, train, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    append_evals,
+    js,
+    jsonable,
+    parser,
+    prepare_out,
+    pyplot,
+    run_logger,
+    write_json,
+)
 
 CELLS = ("rnn", "irnn", "lstm", "gru")
 COPY_LEN, COPY_ALPHABET = 10, 8  # symbols 1..8; 0 blank; 9 delimiter
@@ -75,7 +86,7 @@ def baseline(task: str, t: int) -> float:
     return COPY_LEN * math.log(COPY_ALPHABET) / (t + 2 * COPY_LEN)
 
 
-def make_model(task: str, cell: str, hidden: int):
+def make_model(task: str, cell: str, hidden_size: int):
     kw = {}
     if cell == "irnn":
         kw = dict(
@@ -85,29 +96,30 @@ def make_model(task: str, cell: str, hidden: int):
         )
     base = "rnn" if cell == "irnn" else cell
     if task == "adding":
-        return js.models.classifier(1, input_size=2, cell=base, hidden=hidden, **kw)
+        return js.models.classifier(1, input_size=2, cell=base, hidden_size=hidden_size, **kw)
     return js.models.tagger(
-        COPY_ALPHABET + 2, vocab_size=COPY_ALPHABET + 2, embed_dim=16, cell=base,
-        hidden=hidden, bidirectional=False, **kw,
+        COPY_ALPHABET + 2, vocab_size=COPY_ALPHABET + 2, embedding_size=16, cell=base,
+        hidden_size=hidden_size, bidirectional=False, **kw,
     )  # fmt: skip
 
 
 def make_loss(task: str, model):
+    """``loss_fn(params, carry, batch, key) -> (loss, (carry, metrics))`` (no carry: None)."""
     if task == "adding":
 
-        def loss_fn(params, batch, key):
+        def loss_fn(params, carry, batch, key):
             xs, y = batch
             pred = model.apply(params, xs)
-            return js.losses.mse(pred, y), {}
+            return js.losses.mse(pred, y), (carry, {})
 
     else:
 
-        def loss_fn(params, batch, key):
+        def loss_fn(params, carry, batch, key):
             xs, y = batch
             logits = model.apply(params, xs)
             recall = logits[-COPY_LEN:]
             acc = js.losses.accuracy(recall, y[-COPY_LEN:])
-            return js.losses.cross_entropy(logits, y), {"recall_acc": acc}
+            return js.losses.cross_entropy(logits, y), (carry, {"recall_acc": acc})
 
     return loss_fn
 
@@ -163,20 +175,26 @@ def main(argv=None) -> dict:
         model = make_model(args.task, cell, args.hidden)
         params = model.init(jax.random.key(args.seed * 100 + ci))
         loss_fn = make_loss(args.task, model)
-        eval_loss = jax.jit(lambda p, b, f=loss_fn: f(p, b, None))
+        eval_loss = jax.jit(lambda p, b, f=loss_fn: f(p, None, b, None))
 
-        def eval_fn(p, eval_loss=eval_loss):
-            loss, aux = eval_loss(p, test)
-            return {"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}}
+        def eval_fn(st, eval_loss=eval_loss):
+            loss, (_, aux) = eval_loss(st.params, test)
+            return jsonable({"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}})
 
         rng = np.random.default_rng(args.seed * 7919 + ci)
         xs_t, y_t = test  # a 64-sequence slice for the gradient-norm picture
         small = (xs_t[:, :64], y_t[:64] if args.task == "adding" else y_t[:, :64])
         norms[cell] = [grad_norms(args.task, model, params, small)]
-        params, hist = train(
-            name=cell, loss_fn=loss_fn, params=params, steps=args.steps, args=args,
-            batch_fn=lambda i, rng=rng: make_batch(rng, args.batch, args.T), eval_fn=eval_fn,
+        batches = (make_batch(rng, args.batch, args.T) for _ in itertools.count())
+        opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
+        state = js.init_state(params, opt, jax.random.key(args.seed + 1))
+        state, info = js.fit(
+            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+            eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, cell),
+            progress=not args.quiet,
         )  # fmt: skip
+        append_evals(args.out, cell, info["evals"])
+        params, hist = state.params, info["evals"]
         norms[cell].append(grad_norms(args.task, model, params, small))
         curves[cell] = hist
         final = hist[-1]
@@ -184,7 +202,7 @@ def main(argv=None) -> dict:
             "test_loss": final["test_loss"],
             "loss_vs_baseline": final["test_loss"] / base,
             "learned": bool(final["test_loss"] < 0.1 * base),
-            "train_s": final["train_s"],
+            "train_s": round(info["train_s"], 3),
         }
         if "test_recall_acc" in final:
             rec["recall_acc"] = final["test_recall_acc"]

@@ -21,7 +21,6 @@ tunes, each preceded by a ``%`` comment with its check result) and
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import js, prepare_out, write_json  # noqa: E402
+from _common import js, parser, prepare_out, read_data, write_json  # noqa: E402
 
 HEADER = re.compile(r"^[A-Za-z]:")
 # characters of ABC music lines: notes, rests, accidentals, octaves, lengths, bars,
@@ -79,38 +78,26 @@ def check_abc(tune: str) -> list[str]:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = parser(
+        __doc__, steps=300, out="out/music", lr=3e-3, batch=32, eval_every=100,
+        batch_help="B, parallel streams",
+    )  # fmt: skip
     p.add_argument("--data", help="path of an ABC file (e.g. irish.abc)")
     p.add_argument("--model", choices=("lstm", "gru", "rnn"), default="lstm")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--embed", type=int, default=64)
-    p.add_argument("--batch", type=int, default=32, help="B, parallel streams")
     p.add_argument("--seq", type=int, default=64, help="K, truncation length")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--samples", type=int, default=20, help="tunes to generate")
     p.add_argument("--sample-len", type=int, default=500, help="characters per generated tune")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--out", default="out/music")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no printed summary")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if not args.data:
-        raise SystemExit("no data: pass --data PATH, an ABC file of tunes (e.g. irish.abc)")
-    if not os.path.exists(args.data):
-        raise SystemExit(f"--data: no such file: {args.data}")
-    with open(args.data, encoding="utf-8") as f:
-        tunes = split_tunes(f.read())
+    tunes = split_tunes(read_data(args.data, "an ABC file of tunes (e.g. irish.abc)"))
     if len(tunes) < 2:
         raise SystemExit(f"--data: expected at least 2 tunes (X: lines), found {len(tunes)}")
     prepare_out(args.out)
@@ -130,8 +117,9 @@ def main(argv=None) -> dict:
     train_ids, train_starts = encode(train_tunes)
     val_ids, val_starts = encode(val_tunes)
     model = js.models.char_lm(
-        vocab.size, cell=args.model, layers=args.layers, hidden=args.hidden, embed_dim=args.embed
-    )
+        vocab.size, cell=args.model, num_layers=args.layers, hidden_size=args.hidden,
+        embedding_size=args.embed,
+    )  # fmt: skip
     batcher = js.data.StreamBatcher(
         train_ids, args.batch, args.seq, boundaries=train_starts, vocab_size=vocab.size
     )
@@ -141,9 +129,7 @@ def main(argv=None) -> dict:
     )
     opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
     k_init, k_train, k_sample = jax.random.split(jax.random.key(args.seed), 3)
-    state = js.training.init_state(
-        model.init(k_init), opt, k_train, model.initial_carry((args.batch,))
-    )
+    state = js.init_state(model.init(k_init), opt, k_train, model.initial_carry((args.batch,)))
     step_fn = js.make_train_step(js.training.lm_loss_fn(model), opt)
     eval_step = js.training.make_eval_step(model)
 
@@ -161,7 +147,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     prime = np.tile(vocab.encode("X:")[:, None], (1, args.samples))  # [P, samples]
     ids = js.decoding.sample(
-        model, params, k_sample, prime, args.sample_len,
+        k_sample, model, params, prime, args.sample_len,
         temperature=args.temperature, top_k=min(args.top_k, vocab.size),
     )  # fmt: skip
     ids = np.asarray(ids)

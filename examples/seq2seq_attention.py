@@ -15,13 +15,16 @@ the exact-match sequence accuracy on held-out examples::
     python examples/seq2seq_attention.py --out out/seq2seq
     python examples/seq2seq_attention.py --task reverse --max-len 20 --steps 3000 --out out/rev
 
-Writes into ``--out``: ``metrics.jsonl``, ``summary.json`` (held-out sequence
-and token accuracy), ``curves.png``, ``attention.png`` (the attention weights
+Trains with ``js.make_train_step`` and ``js.fit``. Writes into ``--out``:
+``metrics.jsonl`` (every step), ``eval.jsonl`` (held-out loss and accuracies
+over training), ``summary.json`` (held-out sequence and token accuracy),
+``curves.png``, ``attention.png`` (the attention weights
 of a few held-out examples: output step vs source token) and ``samples.txt``.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import js, parser, prepare_out, pyplot, train, write_json  # noqa: E402
+from _common import js, jsonable, parser, prepare_out, pyplot, write_json  # noqa: E402
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
@@ -173,7 +176,7 @@ def main(argv=None) -> dict:
     src_vocab, tgt_vocab = vocabularies(args.task)
     eos, bos = tgt_vocab.stoi[EOS], tgt_vocab.stoi[BOS]
     model = js.models.Seq2SeqAttention(
-        len(src_vocab), len(tgt_vocab), embed_dim=args.embed, hidden=args.hidden,
+        len(src_vocab), len(tgt_vocab), embedding_size=args.embed, hidden_size=args.hidden,
         attention_size=args.attention, cell=args.cell,
     )  # fmt: skip
     params = model.init(jax.random.key(args.seed))
@@ -181,17 +184,19 @@ def main(argv=None) -> dict:
         np.random.default_rng(10_000 + args.seed), args, src_vocab, tgt_vocab, args.test_size
     )
 
-    def loss_fn(p, batch, key):
+    def loss_fn(p, carry, batch, key):
         src, src_len, tgt_in, tgt_out, tgt_len = batch
         logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
         loss = js.losses.cross_entropy(logits, tgt_out, lengths=tgt_len)
-        return loss, {"token_acc": js.losses.accuracy(logits, tgt_out, lengths=tgt_len)}
+        return loss, (carry, {"token_acc": js.losses.accuracy(logits, tgt_out, lengths=tgt_len)})
 
     @jax.jit
     def evaluate(p, batch):
         src, src_len, tgt_in, tgt_out, tgt_len = batch
         logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
-        toks, weights = model.greedy_decode(p, src, args.tgt_len, bos_id=bos, src_lengths=src_len)
+        toks, weights = js.decoding.greedy_decode(
+            model, p, src, args.tgt_len, bos_id=bos, src_lengths=src_len
+        )
         # exact match: every target token (EOS included) predicted, nothing checked after it
         mask = js.masks.lengths_to_mask(tgt_len, args.tgt_len)
         seq_ok = ~jnp.any((toks != tgt_out) & mask, axis=0)
@@ -203,11 +208,17 @@ def main(argv=None) -> dict:
         return metrics, toks, weights
 
     rng = np.random.default_rng(args.seed + 1)
-    params, hist = train(
-        name=f"{args.task}-{args.cell}", loss_fn=loss_fn, params=params, steps=args.steps,
-        args=args, batch_fn=lambda i: make_batch(rng, args, src_vocab, tgt_vocab, args.batch)[0],
-        eval_fn=lambda p: evaluate(p, test)[0],
+    batches = (
+        make_batch(rng, args, src_vocab, tgt_vocab, args.batch)[0] for _ in itertools.count()
+    )  # fresh random pairs every step, the same ones for the same seed
+    opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
+    state = js.init_state(params, opt, jax.random.key(args.seed + 1))
+    state, info = js.fit(
+        js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+        out_dir=args.out, eval_fn=lambda st: jsonable(evaluate(st.params, test)[0]),
+        eval_every=args.eval_every, progress=not args.quiet, plot=False,
     )  # fmt: skip
+    params, hist = state.params, info["evals"]
     metrics, toks, weights = evaluate(params, test)
     toks, weights = np.asarray(toks), np.asarray(weights)
 
@@ -261,7 +272,7 @@ def main(argv=None) -> dict:
         "task": args.task, "cell": args.cell, "hidden": args.hidden, "steps": args.steps,
         "batch": args.batch, "lr": args.lr, "seed": args.seed,
         **{k: float(v) for k, v in metrics.items()},
-        "train_s": hist[-1]["train_s"], "backend": jax.default_backend(),
+        "train_s": round(info["train_s"], 3), "backend": jax.default_backend(),
     }  # fmt: skip
     write_json(os.path.join(args.out, "summary.json"), summary)
     if not args.quiet:

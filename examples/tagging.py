@@ -17,13 +17,16 @@ tagger of the same size side by side::
     python examples/tagging.py --out out/tagging
     python examples/tagging.py --alphabet 20 --max-len 30 --steps 2000 --out out/tagging_big
 
-Writes into ``--out``: ``metrics.jsonl``, ``summary.json`` (token and
+Each model trains with ``js.make_train_step`` and ``js.fit``. Writes into
+``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
+evaluation of every model, ``run`` = model), ``summary.json`` (token and
 sequence accuracy on a held-out set per model), ``curves.png`` and
 ``predictions.txt`` (a few test sequences with gold and predicted tags).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -32,7 +35,16 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import js, parser, prepare_out, pyplot, train, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    append_evals,
+    js,
+    jsonable,
+    parser,
+    prepare_out,
+    pyplot,
+    run_logger,
+    write_json,
+)
 
 TAGS = "UFR"  # unique, first of a repeated symbol, repeat
 PAD = 0
@@ -102,16 +114,16 @@ def main(argv=None) -> dict:
     curves, preds = {}, {}
     for mi, (name, bidir) in enumerate(variants):
         model = js.models.tagger(
-            len(TAGS), vocab_size=v, embed_dim=args.embed, cell="lstm", hidden=args.hidden,
-            layers=args.layers, bidirectional=bidir,
+            len(TAGS), vocab_size=v, embedding_size=args.embed, cell="lstm",
+            hidden_size=args.hidden, num_layers=args.layers, bidirectional=bidir,
         )  # fmt: skip
         params = model.init(jax.random.key(args.seed * 100 + mi))
 
-        def loss_fn(p, batch, key, model=model):
+        def loss_fn(p, carry, batch, key, model=model):
             tokens, tags, lengths = batch
             logits = model.apply(p, tokens, lengths=lengths)
             loss = js.losses.cross_entropy(logits, tags, lengths=lengths)
-            return loss, {"token_acc": js.losses.accuracy(logits, tags, lengths=lengths)}
+            return loss, (carry, {"token_acc": js.losses.accuracy(logits, tags, lengths=lengths)})
 
         @jax.jit
         def evaluate(p, tokens, tags, lengths, model=model):
@@ -126,13 +138,20 @@ def main(argv=None) -> dict:
             }, pred
 
         rng = np.random.default_rng(args.seed * 7919 + mi)
-        params, hist = train(
-            name=name, loss_fn=loss_fn, params=params, steps=args.steps, args=args,
-            batch_fn=lambda i, rng=rng: make_batch(
-                rng, args.batch, args.alphabet, args.min_len, args.max_len
-            ),
-            eval_fn=lambda p, evaluate=evaluate: evaluate(p, *test)[0],
+        batches = (
+            make_batch(rng, args.batch, args.alphabet, args.min_len, args.max_len)
+            for _ in itertools.count()
+        )  # fresh random sequences every step, the same ones for the same seed
+        opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
+        state = js.init_state(params, opt, jax.random.key(args.seed + 1))
+        state, info = js.fit(
+            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+            eval_fn=lambda st, evaluate=evaluate: jsonable(evaluate(st.params, *test)[0]),
+            eval_every=args.eval_every, on_step=run_logger(args.out, name),
+            progress=not args.quiet,
         )  # fmt: skip
+        append_evals(args.out, name, info["evals"])
+        params, hist = state.params, info["evals"]
         curves[name] = hist
         metrics, pred = evaluate(params, *test)
         preds[name] = np.asarray(pred)
@@ -142,7 +161,9 @@ def main(argv=None) -> dict:
         for k, tag in enumerate(TAGS):
             sel = mask & (t_tags == k)
             per_tag[tag] = float((preds[name][sel] == k).mean()) if sel.any() else None
-        summary["models"][name] = {**final, "per_tag_acc": per_tag, "train_s": hist[-1]["train_s"]}
+        summary["models"][name] = {
+            **final, "per_tag_acc": per_tag, "train_s": round(info["train_s"], 3)
+        }  # fmt: skip
 
     with open(os.path.join(args.out, "predictions.txt"), "w") as f:
         f.write("symbols, gold tags, then each model's tags (U unique, F first, R repeat)\n\n")

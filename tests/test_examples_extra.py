@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+import jaxseq as js
+
 
 @pytest.fixture(scope="module")
 def music(load_example):
@@ -41,6 +43,24 @@ def _outputs(out, names):
         assert (out / name).exists(), name
 
 
+def _jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+@pytest.fixture
+def fit_calls(monkeypatch):
+    """Records every call of ``js.fit`` (the examples train through it, not a loop of their own)."""
+    calls = []
+    fit = js.fit
+
+    def recording_fit(step, state, batches, **kw):
+        calls.append(kw)
+        return fit(step, state, batches, **kw)
+
+    monkeypatch.setattr(js, "fit", recording_fit)
+    return calls
+
+
 def test_check_abc(music):
     good = TUNE.format(i=1, n="A")
     assert music.check_abc(good) == []
@@ -55,7 +75,7 @@ def test_check_abc(music):
     ]
 
 
-def test_music_gen_smoke(music, tmp_path):
+def test_music_gen_smoke(music, tmp_path, fit_calls):
     data = tmp_path / "tunes.abc"
     data.write_text("\n\n".join(TUNE.format(i=i, n="ABcd"[i % 4]) for i in range(1, 13)))
     out = tmp_path / "music"
@@ -66,6 +86,10 @@ def test_music_gen_smoke(music, tmp_path):
     )  # fmt: skip
     _outputs(out, ["metrics.jsonl", "eval.jsonl", "curves.png", "samples.abc", "summary.json"])
     assert s["steps"] == 4 and np.isfinite(s["val_loss"]) and s["samples"] == 3
+    assert [c["num_steps"] for c in fit_calls] == [4]
+    assert [r["step"] for r in _jsonl(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    evals = _jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [2, 4] and evals[-1]["val_loss"] == s["val_loss"]
     assert 0 <= s["plausible"] <= 3 and s["train_tunes_plausible"] == 1.0
     assert (out / "samples.abc").read_text().count("% sample") == 3
     assert json.load(open(out / "summary.json"))["plausible"] == s["plausible"]
@@ -91,17 +115,33 @@ def test_dates_are_consistent(seq2seq):
     assert seq2seq.number_words(47) == ["forty", "seven"]
 
 
-def test_seq2seq_smoke(seq2seq, tmp_path):
+def test_seq2seq_smoke(seq2seq, tmp_path, fit_calls):
     out = tmp_path / "s2s"
     s = seq2seq.main(
         ["--task", "reverse", "--max-len", "4", "--steps", "3", "--batch", "4", "--hidden", "8",
          "--embed", "4", "--attention", "4", "--test-size", "6", "--eval-every", "2",
          "--out", str(out), "--quiet"]
     )  # fmt: skip
-    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "attention.png", "samples.txt"])
+    _outputs(
+        out,
+        [
+            "metrics.jsonl",
+            "eval.jsonl",
+            "summary.json",
+            "curves.png",
+            "attention.png",
+            "samples.txt",
+        ],
+    )
     assert 0.0 <= s["test_seq_acc"] <= 1.0 and np.isfinite(s["test_loss"])
-    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in recs] == [1, 2, 3] and "test_seq_acc" in recs[1]
+    assert [c["num_steps"] for c in fit_calls] == [3]
+    recs = _jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(np.isfinite(r["loss"]) and r["lr"] == pytest.approx(0.005) for r in recs)
+    assert all(0.0 <= r["token_acc"] <= 1.0 for r in recs)
+    evals = _jsonl(out / "eval.jsonl")
+    assert [e["step"] for e in evals] == [2, 3]
+    assert evals[-1]["test_seq_acc"] == pytest.approx(s["test_seq_acc"])
 
 
 def test_long_memory_generators(long_memory):
@@ -119,16 +159,23 @@ def test_long_memory_generators(long_memory):
 
 
 @pytest.mark.parametrize("task,cells", [("adding", "irnn"), ("copy", "gru")])
-def test_long_memory_smoke(long_memory, tmp_path, task, cells):
+def test_long_memory_smoke(long_memory, tmp_path, task, cells, fit_calls):
     out = tmp_path / task
     s = long_memory.main(
         ["--task", task, "--T", "6", "--cells", cells, "--steps", "2", "--batch", "4",
          "--hidden", "4", "--test-size", "8", "--eval-every", "1", "--out", str(out), "--quiet"]
     )  # fmt: skip
-    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "grad_norms.png"])
-    assert list(s["cells"]) == cells.split(",")
+    _outputs(out, ["metrics.jsonl", "eval.jsonl", "summary.json", "curves.png", "grad_norms.png"])
+    assert list(s["cells"]) == cells.split(",") and len(fit_calls) == 1
     for r in s["cells"].values():
         assert np.isfinite(r["test_loss"]) and r["grad_ratio_first_last_at_init"] > 0
+    recs = _jsonl(out / "metrics.jsonl")
+    assert [(r["run"], r["step"]) for r in recs] == [(cells, 1), (cells, 2)]
+    evals = _jsonl(out / "eval.jsonl")
+    assert [(e["run"], e["step"]) for e in evals] == [(cells, 1), (cells, 2)]
+    assert evals[-1]["test_loss"] == pytest.approx(s["cells"][cells]["test_loss"])
+    if task == "copy":
+        assert 0.0 <= evals[-1]["test_recall_acc"] <= 1.0
     with pytest.raises(SystemExit):
         long_memory.main(["--cells", "transformer", "--out", str(out)])
 
@@ -143,14 +190,30 @@ def test_tag_sequence(tagging):
         np.testing.assert_array_equal(tags[:n, b], tagging.tag_sequence(tokens[:n, b]))
 
 
-def test_tagging_smoke(tagging, tmp_path):
+def test_tagging_smoke(tagging, tmp_path, fit_calls):
+    """Both taggers train through js.fit into one log, and their loss falls."""
     out = tmp_path / "tag"
+    steps = 24
     s = tagging.main(
-        ["--steps", "2", "--batch", "4", "--hidden", "4", "--embed", "4", "--max-len", "6",
-         "--test-size", "8", "--eval-every", "1", "--no-compare", "--out", str(out), "--quiet"]
+        ["--steps", str(steps), "--batch", "16", "--hidden", "8", "--embed", "8",
+         "--max-len", "6", "--lr", "0.03", "--test-size", "64", "--eval-every", "12",
+         "--out", str(out), "--quiet"]
     )  # fmt: skip
-    _outputs(out, ["metrics.jsonl", "summary.json", "curves.png", "predictions.txt"])
-    assert set(s["models"]) == {"bilstm"}
-    for r in s["models"].values():
+    _outputs(out, ["metrics.jsonl", "eval.jsonl", "summary.json", "curves.png", "predictions.txt"])
+    runs = ["bilstm", "lstm_forward"]
+    assert list(s["models"]) == runs and [c["num_steps"] for c in fit_calls] == [steps, steps]
+    recs = _jsonl(out / "metrics.jsonl")
+    assert [(r["run"], r["step"]) for r in recs] == [
+        (run, i) for run in runs for i in range(1, steps + 1)
+    ]
+    evals = _jsonl(out / "eval.jsonl")
+    assert [(e["run"], e["step"]) for e in evals] == [(run, i) for run in runs for i in (12, 24)]
+    for run in runs:
+        loss = [r["loss"] for r in recs if r["run"] == run]
+        assert np.mean(loss[-4:]) < 0.9 * np.mean(loss[:4]), (run, loss)
+        r = s["models"][run]
         assert 0.0 <= r["test_token_acc"] <= 1.0 and np.isfinite(r["test_loss"])
+        assert r["test_token_acc"] == pytest.approx(
+            evals[runs.index(run) * 2 + 1]["test_token_acc"]
+        )
     assert "gold" in (out / "predictions.txt").read_text()
