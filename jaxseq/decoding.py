@@ -1,10 +1,17 @@
-"""Generation from a language model by ``lax.scan``: greedy, temperature, top-k.
+"""Generation by ``lax.scan``: one decoding loop (greedy, temperature, top-k) for
+every model that can take one step at a time.
 
-The priming tokens run through the model in one rollout; then each generated
-token is fed back for the next step inside a scan, so the whole generation
-compiles once for a given length::
+:func:`generate` is the loop. It takes a ``step(carry, tokens) -> (carry, logits)``
+function and the logits of the first token to choose; it picks a token, feeds it
+back, and repeats, inside one scan, so a whole generation compiles once for a
+given length. :func:`sample` runs it for a language model (after one rollout over
+the priming tokens), :func:`greedy_decode` for an encoder-decoder::
 
-    ids = js.decoding.sample(model, params, key, prime, 200, temperature=0.8, top_k=10)
+    ids = js.decoding.sample(key, model, params, prime, 200, temperature=0.8, top_k=10)
+    toks, weights = js.decoding.greedy_decode(s2s, params, src, 20, bos_id=1)
+
+Keys: the first token is drawn with ``k0`` and token ``i >= 1`` with ``keys[i - 1]``,
+where ``k0, rest = split(key)`` and ``keys = split(rest, N)``.
 
 Shapes: P priming length, N generated length, B batch (any number of dims), V vocabulary.
 """
@@ -19,6 +26,8 @@ import jax.numpy as jnp
 from jaxseq import _checks
 
 __all__ = [
+    "generate",
+    "greedy_decode",
     "sample",
     "sample_logits",
 ]
@@ -30,9 +39,17 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, greedy=False):
     ``greedy``: argmax. Otherwise softmax of ``logits / temperature`` restricted to
     the ``top_k`` largest logits (all when None), in float32. ``temperature``,
     ``top_k`` and ``greedy`` may be traced values (one compilation for all settings).
+
+    >>> logits = jnp.array([[0.0, 5.0, 4.9, -1.0]])
+    >>> sample_logits(jax.random.key(0), logits, greedy=True).tolist()
+    [1]
+    >>> int(sample_logits(jax.random.key(0), logits, top_k=2)[0]) in (1, 2)
+    True
     """
     _checks.check_floating("logits", logits)
     logits = logits.astype(jnp.float32)
+    if greedy is True:  # a static choice: nothing to draw
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
     if top_k is not None:
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v)
@@ -42,28 +59,97 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, greedy=False):
     return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
 
 
-def _check_args(model, prime, length, temperature, top_k):
-    prime = _checks.as_array("prime", prime)
-    _checks.check_integer("prime", prime)
-    _checks.check_min_ndim("prime", prime, 1, "[P, *B]")
-    if prime.shape[0] < 1:
-        raise ValueError(
-            f"prime: expected at least one priming token [P>=1, *B], got {_checks.describe(prime)}"
-        )
-    _checks.check_positive_int("length", length)
+def _check_settings(length, temperature, top_k, vocab_size):
+    n = _checks.check_positive_int("length", length)
     if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
     if top_k is not None:
         _checks.check_positive_int("top_k", top_k)
-        if top_k > model.vocab_size:
-            raise ValueError(f"top_k: expected at most vocab_size={model.vocab_size}, got {top_k}")
-    return prime
+        if top_k > vocab_size:
+            raise ValueError(f"top_k: expected at most vocab_size={vocab_size}, got {top_k}")
+    return n
+
+
+def _decode(step, carry, first, keys, temperature, top_k, greedy, has_aux):
+    """The loop: ``first`` is ``logits`` or ``(logits, aux)``; ``keys: [N, ...]``."""
+    logits, aux = first if has_aux else (first, None)
+    tok = sample_logits(keys[0], logits, temperature=temperature, top_k=top_k, greedy=greedy)
+
+    def body(state, k):
+        c, t = state
+        c, out = step(c, t)
+        lg, a = out if has_aux else (out, None)
+        nxt = sample_logits(k, lg, temperature=temperature, top_k=top_k, greedy=greedy)
+        return (c, nxt), (nxt, a)
+
+    _, (toks, auxs) = jax.lax.scan(body, (carry, tok), keys[1:])
+    toks = jnp.concatenate([tok[None], toks])
+    if not has_aux:
+        return toks
+    auxs = jax.tree_util.tree_map(lambda a0, rest: jnp.concatenate([a0[None], rest]), aux, auxs)
+    return toks, auxs
+
+
+def _step_keys(key, n):
+    """``[k0, split(rest, N)[0], ..., split(rest, N)[N-2]]`` for ``k0, rest = split(key)``."""
+    k0, rest = jax.random.split(key)
+    return jnp.concatenate([k0[None], jax.random.split(rest, n)[:-1]])
+
+
+def generate(
+    key,
+    step,
+    carry,
+    logits,
+    length: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    greedy: bool = False,
+    has_aux: bool = False,
+):
+    """The decoding loop: choose a token from ``logits``, feed it to ``step``, repeat.
+
+    Args:
+      key: PRNG key (``None`` allowed when ``greedy``).
+      step: ``step(carry, tokens int32[*B]) -> (carry, logits [*B, V])``, or with
+        ``has_aux`` ``-> (carry, (logits, aux))`` (e.g. attention weights).
+      carry: the state ``step`` starts from.
+      logits: ``[*B, V]``, the scores of the first token to choose (with ``has_aux``
+        the pair ``(logits, aux)`` of the step that made them).
+      length: N, the number of tokens to generate (``step`` runs N - 1 times).
+      temperature, top_k, greedy: as :func:`sample_logits`.
+      has_aux: ``step`` also returns a pytree to stack over the generated steps.
+
+    Returns ``int32[N, *B]`` (and with ``has_aux`` the stacked ``aux [N, ...]``,
+    entry ``i`` from the step whose logits chose token ``i``).
+
+    >>> table = jnp.eye(4)[jnp.array([1, 2, 3, 0])] * 5.0  # token t -> logits favouring t+1
+    >>> step = lambda c, t: (c, table[t])
+    >>> generate(None, step, (), table[jnp.array([0])], 5, greedy=True)[:, 0].tolist()
+    [1, 2, 3, 0, 1]
+    """
+    n = _checks.check_positive_int("length", length)
+    if not callable(step):
+        raise TypeError(
+            f"step: expected a function (carry, tokens) -> (carry, logits), got {step!r}"
+        )
+    first = logits[0] if has_aux else logits
+    first = _checks.as_array("logits", first)
+    _checks.check_floating("logits", first)
+    _checks.check_min_ndim("logits", first, 1, "[*B, V]")
+    if key is None:
+        if not (isinstance(greedy, bool) and greedy):
+            raise TypeError("key: expected a jax.random key (None only with greedy=True), got None")
+        key = jax.random.key(0)  # unused: argmax draws nothing
+    _checks.check_key("key", key)
+    return _decode(step, carry, logits, _step_keys(key, n), temperature, top_k, greedy, has_aux)
 
 
 def sample(
+    key,
     model,
     params,
-    key,
     prime,
     length: int,
     *,
@@ -72,12 +158,14 @@ def sample(
     greedy: bool = False,
     carry=None,
 ):
-    """Generates ``length`` tokens after ``prime``.
+    """Generates ``length`` tokens after ``prime`` from a language model.
 
     Args:
-      model: a :class:`jaxseq.models.LanguageModel`.
-      params: its params.
       key: PRNG key (unused when ``greedy``).
+      model: a :class:`jaxseq.models.LanguageModel` (any model with ``apply(params,
+        carry, tokens) -> (carry, logits)``, ``initial_carry``, ``check_params`` and
+        ``vocab_size``).
+      params: its params.
       prime: ``int[P, *B]`` priming tokens (P >= 1), time-major.
       length: N, the number of tokens to generate.
       temperature: divides the logits (< 1: more conservative, > 1: more diverse).
@@ -87,14 +175,29 @@ def sample(
 
     Returns:
       ``int32[N, *B]`` generated tokens (the prime is not included).
+
+    >>> from jaxseq.models import char_lm
+    >>> lm = char_lm(9, num_layers=1, hidden_size=8, embedding_size=4)
+    >>> params = lm.init(jax.random.key(0))
+    >>> prime = jnp.array([[1, 2], [3, 4]])  # [P, B]
+    >>> ids = sample(jax.random.key(1), lm, params, prime, 5, top_k=3)
+    >>> ids.shape, ids.dtype
+    ((5, 2), dtype('int32'))
     """
-    prime = _check_args(model, prime, length, temperature, top_k)
     _checks.check_key("key", key)
+    prime = _checks.as_array("prime", prime)
+    _checks.check_integer("prime", prime)
+    _checks.check_min_ndim("prime", prime, 1, "[P, *B]")
+    if prime.shape[0] < 1:
+        raise ValueError(
+            f"prime: expected at least one priming token [P>=1, *B], got {_checks.describe(prime)}"
+        )
+    n = _check_settings(length, temperature, top_k, model.vocab_size)
     model.check_params(params)
     if carry is None:
         carry = model.initial_carry(tuple(prime.shape[1:]))
     k = model.vocab_size if top_k is None else int(top_k)
-    return _sample_jit(model, int(length))(
+    return _sample_jit(model, n)(
         params, key, prime.astype(jnp.int32), carry, jnp.float32(temperature), jnp.int32(k),
         jnp.bool_(greedy),
     )  # fmt: skip
@@ -105,17 +208,49 @@ def _sample_jit(model, length):
     @jax.jit
     def run(params, key, prime, carry, temperature, top_k, greedy):
         carry, logits = model.apply(params, carry, prime)
-        k0, key = jax.random.split(key)
-        first = sample_logits(k0, logits[-1], temperature=temperature, top_k=top_k, greedy=greedy)
 
-        def body(state, k):
-            c, tok = state
+        def step(c, tok):
             c, lg = model.apply(params, c, tok[None])
-            nxt = sample_logits(k, lg[0], temperature=temperature, top_k=top_k, greedy=greedy)
-            return (c, nxt), tok
+            return c, lg[0]
 
-        keys = jax.random.split(key, length)
-        _, toks = jax.lax.scan(body, (carry, first), keys)
-        return toks
+        keys = _step_keys(key, length)
+        return _decode(step, carry, logits[-1], keys, temperature, top_k, greedy, False)
 
     return run
+
+
+def greedy_decode(model, params, src, length: int, *, bos_id: int, src_lengths=None):
+    """Greedy decoding of ``length`` tokens after ``bos_id`` from an encoder-decoder.
+
+    Args:
+      model: a :class:`jaxseq.models.Seq2SeqAttention` (any model with
+        ``encode(params, src, src_lengths) -> Encoded``, ``step(params, enc, carry,
+        y_prev) -> (carry, logits, weights)`` and ``tgt_vocab_size``).
+      params: its params.
+      src: ``int[S, B]`` source tokens, time-major.
+      length: N, the number of tokens to generate.
+      bos_id: the token the decoder starts from.
+      src_lengths: optional ``int[B]`` source lengths (default S).
+
+    Returns ``(tokens int32[N, B], attention weights float32[N, B, S])``; cut each
+    sequence at its first end-of-sequence token yourself. One scan: compiles once.
+
+    >>> from jaxseq.models import Seq2SeqAttention
+    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
+    >>> params = s2s.init(jax.random.key(0))
+    >>> toks, w = greedy_decode(s2s, params, jnp.zeros((4, 2), jnp.int32), 3, bos_id=0)
+    >>> toks.shape, w.shape
+    ((3, 2), (3, 2, 4))
+    """
+    n = _checks.check_positive_int("length", length)
+    if not 0 <= int(bos_id) < model.tgt_vocab_size:
+        raise ValueError(f"bos_id: expected an id in [0, {model.tgt_vocab_size}), got {bos_id!r}")
+    enc = model.encode(params, src, src_lengths)
+    b = enc.states.shape[0]
+
+    def step(carry, y):
+        carry, logits, w = model.step(params, enc, carry, y)
+        return carry, (logits, w)
+
+    carry, first = step(enc.carry, jnp.full((b,), int(bos_id), jnp.int32))
+    return generate(None, step, carry, first, n, greedy=True, has_aux=True)

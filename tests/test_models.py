@@ -11,7 +11,9 @@ from jaxseq import models
 
 @pytest.fixture
 def lm():
-    return models.char_lm(6, cell="gru", layers=2, hidden=5, embed_dim=3, dropout_rate=0.3)
+    return models.char_lm(
+        6, cell="gru", num_layers=2, hidden_size=5, embedding_size=3, dropout_rate=0.3
+    )
 
 
 def test_shapes_and_carry_threading(lm, key):
@@ -69,7 +71,7 @@ def test_reset_lengths_and_dropout(lm, key):
 
 
 def test_variational_dropout_masks_embeddings_and_head_input_once_per_sequence(key):
-    lm = models.char_lm(6, layers=1, hidden=5, embed_dim=3, dropout_rate=0.5,
+    lm = models.char_lm(6, num_layers=1, hidden_size=5, embedding_size=3, dropout_rate=0.5,
                         variational_dropout=True)  # fmt: skip
     assert lm.stack.variational_dropout and lm.config()["variational_dropout"]
     params = lm.init(key)
@@ -82,15 +84,15 @@ def test_variational_dropout_masks_embeddings_and_head_input_once_per_sequence(k
     want = js.dense(params.head, js.dropout(k_out, h, 0.5, shared_axes=(0,)))
     _, got = lm.apply(params, None, tokens, key=k)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    _, plain = models.char_lm(6, layers=1, hidden=5, embed_dim=3, dropout_rate=0.5).apply(
-        params, None, tokens, key=k
-    )
+    _, plain = models.char_lm(
+        6, num_layers=1, hidden_size=5, embedding_size=3, dropout_rate=0.5
+    ).apply(params, None, tokens, key=k)
     assert not np.allclose(plain, got)
 
 
 def test_vocab_and_config_errors(lm, key):
     params = lm.init(key)
-    other = models.char_lm(7, cell="gru", layers=2, hidden=5, embed_dim=3)
+    other = models.char_lm(7, cell="gru", num_layers=2, hidden_size=5, embedding_size=3)
     with pytest.raises(ValueError, match=r"params.embedding: expected shape \[V=7, E=3\]"):
         other.apply(params, None, jnp.zeros((2, 1), jnp.int32))
     with pytest.raises(TypeError, match="tokens: expected an integer dtype"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import models
+from jaxseq import decoding, models
 
 
 def _tokens(key, shape, v):
@@ -16,7 +16,7 @@ def _tokens(key, shape, v):
 
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_tagger_sees_the_future_only_when_bidirectional(key, bidirectional):
-    tg = models.tagger(4, input_size=3, cell="gru", hidden=5, bidirectional=bidirectional)
+    tg = models.tagger(4, input_size=3, cell="gru", hidden_size=5, bidirectional=bidirectional)
     params = tg.init(key)
     xs = jax.random.normal(jax.random.fold_in(key, 1), (6, 2, 3))
     logits = jax.eval_shape(tg.apply, params, xs)
@@ -29,7 +29,7 @@ def test_tagger_sees_the_future_only_when_bidirectional(key, bidirectional):
 
 
 def test_tagger_padding_invariance(key):
-    tg = models.tagger(3, vocab_size=7, embed_dim=4, cell="lstm", hidden=6)
+    tg = models.tagger(3, vocab_size=7, embedding_size=4, cell="lstm", hidden_size=6)
     params = tg.init(key)
     tokens = _tokens(jax.random.fold_in(key, 2), (8, 3), 7)
     lengths = jnp.array([8, 5, 2])
@@ -47,7 +47,7 @@ def test_tagger_padding_invariance(key):
 
 
 def test_classifier_last_pool_matches_a_manual_rollout(key):
-    clf = models.classifier(2, input_size=3, cell="rnn", hidden=4)
+    clf = models.classifier(2, input_size=3, cell="rnn", hidden_size=4)
     params = clf.init(key)
     xs = jax.random.normal(jax.random.fold_in(key, 3), (7, 2, 3))
     lengths = jnp.array([7, 4])
@@ -60,14 +60,14 @@ def test_classifier_last_pool_matches_a_manual_rollout(key):
 
 
 def test_classifier_bidirectional_last_and_mean_pool(key):
-    clf = models.classifier(3, vocab_size=5, embed_dim=4, hidden=3, bidirectional=True)
+    clf = models.classifier(3, vocab_size=5, embedding_size=4, hidden_size=3, bidirectional=True)
     params = clf.init(key)
     tokens = _tokens(jax.random.fold_in(key, 4), (6, 2), 5)
     lengths = jnp.array([6, 3])
     out = jax.jit(lambda p, x, n: clf.apply(p, x, lengths=n))(params, tokens, lengths)
     alone = jax.jit(clf.apply)(params, tokens[:3, 1:2])
     np.testing.assert_allclose(out[1], alone[0], rtol=1e-5, atol=1e-5)
-    mean_clf = models.SequenceClassifier(clf.stack, 3, vocab_size=5, embed_dim=4, pool="mean")
+    mean_clf = models.SequenceClassifier(clf.stack, 3, vocab_size=5, embedding_size=4, pool="mean")
     m, ys = jax.jit(
         lambda p, x, n: (
             mean_clf.apply(p, x, lengths=n),
@@ -80,7 +80,7 @@ def test_classifier_bidirectional_last_and_mean_pool(key):
 
 def test_irnn_cell_kwargs_and_dropout_only_with_key(key):
     clf = models.classifier(
-        1, input_size=2, cell="rnn", hidden=4, activation="relu", dropout_rate=0.5,
+        1, input_size=2, cell="rnn", hidden_size=4, activation="relu", dropout_rate=0.5,
         recurrent_init=js.initializers.identity(), bias_init=js.initializers.zeros(),
     )  # fmt: skip
     params = clf.init(key)
@@ -98,13 +98,13 @@ def test_sequence_model_bad_input(key):
         models.tagger(3, vocab_size=5, input_size=2)
     with pytest.raises(ValueError, match="pool"):
         models.classifier(2, input_size=2, pool="max")
-    tg = models.tagger(3, vocab_size=5, embed_dim=2, hidden=3)
+    tg = models.tagger(3, vocab_size=5, embedding_size=2, hidden_size=3)
     params = tg.init(key)
     with pytest.raises(TypeError, match="xs: expected an integer dtype"):
         tg.apply(params, jnp.zeros((4, 2)))
     with pytest.raises(ValueError, match=r"lengths: expected shape \[2\]"):
         tg.apply(params, jnp.zeros((4, 2), jnp.int32), lengths=jnp.array([1, 2, 3]))
-    ft = models.tagger(3, input_size=2, hidden=3)
+    ft = models.tagger(3, input_size=2, hidden_size=3)
     with pytest.raises(ValueError, match="xs: expected last dim D=2"):
         ft.apply(ft.init(key), jnp.zeros((4, 2, 5)))
     with pytest.raises(TypeError, match="params: expected SequenceParams"):
@@ -113,7 +113,9 @@ def test_sequence_model_bad_input(key):
 
 @pytest.fixture
 def s2s():
-    return models.Seq2SeqAttention(6, 5, embed_dim=4, hidden=5, attention_size=3, cell="lstm")
+    return models.Seq2SeqAttention(
+        6, 5, embedding_size=4, hidden_size=5, attention_size=3, cell="lstm"
+    )
 
 
 def test_seq2seq_teacher_forcing_equals_step_by_step(s2s, key):
@@ -146,7 +148,13 @@ def test_seq2seq_matches_reference(key, cell, bidirectional):
     """Encoder, bridge (mean over each source's valid steps), one decoder step and teacher
     forcing against a NumPy float64 model, with every weight and bias random and non-zero."""
     s2s = models.Seq2SeqAttention(
-        6, 5, embed_dim=4, hidden=5, attention_size=3, cell=cell, bidirectional=bidirectional
+        6,
+        5,
+        embedding_size=4,
+        hidden_size=5,
+        attention_size=3,
+        cell=cell,
+        bidirectional=bidirectional,
     )
     params = npm.perturb(s2s.init(key), seed=8)
     src = _tokens(jax.random.fold_in(key, 9), (7, 4), 6)
@@ -181,16 +189,47 @@ def test_seq2seq_matches_reference(key, cell, bidirectional):
 
 def test_seq2seq_greedy_decode_feeds_back_its_argmax(key):
     s2s = models.Seq2SeqAttention(
-        6, 5, embed_dim=4, hidden=5, attention_size=3, bidirectional=False
+        6, 5, embedding_size=4, hidden_size=5, attention_size=3, bidirectional=False
     )
     params = s2s.init(key)
     src = _tokens(jax.random.fold_in(key, 7), (5, 2), 6)
-    toks, w = jax.jit(lambda p, s: s2s.greedy_decode(p, s, 4, bos_id=0))(params, src)
+    toks, w = jax.jit(lambda p, s: decoding.greedy_decode(s2s, p, s, 4, bos_id=0))(params, src)
     assert toks.shape == (4, 2) and toks.dtype == jnp.int32 and w.shape == (4, 2, 5)
     tgt_in = jnp.concatenate([jnp.zeros((1, 2), jnp.int32), toks[:-1]])
     logits, w_tf = jax.jit(s2s.apply)(params, src, tgt_in)
     np.testing.assert_array_equal(jnp.argmax(logits, -1), toks)
     np.testing.assert_allclose(w_tf, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cell,bidirectional", [("lstm", True), ("gru", False)])
+def test_greedy_decode_equals_a_numpy_greedy_loop(key, cell, bidirectional):
+    """greedy_decode against a step-by-step float64 NumPy loop that feeds back its own
+    argmax (peaky head so float32 and float64 agree on every argmax)."""
+    s2s = models.Seq2SeqAttention(
+        6, 5, embedding_size=4, hidden_size=5, attention_size=3, cell=cell,
+        bidirectional=bidirectional,
+    )  # fmt: skip
+    params = npm.perturb(s2s.init(key), seed=21)
+    params = params._replace(head=params.head._replace(w=params.head.w * 4))
+    src = _tokens(jax.random.fold_in(key, 22), (6, 3), 6)
+    lengths = np.array([6, 3, 1])
+    toks, w = decoding.greedy_decode(
+        s2s, params, src, 5, bos_id=2, src_lengths=jnp.asarray(lengths)
+    )
+    assert toks.shape == (5, 3) and toks.dtype == jnp.int32 and w.shape == (5, 3, 6)
+    for b in range(3):
+        states, h0 = npm.seq2seq_encode(
+            params, cell, bidirectional, np.asarray(src[:, b]), lengths[b]
+        )
+        carry, y, want_toks, want_w = npm.seq2seq_initial_carry(cell, h0), 2, [], []
+        for _ in range(5):
+            carry, lg, wt = npm.seq2seq_step(params, cell, states, lengths[b], carry, y)
+            y = int(np.argmax(lg))
+            want_toks.append(y)
+            want_w.append(wt)
+        assert toks[:, b].tolist() == want_toks
+        np.testing.assert_allclose(w[:, b], np.stack(want_w), rtol=1e-5, atol=1e-6)
+    assert len(set(np.asarray(toks).ravel().tolist())) > 1  # not a constant sequence
 
 
 def test_seq2seq_bad_input(s2s, key):
@@ -203,6 +242,6 @@ def test_seq2seq_bad_input(s2s, key):
     with pytest.raises(ValueError, match=r"src_lengths: expected shape \[B=2\]"):
         s2s.encode(params, src, jnp.array([1, 2, 3]))
     with pytest.raises(ValueError, match="bos_id"):
-        s2s.greedy_decode(params, src, 3, bos_id=9)
+        decoding.greedy_decode(s2s, params, src, 3, bos_id=9)
     with pytest.raises(ValueError, match="cell"):
         models.Seq2SeqAttention(3, 3, cell="transformer")

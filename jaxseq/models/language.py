@@ -3,7 +3,7 @@
 :class:`LanguageModel`: token embedding, a :class:`jaxseq.Stack` of recurrent
 layers and a dense head over the vocabulary. Time-major::
 
-    model = js.models.char_lm(vocab_size=65, cell="lstm", layers=2, hidden=256)
+    model = js.models.char_lm(vocab_size=65, cell="lstm", num_layers=2, hidden_size=256)
     params = model.init(key)                      # LMParams(embedding, stack, head)
     carry = model.initial_carry((B,))             # tuple of per-layer carries
     carry, logits = model.apply(params, carry, tokens)   # int[T, B] -> [T, B, V]
@@ -24,11 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.nn.dense import DenseParams, dense, dense_init
-from jaxseq.nn.dropout import dropout
-from jaxseq.nn.embedding import embed, embedding_init
-from jaxseq.recurrent.cells import GRU, LSTM, RNN
-from jaxseq.recurrent.layers import Stack, stacked_rollout
+from jaxseq.models._body import CELLS, check_tokens, init_body, recurrent_stack, run_body
+from jaxseq.nn.dense import DenseParams, dense
+from jaxseq.nn.embedding import embed
+from jaxseq.recurrent.layers import Stack
 
 __all__ = [
     "CELLS",
@@ -38,10 +37,9 @@ __all__ = [
 ]
 
 
-CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
-
-
 class LMParams(NamedTuple):
+    """Language-model parameters: ``embedding [V, E]``, per-layer ``stack`` params, ``head [H, V]``."""
+
     embedding: jax.Array  # [V, E]
     stack: tuple  # per-layer cell params
     head: DenseParams  # w [H, V], b [V]
@@ -53,35 +51,41 @@ class LanguageModel:
 
     Args:
       vocab_size: V.
-      embed_dim: E, the embedding size (input size of the first layer).
+      embedding_size: E, the embedding size (input size of the first layer).
       stack: a :class:`jaxseq.Stack` (its ``dropout_rate`` applies between layers).
       dropout_rate: dropout on the embeddings and on the last layer's outputs
         (before the head); like the stack's, it is on only when ``apply`` gets a ``key``.
-      unroll: the ``lax.scan`` unroll passed to the rollouts.
+      unroll: the ``lax.scan`` unroll passed to :func:`jaxseq.rollout` (default "auto").
       variational_dropout: share each dropout mask over the time axis (one mask per
         sequence and chunk, as the stack's ``variational_dropout``).
+
+    >>> import jaxseq as js
+    >>> lm = LanguageModel(11, 4, js.Stack([js.GRU(8)]))
+    >>> params = lm.init(jax.random.key(0))
+    >>> carry, logits = lm.apply(params, None, jnp.zeros((5, 2), jnp.int32))  # [T, B]
+    >>> logits.shape, carry[0].h.shape
+    ((5, 2, 11), (2, 8))
     """
 
     vocab_size: int
-    embed_dim: int
+    embedding_size: int
     stack: Stack
     dropout_rate: float = 0.0
-    unroll: Any = 1
+    unroll: Any = "auto"
     variational_dropout: bool = False
 
     def __post_init__(self):
         _checks.check_positive_int("vocab_size", self.vocab_size)
-        _checks.check_positive_int("embed_dim", self.embed_dim)
+        _checks.check_positive_int("embedding_size", self.embedding_size)
         if not isinstance(self.stack, Stack):
             raise TypeError(f"stack: expected js.Stack, got {type(self.stack).__name__}")
         _checks.check_rate("dropout_rate", self.dropout_rate)
 
     def init(self, key, dtype=jnp.float32) -> LMParams:
-        _checks.check_key("key", key)
-        ke, ks, kh = jax.random.split(key, 3)
-        emb = embedding_init(ke, self.vocab_size, self.embed_dim, dtype)
-        stack = self.stack.init(ks, self.embed_dim, dtype)
-        head = dense_init(kh, self.stack.output_size, self.vocab_size, dtype)
+        """Parameters: ``embedding [V, E]`` N(0, 1), the stack's, a LeCun-normal head ``[H, V]``."""
+        emb, stack, head = init_body(
+            key, self.stack, self.embedding_size, self.vocab_size, self.vocab_size, dtype
+        )
         return LMParams(emb, stack, head)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> tuple:
@@ -100,7 +104,7 @@ class LanguageModel:
             layers.append(d)
         return {
             "vocab_size": self.vocab_size,
-            "embed_dim": self.embed_dim,
+            "embedding_size": self.embedding_size,
             "layers": layers,
             "residual": bool(self.stack.residual),
             "stack_dropout": float(self.stack.dropout_rate),
@@ -110,16 +114,18 @@ class LanguageModel:
         }
 
     def check_tokens(self, tokens, name: str = "tokens"):
-        tokens = _checks.as_array(name, tokens)
-        _checks.check_integer(name, tokens)
-        _checks.check_min_ndim(name, tokens, 1, "[T, *B]")
-        return tokens
+        """Validates token ids ``int[T, *B]`` and returns them as an array."""
+        return check_tokens(name, tokens)
 
     def check_params(self, params, name: str = "params") -> None:
+        """Raises unless ``params`` are :class:`LMParams` of this model's sizes."""
         if not isinstance(params, LMParams):
             raise TypeError(f"{name}: expected LMParams, got {type(params).__name__}")
         _checks.check_shape(
-            f"{name}.embedding", params.embedding, (self.vocab_size, self.embed_dim), ("V", "E")
+            f"{name}.embedding",
+            params.embedding,
+            (self.vocab_size, self.embedding_size),
+            ("V", "E"),
         )
         _checks.check_shape(
             f"{name}.head.w", params.head.w, (self.stack.output_size, self.vocab_size), ("H", "V")
@@ -142,61 +148,53 @@ class LanguageModel:
         """
         self.check_params(params)
         tokens = self.check_tokens(tokens)
-        batch_shape = tuple(tokens.shape[1:])
         if carry is None:
-            carry = self.initial_carry(batch_shape)
-        use_dropout = key is not None and self.dropout_rate > 0.0
-        shared = (0,) if self.variational_dropout else ()  # time axis: one mask per chunk
-        k_in = k_stack = k_out = None
-        if key is not None:
-            _checks.check_key("key", key)
-            k_in, k_stack, k_out = jax.random.split(key, 3)
-        x = embed(params.embedding, tokens)
-        if use_dropout:
-            x = dropout(k_in, x, self.dropout_rate, shared_axes=shared)
-        carry, h = stacked_rollout(
+            carry = self.initial_carry(tuple(tokens.shape[1:]))
+        carry, h = run_body(
             self.stack,
             params.stack,
-            x,
+            embed(params.embedding, tokens),
             tuple(carry),
+            dropout_rate=self.dropout_rate,
+            shared_axes=(0,) if self.variational_dropout else (),  # one mask per chunk
             lengths=lengths,
             reset=reset,
-            key=k_stack,
             unroll=self.unroll,
+            key=key,
         )
-        if use_dropout:
-            h = dropout(k_out, h, self.dropout_rate, shared_axes=shared)
-        logits = dense(params.head, h).astype(jnp.float32)
-        return carry, logits
+        return carry, dense(params.head, h).astype(jnp.float32)
 
 
 def char_lm(
     vocab_size: int,
     *,
     cell: str = "lstm",
-    layers: int = 2,
-    hidden: int = 256,
-    embed_dim: int = 128,
+    num_layers: int = 2,
+    hidden_size: int = 256,
+    embedding_size: int = 128,
     dropout_rate: float = 0.0,
-    layer_dropout: float | None = None,
+    layer_dropout_rate: float | None = None,
     variational_dropout: bool = False,
-    unroll: Any = 1,
+    unroll: Any = "auto",
 ) -> LanguageModel:
-    """A character language model: ``layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
+    """A character language model: ``num_layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
 
     ``dropout_rate`` applies to the embeddings and the head input;
-    ``layer_dropout`` (default: ``dropout_rate``) between the recurrent layers;
+    ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
     ``variational_dropout`` shares every mask over time (one per stream and chunk).
+
+    >>> lm = char_lm(65, num_layers=2, hidden_size=16, embedding_size=8)
+    >>> [type(c).__name__ for c in lm.stack.layers], lm.stack.output_size
+    (['LSTM', 'LSTM'], 16)
     """
-    _checks.check_choice("cell", cell, tuple(CELLS))
-    n = _checks.check_positive_int("layers", layers)
-    h = _checks.check_positive_int("hidden", hidden)
-    cells = tuple(CELLS[cell](h) for _ in range(n))
-    ld = dropout_rate if layer_dropout is None else layer_dropout
+    ld = dropout_rate if layer_dropout_rate is None else layer_dropout_rate
+    stack = recurrent_stack(
+        cell, hidden_size, num_layers, dropout_rate=ld, variational_dropout=variational_dropout
+    )
     return LanguageModel(
         vocab_size,
-        embed_dim,
-        Stack(cells, dropout_rate=ld, variational_dropout=variational_dropout),
+        embedding_size,
+        stack,
         dropout_rate=dropout_rate,
         unroll=unroll,
         variational_dropout=variational_dropout,

@@ -15,16 +15,18 @@ from jaxseq.attention.additive import (
     additive_attention_init,
     additive_attention_keys,
 )
-from jaxseq.models.language import CELLS
+from jaxseq.models._body import CELLS, check_tokens
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.embedding import embed, embedding_init
-from jaxseq.recurrent.layers import Bidirectional, bidirectional_rollout
+from jaxseq.recurrent.layers import Bidirectional
 from jaxseq.recurrent.rollouts import rollout
 
 __all__ = ["Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
 
 
 class Seq2SeqParams(NamedTuple):
+    """Encoder-decoder parameters (shapes per field below)."""
+
     src_embedding: jax.Array  # [Vs, E]
     tgt_embedding: jax.Array  # [Vt, E]
     encoder: Any  # BidirectionalParams, or one cell's params
@@ -57,46 +59,65 @@ class Seq2SeqAttention:
     with ``s_0 = tanh(W_b mean_j h_j + b_b)`` (the cell state of an LSTM starts at 0).
 
     Time-major with ONE batch dim: ``src: int[S, B]``, ``tgt_in: int[T, B]``.
+    Generation: :func:`jaxseq.decoding.greedy_decode` (the decoding loop lives in
+    :mod:`jaxseq.decoding`, above the models).
 
     Args:
       src_vocab_size, tgt_vocab_size: Vs, Vt.
-      embed_dim: E, for source and target embeddings.
-      hidden: H of the encoder cells (each direction) and of the decoder cell.
+      embedding_size: E, for source and target embeddings.
+      hidden_size: H of the encoder cells (each direction) and of the decoder cell.
       attention_size: A.
       cell: "gru" (default), "lstm" or "rnn", for encoder and decoder.
       bidirectional: encoder direction(s); He = 2H when True, else H.
+
+    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
+    >>> params = s2s.init(jax.random.key(0))
+    >>> src, tgt_in = jnp.zeros((4, 2), jnp.int32), jnp.zeros((3, 2), jnp.int32)
+    >>> logits, weights = s2s.apply(params, src, tgt_in, src_lengths=jnp.array([4, 2]))
+    >>> logits.shape, weights.shape, weights[0, 1].round(3).tolist()
+    ((3, 2, 5), (3, 2, 4), [0.5, 0.5, 0.0, 0.0])
     """
 
     src_vocab_size: int
     tgt_vocab_size: int
-    embed_dim: int = 64
-    hidden: int = 128
+    embedding_size: int = 64
+    hidden_size: int = 128
     attention_size: int = 64
     cell: str = "gru"
     bidirectional: bool = True
 
     def __post_init__(self):
-        for name in ("src_vocab_size", "tgt_vocab_size", "embed_dim", "hidden", "attention_size"):
+        for name in (
+            "src_vocab_size",
+            "tgt_vocab_size",
+            "embedding_size",
+            "hidden_size",
+            "attention_size",
+        ):
             _checks.check_positive_int(name, getattr(self, name))
         _checks.check_choice("cell", self.cell, tuple(CELLS))
 
     @property
     def encoder(self):
-        c = CELLS[self.cell](self.hidden)
+        """The encoder layer: a cell, or a :class:`jaxseq.Bidirectional` pair of cells."""
+        c = CELLS[self.cell](self.hidden_size)
         return Bidirectional(c) if self.bidirectional else c
 
     @property
     def decoder(self):
-        return CELLS[self.cell](self.hidden)
+        """The decoder cell (input ``E + He``, state ``H``)."""
+        return CELLS[self.cell](self.hidden_size)
 
     @property
     def encoder_size(self) -> int:
+        """He: the size of an encoder state."""
         return self.encoder.output_size
 
     def init(self, key, dtype=jnp.float32) -> Seq2SeqParams:
+        """Parameters: embeddings N(0, 1), cells by their initialisers, LeCun-normal dense layers."""
         _checks.check_key("key", key)
         ks = jax.random.split(key, 7)
-        e, h, he = self.embed_dim, self.hidden, self.encoder_size
+        e, h, he = self.embedding_size, self.hidden_size, self.encoder_size
         return Seq2SeqParams(
             src_embedding=embedding_init(ks[0], self.src_vocab_size, e, dtype),
             tgt_embedding=embedding_init(ks[1], self.tgt_vocab_size, e, dtype),
@@ -108,9 +129,10 @@ class Seq2SeqAttention:
         )
 
     def check_params(self, params, name: str = "params") -> None:
+        """Raises unless ``params`` are :class:`Seq2SeqParams` of this model's sizes."""
         if not isinstance(params, Seq2SeqParams):
             raise TypeError(f"{name}: expected Seq2SeqParams, got {type(params).__name__}")
-        e = self.embed_dim
+        e = self.embedding_size
         _checks.check_shape(
             f"{name}.src_embedding", params.src_embedding, (self.src_vocab_size, e), ("Vs", "E")
         )
@@ -120,14 +142,12 @@ class Seq2SeqAttention:
         _checks.check_shape(
             f"{name}.head.w",
             params.head.w,
-            (self.hidden + self.encoder_size, self.tgt_vocab_size),
+            (self.hidden_size + self.encoder_size, self.tgt_vocab_size),
             ("Hd+He", "Vt"),
         )
 
     def _tokens(self, name, x, batch=None):
-        x = _checks.as_array(name, x)
-        _checks.check_integer(name, x)
-        _checks.check_ndim(name, x, 2, "[T, B] token ids (time-major, one batch dim)")
+        x = check_tokens(name, x, "[T, B] token ids (time-major, one batch dim)", ndim=2)
         if batch is not None and x.shape[1] != batch:
             raise ValueError(
                 f"{name}: expected batch B={batch} (the batch of src), got {_checks.describe(x)}"
@@ -146,11 +166,7 @@ class Seq2SeqAttention:
         _checks.check_shape("src_lengths", src_lengths, (b,), ("B",))
         src_lengths = src_lengths.astype(jnp.int32)
         x = embed(params.src_embedding, src)
-        layer = self.encoder
-        if isinstance(layer, Bidirectional):
-            _, hs = bidirectional_rollout(layer, params.encoder, x, lengths=src_lengths)
-        else:
-            _, hs = rollout(layer, params.encoder, x, lengths=src_lengths)
+        _, hs = rollout(self.encoder, params.encoder, x, lengths=src_lengths)
         states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
         keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
         mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
@@ -162,7 +178,7 @@ class Seq2SeqAttention:
 
     def _attend(self, params, enc: Encoded, query):
         def one(q, st, k, n):
-            return additive_attention(params.attention, q, st, length=n, projected_keys=k)
+            return additive_attention(params.attention, q, st, lengths=n, projected_keys=k)
 
         return jax.vmap(one)(query, enc.states, enc.keys, enc.lengths)
 
@@ -189,29 +205,3 @@ class Seq2SeqAttention:
 
         _, (logits, weights) = jax.lax.scan(body, enc.carry, tgt_in)
         return logits, weights
-
-    def greedy_decode(
-        self, params: Seq2SeqParams, src, length: int, *, bos_id: int, src_lengths=None
-    ):
-        """Greedy decoding of ``length`` tokens after ``bos_id`` (one scan, compiles once).
-
-        Returns ``(tokens int32[N, B], attention weights float32[N, B, S])``; cut each
-        sequence at its first end-of-sequence token yourself.
-        """
-        n = _checks.check_positive_int("length", length)
-        if not 0 <= int(bos_id) < self.tgt_vocab_size:
-            raise ValueError(
-                f"bos_id: expected an id in [0, {self.tgt_vocab_size}), got {bos_id!r}"
-            )
-        enc = self.encode(params, src, src_lengths)
-        b = enc.states.shape[0]
-
-        def body(state, _):
-            carry, y = state
-            carry, logits, w = self.step(params, enc, carry, y)
-            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return (carry, nxt), (nxt, w)
-
-        y0 = jnp.full((b,), int(bos_id), jnp.int32)
-        _, (tokens, weights) = jax.lax.scan(body, (enc.carry, y0), None, length=n)
-        return tokens, weights

@@ -1,5 +1,8 @@
 """Sequence taggers (one label per step) and classifiers (one label per sequence)
 over padded batches with lengths.
+
+Shapes: T time, B batch (any number of dims), D input features, E embedding size,
+H hidden size, V vocabulary size, C classes (or tags). Time-major inputs.
 """
 
 from __future__ import annotations
@@ -11,16 +14,18 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.models.language import CELLS
-from jaxseq.nn.dense import DenseParams, dense, dense_init
-from jaxseq.nn.dropout import dropout
-from jaxseq.nn.embedding import embed, embedding_init
-from jaxseq.recurrent.layers import Bidirectional, Stack, stacked_rollout
+from jaxseq.masks import lengths_to_mask
+from jaxseq.models._body import check_tokens, init_body, recurrent_stack, run_body
+from jaxseq.nn.dense import DenseParams, dense
+from jaxseq.nn.embedding import embed
+from jaxseq.recurrent.layers import Bidirectional, Stack
 
 __all__ = ["SequenceClassifier", "SequenceParams", "SequenceTagger", "classifier", "tagger"]
 
 
 class SequenceParams(NamedTuple):
+    """Tagger/classifier parameters: ``embedding [V, E]`` (or None), ``stack``, ``head [H, C]``."""
+
     embedding: jax.Array | None  # [V, E] for token inputs; None for feature inputs
     stack: tuple  # per-layer cell params
     head: DenseParams  # w [H, C], b [C]
@@ -37,17 +42,17 @@ def _last_hidden(layer, carry):
 class _SequenceModel:
     """Shared input handling of :class:`SequenceTagger` and :class:`SequenceClassifier`.
 
-    Exactly one input kind: tokens (``vocab_size`` and ``embed_dim``: ``int[T, *B]``
+    Exactly one input kind: tokens (``vocab_size`` and ``embedding_size``: ``int[T, *B]``
     ids embedded to ``[T, *B, E]``) or features (``input_size``: ``[T, *B, D]``).
     """
 
     stack: Stack
     num_classes: int
     vocab_size: int | None = None
-    embed_dim: int | None = None
+    embedding_size: int | None = None
     input_size: int | None = None
     dropout_rate: float = 0.0
-    unroll: Any = 1
+    unroll: Any = "auto"
 
     def __post_init__(self):
         if not isinstance(self.stack, Stack):
@@ -61,45 +66,41 @@ class _SequenceModel:
             )
         if tokens:
             _checks.check_positive_int("vocab_size", self.vocab_size)
-            _checks.check_positive_int("embed_dim", self.embed_dim)
+            _checks.check_positive_int("embedding_size", self.embedding_size)
         else:
             _checks.check_positive_int("input_size", self.input_size)
         _checks.check_rate("dropout_rate", self.dropout_rate)
 
     @property
     def _rnn_input_size(self) -> int:
-        return self.embed_dim if self.vocab_size is not None else self.input_size
-
-    @property
-    def _head_input_size(self) -> int:
-        return self.stack.output_size
+        return self.embedding_size if self.vocab_size is not None else self.input_size
 
     def init(self, key, dtype=jnp.float32) -> SequenceParams:
-        _checks.check_key("key", key)
-        ke, ks, kh = jax.random.split(key, 3)
-        emb = None
-        if self.vocab_size is not None:
-            emb = embedding_init(ke, self.vocab_size, self.embed_dim, dtype)
-        stack = self.stack.init(ks, self._rnn_input_size, dtype)
-        head = dense_init(kh, self._head_input_size, self.num_classes, dtype)
+        """Parameters: the embedding (token inputs), the stack's and a head ``[H, C]``."""
+        emb, stack, head = init_body(
+            key, self.stack, self._rnn_input_size, self.num_classes, self.vocab_size, dtype
+        )
         return SequenceParams(emb, stack, head)
 
     def check_params(self, params, name: str = "params") -> None:
+        """Raises unless ``params`` are :class:`SequenceParams` of this model's sizes."""
         if not isinstance(params, SequenceParams):
             raise TypeError(f"{name}: expected SequenceParams, got {type(params).__name__}")
         if self.vocab_size is not None:
             _checks.check_shape(
-                f"{name}.embedding", params.embedding, (self.vocab_size, self.embed_dim), ("V", "E")
+                f"{name}.embedding",
+                params.embedding,
+                (self.vocab_size, self.embedding_size),
+                ("V", "E"),
             )
         _checks.check_shape(
-            f"{name}.head.w", params.head.w, (self._head_input_size, self.num_classes), ("H", "C")
+            f"{name}.head.w", params.head.w, (self.stack.output_size, self.num_classes), ("H", "C")
         )
 
     def _inputs(self, params, xs, lengths):
         xs = _checks.as_array("xs", xs)
         if self.vocab_size is not None:
-            _checks.check_integer("xs", xs)
-            _checks.check_min_ndim("xs", xs, 1, "[T, *B] token ids")
+            xs = check_tokens("xs", xs, "[T, *B] token ids")
             batch_shape = tuple(xs.shape[1:])
             x = embed(params.embedding, xs)
         else:
@@ -120,18 +121,15 @@ class _SequenceModel:
         """-> (per-layer final carries, last-layer outputs ``[T, *B, H]``)."""
         self.check_params(params)
         x, lengths = self._inputs(params, xs, lengths)
-        use_dropout = key is not None and self.dropout_rate > 0.0
-        k_in = k_stack = k_out = None
-        if key is not None:
-            _checks.check_key("key", key)
-            k_in, k_stack, k_out = jax.random.split(key, 3)
-        if use_dropout:
-            x = dropout(k_in, x, self.dropout_rate)
-        carries, h = stacked_rollout(
-            self.stack, params.stack, x, lengths=lengths, key=k_stack, unroll=self.unroll
+        carries, h = run_body(
+            self.stack,
+            params.stack,
+            x,
+            dropout_rate=self.dropout_rate,
+            lengths=lengths,
+            unroll=self.unroll,
+            key=key,
         )
-        if use_dropout:
-            h = dropout(k_out, h, self.dropout_rate)
         return carries, h, lengths
 
 
@@ -142,6 +140,11 @@ class SequenceTagger(_SequenceModel):
     With a bidirectional stack (see :func:`tagger`) every step's prediction sees
     the whole sequence. Args as :class:`SequenceClassifier` (``num_classes`` is the
     number of tags).
+
+    >>> tg = tagger(4, vocab_size=10, embedding_size=3, hidden_size=5)
+    >>> params = tg.init(jax.random.key(0))
+    >>> tg.apply(params, jnp.zeros((6, 2), jnp.int32), lengths=jnp.array([6, 3])).shape
+    (6, 2, 4)
     """
 
     def apply(self, params: SequenceParams, xs, *, lengths=None, key=None):
@@ -169,6 +172,13 @@ class SequenceClassifier(_SequenceModel):
       pool: ``"last"`` the last layer's final hidden state (for a bidirectional
         layer, the forward state after the last valid step and the backward
         state after step 0), or ``"mean"`` the mean of its outputs over valid steps.
+      unroll: the ``lax.scan`` unroll passed to :func:`jaxseq.rollout` (default "auto").
+
+    >>> import jaxseq as js
+    >>> clf = SequenceClassifier(js.Stack([js.GRU(5)]), 3, input_size=2, pool="mean")
+    >>> params = clf.init(jax.random.key(0))
+    >>> clf.apply(params, jnp.ones((4, 7, 2)), lengths=jnp.full((7,), 2)).shape  # [T, B, D]
+    (7, 3)
     """
 
     pool: str = "last"
@@ -183,39 +193,61 @@ class SequenceClassifier(_SequenceModel):
         if self.pool == "last":
             feat = _last_hidden(self.stack.layers[-1], carries[-1])
         else:
-            t = h.shape[0]
             if lengths is None:
                 feat = jnp.mean(h.astype(jnp.float32), axis=0)
             else:
-                steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-                w = (steps < lengths[None]).astype(jnp.float32)[..., None]
-                total = jnp.sum(h.astype(jnp.float32) * w, axis=0)
-                feat = total / jnp.maximum(jnp.sum(w, axis=0), 1.0)
+                valid = lengths_to_mask(lengths, h.shape[0])[..., None]  # [T, *B, 1]
+                total = jnp.sum(jnp.where(valid, h.astype(jnp.float32), 0.0), axis=0)
+                count = jnp.sum(valid, axis=0, dtype=jnp.float32)
+                feat = total / jnp.maximum(count, 1.0)
             feat = feat.astype(h.dtype)
         return dense(params.head, feat).astype(jnp.float32)
 
 
-def _recurrent_stack(cell, hidden, layers, bidirectional, dropout_rate, cell_kwargs):
-    _checks.check_choice("cell", cell, tuple(CELLS))
-    h = _checks.check_positive_int("hidden", hidden)
-    n = _checks.check_positive_int("layers", layers)
-    make = (
-        (lambda: Bidirectional(CELLS[cell](h, **cell_kwargs)))
-        if bidirectional
-        else (lambda: CELLS[cell](h, **cell_kwargs))
+def _build(
+    model_cls,
+    num_outputs,
+    *,
+    vocab_size,
+    embedding_size,
+    input_size,
+    cell,
+    hidden_size,
+    num_layers,
+    bidirectional,
+    dropout_rate,
+    cell_kwargs,
+    **model_kwargs,
+):
+    """The one builder behind :func:`tagger` and :func:`classifier`."""
+    stack = recurrent_stack(
+        cell,
+        hidden_size,
+        num_layers,
+        bidirectional=bidirectional,
+        dropout_rate=dropout_rate,
+        cell_kwargs=cell_kwargs,
     )
-    return Stack(tuple(make() for _ in range(n)), dropout_rate=dropout_rate)
+    return model_cls(
+        stack,
+        num_outputs,
+        vocab_size=vocab_size,
+        embedding_size=embedding_size if vocab_size else None,
+        input_size=input_size,
+        dropout_rate=dropout_rate,
+        **model_kwargs,
+    )
 
 
 def tagger(
     num_tags: int,
     *,
     vocab_size: int | None = None,
-    embed_dim: int = 64,
+    embedding_size: int = 64,
     input_size: int | None = None,
     cell: str = "lstm",
-    hidden: int = 128,
-    layers: int = 1,
+    hidden_size: int = 128,
+    num_layers: int = 1,
     bidirectional: bool = True,
     dropout_rate: float = 0.0,
     **cell_kwargs,
@@ -225,11 +257,16 @@ def tagger(
     ``cell`` is "lstm", "gru" or "rnn"; ``cell_kwargs`` go to every cell (e.g.
     ``activation="relu"``, ``recurrent_init=...`` for an IRNN). Token inputs when
     ``vocab_size`` is given, else feature inputs of size ``input_size``.
+    ``dropout_rate`` applies to the inputs, between layers and before the head.
+
+    >>> tg = tagger(5, input_size=3, cell="gru", hidden_size=4, num_layers=2)
+    >>> len(tg.stack.layers), tg.stack.output_size
+    (2, 8)
     """
-    stack = _recurrent_stack(cell, hidden, layers, bidirectional, dropout_rate, cell_kwargs)
-    return SequenceTagger(
-        stack, num_tags, vocab_size=vocab_size, embed_dim=embed_dim if vocab_size else None,
-        input_size=input_size, dropout_rate=dropout_rate,
+    return _build(
+        SequenceTagger, num_tags, vocab_size=vocab_size, embedding_size=embedding_size,
+        input_size=input_size, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
+        bidirectional=bidirectional, dropout_rate=dropout_rate, cell_kwargs=cell_kwargs,
     )  # fmt: skip
 
 
@@ -237,11 +274,11 @@ def classifier(
     num_classes: int,
     *,
     vocab_size: int | None = None,
-    embed_dim: int = 64,
+    embedding_size: int = 64,
     input_size: int | None = None,
     cell: str = "lstm",
-    hidden: int = 128,
-    layers: int = 1,
+    hidden_size: int = 128,
+    num_layers: int = 1,
     bidirectional: bool = False,
     pool: str = "last",
     dropout_rate: float = 0.0,
@@ -249,10 +286,17 @@ def classifier(
 ) -> SequenceClassifier:
     """A recurrent sequence classifier (or regressor: train its C outputs with MSE).
 
-    Arguments as :func:`tagger`; ``pool`` as :class:`SequenceClassifier`.
+    Arguments as :func:`tagger` (forward-only by default); ``pool`` as
+    :class:`SequenceClassifier`.
+
+    >>> clf = classifier(2, vocab_size=10, embedding_size=3, hidden_size=4, pool="mean")
+    >>> params = clf.init(jax.random.key(0))
+    >>> clf.apply(params, jnp.zeros((6, 3), jnp.int32)).shape
+    (3, 2)
     """
-    stack = _recurrent_stack(cell, hidden, layers, bidirectional, dropout_rate, cell_kwargs)
-    return SequenceClassifier(
-        stack, num_classes, vocab_size=vocab_size, embed_dim=embed_dim if vocab_size else None,
-        input_size=input_size, dropout_rate=dropout_rate, pool=pool,
+    return _build(
+        SequenceClassifier, num_classes, vocab_size=vocab_size, embedding_size=embedding_size,
+        input_size=input_size, cell=cell, hidden_size=hidden_size, num_layers=num_layers,
+        bidirectional=bidirectional, dropout_rate=dropout_rate, cell_kwargs=cell_kwargs,
+        pool=pool,
     )  # fmt: skip
