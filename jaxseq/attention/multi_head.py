@@ -12,6 +12,7 @@ from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
 from jaxseq.attention.dot_product import _per_head_arg, attention_weights
+from jaxseq.nn.dropout import dropout
 
 __all__ = [
     "MultiHeadAttentionParams",
@@ -204,11 +205,7 @@ def multi_head_attention(
             in_axes=(1, 1, m_ax, b_ax),
         )
         w = weights_fn(q, k, mask, bias)  # f32[K, Tq, Tk]
-        wd = w
-        if key is not None and dropout_rate > 0.0:
-            _checks.check_key("key", key)
-            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, w.shape)
-            wd = jnp.where(keep, w / (1.0 - dropout_rate), 0.0)
+        wd = w if key is None else dropout(key, w, dropout_rate)
         o = jnp.einsum("kqt,tkd->qkd", wd.astype(dtype), v, preferred_element_type=jnp.float32)
     out = matmul_f32(o.reshape(tq, nh * dv).astype(dtype), params.w_o.reshape(nh * dv, do))
     if params.b_o is not None:
