@@ -27,7 +27,7 @@ def _args(corpus, out, steps):
     return [
         "--data", corpus, "--out", str(out), "--steps", str(steps), "--batch", "4", "--seq", "8",
         "--layers", "1", "--hidden", "8", "--embed", "4", "--eval-every", "3", "--checkpoint-every", "3",
-        "--sample-len", "20", "--eval-streams", "4", "--dropout", "0.1", "--quiet",
+        "--sample-len", "20", "--eval-streams", "4", "--dropout", "0.1", "--lr", "0.05", "--quiet",
     ]  # fmt: skip
 
 
@@ -40,6 +40,10 @@ def test_char_lm_smoke_resume_and_refusals(char_lm, corpus, tmp_path):
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == list(range(1, 7)) and all("loss" in r for r in recs)
     assert json.load(open(out / "summary.json"))["val_loss"] == summary["val_loss"]
+    evals = [json.loads(line) for line in open(out / "eval.jsonl")]
+    assert [e["step"] for e in evals] == [3, 6] and evals[-1]["val_loss"] == summary["val_loss"]
+    # learning: validation loss falls, below that of a uniform guess over the characters
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] < np.log(len(summary["hparams"]["vocab"]))
     samples = (out / "samples.txt").read_text()
     assert "top-k" in samples and "greedy" in samples and "ROMEO:" in samples
 
