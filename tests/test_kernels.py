@@ -515,3 +515,113 @@ def test_fused_gradients_with_a_bfloat16_carry(kind, key):
         assert a.dtype == b.dtype
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-2 * np.abs(b).max())
+
+
+# -- dispatch: the registry of fused rules, forward mode ------------------------------
+
+
+class _MyLSTM(js.LSTM):
+    """A subclass with the parent's step: no rule of its own unless registered."""
+
+
+def test_a_subclass_of_a_builtin_cell_falls_back_to_scan_and_equals_the_fused_kernel(key):
+    cell, sub = js.LSTM(H), _MyLSTM(H)
+    params, xs, carry, _ = ref.to_jax(cell, problem("lstm"), jnp.float32)
+    assert dispatch.supports_fused(cell) and not dispatch.supports_fused(sub)
+    f = lambda c, k: lambda p: js.rollout(c, p, xs, carry, kernel=k, **OPTIONS["masked_reverse"])[1]
+    assert _has_custom_vjp(f(cell, "auto"), params)
+    assert not _has_custom_vjp(f(sub, "auto"), params)
+    got, fused, scan = f(sub, "auto")(params), f(cell, "fused")(params), f(cell, "scan")(params)
+    np.testing.assert_array_equal(got, scan)  # the same scan path, bit for bit
+    np.testing.assert_allclose(got, fused, rtol=1e-5, atol=1e-6)
+    grads = [
+        jax.grad(lambda p, g=g: jnp.sum(g(p) ** 2))(params)
+        for g in (f(sub, "auto"), f(cell, "fused"))
+    ]
+    for a, b in zip(*map(jax.tree_util.tree_leaves, grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="kernel: 'fused' needs a cell whose exact type"):
+        js.rollout(sub, params, xs, carry, kernel="fused")
+
+
+def test_registering_a_rule_for_a_subclass_gives_it_the_fused_kernel(key):
+    sub = _MyLSTM(H)
+    params, xs, carry, _ = ref.to_jax(sub, problem("lstm"), jnp.float32)
+    f = lambda p: js.rollout(sub, p, xs, carry, **OPTIONS["masked_reverse"])[1]
+    dispatch.register_fused_rule(_MyLSTM, js.LSTM_RULE)
+    try:
+        assert dispatch.fused_rule(sub) is js.LSTM_RULE
+        assert _has_custom_vjp(f, params)
+        got = f(params)
+    finally:
+        del dispatch._RULES[_MyLSTM]
+    np.testing.assert_array_equal(
+        got, js.rollout(js.LSTM(H), params, xs, carry, **OPTIONS["masked_reverse"])[1]
+    )
+    assert not dispatch.supports_fused(sub)
+    with pytest.raises(TypeError, match="rule: expected a FusedRule"):
+        dispatch.register_fused_rule(_MyLSTM, "lstm")
+    with pytest.raises(TypeError, match="cell_type: expected a class"):
+        dispatch.register_fused_rule(sub, js.LSTM_RULE)
+
+
+def test_the_builtin_rules_are_registered_for_exact_types():
+    assert dispatch.fused_rule(js.RNN(2)) is js.TANH_RULE
+    assert dispatch.fused_rule(js.RNN(2, activation="relu")) is js.RELU_RULE
+    assert dispatch.fused_rule(js.LSTM(2)) is js.LSTM_RULE
+    assert dispatch.fused_rule(js.GRU(2)) is js.GRU_RULE
+    assert dispatch.fused_rule(_MyLSTM(2)) is None
+    assert dispatch.step_work(js.GRU(3), (2, 5)) == 10 * 3 * 3 * 3
+
+
+def _seen_forward_mode(transform):
+    """What under_forward_mode says inside ``transform`` of a function of one array."""
+    seen = []
+
+    def f(x):
+        seen.append(dispatch.under_forward_mode(x))
+        return jnp.sum(jnp.sin(x))
+
+    transform(f)(jnp.ones(3))
+    return seen
+
+
+@pytest.mark.parametrize(
+    "name, transform, expected",
+    [
+        ("jvp", lambda f: lambda x: jax.jvp(f, (x,), (x,)), True),
+        ("jacfwd", lambda f: jax.jacfwd(f), True),
+        ("hessian", lambda f: jax.hessian(f), True),
+        ("jvp of grad", lambda f: lambda x: jax.jvp(jax.grad(f), (x,), (x,)), True),
+        ("vmap of jvp", lambda f: jax.vmap(lambda x: jax.jvp(f, (x,), (x,))), True),
+        ("jvp of vmap", lambda f: lambda x: jax.jvp(jax.vmap(f), (x[None],), (x[None],)), True),
+        ("jit of jvp", lambda f: jax.jit(lambda x: jax.jvp(f, (x,), (x,))), True),
+        ("grad", lambda f: jax.grad(f), False),
+        ("vmap", lambda f: jax.vmap(f), False),
+        ("jit", lambda f: jax.jit(f), False),
+        ("none", lambda f: f, False),
+    ],
+)
+def test_forward_mode_is_seen_through_every_transformation(name, transform, expected):
+    """The detection behind kernel="auto" (public jax.interpreters.ad.JVPTracer, followed
+    through the tracers of vmap and of grad's linearisation): if a JAX release changes
+    the tracers, this fails rather than the rollouts."""
+    seen = _seen_forward_mode(transform)
+    assert seen and all(s is expected for s in seen), (name, seen)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_jvp_of_auto_equals_jvp_of_scan(kind):
+    """jax.jvp of js.rollout(kernel="auto") (not jitted inside) works and equals the scan
+    path's, bit for bit: auto took the scan path."""
+    cell = make_cell(kind)
+    params, xs, carry, _ = ref.to_jax(cell, problem(kind), jnp.float32)
+    tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+
+    def f(kernel):
+        g = lambda p: js.rollout(cell, p, xs, carry, kernel=kernel, **OPTIONS["masked_reverse"])[1]
+        return jax.jvp(g, (params,), (tangent,))
+
+    got, want = f("auto"), f("scan")
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(a, b)

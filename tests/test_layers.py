@@ -178,28 +178,29 @@ def _kind(cell):
     return "gru" if isinstance(cell, js.GRU) else cell.activation
 
 
-def _ref_rollout(xp, cell, p, xs, lengths, reverse=False):
+def _ref_rollout(xp, cell, p, xs, lengths, reverse=False, reset=None):
     """Per sequence, from a zero carry: run over its valid part (backwards when
     ``reverse``); zeros after it. -> ``(carry, ys)``, ``carry`` a tuple ``(h,)``/``(h, c)``."""
     kind = _kind(cell)
     carry = ref.zero_carry(kind, cell.hidden_size, xs.shape[1:-1], xp, xs.dtype)
     p = ref.as_arrays(p, xp, None)  # keeps the dtype (float32 leaves under jax.grad)
-    return ref.rollout(kind, p, xs, carry, lengths, reverse=reverse, xnp=xp)
+    return ref.rollout(kind, p, xs, carry, lengths, reset, reverse=reverse, xnp=xp)
 
 
-def _ref_layer(xp, layer, p, xs, lengths):
+def _ref_layer(xp, layer, p, xs, lengths, reverse=False, reset=None):
+    """A Bidirectional: forward then reversed half (swapped when ``reverse``), concatenated."""
     if isinstance(layer, js.Bidirectional):
-        cf, yf = _ref_rollout(xp, layer.forward, p.forward, xs, lengths)
-        cb, yb = _ref_rollout(xp, layer.backward, p.backward, xs, lengths, reverse=True)
+        cf, yf = _ref_rollout(xp, layer.forward, p.forward, xs, lengths, reverse, reset)
+        cb, yb = _ref_rollout(xp, layer.backward, p.backward, xs, lengths, not reverse, reset)
         return (cf, cb), xp.concatenate([yf, yb], axis=-1)
-    return _ref_rollout(xp, layer, p, xs, lengths)
+    return _ref_rollout(xp, layer, p, xs, lengths, reverse, reset)
 
 
-def _ref_stack(xp, stack, params, xs, lengths, masks=None):
+def _ref_stack(xp, stack, params, xs, lengths, masks=None, reverse=False, reset=None):
     """Layer after layer; residual from the second layer; ``masks[i]`` after layer i."""
     h, carries = xs, []
     for i, (layer, p) in enumerate(zip(stack.layers, params)):
-        c, y = _ref_layer(xp, layer, p, h, lengths)
+        c, y = _ref_layer(xp, layer, p, h, lengths, reverse, reset)
         if stack.residual and i > 0:
             y = y + h
         if masks is not None and i < len(stack.layers) - 1:
@@ -473,3 +474,147 @@ def test_bidirectional_rollout_starts_from_the_given_carry(key):
     np.testing.assert_allclose(ys, jnp.concatenate([fwd, bwd], axis=-1), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_carry.forward.h, fwd_carry.h, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_carry.backward.h, bwd_carry.h, rtol=1e-6, atol=1e-6)
+
+
+# -- js.rollout runs Bidirectional and Stack layers ---------------------------------
+
+RESET = np.zeros((T, len(LENGTHS)), bool)
+RESET[[0, 3], 0] = True  # a flag at step 0 and inside the full sequence
+RESET[1, 1] = True  # inside the short one
+RESET[2, 2] = True  # at a padded step (ignored)
+RESET[4, 3] = True  # at t == lengths[b] (ignored, also by a reverse run)
+
+_LAYERS = {
+    "bidirectional": js.Bidirectional(js.LSTM(H), js.GRU(3)),
+    "stack": js.Stack([js.LSTM(H), js.Bidirectional(js.GRU(H), js.RNN(2)), js.RNN(3)]),
+}
+
+
+def _ref_any(xp, layer, p, xs, **kw):
+    if isinstance(layer, js.Stack):
+        return _ref_stack(xp, layer, p, xs, LENGTHS, **kw)
+    return _ref_layer(xp, layer, p, xs, LENGTHS, **kw)
+
+
+def _flat_carry(layer, carry):
+    """A jaxseq carry of ``layer`` as the flat tuple of leaves the reference returns."""
+    if isinstance(layer, js.Stack):
+        return sum((_flat_carry(lay, c) for lay, c in zip(layer.layers, carry)), ())
+    if isinstance(layer, js.Bidirectional):
+        return _flat_carry(layer.forward, carry.forward) + _flat_carry(
+            layer.backward, carry.backward
+        )
+    return _carry_leaves(carry)
+
+
+def _flat_ref_carry(layer, carry):
+    if isinstance(layer, js.Stack):
+        return sum((_flat_ref_carry(lay, c) for lay, c in zip(layer.layers, carry)), ())
+    if isinstance(layer, js.Bidirectional):
+        return tuple(carry[0]) + tuple(carry[1])
+    return tuple(carry)
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+@pytest.mark.parametrize("reverse", [False, True])
+def test_rollout_of_a_layer_matches_numpy_with_lengths_reset_and_reverse(key, name, reverse):
+    """``js.rollout(layer, ...)`` eager and under jit, values and final carries, against the
+    float64 reference; ``reverse`` swaps a Bidirectional's halves, reverses every layer of
+    a Stack."""
+    layer = _LAYERS[name]
+    p = layer.init(key, D)
+    xs = _xs(jax.random.fold_in(key, 7))
+    opts = dict(lengths=LENGTHS, reset=RESET, reverse=reverse)
+    want_c, want = _ref_any(
+        np, layer, _np(p), np.asarray(xs, np.float64), reverse=reverse, reset=RESET
+    )
+    run = jax.jit(lambda p, x: js.rollout(layer, p, x, **opts))
+    for carry, ys in (js.rollout(layer, p, xs, **opts), run(p, xs)):
+        np.testing.assert_allclose(ys, want, rtol=1e-5, atol=2e-6)
+        got_leaves, want_leaves = _flat_carry(layer, carry), _flat_ref_carry(layer, want_c)
+        assert len(got_leaves) == len(want_leaves)
+        for g, w in zip(got_leaves, want_leaves):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_rollout_of_a_layer_gradients_match_the_reference(key, name):
+    """Gradients of ``js.rollout(layer, ...)`` (fused kernels inside) with respect to the
+    params and inputs equal autodiff of the reference loops, with lengths, resets and
+    reverse."""
+    layer = _LAYERS[name]
+    p = layer.init(key, D)
+    xs = _xs(jax.random.fold_in(key, 8))
+    g_out = jax.random.normal(jax.random.fold_in(key, 9), (T, len(LENGTHS), layer.output_size))
+    opts = dict(reset=RESET, reverse=True)
+
+    @jax.jit
+    def loss(p, xs):
+        return jnp.sum(js.rollout(layer, p, xs, lengths=LENGTHS, **opts)[1] * g_out)
+
+    def ref_loss(p, xs):
+        return jnp.sum(_ref_any(jnp, layer, p, xs, **opts)[1] * g_out)
+
+    got = jax.grad(loss, argnums=(0, 1))(p, xs)
+    want = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(p, xs)
+    leaves_g, leaves_w = jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)
+    assert len(leaves_g) == len(leaves_w)
+    for a, b in zip(leaves_g, leaves_w):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert np.abs(np.asarray(got[1])).max() > 0
+
+
+def test_bidirectional_reverse_on_flipped_time_is_the_flipped_output(key):
+    """Full-length sequences, no resets: reverse=True swaps the directions, so running it
+    on the time-flipped input gives the time-flipped output, halves in the same order."""
+    layer = _LAYERS["bidirectional"]
+    p = layer.init(key, D)
+    xs = _xs(jax.random.fold_in(key, 10))
+    c, ys = js.rollout(layer, p, xs)
+    c_r, ys_r = js.rollout(layer, p, xs[::-1], reverse=True)
+    np.testing.assert_allclose(ys_r[::-1], ys, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_r.forward.h, c.forward.h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c_r.backward.h, c.backward.h, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(ys_r) - np.asarray(ys)).max() > 1e-2  # reverse does something
+
+
+def test_layer_options_reach_every_cell(key):
+    """kernel and checkpoint_every are passed to every cell of a Stack/Bidirectional."""
+    stack = js.Stack([js.GRU(3), js.Bidirectional(js.LSTM(2))])
+    p = stack.init(key, D)
+    xs = _xs(key)
+
+    def prims(**kw):
+        names = []
+
+        def walk(jx):
+            for eqn in jx.eqns:
+                names.append(eqn.primitive.name)
+                for value in eqn.params.values():
+                    for sub in value if isinstance(value, tuple | list) else (value,):
+                        sub = getattr(sub, "jaxpr", sub)
+                        if hasattr(sub, "eqns"):
+                            walk(sub)
+
+        walk(jax.make_jaxpr(lambda p: js.rollout(stack, p, xs, **kw)[1])(p).jaxpr)
+        return names
+
+    assert prims().count("custom_vjp_call") == 3  # the fused kernel for all three cells
+    scan = prims(kernel="scan")
+    assert "custom_vjp_call" not in scan
+
+    def remats(names):  # jax.checkpoint's primitive ("remat", "checkpoint", by version)
+        return sum("remat" in n or "checkpoint" in n for n in names)
+
+    assert remats(scan) == 0
+    assert remats(prims(kernel="scan", checkpoint_every=2)) == 3
+    got = js.rollout(stack, p, xs, kernel="scan", checkpoint_every=2, lengths=LENGTHS)[1]
+    want = js.rollout(stack, p, xs, lengths=LENGTHS)[1]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    sub = js.Stack([js.GRU(3), _SubGRU(3)])
+    with pytest.raises(ValueError, match="kernel: 'fused' needs"):
+        js.rollout(sub, sub.init(key, D), xs, kernel="fused")
+
+
+class _SubGRU(js.GRU):
+    """A subclass: no fused rule of its own."""

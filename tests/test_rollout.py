@@ -399,7 +399,8 @@ def test_bad_inputs(key):
         js.rollout(cell, p, xs, unroll=0)
     with pytest.raises(
         TypeError,
-        match="layer: expected a cell .* or a sequence layer .*without .step. or .rollout.",
+        match=r"layer: expected a cell \(init/initial_carry/step methods\) or a sequence "
+        r"layer \(a rollout method\), got object without 'init' or 'rollout'",
     ):
         js.rollout(object(), p, xs)
 
