@@ -8,8 +8,8 @@ from jaxseq import checkpoint
 from jaxseq import training as train
 
 
-def _state(key, hidden=6, vocab=5):
-    model = js.models.char_lm(vocab, layers=1, hidden=hidden, embed_dim=3)
+def _state(key, hidden_size=6, vocab_size=5):
+    model = js.models.char_lm(vocab_size, num_layers=1, hidden_size=hidden_size, embedding_size=3)
     opt = train.make_optimizer("adam", 1e-2)
     st = train.init_state(model.init(key), opt, key, model.initial_carry((2,)))
     # make every leaf distinctive
@@ -60,7 +60,7 @@ def test_roundtrip_is_bit_identical_and_keeps_last_k(key, tmp_path):
 def test_incompatible_model_and_hparams_are_refused_before_reading(key, tmp_path):
     model, st = _state(key)
     checkpoint.Checkpointer(tmp_path, model_config=model.config(), hparams={"lr": 1}).save(st)
-    other, st_other = _state(key, hidden=8)
+    other, st_other = _state(key, hidden_size=8)
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="incompatible model"):
         checkpoint.Checkpointer(tmp_path, model_config=other.config()).restore(st_other)
     with pytest.raises(checkpoint.IncompatibleCheckpointError, match="saved shape"):
@@ -113,7 +113,7 @@ def _bits_tree(tree):
 
 
 def test_restored_state_resumes_identically(key, tmp_path):
-    model = js.models.char_lm(5, layers=1, hidden=6, embed_dim=3, dropout_rate=0.2)
+    model = js.models.char_lm(5, num_layers=1, hidden_size=6, embedding_size=3, dropout_rate=0.2)
     opt = train.make_optimizer("adam", 1e-2)
     bt = js.data.StreamBatcher(np.arange(2 * 30) % 5, 2, 4)
     step = train.make_train_step(train.lm_loss_fn(model), opt, donate=False)

@@ -19,8 +19,10 @@ from jaxseq import training as train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _tiny_lm(vocab=7, hidden=8, layers=2, cell="lstm"):
-    return js.models.char_lm(vocab, cell=cell, layers=layers, hidden=hidden, embed_dim=5)
+def _tiny_lm(vocab_size=7, hidden_size=8, num_layers=2, cell="lstm"):
+    return js.models.char_lm(
+        vocab_size, cell=cell, num_layers=num_layers, hidden_size=hidden_size, embedding_size=5
+    )
 
 
 def _copy(tree):
@@ -134,7 +136,7 @@ def test_carry_crossing_chunks_makes_a_long_delay_learnable(key):
     k, b = 4, 16
     rng = np.random.default_rng(0)
     train_ids, test_ids = _delay_task(rng, 500, k), _delay_task(rng, 200, k)
-    model = js.models.char_lm(4, cell="lstm", layers=1, hidden=16, embed_dim=4)
+    model = js.models.char_lm(4, cell="lstm", num_layers=1, hidden_size=16, embedding_size=4)
     opt = train.make_optimizer("adam", 1e-2, max_norm=1.0)
     step = train.make_train_step(train.lm_loss_fn(model), opt, chunks_per_call=10)
     apply = jax.jit(lambda p, c, x, r: model.apply(p, c, x, reset=r))
@@ -162,7 +164,7 @@ def test_global_norm_clipping_caps_the_update_norm():
 
 
 def test_step_reports_the_norm_before_clipping_and_the_schedule(key):
-    model = _tiny_lm(layers=1)
+    model = _tiny_lm(num_layers=1)
     params = model.init(key)
     bt = data.StreamBatcher(np.arange(60) % 7, 2, 6)
     opt = train.make_optimizer("adam", 1e-2, max_norm=1e-3, warmup_steps=4, total_steps=10)
@@ -221,7 +223,7 @@ def test_non_finite_batch_leaves_params_bit_identical(key):
 
 
 def test_fit_stops_after_consecutive_non_finite_steps(key, tmp_path):
-    model = _tiny_lm(layers=1)
+    model = _tiny_lm(num_layers=1)
     params = model.init(key)
     params = params._replace(head=params.head._replace(b=params.head.b.at[0].set(jnp.nan)))
     bt = data.StreamBatcher(np.arange(70) % 7, 2, 5)
@@ -235,7 +237,7 @@ def test_fit_stops_after_consecutive_non_finite_steps(key, tmp_path):
 
 
 def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_path):
-    model = _tiny_lm(layers=1)
+    model = _tiny_lm(num_layers=1)
     bt = data.StreamBatcher(np.arange(110) % 7, 2, 6)
     opt = train.make_optimizer("adam", 1e-2)
     state = train.init_state(model.init(key), opt, key, model.initial_carry((2,)))
@@ -273,7 +275,7 @@ _DRIVER = textwrap.dedent(
     out, kill_at = sys.argv[1], int(sys.argv[2])
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 9, size=2000).astype(np.int32)
-    model = js.models.char_lm(9, layers=1, hidden=16, embed_dim=6, dropout_rate=0.1)
+    model = js.models.char_lm(9, num_layers=1, hidden_size=16, embedding_size=6, dropout_rate=0.1)
     bt = js.data.StreamBatcher(ids, 4, 10)
     opt = js.make_optimizer("adam", 1e-2, warmup_steps=2, total_steps=16)
     init = jax.jit(lambda k: js.training.init_state(model.init(k), opt, k, model.initial_carry((4,))))
@@ -338,7 +340,7 @@ _SHARDED = textwrap.dedent(
 
     assert jax.device_count() == 8, jax.devices()
     ids = np.random.default_rng(1).integers(0, 11, size=8 * 40).astype(np.int32)
-    model = js.models.char_lm(11, layers=2, hidden=8, embed_dim=4)
+    model = js.models.char_lm(11, num_layers=2, hidden_size=8, embedding_size=4)
     bt = js.data.StreamBatcher(ids, 8, 6)
     opt = js.make_optimizer("adam", 1e-2)
     out = {}
@@ -465,7 +467,7 @@ def test_evaluate_lm_equals_hand_computed_mean_over_valid_tokens():
 
 
 def test_evaluate_lm_threads_the_carry_like_one_full_pass(key):
-    model = _tiny_lm(layers=1)
+    model = _tiny_lm(num_layers=1)
     params = model.init(key)
     b, k = 2, 5
     ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 4), (b * 18,), 0, 7))

@@ -23,6 +23,14 @@ def lm_loss_fn(model, *, use_lengths: bool = True):
     masked cross-entropy (nats/token) of ``model.apply`` over the chunk from
     ``carry``, with ``chunk.reset`` applied. With ``use_lengths`` the carry
     after a padded (partial) chunk is the one after its last valid step.
+
+    >>> import jax, numpy as np, jaxseq as js
+    >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
+    >>> params = model.init(jax.random.key(0))
+    >>> chunk = js.data.StreamBatcher(np.arange(30) % 5, 2, 4).chunk(0)
+    >>> loss, (carry, metrics) = js.lm_loss_fn(model)(params, model.initial_carry((2,)), chunk, None)
+    >>> loss.shape, metrics
+    ((), {})
     """
 
     def loss_fn(params, carry, chunk, key):
@@ -39,7 +47,19 @@ def lm_loss_fn(model, *, use_lengths: bool = True):
 
 
 def make_eval_step(model):
-    """Jitted ``(params, carry, chunk) -> (carry, nats_sum, count)`` for a language model (no dropout)."""
+    """Jitted ``(params, carry, chunk) -> (carry, nats_sum, count)`` for a language model (no dropout).
+
+    ``nats_sum`` is the summed cross-entropy of the valid tokens of the chunk
+    ``[K, B]``, ``count`` their number (float32 scalars).
+
+    >>> import jax, numpy as np, jaxseq as js
+    >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
+    >>> params = model.init(jax.random.key(0))
+    >>> chunk = js.data.StreamBatcher(np.arange(30) % 5, 2, 4).chunk(0)
+    >>> _, nats, count = js.make_eval_step(model)(params, model.initial_carry((2,)), chunk)
+    >>> float(count)
+    8.0
+    """
 
     @jax.jit
     def ev(params, carry, chunk):
@@ -56,6 +76,13 @@ def evaluate_lm(model, params, batcher: StreamBatcher, *, eval_step=None, mesh=N
     """Mean nats/token of ``model`` over one pass of ``batcher`` (carry threaded across chunks).
 
     With ``batcher.reset_every_chunk`` the carry starts from zeros at every chunk.
+
+    >>> import jax, numpy as np, jaxseq as js
+    >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
+    >>> params = model.init(jax.random.key(0))
+    >>> nats = js.evaluate_lm(model, params, js.data.StreamBatcher(np.arange(30) % 5, 2, 4))
+    >>> 0.0 < nats < 3.0
+    True
     """
     ev = eval_step or make_eval_step(model)
     carry = model.initial_carry((batcher.num_streams,))
