@@ -434,7 +434,7 @@ def test_layer_argument_errors_name_the_argument(key):
         js.embed(table[0], jnp.array([1]))
     with pytest.raises(TypeError, match="ids: expected an array"):
         js.embed(table, object())
-    with pytest.raises(ValueError, match="dim: expected a positive int"):
+    with pytest.raises(ValueError, match="embedding_size: expected a positive int"):
         js.embedding_init(key, 10, 0)
 
 
