@@ -520,12 +520,12 @@ def test_fused_gradients_with_a_bfloat16_carry(kind, key):
 # -- dispatch: the registry of fused rules, forward mode ------------------------------
 
 
-class _MyLSTM(js.LSTM):
+class _PlainLSTM(js.LSTM):
     """A subclass with the parent's step: no rule of its own unless registered."""
 
 
 def test_a_subclass_of_a_builtin_cell_falls_back_to_scan_and_equals_the_fused_kernel(key):
-    cell, sub = js.LSTM(H), _MyLSTM(H)
+    cell, sub = js.LSTM(H), _PlainLSTM(H)
     params, xs, carry, _ = ref.to_jax(cell, problem("lstm"), jnp.float32)
     assert dispatch.supports_fused(cell) and not dispatch.supports_fused(sub)
     f = lambda c, k: lambda p: js.rollout(c, p, xs, carry, kernel=k, **OPTIONS["masked_reverse"])[1]
@@ -545,22 +545,22 @@ def test_a_subclass_of_a_builtin_cell_falls_back_to_scan_and_equals_the_fused_ke
 
 
 def test_registering_a_rule_for_a_subclass_gives_it_the_fused_kernel(key):
-    sub = _MyLSTM(H)
+    sub = _PlainLSTM(H)
     params, xs, carry, _ = ref.to_jax(sub, problem("lstm"), jnp.float32)
     f = lambda p: js.rollout(sub, p, xs, carry, **OPTIONS["masked_reverse"])[1]
-    dispatch.register_fused_rule(_MyLSTM, js.LSTM_RULE)
+    dispatch.register_fused_rule(_PlainLSTM, js.LSTM_RULE)
     try:
         assert dispatch.fused_rule(sub) is js.LSTM_RULE
         assert _has_custom_vjp(f, params)
         got = f(params)
     finally:
-        del dispatch._RULES[_MyLSTM]
+        del dispatch._RULES[_PlainLSTM]
     np.testing.assert_array_equal(
         got, js.rollout(js.LSTM(H), params, xs, carry, **OPTIONS["masked_reverse"])[1]
     )
     assert not dispatch.supports_fused(sub)
     with pytest.raises(TypeError, match="rule: expected a FusedRule"):
-        dispatch.register_fused_rule(_MyLSTM, "lstm")
+        dispatch.register_fused_rule(_PlainLSTM, "lstm")
     with pytest.raises(TypeError, match="cell_type: expected a class"):
         dispatch.register_fused_rule(sub, js.LSTM_RULE)
 
@@ -570,7 +570,7 @@ def test_the_builtin_rules_are_registered_for_exact_types():
     assert dispatch.fused_rule(js.RNN(2, activation="relu")) is js.RELU_RULE
     assert dispatch.fused_rule(js.LSTM(2)) is js.LSTM_RULE
     assert dispatch.fused_rule(js.GRU(2)) is js.GRU_RULE
-    assert dispatch.fused_rule(_MyLSTM(2)) is None
+    assert dispatch.fused_rule(_PlainLSTM(2)) is None
     assert dispatch.step_work(js.GRU(3), (2, 5)) == 10 * 3 * 3 * 3
 
 
