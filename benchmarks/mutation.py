@@ -75,6 +75,7 @@ MODULES = {
             "tests/test_rollout.py",
             "tests/test_kernels.py",
             "tests/test_layers.py",
+            "tests/test_protocols.py",
         ),
     ),
     "nn": (
@@ -92,7 +93,7 @@ MODULES = {
             "jaxseq/training/step.py",
             "jaxseq/training/lm.py",
         ),
-        ("tests/test_losses.py", "tests/test_train.py"),
+        ("tests/test_losses.py", "tests/test_train.py", "tests/test_training_any_task.py"),
     ),
 }
 

@@ -7,8 +7,8 @@ vmapped attention, models, and a training loop for any task.
 Layers, bottom to top (a module imports only from layers below it)::
 
     _checks, _numerics, masks, initializers, protocols
-    recurrent/   cells, fused kernels, rollouts, Bidirectional, Stack
     nn/          dense, embedding, dropout, layer norm
+    recurrent/   cells, fused kernels, rollouts, Bidirectional, Stack
     attention/   dot-product, multi-head, blockwise, additive/Luong, positional, Transformer
     data/        token streams, real-valued streams, padded batches, download
     models/      language models, taggers and classifiers, seq2seq
@@ -28,6 +28,7 @@ from jaxseq import (
     masks,
     models,
     nn,
+    protocols,
     recurrent,
     training,
 )
@@ -37,6 +38,7 @@ from jaxseq.decoding import *  # noqa: F403
 from jaxseq.masks import *  # noqa: F403
 from jaxseq.models import *  # noqa: F403
 from jaxseq.nn import *  # noqa: F403
+from jaxseq.protocols import *  # noqa: F403
 from jaxseq.recurrent import *  # noqa: F403
 from jaxseq.training import *  # noqa: F403
 from jaxseq.training import checkpoint, losses
@@ -55,6 +57,7 @@ __all__ = sorted(
         "masks",
         "models",
         "nn",
+        "protocols",
         "recurrent",
         "training",
         *attention.__all__,
@@ -63,6 +66,7 @@ __all__ = sorted(
         *masks.__all__,
         *models.__all__,
         *nn.__all__,
+        *protocols.__all__,
         *recurrent.__all__,
         *training.__all__,
     ]
