@@ -1,7 +1,17 @@
 import importlib.util
+import os
 import pathlib
 
-import jax
+# Most of the suite's time is XLA compiling many small programs. LLVM's backend
+# optimisation level changes how fast the machine code runs, not what it computes (the
+# HLO passes still run), and level 0 compiles about a third faster on these tests.
+# Set before jax starts its backend; a level the caller chose is kept.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
+
+import jax  # noqa: E402
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

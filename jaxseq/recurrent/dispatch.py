@@ -17,16 +17,12 @@ Invariants:
 **The ``unroll="auto"`` rule** (:func:`auto_unroll`): on CPU each scan
 iteration costs a fixed few microseconds of loop bookkeeping on top of its
 work, so unrolling pays only when the per-step work is tiny, while compile
-time grows with the factor. Measured on a 2-core x86 CPU, float32 training
-steps: LSTM ``(B, H, T) = (1, 128, 1000)``: unroll 2-4 is 1.03-1.4x faster
-than 1; RNN, LSTM and GRU at ``(16, 128)``, ``(32, 128)``, ``(32, 256)``,
-``(64, 256)`` and ``(8, 512)``, T=100: unroll 1 is fastest or within noise,
-except the LSTM at ``(32, 256)`` where 2-4 was 2-14% faster from run to run
-(not enough to set a rule on). The rule therefore uses the per-step
-recurrent work ``N * H * G * H`` multiply-adds (:func:`step_work`):
-``< 2**18`` -> unroll 4, otherwise 1; on GPU/TPU (where unrolling lets XLA
-fuse across steps) a flat 4. The factor never exceeds ``T``, and compile
-time stays independent of ``T``. Re-measure on other hardware with
+time grows with the factor. The rule uses the per-step recurrent work
+``N * H * G * H`` multiply-adds (:func:`step_work`): ``< 2**18`` -> unroll 4,
+otherwise 1; on GPU/TPU (where unrolling lets XLA fuse across steps) a flat 4.
+The factor never exceeds ``T``, and compile time stays independent of ``T``.
+The measurements behind the threshold are in ``benchmarks/README.md``
+("Choosing the unroll factor"); re-measure on other hardware with
 ``python -m benchmarks.scan_vs_unrolled`` and
 ``python -m benchmarks.kernels --only unroll``.
 

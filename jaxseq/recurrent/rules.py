@@ -45,9 +45,9 @@ def _dot_t(dz, w):
     )
 
 
-# Rows * hidden from which the LSTM backward step uses the whole-row form. Measured
-# (training step, same process): N=1, H=128 slices 22 vs whole-row 27 ms; N=2, H=128
-# level; N=1, H=512 level; N=4, H=128 34 vs 30 ms; N=32, H=256 145 vs 134 ms.
+# Rows * hidden from which the LSTM backward step uses the whole-row form (below it the
+# per-gate slices are as fast or faster); the measurements are in benchmarks/README.md
+# ("The LSTM backward's whole-row threshold").
 _WHOLE_ROW_MIN = 512
 
 
