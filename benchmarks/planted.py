@@ -137,8 +137,8 @@ BUGS = (
         (
             (
                 "jaxseq/",
-                "return carry, jnp.sum(tok * w), jnp.sum(w)",
-                "return carry, jnp.sum(tok), 2.0 * jnp.sum(w)",
+                "return carry, jnp.sum(jnp.where(mask, tok, 0.0)), jnp.sum(mask.astype(jnp.float32))",
+                "return carry, jnp.sum(tok), 2.0 * jnp.sum(mask.astype(jnp.float32))",
             ),
         ),
         ("tests/test_train.py",),
