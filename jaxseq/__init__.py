@@ -6,7 +6,7 @@ vmapped attention, models, and a training loop for any task.
 
 Layers, bottom to top (a module imports only from layers below it)::
 
-    _checks, _numerics, masks, initializers, protocols
+    _checks, _numerics, masks, initializers, protocols, checks
     nn/          dense, embedding, dropout, layer norm
     recurrent/   cells, fused kernels, rollouts, Bidirectional, Stack
     attention/   dot-product, multi-head, blockwise, additive/Luong, positional, Transformer
@@ -21,6 +21,7 @@ Every public name of the sub-packages is also reachable as ``js.<name>``.
 
 from jaxseq import (
     attention,
+    checks,
     data,
     decoding,
     initializers,
@@ -33,6 +34,7 @@ from jaxseq import (
     training,
 )
 from jaxseq.attention import *  # noqa: F403
+from jaxseq.checks import *  # noqa: F403
 from jaxseq.data import *  # noqa: F403
 from jaxseq.decoding import *  # noqa: F403
 from jaxseq.masks import *  # noqa: F403
@@ -49,6 +51,7 @@ __all__ = sorted(
     [
         "attention",
         "checkpoint",
+        "checks",
         "data",
         "decoding",
         "initializers",
@@ -61,6 +64,7 @@ __all__ = sorted(
         "recurrent",
         "training",
         *attention.__all__,
+        *checks.__all__,
         *data.__all__,
         *decoding.__all__,
         *masks.__all__,

@@ -1,8 +1,13 @@
 """Input validation shared by every public function.
 
-All checks run at trace time (they look only at shapes and dtypes), so a bad
-argument raises a ``ValueError``/``TypeError`` that names the argument, the
-expected and the actual shape or dtype, before XLA ever sees it.
+Shape and dtype checks run at trace time, so a bad argument raises a
+``ValueError``/``TypeError`` that names the argument, the expected and the
+actual shape or dtype, before XLA ever sees it.
+
+Value checks (:func:`check_in_range`) raise the same way for concrete values;
+for traced values (under ``jit``, ``vmap``, ``grad``) they become a
+``checkify.debug_check`` carrying the same message: a no-op in plain compiled
+code, an error under :func:`jaxseq.checked`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 # A shape spec is a tuple whose entries are ints (must match) or None (anything).
 ShapeSpec = Sequence["int | None"]
@@ -166,3 +172,32 @@ def check_lengths(lengths, batch_shape, xs):
             f"{describe(xs)}), got {describe(lengths)}"
         )
     return lengths
+
+
+def is_concrete(x) -> bool:
+    """True when ``x`` has a value now (not a tracer inside ``jit``/``vmap``/``grad``)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_in_range(name: str, x, lo: int, hi: int, what: str = "") -> None:
+    """Every entry of ``x`` in ``[lo, hi]`` (inclusive).
+
+    Concrete ``x``: raises ``ValueError`` naming ``name``, the range and the
+    offending value and its index. Traced ``x``: a ``checkify.debug_check``
+    with the same message (checked only under :func:`jaxseq.checked`).
+    ``what`` explains the bounds, e.g. ``" (T=10)"``.
+    """
+    head = f"{name}: expected values in [{lo}, {hi}]{what}, got "
+    if is_concrete(x):
+        v = np.asarray(x)
+        bad = (v < lo) | (v > hi)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{head}{v[idx].item()} at index {list(idx)} (min {v.min()}, max {v.max()})"
+            )
+        return
+    x = jnp.asarray(x)
+    checkify.debug_check(
+        jnp.all((x >= lo) & (x <= hi)), head + "min {} max {}", jnp.min(x), jnp.max(x)
+    )

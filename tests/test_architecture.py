@@ -20,7 +20,7 @@ ROOT = pathlib.Path(js.__file__).parent
 # Bottom to top. A module may import from its own layer and from any layer below it.
 LAYERS = [
     ("jaxseq._checks", "jaxseq._numerics"),
-    ("jaxseq.masks", "jaxseq.initializers", "jaxseq.protocols"),
+    ("jaxseq.masks", "jaxseq.initializers", "jaxseq.protocols", "jaxseq.checks"),
     ("jaxseq.nn",),
     ("jaxseq.recurrent",),
     ("jaxseq.attention",),

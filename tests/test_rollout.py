@@ -382,10 +382,13 @@ def test_bad_inputs(key):
     with pytest.raises(TypeError, match=r"lengths: expected an integer dtype, got float32\[3\]"):
         js.rollout(cell, p, xs, lengths=jnp.array([1.0, 2.0, 3.0]))
     with pytest.raises(
-        ValueError, match=r"lengths: expected values in \[0, T=7\], got min 1 max 8"
+        ValueError,
+        match=r"lengths: expected values in \[0, 7\] \(T=7\), got 8 at index \[1\] \(min 1, max 8\)",
     ):
         js.rollout(cell, p, xs, lengths=jnp.array([1, 8, 3]))
-    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, T=7\], got min -1"):
+    with pytest.raises(
+        ValueError, match=r"lengths: expected values in \[0, 7\] \(T=7\), got -1 at"
+    ):
         js.rollout_unrolled(cell, p, xs, lengths=jnp.array([-1, 2, 3]))
     with pytest.raises(ValueError, match=r"reset: expected shape \[7, 3\] .*got bool\[7\]"):
         js.rollout(cell, p, xs, reset=jnp.zeros((t,), bool))

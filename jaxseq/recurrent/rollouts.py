@@ -41,10 +41,6 @@ __all__ = [
 ]
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _is_layer(layer) -> bool:
     """A :class:`~jaxseq.protocols.SequenceLayer`: runs itself through ``rollout``."""
     return callable(getattr(layer, "rollout", None))
@@ -87,12 +83,7 @@ def _prepare(cell, params, xs, carry, lengths, reset):
 
     if lengths is not None:
         lengths = _checks.check_lengths(lengths, batch_shape, xs)
-        if _is_concrete(lengths):
-            lv = np.asarray(lengths)
-            if lv.size and (lv.min() < 0 or lv.max() > t):
-                raise ValueError(
-                    f"lengths: expected values in [0, T={t}], got min {lv.min()} max {lv.max()}"
-                )
+        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
         lengths = lengths.astype(jnp.int32)
 
     if reset is not None:
