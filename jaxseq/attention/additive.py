@@ -13,7 +13,7 @@ from jax import lax
 from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, masked_softmax, matmul_f32
-from jaxseq.attention.dot_product import _weighted_values
+from jaxseq.attention.dot_product import _keep_rows, _weighted_values
 from jaxseq.masks import combine_masks, length_mask
 
 __all__ = [
@@ -53,7 +53,11 @@ def _encoder_args(query, keys, values, lengths, mask):
         _checks.check_integer("lengths", lengths)
         _checks.check_shape("lengths", lengths, ())
         mask = combine_masks(length_mask(lengths, tk), mask)
-    return values, mask
+    if mask is not None:
+        # masked (padded) steps are zeroed before any product: NaN there reaches no
+        # context and no gradient
+        keys, values = _keep_rows(keys, mask), _keep_rows(values, mask)
+    return keys, values, mask
 
 
 class AdditiveAttentionParams(NamedTuple):
@@ -110,7 +114,9 @@ def additive_attention(
         sequence (see :func:`additive_attention_keys`) for use in a decoder loop.
 
     Returns ``(context [Dv] or [Tq, Dv], weights float32[Tk] or [Tq, Tk])``; with
-    every key masked the weights and context are zeros.
+    every key masked the weights and context are zeros. Masked steps of ``keys``,
+    ``values`` and ``projected_keys`` are never read (NaN there changes no result
+    and no gradient; their gradients are zero).
 
     >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
     >>> ctx, w = additive_attention(p, jnp.ones(6), jnp.ones((3, 4)), lengths=2)
@@ -119,7 +125,7 @@ def additive_attention(
     """
     if not isinstance(params, AdditiveAttentionParams):
         raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
-    values, mask = _encoder_args(query, keys, values, lengths, mask)
+    keys, values, mask = _encoder_args(query, keys, values, lengths, mask)
     dq, a = params.w_q.shape
     _checks.check_shape("query", query, query.shape[:-1] + (dq,))
     tk = keys.shape[0]
@@ -128,6 +134,8 @@ def additive_attention(
         projected_keys = additive_attention_keys(params, keys)
     else:
         _checks.check_shape("projected_keys", projected_keys, (tk, a), ("Tk", "A"))
+        if mask is not None:
+            projected_keys = _keep_rows(projected_keys, mask)
     qp = add_bias(matmul_f32(query, params.w_q), params.b)  # [..., A]
     h = jnp.tanh(
         qp[..., None, :]
@@ -140,17 +148,29 @@ def additive_attention(
     return _weighted_values(w, values), w
 
 
-def additive_attention_keys(params: AdditiveAttentionParams, keys):
+def additive_attention_keys(params: AdditiveAttentionParams, keys, *, lengths=None, mask=None):
     """``keys @ W_k``: ``[Tk, Dk] -> float32[Tk, A]``, computed once per source sequence.
+
+    ``lengths`` (int scalar) / ``mask`` (``bool[Tk]``) as in :func:`additive_attention`:
+    masked steps are zeroed before the product, so NaN in padded keys reaches neither
+    the projection nor the gradient of ``W_k``.
 
     >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
     >>> additive_attention_keys(p, jnp.ones((3, 4))).shape
     (3, 5)
+    >>> pk = additive_attention_keys(p, jnp.ones((3, 4)).at[2].set(jnp.nan), lengths=2)
+    >>> pk[2].tolist()
+    [0.0, 0.0, 0.0, 0.0, 0.0]
     """
     if not isinstance(params, AdditiveAttentionParams):
         raise TypeError(f"params: expected AdditiveAttentionParams, got {type(params).__name__}")
+    if not hasattr(keys, "shape") or not hasattr(keys, "dtype"):
+        raise TypeError(f"keys: expected an array [Tk, Dk], got {type(keys).__name__}")
+    _checks.check_floating("keys", keys)
     _checks.check_ndim("keys", keys, 2, "[Tk, Dk]")
     _checks.check_shape("keys", keys, (None, params.w_k.shape[0]), ("Tk", "Dk"))
+    if lengths is not None or mask is not None:
+        keys = _encoder_args(keys[0], keys, None, lengths, mask)[0]
     return matmul_f32(keys, params.w_k)
 
 
@@ -201,7 +221,7 @@ def luong_attention(
     """
     if not isinstance(params, LuongAttentionParams):
         raise TypeError(f"params: expected LuongAttentionParams, got {type(params).__name__}")
-    values, mask = _encoder_args(query, keys, values, lengths, mask)
+    keys, values, mask = _encoder_args(query, keys, values, lengths, mask)
     tk, dk = keys.shape
     if params.w is None:
         if query.shape[-1] != dk:

@@ -19,6 +19,12 @@ Numerics: scores, softmax and reductions run in float32 for any input dtype
 ``-inf``); a query row whose keys are all masked gets zero weights, so its
 output and the gradients through it are exactly zero, not NaN.
 
+Padding: a key that no query may attend (its mask column all False) and a query
+row that may attend no key are replaced by zeros with ``jnp.where`` before any
+arithmetic, and so are the values of such keys. Whatever padded rows hold (NaN,
+inf, 1e30) never reaches an output or a gradient, and their own gradients are
+exactly zero.
+
 Masks are boolean, ``True`` = may attend. Helpers in :mod:`jaxseq.masks`:
 :func:`~jaxseq.masks.causal_mask`, :func:`~jaxseq.masks.length_mask`,
 :func:`~jaxseq.masks.padding_mask`, :func:`~jaxseq.masks.combine_masks`.
@@ -113,6 +119,48 @@ def _per_head_arg(name, x, batch, num_heads, tq, tk):
     )
 
 
+def _keep_rows(x, valid):
+    """``x: [T, D]`` with the rows where ``valid: bool[T]`` is False replaced by zeros
+    (a selection, so NaN or inf there reaches neither the result nor the gradient)."""
+    return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+
+
+def _check_mask_bias(mask, bias, tq, tk):
+    if mask is not None:
+        mask = _checks.as_array("mask", mask)
+        _checks.check_bool("mask", mask)
+        _checks.check_shape("mask", mask, (tq, tk), ("Tq", "Tk"))
+    if bias is not None:
+        bias = _checks.as_array("bias", bias)
+        _checks.check_floating("bias", bias)
+        _checks.check_shape("bias", bias, (tq, tk), ("Tq", "Tk"))
+    return mask, bias
+
+
+def _attend(q, k, v, mask, bias, causal, scale):
+    """Weights ``float32[Tq, Tk]`` and, when ``v`` is given, ``(out [Tq, Dv], weights)``.
+
+    Inputs are validated by the caller. Queries with no visible key and keys no query
+    sees are zeroed (and their values) before the products, so padding never leaks.
+    """
+    tq, tk = q.shape[0], k.shape[0]
+    if causal:
+        mask = combine_masks(mask, causal_mask(tq, tk))
+    if mask is not None:
+        k_seen = jnp.any(mask, axis=0)
+        q = _keep_rows(q, jnp.any(mask, axis=1))
+        k = _keep_rows(k, k_seen)
+        if v is not None:
+            v = _keep_rows(v, k_seen)
+    acc = acc_dtype(q, k)
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
+    if bias is not None:
+        s = s + bias.astype(acc)
+    w = masked_softmax(s, mask)
+    return w if v is None else (_weighted_values(w, v), w)
+
+
 def _weighted_values(w, v):
     """``w: float32[..., Tk] @ v: [Tk, Dv] -> [..., Dv]`` in the dtype of ``v``
     (weights rounded to ``v``'s dtype, accumulated in at least float32)."""
@@ -144,23 +192,8 @@ def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale
     [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]
     """
     _check_qkv(q, k, k[:, :1])
-    tq, tk = q.shape[0], k.shape[0]
-    if mask is not None:
-        mask = _checks.as_array("mask", mask)
-        _checks.check_bool("mask", mask)
-        _checks.check_shape("mask", mask, (tq, tk), ("Tq", "Tk"))
-    if bias is not None:
-        bias = _checks.as_array("bias", bias)
-        _checks.check_floating("bias", bias)
-        _checks.check_shape("bias", bias, (tq, tk), ("Tq", "Tk"))
-    if causal:
-        mask = combine_masks(mask, causal_mask(tq, tk))
-    acc = acc_dtype(q, k)
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
-    if bias is not None:
-        s = s + bias.astype(acc)
-    return masked_softmax(s, mask)
+    mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
+    return _attend(q, k, None, mask, bias, causal, scale)
 
 
 def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None):
@@ -174,6 +207,9 @@ def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False
       scale: score scale, default ``1/sqrt(Dk)``.
 
     Returns ``[Tq, Dv]`` in the dtype of ``v``. A fully masked query row gives zeros.
+    Rows of ``q`` whose mask row is all False and rows of ``k``/``v`` whose mask
+    column is all False (padding) are never read: NaN there changes no output and
+    no gradient, and their gradients are zero.
     For batches and heads use ``jax.vmap`` (see the module docstring) or
     :func:`batched_dot_product_attention`.
 
@@ -182,8 +218,8 @@ def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False
     [[0.0, 1.0], [1.0, 2.0]]
     """
     _check_qkv(q, k, v)
-    w = attention_weights(q, k, mask, bias=bias, causal=causal, scale=scale)
-    return _weighted_values(w, v)
+    mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
+    return _attend(q, k, v, mask, bias, causal, scale)[0]
 
 
 def batched_dot_product_attention(
@@ -209,9 +245,13 @@ def batched_dot_product_attention(
     mask, m_ax = _per_head_arg("mask", mask, batch, nh, tq, tk)
     bias, b_ax = _per_head_arg("bias", bias, batch, nh, tq, tk)
 
+    if mask is not None:
+        _checks.check_bool("mask", mask)
+    if bias is not None:
+        _checks.check_floating("bias", bias)
+
     def one(q1, k1, v1, m1, b1):
-        w = attention_weights(q1, k1, m1, bias=b1, causal=causal, scale=scale)
-        return _weighted_values(w, v1), w
+        return _attend(q1, k1, v1, m1, b1, causal, scale)
 
     fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax), out_axes=(1, 0))
     for _ in batch:

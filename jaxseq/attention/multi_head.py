@@ -11,7 +11,8 @@ from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
-from jaxseq.attention.dot_product import _per_head_arg, attention_weights
+from jaxseq.attention.dot_product import _keep_rows, _per_head_arg, attention_weights
+from jaxseq.masks import causal_mask, combine_masks
 from jaxseq.nn.dropout import dropout
 
 __all__ = [
@@ -158,6 +159,11 @@ def multi_head_attention(
 
     Returns ``[Tq, Do]`` in the dtype of ``x`` (and the weights when asked).
 
+    Padding: rows of ``x`` that may attend no key and rows of ``context`` that no
+    query (of any head) may attend are zeroed before the projections, so whatever
+    they hold (NaN, inf) reaches no output and no gradient; a query row that sees no
+    key gets zero attention, so its output is ``b_o`` (zeros without biases).
+
     >>> p = multi_head_attention_init(jax.random.key(0), 16, num_heads=2, key_size=8)
     >>> y, w = multi_head_attention(p, jnp.ones((5, 16)), causal=True, return_weights=True)
     >>> y.shape, w.shape, w[0, 0].tolist()
@@ -177,6 +183,20 @@ def multi_head_attention(
     tq, tk = x.shape[0], ctx.shape[0]
     _checks.check_rate("dropout_rate", dropout_rate)
     dtype = x.dtype
+    if not blockwise:
+        mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
+        bias, b_ax = _per_head_arg("bias", bias, (), nh, tq, tk)
+        if mask is not None:
+            _checks.check_bool("mask", mask)
+        full = combine_masks(
+            None if mask is None else mask.reshape((-1, tq, tk)),
+            causal_mask(tq, tk)[None] if causal else None,
+        )
+        if full is not None:
+            # padding: query rows that see no key and keys no query sees (in any head)
+            # are zeroed before the projections, so NaN there reaches no gradient
+            ctx = _keep_rows(ctx, jnp.any(full, axis=(0, 1)))
+            x = _keep_rows(x, jnp.any(full, axis=(0, 2)))
     q = _project_heads(x, params.w_q, params.b_q).astype(dtype)  # [Tq, K, Dk]
     k = _project_heads(ctx, params.w_k, params.b_k).astype(dtype)  # [Tk, K, Dk]
     v = _project_heads(ctx, params.w_v, params.b_v).astype(dtype)  # [Tk, K, Dv]
@@ -198,8 +218,6 @@ def multi_head_attention(
         o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
         w = None
     else:
-        mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
-        bias, b_ax = _per_head_arg("bias", bias, (), nh, tq, tk)
         weights_fn = jax.vmap(
             lambda q1, k1, m1, b1: attention_weights(q1, k1, m1, bias=b1, causal=causal),
             in_axes=(1, 1, m_ax, b_ax),

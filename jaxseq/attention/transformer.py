@@ -96,9 +96,10 @@ def transformer_block(
 
     Args:
       mask: optional extra ``bool[T, T]`` attention mask (True = attend).
-      lengths: optional valid length of this example (int scalar): keys ``>= lengths``
-        are masked.
-        Outputs at padded positions are computed but meaningless; mask them in the loss.
+      lengths: optional valid length of this example (int scalar in ``[0, T]``):
+        positions ``>= lengths`` are padding. They are never read (NaN there reaches
+        no output and no gradient), their outputs are zeros and their attention
+        weights are zero rows and columns.
       causal: causal self-attention (default True, for language models).
       key, dropout_rate: dropout on attention weights and on both residual
         branches, only when ``key`` is given.
@@ -107,9 +108,10 @@ def transformer_block(
       return_weights: also return the attention weights ``float32[K, T, T]``.
 
     >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
-    >>> y, w = transformer_block(p, jnp.ones((5, 8)), lengths=3, return_weights=True)
-    >>> y.shape, w[0, 4].round(3).tolist()
-    ((5, 8), [0.333, 0.333, 0.333, 0.0, 0.0])
+    >>> x = jnp.ones((5, 8)).at[3:].set(jnp.nan)  # 3 valid steps, then padding
+    >>> y, w = transformer_block(p, x, lengths=3, return_weights=True)
+    >>> y.shape, w[0, 2].round(3).tolist(), y[3:].tolist() == [[0.0] * 8] * 2
+    ((5, 8), [0.333, 0.333, 0.333, 0.0, 0.0], True)
     """
     if not isinstance(params, TransformerBlockParams):
         raise TypeError(f"params: expected TransformerBlockParams, got {type(params).__name__}")
@@ -120,12 +122,16 @@ def transformer_block(
     d = params.ln1.scale.shape[0]
     _checks.check_shape("x", x, (None, d), ("T", "D"))
     t = x.shape[0]
+    valid = None
     if lengths is not None:
         lengths = _checks.as_array("lengths", lengths)
         _checks.check_integer("lengths", lengths)
         _checks.check_shape("lengths", lengths, ())
-        kmask = jnp.broadcast_to(length_mask(lengths, t)[None, :], (t, t))
-        mask = kmask if mask is None else mask & kmask
+        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
+        valid = length_mask(lengths, t)
+        x = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+        pad = valid[:, None] & valid[None, :]
+        mask = pad if mask is None else mask & pad
     use_dropout = key is not None and dropout_rate > 0.0
     if use_dropout:
         _checks.check_key("key", key)
@@ -153,4 +159,6 @@ def transformer_block(
     if use_dropout:
         h = dropout(k_r2, h, dropout_rate)
     y = x + h
+    if valid is not None:
+        y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
     return (y, w) if return_weights else y

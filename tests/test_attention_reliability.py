@@ -1,0 +1,240 @@
+"""Attention under padding and unequal lengths: non-finite values in padded rows never
+reach outputs or gradients, causal masks aligned top-left or bottom-right, and blockwise
+attention with per-example lengths, every path against a NumPy float64 reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+
+# What a padded row may hold: none of it may reach a valid output or any gradient.
+POISONS = (np.nan, np.inf, 1e30)
+
+
+def _np(a):
+    return np.asarray(a, np.float64)
+
+
+def _np_causal(tq, tk, alignment):
+    """``j <= i + offset``: offset 0 (top-left) or ``tk - tq`` (bottom-right)."""
+    offset = 0 if alignment == "top_left" else tk - tq
+    return np.arange(tk)[None, :] <= np.arange(tq)[:, None] + offset
+
+
+def _np_pad_mask(lq, lk, tq, tk):
+    return (np.arange(tq)[:, None] < lq) & (np.arange(tk)[None, :] < lk)
+
+
+def _np_attention_vjp(q, k, v, mask, g, scale=None):
+    """Float64 ``softmax(q k^T * scale) v`` with ``mask`` (True = attend; a fully masked
+    row gives zeros) and its vjp for the cotangent ``g``: ``(out, dq, dk, dv)``."""
+    q, k, v, g = _np(q), _np(k), _np(v), _np(g)
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    s = np.where(mask, q @ k.T * scale, -np.inf)
+    m = s.max(-1, keepdims=True)
+    e = np.where(mask, np.exp(s - np.where(np.isfinite(m), m, 0.0)), 0.0)
+    den = e.sum(-1, keepdims=True)
+    p = e / np.where(den > 0, den, 1.0)
+    dp = g @ v.T
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    return p @ v, ds @ k * scale, ds.T @ q * scale, p.T @ g
+
+
+def _poison(x, valid, value):
+    """``x`` with ``value`` in the rows where ``valid`` (``bool[..., T]``) is False."""
+    return jnp.where(jnp.asarray(valid)[..., None], x, jnp.asarray(value, x.dtype))
+
+
+def _randn(seed, *shapes):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
+
+
+def _assert_tree_close(got, want, atol=1e-5, rtol=1e-5):
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        assert np.isfinite(np.asarray(a)).all(), f"non-finite values in {np.asarray(a)}"
+        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
+
+
+# -- 1. non-finite values in padded rows ------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_attention_padded_rows_do_not_leak(causal):
+    """One example, padding mask from lengths (0 included): NaN/inf/1e30 in the padded
+    q, k and v rows leave the outputs and the three gradients equal to the float64
+    reference; padded query rows give zeros with zero gradients."""
+    tq, tk = 6, 7
+    q, k, v, g = _randn(0, (tq, 4), (tk, 4), (tk, 3), (tq, 3))
+
+    @jax.jit
+    def run(q, k, v, mask):
+        f = lambda q, k, v: js.dot_product_attention(q, k, v, mask, causal=causal)
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(g))
+
+    for lq, lk in ((4, 5), (6, 0), (0, 7), (1, 1)):
+        mask = _np_pad_mask(lq, lk, tq, tk)
+        full = mask & np.tril(np.ones((tq, tk), bool)) if causal else mask
+        qv, kv = np.arange(tq) < lq, np.arange(tk) < lk
+        clean = [_poison(x, m, 0.0) for x, m in ((q, qv), (k, kv), (v, kv))]
+        want = _np_attention_vjp(*clean, full, g)
+        for bad in POISONS:
+            args = [_poison(x, m, bad) for x, m in ((q, qv), (k, kv), (v, kv))]
+            got = run(*args, jnp.asarray(mask))
+            _assert_tree_close(got, want)
+            np.testing.assert_array_equal(got[0][lq:], 0.0)
+            np.testing.assert_array_equal(got[1][lq:], 0.0)
+
+
+def test_batched_attention_padded_rows_do_not_leak():
+    """``batched_dot_product_attention`` with a ``[B, Tq, Tk]`` padding mask and per-head
+    masks: NaN in padded rows of every example and head never reaches outputs or grads."""
+    b, tq, tk, nh = 3, 5, 6, 2
+    q, k, v, g = _randn(1, (b, tq, nh, 4), (b, tk, nh, 4), (b, tk, nh, 3), (b, tq, nh, 3))
+    lq, lk = np.array([5, 2, 0]), np.array([3, 6, 4])
+    mask = _np_pad_mask(lq[:, None, None], lk[:, None, None], tq, tk)  # [B, Tq, Tk]
+    qv, kv = np.arange(tq)[None] < lq[:, None], np.arange(tk)[None] < lk[:, None]
+
+    @jax.jit
+    def run(q, k, v):
+        f = lambda q, k, v: js.batched_dot_product_attention(q, k, v, jnp.asarray(mask))
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(g))
+
+    for bad in POISONS:
+        args = [_poison(x, m[:, :, None], bad) for x, m in ((q, qv), (k, kv), (v, kv))]
+        got = run(*args)
+        for i in range(b):
+            for h in range(nh):
+                want = _np_attention_vjp(q[i, :, h], k[i, :, h], v[i, :, h], mask[i], g[i, :, h])
+                # the reference's padded rows hold real numbers: never attended (keys) or
+                # fully masked (queries), their gradients are exactly zero
+                _assert_tree_close([x[i, :, h] for x in got], want)
+
+
+def _mha_loss_and_grads(p, x, ctx, out_rows, **kw):
+    """Output rows ``[:out_rows]`` and the gradients of ``sum(out[:out_rows] * g)`` w.r.t.
+    the params, ``x`` and ``context``."""
+    g = jnp.asarray(np.random.default_rng(9).standard_normal((out_rows, p.w_o.shape[-1])))
+
+    def loss(p, x, c):
+        out = js.multi_head_attention(p, x, c, **kw)
+        return jnp.sum(out[:out_rows] * g), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(p, x, ctx)
+    return out, grads
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_multi_head_attention_padded_rows_do_not_leak(key, cross):
+    """Self- and cross-attention with a padding mask: NaN/inf/1e30 in the padded rows of
+    ``x`` and ``context`` leave the valid outputs and every gradient (params, valid rows of
+    the inputs) equal to attention over the inputs with the padded rows removed, and
+    finite; padded inputs get zero gradients."""
+    import _np_models as npm
+
+    tq, tk, lq, lk = 6, (7 if cross else 6), 4, (5 if cross else 4)
+    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5 if cross else 8), 3)
+    x, ctx = _randn(2, (tq, 8), (tk, 5 if cross else 8))
+    mask = jnp.asarray(_np_pad_mask(lq, lk, tq, tk))
+    qv, kv = np.arange(tq) < lq, np.arange(tk) < lk
+
+    @jax.jit
+    def padded(p, x, c):
+        return _mha_loss_and_grads(p, x, c if cross else None, lq, mask=mask)
+
+    @jax.jit
+    def trimmed(p, x, c):
+        return _mha_loss_and_grads(p, x[:lq], c[:lk] if cross else None, lq)
+
+    want_out, (wp, wx, wc) = trimmed(p, x, ctx)
+    for bad in POISONS:
+        xb = _poison(x, qv if cross else qv & kv, bad)
+        cb = _poison(ctx, kv, bad)
+        out, (gp, gx, gc) = padded(p, xb, cb)
+        _assert_tree_close(out[:lq], want_out)
+        _assert_tree_close(gp, wp)
+        _assert_tree_close(gx[:lq], wx)
+        np.testing.assert_array_equal(gx[lq:], 0.0)
+        # a fully masked query row: zero attention, so its output is the output bias
+        np.testing.assert_allclose(out[lq:], np.broadcast_to(p.b_o, (tq - lq, 8)), atol=1e-6)
+        if cross:
+            _assert_tree_close(gc[:lk], wc)
+            np.testing.assert_array_equal(gc[lk:], 0.0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_transformer_block_padded_rows_do_not_leak(key, causal):
+    """``lengths=``: NaN/inf/1e30 in the padded rows leave the valid outputs and the
+    parameter gradients equal to the block on the trimmed sequence; padded outputs are
+    zeros and padded inputs get zero gradients."""
+    import _np_models as npm
+
+    p = npm.perturb(js.transformer_block_init(key, 8, num_heads=2, mlp_size=12), seed=4)
+    t, n = 7, 4
+    (x,) = _randn(3, (t, 8))
+    g = jnp.asarray(np.random.default_rng(5).standard_normal((n, 8)), jnp.float32)
+
+    def loss(p, x, lengths):
+        y = js.transformer_block(p, x, lengths=lengths, causal=causal)
+        return jnp.sum(y[:n] * g), y
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    (_, want_y), (want_p, want_x) = grad(p, x[:n], None)
+    for bad in POISONS:
+        xb = _poison(x, np.arange(t) < n, bad)
+        (_, y), (gp, gx) = grad(p, xb, jnp.array(n))
+        _assert_tree_close(y[:n], want_y)
+        np.testing.assert_array_equal(y[n:], 0.0)
+        _assert_tree_close(gp, want_p)
+        _assert_tree_close(gx[:n], want_x)
+        np.testing.assert_array_equal(gx[n:], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["additive", "additive_projected", "luong"])
+def test_encoder_attention_padded_keys_do_not_leak(key, kind):
+    """Additive (also with precomputed projected keys) and Luong attention with
+    ``lengths=``: non-finite padded keys and values change neither the context, the
+    weights nor any gradient (params, query, valid keys and values); length 0 gives
+    zeros with zero gradients."""
+    import _np_models as npm
+
+    tk, n = 6, 4
+    if kind == "luong":
+        p = npm.perturb(js.luong_attention_init(key, 5, 4), seed=1)
+    else:
+        p = npm.perturb(js.additive_attention_init(key, 5, 4, 3), seed=1)
+    query, keys, values = _randn(6, (2, 5), (tk, 4), (tk, 3))
+
+    def loss(p, query, keys, values, lengths):
+        if kind == "luong":
+            ctx, w = js.luong_attention(p, query, keys, values, lengths=lengths)
+        elif kind == "additive":
+            ctx, w = js.additive_attention(p, query, keys, values, lengths=lengths)
+        else:
+            pk = js.additive_attention_keys(p, keys, lengths=lengths)
+            ctx, w = js.additive_attention(
+                p, query, keys, values, lengths=lengths, projected_keys=pk
+            )
+        return jnp.sum(ctx**2) + jnp.sum(w[:, :n] ** 2), (ctx, w)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    (_, (want_c, want_w)), want_g = grad(p, query, keys[:n], values[:n], None)
+    valid = np.arange(tk) < n
+    for bad in POISONS:
+        kb, vb = _poison(keys, valid, bad), _poison(values, valid, bad)
+        (_, (c, w)), (gp, gq, gk, gv) = grad(p, query, kb, vb, jnp.array(n))
+        _assert_tree_close((c, w[:, :n]), (want_c, want_w))
+        np.testing.assert_array_equal(w[:, n:], 0.0)
+        _assert_tree_close((gp, gq, gk[:n], gv[:n]), want_g)
+        np.testing.assert_array_equal(gk[n:], 0.0)
+        np.testing.assert_array_equal(gv[n:], 0.0)
+        # every key padded: zero context and weights, zero and finite gradients
+        (_, (c0, w0)), g0 = grad(p, query, kb, vb, jnp.array(0))
+        np.testing.assert_array_equal(c0, 0.0)
+        np.testing.assert_array_equal(w0, 0.0)
+        for leaf in jax.tree_util.tree_leaves(g0):
+            np.testing.assert_array_equal(leaf, 0.0)
