@@ -135,7 +135,9 @@ def fused_rollout(
       xs: ``[T, *B, D]``.
       carry: carry of batch ``*B`` (``RNNCarry``/``LSTMCarry``).
       valid: optional ``bool[T, *B]``: step ``t`` is inside the sequence
-        (right padding, i.e. ``t < lengths``).
+        (right padding, i.e. ``t < lengths``). The inputs at invalid steps still
+        enter the projection and the weight gradients, so they must be finite
+        (:func:`jaxseq.rollout` sets them to zero first).
       reset: optional ``bool[T, *B]`` in processing order: zero the carry
         before step ``t`` (see ``jaxseq.recurrent.rollouts.processing_resets``).
       reverse: process from ``T - 1`` down to 0.

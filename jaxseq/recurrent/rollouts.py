@@ -8,7 +8,10 @@ Semantics shared by :func:`rollout` and :func:`rollout_unrolled`:
 * ``lengths: int[*B]`` (right padding): steps ``t >= lengths[b]`` leave that
   sequence's carry unchanged and output zeros, so the returned carry is the one
   after its last valid step (PyTorch packed-sequence semantics). A length of 0
-  is valid: the initial carry comes back with all-zero outputs.
+  is valid: the initial carry comes back with all-zero outputs. The inputs at
+  padded steps are never used: whatever they hold (NaN, inf) is selected away
+  before any arithmetic, so it changes no output, carry or gradient, and the
+  gradient with respect to them is exactly 0.
 * ``reset: bool[T, *B]``: ``reset[t, b]`` marks step ``t`` as the first step of
   a new episode/document: the carry of sequence ``b`` is set back to zeros
   (the cell's ``initial_carry``) before step ``t``. Flags at padded steps are
@@ -85,6 +88,13 @@ def _prepare(cell, params, xs, carry, lengths, reset):
         lengths = _checks.check_lengths(lengths, batch_shape, xs)
         _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
         lengths = lengths.astype(jnp.int32)
+        # Padded steps must not reach any arithmetic: whatever they hold (NaN,
+        # inf) would enter the hoisted projection xs @ w_ih and the weight
+        # gradient xs^T dG (NaN * 0 is NaN) although their outputs are masked.
+        # Selected away here, once for every path (fused, scan, unrolled); the
+        # select also makes the gradient w.r.t. xs exactly 0 at padded steps.
+        valid = valid_steps(lengths, t)[..., None]
+        xs = jnp.where(valid, xs, jnp.zeros((), xs.dtype))
 
     if reset is not None:
         reset = _checks.as_array("reset", reset)
