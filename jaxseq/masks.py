@@ -28,19 +28,49 @@ __all__ = [
 ]
 
 
-def causal_mask(tq: int, tk: int | None = None) -> jax.Array:
-    """``bool[Tq, Tk]``: query ``i`` may attend to key ``j`` iff ``j <= i`` (top-left aligned).
+_CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
-    ``tk`` defaults to ``tq``.
+
+def _causal_offset(tq: int, tk: int, alignment: str = "top_left", name: str = "alignment") -> int:
+    """The diagonal of a causal mask: query ``i`` may attend key ``j`` iff ``j <= i + offset``.
+
+    ``0`` for ``"top_left"``, ``tk - tq`` for ``"bottom_right"``; ``name`` is the
+    argument named in the error for any other ``alignment``.
+
+    >>> _causal_offset(1, 10, "bottom_right")
+    9
+    """
+    _checks.check_choice(name, alignment, _CAUSAL_ALIGNMENTS)
+    return 0 if alignment == "top_left" else tk - tq
+
+
+def causal_mask(tq: int, tk: int | None = None, *, alignment: str = "top_left") -> jax.Array:
+    """``bool[Tq, Tk]``: query ``i`` may attend to key ``j`` iff ``j <= i + offset``.
+
+    ``tk`` defaults to ``tq``. ``alignment`` places the diagonal when ``Tq != Tk``:
+
+    * ``"top_left"`` (default; ``offset = 0``): the first query sees the first key,
+      as ``jax.nn.dot_product_attention(is_causal=True)`` and PyTorch's
+      ``is_causal``. Keys past ``Tq - 1`` are seen by no query.
+    * ``"bottom_right"`` (``offset = Tk - Tq``): the last query sees every key, as
+      when the queries are the newest ``Tq`` positions of a ``Tk``-long sequence
+      (decoding with a key/value cache; FlashAttention 2.1+). With ``Tq > Tk`` the
+      first ``Tq - Tk`` rows see no key.
+
+    The two agree when ``Tq == Tk``.
 
     >>> causal_mask(3).astype(int)
     Array([[1, 0, 0],
            [1, 1, 0],
            [1, 1, 1]], dtype=int32)
+    >>> causal_mask(2, 4, alignment="bottom_right").astype(int)
+    Array([[1, 1, 1, 0],
+           [1, 1, 1, 1]], dtype=int32)
     """
     tq = _checks.check_positive_int("tq", tq)
     tk = tq if tk is None else _checks.check_positive_int("tk", tk)
-    return jnp.arange(tq)[:, None] >= jnp.arange(tk)[None, :]
+    offset = _causal_offset(tq, tk, alignment)
+    return jnp.arange(tq)[:, None] + offset >= jnp.arange(tk)[None, :]
 
 
 def length_mask(lengths, max_length: int) -> jax.Array:

@@ -2,6 +2,7 @@
 reach outputs or gradients, causal masks aligned top-left or bottom-right, and blockwise
 attention with per-example lengths, every path against a NumPy float64 reference."""
 
+import _np_models as npm
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,10 +53,10 @@ def _randn(seed, *shapes):
     return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
 
 
-def _assert_tree_close(got, want, atol=1e-5, rtol=1e-5):
+def _assert_tree_close(got, want, atol=1e-5, rtol=1e-5, msg=""):
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
-        assert np.isfinite(np.asarray(a)).all(), f"non-finite values in {np.asarray(a)}"
-        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol)
+        assert np.isfinite(np.asarray(a)).all(), f"{msg}: non-finite values in {np.asarray(a)}"
+        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol, err_msg=msg)
 
 
 # -- 1. non-finite values in padded rows ------------------------------------------------
@@ -134,8 +135,6 @@ def test_multi_head_attention_padded_rows_do_not_leak(key, cross):
     ``x`` and ``context`` leave the valid outputs and every gradient (params, valid rows of
     the inputs) equal to attention over the inputs with the padded rows removed, and
     finite; padded inputs get zero gradients."""
-    import _np_models as npm
-
     tq, tk, lq, lk = 6, (7 if cross else 6), 4, (5 if cross else 4)
     p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5 if cross else 8), 3)
     x, ctx = _randn(2, (tq, 8), (tk, 5 if cross else 8))
@@ -171,8 +170,6 @@ def test_transformer_block_padded_rows_do_not_leak(key, causal):
     """``lengths=``: NaN/inf/1e30 in the padded rows leave the valid outputs and the
     parameter gradients equal to the block on the trimmed sequence; padded outputs are
     zeros and padded inputs get zero gradients."""
-    import _np_models as npm
-
     p = npm.perturb(js.transformer_block_init(key, 8, num_heads=2, mlp_size=12), seed=4)
     t, n = 7, 4
     (x,) = _randn(3, (t, 8))
@@ -200,8 +197,6 @@ def test_encoder_attention_padded_keys_do_not_leak(key, kind):
     ``lengths=``: non-finite padded keys and values change neither the context, the
     weights nor any gradient (params, query, valid keys and values); length 0 gives
     zeros with zero gradients."""
-    import _np_models as npm
-
     tk, n = 6, 4
     if kind == "luong":
         p = npm.perturb(js.luong_attention_init(key, 5, 4), seed=1)
@@ -238,3 +233,157 @@ def test_encoder_attention_padded_keys_do_not_leak(key, kind):
         np.testing.assert_array_equal(w0, 0.0)
         for leaf in jax.tree_util.tree_leaves(g0):
             np.testing.assert_array_equal(leaf, 0.0)
+
+
+# -- 2. causal masks when the query and key lengths differ -------------------------------
+
+SHAPES = ((1, 10), (4, 9), (9, 4))
+
+
+def test_causal_mask_alignments_match_numpy():
+    for tq, tk in (*SHAPES, (5, 5)):
+        np.testing.assert_array_equal(js.causal_mask(tq, tk), _np_causal(tq, tk, "top_left"))
+        for al in ("top_left", "bottom_right"):
+            got = js.causal_mask(tq, tk, alignment=al)
+            np.testing.assert_array_equal(got, _np_causal(tq, tk, al))
+    # bottom-right, one query: the last position sees every key
+    np.testing.assert_array_equal(js.causal_mask(1, 10, alignment="bottom_right"), True)
+    np.testing.assert_array_equal(js.causal_mask(1, 10)[0], np.arange(10) == 0)
+    with pytest.raises(
+        ValueError, match=r"^alignment: expected one of \['top_left', 'bottom_right'\]"
+    ):
+        js.causal_mask(2, 3, alignment="lower_right")
+
+
+def test_top_left_causal_equals_jax_nn_for_unequal_lengths():
+    """The default (``causal_alignment="top_left"``) is ``jax.nn``'s ``is_causal``."""
+
+    @jax.jit
+    def run(q, k, v):
+        ref = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        batched, one = [], []
+        for kw in ({}, {"causal_alignment": "top_left"}):
+            batched.append(js.batched_dot_product_attention(q, k, v, causal=True, **kw))
+            one.append(
+                js.dot_product_attention(q[0, :, 0], k[0, :, 0], v[0, :, 0], causal=True, **kw)
+            )
+        return ref, batched, one
+
+    for tq, tk in SHAPES:
+        ref, batched, one = run(*_randn(tq * tk, (2, tq, 3, 4), (2, tk, 3, 4), (2, tk, 3, 4)))
+        for b, o in zip(batched, one):
+            np.testing.assert_allclose(b, ref, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(o, ref[0, :, 0], atol=1e-5, rtol=1e-5)
+
+
+def _bottom_right_paths():
+    """Every path's causal attention, bottom-right aligned, on ``[N, T, D]`` inputs."""
+    dense = jax.vmap(
+        lambda q, k, v: js.dot_product_attention(
+            q, k, v, causal=True, causal_alignment="bottom_right"
+        )
+    )
+
+    def batched(q, k, v):
+        f = js.batched_dot_product_attention
+        out = f(
+            q[:, :, None],
+            k[:, :, None],
+            v[:, :, None],
+            causal=True,
+            causal_alignment="bottom_right",
+        )
+        return out[:, :, 0]
+
+    def blockwise(method):
+        return lambda q, k, v: js.blockwise_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            causal_alignment="bottom_right",
+            block_q=2,
+            block_k=3,
+            method=method,
+        )
+
+    return {
+        "dense": dense,
+        "batched": batched,
+        "scan": blockwise("scan"),
+        "unrolled": blockwise("unrolled"),
+    }
+
+
+def test_bottom_right_causal_matches_numpy_values_and_grads():
+    """Query ``i`` sees keys ``j <= i + Tk - Tq``; with ``Tq > Tk`` the first rows see no
+    key and give zeros with zero gradients. Dense, batched and both blockwise schedules."""
+    paths = _bottom_right_paths()
+
+    @jax.jit
+    def run(q, k, v, g):
+        res = {}
+        for name, f in paths.items():
+            out, vjp = jax.vjp(f, q, k, v)
+            res[name] = (out, *vjp(g))
+        return res
+
+    for tq, tk in SHAPES:
+        q, k, v, g = _randn(tq + tk, (2, tq, 4), (2, tk, 4), (2, tk, 3), (2, tq, 3))
+        mask = _np_causal(tq, tk, "bottom_right")
+        got = run(q, k, v, g)
+        for i in range(2):
+            want = _np_attention_vjp(q[i], k[i], v[i], mask, g[i])
+            for name, res in got.items():
+                _assert_tree_close([r[i] for r in res], want, msg=name)
+        if tq > tk:
+            for name, res in got.items():
+                np.testing.assert_array_equal(res[0][:, : tq - tk], 0.0, err_msg=name)
+
+
+def test_bottom_right_single_query_is_the_last_row_of_full_causal():
+    """Decoding with a cache: one query against ``Tk`` keys is the last row of causal
+    attention over the whole sequence (every path)."""
+    q, k, v = _randn(11, (2, 10, 4), (2, 10, 4), (2, 10, 3))
+    full = jax.vmap(lambda q, k, v: js.dot_product_attention(q, k, v, causal=True))(q, k, v)
+    for name, f in _bottom_right_paths().items():
+        last = f(q[:, -1:], k, v)
+        np.testing.assert_allclose(last, full[:, -1:], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+def test_multi_head_bottom_right_equals_the_explicit_mask(key):
+    """``multi_head_attention(causal_alignment="bottom_right")`` (dense and blockwise)
+    equals the same attention with the NumPy bottom-right mask given explicitly."""
+    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5), 3)
+
+    @jax.jit
+    def run(p, x, ctx, mask):
+        kw = dict(causal=True, causal_alignment="bottom_right")
+        return js.multi_head_attention(p, x, ctx, mask), [
+            js.multi_head_attention(p, x, ctx, blockwise=b, **kw) for b in (False, True)
+        ]
+
+    for tq, tk in ((1, 6), (6, 3)):
+        x, ctx = _randn(tq, (tq, 8), (tk, 5))
+        want, outs = run(p, x, ctx, jnp.asarray(_np_causal(tq, tk, "bottom_right")))
+        for out in outs:
+            np.testing.assert_allclose(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_alignment_is_validated():
+    q = jnp.zeros((2, 3, 4))
+    msg = r"^causal_alignment: expected one of \['top_left', 'bottom_right'\], got 'lower_right'"
+    calls = (
+        lambda: js.dot_product_attention(q[0], q[0], q[0], causal_alignment="lower_right"),
+        lambda: js.attention_weights(q[0], q[0], causal_alignment="lower_right"),
+        lambda: js.batched_dot_product_attention(
+            q[..., None, :], q[..., None, :], q[..., None, :], causal_alignment="lower_right"
+        ),
+        lambda: js.blockwise_attention(q, q, q, causal_alignment="lower_right"),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=msg):
+            call()
+    p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
+    with pytest.raises(ValueError, match=msg):
+        js.multi_head_attention(p, q[0], causal_alignment="lower_right")

@@ -14,6 +14,7 @@ from jax import lax
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
 from jaxseq.attention.dot_product import _check_batched_qkv, _scale_of
+from jaxseq.masks import _causal_offset
 
 __all__ = [
     "blockwise_attention",
@@ -24,23 +25,31 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _k_range(i, *, causal, bq, bk, tk, nk):
-    """Key blocks for query block ``i``: ``[0, n_full)`` fully visible, ``[n_full, n_end)`` masked."""
+def _k_range(i, *, causal, bq, bk, tk, nk, offset=0):
+    """Key blocks for query block ``i``: ``[0, n_full)`` fully visible, ``[n_full, n_end)`` masked.
+
+    Causal: row ``r`` sees keys ``j <= r + offset``, so the block's first row sees
+    ``i * bq + offset + 1`` keys and its last row ``(i + 1) * bq + offset``.
+    """
     full_k = tk // bk  # key blocks with no padding
     if causal:
-        n_full = jnp.minimum((i * bq + 1) // bk, full_k)
-        n_end = jnp.minimum(((i + 1) * bq - 1) // bk + 1, nk)
+        n_full = jnp.clip((i * bq + offset + 1) // bk, 0, full_k)
+        n_end = jnp.clip(_cdiv((i + 1) * bq + offset, bk), 0, nk)
     else:
         n_full, n_end = jnp.int32(full_k), jnp.int32(nk)
     return n_full, n_end
 
 
-def _q_range(j, *, causal, bq, bk, tk, nq):
-    """Query blocks that see key block ``j``: ``[start, full)`` masked, ``[full, nq)`` unmasked."""
+def _q_range(j, *, causal, bq, bk, tk, nq, offset=0):
+    """Query blocks that see key block ``j``: ``[start, full)`` masked, ``[full, nq)`` unmasked.
+
+    Causal: key ``j * bk`` is first seen by row ``j * bk - offset``; the whole block by
+    row ``(j + 1) * bk - 1 - offset`` and every later row.
+    """
     padded = (j + 1) * bk > tk
     if causal:
-        start = (j * bk) // bq
-        full = jnp.minimum(_cdiv((j + 1) * bk - 1, bq), nq)
+        start = jnp.maximum(j * bk - offset, 0) // bq
+        full = jnp.minimum(_cdiv(jnp.maximum((j + 1) * bk - 1 - offset, 0), bq), nq)
     else:
         start, full = jnp.int32(0), jnp.int32(0)
     full = jnp.where(padded, nq, full)
@@ -48,12 +57,12 @@ def _q_range(j, *, causal, bq, bk, tk, nq):
     return start, full
 
 
-def _block_mask(i, j, *, causal, bq, bk, tk):
+def _block_mask(i, j, *, causal, bq, bk, tk, offset=0):
     q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     valid = k_pos < tk
     if causal:
-        valid = valid & (q_pos >= k_pos)
+        valid = valid & (q_pos + offset >= k_pos)
     return valid[None]  # [1, bq, bk]
 
 
@@ -76,14 +85,14 @@ def _pad_time(x, t_to):
     return jnp.pad(x, ((0, 0), (0, t_to - t), (0, 0)))
 
 
-def _bw_forward(q, k, v, causal, bq, bk, scale):
+def _bw_forward(q, k, v, causal, bq, bk, scale, offset):
     """q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv] -> (out [N, Tq, Dv], residuals)."""
     n, tq, _ = q.shape
     tk, dv = k.shape[1], v.shape[2]
     nq, nk = _cdiv(tq, bq), _cdiv(tk, bk)
     qs = _pad_time((q * jnp.asarray(scale, q.dtype)).astype(q.dtype), nq * bq)
     kp, vp = _pad_time(k, nk * bk), _pad_time(v, nk * bk)
-    geo = dict(causal=causal, bq=bq, bk=bk, tk=tk)
+    geo = dict(causal=causal, bq=bq, bk=bk, tk=tk, offset=offset)
     acc_t = acc_dtype(q)
     neg = float(jnp.finfo(acc_t).min)
 
@@ -131,7 +140,7 @@ def _bw_forward(q, k, v, causal, bq, bk, scale):
     return o[:, :tq], (qs, kp, vp, o, lse)
 
 
-def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
+def _bw_backward(causal, bq, bk, scale, offset, tq, tk, res, g):
     qs, kp, vp, o, lse = res
     n, tqp, dk = qs.shape
     dv = vp.shape[2]
@@ -139,7 +148,7 @@ def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
     do = _pad_time(g.astype(o.dtype), tqp)
     acc_t = acc_dtype(qs)
     delta = jnp.sum(do.astype(acc_t) * o.astype(acc_t), axis=-1)  # [N, Tq]
-    geo = dict(causal=causal, bq=bq, bk=bk, tk=tk)
+    geo = dict(causal=causal, bq=bq, bk=bk, tk=tk, offset=offset)
 
     def k_block(dq, j):
         kj = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
@@ -185,77 +194,87 @@ def _bw_backward(causal, bq, bk, scale, tq, tk, res, g):
     return dq, dk.astype(kp.dtype), dvv.astype(vp.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _blockwise(q, k, v, causal, bq, bk, scale, tk):
-    return _bw_forward(q, k, v, causal, bq, bk, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _blockwise(q, k, v, causal, bq, bk, scale, offset, tk):
+    return _bw_forward(q, k, v, causal, bq, bk, scale, offset)[0]
 
 
-def _blockwise_fwd(q, k, v, causal, bq, bk, scale, tk):
-    return _bw_forward(q, k, v, causal, bq, bk, scale)
+def _blockwise_fwd(q, k, v, causal, bq, bk, scale, offset, tk):
+    return _bw_forward(q, k, v, causal, bq, bk, scale, offset)
 
 
-def _blockwise_bwd(causal, bq, bk, scale, tk, res, g):
-    return _bw_backward(causal, bq, bk, scale, g.shape[1], tk, res, g)
+def _blockwise_bwd(causal, bq, bk, scale, offset, tk, res, g):
+    return _bw_backward(causal, bq, bk, scale, offset, g.shape[1], tk, res, g)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _rows_blocks(tq, tk, bq, causal):
-    """Static ``(r0, r1, kend)`` per query block: rows ``[r0, r1)`` see keys ``[0, kend)``."""
+def _rows_blocks(tq, tk, bq, causal, offset=0):
+    """Static ``(r0, r1, kend)`` per query block: rows ``[r0, r1)`` see keys ``[0, kend)``
+    (``kend == 0``: the block sees no key)."""
     out = []
     for r0 in range(0, tq, bq):
         r1 = min(r0 + bq, tq)
-        out.append((r0, r1, min(r1, tk) if causal else tk))
+        out.append((r0, r1, min(max(r1 + offset, 0), tk) if causal else tk))
     return out
 
 
-def _rows_valid(r0, r1, kend):
+def _rows_valid(r0, r1, kend, offset=0):
     q_pos = r0 + lax.broadcasted_iota(jnp.int32, (r1 - r0, kend), 0)
     k_pos = lax.broadcasted_iota(jnp.int32, (r1 - r0, kend), 1)
-    return (q_pos >= k_pos)[None]
+    return (q_pos + offset >= k_pos)[None]
 
 
-def _rows_forward(q, k, v, causal, bq, scale):
+def _rows_forward(q, k, v, causal, bq, scale, offset):
     """Query blocks unrolled, each against all the keys it can see: no online softmax.
 
     q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv] -> (out [N, Tq, Dv], residuals).
     """
-    tq, tk = q.shape[1], k.shape[1]
+    n, tq, tk = q.shape[0], q.shape[1], k.shape[1]
     acc_t = acc_dtype(q)
     neg = float(jnp.finfo(acc_t).min)
     qs = (q * jnp.asarray(scale, q.dtype)).astype(q.dtype)
     outs, lses = [], []
-    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal):
+    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal, offset):
+        if kend == 0:  # no row of this block sees a key: zeros, and p = exp(s - inf) = 0
+            outs.append(jnp.zeros((n, r1 - r0, v.shape[2]), v.dtype))
+            lses.append(jnp.full((n, r1 - r0), jnp.inf, acc_t))
+            continue
         s = _mm_qk(qs[:, r0:r1], k[:, :kend], acc_t)
         if causal:
-            valid = _rows_valid(r0, r1, kend)
+            valid = _rows_valid(r0, r1, kend, offset)
             s = jnp.where(valid, s, neg)
         m = jnp.max(s, axis=-1)
         p = jnp.exp(s - m[..., None])
         if causal:
             p = jnp.where(valid, p, 0.0)
         l = jnp.sum(p, axis=-1)
-        o = _mm_pv(p.astype(v.dtype), v[:, :kend], acc_t) / l[..., None]
-        outs.append(o.astype(v.dtype))
-        lses.append(m + jnp.log(l))
+        ok = l > 0  # False for a row that sees no key
+        l_safe = jnp.where(ok, l, 1.0)
+        o = _mm_pv(p.astype(v.dtype), v[:, :kend], acc_t) / l_safe[..., None]
+        outs.append(jnp.where(ok[..., None], o, 0.0).astype(v.dtype))
+        lses.append(jnp.where(ok, m + jnp.log(l_safe), jnp.inf))
     o = jnp.concatenate(outs, axis=1)
     return o, (qs, k, v, o, jnp.concatenate(lses, axis=1))
 
 
-def _rows_backward(causal, bq, scale, res, g):
+def _rows_backward(causal, bq, scale, offset, res, g):
     qs, k, v, o, lse = res
     tq, tk = qs.shape[1], k.shape[1]
     acc_t = acc_dtype(qs)
     do = g.astype(o.dtype)
     delta = jnp.sum(do.astype(acc_t) * o.astype(acc_t), axis=-1)  # [N, Tq]
     dq, dk, dv = [], jnp.zeros(k.shape, acc_t), jnp.zeros(v.shape, acc_t)
-    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal):
+    for r0, r1, kend in _rows_blocks(tq, tk, bq, causal, offset):
+        if kend == 0:
+            dq.append(jnp.zeros((qs.shape[0], r1 - r0, qs.shape[2]), acc_t))
+            continue
         qi, doi = qs[:, r0:r1], do[:, r0:r1]
         kp, vp = k[:, :kend], v[:, :kend]
         p = jnp.exp(_mm_qk(qi, kp, acc_t) - lse[:, r0:r1, None])
         if causal:
-            p = jnp.where(_rows_valid(r0, r1, kend), p, 0.0)
+            p = jnp.where(_rows_valid(r0, r1, kend, offset), p, 0.0)
         dv = dv.at[:, :kend].add(_mm_tn(p.astype(doi.dtype), doi, acc_t))
         ds = p * (_mm_qk(doi, vp, acc_t) - delta[:, r0:r1, None])
         dk = dk.at[:, :kend].add(_mm_tn(ds.astype(qi.dtype), qi, acc_t))
@@ -264,9 +283,9 @@ def _rows_backward(causal, bq, scale, res, g):
     return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _rows(q, k, v, causal, bq, scale):
-    return _rows_forward(q, k, v, causal, bq, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _rows(q, k, v, causal, bq, scale, offset):
+    return _rows_forward(q, k, v, causal, bq, scale, offset)[0]
 
 
 _rows.defvjp(_rows_forward, _rows_backward)
@@ -302,6 +321,7 @@ def blockwise_attention(
     v,
     *,
     causal: bool = False,
+    causal_alignment: str = "top_left",
     scale=None,
     block_q: int = 128,
     block_k: int = 128,
@@ -337,7 +357,11 @@ def blockwise_attention(
       q: ``[*B, Tq, Dk]``; k: ``[*B, Tk, Dk]``; v: ``[*B, Tk, Dv]``. ``*B`` are
         any leading batch dims (e.g. batch and heads), none for one example; the
         blocks of all of them are processed together. ``vmap`` works too.
-      causal: mask ``j > i`` (top-left aligned).
+      causal: mask ``j > i + offset``.
+      causal_alignment: ``"top_left"`` (default, ``offset = 0``) or
+        ``"bottom_right"`` (``offset = Tk - Tq``: the queries are the last ``Tq``
+        positions), as :func:`~jaxseq.masks.causal_mask`. Query rows that see no
+        key (bottom-right with ``Tq > Tk``) give zeros.
       scale: default ``1/sqrt(Dk)``.
       block_q, block_k: block sizes (clipped to the sequence lengths); ``T``
         need not be a multiple of them.
@@ -355,8 +379,15 @@ def blockwise_attention(
     >>> out = blockwise_attention(q, q, q, causal=True, block_q=4, block_k=4)
     >>> out.shape, bool(jnp.allclose(out[:, 0], q[:, 0], atol=1e-6))
     ((2, 6, 4), True)
+
+    One new query against all six keys (decoding): the last row of the above.
+
+    >>> last = blockwise_attention(q[:, 5:], q, q, causal=True, causal_alignment="bottom_right")
+    >>> bool(jnp.allclose(last, out[:, 5:], atol=1e-6))
+    True
     """
     batch, tq, tk, _ = _check_batched_qkv(q, k, v, heads=False)
+    offset = _causal_offset(tq, tk, causal_alignment, "causal_alignment")
     dk = q.shape[-1]
     bq = min(_checks.check_positive_int("block_q", block_q), tq)
     bk = min(_checks.check_positive_int("block_k", block_k), tk)
@@ -382,8 +413,8 @@ def blockwise_attention(
         v.reshape(n // c, c, tk, dv).astype(dtype),
     )
     if method == "unrolled":
-        run = lambda a: _rows(a[0], a[1], a[2], bool(causal), bq, scale)
+        run = lambda a: _rows(a[0], a[1], a[2], bool(causal), bq, scale, offset)
     else:
-        run = lambda a: _blockwise(a[0], a[1], a[2], bool(causal), bq, bk, scale, tk)
+        run = lambda a: _blockwise(a[0], a[1], a[2], bool(causal), bq, bk, scale, offset, tk)
     out = run([a[0] for a in args]) if c == n else lax.map(run, args)
     return out.reshape(batch + (tq, v.shape[-1])).astype(v.dtype)

@@ -45,7 +45,7 @@ from jax import lax
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype, masked_softmax, matmul_f32
-from jaxseq.masks import causal_mask, combine_masks
+from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks
 
 __all__ = [
     "attention_weights",
@@ -137,7 +137,11 @@ def _check_mask_bias(mask, bias, tq, tk):
     return mask, bias
 
 
-def _attend(q, k, v, mask, bias, causal, scale):
+def _check_alignment(causal_alignment):
+    _checks.check_choice("causal_alignment", causal_alignment, _CAUSAL_ALIGNMENTS)
+
+
+def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left"):
     """Weights ``float32[Tq, Tk]`` and, when ``v`` is given, ``(out [Tq, Dv], weights)``.
 
     Inputs are validated by the caller. Queries with no visible key and keys no query
@@ -145,7 +149,7 @@ def _attend(q, k, v, mask, bias, causal, scale):
     """
     tq, tk = q.shape[0], k.shape[0]
     if causal:
-        mask = combine_masks(mask, causal_mask(tq, tk))
+        mask = combine_masks(mask, causal_mask(tq, tk, alignment=alignment))
     if mask is not None:
         k_seen = jnp.any(mask, axis=0)
         q = _keep_rows(q, jnp.any(mask, axis=1))
@@ -173,37 +177,71 @@ def _scale_of(scale, dk: int) -> float:
     return scale
 
 
-def attention_weights(q, k, mask=None, *, bias=None, causal: bool = False, scale=None):
+def attention_weights(
+    q,
+    k,
+    mask=None,
+    *,
+    bias=None,
+    causal: bool = False,
+    causal_alignment: str = "top_left",
+    scale=None,
+):
     """Softmax attention weights ``float32[Tq, Tk]`` for one example.
 
     ``weights = softmax(q k^T * scale + bias)`` over keys, with masked entries
-    (``mask`` False, or ``j > i`` when ``causal``) exactly zero; a fully masked
-    row is all zeros. ``scale`` defaults to ``1/sqrt(Dk)``.
+    (``mask`` False, or ``j > i + offset`` when ``causal``) exactly zero; a fully
+    masked row is all zeros. ``scale`` defaults to ``1/sqrt(Dk)``.
 
     Args:
       q: ``[Tq, Dk]``; k: ``[Tk, Dk]``.
       mask: optional ``bool[Tq, Tk]`` (True = attend).
       bias: optional additive ``[Tq, Tk]`` score bias.
-      causal: also mask keys after the query position (top-left aligned).
+      causal: also mask keys after the query position.
+      causal_alignment: where the causal diagonal sits when ``Tq != Tk``:
+        ``"top_left"`` (default, ``offset = 0``, as ``jax.nn.dot_product_attention``)
+        or ``"bottom_right"`` (``offset = Tk - Tq``: the queries are the last ``Tq``
+        positions, as when decoding with a key/value cache); see
+        :func:`~jaxseq.masks.causal_mask`.
       scale: score scale, default ``1/sqrt(Dk)``.
 
     >>> w = attention_weights(jnp.ones((2, 4)), jnp.ones((3, 4)), causal=True)
     >>> w.round(3).tolist()
     [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]]
+    >>> w = attention_weights(
+    ...     jnp.ones((2, 4)), jnp.ones((3, 4)), causal=True, causal_alignment="bottom_right"
+    ... )
+    >>> w.round(3).tolist()
+    [[0.5, 0.5, 0.0], [0.333, 0.333, 0.333]]
     """
     _check_qkv(q, k, k[:, :1])
+    _check_alignment(causal_alignment)
     mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
-    return _attend(q, k, None, mask, bias, causal, scale)
+    return _attend(q, k, None, mask, bias, causal, scale, causal_alignment)
 
 
-def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None):
+def dot_product_attention(
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    bias=None,
+    causal: bool = False,
+    causal_alignment: str = "top_left",
+    scale=None,
+):
     """Scaled dot-product attention for ONE example: ``softmax(q k^T * scale) v``.
 
     Args:
       q: ``[Tq, Dk]`` queries; k: ``[Tk, Dk]`` keys; v: ``[Tk, Dv]`` values.
       mask: optional ``bool[Tq, Tk]``, True where query ``i`` may attend to key ``j``.
       bias: optional additive score bias ``[Tq, Tk]`` (e.g. relative positions).
-      causal: also mask ``j > i`` (top-left aligned).
+      causal: also mask ``j > i + offset``.
+      causal_alignment: ``"top_left"`` (default, ``offset = 0``, as
+        ``jax.nn.dot_product_attention(is_causal=True)``) or ``"bottom_right"``
+        (``offset = Tk - Tq``: the last query sees every key; one new query against
+        a cache of ``Tk`` keys is the last row of full causal attention).
       scale: score scale, default ``1/sqrt(Dk)``.
 
     Returns ``[Tq, Dv]`` in the dtype of ``v``. A fully masked query row gives zeros.
@@ -216,14 +254,28 @@ def dot_product_attention(q, k, v, mask=None, *, bias=None, causal: bool = False
     >>> v = jnp.arange(6.0).reshape(3, 2)
     >>> dot_product_attention(jnp.ones((2, 4)), jnp.ones((3, 4)), v, causal=True).tolist()
     [[0.0, 1.0], [1.0, 2.0]]
+    >>> dot_product_attention(
+    ...     jnp.ones((1, 4)), jnp.ones((3, 4)), v, causal=True, causal_alignment="bottom_right"
+    ... ).tolist()
+    [[2.0, 3.0]]
     """
     _check_qkv(q, k, v)
+    _check_alignment(causal_alignment)
     mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
-    return _attend(q, k, v, mask, bias, causal, scale)[0]
+    return _attend(q, k, v, mask, bias, causal, scale, causal_alignment)[0]
 
 
 def batched_dot_product_attention(
-    q, k, v, mask=None, *, bias=None, causal: bool = False, scale=None, return_weights=False
+    q,
+    k,
+    v,
+    mask=None,
+    *,
+    bias=None,
+    causal: bool = False,
+    causal_alignment: str = "top_left",
+    scale=None,
+    return_weights=False,
 ):
     """:func:`dot_product_attention` vmapped over heads and leading batch dims.
 
@@ -232,6 +284,7 @@ def batched_dot_product_attention(
         (the layout of ``jax.nn.dot_product_attention``).
       mask: optional ``bool[*B, Tq, Tk]`` (shared by all heads) or ``bool[*B, K, Tq, Tk]``.
       bias: optional ``[*B, K, Tq, Tk]`` or ``[*B, Tq, Tk]``.
+      causal, causal_alignment, scale: as :func:`dot_product_attention`.
       return_weights: also return the weights ``float32[*B, K, Tq, Tk]``.
 
     Returns ``[*B, Tq, K, Dv]`` (and the weights when asked).
@@ -242,6 +295,7 @@ def batched_dot_product_attention(
     ((2, 5, 4, 8), (2, 4, 5, 5))
     """
     batch, tq, tk, (nh,) = _check_batched_qkv(q, k, v, heads=True)
+    _check_alignment(causal_alignment)
     mask, m_ax = _per_head_arg("mask", mask, batch, nh, tq, tk)
     bias, b_ax = _per_head_arg("bias", bias, batch, nh, tq, tk)
 
@@ -251,7 +305,7 @@ def batched_dot_product_attention(
         _checks.check_floating("bias", bias)
 
     def one(q1, k1, v1, m1, b1):
-        return _attend(q1, k1, v1, m1, b1, causal, scale)
+        return _attend(q1, k1, v1, m1, b1, causal, scale, causal_alignment)
 
     fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax), out_axes=(1, 0))
     for _ in batch:

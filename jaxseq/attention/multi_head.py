@@ -12,7 +12,7 @@ from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
 from jaxseq.attention.dot_product import _keep_rows, _per_head_arg, attention_weights
-from jaxseq.masks import causal_mask, combine_masks
+from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks
 from jaxseq.nn.dropout import dropout
 
 __all__ = [
@@ -132,6 +132,7 @@ def multi_head_attention(
     mask=None,
     *,
     causal: bool = False,
+    causal_alignment: str = "top_left",
     bias=None,
     dropout_rate: float = 0.0,
     key=None,
@@ -150,6 +151,9 @@ def multi_head_attention(
       context: ``[Tk, Dc]`` keys'/values' inputs; ``None`` for self-attention (``x``).
       mask: optional ``bool[Tq, Tk]`` or per head ``bool[K, Tq, Tk]`` (True = attend).
       causal: mask keys after the query position.
+      causal_alignment: ``"top_left"`` (default) or ``"bottom_right"`` (the queries
+        are the last ``Tq`` of the ``Tk`` positions: decoding with a cache), as
+        :func:`~jaxseq.masks.causal_mask`.
       bias: optional score bias ``[Tq, Tk]`` or ``[K, Tq, Tk]``.
       dropout_rate, key: dropout on the attention weights, only when ``key`` is given.
       return_weights: also return the weights ``float32[K, Tq, Tk]`` (after masking,
@@ -182,6 +186,7 @@ def multi_head_attention(
     _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
     tq, tk = x.shape[0], ctx.shape[0]
     _checks.check_rate("dropout_rate", dropout_rate)
+    _checks.check_choice("causal_alignment", causal_alignment, _CAUSAL_ALIGNMENTS)
     dtype = x.dtype
     if not blockwise:
         mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
@@ -190,7 +195,7 @@ def multi_head_attention(
             _checks.check_bool("mask", mask)
         full = combine_masks(
             None if mask is None else mask.reshape((-1, tq, tk)),
-            causal_mask(tq, tk)[None] if causal else None,
+            causal_mask(tq, tk, alignment=causal_alignment)[None] if causal else None,
         )
         if full is not None:
             # padding: query rows that see no key and keys no query sees (in any head)
@@ -213,13 +218,19 @@ def multi_head_attention(
                 "returned weights"
             )
         o = blockwise_attention(
-            jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), causal=causal
+            jnp.swapaxes(q, 0, 1),
+            jnp.swapaxes(k, 0, 1),
+            jnp.swapaxes(v, 0, 1),
+            causal=causal,
+            causal_alignment=causal_alignment,
         )
         o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
         w = None
     else:
         weights_fn = jax.vmap(
-            lambda q1, k1, m1, b1: attention_weights(q1, k1, m1, bias=b1, causal=causal),
+            lambda q1, k1, m1, b1: attention_weights(
+                q1, k1, m1, bias=b1, causal=causal, causal_alignment=causal_alignment
+            ),
             in_axes=(1, 1, m_ax, b_ax),
         )
         w = weights_fn(q, k, mask, bias)  # f32[K, Tq, Tk]
