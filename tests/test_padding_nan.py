@@ -1,4 +1,6 @@
-"""Whatever is written at padded steps (``t >= lengths[b]``) changes nothing.
+"""What the rollouts make of what they are given: padded steps, and carries of the wrong kind.
+
+Whatever is written at padded steps (``t >= lengths[b]``) changes nothing.
 
 Padded steps must not touch the outputs, the final carry or any gradient (with
 respect to the params, the inputs at valid steps and the initial carry), and
@@ -11,6 +13,10 @@ poisons the gradients even though its outputs stay finite.
 The known answer is the same rollout with zeros at the padded steps (the same
 compiled function, so it must agree bit for bit), and the tests check that all
 of it is finite.
+
+A :class:`js.Stack` takes one carry per layer and a :class:`js.Bidirectional` one
+per direction; given a single cell's carry (itself a NamedTuple, so a tuple of
+the right length by chance) they say so, instead of an error about its fields.
 """
 
 import dataclasses
@@ -236,3 +242,58 @@ def test_padded_steps_change_nothing_for_bidirectional_and_stack():
     }
     run = _run_all(cases, params, xs, carry, rng)
     _check_padding_ignored(run, xs, LENGTHS)
+
+
+# -- carries and params of the wrong kind -------------------------------------------------
+
+
+def test_stack_given_one_cells_carry_says_it_wants_one_per_layer():
+    stack = js.Stack([js.LSTM(5)] * 2)
+    sp = stack.init(jax.random.key(0), 4)
+    xs = jnp.ones((6, 3, 4))
+    one = js.LSTM(5).initial_carry((3,))  # LSTMCarry(h, c): 2 fields, like 2 layers
+    want = (
+        r"carry: expected a tuple of 2 layer carries \(one per layer of the Stack\), got LSTMCarry"
+    )
+    with pytest.raises(TypeError, match=want):
+        js.rollout(stack, sp, xs, carry=one)
+    # Its fields as a plain tuple: the first layer's carry is then an array.
+    with pytest.raises(TypeError, match=r"carry\[0\]: expected LSTMCarry\('h', 'c'\) for LSTM"):
+        js.rollout(stack, sp, xs, carry=tuple(one))
+    with pytest.raises(
+        ValueError, match=r"carry: expected a tuple of 2 layer carries .*got a tuple of 3"
+    ):
+        js.rollout(stack, sp, xs, carry=(one, one, one))
+    with pytest.raises(ValueError, match=r"carry\[1\]\.c: expected shape \[3, 5\]"):
+        js.rollout(stack, sp, xs, carry=(one, one._replace(c=jnp.zeros((2, 5)))))
+    # The same for params: one LSTM's params have 3 fields, like a 3-layer stack's.
+    stack3 = js.Stack([js.LSTM(5)] * 3)
+    want = (
+        r"params: expected a tuple of 3 layer params \(one per layer of the Stack\), got LSTMParams"
+    )
+    with pytest.raises(TypeError, match=want):
+        js.rollout(stack3, js.LSTM(5).init(jax.random.key(0), 4), xs)
+    # A correct carry still runs (a list is accepted too).
+    carries, ys = js.rollout(stack, sp, xs, carry=[one, one])
+    assert ys.shape == (6, 3, 5) and isinstance(carries[1], js.LSTMCarry)
+
+
+def test_bidirectional_given_one_cells_carry_says_it_wants_one_per_direction():
+    bi = js.Bidirectional(js.LSTM(5), js.GRU(3))
+    p = bi.init(jax.random.key(0), 4)
+    xs = jnp.ones((6, 3, 4))
+    want = r"carry: expected BidirectionalCarry\(forward, backward\) \(one carry per direction.*got LSTMCarry"
+    with pytest.raises(TypeError, match=want):
+        js.rollout(bi, p, xs, carry=js.LSTM(5).initial_carry((3,)))
+    carry = bi.initial_carry((3,))
+    bad = carry._replace(backward=js.LSTM(3).initial_carry((3,)))
+    with pytest.raises(TypeError, match=r"carry\.backward: expected RNNCarry\('h',\) for GRU"):
+        js.rollout(bi, p, xs, carry=bad)
+    # Inside a stack, the path names the layer and the direction.
+    stack = js.Stack([bi])
+    with pytest.raises(TypeError, match=r"carry\[0\]\.backward: expected RNNCarry"):
+        js.rollout(stack, (p,), xs, carry=(bad,))
+    with pytest.raises(
+        TypeError, match=r"params: expected BidirectionalParams\(forward, backward\)"
+    ):
+        js.rollout(bi, p.forward, xs)

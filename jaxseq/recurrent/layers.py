@@ -31,6 +31,25 @@ __all__ = [
 ]
 
 
+def _batch_shape(xs):
+    """``*B`` of ``xs: [T, *B, D]``, or None when ``xs`` is no such array (the rollout
+    of the first layer reports that)."""
+    shape = getattr(xs, "shape", None)
+    if shape is None or len(shape) < 2:
+        return None
+    return tuple(shape[1:-1])
+
+
+def _check_layer_carry(layer, carry, batch_shape, name: str) -> None:
+    """``layer.check_carry`` under the path ``name`` (``carry[1].backward``), when the
+    layer has one; a ``None`` carry (zeros) is always fine."""
+    if carry is None or batch_shape is None:
+        return
+    check = getattr(layer, "check_carry", None)
+    if callable(check):
+        check(carry, batch_shape, name=name)
+
+
 class BidirectionalParams(NamedTuple):
     """Params of a :class:`Bidirectional`: those of its ``forward`` and ``backward`` halves.
 
@@ -102,6 +121,29 @@ class Bidirectional:
             self.backward.initial_carry(batch_shape, dtype),
         )
 
+    def check_carry(self, carry, batch_shape, name: str = "carry") -> None:
+        """Checks a :class:`BidirectionalCarry` for batch ``*B = batch_shape``.
+
+        Each half's carry (``None``: zeros) is checked by that half when it has
+        a ``check_carry``, under the names ``{name}.forward``/``{name}.backward``.
+
+        >>> import jaxseq as js
+        >>> layer = js.Bidirectional(js.GRU(3))
+        >>> layer.check_carry(layer.initial_carry((2,)), (2,))
+        >>> layer.check_carry(js.GRU(3).initial_carry((2,)), (2,))
+        Traceback (most recent call last):
+        ...
+        TypeError: carry: expected BidirectionalCarry(forward, backward) (one carry per direction), got RNNCarry...
+        """
+        if not isinstance(carry, BidirectionalCarry):
+            raise TypeError(
+                f"{name}: expected BidirectionalCarry(forward, backward) (one carry per "
+                f"direction), got {type(carry).__name__}; layer.initial_carry(batch_shape) "
+                f"makes the zero carry of both"
+            )
+        _check_layer_carry(self.forward, carry.forward, batch_shape, f"{name}.forward")
+        _check_layer_carry(self.backward, carry.backward, batch_shape, f"{name}.backward")
+
     def rollout(
         self,
         params,
@@ -131,11 +173,14 @@ class Bidirectional:
         backward half without ``reverse``, after time step 0).
         """
         if not isinstance(params, BidirectionalParams):
-            raise TypeError(f"params: expected BidirectionalParams, got {type(params).__name__}")
+            raise TypeError(
+                f"params: expected BidirectionalParams(forward, backward) (the params of both "
+                f"directions, from layer.init), got {type(params).__name__}"
+            )
         if carry is None:
             carry = BidirectionalCarry(None, None)
-        elif not isinstance(carry, BidirectionalCarry):
-            raise TypeError(f"carry: expected BidirectionalCarry, got {type(carry).__name__}")
+        else:
+            self.check_carry(carry, _batch_shape(xs))
         kf = kb = None
         if key is not None:
             _checks.check_key("key", key)
@@ -261,6 +306,36 @@ class Stack:
         """Zero carries of every layer for batch ``*B = batch_shape``."""
         return tuple(layer.initial_carry(batch_shape, dtype) for layer in self.layers)
 
+    def check_carry(self, carry, batch_shape, name: str = "carry") -> None:
+        """Checks a Stack's carry, a tuple (or list) of one carry per layer, for batch
+        ``*B = batch_shape``.
+
+        A single cell's carry is rejected even when its number of fields happens
+        to equal the number of layers. Each layer's carry (``None``: zeros) is
+        checked by that layer when it has a ``check_carry``, as ``{name}[i]``.
+
+        >>> import jaxseq as js
+        >>> stack = js.Stack([js.LSTM(3), js.LSTM(3)])
+        >>> stack.check_carry(stack.initial_carry((2,)), (2,))
+        >>> stack.check_carry(js.LSTM(3).initial_carry((2,)), (2,))
+        Traceback (most recent call last):
+        ...
+        TypeError: carry: expected a tuple of 2 layer carries (one per layer of the Stack), got LSTMCarry...
+        """
+        n = len(self.layers)
+        what = f"{name}: expected a tuple of {n} layer carries (one per layer of the Stack)"
+        hint = "stack.initial_carry(batch_shape) makes the zero carry of every layer"
+        if _is_record(carry) or not isinstance(carry, tuple | list):
+            raise TypeError(
+                f"{what}, got {type(carry).__name__}"
+                + (" (a single carry)" if _is_record(carry) else "")
+                + f"; {hint}"
+            )
+        if len(carry) != n:
+            raise ValueError(f"{what}, got a {type(carry).__name__} of {len(carry)}; {hint}")
+        for i, (layer, c) in enumerate(zip(self.layers, carry)):
+            _check_layer_carry(layer, c, batch_shape, f"{name}[{i}]")
+
     def rollout(
         self,
         params,
@@ -287,16 +362,20 @@ class Stack:
         last layer's outputs ``[T, *B, H_last]``.
         """
         n = len(self.layers)
-        if not isinstance(params, tuple | list) or len(params) != n:
-            raise ValueError(
-                f"params: expected a tuple of {n} layer params, got {type(params).__name__}"
+        what = f"params: expected a tuple of {n} layer params (one per layer of the Stack)"
+        if _is_record(params):
+            raise TypeError(
+                f"{what}, got {type(params).__name__} (the params of a single layer); "
+                f"stack.init makes those of every layer"
             )
+        if not isinstance(params, tuple | list):
+            raise TypeError(f"{what}, got {type(params).__name__}")
+        if len(params) != n:
+            raise ValueError(f"{what}, got a {type(params).__name__} of {len(params)}")
         if carry is None:
             carry = (None,) * n
-        elif not isinstance(carry, tuple | list) or len(carry) != n:
-            raise ValueError(
-                f"carry: expected a tuple of {n} layer carries, got {type(carry).__name__}"
-            )
+        else:
+            self.check_carry(carry, _batch_shape(xs))
         if key is not None:
             _checks.check_key("key", key)
         use_dropout = key is not None and self.dropout_rate > 0.0
@@ -365,6 +444,11 @@ def stacked_rollout(
         checkpoint_every=checkpoint_every,
         key=key,
     )
+
+
+def _is_record(x) -> bool:
+    """A NamedTuple (a cell's params or carry), not a plain tuple of per-layer items."""
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
 
 
 def _time_axes(module) -> tuple:
