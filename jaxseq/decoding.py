@@ -166,7 +166,8 @@ def sample(
         carry, tokens) -> (carry, logits)``, ``initial_carry``, ``check_params`` and
         ``vocab_size``).
       params: its params.
-      prime: ``int[P, *B]`` priming tokens (P >= 1), time-major.
+      prime: ``int[P, *B]`` priming tokens (P >= 1), time-major, ids in ``[0, V)``
+        (``ValueError`` otherwise; under ``jax.jit`` only inside :func:`jaxseq.checked`).
       length: N, the number of tokens to generate.
       temperature: divides the logits (< 1: more conservative, > 1: more diverse).
       top_k: sample only among the k most likely tokens.
@@ -193,6 +194,9 @@ def sample(
             f"prime: expected at least one priming token [P>=1, *B], got {_checks.describe(prime)}"
         )
     n = _check_settings(length, temperature, top_k, model.vocab_size)
+    if prime.size:  # checked here, where the ids are concrete (inside the jit it is a no-op)
+        v = model.vocab_size
+        _checks.check_in_range("prime", prime, 0, v - 1, f" (token ids, vocab_size V={v})")
     model.check_params(params)
     if carry is None:
         carry = model.initial_carry(tuple(prime.shape[1:]))

@@ -10,8 +10,10 @@ stack, head)`` drawn from one key split ``(embedding, stack, head)``. Time-major
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from jaxseq import _checks
+from jaxseq.masks import lengths_to_mask
 from jaxseq.nn.dense import dense_init
 from jaxseq.nn.dropout import dropout
 from jaxseq.nn.embedding import embedding_init
@@ -104,3 +106,37 @@ def check_tokens(name: str, tokens, layout: str = "[T, *B]", ndim: int | None = 
     else:
         _checks.check_ndim(name, tokens, ndim, layout)
     return tokens
+
+
+def valid_steps(lengths, t: int, batch_shape, xs):
+    """``bool[T, *B]`` (``t < lengths[b]``) after validating ``lengths: int[*B]``; None without lengths."""
+    if lengths is None:
+        return None
+    lengths = _checks.check_lengths(lengths, batch_shape, xs)
+    if t == 0:
+        return jnp.zeros((0, *batch_shape), jnp.bool_)
+    return lengths_to_mask(lengths, t)
+
+
+def token_ids(name: str, tokens, vocab_size: int, valid=None):
+    """Token ids ``int[T, *B]`` checked to lie in ``[0, V)`` at the valid steps.
+
+    ``valid: bool[T, *B]`` (or None: every step): padded steps may hold anything
+    (e.g. ``-100``) and are set to 0 before the embedding lookup. Concrete ids out
+    of range raise ``ValueError`` naming ``name``, the range and the value; traced
+    ids get a checkify check (enforced by :func:`jaxseq.checked`).
+    """
+    if valid is not None:
+        tokens = jnp.where(valid, tokens, jnp.zeros((), tokens.dtype))
+    if tokens.size:
+        _checks.check_in_range(
+            name, tokens, 0, vocab_size - 1, f" (token ids, vocab_size V={vocab_size})"
+        )
+    return tokens
+
+
+def select_steps(valid, x):
+    """``x: [T, *B, D]`` with the steps where ``valid: bool[T, *B]`` is False set to 0."""
+    if valid is None:
+        return x
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))

@@ -24,7 +24,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.models._body import CELLS, check_tokens, init_body, recurrent_stack, run_body
+from jaxseq.models._body import (
+    CELLS,
+    check_tokens,
+    init_body,
+    recurrent_stack,
+    run_body,
+    token_ids,
+    valid_steps,
+)
 from jaxseq.nn.dense import DenseParams, dense
 from jaxseq.nn.embedding import embed
 from jaxseq.recurrent.layers import Stack
@@ -137,7 +145,8 @@ class LanguageModel:
         Args:
           params: :class:`LMParams`.
           carry: per-layer carries for batch ``*B`` (``None``: zeros).
-          tokens: ``int[T, *B]`` token ids in ``[0, V)``, time-major.
+          tokens: ``int[T, *B]`` token ids in ``[0, V)``, time-major (with ``lengths``,
+            padded steps may hold anything, e.g. ``-100``: they are not looked up).
           reset: optional ``bool[T, *B]``: zero the carry before step t (document starts).
           lengths: optional ``int[*B]``: steps past a sequence's length leave its carry
             unchanged (the returned carry is the one after its last valid step).
@@ -145,11 +154,20 @@ class LanguageModel:
 
         Returns:
           ``(carry, logits: float32[T, *B, V])``.
+
+        Raises:
+          ValueError: a token id (at a valid step) outside ``[0, V)``, naming the value
+            and its index. Under ``jax.jit`` this check runs only inside
+            :func:`jaxseq.checked`; plain ``jit`` does not raise: the embedding lookup
+            gives NaN for an id >= V or < -V and counts a negative id from the end.
         """
         self.check_params(params)
         tokens = self.check_tokens(tokens)
+        batch_shape = tuple(tokens.shape[1:])
+        valid = valid_steps(lengths, tokens.shape[0], batch_shape, tokens)
+        tokens = token_ids("tokens", tokens, self.vocab_size, valid)
         if carry is None:
-            carry = self.initial_carry(tuple(tokens.shape[1:]))
+            carry = self.initial_carry(batch_shape)
         carry, h = run_body(
             self.stack,
             params.stack,

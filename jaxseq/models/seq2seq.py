@@ -15,7 +15,8 @@ from jaxseq.attention.additive import (
     additive_attention_init,
     additive_attention_keys,
 )
-from jaxseq.models._body import CELLS, check_tokens
+from jaxseq.masks import lengths_to_mask
+from jaxseq.models._body import CELLS, check_tokens, token_ids
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.embedding import embed, embedding_init
 from jaxseq.recurrent.layers import Bidirectional
@@ -155,19 +156,31 @@ class Seq2SeqAttention:
         return x
 
     def encode(self, params: Seq2SeqParams, src, src_lengths=None) -> Encoded:
-        """Runs the encoder over ``src: int[S, B]`` (``src_lengths: int[B]``, default S)."""
+        """Runs the encoder over ``src: int[S, B]`` (``src_lengths: int[B]``, default S).
+
+        Source ids at valid positions (``s < src_lengths``) must be in ``[0, Vs)``;
+        padded positions may hold anything (``-100``): they are not looked up. Out
+        of range: ``ValueError`` naming ``src``, the range and the value for concrete
+        ids; under ``jax.jit`` only :func:`jaxseq.checked` raises (plain ``jit``
+        looks up NaN for an id >= Vs or < -Vs and counts a negative id from the end).
+        """
         self.check_params(params)
         src = self._tokens("src", src)
         s, b = src.shape
+        explicit = src_lengths is not None
         if src_lengths is None:
             src_lengths = jnp.full((b,), s, jnp.int32)
         src_lengths = _checks.as_array("src_lengths", src_lengths)
         _checks.check_integer("src_lengths", src_lengths)
         _checks.check_shape("src_lengths", src_lengths, (b,), ("B",))
         src_lengths = src_lengths.astype(jnp.int32)
+        valid = lengths_to_mask(src_lengths, s) if explicit and s > 0 else None  # [S, B]
+        src = token_ids("src", src, self.src_vocab_size, valid)
         x = embed(params.src_embedding, src)
         _, hs = rollout(self.encoder, params.encoder, x, lengths=src_lengths)
         states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
+        if valid is not None:  # padded positions are exactly zero, whatever the rollout wrote
+            states = jnp.where(jnp.swapaxes(valid, 0, 1)[..., None], states, 0.0)
         keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
         mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
             src_lengths.astype(jnp.float32), 1.0
@@ -183,7 +196,14 @@ class Seq2SeqAttention:
         return jax.vmap(one)(query, enc.states, enc.keys, enc.lengths)
 
     def step(self, params: Seq2SeqParams, enc: Encoded, carry, y_prev):
-        """One decoder step: ``y_prev: int[B]`` -> ``(carry, logits f32[B, Vt], weights f32[B, S])``."""
+        """One decoder step: ``y_prev: int[B]`` -> ``(carry, logits f32[B, Vt], weights f32[B, S])``.
+
+        ``y_prev`` ids must be in ``[0, Vt)`` (checked as ``tgt_in`` in :meth:`apply`).
+        """
+        y_prev = token_ids("y_prev", _checks.as_array("y_prev", y_prev), self.tgt_vocab_size)
+        return self._step(params, enc, carry, y_prev)
+
+    def _step(self, params, enc, carry, y_prev):
         ctx, w = self._attend(params, enc, carry.h)
         x = jnp.concatenate([embed(params.tgt_embedding, y_prev), ctx.astype(carry.h.dtype)], -1)
         carry, h = self.decoder.step(params.decoder, carry, x)
@@ -195,12 +215,18 @@ class Seq2SeqAttention:
         right, starting with a BOS id) and predicts the next target token at every step.
 
         Returns ``(logits float32[T, B, Vt], attention weights float32[T, B, S])``.
+
+        Raises ``ValueError`` for ids out of range: ``src`` at valid positions (see
+        :meth:`encode`) and every ``tgt_in`` id outside ``[0, Vt)`` (pad it with a
+        real id, and mask the loss). Under ``jax.jit`` these checks run only inside
+        :func:`jaxseq.checked`; plain ``jit`` looks up NaN or a wrapped id instead.
         """
         enc = self.encode(params, src, src_lengths)
         tgt_in = self._tokens("tgt_in", tgt_in, enc.states.shape[0])
+        tgt_in = token_ids("tgt_in", tgt_in, self.tgt_vocab_size)
 
         def body(carry, y):
-            carry, logits, w = self.step(params, enc, carry, y)
+            carry, logits, w = self._step(params, enc, carry, y)
             return carry, (logits, w)
 
         _, (logits, weights) = jax.lax.scan(body, enc.carry, tgt_in)

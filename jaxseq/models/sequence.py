@@ -15,7 +15,15 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq.masks import lengths_to_mask
-from jaxseq.models._body import check_tokens, init_body, recurrent_stack, run_body
+from jaxseq.models._body import (
+    check_tokens,
+    init_body,
+    recurrent_stack,
+    run_body,
+    select_steps,
+    token_ids,
+    valid_steps,
+)
 from jaxseq.nn.dense import DenseParams, dense
 from jaxseq.nn.embedding import embed
 from jaxseq.recurrent.layers import Bidirectional, Stack
@@ -98,11 +106,17 @@ class _SequenceModel:
         )
 
     def _inputs(self, params, xs, lengths):
+        """Validated inputs ``[T, *B, E or D]`` with padded steps (``t >= lengths``) set to 0.
+
+        Padded steps may hold anything (token id ``-100``, NaN features): they are
+        selected away before any arithmetic, so they reach neither the outputs,
+        the pooled features nor the gradients. Token ids at valid steps must be in
+        ``[0, V)``.
+        """
         xs = _checks.as_array("xs", xs)
         if self.vocab_size is not None:
             xs = check_tokens("xs", xs, "[T, *B] token ids")
             batch_shape = tuple(xs.shape[1:])
-            x = embed(params.embedding, xs)
         else:
             _checks.check_floating("xs", xs)
             _checks.check_min_ndim("xs", xs, 2, "[T, *B, D] features")
@@ -112,9 +126,13 @@ class _SequenceModel:
                     f"got {_checks.describe(xs)}"
                 )
             batch_shape = tuple(xs.shape[1:-1])
-            x = xs
         if lengths is not None:
             lengths = _checks.check_lengths(lengths, batch_shape, xs)
+        valid = valid_steps(lengths, xs.shape[0], batch_shape, xs)
+        if self.vocab_size is not None:
+            x = embed(params.embedding, token_ids("xs", xs, self.vocab_size, valid))
+        else:
+            x = select_steps(valid, xs)
         return x, lengths
 
     def _run(self, params, xs, lengths, key):
@@ -152,8 +170,14 @@ class SequenceTagger(_SequenceModel):
 
         ``lengths: int[*B]`` right padding: the backward direction starts at each
         sequence's last valid step, and padded steps get the head's bias only
-        (mask them in the loss, e.g. ``js.losses.cross_entropy(..., lengths=lengths)``).
+        (mask them in the loss, e.g. ``js.losses.cross_entropy(..., lengths=lengths)``);
+        padded steps of ``xs`` may hold anything (``-100`` ids, NaN features).
         ``key``: dropout key (dropout off when None).
+
+        Token ids at valid steps must be in ``[0, V)``: ``ValueError`` (naming ``xs``,
+        the range and the value) for concrete ids; under ``jax.jit`` only
+        :func:`jaxseq.checked` raises, plain ``jit`` looks up NaN for an id >= V
+        or < -V and counts a negative id from the end.
         """
         _, h, _ = self._run(params, xs, lengths, key)
         return dense(params.head, h).astype(jnp.float32)
@@ -188,7 +212,14 @@ class SequenceClassifier(_SequenceModel):
         _checks.check_choice("pool", self.pool, ("last", "mean"))
 
     def apply(self, params: SequenceParams, xs, *, lengths=None, key=None):
-        """``xs: int[T, *B]`` or ``[T, *B, D]`` -> ``float32[*B, C]``; ``lengths: int[*B]``."""
+        """``xs: int[T, *B]`` or ``[T, *B, D]`` -> ``float32[*B, C]``; ``lengths: int[*B]``.
+
+        Padded steps (``t >= lengths``) may hold anything (``-100`` ids, NaN or inf
+        features): they are selected away before the stack, and the mean pooling
+        sums valid steps only, so they reach neither the pooled features nor the
+        gradients. Token ids out of range raise as in :meth:`SequenceTagger.apply`
+        (under ``jit``: only inside :func:`jaxseq.checked`).
+        """
         carries, h, lengths = self._run(params, xs, lengths, key)
         if self.pool == "last":
             feat = _last_hidden(self.stack.layers[-1], carries[-1])

@@ -24,6 +24,12 @@ def lm_loss_fn(model, *, use_lengths: bool = True):
     ``carry``, with ``chunk.reset`` applied. With ``use_lengths`` the carry
     after a padded (partial) chunk is the one after its last valid step.
 
+    Masked steps (``chunk.mask`` False) may hold any input and target id (e.g.
+    ``-100``) without touching the loss or its gradient (with ``use_lengths``,
+    which assumes the mask is a prefix of each stream). Ids at valid steps must
+    be in ``[0, V)``; inside the jitted train step that is checked only under
+    :func:`jaxseq.checked`.
+
     >>> import jax, numpy as np, jaxseq as js
     >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
     >>> params = model.init(jax.random.key(0))
@@ -50,7 +56,8 @@ def make_eval_step(model):
     """Jitted ``(params, carry, chunk) -> (carry, nats_sum, count)`` for a language model (no dropout).
 
     ``nats_sum`` is the summed cross-entropy of the valid tokens of the chunk
-    ``[K, B]``, ``count`` their number (float32 scalars).
+    ``[K, B]``, ``count`` their number (float32 scalars). Masked steps may hold
+    any id (e.g. ``-100``): they never reach the sum.
 
     >>> import jax, numpy as np, jaxseq as js
     >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
@@ -65,8 +72,11 @@ def make_eval_step(model):
     def ev(params, carry, chunk):
         lengths = jnp.sum(chunk.mask.astype(jnp.int32), axis=0)
         carry, logits = model.apply(params, carry, chunk.inputs, reset=chunk.reset, lengths=lengths)
-        tok = losses.token_cross_entropy(logits, chunk.targets)
         mask = chunk.mask.astype(jnp.bool_)
+        # masked steps are selected away before the log-softmax and the gather
+        logits = jnp.where(mask[..., None], logits, 0.0)
+        targets = jnp.where(mask, chunk.targets, jnp.zeros((), chunk.targets.dtype))
+        tok = losses.token_cross_entropy(logits, targets)
         return carry, jnp.sum(jnp.where(mask, tok, 0.0)), jnp.sum(mask.astype(jnp.float32))
 
     return ev

@@ -8,6 +8,15 @@ is the time-major shorthand for a mask over ``[T, B]``: step ``t`` of sequence
 Numerics: log-softmax in float32 (stable for any logit scale and for
 bfloat16 inputs), float32 sums; the mean is over valid tokens only, and a
 batch with no valid token gives 0, not NaN.
+
+Masked positions never matter: logits, predictions and targets there are
+replaced (``jnp.where``) before any arithmetic, so padding with ``-100``, NaN
+or inf changes neither the loss nor its gradient (the gradient there is 0).
+
+Target ids must lie in ``[0, V)`` at valid positions. Concrete targets out of
+range raise ``ValueError``; under ``jax.jit`` the check is a checkify check,
+enforced by :func:`jaxseq.checked` and skipped by plain ``jit``, where JAX's
+gather gives NaN for an id >= V or < -V and counts a negative id from the end.
 """
 
 from __future__ import annotations
@@ -70,6 +79,26 @@ def _check_logits_targets(logits, targets):
     return logits, targets
 
 
+def _check_targets(targets, v: int) -> None:
+    """Target ids in ``[0, V)`` (ValueError now, or a checkify check when traced)."""
+    if targets.size:
+        _checks.check_in_range("targets", targets, 0, v - 1, f" (class ids, V={v})")
+
+
+def _select_valid(mask, logits, targets):
+    """Masked positions get logits 0 and target 0 before any arithmetic (None: unchanged)."""
+    if mask is None:
+        return logits, targets
+    logits = jnp.where(mask[..., None], logits, jnp.zeros((), logits.dtype))
+    return logits, jnp.where(mask, targets, jnp.zeros((), targets.dtype))
+
+
+def _token_xent(logits, targets):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
+    return -picked[..., 0]
+
+
 def _masked_mean(values, mask):
     """float32 mean of ``values`` over ``mask`` (all when None); 0 when nothing is valid."""
     values = values.astype(jnp.float32)
@@ -83,15 +112,20 @@ def _masked_mean(values, mask):
 def token_cross_entropy(logits, targets) -> jax.Array:
     """Per-token ``-log softmax(logits)[target]`` in float32: ``[*N, V], int[*N] -> [*N]``.
 
+    Every target must be in ``[0, V)`` (there is no mask here: select padded
+    positions away first, or use :func:`cross_entropy` with ``mask``). Out of
+    range: ``ValueError`` for concrete targets; under ``jit`` only
+    :func:`jaxseq.checked` raises, plain ``jit`` gives NaN (id >= V) or wraps a
+    negative id.
+
     >>> import jax.numpy as jnp, jaxseq as js
     >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
     >>> js.token_cross_entropy(logits, jnp.array([0, 2])).round(4).tolist()
     [0.6931, 0.2231]
     """
     logits, targets = _check_logits_targets(logits, targets)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)
-    return -picked[..., 0]
+    _check_targets(targets, logits.shape[-1])
+    return _token_xent(logits, targets)
 
 
 def cross_entropy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
@@ -99,12 +133,19 @@ def cross_entropy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
 
     Args:
       logits: ``[*N, V]`` floating.
-      targets: ``int[*N]`` class ids in ``[0, V)``.
-      mask: optional ``bool[*N]``; False entries do not count.
+      targets: ``int[*N]`` class ids in ``[0, V)`` at valid positions; masked
+        positions may hold anything (e.g. ``-100``).
+      mask: optional ``bool[*N]``; False entries do not count (their logits and
+        targets are selected away before any arithmetic: NaN there is harmless).
       lengths: optional ``int[B]`` for time-major ``[T, B]`` inputs (instead of ``mask``).
 
     Returns:
       float32 scalar: mean over valid tokens (0 when there are none).
+
+    Raises:
+      ValueError: a target at a valid position outside ``[0, V)`` (concrete
+        targets; under ``jit`` only with :func:`jaxseq.checked`, plain ``jit``
+        gives NaN or a wrapped id there).
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> logits = jnp.zeros((3, 2, 4))                 # [T, B, V]: uniform, log 4 nats
@@ -114,14 +155,17 @@ def cross_entropy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
     """
     logits, targets = _check_logits_targets(logits, targets)
     mask = _resolve_mask("targets", targets.shape, mask, lengths)
-    return _masked_mean(token_cross_entropy(logits, targets), mask)
+    logits, targets = _select_valid(mask, logits, targets)
+    _check_targets(targets, logits.shape[-1])
+    return _masked_mean(_token_xent(logits, targets), mask)
 
 
 def accuracy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
     """Fraction of valid tokens whose argmax equals the target (float32 scalar).
 
     ``logits: [*N, V]``, ``targets: int[*N]``, ``mask: bool[*N]`` or ``lengths: int[B]``
-    (time-major ``[T, B]``).
+    (time-major ``[T, B]``). Targets at valid positions must be in ``[0, V)``
+    (checked as :func:`cross_entropy`); masked positions may hold anything.
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> logits = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
@@ -130,6 +174,8 @@ def accuracy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
     """
     logits, targets = _check_logits_targets(logits, targets)
     mask = _resolve_mask("targets", targets.shape, mask, lengths)
+    logits, targets = _select_valid(mask, logits, targets)
+    _check_targets(targets, logits.shape[-1])
     hit = jnp.argmax(logits, axis=-1) == targets
     return _masked_mean(hit, mask)
 
@@ -159,6 +205,8 @@ def mse(predictions, targets, mask=None, *, lengths=None) -> jax.Array:
 
     ``predictions, targets: [*N, D]`` (same shape); ``mask: bool[*N]`` masks
     whole positions (all D features); the mean is over valid positions and features.
+    Masked positions are selected away before the subtraction, so NaN, inf or
+    sentinel values there reach neither the loss nor its gradient.
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> pred = jnp.zeros((3, 2, 1))                   # [T, B, D]
@@ -176,6 +224,10 @@ def mse(predictions, targets, mask=None, *, lengths=None) -> jax.Array:
             f"got {_checks.describe(targets)}"
         )
     mask = _resolve_mask("predictions[..., 0]", predictions.shape[:-1], mask, lengths)
+    if mask is not None:
+        keep = mask[..., None]
+        predictions = jnp.where(keep, predictions, jnp.zeros((), predictions.dtype))
+        targets = jnp.where(keep, targets, jnp.zeros((), targets.dtype))
     err = jnp.mean(
         jnp.square(predictions.astype(jnp.float32) - targets.astype(jnp.float32)), axis=-1
     )
