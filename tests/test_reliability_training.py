@@ -2,6 +2,8 @@
 of range are errors (eagerly, and under ``js.checked`` inside jit); ``fit`` reports
 one step count after an interrupt."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -276,3 +278,34 @@ def test_losses_reject_out_of_range_targets_at_valid_positions():
     np.testing.assert_allclose(
         js.checked(losses.cross_entropy)(logits, ok, mask), np.log(4), rtol=1e-6
     )
+
+
+# ----------------------------------------------------------------- fault 3: fit
+
+
+@pytest.mark.parametrize("n, stop_at", [(1, 22), (2, 21)])
+def test_fit_interrupted_by_on_step_reports_the_step_it_saved(tmp_path, n, stop_at):
+    def loss_fn(params, carry, batch, key):
+        return jnp.mean((batch["x"] * params["w"] - batch["y"]) ** 2), (carry, {})
+
+    opt = js.make_optimizer("sgd", 0.2, max_norm=None)
+    state = js.init_state({"w": jnp.zeros(())}, opt, jax.random.key(0))
+    step = js.make_train_step(loss_fn, opt, chunks_per_call=n)
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+    seen = []
+
+    def on_step(s, rec):
+        seen.append(s)
+        if s == stop_at:  # with n=2 steps 21 and 22 ran in one call: the state is at 22
+            raise KeyboardInterrupt
+
+    ckpt = js.checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    state, info = js.fit(
+        step, state, lambda s: {"x": x, "y": 3 * x}, num_steps=50, progress=False,
+        checkpointer=ckpt, on_step=on_step, out_dir=tmp_path / "out", plot=False,
+    )  # fmt: skip
+    assert info["stopped"] == "interrupted" and seen[-1] == stop_at
+    assert info["steps"] == int(state.step) == ckpt.latest_step() == 22
+    assert ckpt.read_meta()["train_s"] == pytest.approx(info["train_s"])
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in lines] == list(range(1, 23))

@@ -187,7 +187,10 @@ def fit(
         the source's ``batch_axes`` (1, time-major, when it has none; plus one
         when stacked).
       progress: tqdm bar (default: when stderr is a terminal).
-      on_step: ``(step, record)`` callback after every step.
+      on_step: ``(step, record)`` callback after every step. A ``KeyboardInterrupt``
+        it raises ends the run after that step (``stopped == "interrupted"``): the
+        returned ``state.step``, ``info["steps"]`` and the checkpoint saved at exit
+        all count that step. Any other exception propagates.
       plot: write ``curves.png`` at the end (with ``out_dir``).
 
     Returns:
@@ -283,17 +286,24 @@ def fit(
             if mesh is not None:
                 batch = shard_batch(batch, mesh, axes)
             state, metrics = step_fn(state, batch)
+            # One truth for the step count from here on: ``state`` has taken these n
+            # steps, so ``info["steps"]`` (and a checkpoint saved on any exit, e.g. an
+            # interrupt raised by ``on_step`` below) says so too.
+            first = step
+            step += n
+            info["steps"] = step
             metrics = jax.device_get(metrics)
             dt = time.perf_counter() - t0
             info["train_s"] += dt
             run_s = max(info["train_s"] - elapsed_s, 1e-9)
-            sps = (step + n - start) / run_s
+            sps = (step - start) / run_s
             if tokens is not None:
                 tokens_run += n * tokens
                 tps = tokens_run / run_s
+            recs = []
             for j in range(n):
                 m = {k: (np.asarray(v)[j] if n > 1 else np.asarray(v)) for k, v in metrics.items()}
-                rec = {"step": step + j + 1}
+                rec = {"step": first + j + 1}
                 for k, v in m.items():
                     rec[k] = (
                         bool(v) if v.dtype == bool else (float(v) if v.ndim == 0 else v.tolist())
@@ -302,15 +312,14 @@ def fit(
                 rec["steps_per_s"] = round(sps, 3)
                 if tps is not None:
                     rec["tokens_per_s"] = round(tps, 1)
-                if mf is not None:
-                    mf.write(json.dumps(rec) + "\n")
-                if on_step is not None:
-                    on_step(step + j + 1, rec)
-            if mf is not None:
+                recs.append(rec)
+            if mf is not None:  # the log holds every step taken before any callback runs
+                mf.write("".join(json.dumps(r) + "\n" for r in recs))
                 mf.flush()
-            step += n
-            info["steps"] = step
             bar.update(n)
+            if on_step is not None:
+                for r in recs:
+                    on_step(r["step"], r)
             rate = {"tok_s": f"{tps:,.0f}"} if tps is not None else {"step_s": f"{sps:,.1f}"}
             bar.set_postfix(loss=f"{rec['loss']:.4f}", **rate, refresh=False)
             if rec["bad_streak"] >= max_bad_steps:
