@@ -53,10 +53,15 @@ def _randn(seed, *shapes):
     return [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in shapes]
 
 
-def _assert_tree_close(got, want, atol=1e-5, rtol=1e-5, msg=""):
-    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+def _assert_tree_close(got, want, tol=1e-5, msg=""):
+    """Leaves finite and equal up to float32 round-off: ``tol`` relative, and absolute
+    relative to the largest entry of ``want`` (a gradient that is zero in exact
+    arithmetic, such as that of the key bias, is a sum of large cancelling terms)."""
+    wants = jax.tree_util.tree_leaves(want)
+    atol = tol * max([1.0] + [float(np.max(np.abs(b), initial=0.0)) for b in wants])
+    for a, b in zip(jax.tree_util.tree_leaves(got), wants, strict=True):
         assert np.isfinite(np.asarray(a)).all(), f"{msg}: non-finite values in {np.asarray(a)}"
-        np.testing.assert_allclose(a, b, atol=atol, rtol=rtol, err_msg=msg)
+        np.testing.assert_allclose(a, b, atol=atol, rtol=tol, err_msg=msg)
 
 
 # -- 1. non-finite values in padded rows ------------------------------------------------
@@ -387,3 +392,145 @@ def test_causal_alignment_is_validated():
     p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
     with pytest.raises(ValueError, match=msg):
         js.multi_head_attention(p, q[0], causal_alignment="lower_right")
+
+
+# -- 3. blockwise attention with per-example lengths -------------------------------------
+
+CAUSAL_CASES = ((False, "top_left"), (True, "top_left"), (True, "bottom_right"))
+
+
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
+def test_blockwise_lengths_equal_dense_padding_mask(method):
+    """``q_lengths``/``k_lengths`` (0 and full included) against the float64 reference
+    and the dense path with the same padding mask: values and the three gradients,
+    causal or not (both alignments), one chunk or a ``lax.map`` over chunks, with
+    NaN/1e30 in the padded rows; padded query rows give zeros, padded rows zero grads."""
+    tq, tk = 7, 9
+    lq, lk = np.array([7, 3, 0, 6]), np.array([5, 9, 2, 0])
+    q, k, v, g = _randn(7, (4, tq, 4), (4, tk, 4), (4, tk, 3), (4, tq, 3))
+    qv, kv = np.arange(tq)[None] < lq[:, None], np.arange(tk)[None] < lk[:, None]
+    pad = qv[:, :, None] & kv[:, None, :]  # [B, Tq, Tk]
+
+    def paths(causal, al, lq, lk):
+        """The dense path with the padding mask, blockwise in one chunk and in two."""
+
+        def dense(q, k, v):
+            f = lambda q, k, v, m: js.dot_product_attention(
+                q, k, v, m, causal=causal, causal_alignment=al
+            )
+            return jax.vmap(f)(q, k, v, jnp.asarray(pad))
+
+        def blockwise(chunk):
+            return lambda q, k, v: js.blockwise_attention(
+                q, k, v, causal=causal, causal_alignment=al, q_lengths=lq, k_lengths=lk,
+                block_q=3, block_k=4, method=method, batch_chunk=chunk,
+            )  # fmt: skip
+
+        return dense, blockwise(None), blockwise(2)
+
+    @jax.jit
+    def run(q, k, v, lq, lk):
+        res = []
+        for causal, al in CAUSAL_CASES:
+            for f in paths(causal, al, lq, lk):
+                out, vjp = jax.vjp(f, q, k, v)
+                res.append((out, *vjp(g)))
+        return res
+
+    clean = [_poison(x, m, 0.0) for x, m in ((q, qv), (k, kv), (v, kv))]
+    for bad in (np.nan, 1e30):
+        args = [_poison(x, m, bad) for x, m in ((q, qv), (k, kv), (v, kv))]
+        got = run(*args, jnp.asarray(lq), jnp.asarray(lk))
+        for c, (causal, al) in enumerate(CAUSAL_CASES):
+            dense, one_chunk, chunks = got[3 * c : 3 * c + 3]
+            for i in range(4):
+                mask = pad[i] & _np_causal(tq, tk, al) if causal else pad[i]
+                want = _np_attention_vjp(*(x[i] for x in clean), mask, g[i])
+                for name, res in (("dense", dense), ("blockwise", one_chunk), ("chunks", chunks)):
+                    _assert_tree_close([r[i] for r in res], want, msg=f"{name} {causal} {al} {i}")
+            np.testing.assert_array_equal(one_chunk[0][~qv], 0.0)
+            np.testing.assert_array_equal(one_chunk[1][~qv], 0.0)
+
+
+def test_blockwise_skips_key_blocks_past_every_length():
+    """Key blocks that are padding for every row of the batch are never visited: the
+    forward and backward block ranges end at the longest key length."""
+    bw = js.attention.blockwise
+    geo = dict(causal=False, bq=4, bk=4, tk=32)
+    ends = [int(bw._k_range(i, nk=8, k_min=5, k_max=13, **geo)[1]) for i in range(8)]
+    assert ends == [4] * 8  # ceil(13 / 4) blocks of keys, none of the last four
+    fulls = [int(bw._k_range(i, nk=8, k_min=5, k_max=13, **geo)[0]) for i in range(8)]
+    assert fulls == [1] * 8  # only the first block is valid for every row
+    for j in range(8):
+        start, full = (int(a) for a in bw._q_range(j, nq=8, k_min=5, k_max=13, **geo))
+        if j >= 4:  # entirely padding: no query block visits it
+            assert start == full == 8
+        else:  # [0, 8) masked unless every row sees the whole block
+            assert (start, full) == ((0, 0) if j == 0 else (0, 8))
+
+
+def test_multi_head_and_transformer_blockwise_lengths_equal_dense(key):
+    """``multi_head_attention(q_lengths=, k_lengths=, blockwise=True)`` and
+    ``transformer_block(lengths=, blockwise=True)`` equal their dense paths (values and
+    parameter gradients) with NaN in the padded rows; the dense ``q_lengths``/``k_lengths``
+    equal the padding mask given as ``mask``."""
+    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5), 3)
+    blk = npm.perturb(js.transformer_block_init(key, 8, num_heads=2, mlp_size=12), seed=4)
+    tq, tk, lq, lk = 6, 7, 4, 5
+    x, ctx = _randn(8, (tq, 8), (tk, 5))
+    x = _poison(x, np.arange(tq) < lq, np.nan)
+    ctx = _poison(ctx, np.arange(tk) < lk, np.nan)
+    mask = jnp.asarray(_np_pad_mask(lq, lk, tq, tk))
+
+    def mha(p, x, ctx, **kw):
+        return jnp.sum(js.multi_head_attention(p, x, ctx, **kw)[:lq] ** 2)
+
+    def block(p, x, **kw):
+        return jnp.sum(js.transformer_block(p, x, lengths=jnp.array(lq), **kw) ** 2)
+
+    @jax.jit
+    def run(p, blk, x, ctx):
+        lens = dict(q_lengths=jnp.array(lq), k_lengths=jnp.array(lk))
+        mha_grads = [
+            jax.value_and_grad(mha)(p, x, ctx, mask=mask),
+            jax.value_and_grad(mha)(p, x, ctx, **lens),
+            jax.value_and_grad(mha)(p, x, ctx, blockwise=True, **lens),
+            jax.value_and_grad(mha)(p, x, ctx, blockwise=True, causal=True, **lens),
+            jax.value_and_grad(mha)(p, x, ctx, mask=mask, causal=True),
+        ]
+        block_grads = [jax.value_and_grad(block)(blk, x, blockwise=b) for b in (False, True)]
+        return mha_grads, block_grads
+
+    mha_grads, block_grads = run(p, blk, x, ctx)
+    for got in mha_grads[1:3]:
+        _assert_tree_close(got, mha_grads[0])
+    _assert_tree_close(mha_grads[3], mha_grads[4])
+    _assert_tree_close(block_grads[1], block_grads[0])
+
+
+def test_lengths_are_validated():
+    q, k = jnp.zeros((3, 5, 4)), jnp.zeros((3, 6, 4))
+    with pytest.raises(TypeError, match=r"^q_lengths: expected an integer dtype, got float32\[3\]"):
+        js.blockwise_attention(q, k, k, q_lengths=jnp.ones(3))
+    with pytest.raises(ValueError, match=r"^k_lengths: expected shape \[3\] \(the batch dims"):
+        js.blockwise_attention(q, k, k, k_lengths=jnp.ones((2,), jnp.int32))
+    with pytest.raises(
+        ValueError, match=r"^k_lengths: expected values in \[0, 6\] \(Tk=6\), got 7"
+    ):
+        js.blockwise_attention(q, k, k, k_lengths=jnp.array([1, 7, 2]))
+    with pytest.raises(
+        ValueError, match=r"^q_lengths: expected values in \[0, 5\] \(Tq=5\), got -1"
+    ):
+        js.blockwise_attention(q, k, k, q_lengths=jnp.array([1, -1, 2]))
+    p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
+    with pytest.raises(ValueError, match=r"^q_lengths: expected shape \[\] \(one example"):
+        js.multi_head_attention(p, q[0], q_lengths=jnp.array([2]))
+    with pytest.raises(
+        ValueError, match=r"^k_lengths: expected values in \[0, 5\] \(Tk=5\), got 9"
+    ):
+        js.multi_head_attention(p, q[0], k_lengths=jnp.array(9), blockwise=True)
+    with pytest.raises(TypeError, match=r"^k_lengths: expected an integer dtype"):
+        js.multi_head_attention(p, q[0], k_lengths=2.0)
+    blk = js.transformer_block_init(jax.random.key(0), 4, num_heads=1)
+    with pytest.raises(ValueError, match=r"^lengths: expected values in \[0, 5\] \(T=5\), got 6"):
+        js.transformer_block(blk, q[0], lengths=jnp.array(6))

@@ -13,23 +13,31 @@ from jax import lax
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
-from jaxseq.attention.dot_product import _check_batched_qkv, _scale_of
-from jaxseq.masks import _causal_offset
+from jaxseq.attention.dot_product import _check_batched_qkv, _check_lengths_arg, _scale_of
+from jaxseq.masks import _causal_offset, length_mask
 
 __all__ = [
     "blockwise_attention",
 ]
 
 
+def _keep_steps(x, valid):
+    """``x: [*B, T, D]`` with the steps where ``valid: bool[*B, T]`` is False set to zeros."""
+    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))
+
+
 def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _k_range(i, *, causal, bq, bk, tk, nk, offset=0):
+def _k_range(i, *, causal, bq, bk, tk, nk, offset=0, k_min=None, k_max=None, q_max=None):
     """Key blocks for query block ``i``: ``[0, n_full)`` fully visible, ``[n_full, n_end)`` masked.
 
     Causal: row ``r`` sees keys ``j <= r + offset``, so the block's first row sees
     ``i * bq + offset + 1`` keys and its last row ``(i + 1) * bq + offset``.
+    Lengths (the shortest and longest of the rows processed together): blocks past
+    ``k_min`` hold padding for some row (masked), blocks from ``k_max`` on are
+    padding for every row, and a query block from ``q_max`` on is padding (skipped).
     """
     full_k = tk // bk  # key blocks with no padding
     if causal:
@@ -37,33 +45,68 @@ def _k_range(i, *, causal, bq, bk, tk, nk, offset=0):
         n_end = jnp.clip(_cdiv((i + 1) * bq + offset, bk), 0, nk)
     else:
         n_full, n_end = jnp.int32(full_k), jnp.int32(nk)
-    return n_full, n_end
+    if k_min is not None:
+        n_full = jnp.minimum(n_full, k_min // bk)
+        n_end = jnp.minimum(n_end, _cdiv(k_max, bk))
+    if q_max is not None:
+        n_end = jnp.where(i * bq >= q_max, 0, n_end)
+    return jnp.minimum(n_full, n_end), n_end
 
 
-def _q_range(j, *, causal, bq, bk, tk, nq, offset=0):
+def _q_range(j, *, causal, bq, bk, tk, nq, offset=0, k_min=None, k_max=None):
     """Query blocks that see key block ``j``: ``[start, full)`` masked, ``[full, nq)`` unmasked.
 
     Causal: key ``j * bk`` is first seen by row ``j * bk - offset``; the whole block by
-    row ``(j + 1) * bk - 1 - offset`` and every later row.
+    row ``(j + 1) * bk - 1 - offset`` and every later row. With key lengths, a block
+    past ``k_min`` is masked for every query block, one from ``k_max`` on is skipped
+    (``start == full == nq``).
     """
     padded = (j + 1) * bk > tk
+    if k_min is not None:
+        padded = padded | ((j + 1) * bk > k_min)
     if causal:
         start = jnp.maximum(j * bk - offset, 0) // bq
         full = jnp.minimum(_cdiv(jnp.maximum((j + 1) * bk - 1 - offset, 0), bq), nq)
     else:
         start, full = jnp.int32(0), jnp.int32(0)
     full = jnp.where(padded, nq, full)
+    if k_max is not None:
+        full = jnp.where(j * bk >= k_max, nq, full)
+        start = jnp.where(j * bk >= k_max, nq, start)
     start = jnp.minimum(start, full)
     return start, full
 
 
-def _block_mask(i, j, *, causal, bq, bk, tk, offset=0):
+def _block_mask(i, j, *, causal, bq, bk, tk, offset=0, kl=None):
+    """``bool[1 or N, bq, bk]``: key inside ``Tk`` (and its row's length ``kl: [N]``)
+    and, with ``causal``, ``k_pos <= q_pos + offset``."""
     q_pos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     k_pos = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     valid = k_pos < tk
     if causal:
         valid = valid & (q_pos + offset >= k_pos)
+    if kl is not None:
+        return valid[None] & (k_pos[None] < kl[:, None, None])  # [N, bq, bk]
     return valid[None]  # [1, bq, bk]
+
+
+def _bounds(ql, kl):
+    """The shortest/longest key length and the longest query length of the rows
+    processed together (``None`` without lengths): the block loops' extra limits."""
+    out = {}
+    if kl is not None:
+        out.update(k_min=jnp.min(kl), k_max=jnp.max(kl))
+    if ql is not None:
+        out.update(q_max=jnp.max(ql))
+    return out
+
+
+def _q_ok(ok, r0, ql):
+    """``ok: bool[N, rows]`` and, with query lengths ``ql: [N]``, ``r0 + row < ql``."""
+    if ql is None:
+        return ok
+    q_pos = r0 + lax.broadcasted_iota(jnp.int32, ok.shape, 1)
+    return ok & (q_pos < ql[:, None])
 
 
 def _mm_qk(a, b, acc=jnp.float32):  # [N, x, D] x [N, y, D] -> f32[N, x, y]
@@ -85,8 +128,9 @@ def _pad_time(x, t_to):
     return jnp.pad(x, ((0, 0), (0, t_to - t), (0, 0)))
 
 
-def _bw_forward(q, k, v, causal, bq, bk, scale, offset):
-    """q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv] -> (out [N, Tq, Dv], residuals)."""
+def _bw_forward(q, k, v, ql, kl, causal, bq, bk, scale, offset):
+    """q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv], lengths ql, kl: int32[N] or None
+    -> (out [N, Tq, Dv], residuals). Padded rows of q, k, v must hold zeros."""
     n, tq, _ = q.shape
     tk, dv = k.shape[1], v.shape[2]
     nq, nk = _cdiv(tq, bq), _cdiv(tk, bk)
@@ -106,7 +150,7 @@ def _bw_forward(q, k, v, causal, bq, bk, scale, offset):
                 vj = lax.dynamic_slice_in_dim(vp, j * bk, bk, axis=1)
                 s = _mm_qk(qi, kj, acc_t)  # [N, bq, bk]
                 if masked:
-                    valid = _block_mask(i, j, **geo)
+                    valid = _block_mask(i, j, kl=kl, **geo)
                     s = jnp.where(valid, s, neg)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1))
                 p = jnp.exp(s - m_new[..., None])
@@ -124,11 +168,11 @@ def _bw_forward(q, k, v, causal, bq, bk, scale, offset):
             jnp.zeros((n, bq), acc_t),
             jnp.zeros((n, bq, dv), acc_t),
         )
-        n_full, n_end = _k_range(i, nk=nk, **geo)
+        n_full, n_end = _k_range(i, nk=nk, **geo, **_bounds(ql, kl))
         state = lax.fori_loop(0, n_full, body(False), state)
         state = lax.fori_loop(n_full, n_end, body(True), state)
         m, l, acc = state
-        ok = l > 0
+        ok = _q_ok(l > 0, i * bq, ql)  # False: the row sees no key, or is padding
         l_safe = jnp.where(ok, l, 1.0)
         o = jnp.where(ok[..., None], acc / l_safe[..., None], 0.0)
         lse = jnp.where(ok, m + jnp.log(l_safe), jnp.inf)  # inf: p = exp(s - inf) = 0
@@ -137,11 +181,11 @@ def _bw_forward(q, k, v, causal, bq, bk, scale, offset):
     _, (o, lse) = lax.scan(q_block, None, jnp.arange(nq))
     o = jnp.moveaxis(o, 0, 1).reshape(n, nq * bq, dv)
     lse = jnp.moveaxis(lse, 0, 1).reshape(n, nq * bq)
-    return o[:, :tq], (qs, kp, vp, o, lse)
+    return o[:, :tq], (qs, kp, vp, o, lse, ql, kl)
 
 
 def _bw_backward(causal, bq, bk, scale, offset, tq, tk, res, g):
-    qs, kp, vp, o, lse = res
+    qs, kp, vp, o, lse, ql, kl = res
     n, tqp, dk = qs.shape
     dv = vp.shape[2]
     nq, nk = tqp // bq, kp.shape[1] // bk
@@ -164,7 +208,7 @@ def _bw_backward(causal, bq, bk, scale, offset, tq, tk, res, g):
                 s = _mm_qk(qi, kj, acc_t)
                 p = jnp.exp(s - lse_i[..., None])
                 if masked:
-                    p = jnp.where(_block_mask(i, j, **geo), p, 0.0)
+                    p = jnp.where(_block_mask(i, j, kl=kl, **geo), p, 0.0)
                 dv_j = dv_j + _mm_tn(p.astype(doi.dtype), doi, acc_t)
                 dp = _mm_qk(doi, vj, acc_t)
                 ds = p * (dp - delta_i[..., None])
@@ -181,9 +225,12 @@ def _bw_backward(causal, bq, bk, scale, offset, tq, tk, res, g):
             jnp.zeros((n, bk, dv), acc_t),
             dq,
         )
-        start, full = _q_range(j, nq=nq, **geo)
-        state = lax.fori_loop(start, full, body(True), state)
-        state = lax.fori_loop(full, nq, body(False), state)
+        start, full = _q_range(j, nq=nq, **geo, **_bounds(None, kl))
+        # rows past their query length have lse = inf, so p = 0 there; query blocks
+        # past the longest query length are skipped
+        nq_end = nq if ql is None else jnp.minimum(_cdiv(jnp.max(ql), bq), nq)
+        state = lax.fori_loop(start, jnp.minimum(full, nq_end), body(True), state)
+        state = lax.fori_loop(full, nq_end, body(False), state)
         dk_j, dv_j, dq = state
         return dq, (dk_j, dv_j)
 
@@ -191,16 +238,16 @@ def _bw_backward(causal, bq, bk, scale, offset, tq, tk, res, g):
     dk = jnp.moveaxis(dk, 0, 1).reshape(n, nk * bk, dk.shape[-1])[:, :tk]
     dvv = jnp.moveaxis(dvv, 0, 1).reshape(n, nk * bk, dv)[:, :tk]
     dq = (dq[:, :tq] * scale).astype(qs.dtype)
-    return dq, dk.astype(kp.dtype), dvv.astype(vp.dtype)
+    return dq, dk.astype(kp.dtype), dvv.astype(vp.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
-def _blockwise(q, k, v, causal, bq, bk, scale, offset, tk):
-    return _bw_forward(q, k, v, causal, bq, bk, scale, offset)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def _blockwise(q, k, v, ql, kl, causal, bq, bk, scale, offset, tk):
+    return _bw_forward(q, k, v, ql, kl, causal, bq, bk, scale, offset)[0]
 
 
-def _blockwise_fwd(q, k, v, causal, bq, bk, scale, offset, tk):
-    return _bw_forward(q, k, v, causal, bq, bk, scale, offset)
+def _blockwise_fwd(q, k, v, ql, kl, causal, bq, bk, scale, offset, tk):
+    return _bw_forward(q, k, v, ql, kl, causal, bq, bk, scale, offset)
 
 
 def _blockwise_bwd(causal, bq, bk, scale, offset, tk, res, g):
@@ -226,7 +273,17 @@ def _rows_valid(r0, r1, kend, offset=0):
     return (q_pos + offset >= k_pos)[None]
 
 
-def _rows_forward(q, k, v, causal, bq, scale, offset):
+def _rows_mask(r0, r1, kend, causal, offset, kl):
+    """``bool[1 or N, rows, kend]`` (causal and/or key lengths ``kl: [N]``) or ``None``."""
+    valid = _rows_valid(r0, r1, kend, offset) if causal else None
+    if kl is not None:
+        k_pos = lax.broadcasted_iota(jnp.int32, (1, r1 - r0, kend), 2)
+        in_len = k_pos < kl[:, None, None]
+        valid = in_len if valid is None else valid & in_len
+    return valid
+
+
+def _rows_forward(q, k, v, ql, kl, causal, bq, scale, offset):
     """Query blocks unrolled, each against all the keys it can see: no online softmax.
 
     q: [N, Tq, Dk], k: [N, Tk, Dk], v: [N, Tk, Dv] -> (out [N, Tq, Dv], residuals).
@@ -242,25 +299,25 @@ def _rows_forward(q, k, v, causal, bq, scale, offset):
             lses.append(jnp.full((n, r1 - r0), jnp.inf, acc_t))
             continue
         s = _mm_qk(qs[:, r0:r1], k[:, :kend], acc_t)
-        if causal:
-            valid = _rows_valid(r0, r1, kend, offset)
+        valid = _rows_mask(r0, r1, kend, causal, offset, kl)
+        if valid is not None:
             s = jnp.where(valid, s, neg)
         m = jnp.max(s, axis=-1)
         p = jnp.exp(s - m[..., None])
-        if causal:
+        if valid is not None:
             p = jnp.where(valid, p, 0.0)
         l = jnp.sum(p, axis=-1)
-        ok = l > 0  # False for a row that sees no key
+        ok = _q_ok(l > 0, r0, ql)  # False: the row sees no key, or is padding
         l_safe = jnp.where(ok, l, 1.0)
         o = _mm_pv(p.astype(v.dtype), v[:, :kend], acc_t) / l_safe[..., None]
         outs.append(jnp.where(ok[..., None], o, 0.0).astype(v.dtype))
         lses.append(jnp.where(ok, m + jnp.log(l_safe), jnp.inf))
     o = jnp.concatenate(outs, axis=1)
-    return o, (qs, k, v, o, jnp.concatenate(lses, axis=1))
+    return o, (qs, k, v, o, jnp.concatenate(lses, axis=1), kl)
 
 
 def _rows_backward(causal, bq, scale, offset, res, g):
-    qs, k, v, o, lse = res
+    qs, k, v, o, lse, kl = res
     tq, tk = qs.shape[1], k.shape[1]
     acc_t = acc_dtype(qs)
     do = g.astype(o.dtype)
@@ -273,19 +330,20 @@ def _rows_backward(causal, bq, scale, offset, res, g):
         qi, doi = qs[:, r0:r1], do[:, r0:r1]
         kp, vp = k[:, :kend], v[:, :kend]
         p = jnp.exp(_mm_qk(qi, kp, acc_t) - lse[:, r0:r1, None])
-        if causal:
-            p = jnp.where(_rows_valid(r0, r1, kend, offset), p, 0.0)
+        valid = _rows_mask(r0, r1, kend, causal, offset, kl)
+        if valid is not None:
+            p = jnp.where(valid, p, 0.0)
         dv = dv.at[:, :kend].add(_mm_tn(p.astype(doi.dtype), doi, acc_t))
         ds = p * (_mm_qk(doi, vp, acc_t) - delta[:, r0:r1, None])
         dk = dk.at[:, :kend].add(_mm_tn(ds.astype(qi.dtype), qi, acc_t))
         dq.append(_mm_pv(ds.astype(kp.dtype), kp, acc_t))
     dq = jnp.concatenate(dq, axis=1) * scale
-    return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq.astype(qs.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _rows(q, k, v, causal, bq, scale, offset):
-    return _rows_forward(q, k, v, causal, bq, scale, offset)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _rows(q, k, v, ql, kl, causal, bq, scale, offset):
+    return _rows_forward(q, k, v, ql, kl, causal, bq, scale, offset)[0]
 
 
 _rows.defvjp(_rows_forward, _rows_backward)
@@ -327,10 +385,13 @@ def blockwise_attention(
     block_k: int = 128,
     batch_chunk: int | None = None,
     method: str = "auto",
+    q_lengths=None,
+    k_lengths=None,
 ):
     """Exact attention computed block by block, never forming ``[Tq, Tk]`` (memory ``O(T * block)``).
 
-    Same result as :func:`dot_product_attention` (without ``mask``/``bias``),
+    Same result as :func:`dot_product_attention` (without ``bias``; padding by
+    lengths instead of a ``mask``),
     but the ``[Tq, Tk]`` score matrix is never formed: a ``lax.scan`` runs over
     query blocks and, for each, a loop over key blocks keeps a running max,
     normaliser and output (Milakov & Gimelshein 2018; Rabe & Staats 2021; Dao
@@ -372,6 +433,14 @@ def blockwise_attention(
         ``2**18 / (block_q * Tk)`` rows (``"unrolled"``), so one block's
         temporaries stay in the CPU caches.
       method: ``"auto"``, ``"scan"`` or ``"unrolled"`` (see above).
+      q_lengths, k_lengths: optional ``int[*B]`` valid lengths in ``[0, Tq]`` and
+        ``[0, Tk]`` (right padding): the same as the dense path with
+        ``mask = padding_mask(q_lengths, k_lengths, Tq, Tk)``. Padded rows of
+        ``q``, ``k`` and ``v`` are never read (NaN there reaches no output and no
+        gradient; their gradients are zero), padded query rows and rows with no
+        valid key give zeros. Key blocks past the longest key length and query
+        blocks past the longest query length of the rows processed together are
+        skipped.
 
     Returns ``[*B, Tq, Dv]`` in the dtype of ``v``.
 
@@ -385,9 +454,19 @@ def blockwise_attention(
     >>> last = blockwise_attention(q[:, 5:], q, q, causal=True, causal_alignment="bottom_right")
     >>> bool(jnp.allclose(last, out[:, 5:], atol=1e-6))
     True
+
+    Padding: the second example has 3 valid steps (NaN after them).
+
+    >>> lengths = jnp.array([6, 3])
+    >>> qp = q.at[1, 3:].set(jnp.nan)
+    >>> outp = blockwise_attention(qp, qp, qp, q_lengths=lengths, k_lengths=lengths)
+    >>> bool(jnp.isfinite(outp).all()), outp[1, 3:].tolist() == [[0.0] * 4] * 3
+    (True, True)
     """
     batch, tq, tk, _ = _check_batched_qkv(q, k, v, heads=False)
     offset = _causal_offset(tq, tk, causal_alignment, "causal_alignment")
+    q_lengths = _check_lengths_arg("q_lengths", q_lengths, batch, tq, "Tq", "the batch dims of q")
+    k_lengths = _check_lengths_arg("k_lengths", k_lengths, batch, tk, "Tk", "the batch dims of q")
     dk = q.shape[-1]
     bq = min(_checks.check_positive_int("block_q", block_q), tq)
     bk = min(_checks.check_positive_int("block_k", block_k), tk)
@@ -407,14 +486,27 @@ def blockwise_attention(
             )
     dtype = jnp.result_type(q, k, v)
     dv = v.shape[-1]
+    ql = kl = None
+    if q_lengths is not None:  # padded rows zeroed before any product (NaN * 0 is NaN)
+        q = _keep_steps(q, length_mask(q_lengths, tq))
+        ql = q_lengths.astype(jnp.int32).reshape(n // c, c)
+    if k_lengths is not None:
+        k_valid = length_mask(k_lengths, tk)
+        k, v = _keep_steps(k, k_valid), _keep_steps(v, k_valid)
+        kl = k_lengths.astype(jnp.int32).reshape(n // c, c)
     args = (
         q.reshape(n // c, c, tq, dk).astype(dtype),
         k.reshape(n // c, c, tk, dk).astype(dtype),
         v.reshape(n // c, c, tk, dv).astype(dtype),
+        ql,
+        kl,
     )
     if method == "unrolled":
-        run = lambda a: _rows(a[0], a[1], a[2], bool(causal), bq, scale, offset)
+        run = lambda a: _rows(*a, bool(causal), bq, scale, offset)
     else:
-        run = lambda a: _blockwise(a[0], a[1], a[2], bool(causal), bq, bk, scale, offset, tk)
-    out = run([a[0] for a in args]) if c == n else lax.map(run, args)
+        run = lambda a: _blockwise(*a, bool(causal), bq, bk, scale, offset, tk)
+    if c == n:
+        out = run(jax.tree_util.tree_map(lambda a: a[0], args))
+    else:
+        out = lax.map(run, args)
     return out.reshape(batch + (tq, v.shape[-1])).astype(v.dtype)

@@ -119,6 +119,20 @@ def _per_head_arg(name, x, batch, num_heads, tq, tk):
     )
 
 
+def _check_lengths_arg(name, lengths, batch, t, t_name, batch_what):
+    """``lengths: int[*batch]`` with values in ``[0, t]`` (``None`` passes); returns an array."""
+    if lengths is None:
+        return None
+    lengths = _checks.as_array(name, lengths)
+    _checks.check_integer(name, lengths)
+    if tuple(lengths.shape) != tuple(batch):
+        raise ValueError(
+            f"{name}: expected shape {list(batch)} ({batch_what}), got {_checks.describe(lengths)}"
+        )
+    _checks.check_in_range(name, lengths, 0, t, f" ({t_name}={t})")
+    return lengths
+
+
 def _keep_rows(x, valid):
     """``x: [T, D]`` with the rows where ``valid: bool[T]`` is False replaced by zeros
     (a selection, so NaN or inf there reaches neither the result nor the gradient)."""

@@ -11,8 +11,13 @@ from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
-from jaxseq.attention.dot_product import _keep_rows, _per_head_arg, attention_weights
-from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks
+from jaxseq.attention.dot_product import (
+    _check_lengths_arg,
+    _keep_rows,
+    _per_head_arg,
+    attention_weights,
+)
+from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks, length_mask
 from jaxseq.nn.dropout import dropout
 
 __all__ = [
@@ -138,6 +143,8 @@ def multi_head_attention(
     key=None,
     return_weights: bool = False,
     blockwise: bool = False,
+    q_lengths=None,
+    k_lengths=None,
 ):
     """Multi-head attention for ONE example (``jax.vmap`` it over a batch).
 
@@ -159,7 +166,10 @@ def multi_head_attention(
       return_weights: also return the weights ``float32[K, Tq, Tk]`` (after masking,
         before dropout) for plotting.
       blockwise: use :func:`blockwise_attention` (long sequences; no ``mask``,
-        ``bias``, dropout or weights then).
+        ``bias``, dropout or weights then: padding by ``q_lengths``/``k_lengths``).
+      q_lengths, k_lengths: optional valid lengths of this example (int scalars in
+        ``[0, Tq]`` and ``[0, Tk]``): query rows and keys past them are padding, as
+        ``mask=padding_mask(q_lengths, k_lengths, Tq, Tk)``, on both paths.
 
     Returns ``[Tq, Do]`` in the dtype of ``x`` (and the weights when asked).
 
@@ -172,6 +182,13 @@ def multi_head_attention(
     >>> y, w = multi_head_attention(p, jnp.ones((5, 16)), causal=True, return_weights=True)
     >>> y.shape, w.shape, w[0, 0].tolist()
     ((5, 16), (2, 5, 5), [1.0, 0.0, 0.0, 0.0, 0.0])
+
+    Padding by lengths, on the blockwise path too (NaN in the padded rows):
+
+    >>> x = jnp.ones((5, 16)).at[3:].set(jnp.nan)
+    >>> y = multi_head_attention(p, x, q_lengths=3, k_lengths=3, blockwise=True)
+    >>> bool(jnp.isfinite(y).all())
+    True
     """
     dq, dc, nh, dk, dv, do = _check_mha_params(params)
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -187,12 +204,38 @@ def multi_head_attention(
     tq, tk = x.shape[0], ctx.shape[0]
     _checks.check_rate("dropout_rate", dropout_rate)
     _checks.check_choice("causal_alignment", causal_alignment, _CAUSAL_ALIGNMENTS)
+    one = "one example; vmap over a batch"
+    q_lengths = _check_lengths_arg("q_lengths", q_lengths, (), tq, "Tq", one)
+    k_lengths = _check_lengths_arg("k_lengths", k_lengths, (), tk, "Tk", one)
+    q_valid = None if q_lengths is None else length_mask(q_lengths, tq)  # bool[Tq]
+    k_valid = None if k_lengths is None else length_mask(k_lengths, tk)  # bool[Tk]
     dtype = x.dtype
-    if not blockwise:
+    if blockwise:
+        if (
+            mask is not None
+            or bias is not None
+            or return_weights
+            or (key is not None and dropout_rate > 0)
+        ):
+            raise ValueError(
+                "blockwise: supports only causal masking and padding by q_lengths/k_lengths, "
+                "without mask, bias, dropout or returned weights"
+            )
+        # padded rows zeroed before the projections, so NaN there reaches no gradient
+        if q_valid is not None:
+            x = _keep_rows(x, q_valid)
+        if k_valid is not None:
+            ctx = _keep_rows(ctx, k_valid)
+    else:
         mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
         bias, b_ax = _per_head_arg("bias", bias, (), nh, tq, tk)
         if mask is not None:
             _checks.check_bool("mask", mask)
+        if q_valid is not None or k_valid is not None:
+            qv = jnp.ones((tq,), bool) if q_valid is None else q_valid
+            kv = jnp.ones((tk,), bool) if k_valid is None else k_valid
+            pad = qv[:, None] & kv[None, :]
+            mask = pad if mask is None else mask & (pad if m_ax is None else pad[None])
         full = combine_masks(
             None if mask is None else mask.reshape((-1, tq, tk)),
             causal_mask(tq, tk, alignment=causal_alignment)[None] if causal else None,
@@ -207,22 +250,15 @@ def multi_head_attention(
     v = _project_heads(ctx, params.w_v, params.b_v).astype(dtype)  # [Tk, K, Dv]
 
     if blockwise:
-        if (
-            mask is not None
-            or bias is not None
-            or return_weights
-            or (key is not None and dropout_rate > 0)
-        ):
-            raise ValueError(
-                "blockwise: supports only causal or no masking, without bias, dropout or "
-                "returned weights"
-            )
+        per_head = lambda n: None if n is None else jnp.broadcast_to(n, (nh,))
         o = blockwise_attention(
             jnp.swapaxes(q, 0, 1),
             jnp.swapaxes(k, 0, 1),
             jnp.swapaxes(v, 0, 1),
             causal=causal,
             causal_alignment=causal_alignment,
+            q_lengths=per_head(q_lengths),
+            k_lengths=per_head(k_lengths),
         )
         o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
         w = None

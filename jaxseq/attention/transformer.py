@@ -103,8 +103,8 @@ def transformer_block(
       causal: causal self-attention (default True, for language models).
       key, dropout_rate: dropout on attention weights and on both residual
         branches, only when ``key`` is given.
-      blockwise: :func:`~jaxseq.attention.blockwise_attention` (long sequences,
-        causal/no mask only).
+      blockwise: :func:`~jaxseq.attention.blockwise_attention` (long sequences;
+        causal masking and ``lengths`` only, no ``mask``).
       return_weights: also return the attention weights ``float32[K, T, T]``.
 
     >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
@@ -130,8 +130,6 @@ def transformer_block(
         _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
         valid = length_mask(lengths, t)
         x = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
-        pad = valid[:, None] & valid[None, :]
-        mask = pad if mask is None else mask & pad
     use_dropout = key is not None and dropout_rate > 0.0
     if use_dropout:
         _checks.check_key("key", key)
@@ -143,6 +141,8 @@ def transformer_block(
         params.attn,
         h,
         mask=mask,
+        q_lengths=lengths,
+        k_lengths=lengths,
         causal=causal,
         key=k_att,
         dropout_rate=dropout_rate if use_dropout else 0.0,
