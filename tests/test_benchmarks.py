@@ -272,3 +272,27 @@ def test_gate_forms_agree(cell, key):
     assert jnp.allclose(
         bk._gates_no_loop(slices, h, zs), bk._gates_no_loop(whole, h, zs), atol=1e-6
     )
+
+
+def test_char_lm_e2e_quick_runs_both_sides(tmp_path):
+    pytest.importorskip("torch")
+    import math
+
+    from benchmarks import char_lm_e2e
+
+    char_lm_e2e.main(["--quick", "--steps", "3", "--out", str(tmp_path), "--quiet"])
+    data = json.loads((tmp_path / "char_lm_e2e.json").read_text())
+    recs = {r["impl"]: r for r in data["records"]}
+    for impl in ("jaxseq", "torch"):
+        r = recs[impl]
+        assert r["status"] == "ok" and r["timed_steps"] == 3
+        assert len(r["losses"]) == 4  # 1 warm-up + 3 timed steps
+        assert all(math.isfinite(v) for v in r["losses"])
+        assert r["tokens_per_s"] > 0
+    # Same weights: the loss of chunk 0 without dropout agrees between the two sides.
+    a, b = recs["jaxseq"]["loss_step0_no_dropout"], recs["torch"]["loss_step0_no_dropout"]
+    assert abs(a - b) < 1e-4
+    ratio = recs["jaxseq/torch"]["ratio_time_per_1000_steps"]
+    assert ratio == pytest.approx(recs["jaxseq"]["median_ms"] / recs["torch"]["median_ms"])
+    assert (tmp_path / "char_lm_e2e_loss.png").stat().st_size > 0
+    assert "| step | jaxseq loss | torch loss |" in (tmp_path / "char_lm_e2e.md").read_text()
