@@ -217,3 +217,20 @@ def test_tagging_smoke(tagging, tmp_path, fit_calls):
             evals[runs.index(run) * 2 + 1]["test_token_acc"]
         )
     assert "gold" in (out / "predictions.txt").read_text()
+
+
+def test_vanishing_gradients_shows_both_regimes(load_example, tmp_path):
+    vg = load_example("vanishing_gradients")
+    s = vg.main(["--T", "60", "--hidden", "64", "--batch", "8", "--trials", "3",
+                 "--out", str(tmp_path), "--quiet"])  # fmt: skip
+    ratio = {k: m["grad_norm_first_over_last"] for k, m in s["models"].items()}
+    assert ratio["relu_3"] > 1e3  # exploding: the gradient at t=0 dwarfs the last step's
+    assert ratio["relu_1.5"] < 1e-2  # vanishing
+    assert 0.1 < ratio["irnn"] < 10  # the identity passes it back level
+    assert ratio["lstm"] < 0.1
+    assert s["models"]["relu_3"]["hidden_norm_last_over_first"] > 1e3
+    for m in s["models"].values():
+        assert len(m["grad_norm"]) == len(m["hidden_norm"]) == 60
+        assert np.all(np.isfinite(m["grad_norm"]))
+    for name in ("summary.json", "hidden_norms.png", "grad_norms.png"):
+        assert (tmp_path / name).stat().st_size > 0
