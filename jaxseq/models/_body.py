@@ -13,13 +13,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.masks import lengths_to_mask
 from jaxseq.nn.dense import dense_init
 from jaxseq.nn.dropout import dropout
 from jaxseq.nn.embedding import embedding_init
 from jaxseq.recurrent.cells import GRU, LSTM, RNN
 from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.rollouts import rollout
+from jaxseq.recurrent.rollouts import valid_steps as _steps_mask
 
 __all__: list[str] = []
 
@@ -112,10 +112,7 @@ def valid_steps(lengths, t: int, batch_shape, xs):
     """``bool[T, *B]`` (``t < lengths[b]``) after validating ``lengths: int[*B]``; None without lengths."""
     if lengths is None:
         return None
-    lengths = _checks.check_lengths(lengths, batch_shape, xs)
-    if t == 0:
-        return jnp.zeros((0, *batch_shape), jnp.bool_)
-    return lengths_to_mask(lengths, t)
+    return _steps_mask(_checks.check_lengths(lengths, batch_shape, xs), t)
 
 
 def token_ids(name: str, tokens, vocab_size: int, valid=None):
@@ -133,10 +130,3 @@ def token_ids(name: str, tokens, vocab_size: int, valid=None):
             name, tokens, 0, vocab_size - 1, f" (token ids, vocab_size V={vocab_size})"
         )
     return tokens
-
-
-def select_steps(valid, x):
-    """``x: [T, *B, D]`` with the steps where ``valid: bool[T, *B]`` is False set to 0."""
-    if valid is None:
-        return x
-    return jnp.where(valid[..., None], x, jnp.zeros((), x.dtype))

@@ -15,12 +15,11 @@ from jaxseq.attention.additive import (
     additive_attention_init,
     additive_attention_keys,
 )
-from jaxseq.masks import lengths_to_mask
 from jaxseq.models._body import CELLS, check_tokens, token_ids
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.embedding import embed, embedding_init
 from jaxseq.recurrent.layers import Bidirectional
-from jaxseq.recurrent.rollouts import rollout
+from jaxseq.recurrent.rollouts import rollout, valid_steps
 
 __all__ = ["Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
 
@@ -174,13 +173,12 @@ class Seq2SeqAttention:
         _checks.check_integer("src_lengths", src_lengths)
         _checks.check_shape("src_lengths", src_lengths, (b,), ("B",))
         src_lengths = src_lengths.astype(jnp.int32)
-        valid = lengths_to_mask(src_lengths, s) if explicit and s > 0 else None  # [S, B]
+        valid = valid_steps(src_lengths, s) if explicit else None  # [S, B]
         src = token_ids("src", src, self.src_vocab_size, valid)
         x = embed(params.src_embedding, src)
+        # js.rollout selects padded steps away and writes zeros there: exact zero states
         _, hs = rollout(self.encoder, params.encoder, x, lengths=src_lengths)
         states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
-        if valid is not None:  # padded positions are exactly zero, whatever the rollout wrote
-            states = jnp.where(jnp.swapaxes(valid, 0, 1)[..., None], states, 0.0)
         keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
         mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
             src_lengths.astype(jnp.float32), 1.0

@@ -20,7 +20,6 @@ from jaxseq.models._body import (
     init_body,
     recurrent_stack,
     run_body,
-    select_steps,
     token_ids,
     valid_steps,
 )
@@ -106,12 +105,12 @@ class _SequenceModel:
         )
 
     def _inputs(self, params, xs, lengths):
-        """Validated inputs ``[T, *B, E or D]`` with padded steps (``t >= lengths``) set to 0.
+        """Validated inputs ``[T, *B, E or D]``: token ids embedded (padded ids read as 0).
 
-        Padded steps may hold anything (token id ``-100``, NaN features): they are
-        selected away before any arithmetic, so they reach neither the outputs,
-        the pooled features nor the gradients. Token ids at valid steps must be in
-        ``[0, V)``.
+        Padded steps (``t >= lengths``) may hold anything (token id ``-100``, NaN
+        features): :func:`jaxseq.rollout` selects them away before any arithmetic,
+        so they reach neither the outputs, the pooled features nor the gradients.
+        Token ids at valid steps must be in ``[0, V)``.
         """
         xs = _checks.as_array("xs", xs)
         if self.vocab_size is not None:
@@ -129,11 +128,9 @@ class _SequenceModel:
         if lengths is not None:
             lengths = _checks.check_lengths(lengths, batch_shape, xs)
         valid = valid_steps(lengths, xs.shape[0], batch_shape, xs)
-        if self.vocab_size is not None:
-            x = embed(params.embedding, token_ids("xs", xs, self.vocab_size, valid))
-        else:
-            x = select_steps(valid, xs)
-        return x, lengths
+        if self.vocab_size is None:  # padded feature steps: js.rollout selects them away
+            return xs, lengths
+        return embed(params.embedding, token_ids("xs", xs, self.vocab_size, valid)), lengths
 
     def _run(self, params, xs, lengths, key):
         """-> (per-layer final carries, last-layer outputs ``[T, *B, H]``)."""
