@@ -74,8 +74,7 @@ def make_eval_step(model):
         carry, logits = model.apply(params, carry, chunk.inputs, reset=chunk.reset, lengths=lengths)
         mask = chunk.mask.astype(jnp.bool_)
         # masked steps are selected away before the log-softmax and the gather
-        logits = jnp.where(mask[..., None], logits, 0.0)
-        targets = jnp.where(mask, chunk.targets, jnp.zeros((), chunk.targets.dtype))
+        logits, targets = losses._select_valid(mask, logits, chunk.targets)
         tok = losses.token_cross_entropy(logits, targets)
         return carry, jnp.sum(jnp.where(mask, tok, 0.0)), jnp.sum(mask.astype(jnp.float32))
 
