@@ -23,6 +23,7 @@ except ImportError:  # run from a source checkout without installing
 
 __all__ = [
     "append_evals",
+    "environment",
     "js",
     "jsonable",
     "parser",
@@ -116,6 +117,31 @@ def append_evals(out: str, run: str, evals: list[dict]) -> None:
 def jsonable(metrics: dict) -> dict:
     """Scalar arrays as Python floats (what ``js.fit``'s ``eval_fn`` returns)."""
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def environment() -> dict:
+    """Where a run ran, for its ``summary.json``: ``backend`` (``"cpu"``, ``"gpu"``,
+    ``"tpu"``), ``device_count``, ``process_count``, the JAX version and the CPU model."""
+    import platform
+
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "backend": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+        "jax": jax.__version__,
+        "cpu": cpu,
+    }
 
 
 def write_json(path: str, obj) -> None:
