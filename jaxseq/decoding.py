@@ -1,4 +1,4 @@
-"""Generation by ``lax.scan``: one decoding loop (greedy, temperature, top-k) for
+"""Generation by ``lax.scan``: one decoding loop (greedy, temperature, top-k, top-p) for
 every model that can take one step at a time.
 
 :func:`generate` is the loop. It takes a ``step(carry, tokens) -> (carry, logits)``
@@ -33,34 +33,73 @@ __all__ = [
 ]
 
 
-def sample_logits(key, logits, *, temperature=1.0, top_k=None, greedy=False):
+def _top_p_keep(scaled, keep, top_p):
+    """Nucleus of ``softmax(where(keep, scaled, -inf))``: the most likely tokens whose
+    probabilities, taken in decreasing order, first reach ``top_p`` (ties with the last
+    one kept too); everything when ``top_p >= 1``."""
+    masked = jnp.where(keep, scaled, -jnp.inf)
+    desc = -jnp.sort(-masked, axis=-1)  # [*B, V], most likely first
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
+    v = scaled.shape[-1]
+    n = jnp.clip(jnp.sum(before < top_p, axis=-1, keepdims=True), 1, v)  # >= 1 token
+    cutoff = jnp.take_along_axis(desc, n - 1, axis=-1)
+    return keep & ((masked >= cutoff) | (top_p >= 1.0))
+
+
+def _check_top_p(top_p) -> None:
+    """A concrete ``top_p`` must be a number in ``(0, 1]``; a traced one is used as is."""
+    if top_p is None or not _checks.is_concrete(top_p):
+        return
+    try:
+        p = float(top_p)
+    except (TypeError, ValueError):
+        p = None
+    if isinstance(top_p, bool | str) or p is None or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+
+
+def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False):
     """Draws token ids from ``logits: [*B, V]`` -> ``int32[*B]``.
 
-    ``greedy``: argmax. Otherwise softmax of ``logits / temperature`` restricted to
-    the ``top_k`` largest logits (all when None), in float32. ``temperature``,
-    ``top_k`` and ``greedy`` may be traced values (one compilation for all settings).
+    ``greedy``: argmax. Otherwise softmax of ``logits / temperature`` in float32,
+    restricted to the ``top_k`` largest logits (all when None), then to its nucleus
+    (``top_p``, Holtzman et al. 2020): the most likely tokens, in decreasing order,
+    until their probability (after temperature and top-k) first reaches ``top_p``;
+    the most likely token is always kept, a token tied with the last kept one is
+    kept too, and ``top_p=1`` (or None) keeps them all. ``temperature``, ``top_k``,
+    ``top_p`` and ``greedy`` may be traced values (one compilation for all settings);
+    a concrete ``top_p`` outside ``(0, 1]`` is a ``ValueError``.
 
     >>> logits = jnp.array([[0.0, 5.0, 4.9, -1.0]])
     >>> sample_logits(jax.random.key(0), logits, greedy=True).tolist()
     [1]
     >>> int(sample_logits(jax.random.key(0), logits, top_k=2)[0]) in (1, 2)
     True
+    >>> sample_logits(jax.random.key(0), jnp.log(jnp.array([0.6, 0.3, 0.1])), top_p=0.5).tolist()
+    0
     """
     _checks.check_floating("logits", logits)
+    _check_top_p(top_p)
     logits = logits.astype(jnp.float32)
     if greedy is True:  # a static choice: nothing to draw
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
+    scaled = logits / temperature
+    keep = jnp.ones(logits.shape, jnp.bool_)
     if top_k is not None:
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v)
         kth = jnp.take(jnp.sort(logits, axis=-1), v - k, axis=-1)[..., None]
-        logits = jnp.where(logits < kth, jnp.finfo(jnp.float32).min, logits)
-    drawn = jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+        keep = logits >= kth
+    if top_p is not None:
+        keep = _top_p_keep(scaled, keep, jnp.asarray(top_p, jnp.float32))
+    drawn = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
 
 
-def _check_settings(length, temperature, top_k, vocab_size):
+def _check_settings(length, temperature, top_k, vocab_size, top_p=None):
     n = _checks.check_positive_int("length", length)
+    _check_top_p(top_p)
     if not (isinstance(temperature, int | float) and temperature > 0):
         raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
     if top_k is not None:
@@ -70,16 +109,17 @@ def _check_settings(length, temperature, top_k, vocab_size):
     return n
 
 
-def _decode(step, carry, first, keys, temperature, top_k, greedy, has_aux):
+def _decode(step, carry, first, keys, temperature, top_k, top_p, greedy, has_aux):
     """The loop: ``first`` is ``logits`` or ``(logits, aux)``; ``keys: [N, ...]``."""
     logits, aux = first if has_aux else (first, None)
-    tok = sample_logits(keys[0], logits, temperature=temperature, top_k=top_k, greedy=greedy)
+    settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy)
+    tok = sample_logits(keys[0], logits, **settings)
 
     def body(state, k):
         c, t = state
         c, out = step(c, t)
         lg, a = out if has_aux else (out, None)
-        nxt = sample_logits(k, lg, temperature=temperature, top_k=top_k, greedy=greedy)
+        nxt = sample_logits(k, lg, **settings)
         return (c, nxt), (nxt, a)
 
     _, (toks, auxs) = jax.lax.scan(body, (carry, tok), keys[1:])
@@ -105,6 +145,7 @@ def generate(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     greedy: bool = False,
     has_aux: bool = False,
 ):
@@ -118,7 +159,7 @@ def generate(
       logits: ``[*B, V]``, the scores of the first token to choose (with ``has_aux``
         the pair ``(logits, aux)`` of the step that made them).
       length: N, the number of tokens to generate (``step`` runs N - 1 times).
-      temperature, top_k, greedy: as :func:`sample_logits`.
+      temperature, top_k, top_p, greedy: as :func:`sample_logits`.
       has_aux: ``step`` also returns a pytree to stack over the generated steps.
 
     Returns ``int32[N, *B]`` (and with ``has_aux`` the stacked ``aux [N, ...]``,
@@ -143,7 +184,9 @@ def generate(
             raise TypeError("key: expected a jax.random key (None only with greedy=True), got None")
         key = jax.random.key(0)  # unused: argmax draws nothing
     _checks.check_key("key", key)
-    return _decode(step, carry, logits, _step_keys(key, n), temperature, top_k, greedy, has_aux)
+    _check_top_p(top_p)
+    keys = _step_keys(key, n)
+    return _decode(step, carry, logits, keys, temperature, top_k, top_p, greedy, has_aux)
 
 
 def sample(
@@ -155,6 +198,7 @@ def sample(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     greedy: bool = False,
     carry=None,
 ):
@@ -171,6 +215,8 @@ def sample(
       length: N, the number of tokens to generate.
       temperature: divides the logits (< 1: more conservative, > 1: more diverse).
       top_k: sample only among the k most likely tokens.
+      top_p: sample only from the nucleus: the most likely tokens whose probability
+        first reaches ``top_p`` in ``(0, 1]`` (see :func:`sample_logits`).
       greedy: always take the most likely token.
       carry: initial model carry (zeros when None).
 
@@ -181,7 +227,7 @@ def sample(
     >>> lm = char_lm(9, num_layers=1, hidden_size=8, embedding_size=4)
     >>> params = lm.init(jax.random.key(0))
     >>> prime = jnp.array([[1, 2], [3, 4]])  # [P, B]
-    >>> ids = sample(jax.random.key(1), lm, params, prime, 5, top_k=3)
+    >>> ids = sample(jax.random.key(1), lm, params, prime, 5, top_k=3, top_p=0.9)
     >>> ids.shape, ids.dtype
     ((5, 2), dtype('int32'))
     """
@@ -193,7 +239,7 @@ def sample(
         raise ValueError(
             f"prime: expected at least one priming token [P>=1, *B], got {_checks.describe(prime)}"
         )
-    n = _check_settings(length, temperature, top_k, model.vocab_size)
+    n = _check_settings(length, temperature, top_k, model.vocab_size, top_p)
     if prime.size:  # checked here, where the ids are concrete (inside the jit it is a no-op)
         v = model.vocab_size
         _checks.check_in_range("prime", prime, 0, v - 1, f" (token ids, vocab_size V={v})")
@@ -201,16 +247,17 @@ def sample(
     if carry is None:
         carry = model.initial_carry(tuple(prime.shape[1:]))
     k = model.vocab_size if top_k is None else int(top_k)
+    p = 1.0 if top_p is None else float(top_p)
     return _sample_jit(model, n)(
         params, key, prime.astype(jnp.int32), carry, jnp.float32(temperature), jnp.int32(k),
-        jnp.bool_(greedy),
+        jnp.float32(p), jnp.bool_(greedy),
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=32)
 def _sample_jit(model, length):
     @jax.jit
-    def run(params, key, prime, carry, temperature, top_k, greedy):
+    def run(params, key, prime, carry, temperature, top_k, top_p, greedy):
         carry, logits = model.apply(params, carry, prime)
 
         def step(c, tok):
@@ -218,7 +265,7 @@ def _sample_jit(model, length):
             return c, lg[0]
 
         keys = _step_keys(key, length)
-        return _decode(step, carry, logits[-1], keys, temperature, top_k, greedy, False)
+        return _decode(step, carry, logits[-1], keys, temperature, top_k, top_p, greedy, False)
 
     return run
 
