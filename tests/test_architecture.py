@@ -29,6 +29,7 @@ LAYERS = [
     ("jaxseq.decoding",),
     ("jaxseq.training",),
     ("jaxseq.interop",),
+    ("jaxseq.flax",),  # optional: needs Flax, never imported by the package itself
 ]
 
 
