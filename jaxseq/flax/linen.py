@@ -81,7 +81,7 @@ def flip_sequences(xs, lengths):
     if lengths is None or t == 0:
         return jnp.flip(xs, axis=0)
     steps = jnp.arange(t - 1, -1, -1, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-    idx = (steps + lengths) % t
+    idx = (steps + lengths[None]) % t
     idx = idx.reshape(idx.shape + (1,) * (xs.ndim - idx.ndim))
     return jnp.take_along_axis(xs, idx, axis=0)
 
@@ -299,12 +299,25 @@ def _concatenate(a, b):
     return jnp.concatenate([a, b], axis=-1)
 
 
+def _merge(merge_fn, out_f, out_b, return_carry: bool):
+    """Both directions' results -> ``outputs`` or ``((carry_f, carry_b), outputs)``.
+
+    The halves are asked for their carries only when they are returned, so
+    under ``seq_lengths`` no carry is computed for nothing.
+    """
+    if not return_carry:
+        return jax.tree_util.tree_map(merge_fn, out_f, out_b)
+    (cf, yf), (cb, yb) = out_f, out_b
+    return (cf, cb), jax.tree_util.tree_map(merge_fn, yf, yb)
+
+
 class Bidirectional(nn.Module):
     """``flax.linen.Bidirectional``: a forward and a backward RNN, outputs merged.
 
     ``forward_rnn`` runs with ``reverse=False``, ``backward_rnn`` with
     ``reverse=True, keep_order=True`` (Flax's semantics, see :class:`RNN`), both
-    on the same ``seq_lengths``; the outputs are merged by ``merge_fn``
+    on the same ``seq_lengths`` (asked for their carries only when
+    ``return_carry``; Flax always asks); the outputs are merged by ``merge_fn``
     (concatenation along the features by default) and the carry is
     ``(forward carry, backward carry)``. The halves are any modules with
     ``flax.linen.RNN``'s call signature, :class:`RNN` in particular; the
@@ -353,15 +366,14 @@ class Bidirectional(nn.Module):
         if init_key is not None:
             _checks.check_key("init_key", init_key)
             key_f, key_b = jax.random.split(init_key)
-        common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
-        cf, yf = self.forward_rnn(
+        common = dict(seq_lengths=seq_lengths, return_carry=return_carry, time_major=time_major)
+        out_f = self.forward_rnn(
             inputs, initial_carry=carry_f, init_key=key_f, reverse=False, **common
         )
-        cb, yb = self.backward_rnn(
+        out_b = self.backward_rnn(
             inputs, initial_carry=carry_b, init_key=key_b, reverse=True, keep_order=True, **common
         )
-        ys = jax.tree_util.tree_map(self.merge_fn, yf, yb)
-        return ((cf, cb), ys) if return_carry else ys
+        return _merge(self.merge_fn, out_f, out_b, return_carry)
 
 
 # -- weights from and to flax.linen.RNN -----------------------------------------------------

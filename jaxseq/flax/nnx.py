@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxseq import _checks
-from jaxseq.flax.linen import check_layer, run_rnn
+from jaxseq.flax.linen import _merge, check_layer, run_rnn
 from jaxseq.interop.flax import from_flax as _params_from_flax_dict
 from jaxseq.recurrent.cells import GRU, LSTM
 from jaxseq.recurrent.cells import RNN as _RNNCell
@@ -209,13 +209,12 @@ class Bidirectional(nnx.Module):
                     f"{type(initial_carry).__name__}"
                 )
             carry_f, carry_b = initial_carry
-        common = dict(seq_lengths=seq_lengths, return_carry=True, time_major=time_major)
-        cf, yf = self.forward_rnn(inputs, initial_carry=carry_f, rngs=rngs, reverse=False, **common)
-        cb, yb = self.backward_rnn(
+        common = dict(seq_lengths=seq_lengths, return_carry=return_carry, time_major=time_major)
+        out_f = self.forward_rnn(inputs, initial_carry=carry_f, rngs=rngs, reverse=False, **common)
+        out_b = self.backward_rnn(
             inputs, initial_carry=carry_b, rngs=rngs, reverse=True, keep_order=True, **common
         )
-        ys = jax.tree_util.tree_map(self.merge_fn, yf, yb)
-        return ((cf, cb), ys) if return_carry else ys
+        return _merge(self.merge_fn, out_f, out_b, return_carry)
 
 
 # -- weights from flax.nnx cells ------------------------------------------------------------
