@@ -8,7 +8,7 @@ Layers, bottom to top (a module imports only from layers below it)::
 
     _checks, _numerics, masks, initializers, protocols, checks
     nn/          dense, embedding, dropout, layer norm
-    recurrent/   cells, fused kernels, rollouts, Bidirectional, Stack
+    recurrent/   cells, minGRU/minLSTM, fused kernels, linear recurrences, rollouts, Bidirectional, Stack
     attention/   dot-product, multi-head, blockwise, additive/Luong, positional, Transformer
     data/        token streams, real-valued streams, padded batches, download
     models/      language models, taggers and classifiers, seq2seq

@@ -18,12 +18,13 @@ from jaxseq.nn.dropout import dropout
 from jaxseq.nn.embedding import embedding_init
 from jaxseq.recurrent.cells import GRU, LSTM, RNN
 from jaxseq.recurrent.layers import Bidirectional, Stack
+from jaxseq.recurrent.minimal import MinGRU, MinLSTM
 from jaxseq.recurrent.rollouts import rollout
 from jaxseq.recurrent.rollouts import valid_steps as _steps_mask
 
 __all__: list[str] = []
 
-CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN, "mingru": MinGRU, "minlstm": MinLSTM}
 
 
 def recurrent_stack(

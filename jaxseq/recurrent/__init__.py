@@ -1,6 +1,8 @@
 """Recurrent layers: cells, the fused kernels, rollouts, bidirectional and stacked layers.
 
-Modules: ``cells`` (RNN, LSTM, GRU), ``dispatch`` (which kernel runs: the
+Modules: ``cells`` (RNN, LSTM, GRU), ``linear`` (:func:`linear_recurrence`,
+``h_t = a_t * h_{t-1} + b_t`` sequential or parallel over time), ``minimal``
+(:class:`MinGRU`, :class:`MinLSTM`, solved by it), ``dispatch`` (which kernel runs: the
 fused-rule registry, forward mode, ``unroll="auto"``), ``rules`` (each
 built-in cell's fused gate math), ``kernels`` (the fused custom-VJP rollout),
 ``rollouts`` (:func:`rollout` for any cell or sequence layer), ``layers``
@@ -36,6 +38,8 @@ from jaxseq.recurrent.layers import (
     bidirectional_rollout,
     stacked_rollout,
 )
+from jaxseq.recurrent.linear import linear_recurrence
+from jaxseq.recurrent.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
 from jaxseq.recurrent.rollouts import (
     rollout,
     rollout_unrolled,
@@ -55,6 +59,10 @@ __all__ = [
     "LSTMCarry",
     "LSTMParams",
     "LSTM_RULE",
+    "MinGRU",
+    "MinGRUParams",
+    "MinLSTM",
+    "MinLSTMParams",
     "RELU_RULE",
     "RNN",
     "RNNCarry",
@@ -65,6 +73,7 @@ __all__ = [
     "bidirectional_rollout",
     "fused_rollout",
     "fused_rule",
+    "linear_recurrence",
     "register_fused_rule",
     "rollout",
     "rollout_unrolled",
