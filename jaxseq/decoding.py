@@ -19,6 +19,7 @@ Shapes: P priming length, N generated length, B batch (any number of dims), V vo
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,12 @@ import jax.numpy as jnp
 from jaxseq import _checks
 
 __all__ = [
+    "BeamResult",
+    "beam_decode",
+    "beam_search",
     "generate",
     "greedy_decode",
+    "lm_beam_search",
     "sample",
     "sample_logits",
 ]
@@ -305,3 +310,282 @@ def greedy_decode(model, params, src, length: int, *, bos_id: int, src_lengths=N
 
     carry, first = step(enc.carry, jnp.full((b,), int(bos_id), jnp.int32))
     return generate(None, step, carry, first, n, greedy=True, has_aux=True)
+
+
+# -- beam search -------------------------------------------------------------------------
+
+
+class BeamResult(NamedTuple):
+    """The ``K`` best hypotheses per batch entry, best first.
+
+    ``tokens: int32[N, B, K]`` (time-major as :func:`generate`; positions after a
+    hypothesis' end token hold the end token), ``scores: float32[B, K]`` (what the
+    search ranks: ``log_probs / ((5 + lengths) / 6) ** alpha``), ``log_probs:
+    float32[B, K]`` (sum of the chosen tokens' log-probabilities, end token
+    included), ``lengths: int32[B, K]`` (tokens up to and including the end token;
+    N for a hypothesis that did not end).
+    """
+
+    tokens: jax.Array
+    scores: jax.Array
+    log_probs: jax.Array
+    lengths: jax.Array
+
+
+def _length_penalty(lengths, alpha):
+    """Wu et al. (2016): ``((5 + |Y|) / 6) ** alpha``."""
+    return ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _check_end_id(end_id, v):
+    if end_id is None:
+        return None
+    if isinstance(end_id, bool) or not isinstance(end_id, int) or not 0 <= end_id < v:
+        raise ValueError(f"end_id: expected None or a token id in [0, {v}), got {end_id!r}")
+    return int(end_id)
+
+
+def _check_alpha(alpha):
+    if _checks.is_concrete(alpha):
+        try:
+            a = float(alpha)
+        except (TypeError, ValueError):
+            a = None
+        if isinstance(alpha, bool | str) or a is None or not a >= 0.0:
+            raise ValueError(f"alpha: expected a number >= 0, got {alpha!r}")
+    return jnp.asarray(alpha, jnp.float32)
+
+
+def _tile_beams(tree, k):
+    """Leaves ``[B, ...]`` -> ``[B * K, ...]``, each entry repeated K times in a row."""
+    return jax.tree_util.tree_map(lambda x: jnp.repeat(x, k, axis=0), tree)
+
+
+def _gather_beams(tree, parents, b, k):
+    """Leaves ``[B * K, ...]``: row ``(i, j)`` becomes row ``(i, parents[i, j])``."""
+
+    def one(x):
+        y = x.reshape((b, k) + x.shape[1:])
+        idx = parents.reshape(parents.shape + (1,) * (y.ndim - 2))
+        return jnp.take_along_axis(y, idx, axis=1).reshape(x.shape)
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def beam_search(
+    step,
+    carry,
+    logits,
+    length: int,
+    *,
+    beam_size: int,
+    end_id: int | None = None,
+    alpha: float = 0.0,
+) -> BeamResult:
+    """Beam search over the same ``step`` contract as :func:`generate`.
+
+    Keeps at most ``beam_size`` (K) prefixes alive. At each step every alive prefix
+    is extended by every token and the ``K`` most probable extensions are kept;
+    those ending with ``end_id`` leave the beam (it narrows) and join the finished
+    hypotheses, of which the ``K`` best by length-normalised score are kept. After
+    ``length`` tokens the alive beams finish too. Scores are ``log p(Y) / ((5 +
+    |Y|) / 6) ** alpha`` (Wu et al. 2016; ``alpha=0``: the plain log-probability).
+    ``beam_size=1`` is greedy decoding cut after the first end token; with ``K >=
+    V ** (N - 1)`` nothing is pruned and the result is the exact top K. One scan
+    of fixed length: compiles once, runs under ``jit``.
+
+    Args:
+      step: ``step(carry, tokens int32[B * K]) -> (carry, logits [B * K, V])``;
+        row ``i * K + j`` is beam ``j`` of batch entry ``i``.
+      carry: the state ``step`` starts from; every leaf has the batch ``B`` as
+        its leading axis (tiled to ``B * K`` here, and reordered when beams are).
+        State the step closes over (an encoder's output) must be tiled by the
+        caller (``jnp.repeat(x, K, axis=0)``).
+      logits: ``[B, V]``, the scores of the first token (as in :func:`generate`).
+      length: N, the most tokens a hypothesis has (``step`` runs N - 1 times).
+      beam_size: K.
+      end_id: the token that ends a hypothesis (None: every hypothesis has N tokens).
+      alpha: length normalisation ``>= 0`` (may be traced).
+
+    Returns a :class:`BeamResult`: ``tokens int32[N, B, K]``, ``scores``,
+    ``log_probs``, ``lengths`` ``[B, K]``, best first.
+
+    >>> table = jnp.log(jnp.array([[0.1, 0.5, 0.4], [0.1, 0.2, 0.7], [0.9, 0.05, 0.05]]))
+    >>> step = lambda c, t: (c, table[t])  # token 0 ends; 1 -> 2 is likely, 2 -> 0 too
+    >>> res = beam_search(step, (), table[jnp.array([0])], 4, beam_size=2, end_id=0)
+    >>> res.tokens[:, 0].T.tolist(), res.lengths.tolist()
+    ([[2, 0, 0, 0], [1, 2, 0, 0]], [[2, 3]])
+    >>> bool(jnp.allclose(res.log_probs[0, 0], jnp.log(0.4 * 0.9)))
+    True
+    """
+    n = _checks.check_positive_int("length", length)
+    k = _checks.check_positive_int("beam_size", beam_size)
+    if not callable(step):
+        raise TypeError(
+            f"step: expected a function (carry, tokens) -> (carry, logits), got {step!r}"
+        )
+    logits = _checks.as_array("logits", logits)
+    _checks.check_floating("logits", logits)
+    _checks.check_ndim("logits", logits, 2, "[B, V]")
+    b, v = logits.shape
+    end = _check_end_id(end_id, v)
+    alpha = _check_alpha(alpha)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(carry):
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != b:
+            raise ValueError(
+                f"carry{jax.tree_util.keystr(path)}: expected the batch B={b} of logits as the "
+                f"leading axis, got {_checks.describe(leaf)}"
+            )
+    fill = 0 if end is None else end
+    neg = jnp.float32(-jnp.inf)
+
+    def select(t, logits, alive):
+        """Extends the alive beams by ``logits [B, K, V]`` at position ``t``."""
+        seqs, scores, fin = alive
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        cand = (scores[:, :, None] + logp).reshape(b, k * v)
+        top, idx = jax.lax.top_k(cand, k)  # [B, K]
+        parents, toks = idx // v, (idx % v).astype(jnp.int32)
+        cseqs = jnp.take_along_axis(seqs, parents[:, :, None], axis=1)  # [B, K, N]
+        cseqs = cseqs.at[:, :, t].set(toks)
+        last = t == n - 1
+        ends = jnp.full(toks.shape, last) if end is None else (toks == end) | last
+        live = top > neg
+        # finished: merge the new ones with the earlier ones, best K by normalised score
+        f_seqs, f_scores, f_logp, f_len = fin
+        new_norm = top / _length_penalty(jnp.full(toks.shape, t + 1), alpha)
+        all_scores = jnp.concatenate([f_scores, jnp.where(ends & live, new_norm, neg)], 1)
+        best, pick = jax.lax.top_k(all_scores, k)
+        pick3 = pick[:, :, None]
+        f_seqs = jnp.take_along_axis(jnp.concatenate([f_seqs, cseqs], 1), pick3, axis=1)
+        f_logp = jnp.take_along_axis(jnp.concatenate([f_logp, top], 1), pick, axis=1)
+        new_len = jnp.full(toks.shape, t + 1, jnp.int32)
+        f_len = jnp.take_along_axis(jnp.concatenate([f_len, new_len], 1), pick, axis=1)
+        fin = (f_seqs, best, f_logp, f_len)
+        # alive: the kept candidates that did not end (an ended one leaves a dead slot)
+        return (cseqs, jnp.where(ends, neg, top), fin), parents, toks
+
+    seqs = jnp.full((b, k, n), fill, jnp.int32)
+    scores = jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, neg), (b, k))
+    fin = (
+        seqs,
+        jnp.full((b, k), neg),
+        jnp.full((b, k), neg),
+        jnp.zeros((b, k), jnp.int32),
+    )
+    first = jnp.broadcast_to(logits[:, None, :], (b, k, v))
+    alive, parents, toks = select(0, first, (seqs, scores, fin))
+    carry = _gather_beams(_tile_beams(carry, k), parents, b, k)
+
+    def body(state, t):
+        c, alive, toks = state
+        c, lg = step(c, toks.reshape(b * k))
+        lg = _checks.as_array("logits", lg)
+        if lg.shape != (b * k, v):
+            raise ValueError(
+                f"step: expected logits of shape [B*K={b * k}, V={v}], got {_checks.describe(lg)}"
+            )
+        alive, parents, toks = select(t, lg.reshape(b, k, v), alive)
+        return (_gather_beams(c, parents, b, k), alive, toks), None
+
+    (_, alive, _), _ = jax.lax.scan(body, (carry, alive, toks), jnp.arange(1, n))
+    f_seqs, f_scores, f_logp, f_len = alive[2]
+    return BeamResult(jnp.moveaxis(f_seqs, 2, 0), f_scores, f_logp, f_len)
+
+
+def beam_decode(
+    model,
+    params,
+    src,
+    length: int,
+    *,
+    bos_id: int,
+    end_id: int | None,
+    beam_size: int,
+    alpha: float = 0.0,
+    src_lengths=None,
+) -> BeamResult:
+    """Beam search decoding of an encoder-decoder (:func:`greedy_decode`'s model contract).
+
+    The encoder runs once; its output is tiled to ``B * K`` rows for the decoder.
+
+    Args:
+      model, params, src, length, bos_id, src_lengths: as :func:`greedy_decode`.
+      end_id: the end-of-sequence token (None: every hypothesis has ``length`` tokens).
+      beam_size, alpha: as :func:`beam_search`.
+
+    Returns a :class:`BeamResult` (``tokens int32[N, B, K]``, best first).
+
+    >>> from jaxseq.models import Seq2SeqAttention
+    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
+    >>> params = s2s.init(jax.random.key(0))
+    >>> src = jnp.zeros((4, 2), jnp.int32)
+    >>> res = beam_decode(s2s, params, src, 3, bos_id=0, end_id=1, beam_size=2)
+    >>> res.tokens.shape, res.scores.shape
+    ((3, 2, 2), (2, 2))
+    """
+    n = _checks.check_positive_int("length", length)
+    k = _checks.check_positive_int("beam_size", beam_size)
+    if not 0 <= int(bos_id) < model.tgt_vocab_size:
+        raise ValueError(f"bos_id: expected an id in [0, {model.tgt_vocab_size}), got {bos_id!r}")
+    enc = model.encode(params, src, src_lengths)
+    b = enc.lengths.shape[0]
+    carry, logits, _ = model.step(params, enc, enc.carry, jnp.full((b,), int(bos_id), jnp.int32))
+    tiled = _tile_beams(enc, k)
+
+    def step(c, y):
+        c, lg, _ = model.step(params, tiled, c, y)
+        return c, lg
+
+    return beam_search(step, carry, logits, n, beam_size=k, end_id=end_id, alpha=alpha)
+
+
+def lm_beam_search(
+    model,
+    params,
+    prime,
+    length: int,
+    *,
+    beam_size: int,
+    end_id: int | None = None,
+    alpha: float = 0.0,
+    carry=None,
+) -> BeamResult:
+    """The most probable continuations of ``prime`` under a language model, by beam search.
+
+    Args:
+      model, params, carry: as :func:`sample`.
+      prime: ``int[P, B]`` priming tokens (P >= 1, one batch dim), ids in ``[0, V)``.
+      length: N, the most tokens generated after the prime.
+      beam_size, end_id, alpha: as :func:`beam_search`.
+
+    Returns a :class:`BeamResult` (``tokens int32[N, B, K]``, the prime not included).
+
+    >>> from jaxseq.models import char_lm
+    >>> lm = char_lm(9, num_layers=1, hidden_size=8, embedding_size=4)
+    >>> params = lm.init(jax.random.key(0))
+    >>> res = lm_beam_search(lm, params, jnp.array([[1, 2], [3, 4]]), 5, beam_size=3)
+    >>> res.tokens.shape, res.lengths.tolist()
+    ((5, 2, 3), [[5, 5, 5], [5, 5, 5]])
+    """
+    prime = _checks.as_array("prime", prime)
+    _checks.check_integer("prime", prime)
+    _checks.check_ndim("prime", prime, 2, "[P, B]")
+    if prime.shape[0] < 1:
+        raise ValueError(
+            f"prime: expected at least one priming token [P>=1, B], got {_checks.describe(prime)}"
+        )
+    v = model.vocab_size
+    _checks.check_in_range("prime", prime, 0, v - 1, f" (token ids, vocab_size V={v})")
+    model.check_params(params)
+    if carry is None:
+        carry = model.initial_carry((prime.shape[1],))
+    carry, logits = model.apply(params, carry, prime.astype(jnp.int32))
+
+    def step(c, tok):
+        c, lg = model.apply(params, c, tok[None])
+        return c, lg[0]
+
+    return beam_search(
+        step, carry, logits[-1], length, beam_size=beam_size, end_id=end_id, alpha=alpha
+    )
