@@ -8,9 +8,13 @@ cell kind runs inside one jitted function, so each kind compiles once per side.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 flax = pytest.importorskip("flax")
@@ -228,3 +232,118 @@ def test_nnx_matches_flax_values_and_gradients(name):
         want = _nnx_grads_as_jaxseq(name, gf)
         got = tuple(_get(gj, (k,)) for k in ("w_ih", "w_hh", "b"))
         _close(got, want, f"{name} d/dparams")
+
+
+# ----------------------------------------------------------------------------- training
+
+V, E = 7, 8  # vocabulary, embedding and hidden size of the small models
+
+
+def _batch():
+    tokens = jax.random.randint(jax.random.key(8), (4, 6), 0, V)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+class _LinenModel(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+        h = nn.Embed(V, E)(tokens)
+        h = jf.linen.RNN(js.LSTM(E), unroll=1)(h)
+        h = jf.linen.RNN(js.LSTM(E), unroll=1)(h)
+        return nn.Dense(V)(h)
+
+
+def _xent(logits, targets):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def test_linen_model_trains_under_jit():
+    inputs, targets = _batch()
+    model, tx = _LinenModel(), optax.adam(0.1)
+    params = model.init(jax.random.key(9), inputs)["params"]
+    assert isinstance(params["RNN_0"]["cell"], js.LSTMParams)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(
+            lambda p: _xent(model.apply({"params": p}, inputs), targets)
+        )(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state, losses = tx.init(params), []
+    for _ in range(6):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    assert (
+        np.all(np.isfinite(losses)) and np.all(np.diff(losses) < 0) and losses[-1] < 0.9 * losses[0]
+    ), losses
+
+
+class _NnxModel(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, E, rngs=rngs)
+        self.rnn1 = jf.nnx.RNN(js.LSTM(E), E, rngs=rngs, unroll=1)
+        self.rnn2 = jf.nnx.RNN(js.LSTM(E), E, rngs=rngs, unroll=1)
+        self.head = nnx.Linear(E, V, rngs=rngs)
+
+    def __call__(self, tokens):
+        return self.head(self.rnn2(self.rnn1(self.embed(tokens))))
+
+
+def test_nnx_model_trains_under_nnx_jit_with_optimizer():
+    inputs, targets = _batch()
+    model = _NnxModel(nnx.Rngs(10))
+    optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: _xent(m(inputs), targets))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(step(model, optimizer)) for _ in range(6)]
+    assert (
+        np.all(np.isfinite(losses)) and np.all(np.diff(losses) < 0) and losses[-1] < 0.9 * losses[0]
+    ), losses
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_import_jaxseq_does_not_import_flax_and_missing_flax_says_how_to_install():
+    code = (
+        "import sys, jaxseq\n"
+        "assert not any(m == 'flax' or m.startswith('flax.') for m in sys.modules)\n"
+        "sys.modules['flax'] = None\n"
+        "try:\n"
+        "    import jaxseq.flax\n"
+        "except ImportError as e:\n"
+        "    assert 'pip install flax' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('no ImportError')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_errors_name_the_argument():
+    rnn = jf.linen.RNN(js.GRU(H))
+    x = jnp.ones((B, T, D))
+    variables = rnn.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"seq_lengths: expected shape \[3\]"):
+        rnn.apply(variables, x, seq_lengths=jnp.array([1, 2]))
+    with pytest.raises(TypeError, match="seq_lengths: expected an integer"):
+        rnn.apply(variables, x, seq_lengths=jnp.ones(B))
+    with pytest.raises(ValueError, match=r"seq_lengths: expected values in \[0, 5\]"):
+        rnn.apply(variables, x, seq_lengths=jnp.array([1, 6, 2]))
+    with pytest.raises(TypeError, match="cell: expected a jaxseq cell.*a Flax cell"):
+        jf.linen.RNN(nn.GRUCell(H)).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="reverse: expected a Python bool"):
+        rnn.apply(variables, x, reverse="yes")
+    with pytest.raises(ValueError, match="in_features: expected a positive int"):
+        jf.nnx.RNN(js.GRU(H), 0, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="cell: expected nnx.LSTMCell"):
+        jf.nnx.cell_from_flax(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="missing"):
+        jf.linen.variables_from_flax(js.LSTM(H), {"params": {"cell": {"i": {}}}})
