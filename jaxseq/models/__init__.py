@@ -1,4 +1,5 @@
-"""Models composed from the layers: language models, taggers and classifiers, seq2seq."""
+"""Models composed from the layers: language models (recurrent, Transformer, fixed-window),
+taggers and classifiers, seq2seq."""
 
 from jaxseq.models.language import (
     CELLS,
@@ -18,10 +19,22 @@ from jaxseq.models.sequence import (
     classifier,
     tagger,
 )
+from jaxseq.models.transformer_lm import (
+    KVCache,
+    TransformerLM,
+    TransformerLMParams,
+    transformer_lm,
+)
+from jaxseq.models.window_lm import (
+    WindowLM,
+    WindowLMParams,
+    window_lm,
+)
 
 __all__ = [
     "CELLS",
     "Encoded",
+    "KVCache",
     "LMParams",
     "LanguageModel",
     "Seq2SeqAttention",
@@ -29,7 +42,13 @@ __all__ = [
     "SequenceClassifier",
     "SequenceParams",
     "SequenceTagger",
+    "TransformerLM",
+    "TransformerLMParams",
+    "WindowLM",
+    "WindowLMParams",
     "char_lm",
     "classifier",
     "tagger",
+    "transformer_lm",
+    "window_lm",
 ]
