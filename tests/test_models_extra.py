@@ -187,6 +187,43 @@ def test_seq2seq_matches_reference(key, cell, bidirectional):
         np.testing.assert_allclose(w[:, b], want_w, **tol)
 
 
+def test_seq2seq_without_attention_matches_reference(key):
+    """attention=False: the decoder sees only the final encoder state f (forward at the last
+    valid step, backward at step 0), as context at every step and through the bridge;
+    against NumPy float64, with an empty source (f = 0); greedy decoding gives no weights."""
+    s2s = models.Seq2SeqAttention(
+        6, 5, embedding_size=4, hidden_size=5, cell="lstm", attention=False
+    )
+    params = npm.perturb(s2s.init(key), seed=3)
+    assert params.attention is None
+    src = _tokens(jax.random.fold_in(key, 9), (7, 4), 6)
+    tgt_in = _tokens(jax.random.fold_in(key, 10), (4, 4), 5)
+    lengths = np.array([7, 4, 1, 0])
+
+    @jax.jit
+    def run(p, s, t, n):
+        return s2s.apply(p, s, t, src_lengths=n), decoding.greedy_decode(s2s, p, s, 3, bos_id=0)
+
+    (logits, w), (toks, gw) = run(params, src, tgt_in, jnp.asarray(lengths))
+    assert w is None and gw is None and toks.shape == (3, 4)
+    srcn, tgtn = np.asarray(src), np.asarray(tgt_in)
+    for b in range(4):
+        n = int(lengths[b])
+        x = npm.f64(params.src_embedding)[srcn[:, b]]
+        yf = npm.cell_rollout("lstm", params.encoder.forward, x, n)
+        yb = npm.cell_rollout("lstm", params.encoder.backward, x, n, reverse=True)
+        f = np.concatenate([yf[n - 1], yb[0]]) if n else np.zeros(10)
+        h0 = np.tanh(npm.dense(params.bridge, f))
+        carry, want = (h0, np.zeros_like(h0)), []
+        for y in tgtn[:, b]:
+            xin = np.concatenate([npm.f64(params.tgt_embedding)[int(y)], f])
+            carry, h = npm.ref.step("lstm", npm.ref.as_arrays(params.decoder), carry, xin)
+            want.append(npm.dense(params.head, np.concatenate([h, f])))
+        np.testing.assert_allclose(logits[:, b], np.stack(want), rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="params.attention: expected None"):
+        s2s.apply(npm.perturb(models.Seq2SeqAttention(6, 5, 4, 5).init(key), 1), src, tgt_in)
+
+
 def test_seq2seq_greedy_decode_feeds_back_its_argmax(key):
     s2s = models.Seq2SeqAttention(
         6, 5, embedding_size=4, hidden_size=5, attention_size=3, bidirectional=False

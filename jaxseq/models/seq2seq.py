@@ -1,4 +1,5 @@
-"""An RNN encoder-decoder with additive attention (Bahdanau et al. 2015)."""
+"""An RNN encoder-decoder with additive attention (Bahdanau et al. 2015), or without
+it (Cho et al. 2014: the decoder sees only the final encoder state)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ class Seq2SeqParams(NamedTuple):
     src_embedding: jax.Array  # [Vs, E]
     tgt_embedding: jax.Array  # [Vt, E]
     encoder: Any  # BidirectionalParams, or one cell's params
-    bridge: DenseParams  # [He, Hd]: initial decoder state from the mean encoder state
-    attention: AdditiveAttentionParams  # query Hd, keys He, size A
+    bridge: DenseParams  # [He, Hd]: initial decoder state from the mean (or final) state
+    attention: AdditiveAttentionParams | None  # query Hd, keys He, size A (None: no attention)
     decoder: Any  # cell params, input E + He
     head: DenseParams  # [Hd + He, Vt]
 
@@ -40,9 +41,10 @@ class Encoded(NamedTuple):
     """What the decoder needs from the source, batch-major for per-example attention."""
 
     states: jax.Array  # [B, S, He] encoder outputs (zeros past each source length)
-    keys: jax.Array  # float32[B, S, A] states @ W_k, projected once
+    keys: jax.Array | None  # float32[B, S, A] states @ W_k, projected once (None: no attention)
     lengths: jax.Array  # int32[B] source lengths
     carry: Any  # initial decoder carry, [B, Hd] leaves
+    final: jax.Array  # [B, He] final encoder state: forward at the last valid step, backward at 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,12 @@ class Seq2SeqAttention:
 
     with ``s_0 = tanh(W_b mean_j h_j + b_b)`` (the cell state of an LSTM starts at 0).
 
+    ``attention=False`` is the baseline without attention (Cho et al. 2014): the
+    decoder sees only the final encoder state ``f`` (forward direction at the last
+    valid step, backward direction at step 0), the same context at every step:
+    ``c_t = f``, ``s_0 = tanh(W_b f + b_b)``; ``params.attention`` is None and the
+    returned attention weights are None.
+
     Time-major with ONE batch dim: ``src: int[S, B]``, ``tgt_in: int[T, B]``.
     Generation: :func:`jaxseq.decoding.greedy_decode` (the decoding loop lives in
     :mod:`jaxseq.decoding`, above the models).
@@ -69,6 +77,7 @@ class Seq2SeqAttention:
       attention_size: A.
       cell: "gru" (default), "lstm" or "rnn", for encoder and decoder.
       bidirectional: encoder direction(s); He = 2H when True, else H.
+      attention: False for the encoder-decoder without attention (see above).
 
     >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
     >>> params = s2s.init(jax.random.key(0))
@@ -76,6 +85,10 @@ class Seq2SeqAttention:
     >>> logits, weights = s2s.apply(params, src, tgt_in, src_lengths=jnp.array([4, 2]))
     >>> logits.shape, weights.shape, weights[0, 1].round(3).tolist()
     ((3, 2, 5), (3, 2, 4), [0.5, 0.5, 0.0, 0.0])
+    >>> plain = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention=False)
+    >>> logits, weights = plain.apply(plain.init(jax.random.key(0)), src, tgt_in)
+    >>> logits.shape, weights
+    ((3, 2, 5), None)
     """
 
     src_vocab_size: int
@@ -85,6 +98,7 @@ class Seq2SeqAttention:
     attention_size: int = 64
     cell: str = "gru"
     bidirectional: bool = True
+    attention: bool = True
 
     def __post_init__(self):
         for name in (
@@ -96,6 +110,9 @@ class Seq2SeqAttention:
         ):
             _checks.check_positive_int(name, getattr(self, name))
         _checks.check_choice("cell", self.cell, tuple(CELLS))
+        for name in ("bidirectional", "attention"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
     @property
     def encoder(self):
@@ -123,7 +140,11 @@ class Seq2SeqAttention:
             tgt_embedding=embedding_init(ks[1], self.tgt_vocab_size, e, dtype),
             encoder=self.encoder.init(ks[2], e, dtype),
             bridge=dense_init(ks[3], he, h, dtype),
-            attention=additive_attention_init(ks[4], h, he, self.attention_size, dtype),
+            attention=(
+                additive_attention_init(ks[4], h, he, self.attention_size, dtype)
+                if self.attention
+                else None
+            ),
             decoder=self.decoder.init(ks[5], e + he, dtype),
             head=dense_init(ks[6], h + he, self.tgt_vocab_size, dtype),
         )
@@ -145,6 +166,16 @@ class Seq2SeqAttention:
             (self.hidden_size + self.encoder_size, self.tgt_vocab_size),
             ("Hd+He", "Vt"),
         )
+        if self.attention and not isinstance(params.attention, AdditiveAttentionParams):
+            raise TypeError(
+                f"{name}.attention: expected AdditiveAttentionParams (attention=True), "
+                f"got {type(params.attention).__name__}"
+            )
+        if not self.attention and params.attention is not None:
+            raise TypeError(
+                f"{name}.attention: expected None (attention=False), "
+                f"got {type(params.attention).__name__}"
+            )
 
     def _tokens(self, name, x, batch=None):
         x = check_tokens(name, x, "[T, B] token ids (time-major, one batch dim)", ndim=2)
@@ -179,22 +210,40 @@ class Seq2SeqAttention:
         # js.rollout selects padded steps away and writes zeros there: exact zero states
         _, hs = rollout(self.encoder, params.encoder, x, lengths=src_lengths)
         states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
-        keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
-        mean = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
-            src_lengths.astype(jnp.float32), 1.0
-        ).reshape(b, 1)
-        h0 = jnp.tanh(dense(params.bridge, mean.astype(states.dtype)))
+        final = self._final_state(states, src_lengths)
+        if self.attention:
+            keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
+            summary = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
+                src_lengths.astype(jnp.float32), 1.0
+            ).reshape(b, 1)
+        else:
+            keys, summary = None, final
+        h0 = jnp.tanh(dense(params.bridge, summary.astype(states.dtype)))
         carry = self.decoder.initial_carry((b,), h0.dtype)._replace(h=h0)
-        return Encoded(states, keys, src_lengths, carry)
+        return Encoded(states, keys, src_lengths, carry, final)
+
+    def _final_state(self, states, lengths):
+        """``[B, He]``: the forward states at step ``length - 1`` (and the backward ones
+        at step 0); zeros for an empty source."""
+        last = jnp.maximum(lengths - 1, 0)[:, None, None]
+        fwd = jnp.take_along_axis(states, last, axis=1)[:, 0]  # [B, He]
+        if self.bidirectional:
+            h = self.hidden_size
+            fwd = jnp.concatenate([fwd[:, :h], states[:, 0, h:]], axis=-1)
+        return jnp.where((lengths > 0)[:, None], fwd, jnp.zeros_like(fwd))
 
     def _attend(self, params, enc: Encoded, query):
+        if not self.attention:
+            return enc.final, None
+
         def one(q, st, k, n):
             return additive_attention(params.attention, q, st, lengths=n, projected_keys=k)
 
         return jax.vmap(one)(query, enc.states, enc.keys, enc.lengths)
 
     def step(self, params: Seq2SeqParams, enc: Encoded, carry, y_prev):
-        """One decoder step: ``y_prev: int[B]`` -> ``(carry, logits f32[B, Vt], weights f32[B, S])``.
+        """One decoder step: ``y_prev: int[B]`` -> ``(carry, logits f32[B, Vt], weights f32[B, S])``
+        (weights None without attention).
 
         ``y_prev`` ids must be in ``[0, Vt)`` (checked as ``tgt_in`` in :meth:`apply`).
         """
@@ -212,7 +261,8 @@ class Seq2SeqAttention:
         """Teacher forcing: the decoder reads ``tgt_in: int[T, B]`` (the target shifted
         right, starting with a BOS id) and predicts the next target token at every step.
 
-        Returns ``(logits float32[T, B, Vt], attention weights float32[T, B, S])``.
+        Returns ``(logits float32[T, B, Vt], attention weights float32[T, B, S])``
+        (weights None without attention).
 
         Raises ``ValueError`` for ids out of range: ``src`` at valid positions (see
         :meth:`encode`) and every ``tgt_in`` id outside ``[0, Vt)`` (pad it with a
