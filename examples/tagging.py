@@ -20,7 +20,9 @@ tagger of the same size side by side::
 Each model trains with ``js.make_train_step`` and ``js.fit``. Writes into
 ``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
 evaluation of every model, ``run`` = model), ``summary.json`` (token and
-sequence accuracy on a held-out set per model), ``curves.png`` and
+sequence accuracy on a held-out set per model; the headline token accuracies
+under ``accuracy_bidirectional`` and ``accuracy_unidirectional``, None when that
+model did not run; where it ran), ``curves.png`` and
 ``predictions.txt`` (a few test sequences with gold and predicted tags).
 """
 
@@ -37,6 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     append_evals,
+    environment,
     js,
     jsonable,
     parser,
@@ -108,7 +111,8 @@ def main(argv=None) -> dict:
         "tag_counts_test": dict(zip(TAGS, counts.tolist())),
         "majority_tag_accuracy": float(counts.max() / counts.sum()),
         "steps": args.steps, "batch": args.batch, "hidden": args.hidden, "seed": args.seed,
-        "backend": jax.default_backend(), "models": {},
+        "accuracy_bidirectional": None, "accuracy_unidirectional": None,
+        **environment(), "models": {},
     }  # fmt: skip
     variants = [("bilstm", True)] + ([] if args.no_compare else [("lstm_forward", False)])
     curves, preds = {}, {}
@@ -164,6 +168,8 @@ def main(argv=None) -> dict:
         summary["models"][name] = {
             **final, "per_tag_acc": per_tag, "train_s": round(info["train_s"], 3)
         }  # fmt: skip
+        direction = "bidirectional" if bidir else "unidirectional"
+        summary[f"accuracy_{direction}"] = final["test_token_acc"]
 
     with open(os.path.join(args.out, "predictions.txt"), "w") as f:
         f.write("symbols, gold tags, then each model's tags (U unique, F first, R repeat)\n\n")

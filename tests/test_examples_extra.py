@@ -217,6 +217,11 @@ def test_tagging_smoke(tagging, tmp_path, fit_calls):
             evals[runs.index(run) * 2 + 1]["test_token_acc"]
         )
     assert "gold" in (out / "predictions.txt").read_text()
+    assert s["accuracy_bidirectional"] == s["models"]["bilstm"]["test_token_acc"]
+    assert s["accuracy_unidirectional"] == s["models"]["lstm_forward"]["test_token_acc"]
+    saved = json.load(open(out / "summary.json"))
+    assert saved["accuracy_bidirectional"] == s["accuracy_bidirectional"]
+    assert {"backend", "device_count", "process_count", "jax", "cpu"} <= set(saved)
 
 
 def test_vanishing_gradients_shows_both_regimes(load_example, tmp_path):
