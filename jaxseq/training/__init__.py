@@ -1,5 +1,5 @@
 """Training: losses, the optimizer, the train step, the loop, checkpoints, sharding,
-diagnostics.
+several processes, mixed precision, diagnostics.
 """
 
 from jaxseq.training.checkpoint import (
@@ -12,6 +12,10 @@ from jaxseq.training.diagnostics import (
     plot_grad_norms,
     plot_training_curves,
     read_jsonl,
+)
+from jaxseq.training.distributed import (
+    add_distributed_args,
+    init_from_args,
 )
 from jaxseq.training.lm import (
     evaluate_lm,
@@ -34,9 +38,16 @@ from jaxseq.training.optimizer import (
     OPTIMIZERS,
     make_optimizer,
 )
+from jaxseq.training.precision import (
+    PRECISIONS,
+    add_precision_arg,
+    cast_floating,
+    compute_dtype,
+)
 from jaxseq.training.sharding import (
     init_distributed,
     make_mesh,
+    process_slice,
     shard_batch,
     shard_state,
 )
@@ -49,18 +60,24 @@ from jaxseq.training.step import (
 
 __all__ = [
     "OPTIMIZERS",
+    "PRECISIONS",
     "Checkpointer",
     "IncompatibleCheckpointError",
     "NonFiniteError",
     "TrainState",
     "TrainStep",
     "accuracy",
+    "add_distributed_args",
+    "add_precision_arg",
     "bits_per_token",
+    "cast_floating",
+    "compute_dtype",
     "cross_entropy",
     "evaluate_lm",
     "fit",
     "grad_norm_per_step",
     "init_distributed",
+    "init_from_args",
     "init_state",
     "lm_loss_fn",
     "make_eval_step",
@@ -71,6 +88,7 @@ __all__ = [
     "nats_to_bits",
     "plot_grad_norms",
     "plot_training_curves",
+    "process_slice",
     "read_jsonl",
     "restore_params",
     "shard_batch",

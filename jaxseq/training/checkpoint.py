@@ -15,6 +15,13 @@ hyperparameters must be the same unless ``override=True``::
     if ckpt.latest_step() is not None:
         state, meta = ckpt.restore(template_state)
 
+With several processes (:func:`jaxseq.training.init_distributed`) saving and
+restoring are collective: every process calls them with the same arguments;
+orbax writes each process's shards of the global arrays (the carry, split by
+stream) and one copy of the replicated ones and of the metadata, so the
+directory must be one that every process sees (a shared file system or a
+bucket). A run killed on all processes resumes exactly, as on one.
+
 For evaluation and sampling, :meth:`Checkpointer.restore_params` (or the
 function :func:`restore_params`) reads the parameters alone: no optimizer,
 carry or batch size is needed, and nothing else is read from disk. It is
@@ -52,15 +59,37 @@ def _is_typed_key(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _is_global(x) -> bool:
+    """A ``jax.Array`` that spans devices of other processes too."""
+    return isinstance(x, jax.Array) and not x.is_fully_addressable
+
+
 def _to_saveable(state):
-    """Typed PRNG keys become their uint32 data; everything becomes a host numpy array."""
+    """Typed PRNG keys become their uint32 data; everything becomes a host numpy array,
+    except the global arrays of a multi-process run, which orbax writes shard by shard
+    (each process its own)."""
 
     def conv(x):
         if _is_typed_key(x):
             x = jax.random.key_data(x)
+        if _is_global(x):
+            return x
         return np.asarray(jax.device_get(x))
 
     return jax.tree_util.tree_map(conv, state)
+
+
+def _restore_target(template):
+    """The abstract tree to restore into: global arrays keep the template's sharding (each
+    process reads its own shards); the rest is read as host arrays."""
+
+    def conv(x):
+        data = jax.eval_shape(jax.random.key_data, x) if _is_typed_key(x) else x
+        if _is_global(x):
+            return jax.ShapeDtypeStruct(np.shape(data), data.dtype, sharding=x.sharding)
+        return np.zeros(np.shape(data), data.dtype)
+
+    return jax.tree_util.tree_map(conv, template)
 
 
 def _saveable_shapes(tree):
@@ -291,7 +320,7 @@ class Checkpointer:
                     f"checkpoint: params/{path}: saved shape {list(got)}, template_params has "
                     f"{list(np.shape(leaf))}"
                 )
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         item = {
             "params": jax.tree_util.tree_map(
                 lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), saved_params
@@ -320,16 +349,27 @@ class Checkpointer:
 
         ``template`` is a state of this run (e.g. the fresh initial state); only its
         structure, shapes and dtypes are used. Returns ``(state, meta)``.
+
+        With several processes every process calls it; a template placed on a mesh
+        (:func:`jaxseq.training.shard_state`) gives a state placed the same way,
+        each process reading only its own shards.
         """
         ocp = self._ocp
         step = self._resolve(step)
         meta = self.read_meta(step)
         self.check_compatible(meta, template, override=override, step=step)
-        abstract = _saveable_shapes(template)
-        got = self._mngr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-        got = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), got)
+        if jax.process_count() > 1:
+            got = self._mngr.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(_restore_target(template))),
+            )["state"]
+            got = jax.tree_util.tree_map(lambda x: x if _is_global(x) else jnp.asarray(x), got)
+        else:
+            abstract = _saveable_shapes(template)
+            got = self._mngr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+            got = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), got)
         if meta.get("typed_key") or _is_typed_key(template.key):
             impl = jax.random.key_impl(template.key) if _is_typed_key(template.key) else None
             got = got._replace(key=jax.random.wrap_key_data(got.key, impl=impl))

@@ -21,6 +21,18 @@ to do, so a run restored at step s continues to ``num_steps``; a larger
 ``num_steps`` than the first run's extends it (see
 :func:`jaxseq.training.make_optimizer` for what a schedule does past its
 ``total_steps``), and a ``num_steps`` already reached returns at once.
+
+**Several processes** (after :func:`jaxseq.training.init_distributed`): every
+process runs the same ``fit`` with the same arguments. The mesh (``mesh``, by
+default :func:`jaxseq.training.make_mesh` over every process's devices) holds
+the global arrays: the state is placed on it (params and optimizer state
+replicated, the carry split by stream) unless it already is, and each process
+feeds its own rows of every batch (its streams, its examples) through
+:func:`jaxseq.training.shard_batch`. The source gives the whole batch, the same
+on every process, or with ``local_batches=True`` only this process's rows.
+Checkpoints are written and restored by all processes together; the JSON lines,
+the plot and the progress bar come from process 0 alone; ``eval_fn`` and
+``on_step`` run on every process (an evaluation over the mesh is collective too).
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import jax
 import numpy as np
 
 from jaxseq import _checks
-from jaxseq.training.sharding import shard_batch
+from jaxseq.training.sharding import _is_global, make_mesh, shard_batch, shard_state
 from jaxseq.training.step import TrainState, TrainStep
 
 __all__ = [
@@ -160,6 +172,7 @@ def fit(
     progress: bool | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     plot: bool = True,
+    local_batches: bool = False,
 ):
     """Trains until ``state.step == num_steps`` (or the time budget is spent).
 
@@ -192,6 +205,8 @@ def fit(
         returned ``state.step``, ``info["steps"]`` and the checkpoint saved at exit
         all count that step. Any other exception propagates.
       plot: write ``curves.png`` at the end (with ``out_dir``).
+      local_batches: with several processes, the source yields only this process's
+        rows of each batch (``process_slice``), not the whole batch.
 
     Returns:
       ``(state, info)`` with ``info``: ``train_s``, ``steps``, ``steps_per_s``,
@@ -229,8 +244,14 @@ def fit(
         raise ValueError(
             f"checkpoint_every: {checkpoint_every} must be a multiple of chunks_per_call={n}"
         )
+    multi = jax.process_count() > 1
+    main = jax.process_index() == 0  # the one process that writes logs and plots
+    if multi:
+        mesh = make_mesh() if mesh is None else mesh
+        if not all(_is_global(x) for x in jax.tree_util.tree_leaves(state)):
+            state = shard_state(state, mesh)
     metrics_path = eval_path = None
-    if out_dir is not None:
+    if out_dir is not None and main:
         os.makedirs(out_dir, exist_ok=True)
         metrics_path = os.path.join(out_dir, "metrics.jsonl")
         eval_path = os.path.join(out_dir, "eval.jsonl")
@@ -238,6 +259,7 @@ def fit(
             _filter_jsonl(p, start)
     if progress is None:
         progress = sys.stderr.isatty()
+    progress = progress and main
 
     info = {"steps": start, "train_s": float(elapsed_s), "stopped": "steps", "evals": []}
     if start >= num_steps:  # already done: nothing to train, nothing to save
@@ -283,8 +305,10 @@ def fit(
                 stopped = "data"
                 break
             tokens = _count_tokens(batch, n)
+            if tokens is not None and multi and local_batches:
+                tokens *= jax.process_count()
             if mesh is not None:
-                batch = shard_batch(batch, mesh, axes)
+                batch = shard_batch(batch, mesh, axes, local=local_batches)
             state, metrics = step_fn(state, batch)
             # One truth for the step count from here on: ``state`` has taken these n
             # steps, so ``info["steps"]`` (and a checkpoint saved on any exit, e.g. an
@@ -356,7 +380,7 @@ def fit(
     run_s = max(info["train_s"] - elapsed_s, 1e-9)
     info["steps_per_s"] = done / run_s if done else 0.0
     info["tokens_per_s"] = tokens_run / run_s if done else 0.0
-    if plot and out_dir is not None:
+    if plot and out_dir is not None and main:
         from jaxseq.training.diagnostics import plot_training_curves
 
         plot_training_curves(metrics_path, os.path.join(out_dir, "curves.png"), eval_path=eval_path)

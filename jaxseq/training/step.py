@@ -23,6 +23,15 @@ previous params, optimizer state and carry bit for bit, adds one to
 ``state.bad_steps`` and ``state.bad_streak`` (reset by the next good step) and
 reports ``finite = False`` in its metrics.
 
+**Mixed precision.** ``precision="bf16"`` runs the forward and backward in
+bfloat16 from float32 master weights; the loss, gradient norm and update stay
+float32 (:mod:`jaxseq.training.precision`).
+
+**Several devices or processes.** The same step runs data-parallel when the
+state and the batch are placed on a mesh (:func:`jaxseq.training.shard_state`,
+:func:`jaxseq.training.shard_batch`, or ``fit(mesh=...)``): XLA inserts the
+gradient all-reduce, so the update equals that of one device with the whole batch.
+
 Shapes: K chunk length (time), B streams (batch), n batches per call.
 """
 
@@ -36,6 +45,7 @@ import numpy as np
 import optax
 
 from jaxseq import _checks
+from jaxseq.training.precision import cast_floating, compute_dtype
 
 __all__ = [
     "TrainState",
@@ -190,7 +200,14 @@ def _find_hyperparams(opt_state):
     return None
 
 
-def make_train_step(loss_fn, optimizer, *, chunks_per_call: int = 1, donate: bool = True):
+def make_train_step(
+    loss_fn,
+    optimizer,
+    *,
+    chunks_per_call: int = 1,
+    donate: bool = True,
+    precision: str = "fp32",
+):
     """A jitted train step over one batch (or ``chunks_per_call`` stacked batches).
 
     Args:
@@ -201,6 +218,12 @@ def make_train_step(loss_fn, optimizer, *, chunks_per_call: int = 1, donate: boo
       chunks_per_call: scan over this many batches (every leaf ``[n, ...]``) inside
         one call; metrics come back with a leading ``[n]`` axis.
       donate: donate the input state's buffers (do not reuse ``state`` after the call).
+      precision: ``"fp32"``, or ``"bf16"``: the params, the incoming carry and the
+        floating leaves of the batch are cast to bfloat16 inside the loss, so the
+        forward and backward run in bfloat16, while the params, the optimizer state
+        and the stored carry stay in their own dtype (float32 master weights) and
+        the loss, the gradient (cast back by the transpose of the cast), its norm and
+        the update are float32 (see :mod:`jaxseq.training.precision`).
 
     Returns:
       a :class:`TrainStep`: ``step(state, batch) -> (state, metrics)``. Metrics:
@@ -225,6 +248,7 @@ def make_train_step(loss_fn, optimizer, *, chunks_per_call: int = 1, donate: boo
     """
     _check_optimizer(optimizer)
     n = _checks.check_positive_int("chunks_per_call", chunks_per_call)
+    dtype = compute_dtype(precision)
     if not callable(loss_fn):
         raise TypeError(
             f"loss_fn: expected a function (params, carry, batch, key) -> (loss, (carry, "
@@ -234,13 +258,24 @@ def make_train_step(loss_fn, optimizer, *, chunks_per_call: int = 1, donate: boo
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
         carry_in = jax.lax.stop_gradient(state.carry)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if dtype == jnp.float32:
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        else:  # master weights stay float32: the cast is inside the differentiated function
+
+            def low(params, carry, batch, key):
+                args = cast_floating((params, carry, batch), dtype)
+                loss, (carry, aux) = loss_fn(*args, key)
+                return jnp.asarray(loss).astype(jnp.float32), (carry, aux)
+
+            grad_fn = jax.value_and_grad(low, has_aux=True)
         (loss, (carry, aux)), grads = grad_fn(state.params, carry_in, batch, key)
         if jnp.shape(loss) != ():
             raise ValueError(f"loss_fn: expected a scalar loss, got shape {list(jnp.shape(loss))}")
         if not isinstance(aux, dict):
             raise TypeError(f"loss_fn: expected a dict of metrics, got {type(aux).__name__}")
         carry = jax.lax.stop_gradient(carry)
+        if dtype != jnp.float32 and state.carry is not None:  # stored in its own dtype
+            carry = jax.tree_util.tree_map(lambda c, s: c.astype(s.dtype), carry, state.carry)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
