@@ -6,6 +6,10 @@ and (1, 128, 1000), forward and training step (forward + backward of
 
 * ``jaxseq`` -- ``js.rollout`` with its defaults;
 * ``flax`` -- ``nn.RNN`` over ``OptimizedLSTMCell`` / ``GRUCell`` / ``SimpleCell``;
+* ``linen`` -- ``jaxseq.flax.linen.RNN(js.LSTM(H))`` etc., the linen module over
+  ``js.rollout`` (``model.apply``);
+* ``nnx`` -- ``jaxseq.flax.nnx.RNN``, the NNX module (``nnx.split`` once, then
+  ``nnx.merge`` inside the jitted function, gradients w.r.t. its ``nnx.State``);
 * ``haiku`` -- ``hk.dynamic_unroll`` over ``hk.LSTM`` / ``hk.GRU`` / ``hk.VanillaRNN``;
 * ``torch`` -- ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` on CPU, threads pinned to JAX's
   thread count (forward under ``torch.inference_mode``);
@@ -16,7 +20,9 @@ and (1, 128, 1000), forward and training step (forward + backward of
 All in one process, side by side: every implementation of a configuration is
 compiled first, then timed interleaved (each round calls each one once, in
 rotating order), so load changes hit all alike. The ``jaxseq/<peer>`` columns
-are ratios of median times (below 1: jaxseq is faster). A peer that is not
+are ratios of median times (below 1: jaxseq is faster); ``linen/flax`` and
+``nnx/flax`` compare the Flax modules over jaxseq with Flax's own ``nn.RNN``.
+jaxseq, flax, linen and nnx run the same weights (``cell.init`` converted). A peer that is not
 installed is reported as skipped.
 
 Usage::
@@ -37,18 +43,23 @@ from benchmarks import _harness as bh
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("forward", "train")
 CONFIGS = ((32, 256, 100), (64, 512, 100), (1, 128, 1000))
-IMPLS = ("jaxseq", "flax", "haiku", "torch", "gemm")
+IMPLS = ("jaxseq", "flax", "linen", "nnx", "haiku", "torch", "gemm")
 PEERS = ("flax", "haiku", "torch")
+FLAX_MODULES = ("linen", "nnx")  # jaxseq.flax's modules, also compared with flax's nn.RNN
 # Module each implementation needs; tests point one at a missing name to simulate its absence.
 PEER_MODULES = {
     "jaxseq": "jaxseq",
     "flax": "flax",
+    "linen": "flax",
+    "nnx": "flax",
     "haiku": "haiku",
     "torch": "torch",
     "gemm": "jax",
 }
 INSTALL_HINT = {
     "flax": "pip install -e '.[bench]'",
+    "linen": "pip install -e '.[bench]'",
+    "nnx": "pip install -e '.[bench]'",
     "haiku": "pip install -e '.[bench]'",
     "torch": "pip install -e '.[bench]' --extra-index-url https://download.pytorch.org/whl/cpu",
 }
@@ -75,7 +86,8 @@ def _jax_programs(forward):
     return forward, jax.value_and_grad(loss, argnums=(0, 1))
 
 
-def build_jaxseq(cell: str, B: int, D: int, H: int, T: int, key):
+def _jaxseq_setup(cell: str, B: int, D: int, H: int, T: int, key):
+    """The jaxseq cell, its params and time-major inputs: the weights every JAX row shares."""
     import jax
     import jax.numpy as jnp
 
@@ -83,22 +95,48 @@ def build_jaxseq(cell: str, B: int, D: int, H: int, T: int, key):
 
     c = {"lstm": js.LSTM, "gru": js.GRU, "rnn": js.RNN}[cell](H)
     kp, kx = jax.random.split(key)
-    params = c.init(kp, D)
-    xs = jax.random.normal(kx, (T, B, D), jnp.float32)
+    return c, c.init(kp, D), jax.random.normal(kx, (T, B, D), jnp.float32)
+
+
+def build_jaxseq(cell: str, B: int, D: int, H: int, T: int, key):
+    import jaxseq as js
+
+    c, params, xs = _jaxseq_setup(cell, B, D, H, T, key)
     return _jax_programs(lambda p, xs: js.rollout(c, p, xs)[1]), (params, xs)
 
 
 def build_flax(cell: str, B: int, D: int, H: int, T: int, key):
     import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
 
-    c = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell](H)
-    model = nn.RNN(c, time_major=True)
-    kp, kx = jax.random.split(key)
-    xs = jax.random.normal(kx, (T, B, D), jnp.float32)
-    params = model.init(kp, xs)
-    return _jax_programs(lambda p, xs: model.apply(p, xs)), (params, xs)
+    import jaxseq as js
+
+    c, params, xs = _jaxseq_setup(cell, B, D, H, T, key)
+    fc = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell, "rnn": nn.SimpleCell}[cell](H)
+    model = nn.RNN(fc, time_major=True)
+    variables = {"params": {"cell": js.interop.to_flax(c, params)["params"]}}
+    return _jax_programs(lambda p, xs: model.apply(p, xs)), (variables, xs)
+
+
+def build_linen(cell: str, B: int, D: int, H: int, T: int, key):
+    import jaxseq.flax
+
+    c, params, xs = _jaxseq_setup(cell, B, D, H, T, key)
+    model = jaxseq.flax.linen.RNN(c, time_major=True)
+    variables = {"params": {"cell": params}}
+    return _jax_programs(lambda p, xs: model.apply(p, xs)), (variables, xs)
+
+
+def build_nnx(cell: str, B: int, D: int, H: int, T: int, key):
+    import jax
+    from flax import nnx
+
+    import jaxseq.flax
+
+    c, params, xs = _jaxseq_setup(cell, B, D, H, T, key)
+    model = jaxseq.flax.nnx.RNN(c, D, rngs=nnx.Rngs(0), time_major=True)
+    model.params = nnx.data(jax.tree_util.tree_map(nnx.Param, params))
+    graphdef, state = nnx.split(model)
+    return _jax_programs(lambda s, xs: nnx.merge(graphdef, s)(xs)), (state, xs)
 
 
 def build_haiku(cell: str, B: int, D: int, H: int, T: int, key):
@@ -146,6 +184,8 @@ def build_gemm(cell: str, B: int, D: int, H: int, T: int, key):
 JAX_BUILDERS = {
     "jaxseq": build_jaxseq,
     "flax": build_flax,
+    "linen": build_linen,
+    "nnx": build_nnx,
     "haiku": build_haiku,
     "gemm": build_gemm,
 }
@@ -259,6 +299,11 @@ def run(
             other = rec.get(f"{impl}_ms")
             ok = isinstance(base, float) and isinstance(other, float)
             rec[f"jaxseq/{impl}"] = base / other if ok else None
+        for impl in FLAX_MODULES:
+            if impl in impls and "flax" in impls:
+                mine, theirs = rec.get(f"{impl}_ms"), rec.get("flax_ms")
+                ok = isinstance(mine, float) and isinstance(theirs, float)
+                rec[f"{impl}/flax"] = mine / theirs if ok else None
         records.append(rec)
     return records
 
@@ -266,7 +311,11 @@ def run(
 def columns(impls) -> list[str]:
     cols = ["cell", "B", "H", "T", "mode"]
     cols += [f"{i}_ms" for i in impls]
-    cols += [f"jaxseq/{i}" for i in impls if i != "jaxseq"]
+    # jaxseq against the peers, then against its own Flax modules, then those against Flax.
+    cols += [f"jaxseq/{i}" for i in impls if i != "jaxseq" and i not in FLAX_MODULES]
+    cols += [f"jaxseq/{i}" for i in impls if i in FLAX_MODULES]
+    if "flax" in impls:
+        cols += [f"{i}/flax" for i in FLAX_MODULES if i in impls]
     cols += [f"{i}_gflops" for i in impls if i in ("jaxseq", "gemm")]
     return cols
 
