@@ -3,9 +3,11 @@
 Both are :class:`~jaxseq.protocols.SequenceLayer` s: ``js.rollout(layer, params,
 xs, ...)`` runs them through their ``rollout`` method, with the same arguments
 and defaults as for a cell; their halves/layers may be cells or any sequence
-layer. Time-major like the rollouts: ``xs: [T, *B, D] -> ys: [T, *B, H]``.
-:func:`bidirectional_rollout` and :func:`stacked_rollout` are the same methods
-as functions.
+layer. Time-major like the rollouts: ``xs: [T, *B, D] -> ys: [T, *B, H]``, or
+batch-major with ``time_major=False``: ``xs: [*B, T, D] -> ys: [*B, T, H]``
+(one transpose in and one out, at the outermost call: the layers inside run
+time-major). :func:`bidirectional_rollout` and :func:`stacked_rollout` are the
+same methods as functions.
 """
 
 from __future__ import annotations
@@ -144,6 +146,43 @@ class Bidirectional:
         _check_layer_carry(self.forward, carry.forward, batch_shape, f"{name}.forward")
         _check_layer_carry(self.backward, carry.backward, batch_shape, f"{name}.backward")
 
+    def check_params(self, params) -> None:
+        """Checks that ``params`` is a :class:`BidirectionalParams` (and each half's
+        params, with that half's ``check_params`` when it has one).
+
+        >>> import jax, jaxseq as js
+        >>> layer = js.Bidirectional(js.GRU(3))
+        >>> layer.check_params(layer.init(jax.random.key(0), 2))
+        >>> layer.check_params(js.GRU(3).init(jax.random.key(0), 2))
+        Traceback (most recent call last):
+        ...
+        TypeError: params: expected BidirectionalParams(forward, backward) (the params of both directions, from layer.init), got GRUParams
+        """
+        if not isinstance(params, BidirectionalParams):
+            raise TypeError(
+                f"params: expected BidirectionalParams(forward, backward) (the params of both "
+                f"directions, from layer.init), got {type(params).__name__}"
+            )
+        for half, p in ((self.forward, params.forward), (self.backward, params.backward)):
+            if callable(getattr(half, "check_params", None)):
+                half.check_params(p)
+
+    def check_input(self, params, x, name: str = "x", min_ndim: int = 1) -> None:
+        """Checks the inputs ``x: [..., D]`` against both halves' params (those of
+        the halves that have a ``check_input``), at trace time.
+
+        >>> import jax, jax.numpy as jnp, jaxseq as js
+        >>> layer = js.Bidirectional(js.GRU(3))
+        >>> params = layer.init(jax.random.key(0), 2)
+        >>> layer.check_input(params, jnp.ones((4, 5, 3)), name="xs")
+        Traceback (most recent call last):
+        ...
+        ValueError: xs: expected last dim D=2 (the input_size of params), got float32[4, 5, 3]
+        """
+        for half, p in ((self.forward, params.forward), (self.backward, params.backward)):
+            if callable(getattr(half, "check_input", None)):
+                half.check_input(p, x, name=name, min_ndim=min_ndim)
+
     def rollout(
         self,
         params,
@@ -156,6 +195,7 @@ class Bidirectional:
         unroll="auto",
         kernel="auto",
         checkpoint_every=None,
+        time_major=True,
         key=None,
     ):
         """Both directions over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout` for the arguments.
@@ -168,15 +208,29 @@ class Bidirectional:
         and ``checkpoint_every`` go to both halves; ``key`` (when given) is split
         between them (cells ignore it).
 
+        ``time_major=False``: ``xs: [*B, T, D]``, ``reset: [*B, T]`` and
+        ``ys: [*B, T, Hf + Hb]``, one transpose each way around both halves.
+
         Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``;
         each carry is the one after that half's last processed step (for the
         backward half without ``reverse``, after time step 0).
         """
-        if not isinstance(params, BidirectionalParams):
-            raise TypeError(
-                f"params: expected BidirectionalParams(forward, backward) (the params of both "
-                f"directions, from layer.init), got {type(params).__name__}"
+        if not time_major:
+            return rollout(
+                self,
+                params,
+                xs,
+                carry,
+                lengths=lengths,
+                reset=reset,
+                reverse=reverse,
+                unroll=unroll,
+                kernel=kernel,
+                checkpoint_every=checkpoint_every,
+                time_major=False,
+                key=key,
             )
+        self.check_params(params)
         if carry is None:
             carry = BidirectionalCarry(None, None)
         else:
@@ -214,6 +268,7 @@ def bidirectional_rollout(
     unroll="auto",
     kernel="auto",
     checkpoint_every=None,
+    time_major=True,
     key=None,
 ):
     """``layer.rollout(...)`` for a :class:`Bidirectional` (same arguments and defaults).
@@ -240,6 +295,7 @@ def bidirectional_rollout(
         unroll=unroll,
         kernel=kernel,
         checkpoint_every=checkpoint_every,
+        time_major=time_major,
         key=key,
     )
 
@@ -336,30 +392,20 @@ class Stack:
         for i, (layer, c) in enumerate(zip(self.layers, carry)):
             _check_layer_carry(layer, c, batch_shape, f"{name}[{i}]")
 
-    def rollout(
-        self,
-        params,
-        xs,
-        carry=None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse=False,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        key=None,
-    ):
-        """Every layer in turn over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout`.
+    def check_params(self, params) -> None:
+        """Checks that ``params`` is a tuple (or list) of one params per layer.
 
-        ``lengths``/``reset`` apply to every layer; ``reverse=True`` reverses every
-        layer (a :class:`Bidirectional` swaps its directions); ``unroll``,
-        ``kernel`` and ``checkpoint_every`` go to every layer. Dropout between
-        layers is on only when ``key`` is given; each layer also gets a key of
-        its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
+        A single layer's params are rejected even when their number of fields
+        happens to equal the number of layers. The layers' own params are
+        checked by their rollouts.
 
-        Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
-        last layer's outputs ``[T, *B, H_last]``.
+        >>> import jax, jaxseq as js
+        >>> stack = js.Stack([js.GRU(3), js.GRU(3)])
+        >>> stack.check_params(stack.init(jax.random.key(0), 2))
+        >>> stack.check_params(stack.init(jax.random.key(0), 2)[:1])
+        Traceback (most recent call last):
+        ...
+        ValueError: params: expected a tuple of 2 layer params (one per layer of the Stack), got a tuple of 1
         """
         n = len(self.layers)
         what = f"params: expected a tuple of {n} layer params (one per layer of the Stack)"
@@ -372,6 +418,73 @@ class Stack:
             raise TypeError(f"{what}, got {type(params).__name__}")
         if len(params) != n:
             raise ValueError(f"{what}, got a {type(params).__name__} of {len(params)}")
+
+    def check_input(self, params, x, name: str = "x", min_ndim: int = 1) -> None:
+        """Checks the inputs ``x: [..., D]`` against the first layer's params (when
+        that layer has a ``check_input``), at trace time.
+
+        >>> import jax, jax.numpy as jnp, jaxseq as js
+        >>> stack = js.Stack([js.GRU(3), js.GRU(3)])
+        >>> params = stack.init(jax.random.key(0), 2)
+        >>> stack.check_input(params, jnp.ones((4, 5, 3)), name="xs")
+        Traceback (most recent call last):
+        ...
+        ValueError: xs: expected last dim D=2 (the input_size of params), got float32[4, 5, 3]
+        """
+        self.check_params(params)
+        first = self.layers[0]
+        if callable(getattr(first, "check_input", None)):
+            if callable(getattr(first, "check_params", None)):
+                first.check_params(params[0])
+            first.check_input(params[0], x, name=name, min_ndim=min_ndim)
+
+    def rollout(
+        self,
+        params,
+        xs,
+        carry=None,
+        *,
+        lengths=None,
+        reset=None,
+        reverse=False,
+        unroll="auto",
+        kernel="auto",
+        checkpoint_every=None,
+        time_major=True,
+        key=None,
+    ):
+        """Every layer in turn over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout`.
+
+        ``lengths``/``reset`` apply to every layer; ``reverse=True`` reverses every
+        layer (a :class:`Bidirectional` swaps its directions); ``unroll``,
+        ``kernel`` and ``checkpoint_every`` go to every layer. Dropout between
+        layers is on only when ``key`` is given; each layer also gets a key of
+        its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
+
+        ``time_major=False``: ``xs: [*B, T, D]``, ``reset: [*B, T]`` and
+        ``ys: [*B, T, H_last]``, one transpose each way around the whole stack
+        (the layers and the dropout between them run time-major).
+
+        Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
+        last layer's outputs ``[T, *B, H_last]``.
+        """
+        if not time_major:
+            return rollout(
+                self,
+                params,
+                xs,
+                carry,
+                lengths=lengths,
+                reset=reset,
+                reverse=reverse,
+                unroll=unroll,
+                kernel=kernel,
+                checkpoint_every=checkpoint_every,
+                time_major=False,
+                key=key,
+            )
+        n = len(self.layers)
+        self.check_params(params)
         if carry is None:
             carry = (None,) * n
         else:
@@ -414,6 +527,7 @@ def stacked_rollout(
     unroll="auto",
     kernel="auto",
     checkpoint_every=None,
+    time_major=True,
     key=None,
 ):
     """``stack.rollout(...)`` for a :class:`Stack` (same arguments and defaults).
@@ -442,6 +556,7 @@ def stacked_rollout(
         unroll=unroll,
         kernel=kernel,
         checkpoint_every=checkpoint_every,
+        time_major=time_major,
         key=key,
     )
 

@@ -1,7 +1,12 @@
 """Rollouts: run a cell over a sequence with ``jax.lax.scan`` (or a Python loop).
 
-Time-major everywhere: ``xs: [T, *B, D] -> ys: [T, *B, H]``; ``*B`` is any
-number of batch dims, none for per-example use under ``jax.vmap``.
+Time-major by default: ``xs: [T, *B, D] -> ys: [T, *B, H]``; ``*B`` is any
+number of batch dims, none for per-example use under ``jax.vmap``. With
+``time_major=False`` (as in Flax, Keras and PyTorch's ``batch_first``) the
+inputs are ``xs: [*B, T, D]``, the outputs ``ys: [*B, T, H]`` and ``reset:
+bool[*B, T]``; ``lengths`` and carries are the same in both layouts. The
+batch-major layout costs one transpose of the inputs and one of the outputs
+(:func:`to_time_major`, :func:`from_time_major`), done once at the outermost call.
 
 Semantics shared by :func:`rollout` and :func:`rollout_unrolled`:
 
@@ -42,6 +47,75 @@ __all__ = [
     "rollout",
     "rollout_unrolled",
 ]
+
+
+def _check_time_major(time_major) -> bool:
+    if not isinstance(time_major, bool | np.bool_):
+        raise TypeError(
+            f"time_major: expected a Python bool (True: xs [T, *B, D], False: xs [*B, T, D]), "
+            f"got {type(time_major).__name__} {time_major!r}"
+        )
+    return bool(time_major)
+
+
+def to_time_major(layer, params, xs, lengths=None, reset=None):
+    """Validates batch-major arguments and returns ``(xs, reset)`` time-major.
+
+    ``xs: [*B, T, D] -> [T, *B, D]`` and ``reset: bool[*B, T] -> bool[T, *B]``
+    (None stays None). Every check that names a shape runs here, on the arrays
+    as they were given, so errors describe the batch-major shapes: ``xs`` (a
+    floating array of at least 2 dims), its last dim against ``layer``'s
+    ``check_input`` when it has one (after its ``check_params``), the shape of
+    ``lengths`` (``[*B]``) and of ``reset``. Values (``lengths`` in ``[0, T]``)
+    are checked by the rollout itself.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> from jaxseq.recurrent.rollouts import to_time_major
+    >>> cell = js.GRU(4)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> xs, reset = to_time_major(cell, params, jnp.ones((2, 5, 3)), reset=jnp.zeros((2, 5), bool))
+    >>> xs.shape, reset.shape
+    ((5, 2, 3), (5, 2))
+    >>> to_time_major(cell, params, jnp.ones((2, 5, 3)), reset=jnp.zeros((5, 2), bool))
+    Traceback (most recent call last):
+    ...
+    ValueError: reset: expected shape [2, 5] ([*B, T] of xs float32[2, 5, 3], batch-major), got bool[5, 2]
+    """
+    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
+        raise TypeError(
+            f"xs: expected an array [*B, T, D] (time_major=False), got {type(xs).__name__}"
+        )
+    _checks.check_floating("xs", xs)
+    _checks.check_min_ndim("xs", xs, 2, "[*B, T, D] (time_major=False)")
+    if callable(getattr(layer, "check_input", None)):
+        if callable(getattr(layer, "check_params", None)):
+            layer.check_params(params)
+        layer.check_input(params, xs, name="xs", min_ndim=2)
+    t = xs.shape[-2]
+    batch_shape = tuple(xs.shape[:-2])
+    if lengths is not None:
+        _checks.check_lengths(lengths, batch_shape, xs)
+    if reset is not None:
+        reset = _checks.as_array("reset", reset)
+        _checks.check_bool("reset", reset)
+        if tuple(reset.shape) != (*batch_shape, t):
+            raise ValueError(
+                f"reset: expected shape {[*batch_shape, t]} ([*B, T] of xs "
+                f"{_checks.describe(xs)}, batch-major), got {_checks.describe(reset)}"
+            )
+        reset = jnp.moveaxis(reset, -1, 0)
+    return jnp.moveaxis(xs, -2, 0), reset
+
+
+def from_time_major(ys):
+    """``ys: [T, *B, H] -> [*B, T, H]`` (the inverse of :func:`to_time_major` on ``xs``).
+
+    >>> import jax.numpy as jnp
+    >>> from jaxseq.recurrent.rollouts import from_time_major
+    >>> from_time_major(jnp.zeros((5, 2, 4))).shape
+    (2, 5, 4)
+    """
+    return jnp.moveaxis(ys, 0, -2)
 
 
 def _is_layer(layer) -> bool:
@@ -210,6 +284,7 @@ def rollout(
     unroll="auto",
     kernel="auto",
     checkpoint_every=None,
+    time_major=True,
     key=None,
 ):
     """Runs any sequence layer over ``xs: [T, *B, D] -> ys: [T, *B, H]`` (time-major).
@@ -220,7 +295,8 @@ def rollout(
       method: ``js.Bidirectional``, ``js.Stack``, a user layer): this calls
       ``layer.rollout(params, xs, carry, lengths=..., reset=..., reverse=...,
       unroll=..., kernel=..., checkpoint_every=..., key=...)`` with the defaults
-      below, so every layer runs with the same defaults; or
+      below, so every layer runs with the same defaults (always time-major:
+      ``time_major`` is handled here and never passed on); or
     * a :class:`~jaxseq.protocols.Cell` (``init``/``initial_carry``/``step``):
       a fused kernel for cells whose exact type registered one (``RNN``,
       ``LSTM``, ``GRU``; see :mod:`jaxseq.recurrent.dispatch`), ``lax.scan``
@@ -255,12 +331,24 @@ def rollout(
         steps), so the memory saved for the backward drops about ``k``-fold
         (the outputs and inputs themselves stay) for about one more forward
         pass of compute. ``T`` need not be a multiple of ``k``.
+      time_major: True (default): ``xs: [T, *B, D]``, ``ys: [T, *B, H]``,
+        ``reset: [T, *B]``. False: batch-major, ``xs: [*B, T, D]``,
+        ``ys: [*B, T, H]``, ``reset: [*B, T]``; ``lengths``, ``carry`` and the
+        final carry are unchanged. The inputs are transposed once on the way in
+        and the outputs once on the way out, around the same time-major
+        rollout, so results (values, carries, gradients) are exactly those of
+        the time-major call on transposed arrays. Measured on 2 busy CPU
+        cores, an LSTM training step (value and grad) at ``(B, H, T) = (32,
+        256, 100)`` took 0.99x to 1.09x the time of the time-major one over
+        four runs (interleaved medians); the four transposes (inputs and
+        outputs, and their cotangents) alone take about 1% of that step.
       key: optional PRNG key, keyword-only and last, for layers with randomness
         (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
         still checked to be a key), so generic code may pass a key to any layer.
 
     Returns:
-      ``(final_carry, ys)`` with ``ys: [T, *B, H]``; zeros at padded steps.
+      ``(final_carry, ys)`` with ``ys: [T, *B, H]`` (``[*B, T, H]`` when
+      ``time_major=False``); zeros at padded steps.
 
     >>> import jax, jax.numpy as jnp, jaxseq as js
     >>> cell = js.GRU(4)
@@ -268,7 +356,26 @@ def rollout(
     >>> carry, ys = js.rollout(cell, params, jnp.ones((5, 2, 3)), lengths=jnp.array([5, 2]))
     >>> ys.shape, carry.h.shape, bool(jnp.all(ys[2:, 1] == 0))
     ((5, 2, 4), (2, 4), True)
+    >>> carry, ys = js.rollout(cell, params, jnp.ones((2, 5, 3)), time_major=False)
+    >>> ys.shape  # batch-major: [B, T, H]
+    (2, 5, 4)
     """
+    if not _check_time_major(time_major):
+        xs, reset = to_time_major(layer, params, xs, lengths, reset)
+        carry, ys = rollout(
+            layer,
+            params,
+            xs,
+            carry,
+            lengths=lengths,
+            reset=reset,
+            reverse=reverse,
+            unroll=unroll,
+            kernel=kernel,
+            checkpoint_every=checkpoint_every,
+            key=key,
+        )
+        return carry, from_time_major(ys)
     if _is_layer(layer):
         return layer.rollout(
             params,
@@ -348,12 +455,15 @@ def rollout(
     return carry, ys.reshape((-1,) + ys.shape[2:])[:t]
 
 
-def rollout_unrolled(cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=False):
+def rollout_unrolled(
+    cell, params, xs, carry=None, *, lengths=None, reset=None, reverse=False, time_major=True
+):
     """Same semantics as :func:`rollout`, as a Python loop calling ``cell.step``.
 
     The reference implementation (and the "unrolled" contender in the
     benchmarks): under ``jit`` it traces ``T`` copies of the step, so compile
-    time grows with ``T``. Cells only: ``xs: [T, *B, D] -> ys: [T, *B, H]``.
+    time grows with ``T``. Cells only: ``xs: [T, *B, D] -> ys: [T, *B, H]``,
+    or ``xs: [*B, T, D] -> ys: [*B, T, H]`` with ``time_major=False``.
 
     >>> import jax, jax.numpy as jnp, jaxseq as js
     >>> cell = js.RNN(4)
@@ -365,6 +475,12 @@ def rollout_unrolled(cell, params, xs, carry=None, *, lengths=None, reset=None, 
     ((5, 2, 4), True)
     """
     _check_cell(cell, "cell", layers_too=False)
+    if not _check_time_major(time_major):
+        xs, reset = to_time_major(cell, params, xs, lengths, reset)
+        carry, ys = rollout_unrolled(
+            cell, params, xs, carry, lengths=lengths, reset=reset, reverse=reverse
+        )
+        return carry, from_time_major(ys)
     xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
     reset_p = processing_resets(reset, lengths, reverse)
     zero_carry = jax.tree_util.tree_map(jnp.zeros_like, carry)
