@@ -1,6 +1,7 @@
 """Smoke tests of the examples on tiny generated data (no network, no corpora)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,3 +62,35 @@ def test_char_lm_bad_input_fails_before_training(char_lm, corpus, tmp_path):
     with pytest.raises(ValueError, match="shorter than one chunk"):
         char_lm.main(_args(corpus, tmp_path / "x", 2) + ["--seq", "2000"])
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_char_lm_compare_transformer_and_window_and_exact_resume(char_lm, corpus, tmp_path):
+    out = tmp_path / "cmp"
+    sizes = [
+        "--layers", "1", "--d-model", "8", "--heads", "2", "--max-len", "12", "--context", "3",
+        "--embed", "4", "--hidden", "8", "--data", corpus, "--steps", "4", "--batch", "4",
+        "--seq", "8", "--eval-every", "2", "--checkpoint-every", "2", "--sample-len", "12",
+        "--eval-streams", "4", "--dropout", "0.1", "--lr", "0.02", "--quiet",
+    ]  # fmt: skip
+    summary = char_lm.main(sizes + ["--compare", "transformer,window", "--out", str(out)])
+    by_model = summary["val_loss_by_model"]
+    assert set(by_model) == {"transformer", "window"} and all(np.isfinite(list(by_model.values())))
+    assert summary["val_loss"] == min(by_model.values()) and summary["backend"] == "cpu"
+    assert set(summary["tokens_per_s_by_model"]) == set(by_model)
+    assert (out / "compare.png").stat().st_size > 0
+    runs = [json.loads(line)["run"] for line in open(out / "metrics.jsonl")]
+    assert runs == ["transformer"] * 4 + ["window"] * 4
+    for name in by_model:
+        s = json.load(open(out / name / "summary.json"))
+        assert s["val_loss"] == by_model[name] and s["tokens_per_s"] > 0
+        samples = (out / name / "samples.txt").read_text()
+        assert "top-k" in samples and "top-p" in samples and "ROMEO:" in samples
+    # killed after step 4 but before its checkpoint: resuming from step 2 gives the same losses
+    shutil.copytree(out / "transformer", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt" / "4")
+    char_lm.main(sizes + ["--model", "transformer", "--out", str(tmp_path / "resumed"), "--resume"])
+    losses = [
+        [json.loads(line)["loss"] for line in open(d / "metrics.jsonl")]
+        for d in (out / "transformer", tmp_path / "resumed")
+    ]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
