@@ -354,6 +354,8 @@ def test_errors_name_the_argument():
         rnn.apply(variables, x, seq_lengths=jnp.array([1, 6, 2]))
     with pytest.raises(TypeError, match="cell: expected a jaxseq cell.*a Flax cell"):
         jf.linen.RNN(nn.GRUCell(H)).init(jax.random.key(0), x)
+    with pytest.raises(TypeError, match="inputs: expected a floating"):
+        rnn.apply(variables, jnp.ones((B, T, D), jnp.int32))
     with pytest.raises(TypeError, match="reverse: expected a Python bool"):
         rnn.apply(variables, x, reverse="yes")
     with pytest.raises(ValueError, match="in_features: expected a positive int"):

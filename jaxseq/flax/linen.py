@@ -136,6 +136,7 @@ def run_rnn(
         raise TypeError(f"inputs: expected an array, got {type(inputs).__name__}")
     layout = "[T, *B, D]" if time_major else "[*B, T, D]"
     _checks.check_min_ndim("inputs", inputs, 2, f"{layout} (time_major={time_major})")
+    _checks.check_floating("inputs", inputs)
     xs = inputs if time_major else jnp.moveaxis(inputs, -2, 0)
     t, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
     flax_carry = isinstance(layer, _BUILTIN)
