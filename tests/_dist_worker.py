@@ -10,7 +10,8 @@ spans the two processes, each feeding half the streams:
    trained again to ``STEPS`` (the resumed run).
 
 Each process writes ``proc<i>.json`` under ``--out``: its share of a batch, its
-share of the carry, and (process 0) the losses and parameters of both runs.
+share of the carry, the losses and parameters of both runs and an evaluation
+over the mesh.
 The settings below are read by the test too, for its one-process reference.
 """
 
@@ -99,13 +100,28 @@ def main():
     rec["run_losses"] = [losses[s] for s in sorted(losses)]
     rec["steps"] = info["steps"]
     rec["ckpt_steps"] = ckpt.all_steps()
+    # an evaluation over the mesh, as an eval_fn would run it: each process its streams
+    rec["val_loss"] = js.evaluate_lm(model, state.params, batcher, mesh=mesh)
 
     template = js.shard_state(fresh_state(js, jax, model, opt), mesh)
     restored, _ = ckpt.restore(template, step=CKPT)
     rec["restored_step"] = int(restored.step)
+    # a template left on this process (not placed on the mesh) gets the whole state
+    plain, _ = ckpt.restore(fresh_state(js, jax, model, opt), step=CKPT)
+    h_global = jax.tree_util.tree_leaves(restored.carry)[0]
+    rec["restore_local_template"] = bool(
+        all(not isinstance(x, jax.Array) or x.is_fully_addressable
+            for x in jax.tree_util.tree_leaves(plain))
+        and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(
+            jax.tree_util.tree_leaves(plain.params), jax.tree_util.tree_leaves(restored.params)))
+        and np.array_equal(np.asarray(jax.tree_util.tree_leaves(plain.carry)[0])[rows],
+                           np.asarray(h_global.addressable_shards[0].data))
+        and int(plain.step) == CKPT
+    )  # fmt: skip
     resumed_losses = {}
     restored, _ = js.fit(
         step, restored, batcher, num_steps=STEPS, mesh=mesh, progress=False,
+        max_seconds=1e9,  # a time budget: process 0 decides for both when it is spent
         on_step=lambda s, r: resumed_losses.__setitem__(s, r["loss"]),
     )  # fmt: skip
     rec["resumed_losses"] = [resumed_losses[s] for s in sorted(resumed_losses)]

@@ -25,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import _dist_worker as worker  # noqa: E402
 
-TIMEOUT_S = 90
+TIMEOUT_S = 120  # a bound for a loaded machine; ~10-20 s on a quiet 2-core one
 
 
 def _free_port() -> int:
@@ -43,7 +43,8 @@ def _reference():
     for s in range(worker.STEPS):
         state, m = step(state, batcher.at_step(s))
         losses.append(float(m["loss"]))
-    return losses, worker.flat(jax, state.params)
+    val = js.evaluate_lm(model, state.params, batcher)
+    return losses, worker.flat(jax, state.params), val
 
 
 def _launch(out):
@@ -94,7 +95,7 @@ def _wait(procs, out):
 def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
     procs = _launch(tmp_path)
     try:
-        want_losses, want_params = _reference()  # meanwhile, in this process
+        want_losses, want_params, want_val = _reference()  # meanwhile, in this process
     finally:
         _wait(procs, tmp_path)
     recs = [json.loads((tmp_path / f"proc{i}.json").read_text()) for i in range(2)]
@@ -117,10 +118,14 @@ def test_two_processes_train_as_one_and_resume_exactly(tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # parameters replicated: both processes hold the same values
     assert recs[1]["run_params"] == recs[0]["run_params"]
+    # an evaluation over the two processes' streams == one process over all of them
+    assert recs[0]["val_loss"] == recs[1]["val_loss"]
+    np.testing.assert_allclose(recs[0]["val_loss"], want_val, rtol=1e-5)
 
     # the checkpoint of step CKPT, restored by the pair, continues exactly
     r = recs[0]
     assert r["restored_step"] == worker.CKPT
+    assert recs[0]["restore_local_template"] and recs[1]["restore_local_template"]
     assert r["resumed_losses"] == r["run_losses"][worker.CKPT :]
     assert r["resumed_params"] == r["run_params"]
 

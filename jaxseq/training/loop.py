@@ -33,6 +33,8 @@ on every process, or with ``local_batches=True`` only this process's rows.
 Checkpoints are written and restored by all processes together; the JSON lines,
 the plot and the progress bar come from process 0 alone; ``eval_fn`` and
 ``on_step`` run on every process (an evaluation over the mesh is collective too).
+The time budget is process 0's (it decides for all); an iterable source must
+yield the same number of batches on every process.
 """
 
 from __future__ import annotations
@@ -145,6 +147,16 @@ def _filter_jsonl(path, max_step: int) -> None:
     with open(tmp, "w") as f:
         f.write("".join(k + "\n" for k in keep))
     os.replace(tmp, path)
+
+
+def _out_of_time(local: bool, multi: bool) -> bool:
+    """Whether to stop for time: with several processes, process 0 decides for all (their
+    clocks differ, and a process that stopped alone would leave the others waiting)."""
+    if not multi:
+        return local
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(local)))
 
 
 def _tqdm(total, initial, enabled):
@@ -296,7 +308,7 @@ def fit(
         tokens_run = 0
         tps = None
         while step < num_steps:
-            if max_seconds is not None and info["train_s"] >= max_seconds:
+            if max_seconds is not None and _out_of_time(info["train_s"] >= max_seconds, multi):
                 stopped = "time"
                 break
             t0 = time.perf_counter()
