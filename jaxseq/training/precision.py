@@ -5,11 +5,15 @@ Under ``precision="bf16"`` (:func:`jaxseq.training.make_train_step`):
 - the parameters and the optimizer state stay float32 in the train state (the
   master weights), and so does the carry stored between batches;
 - inside the loss, every floating leaf of the params, of the incoming carry
-  and of the batch is cast to bfloat16, so the forward and the backward run
-  in bfloat16 (the cells' and attention's matmuls accumulate in float32 and
-  their gate math and softmaxes run in float32, as for any bfloat16 input);
-- the gradient comes back float32 (the transpose of the cast), so the loss,
-  the gradient norm, clipping and the optimizer update are all float32.
+  and of the batch is cast to bfloat16, so the forward runs on bfloat16
+  operands (the cells', dense layers' and attention's matmuls accumulate in
+  float32, and their gate math and softmaxes run in float32, as for any
+  bfloat16 input);
+- the backward is what autodiff makes of that forward: a matmul that returns
+  its float32 accumulation sends a float32 cotangent back, so the backward
+  matmuls of those kernels run on float32 operands;
+- the gradient reaches the params float32 (the transpose of the cast), so the
+  loss, the gradient norm, clipping and the optimizer update are all float32.
 
 ``precision="fp32"`` (the default) changes nothing. Integer and bool leaves
 (token ids, masks, lengths) are never cast.

@@ -23,9 +23,9 @@ previous params, optimizer state and carry bit for bit, adds one to
 ``state.bad_steps`` and ``state.bad_streak`` (reset by the next good step) and
 reports ``finite = False`` in its metrics.
 
-**Mixed precision.** ``precision="bf16"`` runs the forward and backward in
-bfloat16 from float32 master weights; the loss, gradient norm and update stay
-float32 (:mod:`jaxseq.training.precision`).
+**Mixed precision.** ``precision="bf16"`` runs the loss on bfloat16 casts of
+float32 master weights; the loss, gradient norm and update stay float32
+(:mod:`jaxseq.training.precision`).
 
 **Several devices or processes.** The same step runs data-parallel when the
 state and the batch are placed on a mesh (:func:`jaxseq.training.shard_state`,
@@ -220,7 +220,7 @@ def make_train_step(
       donate: donate the input state's buffers (do not reuse ``state`` after the call).
       precision: ``"fp32"``, or ``"bf16"``: the params, the incoming carry and the
         floating leaves of the batch are cast to bfloat16 inside the loss, so the
-        forward and backward run in bfloat16, while the params, the optimizer state
+        forward runs on bfloat16 operands, while the params, the optimizer state
         and the stored carry stay in their own dtype (float32 master weights) and
         the loss, the gradient (cast back by the transpose of the cast), its norm and
         the update are float32 (see :mod:`jaxseq.training.precision`).
