@@ -11,17 +11,24 @@ information across T steps?
   reaches cross-entropy 10 ln 8 / (T + 20) and 1/8 accuracy on the recalled symbols.
 
 The same task is trained with a tanh RNN, an IRNN (ReLU RNN with identity
-recurrent weights and zero bias, Le et al. 2015), an LSTM and a GRU::
+recurrent weights and zero bias, Le et al. 2015), an LSTM, a GRU and, where the
+library has them, the parallel linear recurrences minGRU and minLSTM (Feng et
+al. 2024), at one or more lengths (``--T 100,200``)::
 
-    python examples/long_memory.py --task adding --T 100 --out out/long_memory
+    python examples/long_memory.py --out out/long_memory
+    python examples/long_memory.py --T 100,200 --steps 1500 --eval-every 100 --out out/adding
     python examples/long_memory.py --task copy --T 50 --steps 2000 --out out/copy
 
 Each cell trains with ``js.make_train_step`` and ``js.fit``. Writes into
 ``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
-evaluation of every cell, ``run`` = cell), ``summary.json`` (test loss,
-accuracy, "learned" per cell), ``curves.png`` (test loss vs step against the
-memoryless baseline) and ``grad_norms.png`` (``||dL/dh_t||`` over t at
-initialisation and after training: the vanishing-gradient picture).
+evaluation of every run, ``run`` = ``CELL_T<T>``), ``summary.json``,
+``curves.png`` (test loss vs step against the memoryless baseline, one panel
+per T) and ``grad_norms.png`` (``||dL/dh_t||`` over t at initialisation and
+after training: the vanishing-gradient picture, one row per T).
+``summary.json`` holds ``results`` (cell -> T -> test loss, loss over the
+baseline, "learned" = below a tenth of it, recall accuracy for copy) and, for
+the adding task, ``mse`` (cell -> T -> test MSE) and ``solved`` (cell -> T ->
+MSE < 0.01).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     append_evals,
+    environment,
     js,
     jsonable,
     parser,
@@ -47,7 +55,11 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-CELLS = ("rnn", "irnn", "lstm", "gru")
+# the parallel linear recurrences join the comparison wherever the library has them
+CELLS = ("rnn", "irnn", "lstm", "gru") + tuple(
+    c for c in ("mingru", "minlstm") if c in js.models.CELLS
+)
+SOLVED_MSE = 0.01
 COPY_LEN, COPY_ALPHABET = 10, 8  # symbols 1..8; 0 blank; 9 delimiter
 BLANK, DELIM = 0, COPY_ALPHABET + 1
 
@@ -145,7 +157,10 @@ def grad_norms(task: str, model, params, batch):
 def parse_args(argv=None):
     p = parser(__doc__, steps=400, out="out/long_memory", lr=2e-3, batch=64)
     p.add_argument("--task", choices=("adding", "copy"), default="adding")
-    p.add_argument("--T", type=int, default=100, help="sequence length (adding) or delay (copy)")
+    p.add_argument(
+        "--T", default="100",
+        help="sequence length (adding) or delay (copy); a comma-separated list runs each",
+    )  # fmt: skip
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {CELLS}")
     p.add_argument("--test-size", type=int, default=512)
@@ -154,103 +169,136 @@ def parse_args(argv=None):
     for c in args.cells:
         if c not in CELLS:
             p.error(f"--cells: unknown cell {c!r}; choose from {CELLS}")
-    if args.T < 2:
-        p.error(f"--T: expected at least 2, got {args.T}")
+    try:
+        args.T = [int(t) for t in str(args.T).split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--T: expected integers separated by commas, got {args.T!r}")
+    if not args.T or min(args.T) < 2:
+        p.error(f"--T: expected lengths of at least 2, got {args.T}")
     return args
+
+
+def train_cell(args, cell, ci, t, test):
+    """Trains one cell at length ``t`` through js.fit; returns its record, curve and norms."""
+    make_batch = adding_batch if args.task == "adding" else copy_batch
+    base = baseline(args.task, t)
+    run = f"{cell}_T{t}"
+    model = make_model(args.task, cell, args.hidden)
+    params = model.init(jax.random.key(args.seed * 100 + ci))
+    loss_fn = make_loss(args.task, model)
+    eval_loss = jax.jit(lambda p, b: loss_fn(p, None, b, None))
+
+    def eval_fn(st):
+        loss, (_, aux) = eval_loss(st.params, test)
+        return jsonable({"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}})
+
+    rng = np.random.default_rng(args.seed * 7919 + ci)
+    xs_t, y_t = test  # a 64-sequence slice for the gradient-norm picture
+    small = (xs_t[:, :64], y_t[:64] if args.task == "adding" else y_t[:, :64])
+    before = grad_norms(args.task, model, params, small)
+    batches = (make_batch(rng, args.batch, t) for _ in itertools.count())
+    opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
+    state = js.init_state(params, opt, jax.random.key(args.seed + 1))
+    state, info = js.fit(
+        js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+        eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, run),
+        progress=not args.quiet,
+    )  # fmt: skip
+    append_evals(args.out, run, info["evals"])
+    hist = info["evals"]
+    after = grad_norms(args.task, model, state.params, small)
+    final = hist[-1]
+    rec = {
+        "test_loss": final["test_loss"],
+        "loss_vs_baseline": final["test_loss"] / base,
+        "learned": bool(final["test_loss"] < 0.1 * base),
+        "train_s": round(info["train_s"], 3),
+        "grad_ratio_first_last_at_init": float(before[0] / max(before[-1], 1e-30)),
+    }
+    if args.task == "adding":
+        rec["solved"] = bool(final["test_loss"] < SOLVED_MSE)
+    if "test_recall_acc" in final:
+        rec["recall_acc"] = final["test_recall_acc"]
+    return rec, hist, (before, after)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     prepare_out(args.out)
-    make_batch = adding_batch if args.task == "adding" else copy_batch
-    test = make_batch(np.random.default_rng(10_000 + args.seed), args.test_size, args.T)
-    base = baseline(args.task, args.T)
     summary = {
-        "task": args.task, "T": args.T, "hidden": args.hidden, "steps": args.steps,
-        "batch": args.batch, "lr": args.lr, "seed": args.seed, "baseline_loss": base,
-        "backend": jax.default_backend(), "cells": {},
+        "task": args.task, "T": args.T, "cells": args.cells, "hidden": args.hidden,
+        "steps": args.steps, "batch": args.batch, "lr": args.lr, "seed": args.seed,
+        "baseline_loss": {str(t): baseline(args.task, t) for t in args.T},
+        **environment(), "results": {c: {} for c in args.cells},
     }  # fmt: skip
     curves, norms = {}, {}
-    for ci, cell in enumerate(args.cells):
-        model = make_model(args.task, cell, args.hidden)
-        params = model.init(jax.random.key(args.seed * 100 + ci))
-        loss_fn = make_loss(args.task, model)
-        eval_loss = jax.jit(lambda p, b, f=loss_fn: f(p, None, b, None))
-
-        def eval_fn(st, eval_loss=eval_loss):
-            loss, (_, aux) = eval_loss(st.params, test)
-            return jsonable({"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}})
-
-        rng = np.random.default_rng(args.seed * 7919 + ci)
-        xs_t, y_t = test  # a 64-sequence slice for the gradient-norm picture
-        small = (xs_t[:, :64], y_t[:64] if args.task == "adding" else y_t[:, :64])
-        norms[cell] = [grad_norms(args.task, model, params, small)]
-        batches = (make_batch(rng, args.batch, args.T) for _ in itertools.count())
-        opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
-        state = js.init_state(params, opt, jax.random.key(args.seed + 1))
-        state, info = js.fit(
-            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
-            eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, cell),
-            progress=not args.quiet,
-        )  # fmt: skip
-        append_evals(args.out, cell, info["evals"])
-        params, hist = state.params, info["evals"]
-        norms[cell].append(grad_norms(args.task, model, params, small))
-        curves[cell] = hist
-        final = hist[-1]
-        rec = {
-            "test_loss": final["test_loss"],
-            "loss_vs_baseline": final["test_loss"] / base,
-            "learned": bool(final["test_loss"] < 0.1 * base),
-            "train_s": round(info["train_s"], 3),
-        }
-        if "test_recall_acc" in final:
-            rec["recall_acc"] = final["test_recall_acc"]
-        summary["cells"][cell] = rec
+    for t in args.T:
+        make_batch = adding_batch if args.task == "adding" else copy_batch
+        test = make_batch(np.random.default_rng(10_000 + args.seed), args.test_size, t)
+        for ci, cell in enumerate(args.cells):
+            rec, curves[cell, t], norms[cell, t] = train_cell(args, cell, ci, t, test)
+            summary["results"][cell][str(t)] = rec
+    res = summary["results"]
+    if args.task == "adding":
+        summary["mse"] = {c: {t: r["test_loss"] for t, r in res[c].items()} for c in res}
+        summary["solved"] = {c: {t: r["solved"] for t, r in res[c].items()} for c in res}
+        summary["solved_below_mse"] = SOLVED_MSE
+    else:
+        summary["cross_entropy"] = {c: {t: r["test_loss"] for t, r in res[c].items()} for c in res}
+        summary["recall_acc"] = {c: {t: r["recall_acc"] for t, r in res[c].items()} for c in res}
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cell, hist in curves.items():
-        ax.plot([h["step"] for h in hist], [h["test_loss"] for h in hist], "-o", ms=3, label=cell)
-    ax.axhline(base, color="k", ls="--", lw=1, label="no memory")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("test MSE" if args.task == "adding" else "test cross-entropy (nats)")
-    ax.set_title(f"{args.task} task, T={args.T}, H={args.hidden}")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    nt = len(args.T)
+    fig, axes = plt.subplots(1, nt, figsize=(7 * nt, 4.5), squeeze=False)
+    for ax, t in zip(axes[0], args.T):
+        for cell in args.cells:
+            hist = curves[cell, t]
+            ax.plot([h["step"] for h in hist], [h["test_loss"] for h in hist], "-o", ms=3,
+                    label=cell)  # fmt: skip
+        ax.axhline(baseline(args.task, t), color="k", ls="--", lw=1, label="no memory")
+        if args.task == "adding":
+            ax.axhline(SOLVED_MSE, color="g", ls=":", lw=1, label="solved")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("test MSE" if args.task == "adding" else "test cross-entropy (nats)")
+        ax.set_title(f"{args.task} task, T={t}, H={args.hidden}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "curves.png"), dpi=100)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for cell, (before, after) in norms.items():
-        axes[0].plot(np.maximum(before, 1e-30), label=cell)
-        axes[1].plot(np.maximum(after, 1e-30), label=cell)
-    for ax, when in zip(axes, ("at initialisation", "after training")):
-        ax.set_yscale("log")
-        ax.set_xlabel("time step t")
-        ax.set_title(f"||dL/dh_t|| {when}")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-    axes[0].set_ylabel("gradient norm")
+    fig, axes = plt.subplots(nt, 2, figsize=(11, 4 * nt), sharey=True, squeeze=False)
+    for row, t in zip(axes, args.T):
+        for cell in args.cells:
+            before, after = norms[cell, t]
+            row[0].plot(np.maximum(before, 1e-30), label=cell)
+            row[1].plot(np.maximum(after, 1e-30), label=cell)
+        for ax, when in zip(row, ("at initialisation", "after training")):
+            ax.set_yscale("log")
+            ax.set_xlabel("time step t")
+            ax.set_title(f"||dL/dh_t|| {when}, T={t}")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        row[0].set_ylabel("gradient norm")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "grad_norms.png"), dpi=100)
     plt.close(fig)
-    for cell, (before, _) in norms.items():
-        summary["cells"][cell]["grad_ratio_first_last_at_init"] = float(
-            before[0] / max(before[-1], 1e-30)
-        )
 
     write_json(os.path.join(args.out, "summary.json"), summary)
     if not args.quiet:
-        print(f"{args.task}, T={args.T}: baseline (no memory) loss {base:.4f}")
-        for cell, r in summary["cells"].items():
-            extra = f", recall acc {r['recall_acc']:.3f}" if "recall_acc" in r else ""
-            print(
-                f"  {cell:5s} test loss {r['test_loss']:.4f} ({r['loss_vs_baseline']:.3f} x baseline)"
-                f"{extra}, {'learned' if r['learned'] else 'not learned'}, {r['train_s']:.0f} s"
-            )
+        for t in args.T:
+            print(f"{args.task}, T={t}: baseline (no memory) loss {baseline(args.task, t):.4f}")
+            for cell in args.cells:
+                r = res[cell][str(t)]
+                extra = f", recall acc {r['recall_acc']:.3f}" if "recall_acc" in r else ""
+                mark = (
+                    "solved" if r.get("solved") else ("learned" if r["learned"] else "not learned")
+                )
+                print(
+                    f"  {cell:7s} test loss {r['test_loss']:.4f} "
+                    f"({r['loss_vs_baseline']:.3f} x baseline){extra}, {mark}, {r['train_s']:.0f} s"
+                )
     return summary
 
 

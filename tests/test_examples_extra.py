@@ -2,6 +2,7 @@
 generated data (no corpora), plus checks of their data generators."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def fit_calls(monkeypatch):
     return calls
 
 
-def test_check_abc(music):
+def test_check_abc_and_midi(music, tmp_path):
     good = TUNE.format(i=1, n="A")
     assert music.check_abc(good) == []
     assert "no K: key line" in music.check_abc("X:1\nT:a\nabc|def|")
@@ -69,21 +70,26 @@ def test_check_abc(music):
     assert "no T: title in the header" in music.check_abc(good.replace("T:Tune number 1", "T:"))
     assert "no body" in music.check_abc("X:1\nT:a\nK:G")
     assert "characters that are not ABC music" in music.check_abc(good + "\nhello, world?")
+    midi = music.write_midi([good, "X:1\nT:x\nK:G\n(((]]zz|||"], str(tmp_path))
+    if "skipped" in midi:  # music21 is optional
+        assert "music21" in midi["skipped"]
+    else:
+        assert midi["written"] == ["sample_01.mid"] and list(midi["failed"]) == [2]
+        assert (tmp_path / "sample_01.mid").read_bytes()[:4] == b"MThd"
     assert music.split_tunes("junk\n" + good + "\n\n\n" + TUNE.format(i=2, n="B")) == [
         good,
         TUNE.format(i=2, n="B"),
     ]
 
 
-def test_music_gen_smoke(music, tmp_path, fit_calls):
+def test_music_gen_smoke_and_exact_resume(music, tmp_path, fit_calls):
     data = tmp_path / "tunes.abc"
     data.write_text("\n\n".join(TUNE.format(i=i, n="ABcd"[i % 4]) for i in range(1, 13)))
     out = tmp_path / "music"
-    s = music.main(
-        ["--data", str(data), "--out", str(out), "--steps", "4", "--batch", "2", "--seq", "16",
-         "--hidden", "8", "--embed", "4", "--eval-every", "2", "--samples", "3",
-         "--sample-len", "40", "--quiet"]
-    )  # fmt: skip
+    args = ["--data", str(data), "--steps", "4", "--batch", "2", "--seq", "16", "--hidden", "8",
+            "--embed", "4", "--eval-every", "2", "--checkpoint-every", "2", "--samples", "3",
+            "--sample-len", "40", "--top-p", "0.95", "--quiet"]  # fmt: skip
+    s = music.main(args + ["--out", str(out)])
     _outputs(out, ["metrics.jsonl", "eval.jsonl", "curves.png", "samples.abc", "summary.json"])
     assert s["steps"] == 4 and np.isfinite(s["val_loss"]) and s["samples"] == 3
     assert [c["num_steps"] for c in fit_calls] == [4]
@@ -91,8 +97,25 @@ def test_music_gen_smoke(music, tmp_path, fit_calls):
     evals = _jsonl(out / "eval.jsonl")
     assert [e["step"] for e in evals] == [2, 4] and evals[-1]["val_loss"] == s["val_loss"]
     assert 0 <= s["plausible"] <= 3 and s["train_tunes_plausible"] == 1.0
+    assert s["well_formed_fraction"] == s["plausible"] / 3
     assert (out / "samples.abc").read_text().count("% sample") == 3
-    assert json.load(open(out / "summary.json"))["plausible"] == s["plausible"]
+    saved = json.load(open(out / "summary.json"))
+    assert saved["well_formed_fraction"] == s["well_formed_fraction"]
+    assert {"backend", "device_count", "process_count", "jax", "cpu"} <= set(saved)
+    assert set(saved["midi"]) in ({"skipped"}, {"written", "failed"})
+    # killed after step 4 but before its checkpoint: resuming from step 2 gives the same losses
+    shutil.copytree(out, tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "ckpt" / "4")
+    log = tmp_path / "resumed" / "metrics.jsonl"
+    recs = _jsonl(log)
+    recs[1]["before_the_kill"] = True  # step 2's line must survive: the run restarts after it
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    music.main(args + ["--out", str(tmp_path / "resumed"), "--resume", "--no-midi"])
+    resumed = _jsonl(log)
+    assert [r.get("before_the_kill", False) for r in resumed] == [False, True, False, False]
+    losses = [[r["loss"] for r in _jsonl(out / "metrics.jsonl")], [r["loss"] for r in resumed]]
+    assert len(losses[0]) == 4 and losses[1] == losses[0]
+    assert [c["num_steps"] for c in fit_calls] == [4, 4]
     with pytest.raises(SystemExit, match="--data"):
         music.main(["--out", str(out)])
 
@@ -116,32 +139,33 @@ def test_dates_are_consistent(seq2seq):
 
 
 def test_seq2seq_smoke(seq2seq, tmp_path, fit_calls):
+    """Both models (with and without attention) train through js.fit into one log; greedy
+    and beam exact match land under the fixed summary keys."""
     out = tmp_path / "s2s"
     s = seq2seq.main(
         ["--task", "reverse", "--max-len", "4", "--steps", "3", "--batch", "4", "--hidden", "8",
          "--embed", "4", "--attention", "4", "--test-size", "6", "--eval-every", "2",
-         "--out", str(out), "--quiet"]
+         "--beam-size", "2", "--out", str(out), "--quiet"]
     )  # fmt: skip
-    _outputs(
-        out,
-        [
-            "metrics.jsonl",
-            "eval.jsonl",
-            "summary.json",
-            "curves.png",
-            "attention.png",
-            "samples.txt",
-        ],
-    )
-    assert 0.0 <= s["test_seq_acc"] <= 1.0 and np.isfinite(s["test_loss"])
-    assert [c["num_steps"] for c in fit_calls] == [3]
+    names = ["metrics.jsonl", "eval.jsonl", "summary.json", "curves.png", "attention.png"]
+    _outputs(out, names + ["samples.txt"])
+    for key in ("exact_match", "exact_match_beam", "exact_match_no_attention"):
+        assert 0.0 <= s[key] <= 1.0, key
+    assert s["exact_match"] == s["models"]["attention"]["test_seq_acc"]
+    assert np.isfinite(s["models"]["no_attention"]["test_loss"])
+    assert [c["num_steps"] for c in fit_calls] == [3, 3]
     recs = _jsonl(out / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [1, 2, 3]
+    runs = ["attention", "no_attention"]
+    assert [(r["run"], r["step"]) for r in recs] == [(m, i) for m in runs for i in (1, 2, 3)]
     assert all(np.isfinite(r["loss"]) and r["lr"] == pytest.approx(0.005) for r in recs)
     assert all(0.0 <= r["token_acc"] <= 1.0 for r in recs)
     evals = _jsonl(out / "eval.jsonl")
-    assert [e["step"] for e in evals] == [2, 3]
-    assert evals[-1]["test_seq_acc"] == pytest.approx(s["test_seq_acc"])
+    assert [(e["run"], e["step"]) for e in evals] == [(m, i) for m in runs for i in (2, 3)]
+    assert evals[1]["test_seq_acc"] == pytest.approx(s["exact_match"])
+    saved = json.load(open(out / "summary.json"))
+    assert saved["exact_match_no_attention"] == s["exact_match_no_attention"]
+    assert {"backend", "device_count", "process_count", "jax", "cpu"} <= set(saved)
+    assert "beam" in (out / "samples.txt").read_text()
 
 
 def test_long_memory_generators(long_memory):
@@ -158,26 +182,40 @@ def test_long_memory_generators(long_memory):
     assert long_memory.baseline("copy", 7) == pytest.approx(10 * np.log(8) / 27)
 
 
-@pytest.mark.parametrize("task,cells", [("adding", "irnn"), ("copy", "gru")])
-def test_long_memory_smoke(long_memory, tmp_path, task, cells, fit_calls):
+@pytest.mark.parametrize("task,cells,ts", [("adding", "mingru", "6,9"), ("copy", "gru", "6")])
+def test_long_memory_smoke(long_memory, tmp_path, task, cells, ts, fit_calls):
+    """Every cell at every T trains through js.fit into one log (run = CELL_T<T>); the adding
+    task's test MSE lands under summary["mse"][cell][T]; the minimal cells join by default."""
     out = tmp_path / task
     s = long_memory.main(
-        ["--task", task, "--T", "6", "--cells", cells, "--steps", "2", "--batch", "4",
+        ["--task", task, "--T", ts, "--cells", cells, "--steps", "2", "--batch", "4",
          "--hidden", "4", "--test-size", "8", "--eval-every", "1", "--out", str(out), "--quiet"]
     )  # fmt: skip
     _outputs(out, ["metrics.jsonl", "eval.jsonl", "summary.json", "curves.png", "grad_norms.png"])
-    assert list(s["cells"]) == cells.split(",") and len(fit_calls) == 1
-    for r in s["cells"].values():
-        assert np.isfinite(r["test_loss"]) and r["grad_ratio_first_last_at_init"] > 0
+    cells, ts = cells.split(","), ts.split(",")
+    runs = [f"{c}_T{t}" for t in ts for c in cells]
+    assert s["cells"] == cells and s["T"] == [int(t) for t in ts] and len(fit_calls) == len(runs)
+    for c in cells:
+        assert list(s["results"][c]) == ts
+        for r in s["results"][c].values():
+            assert np.isfinite(r["test_loss"]) and r["grad_ratio_first_last_at_init"] > 0
     recs = _jsonl(out / "metrics.jsonl")
-    assert [(r["run"], r["step"]) for r in recs] == [(cells, 1), (cells, 2)]
+    assert [(r["run"], r["step"]) for r in recs] == [(run, i) for run in runs for i in (1, 2)]
     evals = _jsonl(out / "eval.jsonl")
-    assert [(e["run"], e["step"]) for e in evals] == [(cells, 1), (cells, 2)]
-    assert evals[-1]["test_loss"] == pytest.approx(s["cells"][cells]["test_loss"])
+    assert [(e["run"], e["step"]) for e in evals] == [(run, i) for run in runs for i in (1, 2)]
+    c, t = cells[-1], ts[-1]
+    assert evals[-1]["test_loss"] == pytest.approx(s["results"][c][t]["test_loss"])
+    saved = json.load(open(out / "summary.json"))
     if task == "copy":
-        assert 0.0 <= evals[-1]["test_recall_acc"] <= 1.0
+        assert 0.0 <= evals[-1]["test_recall_acc"] <= 1.0 and "mse" not in saved
+    else:
+        assert saved["mse"][c][t] == pytest.approx(evals[-1]["test_loss"])
+        assert saved["solved"][c][t] == (saved["mse"][c][t] < 0.01)
+        assert {"mingru", "minlstm"} <= set(long_memory.CELLS)
     with pytest.raises(SystemExit):
         long_memory.main(["--cells", "transformer", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        long_memory.main(["--T", "100,x", "--out", str(out)])
 
 
 def test_tag_sequence(tagging):
