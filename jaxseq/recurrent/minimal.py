@@ -191,6 +191,8 @@ class _MinimalBase(_CellBase):
         ``kernel="scan"``, or ``"auto"`` under ``jax.jvp``: the cell's ``step``
         scanned by :func:`jaxseq.rollout` like any other cell. ``key`` is ignored
         (checked to be a key). Returns ``(RNNCarry(h), ys)``, zeros at padded steps.
+        Both paths agree to float32 rounding; with a bfloat16 carry the step path
+        rounds ``h`` to bfloat16 after every step, the parallel path once at the end.
         """
         _checks.check_choice("kernel", kernel, KERNELS)
         if key is not None:
