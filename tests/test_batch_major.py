@@ -9,6 +9,8 @@ tests/test_layers.py check against independent references. Errors name the
 shapes as the caller passed them.
 """
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,46 @@ def test_errors_name_the_batch_major_shapes():
         bi.rollout(sparams[1], xs, time_major=False)
     with pytest.raises(ValueError, match="params: expected a tuple of 2 layer params"):
         js.rollout(stack, sparams[:1], xs, time_major=False)
+
+
+def _primitives(fn, *args):
+    """How many times each primitive appears in the jaxpr of ``fn(*args)``, nested ones too."""
+    counts = collections.Counter()
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] += 1
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+@pytest.mark.parametrize("where", ["js.rollout", "Stack.rollout"])
+def test_batch_major_adds_only_the_transposes(where):
+    """The batch-major program is the time-major one plus one transpose of the
+    inputs, of the reset flags and of the outputs (and, in the gradient, of their
+    cotangents): nothing is transposed twice on the way through the layers."""
+    stack = js.Stack([js.LSTM(H), js.Bidirectional(js.GRU(H)), Halver(H)])
+    params = stack.init(jax.random.key(0), D)
+    run = js.rollout if where == "js.rollout" else type(stack).rollout
+
+    def ys(xs, reset, time_major):
+        return run(stack, params, xs, lengths=LENGTHS, reset=reset, time_major=time_major)[1]
+
+    xs_tm, xs_bm = jnp.ones((T, *BATCH, D)), jnp.ones((*BATCH, T, D))
+    reset_tm, reset_bm = jnp.zeros((T, *BATCH), bool), jnp.zeros((*BATCH, T), bool)
+    tm = _primitives(lambda x, r: ys(x, r, True), xs_tm, reset_tm)
+    bm = _primitives(lambda x, r: ys(x, r, False), xs_bm, reset_bm)
+    assert bm - tm == collections.Counter(transpose=3) and not tm - bm
+
+    def grad(time_major):
+        return jax.grad(lambda x: jnp.sum(ys(x, None, time_major) ** 2))
+
+    tm = _primitives(grad(True), xs_tm)
+    bm = _primitives(grad(False), xs_bm)
+    assert bm - tm == collections.Counter(transpose=4) and not tm - bm
