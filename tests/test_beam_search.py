@@ -106,9 +106,15 @@ def test_beam_size_one_is_greedy(toy):
     h = jnp.asarray(h0, jnp.float32)
     first = h @ jnp.asarray(u, jnp.float32)
     n = 8
-    greedy = np.asarray(decoding.generate(None, step, h, first, n, greedy=True))  # [N, B]
-    res = decoding.beam_search(step, h, first, n, beam_size=1, end_id=END, alpha=0.7)
-    plain = decoding.beam_search(step, h, first, n, beam_size=1)
+
+    @jax.jit
+    def run(h, first):
+        greedy = decoding.generate(None, step, h, first, n, greedy=True)  # [N, B]
+        res = decoding.beam_search(step, h, first, n, beam_size=1, end_id=END, alpha=0.7)
+        return greedy, res, decoding.beam_search(step, h, first, n, beam_size=1)
+
+    greedy, res, plain = run(h, first)
+    greedy = np.asarray(greedy)
     for b in range(2):
         g = greedy[:, b].tolist()
         cut = g[: g.index(END) + 1] if END in g else g
@@ -121,7 +127,9 @@ def test_beam_size_one_is_greedy(toy):
 def test_models_beam_size_one_equals_their_greedy_decoding(key):
     """beam_decode (encoder-decoder, under jit) and lm_beam_search (language model) with
     K=1 equal greedy_decode and sample(greedy=True)."""
-    s2s = models.Seq2SeqAttention(6, 5, embedding_size=3, hidden_size=4, attention_size=3)
+    s2s = models.Seq2SeqAttention(
+        6, 5, embedding_size=3, hidden_size=4, attention_size=3, bidirectional=False
+    )
     params = s2s.init(key)
     src = jnp.array([[1, 2, 3], [4, 5, 1], [2, 0, 0], [3, 0, 0]])  # [S=4, B=3]
     src_len = jnp.array([4, 2, 3])
@@ -163,6 +171,10 @@ def test_bad_arguments(toy):
     with pytest.raises(ValueError, match=r"^carry: expected the batch B=2 of logits"):
         decoding.beam_search(step, h[:1], first, 3, beam_size=2)
     with pytest.raises(ValueError, match=r"^step: expected logits of shape \[B\*K=4, V=4\]"):
-        decoding.beam_search(lambda c, t: (c, jnp.zeros((1, 4))), h, first, 3, beam_size=2)
+        jax.jit(
+            lambda h, f: decoding.beam_search(
+                lambda c, t: (c, jnp.zeros((1, 4))), h, f, 3, beam_size=2
+            )
+        )(h, first)
     with pytest.raises(TypeError, match="^step: expected a function"):
         decoding.beam_search(None, h, first, 3, beam_size=2)

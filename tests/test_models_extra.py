@@ -221,7 +221,9 @@ def test_seq2seq_without_attention_matches_reference(key):
             want.append(npm.dense(params.head, np.concatenate([h, f])))
         np.testing.assert_allclose(logits[:, b], np.stack(want), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="params.attention: expected None"):
-        s2s.apply(npm.perturb(models.Seq2SeqAttention(6, 5, 4, 5).init(key), 1), src, tgt_in)
+        s2s.apply(params._replace(attention=params.bridge), src, tgt_in)
+    with pytest.raises(TypeError, match="params.attention: expected AdditiveAttentionParams"):
+        models.Seq2SeqAttention(6, 5, 4, 5, cell="lstm").apply(params, src, tgt_in)
 
 
 def test_seq2seq_greedy_decode_feeds_back_its_argmax(key):
