@@ -10,6 +10,13 @@ the priming tokens), :func:`greedy_decode` for an encoder-decoder::
     ids = js.decoding.sample(key, model, params, prime, 200, temperature=0.8, top_k=10)
     toks, weights = js.decoding.greedy_decode(s2s, params, src, 20, bos_id=1)
 
+:func:`beam_search` keeps the K most probable prefixes over the same ``step``
+contract, with length normalisation and an end token; :func:`beam_decode` runs it
+for an encoder-decoder, :func:`lm_beam_search` for a language model::
+
+    best = js.decoding.beam_decode(s2s, params, src, 20, bos_id=1, end_id=2, beam_size=4)
+    best.tokens[:, :, 0]  # [N, B], the best hypothesis of each source
+
 Keys: the first token is drawn with ``k0`` and token ``i >= 1`` with ``keys[i - 1]``,
 where ``k0, rest = split(key)`` and ``keys = split(rest, N)``.
 
@@ -23,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxseq import _checks
 
@@ -340,7 +348,7 @@ def _length_penalty(lengths, alpha):
 def _check_end_id(end_id, v):
     if end_id is None:
         return None
-    if isinstance(end_id, bool) or not isinstance(end_id, int) or not 0 <= end_id < v:
+    if isinstance(end_id, bool) or not isinstance(end_id, int | np.integer) or not 0 <= end_id < v:
         raise ValueError(f"end_id: expected None or a token id in [0, {v}), got {end_id!r}")
     return int(end_id)
 
