@@ -31,6 +31,7 @@ __all__ = [
     "pyplot",
     "read_data",
     "run_logger",
+    "trim_run_logs",
     "write_json",
 ]
 
@@ -105,6 +106,32 @@ def run_logger(out: str, run: str):
             f.write(json.dumps({"run": run, **rec}) + "\n")
 
     return on_step
+
+
+def trim_run_logs(out: str, run: str, step: int) -> None:
+    """Drops the lines of run ``run`` past ``step`` from ``out/metrics.jsonl`` and
+    ``out/eval.jsonl`` (and any line cut short by a kill); other runs' lines stay.
+
+    For a run resumed from a checkpoint at ``step``: the logs then hold exactly
+    what an uninterrupted run would have written up to there.
+    """
+    for name in LOGS:
+        path = os.path.join(out, name)
+        if not os.path.exists(path):
+            continue
+        keep = []
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if rec.get("run") != run or rec.get("step", 0) <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def append_evals(out: str, run: str, evals: list[dict]) -> None:
