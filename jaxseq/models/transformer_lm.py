@@ -50,8 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import add_bias, matmul_f32
-from jaxseq.attention.dot_product import batched_dot_product_attention
+from jaxseq._numerics import acc_dtype, add_bias, masked_softmax
 from jaxseq.attention.positional import learned, learned_init, rotary
 from jaxseq.attention.transformer import TransformerBlockParams, transformer_block_init
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
@@ -86,28 +85,43 @@ class KVCache(NamedTuple):
     """The carry of a :class:`TransformerLM`: a ring of ``C = max_len`` slots per layer.
 
     ``slots``: ``int32[*B, C]``, the position held by each slot (-1: empty); ``keys``
-    and ``values``: ``[*B, L, C, K, Dh]`` (keys before any rotary rotation);
+    and ``values``: ``[*B, L, K, C, Dh]`` (keys before any rotary rotation);
     ``length``: ``int32[*B]``, the position of the next token (tokens since the last reset).
     """
 
     slots: jax.Array  # int32[*B, C]
-    keys: jax.Array  # [*B, L, C, K, Dh]
-    values: jax.Array  # [*B, L, C, K, Dh]
+    keys: jax.Array  # [*B, L, K, C, Dh]
+    values: jax.Array  # [*B, L, K, C, Dh]
     length: jax.Array  # int32[*B]
 
 
 def _proj(x, w, b):
-    """``x: [N, T, D] @ w: [D, K, E] (+ b: [K, E]) -> [N, T, K, E]`` (float32 accumulation)."""
-    d, nh, e = w.shape
-    y = matmul_f32(x, w.reshape(d, nh * e))
+    """``x: [N, T, D] @ w: [D, K, E] (+ b: [K, E]) -> [N, K, T, E]`` (float32 accumulation)."""
+    y = jnp.einsum("ntd,dke->nkte", x, w, preferred_element_type=acc_dtype(x, w))
     if b is not None:
-        y = add_bias(y, b.reshape(nh * e))
-    return y.reshape(x.shape[:-1] + (nh, e)).astype(x.dtype)
+        y = y + b.astype(y.dtype)[None, :, None, :]
+    return y.astype(x.dtype)
 
 
 def _rotate(x, positions):
-    """RoPE of ``x: [N, T, K, Dh]`` at per-example ``positions: int[N, T]``."""
-    return jax.vmap(lambda x1, p1: rotary(x1, positions=p1))(x, positions)
+    """RoPE of ``x: [N, K, T, Dh]`` at per-example ``positions: int[N, T]``."""
+    per_head = jax.vmap(lambda x1, p1: rotary(x1, positions=p1), in_axes=(0, None))
+    return jax.vmap(per_head)(x, positions)
+
+
+def _attention(q, k, v, mask):
+    """Softmax attention per example and head (head-major, so each product is one batched
+    matmul): ``q: [N, K, T, Dh]``, ``k, v: [N, K, S, Dh]``, ``mask: bool[N, T, S]`` ->
+    ``[N, K, T, Dh]``. Scores and softmax in float32; keys no query may see are zeroed
+    before the products, so an empty or stale slot never reaches an output."""
+    seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
+    k = jnp.where(seen, k, jnp.zeros((), k.dtype))
+    v = jnp.where(seen, v, jnp.zeros((), v.dtype))
+    acc = acc_dtype(q, k)
+    s = jnp.einsum("nktd,nksd->nkts", q, k, preferred_element_type=acc)
+    w = masked_softmax(s * jnp.asarray(q.shape[-1] ** -0.5, acc), mask[:, None])
+    out = jnp.einsum("nkts,nksd->nktd", w.astype(v.dtype), v, preferred_element_type=acc)
+    return out.astype(v.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +144,7 @@ class TransformerLM:
     >>> params = lm.init(jax.random.key(0))
     >>> cache, logits = jax.jit(lm.apply)(params, None, jnp.zeros((5, 3), jnp.int32))  # [T, B]
     >>> logits.shape, cache.keys.shape, cache.length.tolist()
-    ((5, 3, 11), (3, 2, 6, 2, 4), [5, 5, 5])
+    ((5, 3, 11), (3, 2, 2, 6, 4), [5, 5, 5])
     """
 
     vocab_size: int
@@ -186,7 +200,7 @@ class TransformerLM:
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> KVCache:
         """An empty cache for batch ``*B``: every slot -1, keys and values zeros, length 0."""
         b = tuple(batch_shape)
-        c, lay = self.max_len, (self.num_layers, self.max_len, self.num_heads, self.head_size)
+        c, lay = self.max_len, (self.num_layers, self.num_heads, self.max_len, self.head_size)
         return KVCache(
             jnp.full(b + (c,), -1, jnp.int32),
             jnp.zeros(b + lay, dtype),
@@ -257,7 +271,7 @@ class TransformerLM:
                 f"got {type(carry).__name__}"
             )
         b = tuple(batch_shape)
-        lay = (self.num_layers, self.max_len, self.num_heads, self.head_size)
+        lay = (self.num_layers, self.num_heads, self.max_len, self.head_size)
         _checks.check_shape(f"{name}.slots", carry.slots, b + (self.max_len,))
         _checks.check_integer(f"{name}.slots", carry.slots)
         _checks.check_shape(f"{name}.keys", carry.keys, b + lay)
@@ -362,7 +376,7 @@ class TransformerLM:
         return dense(params.head, layer_norm(params.ln_f, x)).astype(jnp.float32)
 
     def _block(self, bp, x, attend, key):
-        """One pre-LN block; ``attend(q, k, v) -> [N, T, K, Dh]`` does the cache and mask."""
+        """One pre-LN block; ``attend(q, k, v) -> [N, K, T, Dh]`` does the cache and mask."""
         use_dropout = key is not None and self.dropout_rate > 0.0
         k1 = k2 = None
         if use_dropout:
@@ -370,8 +384,7 @@ class TransformerLM:
         h = layer_norm(bp.ln1, x)
         a = bp.attn
         o = attend(_proj(h, a.w_q, a.b_q), _proj(h, a.w_k, a.b_k), _proj(h, a.w_v, a.b_v))
-        nh, dh, d = a.w_o.shape
-        att = matmul_f32(o.reshape(o.shape[:2] + (nh * dh,)), a.w_o.reshape(nh * dh, d))
+        att = jnp.einsum("nktd,kde->nte", o, a.w_o, preferred_element_type=acc_dtype(o, a.w_o))
         if a.b_o is not None:
             att = add_bias(att, a.b_o)
         att = att.astype(x.dtype)
@@ -397,6 +410,9 @@ class TransformerLM:
         k_emb, k_layers = self._keys(key)
         x = self._embed(params, tok[:, None], length[:, None], k_emb)  # [N, 1, D]
         put = jax.vmap(lambda ring, s, new: jax.lax.dynamic_update_slice_in_dim(ring, new, s, 0))
+        put_heads = jax.vmap(
+            lambda ring, s, new: jax.lax.dynamic_update_slice_in_dim(ring, new, s, 1)
+        )  # ring [K, C, Dh], new [K, 1, Dh]
         slots = put(cache.slots, slot, length[:, None])
         mask = ((slots >= 0) & (length[:, None] - slots < c))[:, None, :]  # [N, 1, C]
         rel = slots - length[:, None]  # [N, C] in [-C+1, 0]
@@ -405,13 +421,13 @@ class TransformerLM:
         for i, bp in enumerate(params.blocks):
 
             def attend(q, k, v, i=i):
-                ring_k = put(cache.keys[:, i], slot, k)  # [N, C, K, Dh]
-                ring_v = put(cache.values[:, i], slot, v)
+                ring_k = put_heads(cache.keys[:, i], slot, k)  # [N, K, C, Dh]
+                ring_v = put_heads(cache.values[:, i], slot, v)
                 keys.append(ring_k)
                 values.append(ring_v)
                 if self.positions == "rotary":  # the query sits at offset 0: no rotation
                     ring_k = _rotate(ring_k, rel)
-                return batched_dot_product_attention(q, ring_k, ring_v, mask)
+                return _attention(q, ring_k, ring_v, mask)
 
             x = self._block(bp, x, attend, k_layers[i])
         new = KVCache(slots, jnp.stack(keys, 1), jnp.stack(values, 1), length + 1)
@@ -451,8 +467,10 @@ class TransformerLM:
         any_reset = jnp.any(last >= 0, axis=1) & (n_valid > 0)
         kept = jnp.where(any_reset[:, None], -1, cache.slots)
 
-        def scatter(ring, new):
-            return jax.vmap(lambda r, i, u: r.at[i].set(u, mode="drop"))(ring, at, new)
+        def scatter(ring, new):  # ring [N, C] (slots) or [N, K, C, Dh]
+            if ring.ndim == 2:
+                return jax.vmap(lambda r, i, u: r.at[i].set(u, mode="drop"))(ring, at, new)
+            return jax.vmap(lambda r, i, u: r.at[:, i].set(u, mode="drop"))(ring, at, new)
 
         k_emb, k_layers = self._keys(key)
         x = self._embed(params, tok, jnp.where(valid, pos, 0), k_emb)
@@ -465,9 +483,9 @@ class TransformerLM:
                 values.append(scatter(cv, v))
                 if self.positions == "rotary":
                     q, k, ck = _rotate(q, rel_chunk), _rotate(k, rel_chunk), _rotate(ck, rel_cache)
-                k_all = jnp.concatenate([ck, k], axis=1)
-                v_all = jnp.concatenate([cv, v], axis=1)
-                return batched_dot_product_attention(q, k_all, v_all, mask)
+                k_all = jnp.concatenate([ck, k], axis=2)
+                v_all = jnp.concatenate([cv, v], axis=2)
+                return _attention(q, k_all, v_all, mask)
 
             x = self._block(bp, x, attend, k_layers[i])
         last_pos = jnp.take_along_axis(pos, idx_last[:, None], axis=1)[:, 0]
