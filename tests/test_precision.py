@@ -4,6 +4,7 @@ backward, float32 loss, gradient norm and update; a bf16 run trains as the float
 from __future__ import annotations
 
 import argparse
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,3 +101,26 @@ def test_precision_is_validated_and_has_a_flag():
     assert p.parse_args(["--precision", "bf16"]).precision == "bf16"
     with pytest.raises(SystemExit):
         p.parse_args(["--precision", "fp16"])
+
+
+def test_bf16_step_multiplies_bfloat16_operands_forward_and_backward(key):
+    """Every matmul of a bf16 train step of a 2-layer LSTM LM (the fused kernels'
+    forward and backward, the embedding, the head and their gradients) takes bfloat16
+    operands; a float32 step has none (the check can fail)."""
+    lm = js.models.char_lm(7, num_layers=2, hidden_size=8, embedding_size=4)
+    opt = js.make_optimizer("adam", 1e-2)
+    state = js.init_state(lm.init(key), opt, key, lm.initial_carry((2,)))
+    chunk = js.data.StreamBatcher(np.arange(60) % 7, 2, 5).at_step(0)
+
+    def dot_operands(precision):
+        step = js.make_train_step(js.training.lm_loss_fn(lm), opt, precision=precision)
+        text = step.lower(state, chunk).as_text() if hasattr(step, "lower") else None
+        if text is None:
+            text = jax.jit(lambda s, b: step(s, b)).lower(state, chunk).as_text()
+        ops = re.findall(r"dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", text)
+        return [(a.rsplit("x", 1)[-1][:-1], b.rsplit("x", 1)[-1][:-1]) for a, b in ops]
+
+    bf16, fp32 = dot_operands("bf16"), dot_operands("fp32")
+    assert len(bf16) >= 9, bf16  # 2 layers x (projection, recurrence, 3 in the backward) + head
+    assert all(a == b == "bf16" for a, b in bf16), bf16
+    assert all(a == b == "f32" for a, b in fp32), fp32

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxseq._numerics import add_bias, matmul_f32
 from jaxseq.recurrent.dispatch import FusedRule
-from jaxseq.recurrent.rules import _dot_t
+from jaxseq.recurrent.rules import _dot_t, _narrow_like
 
 
 class _Cfg(NamedTuple):
@@ -228,11 +228,12 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     cot = cfg.rule.recurrent_cotangent
     dhp = dxp if cot is None else cot(cfg, dxp, res)
 
-    def gram(a, b):  # a^T b over the rows
+    def gram(a, b, w):  # a^T b over the rows; 16-bit operands for 16-bit weights
+        a, b = _narrow_like(a, w), _narrow_like(b, w)
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cfg.acc)
 
-    d_w_hh = gram(h_in.astype(cfg.acc).reshape(rows, -1), dhp)
-    d_w_ih = gram(xs.reshape(rows, -1), dxp)
+    d_w_hh = gram(h_in.astype(cfg.acc).reshape(rows, -1), dhp, params.w_hh)
+    d_w_ih = gram(xs.reshape(rows, -1), dxp, params.w_ih)
     d_b = jnp.sum(dxp, axis=0)
     dparams = {"w_ih": d_w_ih, "w_hh": d_w_hh, "b": d_b}
     if cfg.rule.extra_grads is not None:

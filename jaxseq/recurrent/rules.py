@@ -38,10 +38,25 @@ __all__ = [
 ]
 
 
+def _narrow_like(x, w):
+    """``x`` in ``w``'s dtype when ``w`` is a 16-bit float (bfloat16/float16 weights), else ``x``.
+
+    The backward's matmuls then take 16-bit operands, as the forward's do (mixed
+    precision: 16-bit weights mean 16-bit matmul inputs in both directions), and
+    still accumulate in float32.
+    """
+    if jnp.issubdtype(w.dtype, jnp.floating) and jnp.dtype(w.dtype).itemsize == 2:
+        return x.astype(w.dtype)
+    return x
+
+
 def _dot_t(dz, w):
-    """``dz @ w.T`` accumulated in ``dz``'s dtype: ``[..., O] x [I, O] -> [..., I]``."""
+    """``dz @ w.T`` accumulated in ``dz``'s dtype: ``[..., O] x [I, O] -> [..., I]``.
+
+    With 16-bit weights ``dz`` enters the matmul in their dtype (``_narrow_like``).
+    """
     return jax.lax.dot_general(
-        dz, w, (((dz.ndim - 1,), (1,)), ((), ())), preferred_element_type=dz.dtype
+        _narrow_like(dz, w), w, (((dz.ndim - 1,), (1,)), ((), ())), preferred_element_type=dz.dtype
     )
 
 

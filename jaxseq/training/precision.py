@@ -9,9 +9,11 @@ Under ``precision="bf16"`` (:func:`jaxseq.training.make_train_step`):
   operands (the cells', dense layers' and attention's matmuls accumulate in
   float32, and their gate math and softmaxes run in float32, as for any
   bfloat16 input);
-- the backward is what autodiff makes of that forward: a matmul that returns
-  its float32 accumulation sends a float32 cotangent back, so the backward
-  matmuls of those kernels run on float32 operands;
+- the backward multiplies bfloat16 operands too: the fused recurrent kernels
+  and every other matmul of the package round the incoming cotangent to the
+  weights' 16-bit dtype before their backward matmuls (which accumulate in
+  float32), so every matmul of the step, forward and backward, takes bfloat16
+  operands (tested on the lowered step);
 - the gradient reaches the params float32 (the transpose of the cast), so the
   loss, the gradient norm, clipping and the optimizer update are all float32.
 

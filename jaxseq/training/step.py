@@ -220,7 +220,7 @@ def make_train_step(
       donate: donate the input state's buffers (do not reuse ``state`` after the call).
       precision: ``"fp32"``, or ``"bf16"``: the params, the incoming carry and the
         floating leaves of the batch are cast to bfloat16 inside the loss, so the
-        forward runs on bfloat16 operands, while the params, the optimizer state
+        forward and the backward multiply bfloat16 operands, while the params, the optimizer state
         and the stored carry stay in their own dtype (float32 master weights) and
         the loss, the gradient (cast back by the transpose of the cast), its norm and
         the update are float32 (see :mod:`jaxseq.training.precision`).
