@@ -20,7 +20,10 @@ predictions back for ``--horizon`` years. Every origin in the held-out part
 whose horizon stays in it is forecast, and the mean absolute error over all
 origins and horizons 1..H is compared with two baselines: persistence (every
 future year equals year t) and seasonal naive (year t + h equals year
-t + h - m, one season of ``--season`` years earlier; 11 for the sunspots).
+t + h - m, one season of ``--season`` years earlier; 11 for the sunspots),
+and with a linear AR(``--ar-lags``) fitted by least squares and iterated the
+same way, for reference. ``--lags p`` feeds the last p values at every step
+instead of one; ``--noise`` and ``--weight-decay`` regularise (the series is short).
 
 An LSTM and a GRU (``--model lstm,gru``) train side by side, each with
 ``js.make_train_step`` and ``js.fit``, with checkpoints under ``ckpt/<model>``
@@ -28,7 +31,7 @@ every ``--checkpoint-every`` steps: ``--resume`` continues a killed run with
 exactly the losses of the uninterrupted run. Writes into ``--out``:
 ``metrics.jsonl`` and ``eval.jsonl`` (``run`` = model), ``summary.json``
 (``mae`` of the first model, ``mae_by_model``, ``mae_naive`` (seasonal naive),
-``mae_persistence``, the MAE per horizon), ``forecasts.png`` (forecasts against
+``mae_persistence``, ``mae_linear_ar``, the MAE per horizon), ``forecasts.png`` (forecasts against
 the truth and the baselines, and the error per horizon), ``curves.png`` and
 ``forecasts.txt``.
 """
