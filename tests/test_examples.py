@@ -83,6 +83,7 @@ def test_char_lm_compare_transformer_and_window_and_exact_resume(char_lm, corpus
     for name in by_model:
         s = json.load(open(out / name / "summary.json"))
         assert s["val_loss"] == by_model[name] and s["tokens_per_s"] > 0
+        assert s["evals"][1]["val_loss"] < s["evals"][0]["val_loss"], name  # it learns
         samples = (out / name / "samples.txt").read_text()
         assert "top-k" in samples and "top-p" in samples and "ROMEO:" in samples
     # killed after step 4 but before its checkpoint: resuming from step 2 gives the same losses

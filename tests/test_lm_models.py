@@ -73,8 +73,8 @@ def _transformer(positions):
     )  # fmt: skip
     params = perturb(lm.init(jax.random.key(0)), seed=1, scale=0.3)
     tokens = np.random.default_rng(2).integers(0, V, size=(10, 2)).astype(np.int32)  # [T, B]
-    apply = jax.jit(lm.apply)
-    return lm, params, tokens, apply, np.asarray(apply(params, None, tokens)[1])
+    apply = jax.jit(lm.apply)  # one compilation for every [10, 2] call from a cache
+    return lm, params, tokens, apply, np.asarray(apply(params, lm.initial_carry((2,)), tokens)[1])
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +82,14 @@ def rotary_lm():
     return _transformer("rotary")
 
 
-@pytest.fixture(scope="module", params=["rotary", "learned"])
-def tlm(request, rotary_lm):
-    return rotary_lm if request.param == "rotary" else _transformer("learned")
+@pytest.fixture(scope="module")
+def learned_lm():
+    return _transformer("learned")
+
+
+@pytest.fixture(params=["rotary", "learned"])
+def tlm(request):
+    return request.getfixturevalue(f"{request.param}_lm")
 
 
 def test_transformer_full_forward_matches_numpy(tlm):
@@ -102,10 +107,10 @@ def test_transformer_cached_steps_equal_full_forward(tlm):
         cache, logits = step(params, cache, tokens[t])
         steps.append(logits)
     np.testing.assert_allclose(np.stack(steps), full, atol=1e-5)
-    # chunks of 3 (and the last one, 1): the cache carries the context across them
+    # two chunks of 5: the cache carries the context from one to the next
     cache, chunks = lm.initial_carry((2,)), []
-    for s in range(0, tokens.shape[0], 3):
-        cache, logits = apply(params, cache, tokens[s : s + 3])
+    for s in (0, 5):
+        cache, logits = apply(params, cache, tokens[s : s + 5])
         chunks.append(logits)
     np.testing.assert_allclose(np.concatenate(chunks), full, atol=1e-5)
     assert cache.length.tolist() == [10, 10]
@@ -114,47 +119,42 @@ def test_transformer_cached_steps_equal_full_forward(tlm):
 def test_transformer_reset_and_lengths(rotary_lm):
     lm, params, tokens, apply, full = rotary_lm
     empty = lm.initial_carry((2,))
-    # a reset at step 5 of a chunk after a carried prefix: steps 5.. see nothing before it
+    # stream 0 carries a whole chunk and is reset at step 5; stream 1 starts empty, 6 steps long
+    after = apply(params, empty, tokens)[0]
+    cache = jax.tree_util.tree_map(lambda a, e: a.at[1].set(e[1]), after, empty)
     reset = np.zeros((10, 2), bool)
-    reset[5] = True
-    cache, logits = apply(params, apply(params, empty, tokens)[0], tokens, reset=reset)
-    _, fresh = apply(params, empty, np.roll(tokens, -5, axis=0))
-    np.testing.assert_allclose(logits[5:], fresh[:5], atol=1e-5)
-    assert cache.length.tolist() == [5, 5]
-    # lengths: padded steps (any id) neither read nor write the cache
+    reset[5, 0] = True
     padded = tokens.copy()
-    padded[6:, 1] = -100
-    cache, logits = apply(params, empty, padded, lengths=jnp.array([10, 6]))
+    padded[6:, 1] = -100  # padding: any id, never looked up
+    cache, logits = apply(params, cache, padded, reset=reset, lengths=jnp.array([10, 6]))
+    _, fresh = apply(params, empty, np.roll(tokens, -5, axis=0))
+    np.testing.assert_allclose(logits[5:, 0], fresh[:5, 0], atol=1e-5)  # nothing before the reset
     np.testing.assert_allclose(logits[:6, 1], full[:6, 1], atol=1e-5)
-    assert cache.length.tolist() == [10, 6]
-    # ... so going on from that cache continues stream 1 as if it had never been padded
+    assert cache.length.tolist() == [5, 6]
+    # padded steps neither read nor wrote the cache: stream 1 goes on as if never padded
     _, nxt = apply(params, cache, np.roll(tokens, -6, axis=0))
     np.testing.assert_allclose(nxt[:4, 1], full[6:, 1], atol=1e-5)
 
 
 def test_transformer_sampling_equals_greedy_rerun(rotary_lm):
     lm, params, tokens, apply, _ = rotary_lm
-    prime = tokens[:3, :1]
-    ids = js.decoding.sample(jax.random.key(0), lm, params, prime, 4, greedy=True)[:, 0]
-    seq = np.zeros((7, 1), np.int32)
-    seq[:3] = prime
-    for i in range(3, 7):  # the full forward over the text so far (causal: zeros after it)
-        _, logits = apply(params, lm.initial_carry((1,)), seq)
-        seq[i] = np.argmax(logits[i - 1, 0])
-    assert ids.tolist() == seq[3:, 0].tolist()
+    ids = js.decoding.sample(jax.random.key(0), lm, params, tokens[:3], 4, greedy=True)
+    seq = np.zeros((10, 2), np.int32)
+    seq[:3] = tokens[:3]
+    for i in range(3, 7):  # the full forward over the text so far, no cache (causal: the
+        _, logits = apply(params, lm.initial_carry((2,)), seq)  # zeros after it change nothing)
+        seq[i] = np.argmax(logits[i - 1], axis=-1)
+    np.testing.assert_array_equal(ids, seq[3:7])
 
 
-def test_transformer_errors():
-    lm = models.transformer_lm(
-        V, num_layers=1, d_model=8, num_heads=2, max_len=4, positions="learned"
-    )
-    params = lm.init(jax.random.key(0))
-    with pytest.raises(ValueError, match=r"positions: expected values in \[0, 3\].*max_len=4"):
-        lm.apply(params, None, jnp.zeros((5, 1), jnp.int32))
+def test_transformer_errors(learned_lm):
+    lm, params = learned_lm[:2]
+    with pytest.raises(ValueError, match=r"positions: expected values in \[0, 11\].*max_len=12"):
+        lm.apply(params, None, jnp.zeros((13, 1), jnp.int32))
     with pytest.raises(TypeError, match="carry: expected a KVCache"):
         lm.apply(params, (jnp.zeros((1, 4)),), jnp.zeros((2, 1), jnp.int32))
     with pytest.raises(
-        ValueError, match=r"carry.slots: expected shape \[2, 4\], got int32\[3, 4\]"
+        ValueError, match=r"carry.slots: expected shape \[2, 12\], got int32\[3, 12\]"
     ):
         lm.apply(params, lm.initial_carry((3,)), jnp.zeros((2, 2), jnp.int32))
     with pytest.raises(ValueError, match="num_heads: expected a divisor of d_model=8, got 3"):
@@ -176,54 +176,42 @@ def test_window_lm_matches_numpy_across_chunks_resets_and_padding():
     n = 3
     lm = models.window_lm(V, context=n, embedding_size=2, hidden_size=5)
     params = perturb(lm.init(jax.random.key(3)), seed=4, scale=0.3)
+    apply = jax.jit(lm.apply)  # always called with [3, 2] chunks, reset and lengths
+    full = np.full((2,), 3)
     tokens = np.random.default_rng(5).integers(0, V, size=(9, 2)).astype(np.int32)
     reset = np.zeros((9, 2), bool)
-    reset[5, 1] = True  # stream 1 starts a new document at step 5
-    ref = [np_window(params, tokens[:, 0], n, V), np_window(params, tokens[:, 1], n, V, (5,))]
-    carry, got = None, []
-    for s in range(0, 9, 4):  # chunks 4, 4, 1: the carry holds the ids across them
-        carry, logits = lm.apply(params, carry, tokens[s : s + 4], reset=reset[s : s + 4])
+    reset[4, 1] = True  # stream 1 starts a new document at step 4
+    ref = [np_window(params, tokens[:, 0], n, V), np_window(params, tokens[:, 1], n, V, (4,))]
+    carry, got = lm.initial_carry((2,)), []
+    for s in (0, 3, 6):  # the carry holds the last n - 1 ids across the chunks
+        carry, logits = apply(
+            params, carry, tokens[s : s + 3], reset=reset[s : s + 3], lengths=full
+        )
         got.append(logits)
     got = np.concatenate(got)
     for b in range(2):
         np.testing.assert_allclose(got[:, b], ref[b], rtol=1e-5, atol=1e-5)
     assert carry.tolist() == [tokens[7:9, 0].tolist(), tokens[7:9, 1].tolist()]
-    # one token at a time through step
+    # one token at a time through step (up to the reset)
     step = jax.jit(lm.step)
     carry, steps = lm.initial_carry((2,)), []
-    for t in range(5):
+    for t in range(4):
         carry, logits = step(params, carry, tokens[t])
         steps.append(logits)
-    np.testing.assert_allclose(np.stack(steps), got[:5], atol=1e-5)
-    # padding: steps past the length leave the carry as after the last valid step
-    padded = tokens[:4].copy()
+    np.testing.assert_allclose(np.stack(steps), got[:4], atol=1e-5)
+    # padding: steps past the length (any id) leave the carry as after the last valid step
+    padded = tokens[:3].copy()
     padded[1:, 1] = -100
-    carry, _ = lm.apply(params, None, padded, lengths=jnp.array([4, 1]))
-    assert carry.tolist() == [tokens[2:4, 0].tolist(), [V, tokens[0, 1]]]
-    # a reset in the chunk forgets the carried ids
-    reset = np.zeros((2, 1), bool)
-    reset[1] = True
-    carry, _ = lm.apply(params, jnp.array([[1, 2]]), jnp.array([[3], [4]]), reset=reset)
-    assert carry.tolist() == [[V, 4]]
+    no_reset = np.zeros((3, 2), bool)
+    carry, _ = apply(
+        params, lm.initial_carry((2,)), padded, reset=no_reset, lengths=np.array([3, 1])
+    )
+    assert carry.tolist() == [tokens[1:3, 0].tolist(), [V, tokens[0, 1]]]
+    # a reset in the chunk forgets the carried ids before it
+    carry = jnp.array([[1, 2], [1, 2]])
+    carry, _ = apply(params, carry, tokens[:3], reset=reset[2:5], lengths=full)
+    assert carry.tolist() == [tokens[1:3, 0].tolist(), [V, tokens[2, 1]]]
     with pytest.raises(ValueError, match=r"carry: expected shape \[1, 2\]"):
         lm.apply(params, jnp.zeros((1, 3), jnp.int32), jnp.zeros((2, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"tokens: expected values in \[0, 6\]"):
         lm.apply(params, None, jnp.full((2, 1), V, jnp.int32))
-
-
-def test_both_train_and_sample_through_the_library():
-    text = np.tile(np.arange(5), 40).astype(np.int32)  # a cycle: learnable from 1 token back
-    batcher = js.data.StreamBatcher(text, 4, 8, vocab_size=5)
-    for lm in (
-        models.transformer_lm(5, num_layers=1, d_model=8, num_heads=2, max_len=8, dropout_rate=0.1),
-        models.window_lm(5, context=2, embedding_size=3, hidden_size=8, dropout_rate=0.1),
-    ):
-        opt = js.make_optimizer("adam", 3e-2)
-        state = js.init_state(
-            lm.init(jax.random.key(0)), opt, jax.random.key(1), lm.initial_carry((4,))
-        )
-        step = js.make_train_step(js.lm_loss_fn(lm), opt)
-        state, info = js.fit(step, state, batcher, num_steps=40, progress=False)
-        assert js.evaluate_lm(lm, state.params, batcher) < 0.3, type(lm).__name__
-        ids = js.decoding.sample(jax.random.key(2), lm, state.params, np.array([[0]]), 6, top_k=2)
-        assert ids[:, 0].tolist() == [1, 2, 3, 4, 0, 1]
