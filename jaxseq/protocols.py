@@ -137,6 +137,8 @@ class SequenceLayer(Protocol):
         the layer's randomness (dropout), ``None`` for a deterministic run.
         :func:`jaxseq.rollout` always passes every argument by keyword, after
         ``params, xs, carry``.
+        :func:`jaxseq.rollout` handles ``time_major=False`` itself and always
+        calls ``rollout`` time-major: a layer need not accept ``time_major``.
 
     Cells take the same path through :func:`jaxseq.rollout`'s cell branch, so
     generic code calls ``js.rollout(layer, ...)`` for either.

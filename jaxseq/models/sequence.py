@@ -187,7 +187,7 @@ class SequenceClassifier(_SequenceModel):
     Args:
       stack: the recurrent layers (cells and/or :class:`jaxseq.Bidirectional`).
       num_classes: C, the head's outputs (class logits, or C regression outputs).
-      vocab_size, embed_dim: token inputs ``int[T, *B]`` through an embedding ``[V, E]``;
+      vocab_size, embedding_size: token inputs ``int[T, *B]`` through an embedding ``[V, E]``;
       input_size: or feature inputs ``[T, *B, D]`` (give one of the two kinds).
       dropout_rate: dropout on the inputs and on the pooled features (with a ``key``).
       pool: ``"last"`` the last layer's final hidden state (for a bidirectional
