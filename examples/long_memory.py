@@ -28,7 +28,8 @@ after training: the vanishing-gradient picture, one row per T).
 ``summary.json`` holds ``results`` (cell -> T -> test loss, loss over the
 baseline, "learned" = below a tenth of it, recall accuracy for copy) and, for
 the adding task, ``mse`` (cell -> T -> test MSE) and ``solved`` (cell -> T ->
-MSE < 0.01).
+MSE < 0.01). A run whose loss turns non-finite (``js.fit`` stops it) is recorded
+with ``test_loss`` None and the reason under ``diverged``; the others go on.
 """
 
 from __future__ import annotations
@@ -188,9 +189,13 @@ def train_cell(args, cell, ci, t, test):
     loss_fn = make_loss(args.task, model)
     eval_loss = jax.jit(lambda p, b: loss_fn(p, None, b, None))
 
+    hist = []  # every evaluation, kept here too in case training diverges
+
     def eval_fn(st):
         loss, (_, aux) = eval_loss(st.params, test)
-        return jsonable({"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}})
+        rec = jsonable({"test_loss": loss, **{f"test_{k}": v for k, v in aux.items()}})
+        hist.append({"step": int(st.step), **rec})
+        return rec
 
     rng = np.random.default_rng(args.seed * 7919 + ci)
     xs_t, y_t = test  # a 64-sequence slice for the gradient-norm picture
@@ -199,11 +204,24 @@ def train_cell(args, cell, ci, t, test):
     batches = (make_batch(rng, args.batch, t) for _ in itertools.count())
     opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
     state = js.init_state(params, opt, jax.random.key(args.seed + 1))
-    state, info = js.fit(
-        js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
-        eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, run),
-        progress=not args.quiet,
-    )  # fmt: skip
+    try:
+        state, info = js.fit(
+            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+            eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, run),
+            progress=not args.quiet,
+        )  # fmt: skip
+    except js.NonFiniteError as e:  # diverged: reported as such, the comparison goes on
+        append_evals(args.out, run, hist)
+        if not args.quiet:
+            print(f"{run}: {e}", file=sys.stderr)
+        rec = {"test_loss": None, "diverged": str(e), "learned": False}
+        rec["last_finite_eval"] = hist[-1] if hist else None
+        if args.task == "adding":
+            rec["solved"] = False
+        else:
+            rec["recall_acc"] = None
+        rec["grad_ratio_first_last_at_init"] = float(before[0] / max(before[-1], 1e-30))
+        return rec, hist, (before, np.full_like(before, np.nan))
     append_evals(args.out, run, info["evals"])
     hist = info["evals"]
     after = grad_norms(args.task, model, state.params, small)
@@ -291,6 +309,9 @@ def main(argv=None) -> dict:
             print(f"{args.task}, T={t}: baseline (no memory) loss {baseline(args.task, t):.4f}")
             for cell in args.cells:
                 r = res[cell][str(t)]
+                if r["test_loss"] is None:
+                    print(f"  {cell:7s} diverged (non-finite loss)")
+                    continue
                 extra = f", recall acc {r['recall_acc']:.3f}" if "recall_acc" in r else ""
                 mark = (
                     "solved" if r.get("solved") else ("learned" if r["learned"] else "not learned")
