@@ -444,6 +444,12 @@ def beam_search(
                 f"carry{jax.tree_util.keystr(path)}: expected the batch B={b} of logits as the "
                 f"leading axis, got {_checks.describe(leaf)}"
             )
+    # one program, also when called eagerly (inside a jit it is inlined)
+    return jax.jit(functools.partial(_beam_core, step, n, k, end))(carry, logits, alpha)
+
+
+def _beam_core(step, n, k, end, carry, logits, alpha):
+    b, v = logits.shape
     fill = 0 if end is None else end
     neg = jnp.float32(-jnp.inf)
 
@@ -525,7 +531,7 @@ def beam_decode(
     Returns a :class:`BeamResult` (``tokens int32[N, B, K]``, best first).
 
     >>> from jaxseq.models import Seq2SeqAttention
-    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
+    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, bidirectional=False)
     >>> params = s2s.init(jax.random.key(0))
     >>> src = jnp.zeros((4, 2), jnp.int32)
     >>> res = beam_decode(s2s, params, src, 3, bos_id=0, end_id=1, beam_size=2)
@@ -536,16 +542,27 @@ def beam_decode(
     k = _checks.check_positive_int("beam_size", beam_size)
     if not 0 <= int(bos_id) < model.tgt_vocab_size:
         raise ValueError(f"bos_id: expected an id in [0, {model.tgt_vocab_size}), got {bos_id!r}")
-    enc = model.encode(params, src, src_lengths)
-    b = enc.lengths.shape[0]
-    carry, logits, _ = model.step(params, enc, enc.carry, jnp.full((b,), int(bos_id), jnp.int32))
-    tiled = _tile_beams(enc, k)
+    end = _check_end_id(end_id, model.tgt_vocab_size)
+    alpha = _check_alpha(alpha)
+    enc = model.encode(params, src, src_lengths)  # validates src where it is concrete
+    return _beam_decode_jit(model, n, k, int(bos_id), end)(params, enc, alpha)
 
-    def step(c, y):
-        c, lg, _ = model.step(params, tiled, c, y)
-        return c, lg
 
-    return beam_search(step, carry, logits, n, beam_size=k, end_id=end_id, alpha=alpha)
+@functools.lru_cache(maxsize=32)
+def _beam_decode_jit(model, n, k, bos, end):
+    @jax.jit
+    def run(params, enc, alpha):
+        b = enc.lengths.shape[0]
+        carry, logits, _ = model.step(params, enc, enc.carry, jnp.full((b,), bos, jnp.int32))
+        tiled = _tile_beams(enc, k)
+
+        def step(c, y):
+            c, lg, _ = model.step(params, tiled, c, y)
+            return c, lg
+
+        return beam_search(step, carry, logits, n, beam_size=k, end_id=end, alpha=alpha)
+
+    return run
 
 
 def lm_beam_search(
@@ -586,14 +603,25 @@ def lm_beam_search(
     v = model.vocab_size
     _checks.check_in_range("prime", prime, 0, v - 1, f" (token ids, vocab_size V={v})")
     model.check_params(params)
+    n = _checks.check_positive_int("length", length)
+    k = _checks.check_positive_int("beam_size", beam_size)
+    end = _check_end_id(end_id, v)
+    alpha = _check_alpha(alpha)
     if carry is None:
         carry = model.initial_carry((prime.shape[1],))
-    carry, logits = model.apply(params, carry, prime.astype(jnp.int32))
+    return _lm_beam_jit(model, n, k, end)(params, prime.astype(jnp.int32), carry, alpha)
 
-    def step(c, tok):
-        c, lg = model.apply(params, c, tok[None])
-        return c, lg[0]
 
-    return beam_search(
-        step, carry, logits[-1], length, beam_size=beam_size, end_id=end_id, alpha=alpha
-    )
+@functools.lru_cache(maxsize=32)
+def _lm_beam_jit(model, n, k, end):
+    @jax.jit
+    def run(params, prime, carry, alpha):
+        carry, logits = model.apply(params, carry, prime)
+
+        def step(c, tok):
+            c, lg = model.apply(params, c, tok[None])
+            return c, lg[0]
+
+        return beam_search(step, carry, logits[-1], n, beam_size=k, end_id=end, alpha=alpha)
+
+    return run
