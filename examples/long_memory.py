@@ -257,6 +257,9 @@ def main(argv=None) -> dict:
             rec, curves[cell, t], norms[cell, t] = train_cell(args, cell, ci, t, test)
             summary["results"][cell][str(t)] = rec
     res = summary["results"]
+    summary["train_s"] = round(
+        sum(r["train_s"] for c in res.values() for r in c.values() if "train_s" in r), 3
+    )  # every run's training seconds together
     if args.task == "adding":
         summary["mse"] = {c: {t: r["test_loss"] for t, r in res[c].items()} for c in res}
         summary["solved"] = {c: {t: r["solved"] for t, r in res[c].items()} for c in res}

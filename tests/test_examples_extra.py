@@ -206,6 +206,9 @@ def test_long_memory_smoke(long_memory, tmp_path, task, cells, ts, fit_calls):
     c, t = cells[-1], ts[-1]
     assert evals[-1]["test_loss"] == pytest.approx(s["results"][c][t]["test_loss"])
     saved = json.load(open(out / "summary.json"))
+    assert saved["train_s"] == pytest.approx(
+        sum(r["train_s"] for c in cells for r in s["results"][c].values()), abs=0.01
+    )
     if task == "copy":
         assert 0.0 <= evals[-1]["test_recall_acc"] <= 1.0 and "mse" not in saved
     else:
