@@ -24,12 +24,14 @@ except ImportError:  # run from a source checkout without installing
 __all__ = [
     "append_evals",
     "environment",
+    "is_writer",
     "js",
     "jsonable",
     "parser",
     "prepare_out",
     "pyplot",
     "read_data",
+    "start",
     "run_logger",
     "trim_run_logs",
     "write_json",
@@ -64,7 +66,24 @@ def parser(
         "--eval-every", type=int, default=eval_every, help="evaluate every N steps (0: at the end)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no printed summary")
+    js.training.add_precision_arg(p)
+    js.training.add_distributed_args(p)
     return p
+
+
+def start(args):
+    """Starts JAX's distributed runtime when the flags or the environment ask for it
+    (``--coordinator/--num-processes/--process-id`` or ``--distributed``; one process
+    otherwise). Call it right after parsing, before anything else touches JAX."""
+    js.training.init_from_args(args)
+    return args
+
+
+def is_writer() -> bool:
+    """Whether this process writes the outputs: process 0 (the only one, usually)."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def read_data(path: str | None, what: str) -> str:
@@ -84,8 +103,11 @@ LOGS = ("metrics.jsonl", "eval.jsonl")
 
 
 def prepare_out(out: str) -> str:
-    """Creates ``out`` and removes the logs (``metrics.jsonl``, ``eval.jsonl``) of an earlier run."""
+    """Creates ``out`` and removes the logs (``metrics.jsonl``, ``eval.jsonl``) of an earlier run
+    (process 0 only: it alone writes them)."""
     os.makedirs(out, exist_ok=True)
+    if not is_writer():
+        return out
     for name in LOGS:
         path = os.path.join(out, name)
         if os.path.exists(path):
@@ -102,6 +124,8 @@ def run_logger(out: str, run: str):
     path = os.path.join(out, "metrics.jsonl")
 
     def on_step(step: int, rec: dict) -> None:
+        if not is_writer():
+            return
         with open(path, "a") as f:
             f.write(json.dumps({"run": run, **rec}) + "\n")
 
@@ -136,6 +160,8 @@ def trim_run_logs(out: str, run: str, step: int) -> None:
 
 def append_evals(out: str, run: str, evals: list[dict]) -> None:
     """Appends ``js.fit``'s evaluation records to ``out/eval.jsonl``, tagged ``"run": run``."""
+    if not is_writer():
+        return
     with open(os.path.join(out, "eval.jsonl"), "a") as f:
         for rec in evals:
             f.write(json.dumps({"run": run, **rec}) + "\n")
@@ -172,6 +198,9 @@ def environment() -> dict:
 
 
 def write_json(path: str, obj) -> None:
+    """Writes ``obj`` as JSON (process 0 only)."""
+    if not is_writer():
+        return
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
 

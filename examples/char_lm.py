@@ -47,11 +47,13 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     environment,
+    is_writer,
     js,
     parser,
     prepare_out,
     pyplot,
     read_data,
+    start,
     write_json,
 )
 
@@ -272,6 +274,8 @@ def train(args, text: str) -> dict:
         train_ids, args.batch, args.seq, reset_every_chunk=args.no_carry, vocab_size=vocab.size
     )
     eval_streams = min(args.eval_streams, max(1, (len(val_ids) - 1) // (args.seq + 1)))
+    n_dev = jax.device_count()  # evaluation streams split evenly over the devices
+    eval_streams = max(n_dev, eval_streams - eval_streams % n_dev)
     val_batcher = js.data.StreamBatcher(
         val_ids, eval_streams, args.seq, vocab_size=vocab.size,
         reset_every_chunk=getattr(model, "positions", None) == "learned",
@@ -293,6 +297,10 @@ def train(args, text: str) -> dict:
     ckpt = js.checkpoint.Checkpointer(
         os.path.join(args.out, "ckpt"), keep=args.keep, model_config=model.config(), hparams=hparams
     )
+    mesh = None
+    if jax.device_count() > 1:  # several devices or processes: data parallel over all
+        mesh = js.training.make_mesh()
+        state = js.training.shard_state(state, mesh)
     elapsed = 0.0
     if args.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state, override=args.override)
@@ -301,18 +309,15 @@ def train(args, text: str) -> dict:
     elif not args.resume:
         prepare_out(args.out)  # a fresh run: no logs of an earlier one
 
-    mesh = None
-    if jax.device_count() > 1:
-        mesh = js.training.make_mesh()
-        state = js.training.shard_state(state, mesh)
     step_fn = js.make_train_step(
-        js.training.lm_loss_fn(model), opt, chunks_per_call=args.chunks_per_call
-    )
+        js.training.lm_loss_fn(model), opt, chunks_per_call=args.chunks_per_call,
+        precision=args.precision,
+    )  # fmt: skip
     eval_step = js.training.make_eval_step(model)
 
     def eval_fn(st):
         t0 = time.perf_counter()
-        v = js.training.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step, mesh=None)
+        v = js.training.evaluate_lm(model, st.params, val_batcher, eval_step=eval_step, mesh=mesh)
         return {"val_loss": v, "eval_s": round(time.perf_counter() - t0, 2)}
 
     t_start = time.perf_counter()
@@ -345,6 +350,7 @@ def train(args, text: str) -> dict:
             for e in info["evals"]
         ],
         **environment(),
+        "precision": args.precision,
         "hparams": hparams,
     }
     if summary["val_loss"] is not None:
@@ -355,7 +361,8 @@ def train(args, text: str) -> dict:
         summary["val_loss_reset_every_chunk"] = js.training.evaluate_lm(
             model, params, vb, eval_step=eval_step
         )
-    write_samples(args, model, params, vocab, k_sample)
+    if is_writer():
+        write_samples(args, model, params, vocab, k_sample)
     write_json(os.path.join(args.out, "summary.json"), summary)
     return summary
 
@@ -423,13 +430,13 @@ def compare(args, text: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     text = load_text(args)
     if args.compare:
         summary = compare(args, text)
     else:
         summary = train(resolve(args, args.model), text)
-    if not args.quiet:
+    if not args.quiet and is_writer():
         skip = ("hparams", "runs", "evals")
         print(json.dumps({k: v for k, v in summary.items() if k not in skip}, indent=2))
     return summary

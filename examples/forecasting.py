@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
     prepare_out,
     pyplot,
     run_logger,
+    start,
     trim_run_logs,
     write_json,
 )
@@ -236,7 +237,7 @@ def make_model(cell: str, hidden: int, layers: int) -> js.Stack:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     if args.data:
         index, values, name = read_csv_series(args.data, args.column)
         source = f"{args.data} ({name})"
@@ -343,7 +344,7 @@ def main(argv=None) -> dict:
             print(f"{name}: resumed from step {int(state.step)}", file=sys.stderr)
         trim_run_logs(args.out, name, int(state.step))
         state, info = js.fit(
-            js.make_train_step(loss_fn, opt), state, batcher, num_steps=args.steps,
+            js.make_train_step(loss_fn, opt, precision=args.precision), state, batcher, num_steps=args.steps,
             checkpointer=ckpt, checkpoint_every=args.checkpoint_every, eval_fn=eval_fn,
             eval_every=args.eval_every, on_step=run_logger(args.out, name), progress=not args.quiet,
         )  # fmt: skip

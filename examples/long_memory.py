@@ -53,6 +53,7 @@ from _common import (  # noqa: E402
     prepare_out,
     pyplot,
     run_logger,
+    start,
     write_json,
 )
 
@@ -206,7 +207,7 @@ def train_cell(args, cell, ci, t, test):
     state = js.init_state(params, opt, jax.random.key(args.seed + 1))
     try:
         state, info = js.fit(
-            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+            js.make_train_step(loss_fn, opt, precision=args.precision), state, batches, num_steps=args.steps,
             eval_fn=eval_fn, eval_every=args.eval_every, on_step=run_logger(args.out, run),
             progress=not args.quiet,
         )  # fmt: skip
@@ -241,7 +242,7 @@ def train_cell(args, cell, ci, t, test):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     prepare_out(args.out)
     summary = {
         "task": args.task, "T": args.T, "cells": args.cells, "hidden": args.hidden,

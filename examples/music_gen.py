@@ -39,7 +39,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import environment, js, parser, prepare_out, read_data, write_json  # noqa: E402
+from _common import environment, js, parser, prepare_out, read_data, start, write_json  # noqa: E402
 
 HEADER = re.compile(r"^[A-Za-z]:")
 # characters of ABC music lines: notes, rests, accidentals, octaves, lengths, bars,
@@ -136,7 +136,7 @@ def write_midi(tunes: list[str], directory: str) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     tunes = split_tunes(read_data(args.data, "an ABC file of tunes (e.g. irish.abc)"))
     if len(tunes) < 2:
         raise SystemExit(f"--data: expected at least 2 tunes (X: lines), found {len(tunes)}")
@@ -183,7 +183,7 @@ def main(argv=None) -> dict:
             print(f"resumed from step {int(state.step)}", file=sys.stderr)
     elif not args.resume:
         prepare_out(args.out)  # a fresh run: no logs of an earlier one
-    step_fn = js.make_train_step(js.training.lm_loss_fn(model), opt)
+    step_fn = js.make_train_step(js.training.lm_loss_fn(model), opt, precision=args.precision)
     eval_step = js.training.make_eval_step(model)
 
     def eval_fn(st):

@@ -54,6 +54,7 @@ from _common import (  # noqa: E402
     prepare_out,
     pyplot,
     run_logger,
+    start,
     write_json,
 )
 
@@ -261,7 +262,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     if args.data:
         train, test, label_names = read_tsv(args.data, args.test_fraction, args.seed)
         pairs = []
@@ -340,7 +341,7 @@ def main(argv=None) -> dict:
         opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
         state = js.init_state(params, opt, jax.random.key(args.seed + 1))
         state, info = js.fit(
-            js.make_train_step(loss_fn, opt), state, batcher, num_steps=args.steps,
+            js.make_train_step(loss_fn, opt, precision=args.precision), state, batcher, num_steps=args.steps,
             eval_fn=lambda st, evaluate=evaluate, scores=scores: scores(evaluate(st.params)[0]),
             eval_every=args.eval_every, on_step=run_logger(args.out, name), progress=not args.quiet,
         )  # fmt: skip

@@ -52,6 +52,7 @@ from _common import (  # noqa: E402
     prepare_out,
     pyplot,
     run_logger,
+    start,
     write_json,
 )
 
@@ -248,7 +249,7 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
     opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
     state = js.init_state(params, opt, jax.random.key(args.seed + 1 + seed_offset))
     state, info = js.fit(
-        js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+        js.make_train_step(loss_fn, opt, precision=args.precision), state, batches, num_steps=args.steps,
         eval_fn=lambda st: jsonable(evaluate(st.params, test)[0]),
         eval_every=args.eval_every, on_step=run_logger(args.out, name),
         progress=not args.quiet,
@@ -265,7 +266,7 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     prepare_out(args.out)
     src_vocab, tgt_vocab = vocabularies(args.task)
     eos = tgt_vocab.stoi[EOS]

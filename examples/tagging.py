@@ -46,6 +46,7 @@ from _common import (  # noqa: E402
     prepare_out,
     pyplot,
     run_logger,
+    start,
     write_json,
 )
 
@@ -95,7 +96,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = start(parse_args(argv))
     prepare_out(args.out)
     v = args.alphabet + 1
     test = make_batch(
@@ -149,7 +150,7 @@ def main(argv=None) -> dict:
         opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
         state = js.init_state(params, opt, jax.random.key(args.seed + 1))
         state, info = js.fit(
-            js.make_train_step(loss_fn, opt), state, batches, num_steps=args.steps,
+            js.make_train_step(loss_fn, opt, precision=args.precision), state, batches, num_steps=args.steps,
             eval_fn=lambda st, evaluate=evaluate: jsonable(evaluate(st.params, *test)[0]),
             eval_every=args.eval_every, on_step=run_logger(args.out, name),
             progress=not args.quiet,
