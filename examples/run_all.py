@@ -41,9 +41,9 @@ END = "<!-- end of results table -->"
 QUICK = ["--steps", "4", "--eval-every", "2"]
 RUNS = [
     ("char_lm", "char_lm.py", ["--data", "{data}/tinyshakespeare.txt", "--model", "gru",
-     "--layers", "2", "--hidden", "256", "--embed", "128", "--batch", "32", "--seq", "64",
+     "--layers", "2", "--hidden", "320", "--embed", "128", "--batch", "32", "--seq", "64",
      "--dropout", "0.2", "--optimizer", "adamw", "--weight-decay", "0.1", "--schedule", "cosine",
-     "--warmup", "100", "--lr", "3e-3", "--final-lr", "0.02", "--steps", "13600",
+     "--warmup", "100", "--lr", "3e-3", "--final-lr", "0.02", "--steps", "10000",
      "--chunks-per-call", "4", "--eval-every", "500", "--checkpoint-every", "1000",
      "--time-budget", "1200"], "tinyshakespeare.txt",
      ["val_loss", "tokens_per_s", "step"],
