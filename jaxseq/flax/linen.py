@@ -300,6 +300,26 @@ def _concatenate(a, b):
     return jnp.concatenate([a, b], axis=-1)
 
 
+def split_carry(initial_carry):
+    """``(forward carry, backward carry)`` of a bidirectional layer's ``initial_carry``.
+
+    None gives ``(None, None)``; anything but a pair is a ``TypeError``.
+
+    >>> split_carry(None)
+    (None, None)
+    >>> split_carry((1, 2))
+    (1, 2)
+    """
+    if initial_carry is None:
+        return None, None
+    if not isinstance(initial_carry, tuple | list) or len(initial_carry) != 2:
+        raise TypeError(
+            f"initial_carry: expected (forward carry, backward carry), got "
+            f"{type(initial_carry).__name__}"
+        )
+    return tuple(initial_carry)
+
+
 def _merge(merge_fn, out_f, out_b, return_carry: bool):
     """Both directions' results -> ``outputs`` or ``((carry_f, carry_b), outputs)``.
 
@@ -355,14 +375,7 @@ class Bidirectional(nn.Module):
         del reverse, keep_order  # fixed per direction, as in Flax
         time_major = self.time_major if time_major is None else time_major
         return_carry = self.return_carry if return_carry is None else return_carry
-        carry_f = carry_b = None
-        if initial_carry is not None:
-            if not isinstance(initial_carry, tuple | list) or len(initial_carry) != 2:
-                raise TypeError(
-                    f"initial_carry: expected (forward carry, backward carry), got "
-                    f"{type(initial_carry).__name__}"
-                )
-            carry_f, carry_b = initial_carry
+        carry_f, carry_b = split_carry(initial_carry)
         key_f = key_b = None
         if init_key is not None:
             _checks.check_key("init_key", init_key)

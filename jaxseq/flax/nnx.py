@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxseq import _checks
-from jaxseq.flax.linen import _merge, check_layer, run_rnn
+from jaxseq.flax.linen import _merge, check_layer, run_rnn, split_carry
 from jaxseq.interop.flax import from_flax as _params_from_flax_dict
 from jaxseq.recurrent.cells import GRU, LSTM
 from jaxseq.recurrent.cells import RNN as _RNNCell
@@ -201,14 +201,7 @@ class Bidirectional(nnx.Module):
         del reverse, keep_order  # fixed per direction, as in Flax
         time_major = self.time_major if time_major is None else time_major
         return_carry = self.return_carry if return_carry is None else return_carry
-        carry_f = carry_b = None
-        if initial_carry is not None:
-            if not isinstance(initial_carry, tuple | list) or len(initial_carry) != 2:
-                raise TypeError(
-                    f"initial_carry: expected (forward carry, backward carry), got "
-                    f"{type(initial_carry).__name__}"
-                )
-            carry_f, carry_b = initial_carry
+        carry_f, carry_b = split_carry(initial_carry)
         common = dict(seq_lengths=seq_lengths, return_carry=return_carry, time_major=time_major)
         out_f = self.forward_rnn(inputs, initial_carry=carry_f, rngs=rngs, reverse=False, **common)
         out_b = self.backward_rnn(
