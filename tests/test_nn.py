@@ -71,6 +71,25 @@ def test_dropout_is_inverted_and_shares_masks(key):
         js.dropout(key, x, 0.5, shared_axes=(3,))
 
 
+@pytest.mark.parametrize("shape", [(200, 64), (199, 7), (5,), (1, 1)])
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_masks_are_unbiased_and_independent(shape, rate):
+    # 16-bit draws, two per random word (even last axis: the two halves of the
+    # row; odd: of the flat array): the drop rate is the requested one, and
+    # the two units sharing a word are independent.
+    keys = jax.random.split(jax.random.key(7), 64)
+    ys = jax.vmap(lambda k: js.dropout(k, jnp.ones(shape), rate))(keys)
+    dropped = np.asarray(ys == 0).reshape(64, -1)
+    n = dropped.size
+    assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n) + 2.0**-16
+    if dropped.shape[1] >= 2:
+        half = dropped.shape[1] // 2
+        a, b = dropped[:, :half].ravel(), dropped[:, half : 2 * half].ravel()
+        assert abs(np.mean(a & b) - rate * rate) < 6 * np.sqrt(rate * rate / a.size) + 1e-3
+    kept = np.asarray(ys)[np.asarray(ys) != 0]
+    np.testing.assert_allclose(kept, 1.0 / (1.0 - rate), rtol=1e-6)
+
+
 def test_layer_norm_matches_numpy(key):
     k1, k2, k3 = jax.random.split(key, 3)
     p = js.LayerNormParams(jax.random.normal(k1, (6,)), jax.random.normal(k2, (6,)))
