@@ -553,3 +553,43 @@ def test_donating_train_step_consumes_the_input_state(key):
     new, _ = train.make_train_step(loss_fn, opt)(state, chunk)  # donate=True by default
     assert all(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state.params))
     assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(new.params))
+
+
+_HOST_MEMORY_PROBE = r"""
+import ctypes, sys
+import numpy as np
+from jaxseq.training.host_memory import host_memory_setting, reuse_host_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+        "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_during_alloc():
+    a = np.ones(4 << 20, np.uint8)  # 4 MiB: above glibc's default mmap threshold
+    mapped = libc.mallinfo2().hblkhd
+    del a
+    return mapped
+
+before = mapped_during_alloc()
+assert host_memory_setting() is None
+ok = reuse_host_memory()
+after = mapped_during_alloc()
+print(ok, before >= 4 << 20, after < 4 << 20, host_memory_setting())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
+def test_reuse_host_memory_serves_large_blocks_from_the_heap():
+    # In a fresh process (the setting is process-wide): a 4 MiB block is mmapped
+    # before the call and comes from the heap after it.
+    out = subprocess.run(
+        [sys.executable, "-c", _HOST_MEMORY_PROBE], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True", "True", str(1 << 30)]
+    with pytest.raises(ValueError, match=r"^threshold: expected a positive int \(bytes\), got 0"):
+        js.reuse_host_memory(0)

@@ -17,6 +17,9 @@ from jaxseq.training.distributed import (
     add_distributed_args,
     init_from_args,
 )
+from jaxseq.training.host_memory import (
+    reuse_host_memory,
+)
 from jaxseq.training.lm import (
     evaluate_lm,
     lm_loss_fn,
@@ -91,6 +94,7 @@ __all__ = [
     "process_slice",
     "read_jsonl",
     "restore_params",
+    "reuse_host_memory",
     "shard_batch",
     "shard_state",
     "token_cross_entropy",
