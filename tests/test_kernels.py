@@ -468,6 +468,46 @@ def test_auto_unroll_rule():
             assert 1 <= dispatch.auto_unroll(t, work, "cpu") <= max(t, 1)
 
 
+def test_auto_unroll_rule_for_inference():
+    lstm_32x256, gru_32x256 = 32 * 256 * 4 * 256, 32 * 256 * 3 * 256
+    assert dispatch.auto_unroll(100, lstm_32x256, "cpu", inference=True, gates=4) == 2
+    assert dispatch.auto_unroll(100, lstm_32x256, "cpu") == 1  # training
+    assert dispatch.auto_unroll(100, gru_32x256, "cpu", inference=True, gates=3) == 1
+    assert dispatch.auto_unroll(100, 2**10, "cpu", inference=True, gates=4) == 4
+    assert dispatch.auto_unroll(1, lstm_32x256, "cpu", inference=True, gates=4) == 1
+
+
+def _scan_unrolls(jx):
+    for eqn in jx.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["unroll"]
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _scan_unrolls(sub)
+
+
+def test_forward_only_calls_take_the_inference_unroll(key):
+    """unroll="auto": a forward-only fused LSTM call at (B, H) = (32, 256) runs its loop
+    unrolled by 2, its differentiated call by 1 (the training rule), with equal values."""
+    cell = js.LSTM(256)
+    params = cell.init(key, 8)
+    xs = jax.random.normal(key, (5, 32, 8))
+    carry = cell.initial_carry((32,))
+    fwd = lambda p: js.rollout(cell, p, xs, carry)[1]
+    assert set(_scan_unrolls(jax.make_jaxpr(fwd)(params).jaxpr)) == {2}
+    loss = lambda p: jnp.sum(fwd(p) ** 2)
+    assert set(_scan_unrolls(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)) == {1}
+    explicit = lambda p: js.rollout(cell, p, xs, carry, unroll=3)[1]  # an int applies to both
+    assert set(_scan_unrolls(jax.make_jaxpr(explicit)(params).jaxpr)) == {3}
+    value, _ = jax.value_and_grad(loss)(params)
+    np.testing.assert_allclose(float(loss(params)), float(value), rtol=1e-6)
+    np.testing.assert_allclose(
+        fwd(params), js.rollout_unrolled(cell, params, xs, carry)[1], atol=1e-5
+    )
+
+
 def test_auto_unroll_default_backend_is_the_current_one():
     """``backend=None`` means ``jax.default_backend()``."""
     backend = jax.default_backend()

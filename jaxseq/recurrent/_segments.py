@@ -43,6 +43,7 @@ class _Cfg(NamedTuple):
     unroll: int
     segment: int  # 0: no rematerialisation, else checkpoint_every
     acc: object  # accumulation dtype: float32, or float64 when an operand is float64
+    primal_unroll: int = 0  # unroll of a forward-only (inference) call; 0: ``unroll``
 
 
 def _mask(m, x):

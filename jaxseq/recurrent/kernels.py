@@ -84,7 +84,9 @@ def _fused_bwd(cfg: _Cfg, saved, cts):
 
 
 def _fused_primal(cfg: _Cfg, params, xs, carry, v, r):
-    """Inference: the same scan, saving nothing for a backward."""
+    """Inference: the same scan, saving nothing for a backward, with its own unroll."""
+    if cfg.primal_unroll:
+        cfg = cfg._replace(unroll=cfg.primal_unroll)
     h0, c0 = _split_carry(cfg, carry)
     if cfg.segment:
         (h, c), ys, _ = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
@@ -122,6 +124,7 @@ def fused_rollout(
     reverse=False,
     unroll=1,
     checkpoint_every=None,
+    inference_unroll=None,
 ):
     """Rollout of a built-in cell through the fused kernel: ``[T, *B, D] -> [T, *B, H]``.
 
@@ -142,6 +145,10 @@ def fused_rollout(
         before step ``t`` (see ``jaxseq.recurrent.rollouts.processing_resets``).
       reverse: process from ``T - 1`` down to 0.
       unroll: positive int, the ``lax.scan`` unroll of the time loops.
+      inference_unroll: None (same as ``unroll``) or a positive int: the unroll of
+        a call that is not differentiated (a forward-only call saves nothing for a
+        backward, and its best unroll differs; see
+        :func:`~jaxseq.recurrent.dispatch.auto_unroll`).
       checkpoint_every: None, or a positive int ``k``: rematerialise the
         forward in segments of ``k`` steps during the backward.
 
@@ -168,7 +175,8 @@ def fused_rollout(
             f"cell: expected a cell whose exact type has a registered fused rule (RNN, LSTM, GRU), "
             f"got {type(cell).__name__}"
         )
-    cfg = _Cfg(rule, hsz, bool(reverse), int(unroll), seg, jnp.dtype(acc))
+    primal = 0 if inference_unroll is None else max(1, min(int(inference_unroll), t))
+    cfg = _Cfg(rule, hsz, bool(reverse), int(unroll), seg, jnp.dtype(acc), primal)
 
     if t == 0:
         return carry, jnp.zeros((0, *batch_shape, hsz), carry.h.dtype)

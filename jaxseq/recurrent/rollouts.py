@@ -403,6 +403,10 @@ def rollout(
     reset_p = processing_resets(reset, lengths, reverse)
 
     if use_fused:
+        n_inference = None
+        if isinstance(unroll, str) and unroll == "auto":
+            gates = int(getattr(cell, "num_gates", 1))
+            n_inference = dispatch.auto_unroll(t, work, inference=True, gates=gates)
         return kernels.fused_rollout(
             cell,
             params,
@@ -413,6 +417,7 @@ def rollout(
             reverse=reverse,
             unroll=n_unroll,
             checkpoint_every=k,
+            inference_unroll=n_inference,
         )
 
     hoisted = callable(getattr(cell, "project", None)) and callable(getattr(cell, "recur", None))
