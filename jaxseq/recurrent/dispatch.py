@@ -48,6 +48,7 @@ __all__ = [
     "step_work",
     "supports_fused",
     "under_forward_mode",
+    "wavefront_wins",
 ]
 
 
@@ -255,6 +256,50 @@ def auto_unroll(
     else:
         u = 1
     return max(1, min(u, t))
+
+
+def wavefront_wins(cell, n_layers: int, batch_shape, t: int, backend: str | None = None) -> bool:
+    """Whether a :class:`~jaxseq.Stack` of ``n_layers`` cells like ``cell`` over ``T = t``
+    steps should run as one wavefront (:mod:`jaxseq.recurrent.wavefront`) instead of layer
+    by layer, when :meth:`~jaxseq.Stack.rollout` decides (``wavefront=None``).
+
+    Currently never: no measured shape trains faster as a wavefront. On CPU, XLA
+    already runs each step's small matmul on both cores (``[32, 256] x [256, 1024]``
+    at about 167 GFLOP/s of the ~204 a large matmul reaches on 2 cores), so two
+    layers' matmuls side by side only share the same cores; what the wavefront can
+    hide is each step's serial gate math, and it pays for that with the
+    inter-layer projections (``x W_ih`` forward, ``dG W_ih^T`` backward) done as
+    per-step matmuls instead of one large matmul, with dropout masks drawn before
+    its loop (layer by layer, a mask is drawn while the layer below runs), and with
+    more work per loop iteration for XLA's executor.
+
+    Measured on 2 cores (AMD EPYC), interleaved medians in one process, input
+    size 128, dropout 0.2 drawn from a key, ``Stack.rollout(..., wavefront=False)``
+    (the fused kernel layer by layer) against ``wavefront=True``; training = value
+    and gradient w.r.t. params and inputs; ms:
+
+    ===============================  =============  =========  ===========  =========
+    stack, (B, H, T)                 train: layers  wavefront  fwd: layers  wavefront
+    ===============================  =============  =========  ===========  =========
+    2 LSTM, (32, 256, 64) (char-LM)  84.6           83.4       24.6         29.9
+    2 LSTM, (64, 512, 100)           816            900        251          271
+    2 LSTM, (1, 128, 1000)           22.0           33.3       8.2          8.3
+    2 GRU, (32, 256, 64)             67.7           71.1       22.7         23.1
+    2 RNN tanh, (32, 256, 64)        28.6           28.5       10.3         11.2
+    3 LSTM, (32, 256, 64)            128            155        38.5         45.6
+    ===============================  =============  =========  ===========  =========
+
+    The char-LM's whole training step (embedding 128, 2 LSTM 256, head, loss and
+    update; B=32, K=64, dropout 0.2) took 85.3 ms layer by layer and 87.9 ms with
+    the wavefront (GRU: 73.6 and 77.1): the stack's 1% gain is lost in the step.
+    Other backends are unmeasured; re-measure on other hardware by timing
+    ``stack.rollout(..., wavefront=True)`` against ``wavefront=False``.
+
+    >>> import jaxseq as js
+    >>> wavefront_wins(js.LSTM(256), 2, (32,), 64, "cpu")
+    False
+    """
+    return False
 
 
 def step_work(cell, batch_shape) -> int:
