@@ -15,6 +15,9 @@ gradient norm clipped to 1.0.
   ``torch.optim.AdamW`` (decay on the tensors of 2 or more dimensions, as
   jaxseq's), ``clip_grad_norm_``; threads pinned to JAX's thread count.
 
+``--cell gru`` runs the same recipe with GRU layers on both sides (``nn.GRU``;
+the weights converted by :func:`jaxseq.interop.stack_to_torch`).
+
 Both start from the same weights (the jaxseq initialisation copied into the
 torch modules; the gate order i, f, g, o is the same) and train on the same
 chunks, converted to torch tensors. Before training, the loss of chunk 0
@@ -93,6 +96,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="a text file (default: synthetic text)")
     ap.add_argument("--steps", type=int, default=200, help="timed training steps of each side")
     ap.add_argument("--warmup", type=int, default=3, help="untimed training steps first")
+    ap.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--embed", type=int, default=128)
@@ -138,7 +142,7 @@ def build_jaxseq(args, vocab_size: int, batcher):
     import jaxseq as js
 
     model = js.models.char_lm(
-        vocab_size, cell="lstm", num_layers=args.layers, hidden_size=args.hidden,
+        vocab_size, cell=args.cell, num_layers=args.layers, hidden_size=args.hidden,
         embedding_size=args.embed, dropout_rate=args.dropout,
     )  # fmt: skip
     opt = js.make_optimizer("adamw", args.lr, max_norm=args.clip, weight_decay=args.weight_decay)
@@ -158,15 +162,19 @@ def build_torch(args, vocab_size: int, params):
     import torch
     from torch import nn
 
+    import jaxseq as js
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(bh.jax_thread_count())
 
-    class CharLSTM(nn.Module):
+    rnn_type = {"lstm": nn.LSTM, "gru": nn.GRU}[args.cell]
+
+    class CharRNN(nn.Module):
         def __init__(self):
             super().__init__()
             self.embedding = nn.Embedding(vocab_size, args.embed)
             self.drop = nn.Dropout(args.dropout)
-            self.lstm = nn.LSTM(
+            self.rnn = rnn_type(
                 args.embed, args.hidden, num_layers=args.layers,
                 dropout=args.dropout if args.layers > 1 else 0.0,
             )  # fmt: skip
@@ -174,18 +182,17 @@ def build_torch(args, vocab_size: int, params):
 
         def forward(self, tokens, carry=None):  # tokens int64[T, B] -> logits [T, B, V]
             x = self.drop(self.embedding(tokens))
-            h, carry = self.lstm(x, carry)
+            h, carry = self.rnn(x, carry)
             return self.head(self.drop(h)), carry
 
-    model = CharLSTM()
+    model = CharRNN()
     with torch.no_grad():
         t = lambda a: torch.from_numpy(np.array(a, np.float32))  # noqa: E731
         model.embedding.weight.copy_(t(params.embedding))
-        for i, p in enumerate(params.stack):
-            getattr(model.lstm, f"weight_ih_l{i}").copy_(t(p.w_ih).T)
-            getattr(model.lstm, f"weight_hh_l{i}").copy_(t(p.w_hh).T)
-            getattr(model.lstm, f"bias_ih_l{i}").copy_(t(p.b))
-            getattr(model.lstm, f"bias_hh_l{i}").zero_()
+        # the stack's weights in torch's layout and gate order (jaxseq.interop)
+        stack = js.Stack([{"lstm": js.LSTM, "gru": js.GRU}[args.cell](args.hidden)] * args.layers)
+        for name, value in js.interop.stack_to_torch(stack, params.stack).items():
+            getattr(model.rnn, name).copy_(t(value))
         model.head.weight.copy_(t(params.head.w).T)
         model.head.bias.copy_(t(params.head.b))
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -226,7 +233,9 @@ def make_torch_step(model, opt, clip: float):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        return tuple(c.detach() for c in carry), float(loss.detach())
+        if isinstance(carry, tuple):  # LSTM (h, c); GRU h
+            return tuple(c.detach() for c in carry), float(loss.detach())
+        return carry.detach(), float(loss.detach())
 
     return step
 
@@ -367,7 +376,7 @@ def main(argv=None) -> dict:
     env["data"] = data_name
     env["vocab_size"] = vocab.size
     env["recipe"] = (
-        f"{args.layers}-layer LSTM H={args.hidden} E={args.embed}, B={args.batch} K={args.seq}, "
+        f"{args.layers}-layer {args.cell.upper()} H={args.hidden} E={args.embed}, B={args.batch} K={args.seq}, "
         f"dropout {args.dropout}, AdamW lr {args.lr} wd {args.weight_decay}, clip {args.clip}, "
         f"warmup {args.warmup} + {args.steps} timed steps"
     )
