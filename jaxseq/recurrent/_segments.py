@@ -50,6 +50,28 @@ def _mask(m, x):
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
+def _step(cfg: _Cfg, params, h, c, xp_t, v_t, r_t, save: bool = True):
+    """One step from the unbiased projection ``xp_t``, with resets and padding.
+
+    Returns ``(h, c, y, residuals)``: resets zero the carry before the step,
+    padded steps (``v_t`` False) pass the carry through and output zeros.
+    """
+    xp_t = add_bias(xp_t, params.b)
+    hi, ci = h, c
+    if r_t is not None:
+        hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
+        if c is not None:
+            ci = jnp.where(_mask(r_t, c), jnp.zeros_like(c), c)
+    hn, cn, res = cfg.rule.forward(cfg, params, hi, ci, xp_t, save)
+    y = hn
+    if v_t is not None:
+        y = jnp.where(_mask(v_t, hn), hn, jnp.zeros_like(hn))
+        hn = jnp.where(_mask(v_t, hn), hn, h)
+        if c is not None:
+            cn = jnp.where(_mask(v_t, cn), cn, c)
+    return hn, cn, y, res
+
+
 def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
     """Runs the segment; returns ``((h, c), ys, residuals)``. ``xs: [S, N, D]``."""
     # The bias is added inside the step (where it fuses into the gate math for
@@ -57,20 +79,7 @@ def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
     xp = matmul_f32(xs, params.w_ih)
 
     def step(h, c, xp_t, v_t, r_t):
-        xp_t = add_bias(xp_t, params.b)
-        hi, ci = h, c
-        if r_t is not None:
-            hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
-            if c is not None:
-                ci = jnp.where(_mask(r_t, c), jnp.zeros_like(c), c)
-        hn, cn, res = cfg.rule.forward(cfg, params, hi, ci, xp_t, save)
-        y = hn
-        if v_t is not None:
-            y = jnp.where(_mask(v_t, hn), hn, jnp.zeros_like(hn))
-            hn = jnp.where(_mask(v_t, hn), hn, h)
-            if c is not None:
-                cn = jnp.where(_mask(v_t, cn), cn, c)
-        return hn, cn, y, res
+        return _step(cfg, params, h, c, xp_t, v_t, r_t, save)
 
     steps = xs.shape[0]
     unroll = max(1, min(cfg.unroll, steps))

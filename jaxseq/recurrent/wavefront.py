@@ -54,9 +54,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype, add_bias, matmul_f32
+from jaxseq._numerics import acc_dtype, matmul_f32
 from jaxseq.nn.dropout import _keep_mask
-from jaxseq.recurrent._segments import _carry_in, _Cfg, _mask, _segment_forward
+from jaxseq.recurrent._segments import _carry_in, _Cfg, _mask, _segment_forward, _step
 from jaxseq.recurrent.dispatch import (
     KERNELS,
     fused_rule,
@@ -130,21 +130,8 @@ def _drop_seq(ys, keep, rate):
 
 
 def _step_forward(cfg: _Cfg, p, h, c, xp_t, v_t, r_t):
-    """One layer at one step (biased projection ``xp_t``), with resets and padding."""
-    xp_t = add_bias(xp_t, p.b)
-    hi, ci = h, c
-    if r_t is not None:
-        hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
-        if c is not None:
-            ci = jnp.where(_mask(r_t, c), jnp.zeros_like(c), c)
-    hn, cn, res = cfg.rule.forward(cfg, p, hi, ci, xp_t, True)
-    y = hn
-    if v_t is not None:
-        y = jnp.where(_mask(v_t, hn), hn, jnp.zeros_like(hn))
-        hn = jnp.where(_mask(v_t, hn), hn, h)
-        if c is not None:
-            cn = jnp.where(_mask(v_t, cn), cn, c)
-    return hn, cn, y, res
+    """One layer at one step (the single-layer kernel's step, saving its residuals)."""
+    return _step(cfg, p, h, c, xp_t, v_t, r_t, True)
 
 
 def _wave_forward(w: _WCfg, params, xs, h0, c0, keep, v, r):
