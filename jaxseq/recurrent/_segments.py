@@ -137,6 +137,38 @@ def _carry_in(seq, start, v, r, reverse: bool):
     return prev
 
 
+def _step_backward(cfg: _Cfg, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t,
+                   h_dtype, c_dtype):  # fmt: skip
+    """One step of the backward, with resets and padding: ``(dh_in, dc_in, dxp)``.
+
+    ``gh_c``/``gc_c`` are the carry cotangents arriving from the next step, ``dy_t``
+    the output's; a padded step (``v_t`` False) passes them through untouched, a
+    reset stops them. The carry cotangents are rounded as the carry was
+    (``h_dtype``/``c_dtype``) and returned in the accumulation dtype.
+    """
+    gh = gh_c + dy_t.astype(cfg.acc)
+    gc = gc_c
+    if v_t is not None:
+        vm = _mask(v_t, gh)
+        gh = jnp.where(vm, gh, 0.0)
+        if gc is not None:
+            gc = jnp.where(vm, gc, 0.0)
+    dxp, dh_in, dc_in = cfg.rule.backward(cfg, params, res_t, y_t, hin_t, cin_t, gh, gc)
+    if r_t is not None:
+        rm = _mask(r_t, dh_in)
+        dh_in = jnp.where(rm, 0.0, dh_in)
+        if dc_in is not None:
+            dc_in = jnp.where(rm, 0.0, dc_in)
+    if v_t is not None:
+        dh_in = jnp.where(vm, dh_in, gh_c)
+        if dc_in is not None:
+            dc_in = jnp.where(vm, dc_in, gc_c)
+    dh_in = dh_in.astype(h_dtype).astype(cfg.acc)
+    if dc_in is not None:
+        dc_in = dc_in.astype(c_dtype).astype(cfg.acc)
+    return dh_in, dc_in, dxp
+
+
 def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc):
     """Backward of one segment; returns ``(dh0, dc0, dparams, dxs)``."""
     h_in = _carry_in(ys, h0, v, r, cfg.reverse)
@@ -151,26 +183,10 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     def body(carry, inp):
         gh_c, gc_c = carry
         res_t, y_t, hin_t, cin_t, dy_t, v_t, r_t = inp
-        gh = gh_c + dy_t.astype(cfg.acc)
-        gc = gc_c
-        if v_t is not None:
-            vm = _mask(v_t, gh)
-            gh = jnp.where(vm, gh, 0.0)
-            if gc is not None:
-                gc = jnp.where(vm, gc, 0.0)
-        dxp, dh_in, dc_in = cfg.rule.backward(cfg, params, res_t, y_t, hin_t, cin_t, gh, gc)
-        if r_t is not None:
-            rm = _mask(r_t, dh_in)
-            dh_in = jnp.where(rm, 0.0, dh_in)
-            if dc_in is not None:
-                dc_in = jnp.where(rm, 0.0, dc_in)
-        if v_t is not None:
-            dh_in = jnp.where(vm, dh_in, gh_c)
-            if dc_in is not None:
-                dc_in = jnp.where(vm, dc_in, gc_c)
-        dh_in = dh_in.astype(h0.dtype).astype(cfg.acc)
-        if dc_in is not None:
-            dc_in = dc_in.astype(c0.dtype).astype(cfg.acc)
+        dh_in, dc_in, dxp = _step_backward(
+            cfg, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t, h0.dtype,
+            None if c0 is None else c0.dtype,
+        )  # fmt: skip
         return (dh_in, dc_in), dxp
 
     steps = xs.shape[0]

@@ -56,7 +56,14 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype, matmul_f32
 from jaxseq.nn.dropout import _keep_mask
-from jaxseq.recurrent._segments import _carry_in, _Cfg, _mask, _segment_forward, _step
+from jaxseq.recurrent._segments import (
+    _carry_in,
+    _Cfg,
+    _mask,
+    _segment_forward,
+    _step,
+    _step_backward,
+)
 from jaxseq.recurrent.dispatch import (
     KERNELS,
     fused_rule,
@@ -274,13 +281,6 @@ def _wave_backward(w: _WCfg, params, xs, h0, c0, keep, v, r, ys, res, dys, dh, d
         cfg, p = cfgs[k], params[k]
         v_t = None if v is None else _row(v, t)
         r_t = None if r is None else _row(r, t)
-        gh = gh_c + dy_t.astype(cfg.acc)
-        gc = gc_c
-        if v_t is not None:
-            vm = _mask(v_t, gh)
-            gh = jnp.where(vm, gh, 0.0)
-            if gc is not None:
-                gc = jnp.where(vm, gc, 0.0)
         if in_place:
             if isinstance(t, int):
                 c_prev = c0[k] if t == 0 else _row(c_seq[k], t - 1)
@@ -299,19 +299,10 @@ def _wave_backward(w: _WCfg, params, xs, h0, c0, keep, v, r, ys, res, dys, dh, d
             cin_t = None if c_in[k] is None else _row(c_in[k], t)
         y_t = _row(ys[k], t) if (cfg.rule.needs_y and not res[k]) else None
         hin_t = None if h_in_loop[k] is None else _row(h_in_loop[k], t)
-        dxp_t, dh_in, dc_in = cfg.rule.backward(cfg, p, res_t, y_t, hin_t, cin_t, gh, gc)
-        if r_t is not None:
-            rm = _mask(r_t, dh_in)
-            dh_in = jnp.where(rm, 0.0, dh_in)
-            if dc_in is not None:
-                dc_in = jnp.where(rm, 0.0, dc_in)
-        if v_t is not None:
-            dh_in = jnp.where(vm, dh_in, gh_c)
-            if dc_in is not None:
-                dc_in = jnp.where(vm, dc_in, gc_c)
-        dh_in = dh_in.astype(h0[k].dtype).astype(cfg.acc)
-        if dc_in is not None:
-            dc_in = dc_in.astype(c0[k].dtype).astype(cfg.acc)
+        dh_in, dc_in, dxp_t = _step_backward(
+            cfg, p, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t, h0[k].dtype,
+            None if c0[k] is None else c0[k].dtype,
+        )  # fmt: skip
         bufs = _put(bufs, dxp_t, t)
         a_t = _row(bufs, _before(t)) if in_place else None
         # The output cotangent of the layer below at this step (after its dropout).
