@@ -494,22 +494,20 @@ class Stack:
         from jaxseq.recurrent import rollouts
         from jaxseq.recurrent import wavefront as wave
 
+        kw = dict(
+            lengths=lengths,
+            reverse=reverse,
+            unroll=unroll,
+            kernel=kernel,
+            checkpoint_every=checkpoint_every,
+        )
         if not rollouts._check_time_major(time_major):
             xs, reset = rollouts.to_time_major(self, params, xs, lengths, reset)
             carries, ys = self.rollout(
-                params,
-                xs,
-                carry,
-                lengths=lengths,
-                reset=reset,
-                reverse=reverse,
-                unroll=unroll,
-                kernel=kernel,
-                checkpoint_every=checkpoint_every,
-                key=key,
-                wavefront=wavefront,
+                params, xs, carry, reset=reset, key=key, wavefront=wavefront, **kw
             )
             return carries, rollouts.from_time_major(ys)
+        kw["reset"] = reset
         n = len(self.layers)
         self.check_params(params)
         if carry is None:
@@ -518,33 +516,12 @@ class Stack:
             self.check_carry(carry, _batch_shape(xs))
         if key is not None:
             _checks.check_key("key", key)
-        fused = wave.stack_rollout(
-            self,
-            params,
-            xs,
-            carry,
-            lengths=lengths,
-            reset=reset,
-            reverse=reverse,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-            key=key,
-            wavefront=wavefront,
-        )
+        fused = wave.stack_rollout(self, params, xs, carry, key=key, wavefront=wavefront, **kw)
         if fused is not None:
             return fused
         use_dropout = key is not None and self.dropout_rate > 0.0
         if use_dropout:
             keys = jax.random.split(key, max(n - 1, 1))
-        kw = dict(
-            lengths=lengths,
-            reset=reset,
-            reverse=reverse,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-        )
         carries, h = [], xs
         for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):
             k_layer = None if key is None else jax.random.fold_in(key, i)
