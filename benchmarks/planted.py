@@ -63,7 +63,7 @@ BUGS = (
                 "mean = jnp.sum(states.astype(jnp.float32), axis=1) / states.shape[1]",
             ),
         ),
-        ("tests/test_models_extra.py", "tests/test_models.py"),
+        ("tests/test_models_taggers_classifiers_seq2seq.py", "tests/test_models.py"),
     ),
     Bug(
         "transformer_relu_for_gelu",
