@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from jaxseq import _checks
 
 __all__ = [
+    "CAUSAL_ALIGNMENTS",
     "causal_mask",
+    "causal_offset",
     "combine_masks",
     "length_mask",
     "lengths_to_mask",
@@ -28,19 +30,21 @@ __all__ = [
 ]
 
 
-_CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
+#: The placements of a causal diagonal when ``Tq != Tk`` (see :func:`causal_mask`).
+CAUSAL_ALIGNMENTS = ("top_left", "bottom_right")
 
 
-def _causal_offset(tq: int, tk: int, alignment: str = "top_left", name: str = "alignment") -> int:
+def causal_offset(tq: int, tk: int, alignment: str = "top_left", name: str = "alignment") -> int:
     """The diagonal of a causal mask: query ``i`` may attend key ``j`` iff ``j <= i + offset``.
 
-    ``0`` for ``"top_left"``, ``tk - tq`` for ``"bottom_right"``; ``name`` is the
-    argument named in the error for any other ``alignment``.
+    ``0`` for ``"top_left"``, ``tk - tq`` for ``"bottom_right"`` (see :func:`causal_mask`);
+    ``name`` is the argument named in the ``ValueError`` for any other ``alignment``.
+    A kernel that masks block by block (never forming the ``[Tq, Tk]`` mask) uses it.
 
-    >>> _causal_offset(1, 10, "bottom_right")
-    9
+    >>> causal_offset(1, 10, "bottom_right"), causal_offset(4, 4)
+    (9, 0)
     """
-    _checks.check_choice(name, alignment, _CAUSAL_ALIGNMENTS)
+    _checks.check_choice(name, alignment, CAUSAL_ALIGNMENTS)
     return 0 if alignment == "top_left" else tk - tq
 
 
@@ -69,7 +73,7 @@ def causal_mask(tq: int, tk: int | None = None, *, alignment: str = "top_left") 
     """
     tq = _checks.check_positive_int("tq", tq)
     tk = tq if tk is None else _checks.check_positive_int("tk", tk)
-    offset = _causal_offset(tq, tk, alignment)
+    offset = causal_offset(tq, tk, alignment)
     return jnp.arange(tq)[:, None] + offset >= jnp.arange(tk)[None, :]
 
 

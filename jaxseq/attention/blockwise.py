@@ -14,7 +14,7 @@ from jax import lax
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
 from jaxseq.attention.dot_product import _check_batched_qkv, _check_lengths_arg, _scale_of
-from jaxseq.masks import _causal_offset, length_mask
+from jaxseq.masks import causal_offset, length_mask
 
 __all__ = [
     "blockwise_attention",
@@ -464,7 +464,7 @@ def blockwise_attention(
     (True, True)
     """
     batch, tq, tk, _ = _check_batched_qkv(q, k, v, heads=False)
-    offset = _causal_offset(tq, tk, causal_alignment, "causal_alignment")
+    offset = causal_offset(tq, tk, causal_alignment, "causal_alignment")
     q_lengths = _check_lengths_arg("q_lengths", q_lengths, batch, tq, "Tq", "the batch dims of q")
     k_lengths = _check_lengths_arg("k_lengths", k_lengths, batch, tk, "Tk", "the batch dims of q")
     dk = q.shape[-1]

@@ -45,7 +45,7 @@ from jax import lax
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype, masked_softmax, matmul_f32
-from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks
+from jaxseq.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks
 
 __all__ = [
     "attention_weights",
@@ -152,7 +152,7 @@ def _check_mask_bias(mask, bias, tq, tk):
 
 
 def _check_alignment(causal_alignment):
-    _checks.check_choice("causal_alignment", causal_alignment, _CAUSAL_ALIGNMENTS)
+    _checks.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
 
 
 def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left"):

@@ -17,7 +17,7 @@ from jaxseq.attention.dot_product import (
     _per_head_arg,
     attention_weights,
 )
-from jaxseq.masks import _CAUSAL_ALIGNMENTS, causal_mask, combine_masks, length_mask
+from jaxseq.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks, length_mask
 from jaxseq.nn.dropout import dropout
 
 __all__ = [
@@ -203,7 +203,7 @@ def multi_head_attention(
     _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
     tq, tk = x.shape[0], ctx.shape[0]
     _checks.check_rate("dropout_rate", dropout_rate)
-    _checks.check_choice("causal_alignment", causal_alignment, _CAUSAL_ALIGNMENTS)
+    _checks.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     one = "one example; vmap over a batch"
     q_lengths = _check_lengths_arg("q_lengths", q_lengths, (), tq, "Tq", one)
     k_lengths = _check_lengths_arg("k_lengths", k_lengths, (), tk, "Tk", one)

@@ -45,10 +45,9 @@ def _keep_mask(key, shape, rate: float):
     """``bool[shape]``, each True with probability ``1 - rate`` (to within ``2**-17``).
 
     Two 16-bit uniform draws per 32-bit random word: half the threefry work and
-    half the counter buffers of ``jax.random.bernoulli`` (one word per element).
-    Inside a training step on CPU those buffers are fresh memory on every call,
-    and drawing the masks of a 2-layer char-LM (B=32, K=64, H=256) one word per
-    element cost about 10 ms of a 105 ms step (``benchmarks/README.md``).
+    half the counter buffers of ``jax.random.bernoulli`` (one word per element),
+    which inside a training step are fresh memory on every call (the measurement
+    is in ``benchmarks/README.md``).
     """
     n = math.prod(shape)
     threshold = jnp.uint32(min(round(rate * 65536), 65535))
