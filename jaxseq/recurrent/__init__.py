@@ -1,12 +1,14 @@
-"""Recurrent layers: cells, the fused kernels, rollouts, bidirectional and stacked layers.
+"""Recurrent layers: cells, the route from ``rollout`` to the kernels, layers of cells.
 
-Modules: ``cells`` (RNN, LSTM, GRU), ``linear`` (:func:`linear_recurrence`,
-``h_t = a_t * h_{t-1} + b_t`` sequential or parallel over time), ``minimal``
-(:class:`MinGRU`, :class:`MinLSTM`, solved by it), ``dispatch`` (which kernel runs: the
-fused-rule registry, forward mode, ``unroll="auto"``), ``rules`` (each
-built-in cell's fused gate math), ``kernels`` (the fused custom-VJP rollout),
-``rollouts`` (:func:`rollout` for any cell or sequence layer), ``layers``
-(:class:`Bidirectional`, :class:`Stack`).
+Modules, in the order a rollout passes through them: ``rollouts``
+(:func:`rollout`, the boundary: checks once, then :func:`run`), ``sequence``
+(:class:`Sequence`, the validated inputs, and :func:`prepare`), ``layers``
+(:class:`Bidirectional`, :class:`Stack`), ``dispatch`` (one :class:`Plan` per cell
+rollout: fused rule or scan, unroll, remat), ``kernels`` (the scan and fused
+kernels), ``rules`` (each built-in cell's fused gate math), ``cells`` (RNN, LSTM,
+GRU), ``linear`` (:func:`linear_recurrence`, ``h_t = a_t * h_{t-1} + b_t``
+sequential or parallel over time) and ``minimal`` (:class:`MinGRU`,
+:class:`MinLSTM`, solved by it).
 """
 
 from jaxseq.recurrent.cells import (
@@ -22,29 +24,24 @@ from jaxseq.recurrent.cells import (
 from jaxseq.recurrent.dispatch import (
     KERNELS,
     FusedRule,
+    Plan,
     auto_unroll,
     fused_rule,
     register_fused_rule,
     step_work,
-    supports_fused,
     under_forward_mode,
 )
-from jaxseq.recurrent.kernels import fused_rollout
 from jaxseq.recurrent.layers import (
     Bidirectional,
     BidirectionalCarry,
     BidirectionalParams,
     Stack,
-    bidirectional_rollout,
-    stacked_rollout,
 )
 from jaxseq.recurrent.linear import linear_recurrence
 from jaxseq.recurrent.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
-from jaxseq.recurrent.rollouts import (
-    rollout,
-    rollout_unrolled,
-)
+from jaxseq.recurrent.rollouts import RolloutOptions, rollout, rollout_unrolled, run
 from jaxseq.recurrent.rules import GRU_RULE, LSTM_RULE, RELU_RULE, TANH_RULE
+from jaxseq.recurrent.sequence import Sequence, prepare
 
 __all__ = [
     "Bidirectional",
@@ -63,22 +60,23 @@ __all__ = [
     "MinGRUParams",
     "MinLSTM",
     "MinLSTMParams",
+    "Plan",
     "RELU_RULE",
     "RNN",
     "RNNCarry",
     "RNNParams",
+    "RolloutOptions",
+    "Sequence",
     "Stack",
     "TANH_RULE",
     "auto_unroll",
-    "bidirectional_rollout",
-    "fused_rollout",
     "fused_rule",
     "linear_recurrence",
+    "prepare",
     "register_fused_rule",
     "rollout",
     "rollout_unrolled",
-    "stacked_rollout",
+    "run",
     "step_work",
-    "supports_fused",
     "under_forward_mode",
 ]

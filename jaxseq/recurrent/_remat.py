@@ -17,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxseq.recurrent._segments import _Cfg, _segment_backward, _segment_forward
+from jaxseq.recurrent._segments import Plan, _segment_backward, _segment_forward
 
 
 def _plan(cfg, t):
@@ -37,7 +37,7 @@ def _tail(a, m):
     return None if a is None else a[m:]
 
 
-def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
+def _ckpt_fwd(cfg: Plan, params, xs, h0, c0, v, r):
     """Forward keeping only the carry at each segment start (and the outputs).
 
     An outer ``lax.scan`` over the segments slices its inputs and writes each
@@ -80,7 +80,7 @@ def _ckpt_fwd(cfg: _Cfg, params, xs, h0, c0, v, r):
     return hc, buf, (starts, tail_start)
 
 
-def _ckpt_bwd(cfg: _Cfg, params, xs, v, r, saved, dys, dh, dc):
+def _ckpt_bwd(cfg: Plan, params, xs, v, r, saved, dys, dh, dc):
     """Backward segment by segment, recomputing each segment's forward first.
 
     The outputs are recomputed with the rest of the segment rather than saved:

@@ -24,33 +24,19 @@ Shapes: ``S`` steps, ``N`` rows, ``D`` input, ``H`` hidden, ``G`` gates.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
 from jaxseq._numerics import add_bias, matmul_f32
-from jaxseq.recurrent.dispatch import FusedRule
+from jaxseq.recurrent.dispatch import Plan
 from jaxseq.recurrent.rules import _dot_t, _narrow_like
-
-
-class _Cfg(NamedTuple):
-    """Static settings of one fused rollout (hashable: a ``custom_vjp`` nondiff argument)."""
-
-    rule: FusedRule  # the cell's per-step gate math (jaxseq.recurrent.rules)
-    hidden: int
-    reverse: bool
-    unroll: int
-    segment: int  # 0: no rematerialisation, else checkpoint_every
-    acc: object  # accumulation dtype: float32, or float64 when an operand is float64
-    primal_unroll: int = 0  # unroll of a forward-only (inference) call; 0: ``unroll``
 
 
 def _mask(m, x):
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
-def _step(cfg: _Cfg, params, h, c, xp_t, v_t, r_t, save: bool = True):
+def _step(cfg: Plan, params, h, c, xp_t, v_t, r_t, save: bool = True):
     """One step from the unbiased projection ``xp_t``, with resets and padding.
 
     Returns ``(h, c, y, residuals)``: resets zero the carry before the step,
@@ -72,7 +58,7 @@ def _step(cfg: _Cfg, params, h, c, xp_t, v_t, r_t, save: bool = True):
     return hn, cn, y, res
 
 
-def _segment_forward(cfg: _Cfg, params, xs, h0, c0, v, r, save: bool = True):
+def _segment_forward(cfg: Plan, params, xs, h0, c0, v, r, save: bool = True):
     """Runs the segment; returns ``((h, c), ys, residuals)``. ``xs: [S, N, D]``."""
     # The bias is added inside the step (where it fuses into the gate math for
     # free) rather than to the whole [S, N, G*H] projection (one more pass over it).
@@ -137,7 +123,7 @@ def _carry_in(seq, start, v, r, reverse: bool):
     return prev
 
 
-def _step_backward(cfg: _Cfg, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t,
+def _step_backward(cfg: Plan, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t,
                    h_dtype, c_dtype):  # fmt: skip
     """One step of the backward, with resets and padding: ``(dh_in, dc_in, dxp)``.
 
@@ -169,7 +155,59 @@ def _step_backward(cfg: _Cfg, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t
     return dh_in, dc_in, dxp
 
 
-def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc):
+def _backward_in_place(cfg: Plan, body, init, res, c0, dys, v, r, steps: int, unroll: int):
+    """The LSTM backward loop writing the gate cotangents over the saved activations.
+
+    Returns ``(dh0, dc0, dxp)`` with ``dxp: [S, N, 4H]`` in the activations' buffer.
+    """
+    # The gate cotangents overwrite the activations they came from, step by
+    # step, in the residual's [S, N, 4H] buffer carried through the loop, and
+    # the carry each step started from is read from the saved cell states
+    # by index: no second [S, N, 4H] buffer (nor its zero fill) and no
+    # shifted copy of the cell states. On CPU a training step's temporaries
+    # are fresh pages on every call, so memory not allocated is time saved.
+    acts, cs = res  # cs: the cell states in the accumulation dtype
+    c_seq = cs.astype(c0.dtype)  # rounded as the carry was
+    first, delta = (steps - 1, 1) if cfg.reverse else (0, -1)
+
+    def body_inplace(carry, inp):
+        gh_c, gc_c, buf, a_t = carry
+        t, dy_t, v_t, r_t = inp
+        c32_t = jax.lax.dynamic_index_in_dim(cs, t, 0, keepdims=False)
+        is_first = t == first
+        t_prev = jnp.clip(t + delta, 0, steps - 1)
+        c_prev = jax.lax.dynamic_index_in_dim(c_seq, t_prev, 0, keepdims=False)
+        c_prev = jnp.where(is_first, c0, c_prev)
+        if v is not None:
+            v_prev = jax.lax.dynamic_index_in_dim(v, t_prev, 0, keepdims=False)
+            c_prev = jnp.where(_mask(v_prev | is_first, c_prev), c_prev, c0)
+        if r_t is not None:
+            c_prev = jnp.where(_mask(r_t, c_prev), jnp.zeros_like(c_prev), c_prev)
+        (dh_in, dc_in), dxp = body(
+            (gh_c, gc_c), ((a_t, c32_t), None, None, c_prev.astype(cfg.acc), dy_t, v_t, r_t)
+        )
+        buf = jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0)
+        # The next step's activations are read from the updated buffer (they
+        # are untouched there): the write is then the old buffer's only reader
+        # and XLA updates it in place. Read before the write, as an input of
+        # this step's gate math, the activations would make XLA copy the
+        # whole buffer every step to keep the readers' view intact.
+        a_next = jax.lax.dynamic_index_in_dim(buf, t_prev, 0, keepdims=False)
+        return (dh_in, dc_in, buf, a_next), None
+
+    start = steps - 1 - first  # the step this backward scan processes first
+    a0 = jax.lax.dynamic_index_in_dim(acts, start, 0, keepdims=False)
+    (dh0, dc0, dxp, _), _ = jax.lax.scan(
+        body_inplace,
+        (*init, acts, a0),
+        (jnp.arange(steps, dtype=jnp.int32), dys, v, r),
+        reverse=not cfg.reverse,
+        unroll=unroll,
+    )
+    return dh0, dc0, dxp
+
+
+def _segment_backward(cfg: Plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc):
     """Backward of one segment; returns ``(dh0, dc0, dparams, dxs)``."""
     h_in = _carry_in(ys, h0, v, r, cfg.reverse)
     # In place (see below) only for a rolled loop: in an unrolled body XLA
@@ -193,51 +231,7 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     unroll = max(1, min(cfg.unroll, steps))
     init = (dh.astype(cfg.acc), None if dc is None else dc.astype(cfg.acc))
     if in_place:
-        # The gate cotangents overwrite the activations they came from, step by
-        # step, in the residual's [S, N, 4H] buffer carried through the loop, and
-        # the carry each step started from is read from the saved cell states
-        # by index: no second [S, N, 4H] buffer (nor its zero fill) and no
-        # shifted copy of the cell states. On CPU a training step's temporaries
-        # are fresh pages on every call (a few microseconds per 4 KiB touched),
-        # so memory not allocated is time saved.
-        acts, cs = res  # cs: the cell states in the accumulation dtype
-        c_seq = cs.astype(c0.dtype)  # rounded as the carry was
-        first, delta = (steps - 1, 1) if cfg.reverse else (0, -1)
-
-        def body_inplace(carry, inp):
-            gh_c, gc_c, buf, a_t = carry
-            t, dy_t, v_t, r_t = inp
-            c32_t = jax.lax.dynamic_index_in_dim(cs, t, 0, keepdims=False)
-            is_first = t == first
-            t_prev = jnp.clip(t + delta, 0, steps - 1)
-            c_prev = jax.lax.dynamic_index_in_dim(c_seq, t_prev, 0, keepdims=False)
-            c_prev = jnp.where(is_first, c0, c_prev)
-            if v is not None:
-                v_prev = jax.lax.dynamic_index_in_dim(v, t_prev, 0, keepdims=False)
-                c_prev = jnp.where(_mask(v_prev | is_first, c_prev), c_prev, c0)
-            if r_t is not None:
-                c_prev = jnp.where(_mask(r_t, c_prev), jnp.zeros_like(c_prev), c_prev)
-            (dh_in, dc_in), dxp = body(
-                (gh_c, gc_c), ((a_t, c32_t), None, None, c_prev.astype(cfg.acc), dy_t, v_t, r_t)
-            )
-            buf = jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0)
-            # The next step's activations are read from the updated buffer (they
-            # are untouched there): the write is then the old buffer's only reader
-            # and XLA updates it in place. Read before the write, as an input of
-            # this step's gate math, the activations would make XLA copy the
-            # whole buffer every step to keep the readers' view intact.
-            a_next = jax.lax.dynamic_index_in_dim(buf, t_prev, 0, keepdims=False)
-            return (dh_in, dc_in, buf, a_next), None
-
-        start = steps - 1 - first  # the step this backward scan processes first
-        a0 = jax.lax.dynamic_index_in_dim(acts, start, 0, keepdims=False)
-        (dh0, dc0, dxp, _), _ = jax.lax.scan(
-            body_inplace,
-            (*init, acts, a0),
-            (jnp.arange(steps, dtype=jnp.int32), dys, v, r),
-            reverse=not cfg.reverse,
-            unroll=unroll,
-        )
+        dh0, dc0, dxp = _backward_in_place(cfg, body, init, res, c0, dys, v, r, steps, unroll)
     else:
         y_loop = ys if (cfg.rule.needs_y and not res) else None
         (dh0, dc0), dxp = jax.lax.scan(
@@ -266,7 +260,3 @@ def _segment_backward(cfg: _Cfg, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         dparams.update(cfg.rule.extra_grads(cfg, dhp))
     dxs = _dot_t(dxp, params.w_ih).reshape(xs.shape)
     return dh0, dc0, dparams, dxs
-
-
-def _split_carry(cfg, carry):
-    return carry[0], (carry[1] if cfg.rule.cell_state else None)

@@ -1,27 +1,32 @@
-"""Which kernel a rollout runs, and how far its loop is unrolled.
+"""Which kernel a rollout runs, and how far its loops are unrolled: one :class:`Plan`.
 
-Invariants:
+:func:`plan` is the only place a rollout's kernel is decided. It is called once
+per cell rollout, after :func:`jaxseq.rollout` validated the inputs, and what it
+returns is handed to the kernel (:mod:`jaxseq.recurrent.kernels`) unchanged:
 
-* **One registry** maps EXACT cell types to fused-kernel rules
-  (:func:`register_fused_rule`); the built-in ``RNN``, ``LSTM`` and ``GRU``
-  register theirs in :mod:`jaxseq.recurrent.rules`. Subclasses and user cells
+* **the kernel**: one registry maps EXACT cell types to fused-kernel rules
+  (:func:`register_fused_rule`; the built-in ``RNN``, ``LSTM`` and ``GRU``
+  register theirs in :mod:`jaxseq.recurrent.rules`). Subclasses and user cells
   have no entry (a subclass may change the step), so they take the plain
-  ``lax.scan`` path with ordinary autodiff. Nothing else in the package tests
-  a cell's type to choose a kernel.
-* ``kernel="auto"`` picks the fused kernel for a registered cell unless the
-  rollout is traced for forward-mode autodiff (:func:`under_forward_mode`):
-  the fused kernel is a ``jax.custom_vjp``, which has no forward mode.
-* The dtype does not change the choice (float64 rollouts take the fused
-  kernel too, which then accumulates in float64).
+  ``lax.scan`` path with ordinary autodiff. ``kernel="auto"`` picks the fused
+  kernel for a registered cell unless the rollout is traced for forward-mode
+  autodiff (:func:`under_forward_mode`): the fused kernel is a
+  ``jax.custom_vjp``, which has no forward mode. The dtype does not change the
+  choice (float64 rollouts take the fused kernel too, accumulating in float64).
+* **the unroll**: ``unroll="auto"`` asks :func:`auto_unroll`, once for a
+  differentiated call and once for a forward-only call (the fused kernel runs
+  each with its own factor);
+* **rematerialisation**: ``checkpoint_every=k`` segments (none when ``k >= T``).
 
-**The ``unroll="auto"`` rule** (:func:`auto_unroll`): on CPU each scan
-iteration costs a fixed few microseconds of loop bookkeeping on top of its
-work, so unrolling pays only when the per-step work is tiny, while compile
-time grows with the factor. The rule uses the per-step recurrent work
-``N * H * G * H`` multiply-adds (:func:`step_work`): ``< 2**18`` -> unroll 4,
-otherwise 1; on GPU/TPU (where unrolling lets XLA fuse across steps) a flat 4.
+**The ``unroll="auto"`` rule** (:func:`auto_unroll`): on CPU each scan iteration
+costs a fixed few microseconds of loop bookkeeping on top of its work, so
+unrolling pays only when the per-step work is tiny, while compile time grows
+with the factor. The rule uses the per-step recurrent work ``N * H * G * H``
+multiply-adds (:func:`step_work`): ``< 2**18`` -> unroll 4, otherwise 1; on
+GPU/TPU (where unrolling lets XLA fuse across steps) a flat 4. A forward-only
+call of an LSTM or RNN step of at least ``2**22`` multiply-adds unrolls by 2.
 The factor never exceeds ``T``, and compile time stays independent of ``T``.
-The measurements behind the threshold are in ``benchmarks/README.md``
+The measurements behind the thresholds are in ``benchmarks/README.md``
 ("Choosing the unroll factor"); re-measure on other hardware with
 ``python -m benchmarks.scan_vs_unrolled`` and
 ``python -m benchmarks.kernels --only unroll``.
@@ -36,19 +41,23 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad
+
+from jaxseq._numerics import acc_dtype
 
 __all__ = [
     "KERNELS",
     "FusedRule",
+    "Plan",
     "auto_unroll",
     "fused_rule",
     "register_fused_rule",
+    "plan",
+    "resolve_unroll",
     "step_work",
-    "supports_fused",
     "under_forward_mode",
-    "wavefront_wins",
 ]
 
 
@@ -110,11 +119,11 @@ def register_fused_rule(cell_type: type, rule) -> None:
     >>> import jaxseq as js
     >>> from jaxseq.recurrent import dispatch, rules
     >>> class MyLSTM(js.LSTM): ...
-    >>> dispatch.supports_fused(MyLSTM(4))
-    False
-    >>> dispatch.register_fused_rule(MyLSTM, rules.LSTM_RULE)
-    >>> dispatch.supports_fused(MyLSTM(4))
+    >>> dispatch.fused_rule(MyLSTM(4)) is None
     True
+    >>> dispatch.register_fused_rule(MyLSTM, rules.LSTM_RULE)
+    >>> dispatch.fused_rule(MyLSTM(4)).name
+    'lstm'
     >>> del dispatch._RULES[MyLSTM]
     """
     if not isinstance(cell_type, type):
@@ -140,17 +149,6 @@ def fused_rule(cell) -> FusedRule | None:
     if rule is None or isinstance(rule, FusedRule):
         return rule
     return rule(cell)
-
-
-def supports_fused(cell) -> bool:
-    """Whether ``cell`` has a fused kernel (a rule is registered for its exact type).
-
-    >>> import jaxseq as js
-    >>> class MyGRU(js.GRU): ...
-    >>> js.supports_fused(js.GRU(4)), js.supports_fused(MyGRU(4))
-    (True, False)
-    """
-    return fused_rule(cell) is not None
 
 
 def _forward_mode_tracer(x) -> bool:
@@ -191,29 +189,6 @@ def under_forward_mode(*trees) -> bool:
     return any(_forward_mode_tracer(x) for x in jax.tree_util.tree_leaves(trees))
 
 
-def choose_fused(kernel: str, cell, *trees) -> bool:
-    """Whether a rollout of ``cell`` with ``kernel`` runs the fused kernel.
-
-    ``kernel`` is one of :data:`KERNELS` (already checked); ``trees`` are the
-    rollout's traced inputs (params, xs, carry), looked at for forward mode.
-    ``"fused"`` for a cell without a rule is a ``ValueError``.
-
-    >>> import jax.numpy as jnp, jaxseq as js
-    >>> from jaxseq.recurrent import dispatch
-    >>> dispatch.choose_fused("auto", js.LSTM(4), jnp.ones(2))
-    True
-    >>> dispatch.choose_fused("scan", js.LSTM(4), jnp.ones(2))
-    False
-    """
-    ok = supports_fused(cell)
-    if kernel == "fused" and not ok:
-        raise ValueError(
-            f"kernel: 'fused' needs a cell whose exact type has a registered fused rule "
-            f"(RNN, LSTM or GRU), got {type(cell).__name__}; use kernel='auto' or 'scan'"
-        )
-    return kernel == "fused" or (kernel == "auto" and ok and not under_forward_mode(*trees))
-
-
 def auto_unroll(
     t: int,
     work: int | None = None,
@@ -230,10 +205,9 @@ def auto_unroll(
         (None: unknown, treated as small).
       backend: ``jax.default_backend()`` when None.
       inference: the factor for a forward-only call of the fused kernel (nothing
-        saved for a backward). On CPU, LSTM and RNN steps of ``work >= 2**22``
-        run faster unrolled by 2 there (LSTM (B, H) = (32, 256): 24.5 -> 21.0 ms
-        at T=100; RNN (64, 512): 41.6 -> 37.6 ms; AMD EPYC, 2 cores), while the
-        GRU's and the smaller steps' best stays the training factor.
+        saved for a backward): on CPU, LSTM and RNN steps of ``work >= 2**22``
+        unroll by 2 there, while the GRU's and the smaller steps' factor stays
+        the training one (measurements in ``benchmarks/README.md``).
       gates: ``G`` of the cell (LSTM 4, GRU 3, RNN 1), for the inference rule.
 
     See the module docstring for how the thresholds were measured.
@@ -258,59 +232,107 @@ def auto_unroll(
     return max(1, min(u, t))
 
 
-def wavefront_wins(cell, n_layers: int, batch_shape, t: int, backend: str | None = None) -> bool:
-    """Whether a :class:`~jaxseq.Stack` of ``n_layers`` cells like ``cell`` over ``T = t``
-    steps should run as one wavefront (:mod:`jaxseq.recurrent.wavefront`) instead of layer
-    by layer, when :meth:`~jaxseq.Stack.rollout` decides (``wavefront=None``).
-
-    Currently never: no measured shape trains faster as a wavefront. On CPU, XLA
-    already runs each step's small matmul on both cores (``[32, 256] x [256, 1024]``
-    at about 167 GFLOP/s of the ~204 a large matmul reaches on 2 cores), so two
-    layers' matmuls side by side only share the same cores; what the wavefront can
-    hide is each step's serial gate math, and it pays for that with the
-    inter-layer projections (``x W_ih`` forward, ``dG W_ih^T`` backward) done as
-    per-step matmuls instead of one large matmul, with dropout masks drawn before
-    its loop (layer by layer, a mask is drawn while the layer below runs), and with
-    more work per loop iteration for XLA's executor.
-
-    Measured on 2 cores (AMD EPYC), interleaved medians in one process, input
-    size 128, dropout 0.2 drawn from a key, ``Stack.rollout(..., wavefront=False)``
-    (the fused kernel layer by layer) against ``wavefront=True``; training = value
-    and gradient w.r.t. params and inputs; ms:
-
-    ===============================  =============  =========  ===========  =========
-    stack, (B, H, T)                 train: layers  wavefront  fwd: layers  wavefront
-    ===============================  =============  =========  ===========  =========
-    2 LSTM, (32, 256, 64) (char-LM)  84.6           83.4       24.6         29.9
-    2 LSTM, (64, 512, 100)           816            900        251          271
-    2 LSTM, (1, 128, 1000)           22.0           33.3       8.2          8.3
-    2 GRU, (32, 256, 64)             67.7           71.1       22.7         23.1
-    2 RNN tanh, (32, 256, 64)        28.6           28.5       10.3         11.2
-    3 LSTM, (32, 256, 64)            128            155        38.5         45.6
-    ===============================  =============  =========  ===========  =========
-
-    The char-LM's whole training step (embedding 128, 2 LSTM 256, head, loss and
-    update; B=32, K=64, dropout 0.2) took 85.3 ms layer by layer and 87.9 ms with
-    the wavefront (GRU: 73.6 and 77.1): the stack's 1% gain is lost in the step.
-    Other backends are unmeasured; re-measure on other hardware by timing
-    ``stack.rollout(..., wavefront=True)`` against ``wavefront=False``.
-
-    >>> import jaxseq as js
-    >>> wavefront_wins(js.LSTM(256), 2, (32,), 64, "cpu")
-    False
-    """
-    return False
-
-
 def step_work(cell, batch_shape) -> int:
     """Multiply-adds of one step's recurrent matmul, ``N * H * G * H``, ``N = prod(*B)``.
 
     For cells with ``hidden_size`` and ``num_gates`` (the built-ins).
 
     >>> import jaxseq as js
-    >>> js.step_work(js.LSTM(8), (2, 3))  # 6 * 8 * 4 * 8
+    >>> js.recurrent.step_work(js.LSTM(8), (2, 3))  # 6 * 8 * 4 * 8
     1536
     """
     n = int(np.prod(batch_shape, dtype=np.int64))
     g = int(getattr(cell, "num_gates", 1))
     return n * cell.hidden_size * g * cell.hidden_size
+
+
+def resolve_unroll(unroll, t: int, work: int | None = None, **rule) -> int:
+    """Turns the ``unroll`` argument into a positive int for ``lax.scan``.
+
+    ``"auto"`` asks :func:`auto_unroll` (``work``: multiply-adds of one step's
+    recurrent matmul, when known; ``rule``: its keyword arguments); ``True``
+    unrolls all ``T`` steps; an int is capped at ``T``.
+
+    >>> resolve_unroll(True, 7), resolve_unroll(2, 7), resolve_unroll(9, 7)
+    (7, 2, 7)
+    """
+    if unroll is True:
+        return max(t, 1)
+    if isinstance(unroll, str) and unroll == "auto":
+        return auto_unroll(t, work, **rule)
+    if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer) or unroll < 1:
+        raise ValueError(f"unroll: expected a positive int, True or 'auto', got {unroll!r}")
+    return max(1, min(int(unroll), t))
+
+
+class Plan(NamedTuple):
+    """How one cell rollout runs: what :func:`plan` decides and the kernel follows.
+
+    Hashable (a ``custom_vjp``'s static argument). Fields:
+      rule: the cell's :class:`FusedRule` (the fused kernel), or None (``lax.scan``).
+      hoisted: scan path: the cell has ``project``/``recur``, so the input
+        projection runs once before the loop.
+      reverse: process from ``T - 1`` down to 0.
+      unroll: the loops' unroll factor (a differentiated call).
+      inference_unroll: the factor of a forward-only call of the fused kernel.
+      segment: ``checkpoint_every`` when it is below ``T``, else 0 (no remat).
+      hidden: ``H`` of a fused rule's cell (0 on the scan path).
+      acc: the fused kernel's accumulation dtype (float32; float64 when an operand is).
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> from jaxseq.recurrent import dispatch
+    >>> seq = js.recurrent.prepare(js.LSTM(4), None, jnp.ones((10, 2, 3)))
+    >>> p = dispatch.plan(js.LSTM(4), None, seq, None, js.recurrent.RolloutOptions())
+    >>> p.rule.name, p.unroll, p.segment
+    ('lstm', 4, 0)
+    """
+
+    rule: FusedRule | None
+    hoisted: bool
+    reverse: bool
+    unroll: int
+    inference_unroll: int
+    segment: int
+    hidden: int = 0
+    acc: Any = None
+
+
+def plan(cell, params, seq, carry, options) -> Plan:
+    """The :class:`Plan` of a rollout of ``cell`` over ``seq`` (a validated
+    :class:`~jaxseq.recurrent.Sequence`) with ``options`` (a
+    :class:`~jaxseq.recurrent.RolloutOptions`).
+
+    ``kernel="fused"`` for a cell without a rule is a ``ValueError``.
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> from jaxseq.recurrent import dispatch
+    >>> seq = js.recurrent.prepare(js.GRU(4), None, jnp.ones((10, 2, 3)))
+    >>> opts = js.recurrent.RolloutOptions(kernel="scan", unroll=2, checkpoint_every=5)
+    >>> p = dispatch.plan(js.GRU(4), None, seq, None, opts)
+    >>> p.rule is None, p.hoisted, p.unroll, p.segment
+    (True, True, 2, 5)
+    """
+    t, kernel = seq.t, options.kernel
+    rule = None if kernel == "scan" else fused_rule(cell)
+    if kernel == "fused" and rule is None:
+        raise ValueError(
+            f"kernel: 'fused' needs a cell whose exact type has a registered fused rule "
+            f"(RNN, LSTM or GRU), got {type(cell).__name__}; use kernel='auto' or 'scan'"
+        )
+    if kernel == "auto" and rule is not None and under_forward_mode(params, seq.xs, carry):
+        rule = None
+    sized = hasattr(cell, "hidden_size") and hasattr(cell, "num_gates")
+    work = step_work(cell, seq.batch_shape) if sized else None
+    unroll = resolve_unroll(options.unroll, t, work)
+    k = options.checkpoint_every
+    segment = k if k and k < t else 0
+    if rule is None:
+        hoisted = callable(getattr(cell, "project", None)) and callable(
+            getattr(cell, "recur", None)
+        )
+        return Plan(None, hoisted, options.reverse, unroll, unroll, segment)
+    inference = unroll
+    if isinstance(options.unroll, str):
+        inference = auto_unroll(t, work, inference=True, gates=int(cell.num_gates))
+    acc = jnp.dtype(acc_dtype(*jax.tree_util.tree_leaves((params, seq.xs, carry))))
+    return Plan(rule, True, options.reverse, unroll, inference, segment, cell.hidden_size, acc)

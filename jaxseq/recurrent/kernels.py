@@ -1,19 +1,24 @@
-"""Fast recurrent kernels for the built-in cells (used by ``js.rollout``).
+"""The two kernels of a cell rollout, each following the
+:class:`~jaxseq.recurrent.dispatch.Plan` it is handed and trusting the validated
+:class:`~jaxseq.recurrent.Sequence` it runs over:
 
-:func:`fused_rollout` runs a whole rollout of a cell with a registered fused
-rule (:func:`~jaxseq.recurrent.dispatch.register_fused_rule`; the built-in
-:class:`~jaxseq.RNN`, :class:`~jaxseq.LSTM` and :class:`~jaxseq.GRU`) as one
-``jax.custom_vjp``. The pieces, one idea per module:
+* :func:`scan_rollout`: any cell, its step (or ``recur`` after one hoisted
+  ``project``) in a ``lax.scan`` with ordinary autodiff;
+* :func:`fused_rollout`: a cell with a registered fused rule
+  (:func:`~jaxseq.recurrent.dispatch.register_fused_rule`; the built-in
+  :class:`~jaxseq.RNN`, :class:`~jaxseq.LSTM` and :class:`~jaxseq.GRU`) as one
+  ``jax.custom_vjp`` with one forward and one backward rule.
+
+The pieces of the fused kernel, one idea per module:
 
 * :mod:`jaxseq.recurrent.dispatch`: which kernel runs (the registry, forward
-  mode) and the ``unroll="auto"`` rule;
+  mode), the ``unroll="auto"`` rule, the plan;
 * :mod:`jaxseq.recurrent.rules`: each cell's gate math, forward and backward;
 * ``jaxseq.recurrent._segments``: the forward and backward loops over a
   segment of steps (hoisted input projection, one fused ``h @ W_hh`` per step,
   weight gradients as one matmul each after the loop);
 * ``jaxseq.recurrent._remat``: ``checkpoint_every=k``, rematerialised segments;
-* this module: the ``custom_vjp`` that ties them together, and
-  :func:`fused_rollout`, its entry point.
+* this module: the ``custom_vjp`` that ties them together.
 
 Properties of the kernel:
 
@@ -21,13 +26,13 @@ Properties of the kernel:
   step: the forward writes the gate activations over the projection they came
   from, and the backward (rolled loop, ``unroll=1``) writes the gate
   cotangents over the activations. XLA:CPU hands a jitted call its
-  temporaries as fresh memory on every call, and first-touching it costs
-  about a millisecond per megabyte on a small VM, so memory not used is time
-  saved.
-* ``lengths`` (right padding), ``reset`` and ``reverse`` are handled inside
+  temporaries as fresh memory on every call, and first-touching memory has a
+  cost, so memory not used is time saved (``benchmarks/README.md``).
+* padding (``Sequence.valid``), ``reset`` and ``reverse`` are handled inside
   the kernel with the exact semantics of :func:`jaxseq.rollout_unrolled`
   (padded steps pass the carry through and output zeros; resets zero the
-  carry before a step); gradients equal plain autodiff of that reference.
+  carry before a step; a sequence without padding does no padded-step work);
+  gradients equal plain autodiff of that reference.
 * Numerics follow the cells: matmuls accumulate in float32 (float64 when an
   operand is float64, so float64 rollouts are float64 throughout), the gate
   math and all cotangents inside the kernel use that accumulation dtype;
@@ -47,147 +52,172 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jaxseq._numerics import acc_dtype
 from jaxseq.recurrent._remat import _ckpt_bwd, _ckpt_fwd
-from jaxseq.recurrent._segments import _Cfg, _segment_backward, _segment_forward, _split_carry
-from jaxseq.recurrent.dispatch import fused_rule
+from jaxseq.recurrent._segments import _segment_backward, _segment_forward
+from jaxseq.recurrent.dispatch import Plan
+from jaxseq.recurrent.sequence import Sequence, processing_resets
 
 __all__ = [
     "fused_rollout",
+    "scan_rollout",
 ]
 
 
-def _fused_fwd(cfg: _Cfg, params, xs, carry, v, r):
-    h0, c0 = _split_carry(cfg, carry)
-    if not cfg.segment:
-        (h, c), ys, res = _segment_forward(cfg, params, xs, h0, c0, v, r)
-        return (h, c), ys, (params, xs, carry, v, r, ys, res)
-    (h, c), ys, saved = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
-    return (h, c), ys, (params, xs, carry, v, r, None, saved)
+def _expand(mask, leaf):
+    """``mask: [*B]`` -> broadcastable against ``leaf: [*B, H]``."""
+    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
 
 
-def _fused_bwd(cfg: _Cfg, saved, cts):
-    params, xs, carry, v, r, ys, extra = saved
+def _select(mask, new, old):
+    return jax.tree_util.tree_map(lambda n, o: jnp.where(_expand(mask, n), n, o), new, old)
+
+
+def step_fn(cell, params, zero_carry, hoisted: bool):
+    """One step with resets and padding: ``(carry, (x_t, valid_t, reset_t)) -> (carry, y)``.
+
+    A reset (``reset_t``) sets the carry to ``zero_carry`` before the step; a padded
+    step (``valid_t`` False) keeps the carry it came with and outputs zeros. ``None``
+    for either flag: no such work in the step.
+    """
+    step = cell.recur if hoisted else cell.step
+
+    def body(carry, inp):
+        x_t, v_t, r_t = inp
+        prev = carry
+        if r_t is not None:
+            carry = _select(r_t, zero_carry, carry)
+        new, y = step(params, carry, x_t)
+        if v_t is not None:
+            new = _select(v_t, new, prev)
+            y = jnp.where(_expand(v_t, y), y, jnp.zeros_like(y))
+        return new, y
+
+    return body
+
+
+def _pad_steps(a, pad, fill):
+    return None if a is None else jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill)], 0)
+
+
+def scan_rollout(cell, params, seq: Sequence, carry, plan: Plan):
+    """Rollout of any cell by ``lax.scan``: ``[T, *B, D] -> (carry, [T, *B, H])``.
+
+    With ``plan.segment = k`` the scan runs in segments of ``k`` steps under
+    ``jax.checkpoint`` (``T`` padded to whole segments with steps that count as padding).
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> from jaxseq.recurrent import dispatch, kernels
+    >>> cell = js.GRU(4)
+    >>> params, seq = cell.init(jax.random.key(0), 3), js.recurrent.prepare(cell, None, jnp.ones((5, 2, 3)))
+    >>> opts = js.recurrent.RolloutOptions(kernel="scan")
+    >>> plan = dispatch.plan(cell, params, seq, None, opts)
+    >>> carry, ys = kernels.scan_rollout(cell, params, seq, cell.initial_carry((2,)), plan)
+    >>> ys.shape
+    (5, 2, 4)
+    """
+    t, k = seq.t, plan.segment
+    inputs = cell.project(params, seq.xs) if plan.hoisted else seq.xs
+    valid, reset = seq.valid, processing_resets(seq.reset, seq.valid, plan.reverse)
+    body = step_fn(cell, params, jax.tree_util.tree_map(jnp.zeros_like, carry), plan.hoisted)
+
+    def run(c, steps):
+        n = steps[0].shape[0]
+        return jax.lax.scan(
+            body, c, steps, reverse=plan.reverse, unroll=min(plan.unroll, max(n, 1))
+        )
+
+    if not k:
+        return run(carry, (inputs, valid, reset))
+    pad = -(-t // k) * k - t
+    if pad:
+        valid = jnp.ones((t, *seq.batch_shape), bool) if valid is None else valid
+        inputs, valid, reset = (
+            _pad_steps(inputs, pad, 0),
+            _pad_steps(valid, pad, False),
+            _pad_steps(reset, pad, False),
+        )
+
+    def segments(a):
+        return None if a is None else a.reshape((-1, k) + a.shape[1:])
+
+    carry, ys = jax.lax.scan(
+        jax.checkpoint(run),
+        carry,
+        tuple(map(segments, (inputs, valid, reset))),
+        reverse=plan.reverse,
+    )
+    return carry, ys.reshape((-1,) + ys.shape[2:])[:t]
+
+
+def _primal(plan: Plan, params, xs, hc, v, r):
+    """A forward-only call: the same loops, saving nothing, with their own unroll."""
+    plan = plan._replace(unroll=plan.inference_unroll)
+    if plan.segment:
+        hc, ys, _ = _ckpt_fwd(plan, params, xs, *hc, v, r)
+    else:
+        hc, ys, _ = _segment_forward(plan, params, xs, *hc, v, r, save=False)
+    return hc, ys
+
+
+def _forward(plan: Plan, params, xs, hc, v, r):
+    if plan.segment:
+        hc_new, ys, saved = _ckpt_fwd(plan, params, xs, *hc, v, r)
+        return (hc_new, ys), (params, xs, hc, v, r, None, saved)
+    hc_new, ys, res = _segment_forward(plan, params, xs, *hc, v, r)
+    return (hc_new, ys), (params, xs, hc, v, r, ys, res)
+
+
+def _backward(plan: Plan, saved, cts):
+    params, xs, (h0, c0), v, r, ys, res = saved
     (dh, dc), dys = cts
-    h0, c0 = _split_carry(cfg, carry)
-    dh = dh.astype(cfg.acc)
-    dc = None if dc is None else dc.astype(cfg.acc)
-    if not cfg.segment:
-        dh0, dc0, dp, dxs = _segment_backward(cfg, params, xs, h0, c0, v, r, ys, extra, dys, dh, dc)
+    dh = dh.astype(plan.acc)
+    dc = None if dc is None else dc.astype(plan.acc)
+    if plan.segment:
+        dh0, dc0, dp, dxs = _ckpt_bwd(plan, params, xs, v, r, res, dys, dh, dc)
     else:
-        dh0, dc0, dp, dxs = _ckpt_bwd(cfg, params, xs, v, r, extra, dys, dh, dc)
+        dh0, dc0, dp, dxs = _segment_backward(plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     dparams = type(params)(**{name: dp[name].astype(getattr(params, name).dtype) for name in dp})
-    dcarry = [dh0.astype(h0.dtype)]
-    if cfg.rule.cell_state:
-        dcarry.append(dc0.astype(c0.dtype))
-    return dparams, dxs.astype(xs.dtype), type(carry)(*dcarry), None, None
+    dc0 = None if c0 is None else dc0.astype(c0.dtype)
+    return dparams, dxs.astype(xs.dtype), (dh0.astype(h0.dtype), dc0), None, None
 
 
-def _fused_primal(cfg: _Cfg, params, xs, carry, v, r):
-    """Inference: the same scan, saving nothing for a backward, with its own unroll."""
-    if cfg.primal_unroll:
-        cfg = cfg._replace(unroll=cfg.primal_unroll)
-    h0, c0 = _split_carry(cfg, carry)
-    if cfg.segment:
-        (h, c), ys, _ = _ckpt_fwd(cfg, params, xs, h0, c0, v, r)
-    else:
-        (h, c), ys, _ = _segment_forward(cfg, params, xs, h0, c0, v, r, save=False)
-    return (type(carry)(h, c) if cfg.rule.cell_state else type(carry)(h)), ys
+_fused = jax.custom_vjp(_primal, nondiff_argnums=(0,))
+_fused.defvjp(_forward, _backward)
 
 
-def _fused_fwd_rule(cfg, params, xs, carry, v, r):
-    (h, c), ys, saved = _fused_fwd(cfg, params, xs, carry, v, r)
-    new = type(carry)(h, c) if cfg.rule.cell_state else type(carry)(h)
-    return (new, ys), saved
-
-
-def _fused_bwd_rule(cfg, saved, cts):
-    new_carry, dys = cts
-    kind_lstm = cfg.rule.cell_state
-    dh = new_carry.h
-    dc = new_carry.c if kind_lstm else None
-    return _fused_bwd(cfg, saved, ((dh, dc), dys))
-
-
-_fused = jax.custom_vjp(_fused_primal, nondiff_argnums=(0,))
-_fused.defvjp(_fused_fwd_rule, _fused_bwd_rule)
-
-
-def fused_rollout(
-    cell,
-    params,
-    xs,
-    carry,
-    *,
-    valid=None,
-    reset=None,
-    reverse=False,
-    unroll=1,
-    checkpoint_every=None,
-    inference_unroll=None,
-):
+def fused_rollout(cell, params, seq: Sequence, carry, plan: Plan):
     """Rollout of a built-in cell through the fused kernel: ``[T, *B, D] -> [T, *B, H]``.
 
-    The kernel behind :func:`jaxseq.rollout`'s ``kernel="fused"``; arguments are
-    validated there (call that instead unless you need the kernel itself).
-
-    Args:
-      cell: a cell whose exact type has a registered rule (``RNN``, ``LSTM``,
-        ``GRU``; see :func:`~jaxseq.recurrent.dispatch.supports_fused`).
-      params: its parameters.
-      xs: ``[T, *B, D]``.
-      carry: carry of batch ``*B`` (``RNNCarry``/``LSTMCarry``).
-      valid: optional ``bool[T, *B]``: step ``t`` is inside the sequence
-        (right padding, i.e. ``t < lengths``). The inputs at invalid steps still
-        enter the projection and the weight gradients, so they must be finite
-        (:func:`jaxseq.rollout` sets them to zero first).
-      reset: optional ``bool[T, *B]`` in processing order: zero the carry
-        before step ``t`` (see ``jaxseq.recurrent.rollouts.processing_resets``).
-      reverse: process from ``T - 1`` down to 0.
-      unroll: positive int, the ``lax.scan`` unroll of the time loops.
-      inference_unroll: None (same as ``unroll``) or a positive int: the unroll of
-        a call that is not differentiated (a forward-only call saves nothing for a
-        backward, and its best unroll differs; see
-        :func:`~jaxseq.recurrent.dispatch.auto_unroll`).
-      checkpoint_every: None, or a positive int ``k``: rematerialise the
-        forward in segments of ``k`` steps during the backward.
+    ``plan`` comes from :func:`~jaxseq.recurrent.dispatch.plan` (its ``rule`` set);
+    ``seq`` from :func:`~jaxseq.recurrent.prepare`. :func:`jaxseq.rollout` calls
+    this (use that unless you need the kernel itself).
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]``.
 
     >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> from jaxseq.recurrent import dispatch, kernels
     >>> cell = js.LSTM(4)
-    >>> params = cell.init(jax.random.key(0), 3)
-    >>> xs = jnp.ones((5, 2, 3))
-    >>> carry, ys = fused_rollout(cell, params, xs, cell.initial_carry((2,)))
+    >>> params, seq = cell.init(jax.random.key(0), 3), js.recurrent.prepare(cell, None, jnp.ones((5, 2, 3)))
+    >>> plan = dispatch.plan(cell, params, seq, None, js.recurrent.RolloutOptions())
+    >>> carry, ys = kernels.fused_rollout(cell, params, seq, cell.initial_carry((2,)), plan)
     >>> ys.shape, carry.c.shape
     ((5, 2, 4), (2, 4))
     """
-    t = xs.shape[0]
-    batch_shape = tuple(xs.shape[1:-1])
-    n = math.prod(batch_shape)
-    hsz = cell.hidden_size
-    seg = 0 if checkpoint_every is None or checkpoint_every >= t else int(checkpoint_every)
-    acc = acc_dtype(*jax.tree_util.tree_leaves((params, xs, carry)))
-    rule = fused_rule(cell)
-    if rule is None:
-        raise ValueError(
-            f"cell: expected a cell whose exact type has a registered fused rule (RNN, LSTM, GRU), "
-            f"got {type(cell).__name__}"
-        )
-    primal = 0 if inference_unroll is None else max(1, min(int(inference_unroll), t))
-    cfg = _Cfg(rule, hsz, bool(reverse), int(unroll), seg, jnp.dtype(acc), primal)
-
+    t, batch_shape, hsz = seq.t, seq.batch_shape, plan.hidden
     if t == 0:
         return carry, jnp.zeros((0, *batch_shape, hsz), carry.h.dtype)
+    n = math.prod(batch_shape)
 
     def flat(a, tail):
-        return None if a is None else a.reshape((n,) + tail)
+        return None if a is None else a.reshape((n, *tail))
 
-    xs_f = xs.reshape((t, n, xs.shape[-1]))
-    carry_f = type(carry)(*(flat(leaf, (hsz,)) for leaf in carry))
-    v_f = None if valid is None else valid.reshape((t, n))
-    r_f = None if reset is None else reset.reshape((t, n))
-    carry_o, ys = _fused(cfg, params, xs_f, carry_f, v_f, r_f)
-    carry_o = type(carry)(*(leaf.reshape(batch_shape + (hsz,)) for leaf in carry_o))
-    return carry_o, ys.reshape((t, *batch_shape, hsz))
+    reset = processing_resets(seq.reset, seq.valid, plan.reverse)
+    hc = (flat(carry.h, (hsz,)), flat(carry.c, (hsz,)) if plan.rule.cell_state else None)
+    xs = seq.xs.reshape((t, n, seq.xs.shape[-1]))
+    v = None if seq.valid is None else seq.valid.reshape((t, n))
+    r = None if reset is None else reset.reshape((t, n))
+    (h, c), ys = _fused(plan, params, xs, hc, v, r)
+    new = (h,) if c is None else (h, c)
+    new = type(carry)(*(leaf.reshape((*batch_shape, hsz)) for leaf in new))
+    return new, ys.reshape((t, *batch_shape, hsz))

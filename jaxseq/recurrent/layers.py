@@ -4,42 +4,35 @@ Both are :class:`~jaxseq.protocols.SequenceLayer` s: ``js.rollout(layer, params,
 xs, ...)`` runs them through their ``rollout`` method, with the same arguments
 and defaults as for a cell; their halves/layers may be cells or any sequence
 layer. Time-major like the rollouts: ``xs: [T, *B, D] -> ys: [T, *B, H]``, or
-batch-major with ``time_major=False``: ``xs: [*B, T, D] -> ys: [*B, T, H]``
-(one transpose in and one out, at the outermost call: the layers inside run
-time-major). :func:`bidirectional_rollout` and :func:`stacked_rollout` are the
-same methods as functions.
+batch-major with ``js.rollout(..., time_major=False)``: ``xs: [*B, T, D] -> ys:
+[*B, T, H]`` (one transpose in and one out, in ``js.rollout``: the layers inside
+run time-major). Their ``rollout`` methods are the inside of the route: they get
+the inputs already checked, as a :class:`~jaxseq.recurrent.Sequence`, and the
+settings as a :class:`~jaxseq.recurrent.RolloutOptions`, and run their parts
+through :func:`jaxseq.recurrent.run` without checking again.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxseq import _checks
 from jaxseq.nn.dropout import dropout
-from jaxseq.recurrent.rollouts import rollout
+from jaxseq.recurrent.rollouts import RolloutOptions, run
+from jaxseq.recurrent.sequence import Sequence
 
 __all__ = [
     "Bidirectional",
     "BidirectionalCarry",
     "BidirectionalParams",
     "Stack",
-    "bidirectional_rollout",
-    "stacked_rollout",
 ]
-
-
-def _batch_shape(xs):
-    """``*B`` of ``xs: [T, *B, D]``, or None when ``xs`` is no such array (the rollout
-    of the first layer reports that)."""
-    shape = getattr(xs, "shape", None)
-    if shape is None or len(shape) < 2:
-        return None
-    return tuple(shape[1:-1])
 
 
 def _check_layer_carry(layer, carry, batch_shape, name: str) -> None:
@@ -183,121 +176,34 @@ class Bidirectional:
             if callable(getattr(half, "check_input", None)):
                 half.check_input(p, x, name=name, min_ndim=min_ndim)
 
-    def rollout(
-        self,
-        params,
-        xs,
-        carry=None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse=False,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        time_major=True,
-        key=None,
-    ):
-        """Both directions over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout` for the arguments.
+    def rollout(self, params, seq: Sequence, carry, options: RolloutOptions, key=None):
+        """Both directions over ``seq.xs: [T, *B, D]`` (run by :func:`jaxseq.rollout`).
 
-        ``reverse=True`` swaps the directions: ``forward`` runs from the end of
-        each sequence's valid part, ``backward`` from its start; the output
+        ``options.reverse`` swaps the directions: ``forward`` runs from the end
+        of each sequence's valid part, ``backward`` from its start; the output
         layout stays ``[forward's outputs, backward's outputs]``. So for
         full-length sequences without resets, ``reverse=True`` on the
-        time-flipped input gives the time-flipped output. ``unroll``, ``kernel``
-        and ``checkpoint_every`` go to both halves; ``key`` (when given) is split
-        between them (cells ignore it).
-
-        ``time_major=False``: ``xs: [*B, T, D]``, ``reset: [*B, T]`` and
-        ``ys: [*B, T, Hf + Hb]``, one transpose each way around both halves.
+        time-flipped input gives the time-flipped output. The other options go
+        to both halves; ``key`` (when given) is split between them (cells ignore it).
 
         Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``;
         each carry is the one after that half's last processed step (for the
         backward half without ``reverse``, after time step 0).
+
+        >>> import jax, jax.numpy as jnp, jaxseq as js
+        >>> layer = js.Bidirectional(js.RNN(3))
+        >>> params = layer.init(jax.random.key(0), 2)
+        >>> js.rollout(layer, params, jnp.ones((4, 2)))[1].shape
+        (4, 6)
         """
-        if not time_major:
-            return rollout(
-                self,
-                params,
-                xs,
-                carry,
-                lengths=lengths,
-                reset=reset,
-                reverse=reverse,
-                unroll=unroll,
-                kernel=kernel,
-                checkpoint_every=checkpoint_every,
-                time_major=False,
-                key=key,
-            )
-        self.check_params(params)
-        if carry is None:
-            carry = BidirectionalCarry(None, None)
-        else:
-            self.check_carry(carry, _batch_shape(xs))
+        cf, cb = (None, None) if carry is None else carry
         kf = kb = None
         if key is not None:
-            _checks.check_key("key", key)
             kf, kb = jax.random.split(key)
-        kw = dict(
-            lengths=lengths,
-            reset=reset,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-        )
-        reverse = bool(reverse)
-        cf, yf = rollout(
-            self.forward, params.forward, xs, carry.forward, reverse=reverse, key=kf, **kw
-        )
-        cb, yb = rollout(
-            self.backward, params.backward, xs, carry.backward, reverse=not reverse, key=kb, **kw
-        )
+        backward = dataclasses.replace(options, reverse=not options.reverse)
+        cf, yf = run(self.forward, params.forward, seq, cf, options, kf)
+        cb, yb = run(self.backward, params.backward, seq, cb, backward, kb)
         return BidirectionalCarry(cf, cb), jnp.concatenate([yf, yb], axis=-1)
-
-
-def bidirectional_rollout(
-    layer: Bidirectional,
-    params,
-    xs,
-    carry=None,
-    *,
-    lengths=None,
-    reset=None,
-    reverse=False,
-    unroll="auto",
-    kernel="auto",
-    checkpoint_every=None,
-    time_major=True,
-    key=None,
-):
-    """``layer.rollout(...)`` for a :class:`Bidirectional` (same arguments and defaults).
-
-    Prefer ``js.rollout(layer, ...)``, which runs any layer.
-
-    Returns ``(BidirectionalCarry(forward, backward), ys: [T, *B, Hf + Hb])``.
-
-    >>> import jax, jax.numpy as jnp, jaxseq as js
-    >>> layer = js.Bidirectional(js.RNN(3))
-    >>> params = layer.init(jax.random.key(0), 2)
-    >>> js.bidirectional_rollout(layer, params, jnp.ones((4, 2)))[1].shape
-    (4, 6)
-    """
-    if not isinstance(layer, Bidirectional):
-        raise TypeError(f"layer: expected js.Bidirectional, got {type(layer).__name__}")
-    return layer.rollout(
-        params,
-        xs,
-        carry,
-        lengths=lengths,
-        reset=reset,
-        reverse=reverse,
-        unroll=unroll,
-        kernel=kernel,
-        checkpoint_every=checkpoint_every,
-        time_major=time_major,
-        key=key,
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,13 +236,13 @@ class Stack:
     variational_dropout: bool = False
 
     def __post_init__(self):
-        layers = tuple(self.layers) if isinstance(self.layers, Sequence) else None
+        layers = tuple(self.layers) if isinstance(self.layers, collections.abc.Sequence) else None
         if not layers:
             raise ValueError(f"layers: expected a non-empty sequence of cells, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         _checks.check_rate("dropout_rate", self.dropout_rate)
+        sizes = [_check_output_size(layer, i) for i, layer in enumerate(layers)]
         if self.residual:
-            sizes = [lay.output_size for lay in layers]
             for i in range(1, len(layers)):
                 if sizes[i] != sizes[i - 1]:
                     raise ValueError(
@@ -438,94 +344,35 @@ class Stack:
                 first.check_params(params[0])
             first.check_input(params[0], x, name=name, min_ndim=min_ndim)
 
-    def rollout(
-        self,
-        params,
-        xs,
-        carry=None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse=False,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        time_major=True,
-        key=None,
-        wavefront=None,
-    ):
-        """Every layer in turn over ``xs: [T, *B, D]``; see :func:`jaxseq.rollout`.
+    def rollout(self, params, seq: Sequence, carry, options: RolloutOptions, key=None):
+        """Every layer in turn over ``seq.xs: [T, *B, D]`` (run by :func:`jaxseq.rollout`).
 
-        ``lengths``/``reset`` apply to every layer; ``reverse=True`` reverses every
-        layer (a :class:`Bidirectional` swaps its directions); ``unroll``,
-        ``kernel`` and ``checkpoint_every`` go to every layer. Dropout between
-        layers is on only when ``key`` is given; each layer also gets a key of
-        its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
-
-        ``time_major=False``: ``xs: [*B, T, D]``, ``reset: [*B, T]`` and
-        ``ys: [*B, T, H_last]``, one transpose each way around the whole stack
-        (the layers and the dropout between them run time-major).
-
-        ``wavefront``: a stack of two or more cells of one built-in kind (all
-        ``LSTM``, all ``GRU`` or all ``RNN`` with one activation; no
-        ``residual``, ``reverse`` or ``checkpoint_every``) may run as ONE
-        wavefront, layer ``l`` at step ``t`` next to layer ``l + 1`` at step
-        ``t - 1`` (:mod:`jaxseq.recurrent.wavefront`), with the same values,
-        gradients and dropout masks as layer by layer (to float rounding).
-        ``None`` (default): when eligible and
-        :func:`~jaxseq.recurrent.dispatch.wavefront_wins` says it trains
-        faster (measured on 2 CPU cores: nowhere yet, so layer by layer);
-        ``True``: require it (``ValueError`` saying why it cannot run);
-        ``False``: always layer by layer. Not forwarded by :func:`jaxseq.rollout`
-        (pass it to this method).
+        The padding, resets and options apply to every layer; ``reverse=True``
+        reverses every layer (a :class:`Bidirectional` swaps its directions).
+        Dropout between layers is on only when ``key`` is given; each layer also
+        gets a key of its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
+        The outputs of each layer are zero at padded steps, so they enter the
+        next layer as its inputs with nothing to mask again.
 
         Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
         last layer's outputs ``[T, *B, H_last]``.
 
         >>> import jax, jax.numpy as jnp, jaxseq as js
-        >>> stack = js.Stack([js.LSTM(4), js.LSTM(4)], dropout_rate=0.2)
-        >>> params = stack.init(jax.random.key(0), 3)
-        >>> xs, key = jnp.ones((6, 2, 3)), jax.random.key(1)
-        >>> _, ys = stack.rollout(params, xs, key=key, wavefront=True)
-        >>> _, ref = stack.rollout(params, xs, key=key, wavefront=False)
-        >>> bool(jnp.allclose(ys, ref, atol=1e-6))
-        True
+        >>> stack = js.Stack([js.GRU(3), js.GRU(3)], residual=True)
+        >>> params = stack.init(jax.random.key(0), 2)
+        >>> carries, ys = js.rollout(stack, params, jnp.ones((4, 2, 2)))
+        >>> ys.shape, carries[1].h.shape
+        ((4, 2, 3), (2, 3))
         """
-        from jaxseq.recurrent import rollouts
-        from jaxseq.recurrent import wavefront as wave
-
-        kw = dict(
-            lengths=lengths,
-            reverse=reverse,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-        )
-        if not rollouts._check_time_major(time_major):
-            xs, reset = rollouts.to_time_major(self, params, xs, lengths, reset)
-            carries, ys = self.rollout(
-                params, xs, carry, reset=reset, key=key, wavefront=wavefront, **kw
-            )
-            return carries, rollouts.from_time_major(ys)
-        kw["reset"] = reset
         n = len(self.layers)
-        self.check_params(params)
-        if carry is None:
-            carry = (None,) * n
-        else:
-            self.check_carry(carry, _batch_shape(xs))
-        if key is not None:
-            _checks.check_key("key", key)
-        fused = wave.stack_rollout(self, params, xs, carry, key=key, wavefront=wavefront, **kw)
-        if fused is not None:
-            return fused
+        carry = (None,) * n if carry is None else carry
         use_dropout = key is not None and self.dropout_rate > 0.0
-        if use_dropout:
-            keys = jax.random.split(key, max(n - 1, 1))
-        carries, h = [], xs
+        keys = jax.random.split(key, max(n - 1, 1)) if use_dropout else None
+        carries, h = [], seq.xs
         for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):
             k_layer = None if key is None else jax.random.fold_in(key, i)
-            c, y = rollout(layer, p, h, c, key=k_layer, **kw)
+            c, y = run(layer, p, seq._replace(xs=h), c, options, k_layer)
+            _check_output(layer, i, y)
             if self.residual and i > 0:
                 y = y + h.astype(y.dtype)
             if use_dropout and i < n - 1:
@@ -535,50 +382,29 @@ class Stack:
         return tuple(carries), h
 
 
-def stacked_rollout(
-    stack: Stack,
-    params,
-    xs,
-    carry=None,
-    *,
-    lengths=None,
-    reset=None,
-    reverse=False,
-    unroll="auto",
-    kernel="auto",
-    checkpoint_every=None,
-    time_major=True,
-    key=None,
-):
-    """``stack.rollout(...)`` for a :class:`Stack` (same arguments and defaults).
+def _check_output(layer, i: int, y) -> None:
+    """A layer's outputs must have the ``output_size`` it declares (trace time)."""
+    if y.shape[-1] != layer.output_size:
+        raise ValueError(
+            f"layers[{i}]: {type(layer).__name__} declares output_size={layer.output_size} "
+            f"but its rollout returned outputs {_checks.describe(y)}; fix its output_size"
+        )
 
-    Prefer ``js.rollout(stack, ...)``, which runs any layer.
 
-    Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
-    last layer's outputs ``[T, *B, H_last]``.
-
-    >>> import jax, jax.numpy as jnp, jaxseq as js
-    >>> stack = js.Stack([js.GRU(3), js.GRU(3)], residual=True)
-    >>> params = stack.init(jax.random.key(0), 2)
-    >>> carries, ys = js.stacked_rollout(stack, params, jnp.ones((4, 2, 2)))
-    >>> ys.shape, carries[1].h.shape
-    ((4, 2, 3), (2, 3))
-    """
-    if not isinstance(stack, Stack):
-        raise TypeError(f"stack: expected js.Stack, got {type(stack).__name__}")
-    return stack.rollout(
-        params,
-        xs,
-        carry,
-        lengths=lengths,
-        reset=reset,
-        reverse=reverse,
-        unroll=unroll,
-        kernel=kernel,
-        checkpoint_every=checkpoint_every,
-        time_major=time_major,
-        key=key,
-    )
+def _check_output_size(layer, i: int) -> int:
+    """``layer.output_size``, a positive int, checked where the Stack is declared."""
+    size = getattr(layer, "output_size", None)
+    if size is None:
+        raise TypeError(
+            f"layers[{i}]: expected a cell or layer with an 'output_size' (the last dim of "
+            f"its outputs, which sizes the next layer), {type(layer).__name__} has none"
+        )
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size <= 0:
+        raise TypeError(
+            f"layers[{i}]: expected output_size to be a positive int, "
+            f"{type(layer).__name__} has output_size={size!r}"
+        )
+    return int(size)
 
 
 def _is_record(x) -> bool:

@@ -57,7 +57,7 @@ import numpy as np
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
 from jaxseq.recurrent.dispatch import under_forward_mode
-from jaxseq.recurrent.rollouts import processing_resets, valid_steps
+from jaxseq.recurrent.sequence import processing_resets, valid_steps
 
 __all__ = [
     "LINEAR_MODES",
@@ -413,18 +413,33 @@ def linear_recurrence(
                 f"{_checks.describe(a)}), got {_checks.describe(reset)}"
             )
 
+    valid = None if lengths is None else valid_steps(lengths, t)
+    return solve(a, b, h0, valid=valid, reset=reset, reverse=reverse, mode=mode, chunk=chunk)
+
+
+def solve(a, b, h0, *, valid=None, reset=None, reverse=False, mode="auto", chunk=None):
+    """:func:`linear_recurrence` on inputs it trusts (no checks): a whole-sequence
+    layer's solver, with the padding as a ``bool[T, *B]`` mask (``valid``, right
+    padding) as a :class:`~jaxseq.recurrent.Sequence` carries it.
+
+    >>> import jax.numpy as jnp
+    >>> a, b = jnp.full((3, 1), 0.5), jnp.ones((3, 1))
+    >>> h, hs = solve(a, b, jnp.zeros(1), valid=jnp.array([True, True, False]))
+    >>> hs[:, 0].tolist(), h.tolist()
+    ([1.0, 1.5, 0.0], [1.5])
+    """
+    t = a.shape[0]
     out_dtype = jnp.result_type(a, b, h0)
     acc = acc_dtype(a, b, h0)
     a, b, h0 = a.astype(acc), b.astype(acc), h0.astype(acc)
     if t == 0:
         return h0.astype(out_dtype), jnp.zeros(a.shape, out_dtype)
 
-    reset_p = processing_resets(reset, lengths, reverse)
+    reset_p = processing_resets(reset, valid, reverse)
     if reset_p is not None:
         a = jnp.where(reset_p[..., None], jnp.zeros((), acc), a)
-    valid = None
-    if lengths is not None:
-        valid = valid_steps(lengths, t)[..., None]
+    if valid is not None:
+        valid = valid[..., None]
         a = jnp.where(valid, a, jnp.ones((), acc))
         b = jnp.where(valid, b, jnp.zeros((), acc))
 

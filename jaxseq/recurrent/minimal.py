@@ -47,9 +47,10 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq.recurrent.cells import RNNCarry, _CellBase
-from jaxseq.recurrent.dispatch import KERNELS, under_forward_mode
-from jaxseq.recurrent.linear import LINEAR_MODES, linear_recurrence
-from jaxseq.recurrent.rollouts import _prepare, resolve_unroll, rollout
+from jaxseq.recurrent.dispatch import under_forward_mode
+from jaxseq.recurrent.linear import LINEAR_MODES, solve
+from jaxseq.recurrent.rollouts import RolloutOptions, run
+from jaxseq.recurrent.sequence import Sequence, compute_dtype
 
 __all__ = [
     "MinGRU",
@@ -168,58 +169,40 @@ class _MinimalBase(_CellBase):
         h = (a * carry.h.astype(a.dtype) + b).astype(carry.h.dtype)
         return RNNCarry(h), h
 
-    def rollout(
-        self,
-        params,
-        xs,
-        carry=None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse=False,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        key=None,
-    ):
-        """The cell over ``xs: [T, *B, D] -> ys: [T, *B, H]``, as :func:`jaxseq.rollout`.
+    def rollout(self, params, seq: Sequence, carry, options: RolloutOptions, key=None):
+        """The cell over ``seq.xs: [T, *B, D] -> ys: [T, *B, H]`` (run by :func:`jaxseq.rollout`).
 
-        ``kernel="auto"`` or ``"fused"``: one input projection, then
+        ``kernel="auto"`` or ``"fused"``: one input projection, then the solver of
         :func:`jaxseq.linear_recurrence` with the cell's ``mode`` and ``chunk``
-        (``unroll`` and ``checkpoint_every`` are validated and not used: that
-        path saves only the coefficients and the states for the backward).
-        ``kernel="scan"``, or ``"auto"`` under ``jax.jvp``: the cell's ``step``
-        scanned by :func:`jaxseq.rollout` like any other cell. ``key`` is ignored
-        (checked to be a key). Returns ``(RNNCarry(h), ys)``, zeros at padded steps.
-        Both paths agree to float32 rounding; with a bfloat16 carry the step path
-        rounds ``h`` to bfloat16 after every step, the parallel path once at the end.
+        (``unroll`` and ``checkpoint_every`` are not used: that path saves only
+        the coefficients and the states for the backward). ``kernel="scan"``, or
+        ``"auto"`` under ``jax.jvp``: the cell's ``step`` scanned like any other
+        cell's. ``key`` is not used. Returns ``(RNNCarry(h), ys)``, zeros at
+        padded steps. Both paths agree to float32 rounding; with a bfloat16 carry
+        the step path rounds ``h`` to bfloat16 after every step, the parallel
+        path once at the end.
+
+        >>> import jax, jax.numpy as jnp, jaxseq as js
+        >>> cell = js.MinGRU(4)
+        >>> params = cell.init(jax.random.key(0), 3)
+        >>> carry, ys = js.rollout(cell, params, jnp.ones((6, 2, 3)), lengths=jnp.array([6, 2]))
+        >>> ys.shape, bool(jnp.all(ys[2:, 1] == 0))
+        ((6, 2, 4), True)
         """
-        _checks.check_choice("kernel", kernel, KERNELS)
-        if key is not None:
-            _checks.check_key("key", key)
-        kw = dict(lengths=lengths, reset=reset, reverse=reverse, unroll=unroll)
-        if kernel == "scan" or (kernel == "auto" and under_forward_mode(params, xs, carry)):
-            return rollout(
-                _StepView(self),
-                params,
-                xs,
-                carry,
-                kernel="scan",
-                checkpoint_every=checkpoint_every,
-                **kw,
-            )
-        xs, _, t, carry, lengths, reset = _prepare(self, params, xs, carry, lengths, reset)
-        if checkpoint_every is not None:
-            _checks.check_positive_int("checkpoint_every", checkpoint_every)
-        resolve_unroll(unroll, t)
-        a, b = self.coefficients(params, self.project(params, xs))
-        h_last, ys = linear_recurrence(
+        kernel = options.kernel
+        if kernel == "scan" or (kernel == "auto" and under_forward_mode(params, seq.xs, carry)):
+            scan = dataclasses.replace(options, kernel="scan")
+            return run(_StepView(self), params, seq, carry, scan)
+        if carry is None:
+            carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))
+        a, b = self.coefficients(params, self.project(params, seq.xs))
+        h_last, ys = solve(
             a,
             b,
             carry.h.astype(a.dtype),
-            reset=reset,
-            lengths=lengths,
-            reverse=reverse,
+            valid=seq.valid,
+            reset=seq.reset,
+            reverse=options.reverse,
             mode=self.mode,
             chunk=self.chunk,
         )

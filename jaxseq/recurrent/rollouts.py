@@ -3,14 +3,25 @@
 Time-major by default: ``xs: [T, *B, D] -> ys: [T, *B, H]``; ``*B`` is any
 number of batch dims, none for per-example use under ``jax.vmap``. With
 ``time_major=False`` (as in Flax, Keras and PyTorch's ``batch_first``) the
-inputs are ``xs: [*B, T, D]``, the outputs ``ys: [*B, T, H]`` and ``reset:
-bool[*B, T]``; ``lengths`` and carries are the same in both layouts. The
-batch-major layout costs one transpose of the inputs and one of the outputs
-(:func:`to_time_major`, :func:`from_time_major`), done once at the outermost call.
+inputs are ``xs: [*B, T, D]``, the outputs ``ys: [*B, T, H]`` and ``reset``,
+``mask: bool[*B, T]``; ``lengths`` and carries are the same in both layouts.
+The batch-major layout costs one transpose of the inputs and one of the
+outputs, done once, in :func:`rollout` only.
+
+**The route.** :func:`rollout` is the boundary: it checks every argument once
+(:func:`~jaxseq.recurrent.prepare` returns the inputs as a time-major
+:class:`~jaxseq.recurrent.Sequence` with the padding mask built once, and the
+settings become one :class:`RolloutOptions`), then :func:`run` hands them down
+without checking again: a sequence layer's ``rollout`` method gets them as they
+are (a :class:`~jaxseq.Stack` runs each of its layers through :func:`run`), and
+a cell gets one :class:`~jaxseq.recurrent.dispatch.Plan` from
+:func:`~jaxseq.recurrent.dispatch.plan` and runs the kernel it names
+(:mod:`jaxseq.recurrent.kernels`).
 
 Semantics shared by :func:`rollout` and :func:`rollout_unrolled`:
 
-* ``lengths: int[*B]`` (right padding): steps ``t >= lengths[b]`` leave that
+* ``lengths: int[*B]`` (right padding; or the equivalent ``mask: bool[T, *B]``,
+  ``mask[t, b] = t < lengths[b]``): steps ``t >= lengths[b]`` leave that
   sequence's carry unchanged and output zeros, so the returned carry is the one
   after its last valid step (PyTorch packed-sequence semantics). A length of 0
   is valid: the initial carry comes back with all-zero outputs. The inputs at
@@ -31,91 +42,79 @@ Semantics shared by :func:`rollout` and :func:`rollout_unrolled`:
 ``rollout`` method, see :class:`jaxseq.protocols.SequenceLayer`) with the same
 arguments and defaults; :func:`rollout_unrolled` is the cell-only reference.
 Masks from ``lengths`` come from :func:`jaxseq.masks.lengths_to_mask`.
+
+**Dtypes.** A rollout computes in the result type of ``xs`` and the floating
+params (:func:`~jaxseq.recurrent.sequence.compute_dtype`): all-bfloat16 params
+and inputs give bfloat16 outputs and carries, float32 params with bfloat16
+inputs give float32. ``carry=None`` starts from zeros in that dtype; a given
+carry must have it too (a ``TypeError`` names the leaf otherwise), so a carry
+never changes the dtype of a model's outputs behind its back.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
-from jaxseq.masks import lengths_to_mask
 from jaxseq.recurrent import dispatch, kernels
+from jaxseq.recurrent.sequence import (
+    Sequence,
+    compute_dtype,
+    prepare,
+    processing_resets,
+    valid_steps,
+)
 
 __all__ = [
+    "RolloutOptions",
     "rollout",
     "rollout_unrolled",
+    "run",
 ]
 
-
-def _check_time_major(time_major) -> bool:
-    if not isinstance(time_major, bool | np.bool_):
-        raise TypeError(
-            f"time_major: expected a Python bool (True: xs [T, *B, D], False: xs [*B, T, D]), "
-            f"got {type(time_major).__name__} {time_major!r}"
-        )
-    return bool(time_major)
+# Re-exported for the models (one mask helper for the whole package).
+valid_steps = valid_steps
 
 
-def to_time_major(layer, params, xs, lengths=None, reset=None):
-    """Validates batch-major arguments and returns ``(xs, reset)`` time-major.
+@dataclasses.dataclass(frozen=True)
+class RolloutOptions:
+    """The settings of a rollout, checked once and handed down the route unchanged.
 
-    ``xs: [*B, T, D] -> [T, *B, D]`` and ``reset: bool[*B, T] -> bool[T, *B]``
-    (None stays None). Every check that names a shape runs here, on the arrays
-    as they were given, so errors describe the batch-major shapes: ``xs`` (a
-    floating array of at least 2 dims), its last dim against ``layer``'s
-    ``check_input`` when it has one (after its ``check_params``), the shape of
-    ``lengths`` (``[*B]``) and of ``reset``. Values (``lengths`` in ``[0, T]``)
-    are checked by the rollout itself.
+    Fields (their meaning is documented once, in :func:`rollout`): ``reverse``,
+    ``unroll``, ``kernel``, ``checkpoint_every``. A :class:`~jaxseq.Bidirectional`
+    runs its backward half with ``dataclasses.replace(options, reverse=...)``.
 
-    >>> import jax, jax.numpy as jnp, jaxseq as js
-    >>> from jaxseq.recurrent.rollouts import to_time_major
-    >>> cell = js.GRU(4)
-    >>> params = cell.init(jax.random.key(0), 3)
-    >>> xs, reset = to_time_major(cell, params, jnp.ones((2, 5, 3)), reset=jnp.zeros((2, 5), bool))
-    >>> xs.shape, reset.shape
-    ((5, 2, 3), (5, 2))
-    >>> to_time_major(cell, params, jnp.ones((2, 5, 3)), reset=jnp.zeros((5, 2), bool))
+    >>> import jaxseq as js
+    >>> js.recurrent.RolloutOptions(kernel="scan").unroll
+    'auto'
+    >>> js.recurrent.RolloutOptions(unroll=0)
     Traceback (most recent call last):
     ...
-    ValueError: reset: expected shape [2, 5] ([*B, T] of xs float32[2, 5, 3], batch-major), got bool[5, 2]
+    ValueError: unroll: expected a positive int, True or 'auto', got 0
     """
-    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
-        raise TypeError(
-            f"xs: expected an array [*B, T, D] (time_major=False), got {type(xs).__name__}"
-        )
-    _checks.check_floating("xs", xs)
-    _checks.check_min_ndim("xs", xs, 2, "[*B, T, D] (time_major=False)")
-    if callable(getattr(layer, "check_input", None)):
-        if callable(getattr(layer, "check_params", None)):
-            layer.check_params(params)
-        layer.check_input(params, xs, name="xs", min_ndim=2)
-    t = xs.shape[-2]
-    batch_shape = tuple(xs.shape[:-2])
-    if lengths is not None:
-        _checks.check_lengths(lengths, batch_shape, xs)
-    if reset is not None:
-        reset = _checks.as_array("reset", reset)
-        _checks.check_bool("reset", reset)
-        if tuple(reset.shape) != (*batch_shape, t):
-            raise ValueError(
-                f"reset: expected shape {[*batch_shape, t]} ([*B, T] of xs "
-                f"{_checks.describe(xs)}, batch-major), got {_checks.describe(reset)}"
+
+    reverse: bool = False
+    unroll: Any = "auto"
+    kernel: str = "auto"
+    checkpoint_every: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.reverse, bool | np.bool_):
+            raise TypeError(
+                f"reverse: expected a Python bool, got {type(self.reverse).__name__} {self.reverse!r}"
             )
-        reset = jnp.moveaxis(reset, -1, 0)
-    return jnp.moveaxis(xs, -2, 0), reset
-
-
-def from_time_major(ys):
-    """``ys: [T, *B, H] -> [*B, T, H]`` (the inverse of :func:`to_time_major` on ``xs``).
-
-    >>> import jax.numpy as jnp
-    >>> from jaxseq.recurrent.rollouts import from_time_major
-    >>> from_time_major(jnp.zeros((5, 2, 4))).shape
-    (2, 5, 4)
-    """
-    return jnp.moveaxis(ys, 0, -2)
+        object.__setattr__(self, "reverse", bool(self.reverse))
+        dispatch.resolve_unroll(self.unroll, 1)
+        _checks.check_choice("kernel", self.kernel, dispatch.KERNELS)
+        if self.checkpoint_every is not None:
+            k = _checks.check_positive_int("checkpoint_every", self.checkpoint_every)
+            object.__setattr__(self, "checkpoint_every", k)
 
 
 def _is_layer(layer) -> bool:
@@ -138,138 +137,79 @@ def _check_cell(cell, name: str, layers_too: bool) -> None:
             )
 
 
-def _prepare(cell, params, xs, carry, lengths, reset):
-    """Validates the rollout arguments; returns (xs, batch_shape, T, carry, lengths, reset)."""
-    if not hasattr(xs, "shape") or not hasattr(xs, "dtype"):
-        raise TypeError(f"xs: expected an array [T, *B, D], got {type(xs).__name__}")
-    _checks.check_floating("xs", xs)
-    _checks.check_min_ndim("xs", xs, 2, "[T, *B, D]")
-    if hasattr(cell, "check_params"):
-        cell.check_params(params)
-        cell.check_input(params, xs, name="xs", min_ndim=2)
-    t = xs.shape[0]
-    batch_shape = tuple(xs.shape[1:-1])
+def _takes_dtype(initial_carry) -> bool:
+    try:
+        params = inspect.signature(initial_carry).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    kinds = {p.kind for p in params}
+    return inspect.Parameter.VAR_KEYWORD in kinds or any(p.name == "dtype" for p in params)
 
+
+def zero_carry(layer, batch_shape, dtype):
+    """``layer.initial_carry(batch_shape, dtype)`` (without ``dtype`` for a user cell
+    whose ``initial_carry`` takes none).
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> zero_carry(js.LSTM(3), (2,), jnp.bfloat16).c.dtype
+    dtype(bfloat16)
+    """
+    if _takes_dtype(layer.initial_carry):
+        return layer.initial_carry(batch_shape, dtype=dtype)
+    return layer.initial_carry(batch_shape)
+
+
+def _check_carry_dtype(carry, dtype) -> None:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(carry):
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating):
+            if leaf.dtype != dtype:
+                where = "carry" + jax.tree_util.keystr(path)
+                raise TypeError(
+                    f"{where}: expected dtype {dtype} (the dtype the rollout computes in: the "
+                    f"result type of params and xs), got {_checks.describe(leaf)}; pass "
+                    f"carry=None for zeros, or cast the carry (or the params) to one dtype"
+                )
+
+
+def _check_carry(layer, params, seq: Sequence, carry) -> None:
+    """The boundary's carry check: structure, shapes and dtype (None: zeros, always fine)."""
     if carry is None:
-        carry = cell.initial_carry(batch_shape)
-    elif hasattr(cell, "check_carry"):
-        cell.check_carry(carry, batch_shape)
-    else:
-        ref = jax.eval_shape(lambda: cell.initial_carry(batch_shape))
+        return
+    dtype = compute_dtype(params, seq.xs)
+    if callable(getattr(layer, "check_carry", None)):
+        layer.check_carry(carry, seq.batch_shape)
+    _check_carry_dtype(carry, dtype)
+    if not _is_layer(layer) and not callable(getattr(layer, "check_carry", None)):
+        ref = jax.eval_shape(lambda: zero_carry(layer, seq.batch_shape, dtype))
         _checks.check_tree_matches("carry", carry, ref, "the cell's carry")
 
-    if lengths is not None:
-        lengths = _checks.check_lengths(lengths, batch_shape, xs)
-        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
-        lengths = lengths.astype(jnp.int32)
-        # Padded steps must not reach any arithmetic: whatever they hold (NaN,
-        # inf) would enter the hoisted projection xs @ w_ih and the weight
-        # gradient xs^T dG (NaN * 0 is NaN) although their outputs are masked.
-        # Selected away here, once for every path (fused, scan, unrolled); the
-        # select also makes the gradient w.r.t. xs exactly 0 at padded steps.
-        valid = valid_steps(lengths, t)[..., None]
-        xs = jnp.where(valid, xs, jnp.zeros((), xs.dtype))
 
-    if reset is not None:
-        reset = _checks.as_array("reset", reset)
-        _checks.check_bool("reset", reset)
-        if tuple(reset.shape) != (t, *batch_shape):
-            raise ValueError(
-                f"reset: expected shape {[t, *batch_shape]} ([T, *B] of xs "
-                f"{_checks.describe(xs)}), got {_checks.describe(reset)}"
-            )
-    return xs, batch_shape, t, carry, lengths, reset
+def run(layer, params, seq: Sequence, carry, options: RolloutOptions, key=None):
+    """Runs a cell or sequence layer over an already validated :class:`~jaxseq.recurrent.Sequence`.
 
+    The inside of the route (:func:`rollout` checks, then calls this): a
+    sequence layer's ``rollout(params, seq, carry, options, key)`` method runs as
+    it is; a cell gets its plan and kernel. Nothing is checked again, so a layer
+    made of other layers (as :class:`~jaxseq.Stack` is) calls this for each of
+    them. ``carry=None`` starts a cell from zeros in the rollout's dtype.
 
-def _expand(mask, leaf):
-    """``mask: [*B]`` -> broadcastable against ``leaf: [*B, H]``."""
-    return mask.reshape(mask.shape + (1,) * (leaf.ndim - mask.ndim))
+    Returns ``(final_carry, ys: [T, *B, H])``, time-major.
 
-
-def _select(mask, new, old):
-    return jax.tree_util.tree_map(lambda n, o: jnp.where(_expand(mask, n), n, o), new, old)
-
-
-def valid_steps(lengths, t: int):
-    """``bool[T, *B]``: ``mask[t, b] = t < lengths[b]`` (time-major; ``T`` may be 0).
-
-    >>> import jax.numpy as jnp
-    >>> valid_steps(jnp.array([1, 3]), 3).astype(int)
-    Array([[1, 1],
-           [0, 1],
-           [0, 1]], dtype=int32)
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> cell = js.GRU(4)
+    >>> params = cell.init(jax.random.key(0), 3)
+    >>> seq = js.recurrent.prepare(cell, params, jnp.ones((5, 2, 3)))
+    >>> carry, ys = js.recurrent.run(cell, params, seq, None, js.recurrent.RolloutOptions())
+    >>> ys.shape
+    (5, 2, 4)
     """
-    if t == 0:
-        return jnp.zeros((0, *jnp.shape(lengths)), bool)
-    return lengths_to_mask(lengths, t)
-
-
-def processing_resets(reset, lengths, reverse: bool):
-    """Reset flags in processing order: ``out[t]`` resets the carry before step ``t``.
-
-    Flags at padded steps are dropped; in reverse, the flag of step ``t`` resets
-    the carry before step ``t - 1`` (the episode boundary keeps its forward meaning).
-    ``reset: bool[T, *B]``, ``lengths: int[*B]`` or None.
-
-    >>> import jax.numpy as jnp
-    >>> reset = jnp.array([[False], [True], [True]])
-    >>> processing_resets(reset, jnp.array([2]), reverse=False)[:, 0].tolist()
-    [False, True, False]
-    >>> processing_resets(reset, None, reverse=True)[:, 0].tolist()
-    [True, True, False]
-    """
-    if reset is None:
-        return None
-    if lengths is not None:
-        reset = reset & valid_steps(lengths, reset.shape[0])
-    if reverse:
-        reset = jnp.concatenate([reset[1:], jnp.zeros_like(reset[:1])], axis=0)
-    return reset
-
-
-def resolve_unroll(unroll, t: int, work: int | None = None) -> int:
-    """Turns the ``unroll`` argument into a positive int for ``lax.scan``.
-
-    ``"auto"`` asks :func:`~jaxseq.recurrent.dispatch.auto_unroll` (``work``: multiply-adds
-    of one step's recurrent matmul, when known); ``True`` unrolls all ``T`` steps.
-
-    >>> resolve_unroll(True, 7), resolve_unroll(2, 7)
-    (7, 2)
-    """
-    if unroll is True:
-        return max(t, 1)
-    if isinstance(unroll, str) and unroll == "auto":
-        return dispatch.auto_unroll(t, work)
-    if isinstance(unroll, bool) or not isinstance(unroll, int | np.integer) or unroll < 1:
-        raise ValueError(f"unroll: expected a positive int, True or 'auto', got {unroll!r}")
-    return int(unroll)
-
-
-def _check_checkpoint_every(checkpoint_every):
-    if checkpoint_every is None:
-        return None
-    return _checks.check_positive_int("checkpoint_every", checkpoint_every)
-
-
-def _make_step(cell, params, lengths, hoisted: bool):
-    """Body of one time step with lengths/reset handling; ``inp = (x_or_xp, t, reset_t)``."""
-
-    def body(carry, inp):
-        x_t, t, r_t, zero_carry = inp
-        prev = carry
-        if r_t is not None:
-            carry = _select(r_t, zero_carry, carry)
-        if hoisted:
-            new, y = cell.recur(params, carry, x_t)
-        else:
-            new, y = cell.step(params, carry, x_t)
-        if lengths is not None:
-            valid = t < lengths
-            new = _select(valid, new, prev)
-            y = jnp.where(_expand(valid, y), y, jnp.zeros_like(y))
-        return new, y
-
-    return body
+    if _is_layer(layer):
+        return layer.rollout(params, seq, carry, options, key)
+    if carry is None:
+        carry = zero_carry(layer, seq.batch_shape, compute_dtype(params, seq.xs))
+    plan = dispatch.plan(layer, params, seq, carry, options)
+    kernel = kernels.scan_rollout if plan.rule is None else kernels.fused_rollout
+    return kernel(layer, params, seq, carry, plan)
 
 
 def rollout(
@@ -279,6 +219,7 @@ def rollout(
     carry=None,
     *,
     lengths=None,
+    mask=None,
     reset=None,
     reverse=False,
     unroll="auto",
@@ -292,11 +233,10 @@ def rollout(
     ``layer`` is either
 
     * a :class:`~jaxseq.protocols.SequenceLayer` (an object with a ``rollout``
-      method: ``js.Bidirectional``, ``js.Stack``, a user layer): this calls
-      ``layer.rollout(params, xs, carry, lengths=..., reset=..., reverse=...,
-      unroll=..., kernel=..., checkpoint_every=..., key=...)`` with the defaults
-      below, so every layer runs with the same defaults (always time-major:
-      ``time_major`` is handled here and never passed on); or
+      method: ``js.Bidirectional``, ``js.Stack``, ``js.MinGRU``, a user layer):
+      after the checks below it gets ``layer.rollout(params, seq, carry, options,
+      key)``, the inputs as a :class:`~jaxseq.recurrent.Sequence` and the settings
+      as a :class:`RolloutOptions` (see :func:`run`); or
     * a :class:`~jaxseq.protocols.Cell` (``init``/``initial_carry``/``step``):
       a fused kernel for cells whose exact type registered one (``RNN``,
       ``LSTM``, ``GRU``; see :mod:`jaxseq.recurrent.dispatch`), ``lax.scan``
@@ -308,12 +248,15 @@ def rollout(
       layer: the cell or sequence layer.
       params: its parameters.
       xs: ``[T, *B, D]`` floating inputs, time-major.
-      carry: initial carry for batch ``*B``; zeros when None.
+      carry: initial carry for batch ``*B``; zeros when None (see "Dtypes" in
+        :mod:`jaxseq.recurrent.rollouts`).
       lengths: optional ``int[*B]`` valid lengths (see module docstring).
+      mask: optional ``bool[T, *B]`` right-padding mask, instead of ``lengths``
+        (for a caller that has the mask: it is used as it is, not rebuilt).
       reset: optional ``bool[T, *B]`` episode starts (see module docstring).
       reverse: run backwards over each sequence's valid part; outputs stay in
         original time order. For ``js.Bidirectional`` it swaps the directions,
-        for ``js.Stack`` every layer is reversed (see their ``rollout``).
+        for ``js.Stack`` every layer is reversed.
       unroll: ``lax.scan`` unroll factor: a positive int, ``True`` (fully), or
         ``"auto"`` (default; chosen from the shape and backend by
         :func:`~jaxseq.recurrent.dispatch.auto_unroll`).
@@ -332,17 +275,13 @@ def rollout(
         (the outputs and inputs themselves stay) for about one more forward
         pass of compute. ``T`` need not be a multiple of ``k``.
       time_major: True (default): ``xs: [T, *B, D]``, ``ys: [T, *B, H]``,
-        ``reset: [T, *B]``. False: batch-major, ``xs: [*B, T, D]``,
-        ``ys: [*B, T, H]``, ``reset: [*B, T]``; ``lengths``, ``carry`` and the
-        final carry are unchanged. The inputs are transposed once on the way in
-        and the outputs once on the way out, around the same time-major
-        rollout, so results (values, carries, gradients) are exactly those of
-        the time-major call on transposed arrays, and the compiled scan loops
-        are the same. Measured on 2 CPU cores (``python -m benchmarks.batch_major``),
-        an LSTM training step (value and grad) at ``(B, H, T) = (32, 256, 100)``
-        took 1.003x the time of the time-major one (interleaved medians); the
-        four transposes (inputs, outputs and their cotangents) alone take 1-2%
-        of that step.
+        ``reset``/``mask: [T, *B]``. False: batch-major, ``xs: [*B, T, D]``,
+        ``ys: [*B, T, H]``, ``reset``/``mask: [*B, T]``; ``lengths``, ``carry``
+        and the final carry are unchanged. The inputs are transposed once on
+        the way in and the outputs once on the way out, around the same
+        time-major rollout, so results (values, carries, gradients) are exactly
+        those of the time-major call on transposed arrays (its cost is in
+        ``benchmarks/README.md``).
       key: optional PRNG key, keyword-only and last, for layers with randomness
         (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
         still checked to be a key), so generic code may pass a key to any layer.
@@ -361,104 +300,15 @@ def rollout(
     >>> ys.shape  # batch-major: [B, T, H]
     (2, 5, 4)
     """
-    if not _check_time_major(time_major):
-        xs, reset = to_time_major(layer, params, xs, lengths, reset)
-        carry, ys = rollout(
-            layer,
-            params,
-            xs,
-            carry,
-            lengths=lengths,
-            reset=reset,
-            reverse=reverse,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-            key=key,
-        )
-        return carry, from_time_major(ys)
-    if _is_layer(layer):
-        return layer.rollout(
-            params,
-            xs,
-            carry,
-            lengths=lengths,
-            reset=reset,
-            reverse=reverse,
-            unroll=unroll,
-            kernel=kernel,
-            checkpoint_every=checkpoint_every,
-            key=key,
-        )
-    cell = layer
-    _check_cell(cell, "layer", layers_too=True)
+    if not _is_layer(layer):
+        _check_cell(layer, "layer", layers_too=True)
+    options = RolloutOptions(reverse, unroll, kernel, checkpoint_every)
     if key is not None:
         _checks.check_key("key", key)
-    xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
-    _checks.check_choice("kernel", kernel, dispatch.KERNELS)
-    k = _check_checkpoint_every(checkpoint_every)
-    use_fused = dispatch.choose_fused(kernel, cell, params, xs, carry)
-    work = dispatch.step_work(cell, batch_shape) if dispatch.supports_fused(cell) else None
-    n_unroll = resolve_unroll(unroll, t, work)
-    reset_p = processing_resets(reset, lengths, reverse)
-
-    if use_fused:
-        n_inference = None
-        if isinstance(unroll, str) and unroll == "auto":
-            gates = int(getattr(cell, "num_gates", 1))
-            n_inference = dispatch.auto_unroll(t, work, inference=True, gates=gates)
-        return kernels.fused_rollout(
-            cell,
-            params,
-            xs,
-            carry,
-            valid=None if lengths is None else valid_steps(lengths, t),
-            reset=reset_p,
-            reverse=reverse,
-            unroll=n_unroll,
-            checkpoint_every=k,
-            inference_unroll=n_inference,
-        )
-
-    hoisted = callable(getattr(cell, "project", None)) and callable(getattr(cell, "recur", None))
-    inputs = cell.project(params, xs) if hoisted else xs
-    steps = jnp.arange(t, dtype=jnp.int32)
-    if k is not None and k < t:
-        # Pad to whole segments with steps that count as padding (t >= lengths).
-        n_seg = -(-t // k)
-        pad = n_seg * k - t
-        if pad:
-            if lengths is None:
-                lengths = jnp.full(batch_shape, t, jnp.int32)
-            inputs = jnp.concatenate(
-                [inputs, jnp.zeros((pad,) + inputs.shape[1:], inputs.dtype)], axis=0
-            )
-            steps = jnp.arange(t + pad, dtype=jnp.int32)
-            if reset_p is not None:
-                reset_p = jnp.concatenate(
-                    [reset_p, jnp.zeros((pad,) + reset_p.shape[1:], bool)], axis=0
-                )
-    zero_carry = jax.tree_util.tree_map(jnp.zeros_like, carry)
-    body = _make_step(cell, params, lengths, hoisted)
-
-    def scan_body(c, inp):
-        x_t, step_idx, r_t = inp
-        return body(c, (x_t, step_idx, r_t, zero_carry))
-
-    def run(c, seq):
-        n = seq[1].shape[0]
-        return jax.lax.scan(scan_body, c, seq, reverse=reverse, unroll=min(n_unroll, max(n, 1)))
-
-    if k is None or k >= t:
-        return run(carry, (inputs, steps, reset_p))
-
-    def seg(a):
-        return None if a is None else a.reshape((-1, k) + a.shape[1:])
-
-    carry, ys = jax.lax.scan(
-        jax.checkpoint(run), carry, (seg(inputs), seg(steps), seg(reset_p)), reverse=reverse
-    )
-    return carry, ys.reshape((-1,) + ys.shape[2:])[:t]
+    seq = prepare(layer, params, xs, lengths=lengths, mask=mask, reset=reset, time_major=time_major)
+    _check_carry(layer, params, seq, carry)
+    carry, ys = run(layer, params, seq, carry, options, key)
+    return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
 
 
 def rollout_unrolled(
@@ -481,23 +331,20 @@ def rollout_unrolled(
     ((5, 2, 4), True)
     """
     _check_cell(cell, "cell", layers_too=False)
-    if not _check_time_major(time_major):
-        xs, reset = to_time_major(cell, params, xs, lengths, reset)
-        carry, ys = rollout_unrolled(
-            cell, params, xs, carry, lengths=lengths, reset=reset, reverse=reverse
-        )
-        return carry, from_time_major(ys)
-    xs, batch_shape, t, carry, lengths, reset = _prepare(cell, params, xs, carry, lengths, reset)
-    reset_p = processing_resets(reset, lengths, reverse)
-    zero_carry = jax.tree_util.tree_map(jnp.zeros_like, carry)
-    body = _make_step(cell, params, lengths, hoisted=False)
-    ys = [None] * t
-    order = range(t - 1, -1, -1) if reverse else range(t)
-    for i in order:
-        r_t = None if reset_p is None else reset_p[i]
-        carry, ys[i] = body(carry, (xs[i], jnp.int32(i), r_t, zero_carry))
-    if t == 0:
-        probe = jnp.zeros(xs.shape[1:], xs.dtype)
+    reverse = RolloutOptions(reverse).reverse
+    seq = prepare(cell, params, xs, lengths=lengths, reset=reset, time_major=time_major)
+    _check_carry(cell, params, seq, carry)
+    if carry is None:
+        carry = zero_carry(cell, seq.batch_shape, compute_dtype(params, seq.xs))
+    reset_p = processing_resets(seq.reset, seq.valid, reverse)
+    body = kernels.step_fn(cell, params, jax.tree_util.tree_map(jnp.zeros_like, carry), False)
+    ys = [None] * seq.t
+    for i in range(seq.t - 1, -1, -1) if reverse else range(seq.t):
+        flags = [None if a is None else a[i] for a in (seq.valid, reset_p)]
+        carry, ys[i] = body(carry, (seq.xs[i], *flags))
+    if seq.t == 0:
+        probe = jnp.zeros(seq.xs.shape[1:], seq.xs.dtype)
         y_shape = jax.eval_shape(lambda: cell.step(params, carry, probe))[1]
         return carry, jnp.zeros((0, *y_shape.shape), y_shape.dtype)
-    return carry, jnp.stack(ys)
+    ys = jnp.stack(ys)
+    return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
