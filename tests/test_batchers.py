@@ -1,7 +1,10 @@
-"""SeriesBatcher and PaddedBatcher: coverage, padding, bucketing, resumable order, errors."""
+"""SeriesBatcher and PaddedBatcher: coverage, padding, bucketing, resumable order, one layout
+whatever the lengths, iteration, errors."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxseq import data
 
@@ -148,14 +151,19 @@ def test_padded_batcher_order_is_a_function_of_seed_and_epoch():
 
 
 def test_padded_batcher_sequence_fields_stacking_axes_and_errors():
-    same = [np.arange(3)] * 4  # equal lengths: stacked batch-major unless named
+    same = [np.arange(3)] * 4  # equal lengths: still a sequence field, time-major with lengths
     bt = data.PaddedBatcher({"x": same, "y": [0, 1, 2, 3]}, 2)
-    assert bt.at_step(0)["x"].shape == (2, 3) and bt.batch_axes == {
-        "x": 0, "y": 0, "example_mask": 0,
+    assert bt.sequence_fields == ["x"]
+    assert bt.at_step(0)["x"].shape == (3, 2) and bt.batch_axes == {
+        "x": 1, "y": 0, "x_lengths": 0, "example_mask": 0,
     }  # fmt: skip
-    bt = data.PaddedBatcher({"x": same, "y": [0, 1, 2, 3]}, 2, sequence_fields=["x"])
-    assert bt.at_step(0)["x"].shape == (3, 2) and bt.batch_axes["x"] == 1
     assert bt.stacked(0, 2)["x"].shape == (2, 3, 2)
+    # a fixed-shape array field, stacked batch-major when the sequence fields are named
+    feats = [np.full(3, i, np.float32) for i in range(4)]
+    bt = data.PaddedBatcher({"x": same, "f": feats}, 2, sequence_fields=["x"], shuffle=False)
+    batch = bt.at_step(0)
+    assert batch["f"].shape == (2, 3) and batch["x"].shape == (3, 2)
+    assert "f_lengths" not in batch and bt.batch_axes["f"] == 0
     tokens, _, _ = _examples()
     two = data.PaddedBatcher({"t": tokens}, 4, num_buckets=2, shuffle=False)
     with pytest.raises(ValueError, match="buckets of different lengths"):
@@ -174,3 +182,97 @@ def test_padded_batcher_sequence_fields_stacking_axes_and_errors():
         data.PaddedBatcher({"y": [0, 1]}, 0)
     with pytest.raises(TypeError, match="fields: expected a non-empty mapping"):
         data.PaddedBatcher([[0, 1]], 2)
+    with pytest.raises(
+        ValueError, match=r"fields\['m'\]\[1\]: expected a scalar .* got shape \[2\]"
+    ):
+        data.PaddedBatcher({"m": [0, np.zeros(2)]}, 2)
+    with pytest.raises(ValueError, match="sequence_fields: 'z' is not a field"):
+        data.PaddedBatcher({"x": same}, 2, sequence_fields=["z"])
+    with pytest.raises(TypeError, match="sequence_fields: expected a list of field names"):
+        data.PaddedBatcher({"x": same}, 2, sequence_fields="x")
+    with pytest.raises(ValueError, match=r"fields\['y'\]\[0\]: expected a sequence"):
+        data.PaddedBatcher({"y": [0, 1]}, 2, sequence_fields=["y"])
+
+
+def test_padded_batcher_layout_does_not_depend_on_whether_lengths_agree():
+    # issue 27 item 1: equal lengths gave batch-major [B, T] without lengths, mixed [T, B]
+    equal = data.PaddedBatcher({"tokens": [np.arange(4)] * 8, "label": [0] * 8}, batch_size=2)
+    mixed = data.PaddedBatcher(
+        {"tokens": [np.arange(n) for n in (3, 4) * 4], "label": [0] * 8}, batch_size=2
+    )
+    a, b = equal.at_step(0), mixed.at_step(0)
+    assert a["tokens"].shape == b["tokens"].shape == (4, 2)
+    assert sorted(a) == sorted(b) == ["example_mask", "label", "tokens", "tokens_lengths"]
+    assert a["tokens_lengths"].tolist() == [4, 4]
+    assert equal.batch_axes == mixed.batch_axes
+    # B == T: the classifier must not read transposed data
+    square = data.PaddedBatcher({"t": [np.arange(3) + 10 * i for i in range(6)]}, 3, shuffle=False)
+    np.testing.assert_array_equal(square.at_step(0)["t"][:, 1], np.arange(3) + 10)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    lengths=st.one_of(
+        st.lists(st.integers(0, 6), min_size=1, max_size=17),  # mixed
+        st.tuples(st.integers(0, 6), st.integers(1, 17)).map(lambda t: [t[0]] * t[1]),  # equal
+    ),
+    batch_size=st.integers(1, 5),
+    num_buckets=st.integers(1, 3),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_padded_batcher_any_lengths_one_layout_every_example_once(
+    lengths, batch_size, num_buckets, shuffle, seed
+):
+    n = len(lengths)
+    num_buckets = min(num_buckets, n)
+    tokens = [np.arange(t, dtype=np.int64) + 100 * i for i, t in enumerate(lengths)]
+    feats = [np.full((t, 2), i, np.float64) for i, t in enumerate(lengths)]
+    bt = data.PaddedBatcher(
+        {"tokens": tokens, "feats": feats, "id": np.arange(n)},
+        batch_size, num_buckets=num_buckets, shuffle=shuffle, seed=seed, pad_value=-7,
+    )  # fmt: skip
+    assert bt.sequence_fields == ["tokens", "feats"]
+    assert bt.batch_axes == {
+        "tokens": 1, "feats": 1, "id": 0, "tokens_lengths": 0, "feats_lengths": 0,
+        "example_mask": 0,
+    }  # fmt: skip
+    want_batches = sum(-(-len(b) // batch_size) for b in bt.buckets)
+    batches = list(bt)
+    assert len(bt) == bt.num_batches == len(batches) == want_batches
+    real, dup = [], []
+    for batch in batches:
+        assert sorted(batch) == sorted(bt.batch_axes)
+        t = batch["tokens"].shape[0]
+        assert batch["tokens"].shape == (t, batch_size) and batch["tokens"].dtype == np.int32
+        assert batch["feats"].shape == (t, batch_size, 2) and batch["feats"].dtype == np.float32
+        assert batch["id"].shape == batch["example_mask"].shape == (batch_size,)
+        assert batch["tokens_lengths"].dtype == np.int32
+        for j, i in enumerate(batch["id"]):
+            ln = lengths[i]
+            assert batch["tokens_lengths"][j] == batch["feats_lengths"][j] == ln
+            np.testing.assert_array_equal(batch["tokens"][:ln, j], tokens[i])
+            assert (batch["tokens"][ln:, j] == -7).all() and (batch["feats"][ln:, j] == -7).all()
+        real += batch["id"][batch["example_mask"]].tolist()
+        dup += batch["id"][~batch["example_mask"]].tolist()
+    assert sorted(real) == list(range(n))  # every example exactly once per epoch
+    assert len(dup) == len(batches) * batch_size - n  # the rest are marked duplicates
+    for batch in batches:  # the duplicates fill the end of a batch: True..., then False...
+        assert (np.diff(batch["example_mask"].astype(int)) <= 0).all()
+    # iteration is epoch 0 in order, the same batches at_step gives
+    for i, batch in enumerate(bt):
+        np.testing.assert_array_equal(batch["id"], bt.at_step(i)["id"])
+    second = [b["id"].tolist() for b in bt.epoch(1)]
+    assert second == [bt.at_step(len(bt) + i)["id"].tolist() for i in range(len(bt))]
+
+
+def test_stream_and_series_batchers_are_iterable_and_sized():
+    st_bt = data.StreamBatcher(np.arange(33) % 5, num_streams=3, chunk_len=4)
+    chunks = list(st_bt)
+    assert len(st_bt) == st_bt.num_chunks == len(chunks) == 3
+    for i, ch in enumerate(chunks):
+        np.testing.assert_array_equal(ch.inputs, st_bt.chunk(i).inputs)
+    se_bt = data.SeriesBatcher(np.linspace(0, 1, 40), 2, 5)
+    assert len(se_bt) == 4 and [c.mask.sum() for c in se_bt] == [
+        c.mask.sum() for c in (se_bt.chunk(i) for i in range(4))
+    ]

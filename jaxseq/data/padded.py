@@ -1,9 +1,10 @@
 """Padded batches of variable-length examples (classification, tagging, seq2seq).
 
 :class:`PaddedBatcher` turns N examples, given as named fields, into batches
-of exactly ``batch_size`` examples. A *sequence* field (values of varying
-leading length) is padded time-major to ``[T, B, ...]`` and comes with
-``"<name>_lengths": int32[B]``; any other field is stacked batch-major
+of exactly ``batch_size`` examples. A *sequence* field (by default every field
+whose examples are arrays, whatever their lengths) is padded time-major to
+``[T, B, ...]`` and comes with ``"<name>_lengths": int32[B]``; a field of
+scalars (or one not named in ``sequence_fields``) is stacked batch-major
 ``[B, ...]``. Examples are bucketed by the length of the first sequence
 field, and a batch is padded to its bucket's longest example, so the batches
 have at most ``num_buckets`` shapes (one compilation each). The order of an
@@ -62,15 +63,102 @@ def _canonical_dtype(dtype):
     return dtype
 
 
+def _collect_fields(fields) -> tuple[dict, int]:
+    """``({name: [np.ndarray per example]}, N)``, checking names and counts."""
+    if not isinstance(fields, Mapping) or not fields:
+        raise TypeError(
+            "fields: expected a non-empty mapping name -> sequence of per-example values, "
+            f"got {type(fields).__name__}"
+        )
+    values, n = {}, None
+    for name, vals in fields.items():
+        if not isinstance(name, str):
+            raise TypeError(f"fields: expected str names, got {name!r}")
+        try:
+            vals = [np.asarray(v) for v in vals]
+        except TypeError:
+            raise TypeError(
+                f"fields[{name!r}]: expected a sequence of per-example values, got "
+                f"{type(vals).__name__}"
+            ) from None
+        n = len(vals) if n is None else n
+        if len(vals) != n:
+            raise ValueError(
+                f"fields[{name!r}]: expected {n} examples (as the first field), got {len(vals)}"
+            )
+        values[name] = vals
+    if n == 0:
+        raise ValueError("fields: expected at least one example, got 0")
+    return values, n
+
+
+def _sequence_names(values: dict, sequence_fields) -> list[str]:
+    """The sequence fields, in the order of ``values``: declared, or every array field."""
+    if sequence_fields is None:
+        names = []
+        for name, vals in values.items():
+            ranks = {v.ndim for v in vals}
+            if 0 in ranks and len(ranks) > 1:
+                i = next(i for i, v in enumerate(vals) if (v.ndim == 0) != (vals[0].ndim == 0))
+                raise ValueError(
+                    f"fields[{name!r}][{i}]: expected a "
+                    f"{'scalar' if vals[0].ndim == 0 else 'sequence'} as example 0, got shape "
+                    f"{list(vals[i].shape)} (a field holds scalars or sequences, not both)"
+                )
+            if 0 not in ranks:
+                names.append(name)
+        return names
+    if isinstance(sequence_fields, str):
+        raise TypeError(
+            f"sequence_fields: expected a list of field names, got the string {sequence_fields!r}"
+        )
+    declared = list(sequence_fields)
+    for name in declared:
+        if name not in values:
+            raise ValueError(f"sequence_fields: {name!r} is not a field (fields: {sorted(values)})")
+    return [name for name in values if name in declared]
+
+
+def _check_numeric(name: str, i, dtype) -> None:
+    if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+        where = f"[{i}]" if i is not None else ""
+        raise TypeError(f"fields[{name!r}]{where}: expected numbers, got dtype {dtype}")
+
+
+def _prepare_sequences(name: str, vals: list) -> tuple[list, np.ndarray]:
+    """``(values in one dtype, lengths int32[N])`` of a sequence field, shapes checked."""
+    for i, v in enumerate(vals):
+        if v.ndim < 1 or v.shape[1:] != vals[0].shape[1:]:
+            raise ValueError(
+                f"fields[{name!r}][{i}]: expected a sequence of shape [T"
+                f"{''.join(', ' + str(d) for d in vals[0].shape[1:])}] (as example 0), "
+                f"got shape {list(v.shape)}"
+            )
+        _check_numeric(name, i, v.dtype)
+    dtype = _canonical_dtype(np.result_type(*[v.dtype for v in vals]))
+    lengths = np.array([v.shape[0] for v in vals], np.int32)
+    return [v.astype(dtype) for v in vals], lengths
+
+
+def _prepare_fixed(name: str, vals: list) -> np.ndarray:
+    """The values of a fixed-shape field stacked ``[N, ...]``, shapes checked."""
+    for i, v in enumerate(vals):
+        if v.shape != vals[0].shape:
+            raise ValueError(
+                f"fields[{name!r}][{i}]: expected shape {list(vals[0].shape)} (as example 0; "
+                f"name a field of varying lengths in sequence_fields), got shape {list(v.shape)}"
+            )
+    stacked = np.stack(vals)
+    _check_numeric(name, None, stacked.dtype)
+    return stacked.astype(_canonical_dtype(stacked.dtype))
+
+
 class PaddedBatcher:
     """Batches of exactly ``batch_size`` examples, sequences padded per length bucket.
 
     Args:
-      fields: ``{name: sequence of N per-example values}``. A field whose values
-        are arrays of varying leading length is a sequence field (or name it in
-        ``sequence_fields``): batched time-major ``[T, B, ...]`` padded with
-        ``pad_value``, plus ``"<name>_lengths": int32[B]``. Other fields (scalars,
-        fixed-shape arrays) are stacked batch-major ``[B, ...]``.
+      fields: ``{name: sequence of N per-example values}`` (lists, arrays, anything
+        ``np.asarray`` takes per example).
       batch_size: B, the number of examples in every batch.
       num_buckets: examples sorted by the length of the first sequence field are
         split into this many buckets of (nearly) equal counts; every batch of a
@@ -79,28 +167,49 @@ class PaddedBatcher:
         batches, anew each epoch (from ``seed`` and the epoch number).
       seed: the seed of the shuffles.
       pad_value: the value of the padding.
-      sequence_fields: names of the sequence fields (default: detected, as above).
-        Needed when every example of a sequence field happens to have one length.
+      sequence_fields: the names of the sequence fields. Default: every field
+        whose per-example values are arrays (rank >= 1); fields of scalars are
+        the others. Name them to stack a fixed-shape array field (say a feature
+        vector ``[D]`` per example) batch-major instead.
 
-    A bucket whose count is not a multiple of ``batch_size`` has its last batch
-    filled up with examples of the same bucket drawn a second time; the batch
-    key ``"example_mask": bool[B]`` is False for those (so an evaluation can
-    count every example once). Each epoch sees every example at least once.
-    ``num_batches`` per epoch; ``position(step) = (epoch, index)``;
-    ``at_step(step)`` the batch of global step ``step``; ``batch_axes`` the batch
-    axis of each key (for :func:`jaxseq.training.shard_batch`).
+    The layout depends on the declaration only, never on the lengths the data
+    happens to have (equal lengths, all zero, one example: the same layout):
+
+    - a sequence field ``name`` (values ``[T_i, ...]``) is padded with
+      ``pad_value`` and batched time-major ``[T, B, ...]``, with
+      ``"<name>_lengths": int32[B]``;
+    - any other field (values of one shape ``[...]``) is stacked batch-major
+      ``[B, ...]``;
+    - ``"example_mask": bool[B]``: False for the duplicates that fill a last
+      batch. A bucket whose count is not a multiple of ``batch_size`` has its
+      last batch filled up with examples of the same bucket drawn a second time,
+      so that every batch has B examples; each epoch holds every example exactly
+      once where ``example_mask`` is True (weight a metric with it, as
+      :func:`jaxseq.training.evaluate` does).
+
+    Integers become int32 and floats float32 (what JAX uses without x64).
+    ``len(batcher)`` and ``num_batches`` are the batches per epoch; iterating
+    gives the batches of epoch 0 in order (``epoch(e)`` those of epoch ``e``);
+    ``position(step) = (epoch, index)``; ``at_step(step)`` the batch of global
+    step ``step`` (resumable: the order of an epoch is a function of
+    ``(seed, epoch)`` only); ``batch_axes`` the batch axis of each key (for
+    :func:`jaxseq.training.shard_batch`).
 
     >>> import numpy as np, jaxseq as js
     >>> tokens = [np.arange(n) for n in (3, 5, 2, 4, 6, 1)]
     >>> bt = js.data.PaddedBatcher({"tokens": tokens, "label": [0, 1, 0, 1, 1, 0]},
     ...                            batch_size=2, num_buckets=2, seed=0)
-    >>> bt.num_batches, bt.bucket_lengths
+    >>> len(bt), bt.bucket_lengths
     (4, [3, 6])
     >>> batch = bt.at_step(0)
     >>> sorted(batch)
     ['example_mask', 'label', 'tokens', 'tokens_lengths']
     >>> batch["tokens"].shape[1], batch["label"].shape, batch["tokens_lengths"].dtype
     (2, (2,), dtype('int32'))
+    >>> same = js.data.PaddedBatcher({"tokens": [np.arange(4)] * 3, "label": [0, 1, 1]}, 2,
+    ...                              shuffle=False)
+    >>> [(b["tokens"].shape, b["example_mask"].tolist()) for b in same]  # [T, B], one duplicate
+    [((4, 2), [True, True]), ((4, 2), [True, False])]
     """
 
     def __init__(
@@ -114,83 +223,21 @@ class PaddedBatcher:
         pad_value=0,
         sequence_fields=None,
     ):
-        if not isinstance(fields, Mapping) or not fields:
-            raise TypeError(
-                "fields: expected a non-empty mapping name -> sequence of per-example values, "
-                f"got {type(fields).__name__}"
-            )
         self.batch_size = _checks.check_positive_int("batch_size", batch_size)
         num_buckets = _checks.check_positive_int("num_buckets", num_buckets)
-        values = {}
-        n = None
-        for name, vals in fields.items():
-            if not isinstance(name, str):
-                raise TypeError(f"fields: expected str names, got {name!r}")
-            try:
-                vals = [np.asarray(v) for v in vals]
-            except TypeError:
-                raise TypeError(
-                    f"fields[{name!r}]: expected a sequence of per-example values, got "
-                    f"{type(vals).__name__}"
-                ) from None
-            if n is None:
-                n = len(vals)
-            if len(vals) != n:
-                raise ValueError(
-                    f"fields[{name!r}]: expected {n} examples (as the first field), got {len(vals)}"
-                )
-            values[name] = vals
-        if n == 0:
-            raise ValueError("fields: expected at least one example, got 0")
-        if sequence_fields is None:
-            sequence_fields = [
-                name
-                for name, vals in values.items()
-                if all(v.ndim >= 1 for v in vals) and len({v.shape[0] for v in vals}) > 1
-            ]
-        else:
-            sequence_fields = list(sequence_fields)
-            for name in sequence_fields:
-                if name not in values:
-                    raise ValueError(
-                        f"sequence_fields: {name!r} is not a field (fields: {sorted(values)})"
-                    )
-        self.sequence_fields = [name for name in values if name in sequence_fields]
-        self._data = {}
-        self._lengths = {}
+        values, n = _collect_fields(fields)
+        self.sequence_fields = _sequence_names(values, sequence_fields)
+        self._data, self._lengths = {}, {}
         for name, vals in values.items():
             if name in self.sequence_fields:
-                for i, v in enumerate(vals):
-                    if v.ndim < 1 or v.shape[1:] != vals[0].shape[1:]:
-                        raise ValueError(
-                            f"fields[{name!r}][{i}]: expected a sequence of shape [T"
-                            f"{''.join(', ' + str(d) for d in vals[0].shape[1:])}] (as example 0), "
-                            f"got shape {list(v.shape)}"
-                        )
-                    if not (np.issubdtype(v.dtype, np.number) or v.dtype == bool):
-                        raise TypeError(
-                            f"fields[{name!r}][{i}]: expected numbers, got dtype {v.dtype}"
-                        )
-                dtype = _canonical_dtype(np.result_type(*[v.dtype for v in vals]))
-                self._data[name] = [v.astype(dtype) for v in vals]
-                self._lengths[name] = np.array([v.shape[0] for v in vals], np.int32)
-                key = f"{name}_lengths"
-                if key in values:
-                    raise ValueError(f"fields: {key!r} clashes with the lengths of {name!r}")
+                self._data[name], self._lengths[name] = _prepare_sequences(name, vals)
             else:
-                for i, v in enumerate(vals):
-                    if v.shape != vals[0].shape:
-                        raise ValueError(
-                            f"fields[{name!r}][{i}]: expected shape {list(vals[0].shape)} (as "
-                            f"example 0; a field of varying lengths is a sequence field), got "
-                            f"shape {list(v.shape)}"
-                        )
-                stacked = np.stack(vals)
-                if not (np.issubdtype(stacked.dtype, np.number) or stacked.dtype == bool):
-                    raise TypeError(
-                        f"fields[{name!r}]: expected numbers, got dtype {stacked.dtype}"
-                    )
-                self._data[name] = stacked.astype(_canonical_dtype(stacked.dtype))
+                self._data[name] = _prepare_fixed(name, vals)
+        for name in self.sequence_fields:
+            if f"{name}_lengths" in values:
+                raise ValueError(
+                    f"fields: {name + '_lengths'!r} clashes with the lengths of {name!r}"
+                )
         if "example_mask" in values:
             raise ValueError("fields: 'example_mask' is a key the batcher adds; rename that field")
         if not self.sequence_fields and num_buckets > 1:
@@ -205,11 +252,18 @@ class PaddedBatcher:
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
         self.pad_value = pad_value
-        # buckets: contiguous runs of the examples sorted by length (ties by index)
+        self._make_buckets(num_buckets)
+        self.batch_axes = {name: 1 if name in self.sequence_fields else 0 for name in values}
+        self.batch_axes.update({f"{name}_lengths": 0 for name in self.sequence_fields})
+        self.batch_axes["example_mask"] = 0
+        self._plan_cache = (None, None)
+
+    def _make_buckets(self, num_buckets: int) -> None:
+        """Buckets: contiguous runs of the examples sorted by length (ties by index)."""
         if self.sequence_fields:
             order = np.argsort(self._lengths[self.sequence_fields[0]], kind="stable")
         else:
-            order = np.arange(n)
+            order = np.arange(self.num_examples)
         self.buckets = [np.sort(b) for b in np.array_split(order, num_buckets)]
         self._max_len = [
             {name: int(self._lengths[name][b].max()) for name in self.sequence_fields}
@@ -217,10 +271,19 @@ class PaddedBatcher:
         ]
         self._batches_per_bucket = [math.ceil(len(b) / self.batch_size) for b in self.buckets]
         self.num_batches = sum(self._batches_per_bucket)
-        self.batch_axes = {name: 1 if name in self.sequence_fields else 0 for name in values}
-        self.batch_axes.update({f"{name}_lengths": 0 for name in self.sequence_fields})
-        self.batch_axes["example_mask"] = 0
-        self._plan_cache = (None, None)
+
+    def __len__(self) -> int:
+        """The number of batches per epoch (``num_batches``)."""
+        return self.num_batches
+
+    def __iter__(self):
+        """The batches of epoch 0, in order (see :meth:`epoch`)."""
+        return self.epoch(0)
+
+    def epoch(self, epoch: int):
+        """Iterator over the ``num_batches`` batches of epoch ``epoch``, in order."""
+        epoch = int(epoch)
+        return (self.batch(epoch, i) for i in range(self.num_batches))
 
     @property
     def bucket_lengths(self) -> list[int]:

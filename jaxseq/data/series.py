@@ -57,7 +57,8 @@ class SeriesBatcher:
         reset before a step that starts a document, and targets past it are masked.
       reset_every_chunk: reset every stream's carry at every chunk start.
 
-    ``chunk(i)`` returns :class:`SeriesChunk`; ``num_chunks`` per epoch;
+    ``chunk(i)`` returns :class:`SeriesChunk`; ``num_chunks`` (``len(batcher)``)
+    per epoch, and iterating gives them in order (one epoch);
     ``at_step(step)`` the chunk of global step ``step``, whose data position is
     ``position(step) = (epoch, chunk) = divmod(step, num_chunks)``;
     ``stacked(step, n)`` n consecutive steps' chunks ``[n, K, B, ...]``.
@@ -129,6 +130,14 @@ class SeriesBatcher:
         self.reset_every_chunk = bool(reset_every_chunk)
         self.num_steps_per_stream = length - h
         self.num_chunks = math.ceil((length - h) / k)
+
+    def __len__(self) -> int:
+        """The number of chunks per epoch (``num_chunks``)."""
+        return self.num_chunks
+
+    def __iter__(self):
+        """The chunks of one epoch, in order: ``chunk(0)``, ..., ``chunk(num_chunks - 1)``."""
+        return (self.chunk(i) for i in range(self.num_chunks))
 
     def position(self, step: int) -> tuple[int, int]:
         """``(epoch, chunk index)`` of global step ``step``."""

@@ -95,7 +95,8 @@ class StreamBatcher:
       vocab_size: when given, token ids are checked to be in ``[0, V)``.
 
     The carry of every stream is reset at the start of each epoch (chunk 0).
-    ``chunk(i)`` returns :class:`Chunk`; ``num_chunks`` per epoch; the data
+    ``chunk(i)`` returns :class:`Chunk`; ``num_chunks`` (``len(batcher)``) per
+    epoch, and iterating gives them in order (one epoch); the data
     position of global step ``s`` is ``(epoch, chunk) = divmod(s, num_chunks)``.
     ``batch_axes = 1``: every field is time-major (for :func:`jaxseq.training.shard_batch`).
 
@@ -108,6 +109,8 @@ class StreamBatcher:
     ((4, 3), [True, True, False, False])
     >>> bt.stacked(0, 2).inputs.shape
     (2, 4, 3)
+    >>> len(bt), [int(c.mask.sum()) for c in bt]   # one epoch, in order
+    (3, [12, 12, 6])
     """
 
     batch_axes = 1
@@ -160,6 +163,14 @@ class StreamBatcher:
     def tokens_per_epoch(self) -> int:
         """(input, target) pairs per epoch: ``(L - 1) * B``."""
         return (self.streams.shape[0] - 1) * self.num_streams
+
+    def __len__(self) -> int:
+        """The number of chunks per epoch (``num_chunks``)."""
+        return self.num_chunks
+
+    def __iter__(self):
+        """The chunks of one epoch, in order: ``chunk(0)``, ..., ``chunk(num_chunks - 1)``."""
+        return (self.chunk(i) for i in range(self.num_chunks))
 
     def position(self, step: int) -> tuple[int, int]:
         """``(epoch, chunk index)`` of global step ``step``."""
