@@ -16,6 +16,11 @@ Three shapes of object carry the whole library (the way optax states
   its own defaults, so every layer is run the same way.
 * :class:`LossFn`: the training contract, ``loss_fn(params, carry, batch, key) ->
   (loss, (carry, metrics))``.
+* :class:`LanguageModel`: a next-token model over token ids with an explicit
+  carry, ``apply(params, carry, tokens) -> (carry, logits)``: what
+  :func:`jaxseq.training.lm_loss_fn`, :func:`jaxseq.training.evaluate_lm` and
+  :mod:`jaxseq.decoding` rely on. ``js.RecurrentLM``, ``js.TransformerLM`` and
+  ``js.WindowLM`` are three.
 
 Invariants every implementation keeps: functions are pure (no state outside
 the arguments); params and carries are pytrees of arrays (NamedTuples for the
@@ -40,6 +45,7 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = [
     "Cell",
     "HoistableCell",
+    "LanguageModel",
     "LossFn",
     "SequenceLayer",
 ]
@@ -206,3 +212,77 @@ class LossFn(Protocol):
     def __call__(
         self, params: Params, carry: Carry, batch: Any, key: Any
     ) -> tuple[Any, tuple[Carry, dict]]: ...
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    """A next-token model over token ids with an explicit carry.
+
+    Members:
+      vocab_size: ``V``, the number of token ids (and of logits per step).
+      init(key, dtype=float32) -> params: fresh parameters.
+      initial_carry(batch_shape=(), dtype=float32) -> carry: the state before any
+        token (zeros, an empty cache, no previous ids), leaves ``[*batch_shape, ...]``.
+      apply(params, carry, tokens, *, reset=None, lengths=None, key=None)
+        -> (carry, logits): ``tokens: int[T, *B]`` ids in ``[0, V)``, time-major;
+        ``logits: float32[T, *B, V]``, the scores of the token after each step;
+        ``carry=None`` means ``initial_carry``. ``reset: bool[T, *B]`` forgets the
+        past before step t (document starts); ``lengths: int[*B]`` right padding:
+        padded steps may hold any id and leave the carry as it was after the last
+        valid step; ``key`` is the dropout key (``None``: deterministic).
+      check_params(params, name="params") -> None: raises ``TypeError`` or
+        ``ValueError`` (naming ``name``) unless ``params`` fit the model.
+
+    What relies on it:
+
+    * :func:`jaxseq.training.lm_loss_fn` calls ``apply(params, carry,
+      chunk.inputs, reset=..., lengths=..., key=key)`` and threads the carry from
+      one chunk of truncated BPTT to the next;
+      :func:`jaxseq.training.evaluate_lm` does the same without a key, from
+      ``initial_carry((num_streams,))``.
+    * :func:`jaxseq.decoding.sample` and :func:`jaxseq.decoding.lm_beam_search`
+      read ``vocab_size``, call ``check_params``, start from
+      ``initial_carry(batch_shape)`` and feed one token at a time as
+      ``apply(params, carry, tokens[None])``, so ``apply`` on ``T = 1`` must
+      equal a step of a longer ``apply``. They compile once per model: a model
+      is a hashable, immutable settings object (a frozen dataclass).
+
+    Models may take more keyword options (``time_major=False`` on
+    ``js.RecurrentLM`` and ``js.WindowLM``), a ``step`` for one position and a
+    ``config()`` for :class:`jaxseq.training.Checkpointer`; nothing above relies
+    on them. ``isinstance`` checks that the members exist, not their signatures.
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> lm = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
+    >>> isinstance(lm, LanguageModel), isinstance(js.LSTM(4), LanguageModel)
+    (True, False)
+    >>> class Bigram:  # a user LM: the logits depend on the current token only
+    ...     vocab_size = 5
+    ...     def init(self, key, dtype=jnp.float32):
+    ...         return jax.random.normal(key, (5, 5), dtype)
+    ...     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+    ...         return None
+    ...     def apply(self, params, carry, tokens, *, reset=None, lengths=None, key=None):
+    ...         return carry, params[tokens].astype(jnp.float32)
+    ...     def check_params(self, params, name="params"):
+    ...         pass
+    >>> model = Bigram()
+    >>> isinstance(model, LanguageModel)
+    True
+    >>> js.decoding.sample(jax.random.key(1), model, model.init(jax.random.key(0)),
+    ...                    jnp.array([[1, 2]]), 4).shape
+    (4, 2)
+    """
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def init(self, key, dtype=...) -> Params: ...
+
+    def initial_carry(self, batch_shape=(), dtype=...) -> Carry: ...
+
+    def apply(
+        self, params: Params, carry: Carry, tokens, *, reset=None, lengths=None, key=None
+    ) -> tuple[Carry, Any]: ...
+
+    def check_params(self, params: Params, name: str = "params") -> None: ...

@@ -102,4 +102,105 @@ def test_vocab_and_config_errors(lm, key):
     cfg = lm.config()
     assert cfg["vocab_size"] == 6 and cfg["layers"][0]["type"] == "GRU"
     assert cfg["layers"][1]["hidden_size"] == 5
-    assert isinstance(js.LanguageModel, type)
+    assert isinstance(js.models.RecurrentLM, type)
+
+
+class _ProtocolCell:
+    """The example cell of ``js.protocols.Cell``'s docstring: a plain-array carry,
+    ``output_size`` a class attribute, not a dataclass."""
+
+    output_size = 3
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        return jax.random.normal(key, (input_size, 3), dtype)
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return jnp.zeros((*batch_shape, 3), dtype)
+
+    def step(self, params, carry, x):
+        h = 0.5 * carry + jnp.tanh(x @ params)
+        return h, h
+
+
+def test_recurrent_lm_with_a_user_cell_has_a_config_a_checkpointer_accepts(key, tmp_path):
+    import json
+
+    lm = models.RecurrentLM(5, 2, js.Stack([_ProtocolCell(), js.Bidirectional(js.GRU(2))]))
+    cfg = lm.config()
+    assert cfg["layers"][0] == {"type": "_ProtocolCell", "output_size": 3}
+    assert cfg["layers"][1]["forward"] == cfg["layers"][1]["backward"]
+    assert cfg["layers"][1]["forward"]["type"] == "GRU"
+    assert json.loads(json.dumps(cfg)) == cfg
+    params = lm.init(key)
+    carry, logits = lm.apply(params, None, jnp.zeros((4, 2), jnp.int32))
+    assert logits.shape == (4, 2, 5) and carry[0].shape == (2, 3)
+    opt = js.make_optimizer("sgd", 0.1)
+    state = js.init_state(params, opt, key)
+    ckpt = js.Checkpointer(tmp_path / "ckpt", model_config=cfg)
+    ckpt.save(state)
+    restored, _ = js.Checkpointer(tmp_path / "ckpt", model_config=lm.config()).restore(state)
+    np.testing.assert_array_equal(restored.params.stack[0], params.stack[0])
+
+
+def test_config_uses_a_cells_own_config_and_rejects_a_non_dict(key):
+    class Configured(_ProtocolCell):
+        def config(self):
+            return {"decay": 0.5}
+
+    class Broken(_ProtocolCell):
+        def config(self):
+            return [0.5]
+
+    cfg = models.RecurrentLM(5, 2, js.Stack([Configured()])).config()
+    assert cfg["layers"] == [{"type": "Configured", "decay": 0.5}]
+    with pytest.raises(
+        TypeError, match=r"stack.layers\[0\] \(Broken\): config\(\) must return a dict"
+    ):
+        models.RecurrentLM(5, 2, js.Stack([Broken()])).config()
+
+
+def test_missing_or_wrong_output_size_is_caught_when_the_model_is_built():
+    class NoSize(_ProtocolCell):
+        output_size = property(lambda self: self.missing)
+
+    class WrongSize(_ProtocolCell):
+        output_size = 4  # the step returns 3 features
+
+    with pytest.raises(TypeError, match=r"stack.layers\[1\] \(NoSize\): has no output_size"):
+        models.RecurrentLM(5, 2, js.Stack([js.GRU(3), NoSize()]))
+    with pytest.raises(
+        ValueError,
+        match=r"stack.layers\[0\] \(WrongSize\): declares output_size=4 but its outputs "
+        r"have last dim 3 \(for inputs of size 2\)",
+    ):
+        models.RecurrentLM(5, 2, js.Stack([WrongSize()]))
+    with pytest.raises(ValueError, match=r"stack.layers\[0\].backward \(WrongSize\)"):
+        models.RecurrentLM(5, 2, js.Stack([js.Bidirectional(_ProtocolCell(), WrongSize())]))
+    with pytest.raises(TypeError, match=r"output_size must be a positive int.*str '3'"):
+
+        class StrSize(_ProtocolCell):
+            output_size = "3"
+
+        models.RecurrentLM(5, 2, js.Stack([StrSize()]))
+
+
+def test_recurrent_lm_batch_major_equals_the_transposed_time_major_run(lm, key):
+    params = npm.perturb(lm.init(key), seed=3)
+    tokens = jax.random.randint(jax.random.fold_in(key, 1), (7, 3), 0, 6)  # [T, B]
+    tokens = tokens.at[5:, 1].set(-100)  # padding past length 5
+    reset = jnp.zeros((7, 3), bool).at[3, 0].set(True)
+    lengths = jnp.array([7, 5, 6])
+    carry0 = lm.initial_carry((3,))
+    k = jax.random.fold_in(key, 2)
+    c_tm, l_tm = lm.apply(params, carry0, tokens, reset=reset, lengths=lengths, key=k)
+    c_bm, l_bm = jax.jit(
+        lambda p, c, x, r: lm.apply(p, c, x, reset=r, lengths=lengths, key=k, time_major=False)
+    )(params, carry0, tokens.T, reset.T)
+    assert l_bm.shape == (3, 7, 6)
+    np.testing.assert_allclose(l_bm, jnp.swapaxes(l_tm, 0, 1), rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(c_bm), jax.tree_util.tree_leaves(c_tm)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="time_major: expected a Python bool"):
+        lm.apply(params, None, tokens, time_major="no")
+    with pytest.raises(ValueError, match=r"reset: expected.*\[\*B, T\] \(time_major=False\)"):
+        lm.apply(params, None, tokens.T, reset=jnp.zeros((), bool), time_major=False)

@@ -284,3 +284,149 @@ def test_seq2seq_bad_input(s2s, key):
         decoding.greedy_decode(s2s, params, src, 3, bos_id=9)
     with pytest.raises(ValueError, match="cell"):
         models.Seq2SeqAttention(3, 3, cell="transformer")
+
+
+# -- any cell meeting js.protocols.Cell ------------------------------------------------
+
+
+class _ProtocolCell:
+    """The example cell of ``js.protocols.Cell``'s docstring: a plain-array carry,
+    ``output_size`` a class attribute, not a dataclass."""
+
+    output_size = 3
+
+    def init(self, key, input_size, dtype=jnp.float32):
+        return jax.random.normal(key, (input_size, 3), dtype)
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return jnp.zeros((*batch_shape, 3), dtype)
+
+    def step(self, params, carry, x):
+        h = 0.5 * carry + jnp.tanh(x @ params)
+        return h, h
+
+
+def _leaky_np(w, xs, n, reverse=False):
+    """One sequence ``xs [T, D]`` of which ``n`` steps are valid -> outputs ``[T, 3]`` (zeros past n)."""
+    w, xs = np.float64(w), np.float64(xs)
+    ys, h = np.zeros((xs.shape[0], w.shape[1])), np.zeros(w.shape[1])
+    for s in range(n - 1, -1, -1) if reverse else range(n):
+        h = 0.5 * h + np.tanh(xs[s] @ w)
+        ys[s] = h
+    return ys
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_classifier_last_pool_with_the_protocol_example_cell(key, bidirectional):
+    layer = js.Bidirectional(_ProtocolCell()) if bidirectional else _ProtocolCell()
+    clf = models.SequenceClassifier(js.Stack([layer]), 2, input_size=2, pool="last")
+    params = npm.perturb(clf.init(key), seed=5)
+    xs = jax.random.normal(jax.random.fold_in(key, 1), (6, 3, 2))
+    lengths = jnp.array([6, 2, 0])
+    out = jax.jit(lambda p, x, n: clf.apply(p, x, lengths=n))(params, xs, lengths)
+    w = params.stack[0]
+    head_w, head_b = np.float64(params.head.w), np.float64(params.head.b)
+    for b, n in enumerate([6, 2, 0]):
+        if bidirectional:
+            fwd = _leaky_np(w.forward, xs[:, b], n)
+            bwd = _leaky_np(w.backward, xs[:, b], n, reverse=True)
+            feat = np.concatenate([fwd[max(n - 1, 0)], bwd[0]]) if n else np.zeros(6)
+        else:
+            feat = _leaky_np(w, xs[:, b], n)[n - 1] if n else np.zeros(3)
+        np.testing.assert_allclose(out[b], feat @ head_w + head_b, rtol=1e-5, atol=1e-5)
+
+
+def test_tagger_and_mean_pool_with_the_protocol_example_cell(key):
+    stack = js.Stack([js.Bidirectional(_ProtocolCell()), _ProtocolCell()])
+    tg = models.SequenceTagger(stack, 4, vocab_size=5, embedding_size=2)
+    params = npm.perturb(tg.init(key), seed=6)
+    tokens = _tokens(jax.random.fold_in(key, 2), (5, 2), 5)
+    lengths = jnp.array([5, 3])
+    out = jax.jit(lambda p, x, n: tg.apply(p, x, lengths=n))(params, tokens, lengths)
+    assert out.shape == (5, 2, 4)
+    for b, n in enumerate([5, 3]):
+        x = np.asarray(params.embedding)[np.asarray(tokens[:, b])]
+        bi = params.stack[0]
+        h = np.concatenate(
+            [_leaky_np(bi.forward, x, n), _leaky_np(bi.backward, x, n, reverse=True)], -1
+        )
+        h = _leaky_np(params.stack[1], h, n)
+        want = h[:n] @ np.float64(params.head.w) + np.float64(params.head.b)
+        np.testing.assert_allclose(out[:n, b], want, rtol=1e-5, atol=1e-5)
+    mean = models.SequenceClassifier(stack, 4, vocab_size=5, embedding_size=2, pool="mean")
+    assert mean.apply(params, tokens, lengths=lengths).shape == (2, 4)
+
+
+def test_user_cell_output_size_checked_where_the_model_is_declared():
+    class WrongSize(_ProtocolCell):
+        output_size = 5
+
+    class NoSize:
+        init = _ProtocolCell.init
+
+    with pytest.raises(
+        ValueError, match=r"stack.layers\[0\] \(WrongSize\): declares output_size=5"
+    ):
+        models.SequenceClassifier(js.Stack([WrongSize()]), 2, input_size=2)
+    with pytest.raises(
+        TypeError, match=r"stack.layers\[0\].forward \(NoSize\): has no output_size"
+    ):
+        models.SequenceTagger(js.Stack([js.Bidirectional(NoSize())]), 2, input_size=2)
+
+
+def test_sequence_model_config_with_a_user_cell(key, tmp_path):
+    clf = models.SequenceClassifier(js.Stack([_ProtocolCell()]), 2, input_size=2, pool="mean")
+    cfg = clf.config()
+    assert cfg["type"] == "SequenceClassifier" and cfg["pool"] == "mean"
+    assert cfg["input_size"] == 2 and cfg["vocab_size"] is None
+    assert cfg["layers"] == [{"type": "_ProtocolCell", "output_size": 3}]
+    state = js.init_state(clf.init(key), js.make_optimizer("sgd", 0.1), key)
+    js.Checkpointer(tmp_path, model_config=cfg).save(state)
+    other = models.SequenceClassifier(js.Stack([_ProtocolCell()]), 3, input_size=2)
+    with pytest.raises(ValueError, match="num_classes"):
+        js.Checkpointer(tmp_path, model_config=other.config()).restore(state)
+
+
+# -- time_major=False -----------------------------------------------------------------
+
+
+def _close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inputs", ["tokens", "features"])
+def test_tagger_and_classifier_batch_major_equal_the_transposed_time_major_run(key, inputs):
+    kw = {"vocab_size": 6, "embedding_size": 3} if inputs == "tokens" else {"input_size": 3}
+    tg = models.tagger(4, hidden_size=5, cell="gru", **kw)
+    params = npm.perturb(tg.init(key), seed=7)
+    if inputs == "tokens":
+        xs = _tokens(jax.random.fold_in(key, 3), (6, 2), 6).at[4:, 1].set(-100)  # [T, B]
+        xs_bm = xs.T
+    else:
+        xs = jax.random.normal(jax.random.fold_in(key, 3), (6, 2, 3)).at[4:, 1].set(jnp.nan)
+        xs_bm = jnp.swapaxes(xs, 0, 1)
+    lengths = jnp.array([6, 4])
+    _close(tg.apply(params, xs_bm, lengths=lengths, time_major=False),
+           jnp.swapaxes(tg.apply(params, xs, lengths=lengths), 0, 1))  # fmt: skip
+    for pool in ("last", "mean"):
+        clf = models.SequenceClassifier(tg.stack, 4, pool=pool, **kw)
+        _close(clf.apply(params, xs_bm, lengths=lengths, time_major=False),
+               clf.apply(params, xs, lengths=lengths))  # fmt: skip
+    with pytest.raises(TypeError, match="time_major: expected a Python bool"):
+        tg.apply(params, xs, time_major=None)
+
+
+def test_seq2seq_batch_major_equals_the_transposed_time_major_run(s2s, key):
+    params = npm.perturb(s2s.init(key), seed=8)
+    src = _tokens(jax.random.fold_in(key, 4), (5, 2), 6)
+    tgt_in = _tokens(jax.random.fold_in(key, 5), (4, 2), 5)
+    lengths = jnp.array([5, 3])
+    logits, w = s2s.apply(params, src, tgt_in, src_lengths=lengths)
+    logits_bm, w_bm = jax.jit(
+        lambda p, s, t: s2s.apply(p, s, t, src_lengths=lengths, time_major=False)
+    )(params, src.T, tgt_in.T)
+    assert logits_bm.shape == (2, 4, 5) and w_bm.shape == (2, 4, 5)
+    _close(logits_bm, jnp.swapaxes(logits, 0, 1))
+    _close(w_bm, jnp.swapaxes(w, 0, 1))
+    with pytest.raises(ValueError, match=r"tgt_in: expected rank 2.*\[B, T\] token ids"):
+        s2s.apply(params, src.T, tgt_in[0], time_major=False)

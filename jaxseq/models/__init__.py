@@ -3,8 +3,8 @@ taggers and classifiers, seq2seq."""
 
 from jaxseq.models.language import (
     CELLS,
-    LanguageModel,
     LMParams,
+    RecurrentLM,
     char_lm,
 )
 from jaxseq.models.seq2seq import (
@@ -36,7 +36,7 @@ __all__ = [
     "Encoded",
     "KVCache",
     "LMParams",
-    "LanguageModel",
+    "RecurrentLM",
     "Seq2SeqAttention",
     "Seq2SeqParams",
     "SequenceClassifier",

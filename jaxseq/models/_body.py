@@ -4,13 +4,23 @@ dropout -> a :class:`jaxseq.Stack` run by :func:`jaxseq.rollout` -> dropout -> a
 Invariants: one key split ``(inputs, stack, outputs)`` per call, dropout only when
 a key is given and the rate is positive; the parameters are ``(embedding or None,
 stack, head)`` drawn from one key split ``(embedding, stack, head)``. Time-major:
-``[T, *B, ...]``.
+``[T, *B, ...]`` inside; :func:`time_major_tokens` turns batch-major inputs
+(``time_major=False``) around once at a model's boundary.
+
+Any cell or layer meeting :class:`jaxseq.protocols.Cell` or
+:class:`jaxseq.protocols.SequenceLayer` can sit in a model's stack:
+:func:`check_stack` checks its ``output_size`` when the model is built,
+:func:`pool_last` reads the outputs (never a carry's fields) and
+:func:`describe_layer` writes its settings into a config.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxseq import _checks
 from jaxseq.nn.dense import dense_init
@@ -131,3 +141,161 @@ def token_ids(name: str, tokens, vocab_size: int, valid=None):
             name, tokens, 0, vocab_size - 1, f" (token ids, vocab_size V={vocab_size})"
         )
     return tokens
+
+
+def check_time_major(time_major) -> bool:
+    """``time_major`` as a bool; a ``TypeError`` for anything else."""
+    if not isinstance(time_major, bool | np.bool_):
+        raise TypeError(
+            "time_major: expected a Python bool (True: time-major [T, *B, ...] inputs, "
+            f"False: batch-major [*B, T, ...]), got {type(time_major).__name__} {time_major!r}"
+        )
+    return bool(time_major)
+
+
+def time_major_tokens(name: str, x, time_major: bool, feature_dims: int = 0):
+    """``x`` moved to time-major: ``[*B, T, *F] -> [T, *B, *F]`` when not ``time_major``.
+
+    ``feature_dims`` trailing dims (e.g. 1 for features ``[..., D]``) stay last; ``None``
+    passes through. Raises ``ValueError`` naming ``name`` when ``x`` has no time axis.
+    """
+    if x is None or check_time_major(time_major):
+        return x
+    x = _checks.as_array(name, x)
+    layout = "[*B, T" + ", D" * feature_dims + "] (time_major=False)"
+    _checks.check_min_ndim(name, x, 1 + feature_dims, layout)
+    return jnp.moveaxis(x, x.ndim - 1 - feature_dims, 0)
+
+
+def _layer_name(name: str, layer) -> str:
+    return f"{name} ({type(layer).__name__})"
+
+
+def _declared_size(name: str, layer) -> int:
+    """The layer's ``output_size``, or a ``TypeError`` saying what a layer must declare."""
+    try:
+        size = layer.output_size
+    except AttributeError:
+        raise TypeError(
+            f"{_layer_name(name, layer)}: has no output_size; a cell or layer declares "
+            "output_size: int, the last dim of its outputs (see js.protocols.Cell)"
+        ) from None
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise TypeError(
+            f"{_layer_name(name, layer)}: output_size must be a positive int (the last dim "
+            f"of its outputs), got {type(size).__name__} {size!r}"
+        )
+    return int(size)
+
+
+def _is_builtin(layer) -> bool:
+    return type(layer).__module__.startswith("jaxseq.")
+
+
+def check_layer(name: str, layer, input_size: int) -> int:
+    """Checks one layer's ``output_size`` for inputs ``[..., D]`` and returns it.
+
+    A missing or non-integer ``output_size`` is a ``TypeError``; for a layer not
+    from this library (checked inside :class:`jaxseq.Bidirectional` and nested
+    :class:`jaxseq.Stack`), its params and outputs are traced abstractly
+    (``jax.eval_shape``, nothing computed) and an output size that disagrees
+    with the declared one is a ``ValueError`` naming the layer and both sizes.
+    """
+    if isinstance(layer, Bidirectional):  # the halves first: its size is theirs
+        f = check_layer(f"{name}.forward", layer.forward, input_size)
+        return f + check_layer(f"{name}.backward", layer.backward, input_size)
+    if isinstance(layer, Stack):
+        return check_stack(layer, input_size, name)
+    size = _declared_size(name, layer)
+    if _is_builtin(layer):
+        return size
+
+    def outputs():
+        params = layer.init(jax.random.key(0), input_size, jnp.float32)
+        return rollout(layer, params, jnp.zeros((1, 1, input_size), jnp.float32))[1]
+
+    got = jax.eval_shape(outputs).shape[-1]
+    if got != size:
+        raise ValueError(
+            f"{_layer_name(name, layer)}: declares output_size={size} but its outputs "
+            f"have last dim {got} (for inputs of size {input_size}); set output_size to "
+            "the last dim of what step/rollout returns"
+        )
+    return size
+
+
+def check_stack(stack: Stack, input_size: int, name: str = "stack") -> int:
+    """Checks every layer of ``stack`` (see :func:`check_layer`); returns its output size."""
+    d = input_size
+    for i, layer in enumerate(stack.layers):
+        d = check_layer(f"{name}.layers[{i}]", layer, d)
+    return d
+
+
+def pool_last(layer, h, lengths=None):
+    """The last valid output of each sequence: ``h: [T, *B, H] -> [*B, H]``.
+
+    The output at step ``lengths - 1`` (``T - 1`` without lengths); for a
+    :class:`jaxseq.Bidirectional` ``layer`` the forward half there and the
+    backward half at step 0 (where the backward direction ends). Zeros for an
+    empty sequence. Read from the outputs, so any cell or layer works.
+    """
+    t = h.shape[0]
+    if t == 0:
+        return jnp.zeros(h.shape[1:], h.dtype)
+    if lengths is None:
+        last = h[-1]
+    else:
+        idx = jnp.maximum(lengths.astype(jnp.int32) - 1, 0)  # [*B]
+        steps = jnp.arange(t, dtype=jnp.int32).reshape((t,) + (1,) * idx.ndim)
+        at_last = (steps == idx[None])[..., None]  # [T, *B, 1]
+        last = jnp.sum(jnp.where(at_last, h, jnp.zeros((), h.dtype)), axis=0)
+    if isinstance(layer, Bidirectional):
+        f = layer.forward.output_size
+        last = jnp.concatenate([last[..., :f], h[0, ..., f:]], axis=-1)
+    if lengths is not None:
+        last = jnp.where((lengths > 0)[..., None], last, jnp.zeros((), h.dtype))
+    return last
+
+
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _is_layer(value) -> bool:
+    return hasattr(value, "init") and hasattr(value, "output_size") and not isinstance(value, type)
+
+
+def describe_layer(name: str, layer) -> dict:
+    """A JSON-able description of a cell or layer: ``{"type": ..., <settings>}``.
+
+    The settings are the layer's ``config()`` when it has one (a dict of JSON
+    values), else its dataclass fields, else its public attributes with its
+    ``output_size``; nested layers (a :class:`jaxseq.Bidirectional`'s halves)
+    are described the same way, and values that are not JSON scalars
+    (initializer functions, arrays) are left out.
+    """
+    config = getattr(layer, "config", None)
+    if callable(config):
+        d = config()
+        if not isinstance(d, dict):
+            raise TypeError(
+                f"{_layer_name(name, layer)}: config() must return a dict of JSON-able "
+                f"settings, got {type(d).__name__}"
+            )
+        return {"type": type(layer).__name__, **d}
+    if dataclasses.is_dataclass(layer):
+        items = [(f.name, getattr(layer, f.name)) for f in dataclasses.fields(layer)]
+    else:
+        public = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
+        items = [("output_size", _declared_size(name, layer)), *public.items()]
+    d = {"type": type(layer).__name__}
+    for key, value in items:
+        if isinstance(value, _SCALARS):
+            d[key] = int(value) if isinstance(value, np.integer) else value
+        elif isinstance(value, np.integer | np.floating):
+            d[key] = value.item()
+        elif _is_layer(value):
+            d[key] = describe_layer(f"{name}.{key}", value)
+        elif isinstance(value, tuple | list) and value and all(map(_is_layer, value)):
+            d[key] = [describe_layer(f"{name}.{key}[{i}]", v) for i, v in enumerate(value)]
+    return d

@@ -1,12 +1,16 @@
-"""Composed pure models built from cells and layers.
+"""The recurrent language model.
 
-:class:`LanguageModel`: token embedding, a :class:`jaxseq.Stack` of recurrent
-layers and a dense head over the vocabulary. Time-major::
+:class:`RecurrentLM`: token embedding, a :class:`jaxseq.Stack` of recurrent
+layers and a dense head over the vocabulary. It meets
+:class:`jaxseq.protocols.LanguageModel`, the contract
+:func:`jaxseq.training.lm_loss_fn`, :func:`jaxseq.training.evaluate_lm` and
+:mod:`jaxseq.decoding` rely on. Time-major by default::
 
     model = js.models.char_lm(vocab_size=65, cell="lstm", num_layers=2, hidden_size=256)
     params = model.init(key)                      # LMParams(embedding, stack, head)
     carry = model.initial_carry((B,))             # tuple of per-layer carries
     carry, logits = model.apply(params, carry, tokens)   # int[T, B] -> [T, B, V]
+    carry, logits = model.apply(params, carry, tokens_bt, time_major=False)  # [B, T] -> [B, T, V]
 
 Shapes: T time, B batch (any number of batch dims), E embedding size,
 H hidden size, V vocabulary size.
@@ -26,10 +30,13 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq.models._body import (
     CELLS,
+    check_stack,
     check_tokens,
+    describe_layer,
     init_body,
     recurrent_stack,
     run_body,
+    time_major_tokens,
     token_ids,
     valid_steps,
 )
@@ -40,7 +47,7 @@ from jaxseq.recurrent.layers import Stack
 __all__ = [
     "CELLS",
     "LMParams",
-    "LanguageModel",
+    "RecurrentLM",
     "char_lm",
 ]
 
@@ -54,13 +61,21 @@ class LMParams(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class LanguageModel:
+class RecurrentLM:
     """Embedding -> stacked recurrent layers -> dense head over the vocabulary.
+
+    A :class:`jaxseq.protocols.LanguageModel`: it trains, evaluates and samples
+    through :func:`jaxseq.training.lm_loss_fn`, :func:`jaxseq.training.evaluate_lm`
+    and :func:`jaxseq.decoding.sample`.
 
     Args:
       vocab_size: V.
       embedding_size: E, the embedding size (input size of the first layer).
-      stack: a :class:`jaxseq.Stack` (its ``dropout_rate`` applies between layers).
+      stack: a :class:`jaxseq.Stack` (its ``dropout_rate`` applies between layers)
+        of any cells or layers meeting :class:`jaxseq.protocols.Cell` or
+        :class:`jaxseq.protocols.SequenceLayer`; each one's ``output_size`` is
+        checked when the model is built (``TypeError`` when missing,
+        ``ValueError`` when its outputs disagree).
       dropout_rate: dropout on the embeddings and on the last layer's outputs
         (before the head); like the stack's, it is on only when ``apply`` gets a ``key``.
       unroll: the ``lax.scan`` unroll passed to :func:`jaxseq.rollout` (default "auto").
@@ -68,7 +83,7 @@ class LanguageModel:
         sequence and chunk, as the stack's ``variational_dropout``).
 
     >>> import jaxseq as js
-    >>> lm = LanguageModel(11, 4, js.Stack([js.GRU(8)]))
+    >>> lm = RecurrentLM(11, 4, js.Stack([js.GRU(8)]))
     >>> params = lm.init(jax.random.key(0))
     >>> carry, logits = lm.apply(params, None, jnp.zeros((5, 2), jnp.int32))  # [T, B]
     >>> logits.shape, carry[0].h.shape
@@ -88,6 +103,7 @@ class LanguageModel:
         if not isinstance(self.stack, Stack):
             raise TypeError(f"stack: expected js.Stack, got {type(self.stack).__name__}")
         _checks.check_rate("dropout_rate", self.dropout_rate)
+        check_stack(self.stack, self.embedding_size)
 
     def init(self, key, dtype=jnp.float32) -> LMParams:
         """Parameters: ``embedding [V, E]`` N(0, 1), the stack's, a LeCun-normal head ``[H, V]``."""
@@ -101,15 +117,21 @@ class LanguageModel:
         return self.stack.initial_carry(batch_shape, dtype)
 
     def config(self) -> dict:
-        """A JSON-able description (compared when a checkpoint is restored)."""
-        layers = []
-        for lay in self.stack.layers:
-            d = {"type": type(lay).__name__}
-            for f in dataclasses.fields(lay):
-                v = getattr(lay, f.name)
-                if isinstance(v, int | float | str | bool) or v is None:
-                    d[f.name] = v
-            layers.append(d)
+        """A JSON-able description (compared when a checkpoint is restored).
+
+        Each layer is described by its type and its JSON-able settings: its own
+        ``config()`` dict when it has one, else its dataclass fields, else its
+        public attributes and ``output_size`` (so user cells work too). Settings
+        that are not JSON scalars (initializer functions, arrays) are left out:
+        give a cell a ``config() -> dict`` method to record them.
+
+        >>> layer = char_lm(5, num_layers=1, hidden_size=4, cell="gru").config()["layers"][0]
+        >>> layer["type"], layer["hidden_size"]
+        ('GRU', 4)
+        """
+        layers = [
+            describe_layer(f"stack.layers[{i}]", lay) for i, lay in enumerate(self.stack.layers)
+        ]
         return {
             "vocab_size": self.vocab_size,
             "embedding_size": self.embedding_size,
@@ -139,8 +161,18 @@ class LanguageModel:
             f"{name}.head.w", params.head.w, (self.stack.output_size, self.vocab_size), ("H", "V")
         )
 
-    def apply(self, params: LMParams, carry, tokens, *, reset=None, lengths=None, key=None):
-        """Runs the model over ``tokens: int[T, *B]``.
+    def apply(
+        self,
+        params: LMParams,
+        carry,
+        tokens,
+        *,
+        reset=None,
+        lengths=None,
+        key=None,
+        time_major: bool = True,
+    ):
+        """Runs the model over ``tokens: int[T, *B]`` (``[*B, T]`` with ``time_major=False``).
 
         Args:
           params: :class:`LMParams`.
@@ -151,18 +183,27 @@ class LanguageModel:
           lengths: optional ``int[*B]``: steps past a sequence's length leave its carry
             unchanged (the returned carry is the one after its last valid step).
           key: dropout key; dropout is off when None (evaluation).
+          time_major: False for batch-major ``tokens: int[*B, T]``, ``reset: bool[*B, T]``
+            and logits ``[*B, T, V]`` (the carry and ``lengths`` are the same either way).
 
         Returns:
-          ``(carry, logits: float32[T, *B, V])``.
+          ``(carry, logits: float32[T, *B, V])`` (``[*B, T, V]`` with ``time_major=False``).
 
         Raises:
           ValueError: a token id (at a valid step) outside ``[0, V)``, naming the value
             and its index. Under ``jax.jit`` this check runs only inside
             :func:`jaxseq.checked`; plain ``jit`` does not raise: the embedding lookup
             gives NaN for an id >= V or < -V and counts a negative id from the end.
+
+        >>> lm = char_lm(7, num_layers=1, hidden_size=4, embedding_size=3)
+        >>> params = lm.init(jax.random.key(0))
+        >>> carry, logits = lm.apply(params, None, jnp.zeros((2, 5), jnp.int32), time_major=False)
+        >>> logits.shape   # [B, T, V]
+        (2, 5, 7)
         """
         self.check_params(params)
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(time_major_tokens("tokens", tokens, time_major))
+        reset = time_major_tokens("reset", reset, time_major)
         batch_shape = tuple(tokens.shape[1:])
         valid = valid_steps(lengths, tokens.shape[0], batch_shape, tokens)
         tokens = token_ids("tokens", tokens, self.vocab_size, valid)
@@ -180,6 +221,8 @@ class LanguageModel:
             unroll=self.unroll,
             key=key,
         )
+        if not time_major:
+            h = jnp.moveaxis(h, 0, -2)  # [*B, T, H]: the head writes batch-major logits
         return carry, dense(params.head, h).astype(jnp.float32)
 
 
@@ -194,8 +237,8 @@ def char_lm(
     layer_dropout_rate: float | None = None,
     variational_dropout: bool = False,
     unroll: Any = "auto",
-) -> LanguageModel:
-    """A character language model: ``num_layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
+) -> RecurrentLM:
+    """A character language model (a :class:`RecurrentLM`): ``num_layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
 
     ``dropout_rate`` applies to the embeddings and the head input;
     ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
@@ -209,7 +252,7 @@ def char_lm(
     stack = recurrent_stack(
         cell, hidden_size, num_layers, dropout_rate=ld, variational_dropout=variational_dropout
     )
-    return LanguageModel(
+    return RecurrentLM(
         vocab_size,
         embedding_size,
         stack,

@@ -16,7 +16,7 @@ from jaxseq.attention.additive import (
     additive_attention_init,
     additive_attention_keys,
 )
-from jaxseq.models._body import CELLS, check_tokens, token_ids
+from jaxseq.models._body import CELLS, check_time_major, check_tokens, token_ids
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.embedding import embed, embedding_init
 from jaxseq.recurrent.layers import Bidirectional
@@ -66,7 +66,8 @@ class Seq2SeqAttention:
     ``c_t = f``, ``s_0 = tanh(W_b f + b_b)``; ``params.attention`` is None and the
     returned attention weights are None.
 
-    Time-major with ONE batch dim: ``src: int[S, B]``, ``tgt_in: int[T, B]``.
+    Time-major with ONE batch dim: ``src: int[S, B]``, ``tgt_in: int[T, B]``
+    (``apply(..., time_major=False)``: batch-major ``[B, S]``, ``[B, T]``).
     Generation: :func:`jaxseq.decoding.greedy_decode` (the decoding loop lives in
     :mod:`jaxseq.decoding`, above the models).
 
@@ -257,18 +258,29 @@ class Seq2SeqAttention:
         logits = dense(params.head, jnp.concatenate([h, ctx.astype(h.dtype)], axis=-1))
         return carry, logits.astype(jnp.float32), w
 
-    def apply(self, params: Seq2SeqParams, src, tgt_in, *, src_lengths=None):
+    def apply(self, params: Seq2SeqParams, src, tgt_in, *, src_lengths=None, time_major=True):
         """Teacher forcing: the decoder reads ``tgt_in: int[T, B]`` (the target shifted
         right, starting with a BOS id) and predicts the next target token at every step.
 
         Returns ``(logits float32[T, B, Vt], attention weights float32[T, B, S])``
-        (weights None without attention).
+        (weights None without attention). With ``time_major=False``: ``src: int[B, S]``,
+        ``tgt_in: int[B, T]``, logits ``[B, T, Vt]`` and weights ``[B, T, S]``.
 
         Raises ``ValueError`` for ids out of range: ``src`` at valid positions (see
         :meth:`encode`) and every ``tgt_in`` id outside ``[0, Vt)`` (pad it with a
         real id, and mask the loss). Under ``jax.jit`` these checks run only inside
         :func:`jaxseq.checked`; plain ``jit`` looks up NaN or a wrapped id instead.
+
+        >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
+        >>> src, tgt_in = jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 3), jnp.int32)  # [B, S], [B, T]
+        >>> logits, weights = s2s.apply(s2s.init(jax.random.key(0)), src, tgt_in, time_major=False)
+        >>> logits.shape, weights.shape
+        ((2, 3, 5), (2, 3, 4))
         """
+        if not check_time_major(time_major):  # checked in the layout given, then turned around
+            what = "token ids (time_major=False, one batch dim)"
+            src = check_tokens("src", src, f"[B, S] {what}", ndim=2).T
+            tgt_in = check_tokens("tgt_in", tgt_in, f"[B, T] {what}", ndim=2).T
         enc = self.encode(params, src, src_lengths)
         tgt_in = self._tokens("tgt_in", tgt_in, enc.states.shape[0])
         tgt_in = token_ids("tgt_in", tgt_in, self.tgt_vocab_size)
@@ -278,4 +290,7 @@ class Seq2SeqAttention:
             return carry, (logits, w)
 
         _, (logits, weights) = jax.lax.scan(body, enc.carry, tgt_in)
+        if not time_major:
+            logits = jnp.swapaxes(logits, 0, 1)
+            weights = None if weights is None else jnp.swapaxes(weights, 0, 1)
         return logits, weights

@@ -2,7 +2,8 @@
 over padded batches with lengths.
 
 Shapes: T time, B batch (any number of dims), D input features, E embedding size,
-H hidden size, V vocabulary size, C classes (or tags). Time-major inputs.
+H hidden size, V vocabulary size, C classes (or tags). Time-major inputs by
+default; ``apply(..., time_major=False)`` takes batch-major ones.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq.masks import lengths_to_mask
 from jaxseq.models._body import (
+    check_stack,
     check_tokens,
+    describe_layer,
     init_body,
+    pool_last,
     recurrent_stack,
     run_body,
+    time_major_tokens,
     token_ids,
     valid_steps,
 )
 from jaxseq.nn.dense import DenseParams, dense
 from jaxseq.nn.embedding import embed
-from jaxseq.recurrent.layers import Bidirectional, Stack
+from jaxseq.recurrent.layers import Stack
 
 __all__ = ["SequenceClassifier", "SequenceParams", "SequenceTagger", "classifier", "tagger"]
 
@@ -36,13 +41,6 @@ class SequenceParams(NamedTuple):
     embedding: jax.Array | None  # [V, E] for token inputs; None for feature inputs
     stack: tuple  # per-layer cell params
     head: DenseParams  # w [H, C], b [C]
-
-
-def _last_hidden(layer, carry):
-    """The ``h`` of one layer's final carry (forward and backward halves concatenated)."""
-    if isinstance(layer, Bidirectional):
-        return jnp.concatenate([carry.forward.h, carry.backward.h], axis=-1)
-    return carry.h
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +75,7 @@ class _SequenceModel:
         else:
             _checks.check_positive_int("input_size", self.input_size)
         _checks.check_rate("dropout_rate", self.dropout_rate)
+        check_stack(self.stack, self._rnn_input_size)
 
     @property
     def _rnn_input_size(self) -> int:
@@ -88,6 +87,31 @@ class _SequenceModel:
             key, self.stack, self._rnn_input_size, self.num_classes, self.vocab_size, dtype
         )
         return SequenceParams(emb, stack, head)
+
+    def config(self) -> dict:
+        """A JSON-able description (for :class:`jaxseq.training.Checkpointer`'s ``model_config``).
+
+        Layers are described as in :meth:`jaxseq.models.RecurrentLM.config` (user
+        cells too).
+
+        >>> cfg = tagger(3, input_size=2, hidden_size=4, cell="gru").config()
+        >>> cfg["type"], cfg["layers"][0]["type"], cfg["layers"][0]["forward"]["hidden_size"]
+        ('SequenceTagger', 'Bidirectional', 4)
+        """
+        settings = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "stack" and isinstance(getattr(self, f.name), int | float | str | None)
+        }
+        layers = [describe_layer(f"stack.layers[{i}]", x) for i, x in enumerate(self.stack.layers)]
+        return {
+            "type": type(self).__name__,
+            **settings,
+            "layers": layers,
+            "residual": bool(self.stack.residual),
+            "stack_dropout": float(self.stack.dropout_rate),
+            "stack_variational_dropout": bool(self.stack.variational_dropout),
+        }
 
     def check_params(self, params, name: str = "params") -> None:
         """Raises unless ``params`` are :class:`SequenceParams` of this model's sizes."""
@@ -104,15 +128,19 @@ class _SequenceModel:
             f"{name}.head.w", params.head.w, (self.stack.output_size, self.num_classes), ("H", "C")
         )
 
-    def _inputs(self, params, xs, lengths):
+    def _inputs(self, params, xs, lengths, time_major=True):
         """Validated inputs ``[T, *B, E or D]``: token ids embedded (padded ids read as 0).
+
+        With ``time_major=False`` ``xs`` is ``int[*B, T]`` or ``[*B, T, D]``, turned
+        time-major here.
 
         Padded steps (``t >= lengths``) may hold anything (token id ``-100``, NaN
         features): :func:`jaxseq.rollout` selects them away before any arithmetic,
         so they reach neither the outputs, the pooled features nor the gradients.
         Token ids at valid steps must be in ``[0, V)``.
         """
-        xs = _checks.as_array("xs", xs)
+        feature_dims = 0 if self.vocab_size is not None else 1
+        xs = time_major_tokens("xs", _checks.as_array("xs", xs), time_major, feature_dims)
         if self.vocab_size is not None:
             xs = check_tokens("xs", xs, "[T, *B] token ids")
             batch_shape = tuple(xs.shape[1:])
@@ -132,10 +160,10 @@ class _SequenceModel:
             return xs, lengths
         return embed(params.embedding, token_ids("xs", xs, self.vocab_size, valid)), lengths
 
-    def _run(self, params, xs, lengths, key):
-        """-> (per-layer final carries, last-layer outputs ``[T, *B, H]``)."""
+    def _run(self, params, xs, lengths, key, time_major=True):
+        """-> (per-layer final carries, last-layer outputs ``[T, *B, H]``, lengths)."""
         self.check_params(params)
-        x, lengths = self._inputs(params, xs, lengths)
+        x, lengths = self._inputs(params, xs, lengths, time_major)
         carries, h = run_body(
             self.stack,
             params.stack,
@@ -162,21 +190,28 @@ class SequenceTagger(_SequenceModel):
     (6, 2, 4)
     """
 
-    def apply(self, params: SequenceParams, xs, *, lengths=None, key=None):
+    def apply(self, params: SequenceParams, xs, *, lengths=None, key=None, time_major=True):
         """``xs: int[T, *B]`` (tokens) or ``[T, *B, D]`` (features) -> ``float32[T, *B, C]``.
 
         ``lengths: int[*B]`` right padding: the backward direction starts at each
         sequence's last valid step, and padded steps get the head's bias only
         (mask them in the loss, e.g. ``js.losses.cross_entropy(..., lengths=lengths)``);
         padded steps of ``xs`` may hold anything (``-100`` ids, NaN features).
-        ``key``: dropout key (dropout off when None).
+        ``key``: dropout key (dropout off when None). ``time_major=False``:
+        batch-major ``xs: int[*B, T]`` or ``[*B, T, D]`` and outputs ``[*B, T, C]``.
 
         Token ids at valid steps must be in ``[0, V)``: ``ValueError`` (naming ``xs``,
         the range and the value) for concrete ids; under ``jax.jit`` only
         :func:`jaxseq.checked` raises, plain ``jit`` looks up NaN for an id >= V
         or < -V and counts a negative id from the end.
+
+        >>> tg = tagger(4, input_size=2, hidden_size=3)
+        >>> tg.apply(tg.init(jax.random.key(0)), jnp.ones((5, 6, 2)), time_major=False).shape
+        (5, 6, 4)
         """
-        _, h, _ = self._run(params, xs, lengths, key)
+        _, h, _ = self._run(params, xs, lengths, key, time_major)
+        if not time_major:
+            h = jnp.moveaxis(h, 0, -2)  # [*B, T, H]: the head writes batch-major outputs
         return dense(params.head, h).astype(jnp.float32)
 
 
@@ -185,14 +220,18 @@ class SequenceClassifier(_SequenceModel):
     """One prediction per sequence: inputs -> :class:`jaxseq.Stack` -> pooling -> dense head.
 
     Args:
-      stack: the recurrent layers (cells and/or :class:`jaxseq.Bidirectional`).
+      stack: the recurrent layers: cells and/or :class:`jaxseq.Bidirectional`, built-in
+        or any meeting :class:`jaxseq.protocols.Cell` or
+        :class:`jaxseq.protocols.SequenceLayer` (each ``output_size`` is checked
+        when the model is built).
       num_classes: C, the head's outputs (class logits, or C regression outputs).
       vocab_size, embedding_size: token inputs ``int[T, *B]`` through an embedding ``[V, E]``;
       input_size: or feature inputs ``[T, *B, D]`` (give one of the two kinds).
       dropout_rate: dropout on the inputs and on the pooled features (with a ``key``).
-      pool: ``"last"`` the last layer's final hidden state (for a bidirectional
-        layer, the forward state after the last valid step and the backward
-        state after step 0), or ``"mean"`` the mean of its outputs over valid steps.
+      pool: ``"last"`` the stack's output at each sequence's last valid step (for a
+        bidirectional last layer, the forward half there and the backward half at
+        step 0, where that direction ends), or ``"mean"`` the mean of its outputs
+        over valid steps. Both read the outputs, so any cell works.
       unroll: the ``lax.scan`` unroll passed to :func:`jaxseq.rollout` (default "auto").
 
     >>> import jaxseq as js
@@ -208,18 +247,23 @@ class SequenceClassifier(_SequenceModel):
         super().__post_init__()
         _checks.check_choice("pool", self.pool, ("last", "mean"))
 
-    def apply(self, params: SequenceParams, xs, *, lengths=None, key=None):
+    def apply(self, params: SequenceParams, xs, *, lengths=None, key=None, time_major=True):
         """``xs: int[T, *B]`` or ``[T, *B, D]`` -> ``float32[*B, C]``; ``lengths: int[*B]``.
 
         Padded steps (``t >= lengths``) may hold anything (``-100`` ids, NaN or inf
-        features): they are selected away before the stack, and the mean pooling
-        sums valid steps only, so they reach neither the pooled features nor the
+        features): they are selected away before the stack, and both poolings read
+        valid steps only, so they reach neither the pooled features nor the
         gradients. Token ids out of range raise as in :meth:`SequenceTagger.apply`
-        (under ``jit``: only inside :func:`jaxseq.checked`).
+        (under ``jit``: only inside :func:`jaxseq.checked`). ``time_major=False``:
+        batch-major ``xs: int[*B, T]`` or ``[*B, T, D]`` (same outputs).
+
+        >>> clf = classifier(2, input_size=3, hidden_size=4)
+        >>> clf.apply(clf.init(jax.random.key(0)), jnp.ones((5, 7, 3)), time_major=False).shape
+        (5, 2)
         """
-        carries, h, lengths = self._run(params, xs, lengths, key)
+        _, h, lengths = self._run(params, xs, lengths, key, time_major)
         if self.pool == "last":
-            feat = _last_hidden(self.stack.layers[-1], carries[-1])
+            feat = pool_last(self.stack.layers[-1], h, lengths)
         else:
             if lengths is None:
                 feat = jnp.mean(h.astype(jnp.float32), axis=0)

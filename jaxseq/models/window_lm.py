@@ -11,8 +11,7 @@ gives the logits over the vocabulary::
 Positions before the start of the text (or before a reset) hold a padding token
 ``V`` with its own learned embedding (row ``V`` of the ``[V + 1, E]`` table).
 The carry is the last ``n - 1`` token ids (``int32[*B, n-1]``, ``V`` where there
-is none yet), so the model has the contract of
-:class:`jaxseq.models.LanguageModel` and trains, evaluates and samples through
+is none yet), so the model meets :class:`jaxseq.protocols.LanguageModel` and trains, evaluates and samples through
 the same functions (:func:`jaxseq.training.lm_loss_fn`,
 :func:`jaxseq.training.evaluate_lm`, :func:`jaxseq.decoding.sample`).
 
@@ -30,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.models._body import check_tokens, token_ids, valid_steps
+from jaxseq.models._body import check_tokens, time_major_tokens, token_ids, valid_steps
 from jaxseq.nn.dense import DenseParams, dense, dense_init
 from jaxseq.nn.dropout import dropout
 from jaxseq.nn.embedding import embed, embedding_init
@@ -137,7 +136,17 @@ class WindowLM:
         carry, logits = self.apply(params, carry, tokens[None], key=key)
         return carry, logits[0]
 
-    def apply(self, params: WindowLMParams, carry, tokens, *, reset=None, lengths=None, key=None):
+    def apply(
+        self,
+        params: WindowLMParams,
+        carry,
+        tokens,
+        *,
+        reset=None,
+        lengths=None,
+        key=None,
+        time_major: bool = True,
+    ):
         """Runs the model over ``tokens: int[T, *B]`` after the ids in ``carry``.
 
         Args:
@@ -149,9 +158,11 @@ class WindowLM:
           lengths: optional ``int[*B]``: steps past a sequence's length leave the carry
             unchanged (the returned carry holds the ids up to its last valid step).
           key: dropout key; dropout is off when None (evaluation).
+          time_major: False for batch-major ``tokens: int[*B, T]``, ``reset: bool[*B, T]``
+            and logits ``[*B, T, V]`` (the carry and ``lengths`` are the same either way).
 
         Returns:
-          ``(carry, logits: float32[T, *B, V])``.
+          ``(carry, logits: float32[T, *B, V])`` (``[*B, T, V]`` with ``time_major=False``).
 
         Raises:
           ValueError: a token id (at a valid step) outside ``[0, V)`` or a carried id
@@ -159,7 +170,8 @@ class WindowLM:
             inside :func:`jaxseq.checked`).
         """
         self.check_params(params)
-        tokens = self.check_tokens(tokens)
+        tokens = self.check_tokens(time_major_tokens("tokens", tokens, time_major))
+        reset = time_major_tokens("reset", reset, time_major)
         t = tokens.shape[0]
         batch = tuple(tokens.shape[1:])
         valid = valid_steps(lengths, t, batch, tokens)
@@ -219,6 +231,8 @@ class WindowLM:
         nxt = jnp.take_along_axis(hist, start, axis=1)
         nxt = jnp.where(jnp.take_along_axis(seg, start, axis=1) == ref, nxt, self.vocab_size)
         new_carry = nxt.reshape(batch + (m,)).astype(jnp.int32)
+        if not time_major:
+            return new_carry, logits.reshape((*batch, t, self.vocab_size))
         return new_carry, jnp.moveaxis(logits, 1, 0).reshape((t, *batch, self.vocab_size))
 
 
