@@ -1,5 +1,5 @@
-"""Training: losses, the optimizer, the train step, the loop, checkpoints, sharding,
-several processes, mixed precision, diagnostics.
+"""Training: losses, the optimizer, the train step, the loop, evaluation, checkpoints,
+sharding, several processes, mixed precision, diagnostics.
 """
 
 from jaxseq.training.checkpoint import (
@@ -16,6 +16,9 @@ from jaxseq.training.diagnostics import (
 from jaxseq.training.distributed import (
     add_distributed_args,
     init_from_args,
+)
+from jaxseq.training.evaluate import (
+    evaluate,
 )
 from jaxseq.training.host_memory import (
     reuse_host_memory,
@@ -76,6 +79,7 @@ __all__ = [
     "cast_floating",
     "compute_dtype",
     "cross_entropy",
+    "evaluate",
     "evaluate_lm",
     "fit",
     "grad_norm_per_step",
