@@ -16,7 +16,8 @@ only counts words gives both members of a pair the same answer, so it gets
 exactly half of them right; a recurrent model can read the order.
 
 Three models train side by side, each with ``js.make_train_step`` and
-``js.fit`` over ``js.data.PaddedBatcher`` batches (padded, with lengths):
+``js.fit`` over ``js.data.PaddedBatcher`` batches (padded, with lengths) and
+scored on the held-out reviews by ``js.training.evaluate``:
 a bag-of-words model (the mean of the word embeddings, a tanh layer and a
 softmax), and recurrent classifiers (``js.models.classifier``: embeddings,
 a tanh RNN or an LSTM, the state after the last word, a softmax)::
@@ -59,6 +60,9 @@ from _common import (  # noqa: E402
 )
 
 MODELS = ("bow", "rnn", "lstm", "gru")
+EVAL_BATCH = 256  # examples per held-out batch
+# per-example metric of js.training.evaluate: logits [B, C] against the labels
+TEST_METRICS = {"test_accuracy": lambda logits, batch: jnp.argmax(logits, -1) == batch["label"]}
 PAD, UNK = "<pad>", "<unk>"
 NOUNS = (
     "food", "service", "staff", "music", "room", "view", "pasta", "coffee", "wine", "dessert",
@@ -281,16 +285,26 @@ def main(argv=None) -> dict:
     labels = np.asarray([lab for _, lab in train], np.int32)
     if len(train) < args.batch:
         raise SystemExit(f"--batch: {args.batch} is more than the {len(train)} training examples")
+    # batches: tokens [T, B] with tokens_lengths [B], label [B], example_mask [B]
     batcher = js.data.PaddedBatcher(
         {"tokens": encode(train), "label": labels}, args.batch, num_buckets=args.buckets,
-        seed=args.seed, sequence_fields=["tokens"],
+        seed=args.seed,
     )  # fmt: skip
-    # one evaluation array: the test set, then the order pairs
-    e_rows = test + pairs
-    e_tokens, e_lengths = js.data.pad_sequences(encode(e_rows))
-    e_labels = np.asarray([lab for _, lab in e_rows], np.int32)
+    # held-out batches in order: the duplicates that fill the last batch are weighted out
+    # by example_mask inside js.training.evaluate
+    test_batches = js.data.PaddedBatcher(
+        {"tokens": encode(test), "label": np.asarray([lab for _, lab in test], np.int32)},
+        min(EVAL_BATCH, len(test)), shuffle=False,
+    )  # fmt: skip
+    pair_batches = None
+    if pairs:  # one example per pair: the positive review and the negative one
+        pair_batches = js.data.PaddedBatcher(
+            {"positive": encode(pairs[0::2]), "negative": encode(pairs[1::2])},
+            min(EVAL_BATCH, len(pairs) // 2), shuffle=False,
+        )  # fmt: skip
     n_test = len(test)
-    majority = float(np.bincount(e_labels[:n_test], minlength=classes).max() / n_test)
+    test_labels = np.asarray([lab for _, lab in test], np.int32)
+    majority = float(np.bincount(test_labels, minlength=classes).max() / n_test)
 
     prepare_out(args.out)
     summary = {
@@ -301,6 +315,7 @@ def main(argv=None) -> dict:
         **environment(),
     }  # fmt: skip
     curves, answers = {}, {}
+    shown = (pairs or test)[:20]  # the reviews of predictions.txt
     for mi, name in enumerate(args.models):
         key = jax.random.key(args.seed * 100 + mi)
         if name == "bow":
@@ -322,34 +337,34 @@ def main(argv=None) -> dict:
             loss = js.losses.cross_entropy(logits, batch["label"], mask)
             return loss, (carry, {"accuracy": js.losses.accuracy(logits, batch["label"], mask)})
 
-        @jax.jit
-        def evaluate(p, apply=apply):
-            logits = apply(p, e_tokens, e_lengths)
-            probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-            return jnp.argmax(logits, axis=-1), probs
+        def classify(p, batch, apply=apply):  # logits [B, C]
+            return apply(p, batch["tokens"], batch["tokens_lengths"])
 
-        def scores(pred):
-            pred = np.asarray(pred)
-            right = pred == e_labels
-            out = {"test_accuracy": float(right[:n_test].mean())}
-            if pairs:
-                pr = right[n_test:].reshape(-1, 2)
-                out["order_test_accuracy"] = float(pr.mean())
-                out["order_pairs_both_right"] = float(pr.all(axis=1).mean())
+        def order(p, batch, apply=apply):  # per pair: is each review's label right
+            pos = jnp.argmax(apply(p, batch["positive"], batch["positive_lengths"]), -1) == 1
+            neg = jnp.argmax(apply(p, batch["negative"], batch["negative_lengths"]), -1) == 0
+            return {
+                "order_test_accuracy": (pos.astype(jnp.float32) + neg.astype(jnp.float32)) / 2,
+                "order_pairs_both_right": pos & neg,
+            }
+
+        def scores(params, classify=classify, order=order):
+            out = js.training.evaluate(classify, params, test_batches, TEST_METRICS)
+            if pair_batches is not None:
+                out.update(js.training.evaluate(order, params, pair_batches))
             return out
 
         opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
         state = js.init_state(params, opt, jax.random.key(args.seed + 1))
         state, info = js.fit(
             js.make_train_step(loss_fn, opt, precision=args.precision), state, batcher, num_steps=args.steps,
-            eval_fn=lambda st, evaluate=evaluate, scores=scores: scores(evaluate(st.params)[0]),
+            eval_fn=lambda st, scores=scores: scores(st.params),
             eval_every=args.eval_every, on_step=run_logger(args.out, name), progress=not args.quiet,
         )  # fmt: skip
         append_evals(args.out, name, info["evals"])
         curves[name] = info["evals"]
-        pred, probs = evaluate(state.params)
-        answers[name] = np.asarray(probs)
-        summary["models"][name] = {**scores(pred), "train_s": round(info["train_s"], 2)}
+        answers[name] = probabilities(apply, state.params, encode(shown))
+        summary["models"][name] = {**scores(state.params), "train_s": round(info["train_s"], 2)}
 
     res = summary["models"]
     recurrent = [m for m in args.models if m != "bow"]
@@ -370,8 +385,7 @@ def main(argv=None) -> dict:
         table.append(f"| {name} | " + " | ".join(cells) + " |")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
-    write_predictions(args.out, e_rows[n_test:][:20] or e_rows[:20], answers, label_names,
-                      offset=n_test if pairs else 0)  # fmt: skip
+    write_predictions(args.out, shown, answers, label_names)
     plot_curves(args.out, curves, majority, bool(pairs))
     write_json(os.path.join(args.out, "summary.json"), summary)
     if not args.quiet:
@@ -380,11 +394,18 @@ def main(argv=None) -> dict:
     return summary
 
 
-def write_predictions(out, rows, answers, label_names, offset: int) -> None:
+def probabilities(apply, params, tokens) -> np.ndarray:
+    """``[N, C]`` class probabilities of a few examples (one padded batch)."""
+    padded, lengths = js.data.pad_sequences(tokens)
+    logits = apply(params, padded, lengths)
+    return np.asarray(jax.nn.softmax(logits.astype(jnp.float32), axis=-1))
+
+
+def write_predictions(out, rows, answers, label_names) -> None:
     with open(os.path.join(out, "predictions.txt"), "w") as f:
         f.write("review, gold label, then each model's probability of the gold label\n\n")
         for i, (text, lab) in enumerate(rows):
-            probs = "  ".join(f"{m} {answers[m][offset + i, lab]:.2f}" for m in answers)
+            probs = "  ".join(f"{m} {answers[m][i, lab]:.2f}" for m in answers)
             f.write(f"{text}\n    {label_names[lab]:>8s}  {probs}\n")
 
 
