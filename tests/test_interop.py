@@ -50,7 +50,7 @@ def torch_final_states(carries, field: str) -> jax.Array:
     """Stacks per-layer carries into PyTorch's ``h_n`` layout ``[L * dirs, B, H]``."""
     out = []
     for c in carries:
-        parts = [c.forward, c.backward] if isinstance(c, js.BidirectionalCarry) else [c]
+        parts = [c.forward, c.backward] if isinstance(c, js.recurrent.BidirectionalCarry) else [c]
         out.extend(getattr(p, field) for p in parts)
     return jnp.stack(out)
 
@@ -89,7 +89,7 @@ def test_torch_parity_two_layer_bidirectional_packed(name):
     assert int(lengths.min()) < int(lengths.max()) <= xs.shape[0]
 
     def f(params, xs):
-        carries, ys = js.stacked_rollout(stack, params, xs, lengths=lengths)
+        carries, ys = js.rollout(stack, params, xs, lengths=lengths)
         return loss_and_aux(case, is_lstm, ys, carries)
 
     (loss, aux), (g_params, g_x) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
@@ -114,10 +114,8 @@ def test_torch_parity_one_layer_with_initial_state(name):
     is_lstm = name == "lstm"
     params = interop.from_torch(cell, section(case, "w."))
     xs = jnp.asarray(case["x"], jnp.float32)
-    h0 = jnp.asarray(case["h0"][0], jnp.float32)
-    carry = (
-        js.LSTMCarry(h0, jnp.asarray(case["c0"][0], jnp.float32)) if is_lstm else js.RNNCarry(h0)
-    )
+    # PyTorch's (h0, c0) / h0: [num_layers * num_directions = 1, B, H]
+    carry = interop.carry_from_torch(cell, (case["h0"], case["c0"]) if is_lstm else case["h0"])
 
     def f(params, xs, carry):
         final, ys = js.rollout(cell, params, xs, carry)
@@ -263,7 +261,7 @@ def test_torch_live_module_if_installed():
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
         out, (h_n, c_n) = module(x)
-    run = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x))
+    run = jax.jit(lambda p, x: js.rollout(stack, p, x))
     carries, ys = run(params, jnp.asarray(x.numpy()))
     np.testing.assert_allclose(ys, out.numpy(), **TOL)
     np.testing.assert_allclose(torch_final_states(carries, "h"), h_n.numpy(), **TOL)
@@ -274,6 +272,101 @@ def test_torch_live_module_if_installed():
     with torch.no_grad():
         out2, _ = module(x)
     np.testing.assert_allclose(out2.numpy(), out.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize(("num_layers", "bidirectional"), [(1, False), (2, False), (2, True)])
+def test_torch_live_initial_state_through_carry_from_torch(kind, num_layers, bidirectional):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(1)
+    modules = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn": torch.nn.RNN}
+    cells = {"lstm": js.LSTM(4), "gru": js.GRU(4), "rnn": js.RNN(4)}
+    module = modules[kind](3, 4, num_layers=num_layers, bidirectional=bidirectional)
+    rows = num_layers * (2 if bidirectional else 1)
+    x, h0, c0 = torch.randn(5, 2, 3), torch.randn(rows, 2, 4), torch.randn(rows, 2, 4)
+    hx = (h0, c0) if kind == "lstm" else h0
+    with torch.no_grad():
+        out, hn = module(x, hx)
+    stack, params = interop.stack_from_torch(cells[kind], dict(module.named_parameters()))
+    carry = interop.carry_from_torch(stack, hx)
+    final, ys = jax.jit(lambda p, x, c: js.rollout(stack, p, x, c))(
+        params, jnp.asarray(x.numpy()), carry
+    )
+    np.testing.assert_allclose(ys, out.numpy(), **TOL)
+    got = interop.carry_to_torch(stack, final)
+    for g, w in zip(got, hn) if kind == "lstm" else [(got, hn)]:
+        np.testing.assert_allclose(g, w.numpy(), **TOL)
+    # the first layer alone (a cell or a Bidirectional) takes its own rows of h0
+    first = modules[kind](3, 4, bidirectional=bidirectional)
+    first.load_state_dict({k: v for k, v in module.state_dict().items() if "_l0" in k})
+    hx0 = tuple(t[: rows // num_layers] for t in hx) if kind == "lstm" else h0[: rows // num_layers]
+    with torch.no_grad():
+        out0, _ = first(x, hx0)
+    layer0 = interop.carry_from_torch(stack.layers[0], hx0)
+    _, ys0 = js.rollout(stack.layers[0], params[0], jnp.asarray(x.numpy()), layer0)
+    np.testing.assert_allclose(ys0, out0.numpy(), **TOL)
+
+
+@pytest.mark.parametrize("layer", [
+    js.LSTM(3),
+    js.GRU(3),
+    js.Bidirectional(js.RNN(3)),
+    js.Stack([js.LSTM(3), js.LSTM(3), js.LSTM(3)]),
+    js.Stack([js.Bidirectional(js.GRU(3)), js.Bidirectional(js.GRU(3))]),
+])  # fmt: skip
+def test_carry_from_torch_round_trip_and_row_order(layer):
+    groups = interop.torch._torch_directions(layer)
+    rows = sum(len(g) for g in groups)
+    is_lstm = isinstance(groups[0][0], js.LSTM)
+    # row r holds the value r (h) and -r (c), so every row can be traced to its place
+    h0 = np.broadcast_to(np.arange(rows, dtype=np.float32)[:, None, None], (rows, 2, 3)).copy()
+    hx = (h0, -h0) if is_lstm else h0
+    carry = interop.carry_from_torch(layer, hx)
+    layer.check_carry(carry, (2,))
+    per_layer = carry if isinstance(layer, js.Stack) else (carry,)
+    row = 0
+    for c in per_layer:
+        parts = [c.forward, c.backward] if isinstance(c, js.recurrent.BidirectionalCarry) else [c]
+        for part in parts:
+            np.testing.assert_array_equal(part.h, np.full((2, 3), row))
+            if is_lstm:
+                np.testing.assert_array_equal(part.c, np.full((2, 3), -row))
+            row += 1
+    back = interop.carry_to_torch(layer, carry)
+    for got, want in zip(back, hx) if is_lstm else [(back, hx)]:
+        np.testing.assert_array_equal(got, want)
+    # unbatched PyTorch input: [L * dirs, H]
+    unbatched = interop.carry_from_torch(layer, tuple(a[:, 0] for a in hx) if is_lstm else h0[:, 0])
+    assert jax.tree_util.tree_leaves(unbatched)[0].shape == (3,)
+
+
+def test_carry_from_torch_validation():
+    stack = js.Stack([js.Bidirectional(js.LSTM(3)), js.Bidirectional(js.LSTM(3))])
+    h0 = np.zeros((4, 2, 3), np.float32)
+    with pytest.raises(TypeError, match=r"^hx: expected the pair \(h0, c0\) for a js.LSTM, as nn.LSTM takes it, got ndarray"):  # fmt: skip
+        interop.carry_from_torch(stack, h0)
+    with pytest.raises(ValueError, match=r"^hx\[0\] \(h0\): expected shape \[num_layers \* num_directions=4, \*B, H=3\] \(2 layer\(s\) x 2 direction\(s\)\), got float32\[2, 2, 3\]"):  # fmt: skip
+        interop.carry_from_torch(stack, (h0[:2], h0[:2]))
+    with pytest.raises(
+        ValueError, match=r"^hx\[1\] \(c0\): expected shape .*H=3.*got float32\[4, 2, 5\]"
+    ):
+        interop.carry_from_torch(stack, (h0, np.zeros((4, 2, 5), np.float32)))
+    with pytest.raises(ValueError, match=r"^hx\[1\] \(c0\): expected the shape of h0 \[4, 2, 3\], got float32\[4, 1, 3\]"):  # fmt: skip
+        interop.carry_from_torch(stack, (h0, h0[:, :1]))
+    with pytest.raises(TypeError, match=r"^hx: expected h0 \(one array\) for a js.GRU, as nn.RNN/nn.GRU take it, got a tuple of 2"):  # fmt: skip
+        interop.carry_from_torch(js.GRU(3), (h0[:1], h0[:1]))
+    with pytest.raises(TypeError, match=r"^hx \(h0\): expected a floating dtype"):
+        interop.carry_from_torch(js.GRU(3), np.zeros((1, 2, 3), np.int32))
+    with pytest.raises(
+        TypeError, match=r"^layer.layers\[1\]: expected js.RNN, js.LSTM or js.GRU .*got MinGRU"
+    ):
+        interop.carry_from_torch(js.Stack([js.GRU(3), js.MinGRU(3)]), h0[:2])
+    with pytest.raises(ValueError, match=r"^layer: a PyTorch module has one cell type and hidden size for all layers, got js.GRU\(3\), js.GRU\(4\)"):  # fmt: skip
+        interop.carry_from_torch(js.Stack([js.GRU(3), js.GRU(4)]), h0[:2])
+    with pytest.raises(TypeError, match=r"carry: expected a tuple of 2 layer carries"):
+        interop.carry_to_torch(stack, stack.layers[0].initial_carry((2,)))
+    with pytest.raises(TypeError, match=r"^carry: expected the carry of GRU"):
+        interop.carry_to_torch(js.GRU(3), None)
 
 
 # -- PyTorch validation ----------------------------------------------------------------------
@@ -460,13 +553,13 @@ def test_flax_rnn_parity_with_lengths(case):
 def test_flax_from_js_params_drive_flax_cell():
     """to_flax of jaxseq params gives a flax GRUCell equal to js.GRU."""
     cell = js.GRU(H)
-    params = js.GRUParams(
+    params = js.recurrent.GRUParams(
         normal(5, (3, 3 * H)), normal(6, (H, 3 * H)), normal(7, (3 * H,)), normal(8, (H,))
     )
     x = normal(9, (2, 3))
     h0 = jnp.ones((2, H)) * 0.3
     h_fx, _ = nn.GRUCell(H).apply(interop.to_flax(cell, params), h0, x)
-    h_js, _ = cell.step(params, js.RNNCarry(h0), x)
+    h_js, _ = cell.step(params, js.recurrent.RNNCarry(h0), x)
     np.testing.assert_allclose(h_js.h, h_fx, **TOL)
 
 

@@ -6,7 +6,9 @@ any array-like works, torch tensors included)::
     params = js.interop.from_torch(js.LSTM(256), module.state_dict(), layer=1, reverse=True)
     sd = js.interop.to_torch(js.LSTM(256), params, layer=1, reverse=True)   # numpy arrays
     stack, params = js.interop.stack_from_torch(js.GRU(256), module.state_dict())
-    carries, ys = js.stacked_rollout(stack, params, xs, lengths=lengths)
+    carry = js.interop.carry_from_torch(stack, h0)         # (h0, c0) for an LSTM
+    carries, ys = js.rollout(stack, params, xs, carry, lengths=lengths)
+    h_n = js.interop.carry_to_torch(stack, carries)         # [L * dirs, B, H], as torch
 
 Flax linen (``LSTMCell``, ``OptimizedLSTMCell``, ``GRUCell``, ``SimpleCell``)::
 
@@ -46,6 +48,8 @@ names the key, the expected and the actual shape.
 
 from jaxseq.interop.flax import carry_from_flax, carry_to_flax, from_flax, to_flax
 from jaxseq.interop.torch import (
+    carry_from_torch,
+    carry_to_torch,
     from_torch,
     grads_to_torch,
     stack_from_torch,
@@ -57,6 +61,8 @@ from jaxseq.interop.torch import (
 __all__ = [
     "carry_from_flax",
     "carry_to_flax",
+    "carry_from_torch",
+    "carry_to_torch",
     "from_flax",
     "from_torch",
     "grads_to_torch",

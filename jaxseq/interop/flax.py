@@ -199,7 +199,7 @@ def carry_to_flax(cell, carry):
     """Inverse of :func:`carry_from_flax`: a jaxseq carry -> flax's (``(c, h)`` for an LSTM).
 
     >>> import jax.numpy as jnp, jaxseq as js
-    >>> c, h = js.interop.carry_to_flax(js.LSTM(2), js.LSTMCarry(jnp.ones(2), jnp.zeros(2)))
+    >>> c, h = js.interop.carry_to_flax(js.LSTM(2), js.recurrent.LSTMCarry(jnp.ones(2), jnp.zeros(2)))
     >>> c.tolist(), h.tolist()
     ([0.0, 0.0], [1.0, 1.0])
     """

@@ -5,17 +5,27 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
-from jaxseq.interop._common import _cell_info, _check_layer_arg, _check_shape, _gate_hint, _to_array
+from jaxseq.interop._common import (
+    _BUILTIN_CELLS,
+    _cell_info,
+    _check_layer_arg,
+    _check_shape,
+    _gate_hint,
+    _to_array,
+)
 from jaxseq.recurrent.cells import (
     GRUParams,
+    LSTMCarry,
     LSTMParams,
+    RNNCarry,
     RNNParams,
 )
-from jaxseq.recurrent.layers import Bidirectional, BidirectionalParams, Stack
+from jaxseq.recurrent.layers import Bidirectional, BidirectionalCarry, BidirectionalParams, Stack
 
 # -- PyTorch --------------------------------------------------------------------------------
 
@@ -202,10 +212,12 @@ def stack_from_torch(cell, state_dict, *, prefix: str = ""):
 
     The number of layers and the directions are read from the keys. Each layer
     is ``cell`` or ``js.Bidirectional(cell)``; run it with
-    ``js.stacked_rollout(stack, params, xs, lengths=...)`` (time-major, like
-    ``batch_first=False``). PyTorch's ``h_n[k * dirs + d]`` is
-    ``carries[k].h`` (unidirectional) or ``carries[k].forward.h`` /
-    ``carries[k].backward.h`` (d = 0 / 1).
+    ``js.rollout(stack, params, xs, carry, lengths=...)`` (time-major, like
+    ``batch_first=False``; ``time_major=False`` for ``batch_first=True``).
+    PyTorch's ``h_n[k * dirs + d]`` is ``carries[k].h`` (unidirectional) or
+    ``carries[k].forward.h`` / ``carries[k].backward.h`` (d = 0 / 1):
+    :func:`carry_from_torch` and :func:`carry_to_torch` convert ``(h0, c0)``
+    and ``(h_n, c_n)``.
 
     >>> import jax, jax.numpy as jnp, jaxseq as js
     >>> made = js.Stack([js.Bidirectional(js.GRU(2)), js.Bidirectional(js.GRU(2))])
@@ -324,3 +336,147 @@ def stack_grads_to_torch(stack, grads, *, prefix: str = "", bias: bool = True) -
     ['bias_hh_l0', 'bias_hh_l1']
     """
     return _stack_export(grads_to_torch, stack, grads, prefix, bias, "grads")
+
+
+# -- initial and final states ---------------------------------------------------------------
+
+
+def _torch_directions(layer) -> list[list]:
+    """The cells of a cell, ``Bidirectional`` or ``Stack`` per layer, in PyTorch's order.
+
+    Layer ``k``'s directions ``d`` are rows ``k * dirs + d`` of ``h_n``; every cell is a
+    built-in one, and all share one type and hidden size (as a PyTorch module does).
+    """
+    if isinstance(layer, Stack):
+        named = [(lay, f"layer.layers[{k}]") for k, lay in enumerate(layer.layers)]
+    else:
+        named = [(layer, "layer")]
+    groups = []
+    for lay, name in named:
+        if isinstance(lay, Bidirectional):
+            pairs = [(lay.forward, f"{name}.forward"), (lay.backward, f"{name}.backward")]
+        else:
+            pairs = [(lay, name)]
+        for cell, where in pairs:
+            if not isinstance(cell, _BUILTIN_CELLS):
+                raise TypeError(
+                    f"{where}: expected js.RNN, js.LSTM or js.GRU (or a js.Bidirectional or "
+                    f"js.Stack of them), got {type(cell).__name__}"
+                )
+            _cell_info(cell, where)
+        groups.append([cell for cell, _ in pairs])
+    kinds = {(_cell_info(c)[0], c.hidden_size) for group in groups for c in group}
+    if len(kinds) > 1:
+        raise ValueError(
+            "layer: a PyTorch module has one cell type and hidden size for all layers, got "
+            + ", ".join(
+                sorted({f"js.{type(c).__name__}({c.hidden_size})" for g in groups for c in g})
+            )
+        )
+    return groups
+
+
+def _check_state(where: str, arr, rows: int, h: int, layout: str) -> None:
+    if arr.ndim < 2 or arr.shape[0] != rows or arr.shape[-1] != h:
+        raise ValueError(
+            f"{where}: expected shape [num_layers * num_directions={rows}, *B, H={h}] "
+            f"({layout}), got {_checks.describe(arr)}"
+        )
+
+
+def carry_from_torch(layer, hx):
+    """PyTorch's initial state ``h0`` / ``(h0, c0)`` -> the jaxseq carry of ``layer``.
+
+    Args:
+      layer: a ``js.RNN``/``js.LSTM``/``js.GRU`` cell, a ``js.Bidirectional`` of one,
+        or a ``js.Stack`` of them (e.g. from :func:`stack_from_torch`): one cell type
+        and hidden size throughout, as in a PyTorch module.
+      hx: what the PyTorch module takes as its second argument: ``h0`` for
+        ``nn.RNN``/``nn.GRU``, the pair ``(h0, c0)`` for ``nn.LSTM``; each an array-like
+        (torch tensors included) ``[num_layers * num_directions, *B, H]`` (``[L*dirs, H]``
+        for unbatched input). Row ``k * dirs + d`` is layer ``k``, direction ``d``
+        (0 forward, 1 backward), as in PyTorch; also with ``batch_first=True``.
+
+    Returns:
+      The carry ``js.rollout(layer, params, xs, carry)`` takes: ``RNNCarry(h)`` /
+      ``LSTMCarry(h, c)`` for a cell, ``BidirectionalCarry(forward, backward)`` for a
+      bidirectional layer, a tuple of one carry per layer for a ``Stack``; leaves
+      ``[*B, H]`` in ``hx``'s dtype.
+
+    >>> import numpy as np, jaxseq as js
+    >>> stack = js.Stack([js.Bidirectional(js.LSTM(4)), js.Bidirectional(js.LSTM(4))])
+    >>> h0 = np.arange(4, dtype=np.float32)[:, None, None] * np.ones((4, 2, 4), np.float32)
+    >>> carry = js.interop.carry_from_torch(stack, (h0, -h0))  # nn.LSTM(..., 2, bidirectional)
+    >>> float(carry[1].backward.h[0, 0]), float(carry[1].backward.c[0, 0])  # row 1 * 2 + 1
+    (3.0, -3.0)
+    """
+    groups = _torch_directions(layer)
+    cell0 = groups[0][0]
+    g, h = _cell_info(cell0)[0], cell0.hidden_size
+    rows = sum(len(group) for group in groups)
+    layout = f"{len(groups)} layer(s) x {len(groups[0])} direction(s)"
+    kind = f"js.{type(cell0).__name__}"
+    if g == 4:
+        if not isinstance(hx, tuple | list) or len(hx) != 2:
+            raise TypeError(
+                f"hx: expected the pair (h0, c0) for a {kind}, as nn.LSTM takes it, got "
+                f"{type(hx).__name__}"
+                + (f" of length {len(hx)}" if isinstance(hx, tuple | list) else "")
+            )
+        states = [_to_array("hx[0] (h0)", hx[0]), _to_array("hx[1] (c0)", hx[1])]
+    else:
+        if isinstance(hx, tuple | list):
+            raise TypeError(
+                f"hx: expected h0 (one array) for a {kind}, as nn.RNN/nn.GRU take it, got a "
+                f"{type(hx).__name__} of {len(hx)}"
+            )
+        states = [_to_array("hx (h0)", hx)]
+    for name, arr in zip(("hx[0] (h0)", "hx[1] (c0)") if g == 4 else ("hx (h0)",), states):
+        _check_state(name, arr, rows, h, layout)
+    if g == 4 and states[0].shape != states[1].shape:
+        raise ValueError(
+            f"hx[1] (c0): expected the shape of h0 {list(states[0].shape)}, got "
+            f"{_checks.describe(states[1])}"
+        )
+    make = LSTMCarry if g == 4 else RNNCarry
+    carries, row = [], 0
+    for group in groups:
+        parts = [make(*(s[row + d] for s in states)) for d in range(len(group))]
+        row += len(group)
+        carries.append(BidirectionalCarry(*parts) if len(parts) == 2 else parts[0])
+    return tuple(carries) if isinstance(layer, Stack) else carries[0]
+
+
+def carry_to_torch(layer, carry):
+    """Inverse of :func:`carry_from_torch`: a jaxseq carry -> PyTorch's ``h_n`` / ``(h_n, c_n)``.
+
+    ``carry`` is a final (or initial) carry of ``layer`` (a cell, a
+    ``js.Bidirectional`` or a ``js.Stack`` of built-in cells), e.g. what
+    ``js.rollout`` returns. Returns numpy arrays ``[num_layers * num_directions,
+    *B, H]``: ``h_n`` for RNN/GRU cells, the pair ``(h_n, c_n)`` for LSTMs, the
+    layout PyTorch modules return and take (``torch.from_numpy`` each).
+
+    >>> import jax, jax.numpy as jnp, jaxseq as js
+    >>> stack = js.Stack([js.GRU(3), js.GRU(3)])
+    >>> params = stack.init(jax.random.key(0), 2)
+    >>> carries, ys = js.rollout(stack, params, jnp.ones((5, 4, 2)))
+    >>> h_n = js.interop.carry_to_torch(stack, carries)  # nn.GRU(2, 3, num_layers=2)
+    >>> h_n.shape, bool((h_n[1] == ys[-1]).all())  # the top layer's last output
+    ((2, 4, 3), True)
+    """
+    groups = _torch_directions(layer)
+    leaves = jax.tree_util.tree_leaves(carry)
+    if not leaves or not hasattr(leaves[0], "shape") or not leaves[0].shape:
+        raise TypeError(
+            f"carry: expected the carry of {type(layer).__name__} (arrays [*B, H]), "
+            f"got {type(carry).__name__}"
+        )
+    layer.check_carry(carry, tuple(leaves[0].shape[:-1]))
+    per_layer = tuple(carry) if isinstance(layer, Stack) else (carry,)
+    flat = []
+    for group, c in zip(groups, per_layer):
+        flat.extend([c.forward, c.backward] if len(group) == 2 else [c])
+    h_n = np.stack([np.asarray(c.h) for c in flat])
+    if _cell_info(groups[0][0])[0] == 4:
+        return h_n, np.stack([np.asarray(c.c) for c in flat])
+    return h_n
