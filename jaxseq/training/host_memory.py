@@ -5,15 +5,14 @@ step saves for its backward, the gradients, the random bits of dropout masks)
 with the C library's ``malloc`` on every call and frees them on return. glibc
 serves blocks above its mmap threshold (128 KiB to 32 MiB, adapting) with
 fresh ``mmap`` pages and returns them with ``munmap``, so every call first-touches
-its temporaries again: a page fault per 4 KiB, about a millisecond per
-megabyte on a small virtual machine. :func:`reuse_host_memory` raises the
-mmap and trim thresholds, so those blocks come from the heap and stay there
-for the next call.
+its temporaries again: a page fault per 4 KiB. :func:`reuse_host_memory` raises
+the mmap and trim thresholds, so those blocks come from the heap and stay there
+for the next call. PyTorch allocates the same way and gains too.
 
-Measured on a 2-core AMD EPYC (``python -m benchmarks.char_lm_e2e``, the README's
-char-LM recipe): a training step of 99 ms took 89 ms; PyTorch, in the same
-process, gains as well (it allocates the same way). The cost is memory: the
-process keeps its peak heap instead of shrinking after a step.
+The cost is memory: the process keeps its peak heap instead of shrinking after
+a step. What it saves on a CPU training step is measured by
+``python -m benchmarks.char_lm_e2e --host-memory reuse`` against
+``--host-memory default`` (figures in ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -63,7 +62,7 @@ def reuse_host_memory(threshold: int = 1 << 30) -> bool:
       True when the thresholds were set.
 
     >>> import jaxseq as js
-    >>> js.reuse_host_memory() in (True, False)
+    >>> js.training.reuse_host_memory() in (True, False)
     True
     """
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
