@@ -39,12 +39,15 @@ yield the same number of batches on every process.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -60,12 +63,25 @@ __all__ = [
 
 
 class NonFiniteError(RuntimeError):
-    """Raised by :func:`fit` after too many consecutive non-finite steps.
+    """Raised by :func:`fit` when the non-finite guard keeps skipping steps.
+
+    After ``max_bad_steps`` consecutive skipped steps, or at the end of a call in
+    which every step was skipped (no update applied). The message names the
+    likely causes: a label or token id out of range (NaN under ``jit``; found by
+    running a step under :func:`jaxseq.checked`), NaN or Inf in the data, or a
+    learning rate too high.
 
     >>> import jaxseq as js
     >>> issubclass(js.NonFiniteError, RuntimeError)
     True
     """
+
+
+_CAUSES = (
+    "Likely causes: a label or token id out of range (under jit an out-of-range id gives NaN, "
+    "not an error: run one step under js.checked(step_fn)(state, batch) to find it), NaN or "
+    "Inf in the data, or a learning rate too high (lower it, or clip the gradient norm)."
+)
 
 
 def _stack(batches):
@@ -165,6 +181,243 @@ def _tqdm(total, initial, enabled):
     return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True, unit="step")
 
 
+def _check_fit_args(step_fn, state, batches, num_steps, checkpoint_every):
+    """Validates fit's arguments; returns ``(num_steps, source, start step)``."""
+    num_steps = _checks.check_positive_int("num_steps", num_steps)
+    if not isinstance(step_fn, TrainStep):
+        raise TypeError(
+            f"step_fn: expected a TrainStep (make_train_step), got {type(step_fn).__name__}"
+        )
+    if not isinstance(state, TrainState):
+        raise TypeError(f"state: expected TrainState, got {type(state).__name__}")
+    n = step_fn.chunks_per_call
+    source = _Source(batches, n)
+    start = int(state.step)
+    if num_steps % n or start % n:
+        raise ValueError(
+            f"num_steps: {num_steps} (and the start step {start}) must be multiples of "
+            f"chunks_per_call={n}"
+        )
+    if checkpoint_every and checkpoint_every % n:
+        raise ValueError(
+            f"checkpoint_every: {checkpoint_every} must be a multiple of chunks_per_call={n}"
+        )
+    return num_steps, source, start
+
+
+def _log_paths(out_dir, main: bool, start: int):
+    """``(metrics.jsonl, eval.jsonl)`` paths (None off the main process or without
+    ``out_dir``), with the lines after ``start`` dropped for a resume."""
+    if out_dir is None or not main:
+        return None, None
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "eval.jsonl")
+    for p in paths:
+        _filter_jsonl(p, start)
+    return paths
+
+
+@dataclasses.dataclass
+class _Run:
+    """One call of :func:`fit`: the state it advances, its counters, logs and bar."""
+
+    step_fn: TrainStep
+    source: _Source
+    state: TrainState
+    start: int
+    num_steps: int
+    info: dict
+    elapsed_s: float
+    max_seconds: float | None
+    multi: bool
+    main: bool
+    mesh: Any
+    local_batches: bool
+    checkpointer: Any
+    checkpoint_every: int
+    checkpoint_meta: Callable | None
+    eval_fn: Callable | None
+    eval_every: int
+    eval_path: str | None
+    max_bad_steps: int
+    on_step: Callable | None
+    metrics_file: Any = None
+    bar: Any = None
+    tokens_run: int = 0
+    tps: float | None = None
+    sps: float = 0.0
+    skipped: int = 0  # non-finite steps of this call
+    last_saved: int = -1
+
+    def __post_init__(self):
+        self.n = self.step_fn.chunks_per_call
+        axes = self.source.batch_axes()
+        self.axes = axes if self.n == 1 else _shift_axes(axes, 1)
+        self.last_saved = self.start
+
+    def save(self, st) -> None:
+        if self.checkpointer is not None:
+            meta = {"train_s": self.info["train_s"]}
+            pos = self.source.position(int(st.step))
+            if pos is not None:
+                meta["data_position"] = pos
+            if self.checkpoint_meta is not None:
+                meta.update(self.checkpoint_meta(st))
+            self.checkpointer.save(st, meta)
+
+    def run_eval(self, st) -> None:
+        if self.eval_fn is None:
+            return
+        rec = {"step": int(st.step), "train_s": round(self.info["train_s"], 3), **self.eval_fn(st)}
+        self.info["evals"].append(rec)
+        if self.eval_path:
+            with open(self.eval_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.bar.set_postfix_str(f"val {rec.get('val_loss', float('nan')):.4f}", refresh=False)
+
+    def train(self) -> str:
+        """Runs the steps; returns why they stopped ("steps", "time", "data", "interrupted")."""
+        stopped = "steps"
+        try:
+            stopped = self._loop()
+            self.run_eval(self.state)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+        except NonFiniteError:
+            self.save(self.state)
+            raise
+        finally:
+            self.bar.close()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+        return stopped
+
+    def _loop(self) -> str:
+        step = self.start
+        while step < self.num_steps:
+            if self.max_seconds is not None and _out_of_time(
+                self.info["train_s"] >= self.max_seconds, self.multi
+            ):
+                return "time"
+            t0 = time.perf_counter()
+            batch = self.source.get(step)
+            if batch is None:
+                return "data"
+            metrics, tokens = self._call(batch)
+            # One truth for the step count from here on: ``state`` has taken these n
+            # steps, so ``info["steps"]`` (and a checkpoint saved on any exit, e.g. an
+            # interrupt raised by ``on_step`` below) says so too.
+            first = step
+            step += self.n
+            self.info["steps"] = step
+            metrics = jax.device_get(metrics)
+            self.info["train_s"] += time.perf_counter() - t0
+            recs = self._records(metrics, first, step, tokens)
+            self._count_skipped(recs)
+            self._report(recs)
+            self._check_streak(recs[-1], step)
+            if self.eval_every and step % self.eval_every == 0 and step < self.num_steps:
+                self.run_eval(self.state)
+            if self.checkpoint_every and step % self.checkpoint_every == 0:
+                self.save(self.state)
+                self.last_saved = step
+        return "steps"
+
+    def _call(self, batch):
+        """Runs the step on one batch (stacked: n); returns its metrics and tokens per step."""
+        tokens = _count_tokens(batch, self.n)
+        if tokens is not None and self.multi and self.local_batches:
+            tokens *= jax.process_count()
+        if self.mesh is not None:
+            batch = shard_batch(batch, self.mesh, self.axes, local=self.local_batches)
+        self.state, metrics = self.step_fn(self.state, batch)
+        return metrics, tokens
+
+    def _records(self, metrics, first: int, step: int, tokens) -> list:
+        """One JSON-ready record per step of the last call: its metrics, time and rates."""
+        n = self.n
+        run_s = max(self.info["train_s"] - self.elapsed_s, 1e-9)
+        self.sps = (step - self.start) / run_s
+        if tokens is not None:
+            self.tokens_run += n * tokens
+            self.tps = self.tokens_run / run_s
+        recs = []
+        for j in range(n):
+            rec = {"step": first + j + 1}
+            for k, v in metrics.items():
+                v = np.asarray(v)[j] if n > 1 else np.asarray(v)
+                rec[k] = bool(v) if v.dtype == bool else (float(v) if v.ndim == 0 else v.tolist())
+            rec["train_s"] = round(self.info["train_s"], 4)
+            rec["steps_per_s"] = round(self.sps, 3)
+            if self.tps is not None:
+                rec["tokens_per_s"] = round(self.tps, 1)
+            recs.append(rec)
+        return recs
+
+    def _count_skipped(self, recs) -> None:
+        """Counts the steps the non-finite guard skipped; warns at the first of the call."""
+        bad = [r["step"] for r in recs if not r["finite"]]
+        if bad and not self.skipped and self.main:
+            warnings.warn(
+                f"fit: step {bad[0]} had a non-finite loss or gradient and was skipped (params, "
+                f"optimizer state and carry kept). {_CAUSES}",
+                RuntimeWarning,
+                stacklevel=5,  # the caller of fit
+            )
+        self.skipped += len(bad)
+
+    def _report(self, recs) -> None:
+        """Writes the records to the log, the bar and ``on_step``."""
+        if self.metrics_file is not None:  # the log holds every step before any callback runs
+            self.metrics_file.write("".join(json.dumps(r) + "\n" for r in recs))
+            self.metrics_file.flush()
+        self.bar.update(self.n)
+        if self.on_step is not None:
+            for r in recs:
+                self.on_step(r["step"], r)
+        if self.tps is not None:
+            rate = {"tok_s": f"{self.tps:,.0f}"}
+        else:
+            rate = {"step_s": f"{self.sps:,.1f}"}
+        self.bar.set_postfix(loss=f"{recs[-1]['loss']:.4f}", **rate, refresh=False)
+
+    def _check_streak(self, rec, step: int) -> None:
+        if rec["bad_streak"] >= self.max_bad_steps:
+            raise NonFiniteError(
+                f"training stopped: {int(rec['bad_streak'])} consecutive steps with a "
+                f"non-finite loss or gradient (last at step {step}); params and optimizer "
+                f"state are those of the last finite step. {_CAUSES} Or raise max_bad_steps."
+            )
+
+    def finish(self, stopped: str) -> dict:
+        """Saves the exit checkpoint and completes ``info`` (rates, ``bad_steps``)."""
+        info = self.info
+        info["stopped"] = stopped
+        if info["steps"] != self.last_saved or stopped != "steps":
+            try:
+                self.save(self.state)
+            except RuntimeError as e:  # interrupted inside a call that had donated the state
+                if stopped != "interrupted":
+                    raise
+                print(f"fit: no checkpoint at exit ({e})", file=sys.stderr)
+        done = info["steps"] - self.start
+        run_s = max(info["train_s"] - self.elapsed_s, 1e-9)
+        info["steps_per_s"] = done / run_s if done else 0.0
+        info["tokens_per_s"] = self.tokens_run / run_s if done else 0.0
+        info["bad_steps"] += self.skipped
+        return info
+
+    def check_some_update(self, stopped: str) -> None:
+        """Raises :class:`NonFiniteError` when every step of the call was skipped."""
+        done = self.info["steps"] - self.start
+        if done and self.skipped == done and stopped != "interrupted":
+            raise NonFiniteError(
+                f"training applied no update: all {done} steps of this run (steps "
+                f"{self.start + 1} to {self.info['steps']}) had a non-finite loss or gradient "
+                f"and were skipped, so the params are those it started with. {_CAUSES}"
+            )
+
+
 def fit(
     step_fn: TrainStep,
     state: TrainState,
@@ -207,7 +460,11 @@ def fit(
       checkpoint_meta: extra JSON metadata for each checkpoint, from the state.
       eval_fn: ``state -> dict`` of metrics (e.g. ``{"val_loss": ...}``), every
         ``eval_every`` steps and at the end.
-      max_bad_steps: consecutive non-finite steps that stop training.
+      max_bad_steps: consecutive non-finite steps that stop training
+        (:class:`NonFiniteError`). The first step the non-finite guard skips
+        gives a ``RuntimeWarning`` naming the likely causes, and a run in which
+        every step was skipped (no update applied) raises :class:`NonFiniteError`
+        at its end instead of returning.
       mesh: when given, batches are split over it with :func:`shard_batch` along
         the source's ``batch_axes`` (1, time-major, when it has none; plus one
         when stacked).
@@ -223,7 +480,15 @@ def fit(
     Returns:
       ``(state, info)`` with ``info``: ``train_s``, ``steps``, ``steps_per_s``,
       ``tokens_per_s`` (0.0 when batches have no mask), ``stopped`` ("steps", "time",
-      "data", "interrupted"), ``evals`` (list of dicts).
+      "data", "interrupted"), ``evals`` (list of dicts), ``bad_steps`` (steps skipped
+      by the non-finite guard over the whole run, ``state.bad_steps``: counted like
+      ``steps``, from step 0).
+
+    Raises:
+      NonFiniteError: after ``max_bad_steps`` consecutive skipped steps, or at the
+        end of a call whose every step was skipped (e.g. a label or token id out of
+        range, which under ``jit`` gives NaN rather than an error; run a step under
+        :func:`jaxseq.checked` to find it). The state is checkpointed first.
 
     >>> import jax, jax.numpy as jnp, numpy as np, jaxseq as js
     >>> def loss_fn(params, carry, batch, key):
@@ -234,166 +499,38 @@ def fit(
     >>> x = np.linspace(-1, 1, 8, dtype=np.float32)
     >>> batch_of = lambda s: {"x": x, "y": 3 * x}  # the batch of step s
     >>> state, info = js.fit(step, state, batch_of, num_steps=50, progress=False)
-    >>> info["steps"], info["stopped"], round(float(state.params["w"]), 2)
-    (50, 'steps', 3.0)
+    >>> info["steps"], info["stopped"], info["bad_steps"], round(float(state.params["w"]), 2)
+    (50, 'steps', 0, 3.0)
     """
-    num_steps = _checks.check_positive_int("num_steps", num_steps)
-    if not isinstance(step_fn, TrainStep):
-        raise TypeError(
-            f"step_fn: expected a TrainStep (make_train_step), got {type(step_fn).__name__}"
-        )
-    if not isinstance(state, TrainState):
-        raise TypeError(f"state: expected TrainState, got {type(state).__name__}")
-    n = step_fn.chunks_per_call
-    source = _Source(batches, n)
-    start = int(state.step)
-    if num_steps % n or start % n:
-        raise ValueError(
-            f"num_steps: {num_steps} (and the start step {start}) must be multiples of "
-            f"chunks_per_call={n}"
-        )
-    if checkpoint_every and checkpoint_every % n:
-        raise ValueError(
-            f"checkpoint_every: {checkpoint_every} must be a multiple of chunks_per_call={n}"
-        )
+    num_steps, source, start = _check_fit_args(step_fn, state, batches, num_steps, checkpoint_every)
+    bad_start = int(state.bad_steps)
     multi = jax.process_count() > 1
     main = jax.process_index() == 0  # the one process that writes logs and plots
     if multi:
         mesh = make_mesh() if mesh is None else mesh
         if not all(_is_global(x) for x in jax.tree_util.tree_leaves(state)):
             state = shard_state(state, mesh)
-    metrics_path = eval_path = None
-    if out_dir is not None and main:
-        os.makedirs(out_dir, exist_ok=True)
-        metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        eval_path = os.path.join(out_dir, "eval.jsonl")
-        for p in (metrics_path, eval_path):
-            _filter_jsonl(p, start)
+    metrics_path, eval_path = _log_paths(out_dir, main, start)
     if progress is None:
         progress = sys.stderr.isatty()
-    progress = progress and main
-
     info = {"steps": start, "train_s": float(elapsed_s), "stopped": "steps", "evals": []}
+    info["bad_steps"] = bad_start
     if start >= num_steps:  # already done: nothing to train, nothing to save
         info.update(steps_per_s=0.0, tokens_per_s=0.0)
         return state, info
-    axes = source.batch_axes() if n == 1 else _shift_axes(source.batch_axes(), 1)
-    mf = open(metrics_path, "a") if metrics_path else None  # noqa: SIM115 - closed in finally
-    bar = _tqdm(num_steps, start, progress)
-
-    def save(st):
-        if checkpointer is not None:
-            meta = {"train_s": info["train_s"]}
-            pos = source.position(int(st.step))
-            if pos is not None:
-                meta["data_position"] = pos
-            if checkpoint_meta is not None:
-                meta.update(checkpoint_meta(st))
-            checkpointer.save(st, meta)
-
-    def run_eval(st):
-        if eval_fn is None:
-            return
-        rec = {"step": int(st.step), "train_s": round(info["train_s"], 3), **eval_fn(st)}
-        info["evals"].append(rec)
-        if eval_path:
-            with open(eval_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        bar.set_postfix_str(f"val {rec.get('val_loss', float('nan')):.4f}", refresh=False)
-
-    last_saved = start
-    stopped = "steps"
-    try:
-        step = start
-        tokens_run = 0
-        tps = None
-        while step < num_steps:
-            if max_seconds is not None and _out_of_time(info["train_s"] >= max_seconds, multi):
-                stopped = "time"
-                break
-            t0 = time.perf_counter()
-            batch = source.get(step)
-            if batch is None:
-                stopped = "data"
-                break
-            tokens = _count_tokens(batch, n)
-            if tokens is not None and multi and local_batches:
-                tokens *= jax.process_count()
-            if mesh is not None:
-                batch = shard_batch(batch, mesh, axes, local=local_batches)
-            state, metrics = step_fn(state, batch)
-            # One truth for the step count from here on: ``state`` has taken these n
-            # steps, so ``info["steps"]`` (and a checkpoint saved on any exit, e.g. an
-            # interrupt raised by ``on_step`` below) says so too.
-            first = step
-            step += n
-            info["steps"] = step
-            metrics = jax.device_get(metrics)
-            dt = time.perf_counter() - t0
-            info["train_s"] += dt
-            run_s = max(info["train_s"] - elapsed_s, 1e-9)
-            sps = (step - start) / run_s
-            if tokens is not None:
-                tokens_run += n * tokens
-                tps = tokens_run / run_s
-            recs = []
-            for j in range(n):
-                m = {k: (np.asarray(v)[j] if n > 1 else np.asarray(v)) for k, v in metrics.items()}
-                rec = {"step": first + j + 1}
-                for k, v in m.items():
-                    rec[k] = (
-                        bool(v) if v.dtype == bool else (float(v) if v.ndim == 0 else v.tolist())
-                    )
-                rec["train_s"] = round(info["train_s"], 4)
-                rec["steps_per_s"] = round(sps, 3)
-                if tps is not None:
-                    rec["tokens_per_s"] = round(tps, 1)
-                recs.append(rec)
-            if mf is not None:  # the log holds every step taken before any callback runs
-                mf.write("".join(json.dumps(r) + "\n" for r in recs))
-                mf.flush()
-            bar.update(n)
-            if on_step is not None:
-                for r in recs:
-                    on_step(r["step"], r)
-            rate = {"tok_s": f"{tps:,.0f}"} if tps is not None else {"step_s": f"{sps:,.1f}"}
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", **rate, refresh=False)
-            if rec["bad_streak"] >= max_bad_steps:
-                raise NonFiniteError(
-                    f"training stopped: {int(rec['bad_streak'])} consecutive steps with a "
-                    f"non-finite loss or gradient (last at step {step}); params and optimizer "
-                    f"state are those of the last finite step. Lower the learning rate, check "
-                    f"the data, or raise max_bad_steps."
-                )
-            if eval_every and step % eval_every == 0 and step < num_steps:
-                run_eval(state)
-            if checkpoint_every and step % checkpoint_every == 0:
-                save(state)
-                last_saved = step
-        run_eval(state)
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    except NonFiniteError:
-        save(state)
-        raise
-    finally:
-        bar.close()
-        if mf is not None:
-            mf.close()
-    info["stopped"] = stopped
-    if info["steps"] != last_saved or stopped != "steps":
-        try:
-            save(state)
-        except RuntimeError as e:  # interrupted inside a call that had donated the state
-            if stopped != "interrupted":
-                raise
-            print(f"fit: no checkpoint at exit ({e})", file=sys.stderr)
-    done = info["steps"] - start
-    run_s = max(info["train_s"] - elapsed_s, 1e-9)
-    info["steps_per_s"] = done / run_s if done else 0.0
-    info["tokens_per_s"] = tokens_run / run_s if done else 0.0
+    run = _Run(
+        step_fn, source, state, start, num_steps, info, elapsed_s, max_seconds, multi, main,
+        mesh, local_batches, checkpointer, checkpoint_every, checkpoint_meta, eval_fn,
+        eval_every, eval_path, max_bad_steps, on_step,
+    )  # fmt: skip
+    if metrics_path:  # closed by run.train
+        run.metrics_file = open(metrics_path, "a")  # noqa: SIM115
+    run.bar = _tqdm(num_steps, start, progress and main)
+    stopped = run.train()
+    info = run.finish(stopped)
     if plot and out_dir is not None and main:
         from jaxseq.training.diagnostics import plot_training_curves
 
         plot_training_curves(metrics_path, os.path.join(out_dir, "curves.png"), eval_path=eval_path)
-    return state, info
+    run.check_some_update(stopped)
+    return run.state, info

@@ -183,6 +183,111 @@ class TrainStep:
         return self._jitted.lower(state, batch)
 
 
+_CONTRACT = "loss_fn(params, carry, batch, key) -> (loss, (new_carry, metrics))"
+
+
+def _describe_tree(tree) -> str:
+    """``float32[4, 8]`` for an array, the type name for any other pytree."""
+    return _checks.describe(tree) if hasattr(tree, "shape") else type(tree).__name__
+
+
+def _check_carry_out(new_carry, carry_in, check_dtype: bool) -> None:
+    """The carry a loss returns has the structure, shapes (and dtypes) of ``state.carry``."""
+    if carry_in is None and new_carry is not None:
+        raise ValueError(
+            f"loss_fn: returned a carry ({_describe_tree(new_carry)}) but state.carry is None; "
+            "start the state with the model's carry: init_state(..., "
+            "carry=model.initial_carry(batch_shape)), or return (loss, (None, metrics)) for a "
+            "task without one"
+        )
+    if carry_in is not None and new_carry is None:
+        raise ValueError(
+            "loss_fn: returned carry None but state.carry holds one; return the carry the "
+            "model gives (loss, (new_carry, metrics)), or init_state(..., carry=None) for a "
+            "task without one"
+        )
+    got = jax.tree_util.tree_structure(new_carry)
+    want = jax.tree_util.tree_structure(carry_in)
+    if got != want:
+        raise ValueError(
+            f"loss_fn: returned a carry with structure {got}, but state.carry has structure "
+            f"{want}; init_state(..., carry=model.initial_carry(batch_shape)) gives the "
+            "structure the model returns"
+        )
+    pairs = zip(jax.tree_util.tree_leaves_with_path(new_carry), jax.tree_util.tree_leaves(carry_in))
+    for (path, leaf), ref in pairs:
+        if tuple(jnp.shape(leaf)) != tuple(jnp.shape(ref)):
+            fix = "init_state(..., carry=model.initial_carry(batch_shape)) for the data's batch"
+        elif check_dtype and jnp.result_type(leaf) != jnp.result_type(ref):
+            fix = "return it in the dtype of state.carry, or start from a carry of this dtype"
+        else:
+            continue
+        raise ValueError(
+            f"loss_fn: returned carry{jax.tree_util.keystr(path)} as {_checks.describe(leaf)}, "
+            f"but state.carry holds {_checks.describe(ref)} there; {fix}"
+        )
+
+
+def _check_loss_output(out, carry_in, check_dtype: bool) -> None:
+    """Checks, while tracing, that ``out`` is ``(loss, (new_carry, metrics))``.
+
+    ``loss`` a floating scalar, ``metrics`` a dict, ``new_carry`` shaped like
+    ``carry_in`` (dtypes too when ``check_dtype``). Raises a ``TypeError`` or
+    ``ValueError`` that says what came back and what to return instead.
+    """
+    if not isinstance(out, tuple | list) or len(out) != 2:
+        if hasattr(out, "shape"):
+            what = f"only the loss ({_checks.describe(out)})"
+        elif isinstance(out, tuple | list):
+            what = f"a {type(out).__name__} of length {len(out)}"
+        else:
+            what = type(out).__name__
+        raise TypeError(
+            f"loss_fn: expected {_CONTRACT}, got {what}; return e.g. (loss, (carry, {{}})), "
+            "with carry None for a task without one"
+        )
+    loss, aux = out
+    if not isinstance(aux, tuple | list) or len(aux) != 2:
+        raise TypeError(
+            f"loss_fn: expected {_CONTRACT}, got (loss, {type(aux).__name__}) as the second "
+            "element; return the carry with the metrics: (loss, (carry, metrics)), carry None "
+            "for a task without one"
+        )
+    if not (hasattr(loss, "dtype") or isinstance(loss, float)):
+        raise TypeError(
+            f"loss_fn: expected a floating-point scalar loss, got {type(loss).__name__}"
+        )
+    if jnp.shape(loss) != ():
+        raise ValueError(
+            f"loss_fn: expected a scalar loss, got {_checks.describe(loss)}; reduce it "
+            "(e.g. a mean over the batch) before returning"
+        )
+    if not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+        raise TypeError(f"loss_fn: expected a floating-point loss, got {_checks.describe(loss)}")
+    if not isinstance(aux[1], dict):
+        raise TypeError(
+            f"loss_fn: expected a dict of metrics (may be empty), got {type(aux[1]).__name__}"
+        )
+    _check_carry_out(aux[0], carry_in, check_dtype)
+
+
+def _checked_loss(loss_fn, dtype):
+    """``loss_fn`` whose output is checked against the contract when traced; with a
+    low-precision ``dtype`` the params, carry and batch are cast inside it (float32
+    master weights stay outside the differentiated function) and the loss returned in
+    float32."""
+
+    def f(params, carry, batch, key):
+        if dtype != jnp.float32:
+            params, carry, batch = cast_floating((params, carry, batch), dtype)
+        out = loss_fn(params, carry, batch, key)
+        _check_loss_output(out, carry, check_dtype=dtype == jnp.float32)
+        loss, (new_carry, metrics) = out
+        return jnp.asarray(loss).astype(jnp.float32), (new_carry, metrics)
+
+    return f
+
+
 def _tree_select(ok, new, old):
     return jax.tree_util.tree_map(lambda n, o: jax.lax.select(ok, n, o), new, old)
 
@@ -213,7 +318,11 @@ def make_train_step(
     Args:
       loss_fn: ``(params, carry, batch, key) -> (loss, (new_carry, metrics))``, e.g.
         :func:`lm_loss_fn`; ``batch`` any pytree of arrays, ``carry`` None for tasks
-        without one, ``metrics`` a dict of scalars.
+        without one, ``metrics`` a dict of scalars. Checked when the step is traced:
+        another return (only the loss, ``(loss, {})``, a loss that is not a
+        floating scalar, a carry whose structure, shapes or dtypes differ from
+        ``state.carry``) raises a ``TypeError``/``ValueError`` that says what to
+        return instead.
       optimizer: any ``optax.GradientTransformation`` (e.g. :func:`make_optimizer`).
       chunks_per_call: scan over this many batches (every leaf ``[n, ...]``) inside
         one call; metrics come back with a leading ``[n]`` axis.
@@ -245,6 +354,12 @@ def make_train_step(
     ['bad_streak', 'finite', 'grad_norm', 'loss', 'lr', 'max_err']
     >>> round(float(metrics["loss"]), 4), round(float(metrics["lr"]), 4)
     (4.6667, 0.1)
+    >>> only_loss = js.make_train_step(lambda p, c, b, k: jnp.sum(p["w"]), opt)
+    >>> try:
+    ...     only_loss(state, batch)
+    ... except TypeError as e:
+    ...     print(str(e).split("got ")[1].split(";")[0])
+    only the loss (float32[])
     """
     _check_optimizer(optimizer)
     n = _checks.check_positive_int("chunks_per_call", chunks_per_call)
@@ -255,24 +370,12 @@ def make_train_step(
             f"metrics)), got {type(loss_fn).__name__}"
         )
 
+    grad_fn = jax.value_and_grad(_checked_loss(loss_fn, dtype), has_aux=True)
+
     def one(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
         carry_in = jax.lax.stop_gradient(state.carry)
-        if dtype == jnp.float32:
-            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        else:  # master weights stay float32: the cast is inside the differentiated function
-
-            def low(params, carry, batch, key):
-                args = cast_floating((params, carry, batch), dtype)
-                loss, (carry, aux) = loss_fn(*args, key)
-                return jnp.asarray(loss).astype(jnp.float32), (carry, aux)
-
-            grad_fn = jax.value_and_grad(low, has_aux=True)
         (loss, (carry, aux)), grads = grad_fn(state.params, carry_in, batch, key)
-        if jnp.shape(loss) != ():
-            raise ValueError(f"loss_fn: expected a scalar loss, got shape {list(jnp.shape(loss))}")
-        if not isinstance(aux, dict):
-            raise TypeError(f"loss_fn: expected a dict of metrics, got {type(aux).__name__}")
         carry = jax.lax.stop_gradient(carry)
         if dtype != jnp.float32 and state.carry is not None:  # stored in its own dtype
             carry = jax.tree_util.tree_map(lambda c, s: c.astype(s.dtype), carry, state.carry)
