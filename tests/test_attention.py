@@ -706,8 +706,8 @@ def test_mask_and_bias_shapes_are_checked_by_one_rule(key):
     bad = jnp.ones((2, 3, 3, 5), bool)
     with pytest.raises(
         ValueError,
-        match=r"^mask: expected shape \[2, Tq=3, Tk=5\] or \[2, K=4, Tq=3, Tk=5\], "
-        r"got bool\[2, 3, 3, 5\]",
+        match=r"^mask: expected shape \[2, Tq=3, Tk=5\] or \[2, K=4, Tq=3, Tk=5\] "
+        r"\(or one that broadcasts to it: .*\), got bool\[2, 3, 3, 5\]",
     ):
         js.batched_dot_product_attention(q, k, v, mask=bad)
     with pytest.raises(ValueError, match=r"^bias: expected shape \[2, Tq=3, Tk=5\] or"):

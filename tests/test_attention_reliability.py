@@ -534,3 +534,134 @@ def test_lengths_are_validated():
     blk = js.transformer_block_init(jax.random.key(0), 4, num_heads=1)
     with pytest.raises(ValueError, match=r"^lengths: expected values in \[0, 5\] \(T=5\), got 6"):
         js.transformer_block(blk, q[0], lengths=jnp.array(6))
+
+
+# -- 4. masks and lengths broadcast over the leading dims --------------------------------
+
+
+def _np_batched(q, k, v, mask4):
+    """Float64 reference for ``q: [B, Tq, K, D]``, ``k, v: [B, Tk, K, *]`` and
+    ``mask4: bool[B, K, Tq, Tk]`` (a fully masked row gives zeros): ``[B, Tq, K, Dv]``."""
+    b, tq, nh, _ = q.shape
+    out = np.zeros((b, tq, nh, v.shape[-1]))
+    for i in range(b):
+        for h in range(nh):
+            out[i, :, h] = _np_attention_vjp(
+                q[i, :, h], k[i, :, h], v[i, :, h], mask4[i, h], np.zeros((tq, v.shape[-1]))
+            )[0]
+    return out
+
+
+def _mask_cases(rng, b, nh, tq, tk):
+    """Masks of every layout ``jax.nn.dot_product_attention`` broadcasts, each with the
+    ``[B, K, Tq, Tk]`` mask it stands for; query row 1 sees no key in each."""
+
+    def draw(*shape):
+        m = rng.random(shape) < 0.6
+        m[..., 1, :] = False  # a fully masked query row
+        return m
+
+    m2 = draw(tq, tk)
+    mb1 = draw(b, 1, tq, tk)
+    m1k = draw(1, nh, tq, tk)
+    key_pad = rng.random((b, 1, 1, tk)) < 0.7
+    key_pad[0] = False  # example 0 sees no key at all
+    mbt = draw(b, tq, tk)  # [*B, Tq, Tk]: shared by the heads
+    full = (b, nh, tq, tk)
+    return [
+        (m2, np.broadcast_to(m2, full)),
+        (mb1, np.broadcast_to(mb1, full)),
+        (m1k, np.broadcast_to(m1k, full)),
+        (key_pad, np.broadcast_to(key_pad, full)),
+        (mbt, np.broadcast_to(mbt[:, None], full)),
+    ]
+
+
+def test_batched_attention_masks_broadcast_over_leading_dims():
+    """``[Tq, Tk]``, ``[B, 1, Tq, Tk]``, ``[1, K, Tq, Tk]``, ``[B, 1, 1, Tk]`` and
+    ``[B, Tq, Tk]`` masks for ``q: [B, T, K, D]`` equal the float64 reference with the
+    mask broadcast to ``[B, K, Tq, Tk]``; a fully masked row gives zeros, not NaN."""
+    b, tq, tk, nh = 2, 4, 5, 3
+    q, k, v = _randn(7, (b, tq, nh, 8), (b, tk, nh, 8), (b, tk, nh, 6))
+    rng = np.random.default_rng(8)
+    for mask, mask4 in _mask_cases(rng, b, nh, tq, tk):
+        out, w = js.batched_dot_product_attention(q, k, v, jnp.asarray(mask), return_weights=True)
+        want = _np_batched(_np(q), _np(k), _np(v), mask4)
+        assert np.isfinite(np.asarray(out)).all(), mask.shape
+        np.testing.assert_allclose(out, want, atol=2e-6, err_msg=str(mask.shape))
+        no_key = np.swapaxes(~mask4.any(-1), 1, 2)  # [B, Tq, K]: rows that see no key
+        assert no_key.any()
+        np.testing.assert_array_equal(np.asarray(out)[no_key], 0.0)
+        assert w.shape == (b, nh, tq, tk)
+        np.testing.assert_array_equal(np.asarray(w)[~mask4], 0.0)
+    # a bias broadcasts the same way: [1, K, Tq, Tk] equals it repeated over the batch
+    bias = _randn(9, (1, nh, tq, tk))[0]
+    got = js.batched_dot_product_attention(q, k, v, bias=bias)
+    want = js.batched_dot_product_attention(q, k, v, bias=jnp.broadcast_to(bias, (b, nh, tq, tk)))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # two batch dims and a [Tq, Tk] mask
+    q2, k2, v2 = (a.reshape(1, *a.shape) for a in (q, k, v))
+    m2 = jnp.asarray(_mask_cases(rng, b, nh, tq, tk)[0][0])
+    got = js.batched_dot_product_attention(q2, k2, v2, m2)
+    want = js.batched_dot_product_attention(q, k, v, jnp.broadcast_to(m2, (b, tq, tk)))
+    np.testing.assert_allclose(got[0], want, atol=1e-6)
+
+
+def test_batched_attention_lengths_per_example():
+    """``q_lengths``/``k_lengths: int[B]`` for ``q: [B, T, K, D]`` (shared by the heads)
+    equal the float64 reference with the padding mask; length 0 gives zeros, not NaN;
+    NaN in the padded rows reaches no output."""
+    b, tq, tk, nh = 3, 4, 5, 2
+    q, k, v = _randn(10, (b, tq, nh, 8), (b, tk, nh, 8), (b, tk, nh, 6))
+    lq, lk = np.array([4, 2, 3]), np.array([5, 3, 0])
+    pad = np.stack([_np_pad_mask(a, c, tq, tk) for a, c in zip(lq, lk, strict=True)])
+    want = _np_batched(_np(q), _np(k), _np(v), np.broadcast_to(pad[:, None], (b, nh, tq, tk)))
+    qp = _poison(q, (np.arange(tq)[None, :] < lq[:, None])[..., None].repeat(nh, -1), np.nan)
+    kp = jnp.where(jnp.asarray(np.arange(tk)[None, :] < lk[:, None])[:, :, None, None], k, jnp.nan)
+    got = js.batched_dot_product_attention(
+        qp, kp, v, q_lengths=jnp.asarray(lq), k_lengths=jnp.asarray(lk)
+    )
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(got)[2], 0.0)  # no valid key
+    with pytest.raises(ValueError, match=r"^k_lengths: expected shape \[3\] \(the batch dims"):
+        js.batched_dot_product_attention(q, k, v, k_lengths=jnp.ones((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("method", ["scan", "unrolled"])
+def test_blockwise_lengths_per_example_broadcast_over_heads(method):
+    """``blockwise_attention(k_lengths=int[B])`` for ``q: [B, K, T, D]`` equals the
+    float64 reference with each example's length on every head (a length of 0 gives
+    zeros, not NaN), and the same call with the lengths repeated per head."""
+    b, nh, tq, tk = 3, 2, 5, 6
+    q, k, v = _randn(11, (b, nh, tq, 4), (b, nh, tk, 4), (b, nh, tk, 3))
+    lq, lk = np.array([5, 3, 2]), np.array([6, 0, 4])
+    got = js.blockwise_attention(
+        q,
+        k,
+        v,
+        q_lengths=jnp.asarray(lq),
+        k_lengths=jnp.asarray(lk),
+        block_q=2,
+        block_k=2,
+        method=method,
+    )
+    for i in range(b):
+        for h in range(nh):
+            mask = _np_pad_mask(lq[i], lk[i], tq, tk)
+            g = np.zeros((tq, 3))
+            want = _np_attention_vjp(q[i, h], k[i, h], v[i, h], mask, g)[0]
+            np.testing.assert_allclose(got[i, h], want, atol=2e-6)
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_array_equal(np.asarray(got)[1], 0.0)
+    per_head = js.blockwise_attention(
+        q,
+        k,
+        v,
+        q_lengths=jnp.asarray(np.repeat(lq[:, None], nh, 1)),
+        k_lengths=jnp.asarray(np.repeat(lk[:, None], nh, 1)),
+        block_q=2,
+        block_k=2,
+        method=method,
+    )
+    np.testing.assert_array_equal(got, per_head)

@@ -434,7 +434,9 @@ def blockwise_attention(
         temporaries stay in the CPU caches.
       method: ``"auto"``, ``"scan"`` or ``"unrolled"`` (see above).
       q_lengths, k_lengths: optional ``int[*B]`` valid lengths in ``[0, Tq]`` and
-        ``[0, Tk]`` (right padding): the same as the dense path with
+        ``[0, Tk]`` (right padding), or their leading dims: ``int[B]`` for
+        ``q: [B, K, T, D]`` is per example, shared by the heads (size-1 dims
+        broadcast too). The same as the dense path with
         ``mask = padding_mask(q_lengths, k_lengths, Tq, Tk)``. Padded rows of
         ``q``, ``k`` and ``v`` are never read (NaN there reaches no output and no
         gradient; their gradients are zero), padded query rows and rows with no

@@ -100,37 +100,65 @@ def _check_batched_qkv(q, k, v, heads: bool):
 
 
 def _per_head_arg(name, x, batch, num_heads, tq, tk):
-    """A ``mask``/``bias`` shared by the heads ``[*B, Tq, Tk]`` (vmap axis ``None``)
-    or one per head ``[*B, K, Tq, Tk]`` (vmap axis 0 once the batch dims are mapped).
+    """A ``mask``/``bias`` for ``[*B, K, Tq, Tk]`` scores, broadcast over the leading dims.
 
-    Returns ``(x, axis)``; ``(None, None)`` for ``None``.
+    Accepted (by rank, never by the sizes): ``[Tq, Tk]`` (every example and head),
+    ``[*B, Tq, Tk]`` (shared by the heads) and ``[*B, K, Tq, Tk]``, where any dim may
+    be 1 to broadcast (as ``jax.nn.dot_product_attention``'s 4-D masks).
+
+    Returns ``(x, head_axis, batch_axes)``: ``x`` with its broadcast batch and head dims
+    dropped and its last two dims ``[Tq, Tk]``; ``head_axis`` (0 or ``None``) and
+    ``batch_axes`` (one 0 or ``None`` per batch dim, outermost first) are the vmap axes.
+    ``(None, None, (None, ...))`` for ``None``.
     """
+    nb = len(batch)
     if x is None:
-        return None, None
+        return None, None, (None,) * nb
     x = _checks.as_array(name, x)
-    if x.shape == batch + (tq, tk):
-        return x, None
-    if x.shape == batch + (num_heads, tq, tk):
-        return x, 0
-    lead = "".join(f"{d}, " for d in batch)
-    raise ValueError(
-        f"{name}: expected shape [{lead}Tq={tq}, Tk={tk}] or "
-        f"[{lead}K={num_heads}, Tq={tq}, Tk={tk}], got {_checks.describe(x)}"
-    )
+    heads = x.shape[nb] if x.ndim == nb + 3 else None
+    lead = x.shape[:nb] if x.ndim in (nb + 2, nb + 3) else (1,) * nb
+    if (
+        x.ndim not in (2, nb + 2, nb + 3)
+        or any(a not in (1, b) for a, b in zip(lead, batch, strict=True))
+        or heads not in (None, 1, num_heads)
+        or any(a not in (1, t) for a, t in zip(x.shape[-2:], (tq, tk), strict=True))
+    ):
+        dims = "".join(f"{d}, " for d in batch)
+        raise ValueError(
+            f"{name}: expected shape [{dims}Tq={tq}, Tk={tk}] or "
+            f"[{dims}K={num_heads}, Tq={tq}, Tk={tk}] (or one that broadcasts to it: "
+            f"size-1 dims, or [Tq, Tk] for every example), got {_checks.describe(x)}"
+        )
+    x = x.reshape(tuple(lead) + x.shape[x.ndim - (2 if heads is None else 3) :])
+    batch_axes = tuple(0 if a != 1 else None for a in lead)
+    head_axis = 0 if heads is not None and heads != 1 else None
+    drop = tuple(i for i, a in enumerate(batch_axes) if a is None)
+    if heads is not None and head_axis is None:
+        drop += (nb,)
+    x = jnp.squeeze(x, drop) if drop else x
+    return jnp.broadcast_to(x, x.shape[:-2] + (tq, tk)), head_axis, batch_axes
 
 
 def _check_lengths_arg(name, lengths, batch, t, t_name, batch_what):
-    """``lengths: int[*batch]`` with values in ``[0, t]`` (``None`` passes); returns an array."""
+    """``lengths: int[*batch]`` with values in ``[0, t]`` (``None`` passes), broadcast to
+    ``batch``: a leading part of the batch dims (``[B]`` for ``[B, K]``: per example,
+    shared by the heads) and size-1 dims broadcast. Returns an ``int[*batch]`` array."""
     if lengths is None:
         return None
     lengths = _checks.as_array(name, lengths)
     _checks.check_integer(name, lengths)
-    if tuple(lengths.shape) != tuple(batch):
+    n = lengths.ndim
+    if n > len(batch) or any(
+        a not in (1, b) for a, b in zip(lengths.shape, batch[:n], strict=True)
+    ):
+        more = "; or its leading dims, size-1 dims broadcast" if batch else ""
         raise ValueError(
-            f"{name}: expected shape {list(batch)} ({batch_what}), got {_checks.describe(lengths)}"
+            f"{name}: expected shape {list(batch)} ({batch_what}{more}), "
+            f"got {_checks.describe(lengths)}"
         )
     _checks.check_in_range(name, lengths, 0, t, f" ({t_name}={t})")
-    return lengths
+    lengths = lengths.reshape(lengths.shape + (1,) * (len(batch) - n))
+    return jnp.broadcast_to(lengths, tuple(batch))
 
 
 def _keep_rows(x, valid):
@@ -289,6 +317,8 @@ def batched_dot_product_attention(
     causal: bool = False,
     causal_alignment: str = "top_left",
     scale=None,
+    q_lengths=None,
+    k_lengths=None,
     return_weights=False,
 ):
     """:func:`dot_product_attention` vmapped over heads and leading batch dims.
@@ -296,33 +326,54 @@ def batched_dot_product_attention(
     Args:
       q: ``[*B, Tq, K, Dk]``; k: ``[*B, Tk, K, Dk]``; v: ``[*B, Tk, K, Dv]``
         (the layout of ``jax.nn.dot_product_attention``).
-      mask: optional ``bool[*B, Tq, Tk]`` (shared by all heads) or ``bool[*B, K, Tq, Tk]``.
-      bias: optional ``[*B, K, Tq, Tk]`` or ``[*B, Tq, Tk]``.
+      mask: optional ``bool[*B, Tq, Tk]`` (shared by all heads) or
+        ``bool[*B, K, Tq, Tk]``; any dim may be 1 to broadcast, and a ``[Tq, Tk]``
+        mask serves every example (as ``jax.nn.dot_product_attention``'s masks:
+        ``[B, 1, Tq, Tk]``, ``[1, K, Tq, Tk]``, ``[B, 1, 1, Tk]`` for key padding).
+        The layout is told by the rank, never by the sizes.
+      bias: optional score bias, the layouts of ``mask``.
       causal, causal_alignment, scale: as :func:`dot_product_attention`.
+      q_lengths, k_lengths: optional valid lengths ``int[*B]`` in ``[0, Tq]`` and
+        ``[0, Tk]`` (right padding), or their leading dims (``int[B]``: per example),
+        shared by the heads: the same as a ``mask`` from
+        :func:`~jaxseq.masks.padding_mask`, padded rows never read.
       return_weights: also return the weights ``float32[*B, K, Tq, Tk]``.
 
-    Returns ``[*B, Tq, K, Dv]`` (and the weights when asked).
+    Returns ``[*B, Tq, K, Dv]`` (and the weights when asked). A query row that sees
+    no key gives zeros, not NaN.
 
     >>> q = jnp.ones((2, 5, 4, 8))  # [B, T, K, D]
     >>> out, w = batched_dot_product_attention(q, q, q, causal=True, return_weights=True)
     >>> out.shape, w.shape
     ((2, 5, 4, 8), (2, 4, 5, 5))
+    >>> out = batched_dot_product_attention(q, q, q, jnp.eye(5, dtype=bool))  # one [Tq, Tk] mask
+    >>> out = batched_dot_product_attention(q, q, q, k_lengths=jnp.array([5, 0]))
+    >>> out[1].tolist() == jnp.zeros((5, 4, 8)).tolist()  # no key: zeros
+    True
     """
     batch, tq, tk, (nh,) = _check_batched_qkv(q, k, v, heads=True)
     _check_alignment(causal_alignment)
-    mask, m_ax = _per_head_arg("mask", mask, batch, nh, tq, tk)
-    bias, b_ax = _per_head_arg("bias", bias, batch, nh, tq, tk)
-
+    mask, m_ax, m_b = _per_head_arg("mask", mask, batch, nh, tq, tk)
+    bias, b_ax, b_b = _per_head_arg("bias", bias, batch, nh, tq, tk)
     if mask is not None:
         _checks.check_bool("mask", mask)
     if bias is not None:
         _checks.check_floating("bias", bias)
+    what = "the batch dims of q"
+    ql = _check_lengths_arg("q_lengths", q_lengths, batch, tq, "Tq", what)
+    kl = _check_lengths_arg("k_lengths", k_lengths, batch, tk, "Tk", what)
+    l_ax = 0 if ql is not None or kl is not None else None
 
-    def one(q1, k1, v1, m1, b1):
+    def one(q1, k1, v1, m1, b1, ql1, kl1):
+        if l_ax is not None:
+            pad = (jnp.arange(tq) < (tq if ql1 is None else ql1))[:, None] & (
+                jnp.arange(tk) < (tk if kl1 is None else kl1)
+            )[None, :]
+            m1 = pad if m1 is None else m1 & pad
         return _attend(q1, k1, v1, m1, b1, causal, scale, causal_alignment)
 
-    fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax), out_axes=(1, 0))
-    for _ in batch:
-        fn = jax.vmap(fn)
-    out, w = fn(q, k, v, mask, bias)
+    fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax, None, None), out_axes=(1, 0))
+    for i in reversed(range(len(batch))):
+        fn = jax.vmap(fn, in_axes=(0, 0, 0, m_b[i], b_b[i], l_ax, l_ax))
+    out, w = fn(q, k, v, mask, bias, ql, kl)
     return (out, w) if return_weights else out

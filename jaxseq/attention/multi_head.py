@@ -227,8 +227,8 @@ def multi_head_attention(
         if k_valid is not None:
             ctx = _keep_rows(ctx, k_valid)
     else:
-        mask, m_ax = _per_head_arg("mask", mask, (), nh, tq, tk)
-        bias, b_ax = _per_head_arg("bias", bias, (), nh, tq, tk)
+        mask, m_ax, _ = _per_head_arg("mask", mask, (), nh, tq, tk)
+        bias, b_ax, _ = _per_head_arg("bias", bias, (), nh, tq, tk)
         if mask is not None:
             _checks.check_bool("mask", mask)
         if q_valid is not None or k_valid is not None:
