@@ -11,9 +11,9 @@ Three shapes of object carry the whole library (the way optax states
   projection, run for all steps at once) and ``recur`` (the recurrent part):
   :func:`jaxseq.rollout` then hoists the projection out of the time loop.
 * :class:`SequenceLayer`: anything that runs over a whole sequence through its
-  own ``rollout`` method (``js.Bidirectional``, ``js.Stack``, user layers such as
-  a parallel linear recurrence). :func:`jaxseq.rollout` calls that method with
-  its own defaults, so every layer is run the same way.
+  own ``rollout`` method (``js.Bidirectional``, ``js.Stack``, ``js.MinGRU``, user
+  layers). :func:`jaxseq.rollout` checks the inputs once and calls that method
+  with them already prepared, so every layer is run the same way.
 * :class:`LossFn`: the training contract, ``loss_fn(params, carry, batch, key) ->
   (loss, (carry, metrics))``.
 * :class:`LanguageModel`: a next-token model over token ids with an explicit
@@ -132,19 +132,22 @@ class SequenceLayer(Protocol):
       init(key, input_size, dtype=float32) -> params.
       initial_carry(batch_shape=(), dtype=float32) -> carry.
       output_size: ``H``, the last dim of the outputs.
-      rollout(params, xs, carry=None, *, lengths=None, reset=None, reverse=False,
-        unroll="auto", kernel="auto", checkpoint_every=None, key=None)
-        -> (carry, ys): ``xs: [T, *B, D] -> ys: [T, *B, H]``, time-major, with
-        the semantics of :func:`jaxseq.rollout` (``lengths: int[*B]`` right
-        padding with zero outputs at padded steps, ``reset: bool[T, *B]``
-        episode starts, ``reverse`` processing from the end of each sequence's
-        valid part, outputs in the original time order). ``unroll``, ``kernel``
-        and ``checkpoint_every`` are passed on to the cells inside; ``key`` is
-        the layer's randomness (dropout), ``None`` for a deterministic run.
-        :func:`jaxseq.rollout` always passes every argument by keyword, after
-        ``params, xs, carry``.
-        :func:`jaxseq.rollout` handles ``time_major=False`` itself and always
-        calls ``rollout`` time-major: a layer need not accept ``time_major``.
+      rollout(params, seq, carry, options, key=None) -> (carry, ys): the layer
+        over ``seq.xs: [T, *B, D] -> ys: [T, *B, H]``, time-major. ``seq`` is a
+        :class:`jaxseq.recurrent.Sequence` that :func:`jaxseq.rollout` has
+        already checked (``xs`` zero at padded steps, the padding mask
+        ``seq.valid: bool[T, *B]`` or None, ``seq.lengths``, ``seq.reset:
+        bool[T, *B]`` episode starts); ``options`` a
+        :class:`jaxseq.recurrent.RolloutOptions` (``reverse``: process from the
+        end of each sequence's valid part, outputs in the original time order;
+        ``unroll``, ``kernel`` and ``checkpoint_every`` for the cells inside);
+        ``carry`` None for zeros; ``key`` the layer's randomness (dropout), None
+        for a deterministic run. Outputs are zero at padded steps. A layer runs
+        the cells or layers it is made of with :func:`jaxseq.recurrent.run`
+        (no second round of checks), and may check what only it knows (its
+        params' type) in ``check_params``/``check_input``/``check_carry``, which
+        :func:`jaxseq.rollout` calls at the boundary when they exist.
+        :func:`jaxseq.rollout` handles ``time_major=False`` itself.
 
     Cells take the same path through :func:`jaxseq.rollout`'s cell branch, so
     generic code calls ``js.rollout(layer, ...)`` for either.
@@ -166,20 +169,7 @@ class SequenceLayer(Protocol):
 
     def initial_carry(self, batch_shape=(), dtype=...) -> Carry: ...
 
-    def rollout(
-        self,
-        params: Params,
-        xs,
-        carry: Carry = None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse: bool = False,
-        unroll: int | bool | str = "auto",
-        kernel: str = "auto",
-        checkpoint_every: int | None = None,
-        key=None,
-    ) -> tuple[Carry, Any]: ...
+    def rollout(self, params: Params, seq, carry: Carry, options, key=None) -> tuple[Carry, Any]: ...
 
 
 @runtime_checkable
