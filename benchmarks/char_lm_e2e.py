@@ -29,7 +29,7 @@ per step, total, tokens per second, the ratio jaxseq/torch of time per 1000
 steps (below 1: jaxseq is faster), and the loss of every step (dropout masks
 differ, so the curves track each other, they do not coincide).
 
-Host memory: by default the process calls :func:`jaxseq.reuse_host_memory` first
+Host memory: by default the process calls :func:`jaxseq.training.reuse_host_memory` first
 (as ``examples/char_lm.py`` does), which speeds up both sides (each allocates its
 step's temporaries with ``malloc``); ``--host-memory default`` keeps the C
 library's thresholds. The setting is recorded in the environment.
@@ -113,7 +113,7 @@ def parse_args(argv=None):
         "--host-memory",
         choices=("reuse", "default"),
         default="reuse",
-        help="reuse: js.reuse_host_memory() for the whole process (both sides; what "
+        help="reuse: js.training.reuse_host_memory() for the whole process (both sides; what "
         "examples/char_lm.py does); default: the C library's own thresholds",
     )
     ap.add_argument("--quiet", action="store_true")
@@ -290,7 +290,7 @@ def main(argv=None) -> dict:
     import jaxseq as js
 
     if args.host_memory == "reuse":
-        js.reuse_host_memory()
+        js.training.reuse_host_memory()
     if args.data:
         text = Path(args.data).read_text(encoding="utf-8")
         data_name = os.path.basename(args.data)

@@ -59,7 +59,7 @@ def _lm_grad(b, h, k, v=65):
     def fn(p, tokens):
         def loss(p):
             _, logits = model.apply(p, carry, tokens[:-1])
-            return js.losses.cross_entropy(logits, tokens[1:])
+            return js.cross_entropy(logits, tokens[1:])
 
         return jax.grad(loss)(p)
 

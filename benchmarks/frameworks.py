@@ -17,7 +17,7 @@ and (1, 128, 1000), forward and training step (forward + backward of
   GEMMs over all steps (forward: ``X W_ih`` and ``H W_hh``; training adds the
   four backward products), i.e. the time if every FLOP ran at large-matmul speed.
 
-Host memory: by default the process first calls :func:`jaxseq.reuse_host_memory`
+Host memory: by default the process first calls :func:`jaxseq.training.reuse_host_memory`
 (freed host buffers stay in the heap for the next call; every implementation in
 the process gains, as each allocates its temporaries with ``malloc``);
 ``--host-memory default`` measures with the C library's own thresholds.
@@ -358,7 +358,7 @@ def parse_args(argv=None):
         "--host-memory",
         choices=("reuse", "default"),
         default="reuse",
-        help="reuse: js.reuse_host_memory() for the whole process, every implementation "
+        help="reuse: js.training.reuse_host_memory() for the whole process, every implementation "
         "alike (what the examples do); default: the C library's own thresholds",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -394,7 +394,7 @@ def main(argv=None) -> int:
     if args.host_memory == "reuse":
         import jaxseq as js
 
-        js.reuse_host_memory()
+        js.training.reuse_host_memory()
     env = bh.environment()
     env["host_memory"] = args.host_memory
     t0 = time.perf_counter()

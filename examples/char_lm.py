@@ -294,7 +294,7 @@ def train(args, text: str) -> dict:
     hparams = {h: getattr(args, h) for h in HPARAMS}
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
-    ckpt = js.checkpoint.Checkpointer(
+    ckpt = js.Checkpointer(
         os.path.join(args.out, "ckpt"), keep=args.keep, model_config=model.config(), hparams=hparams
     )
     mesh = None
@@ -354,7 +354,7 @@ def train(args, text: str) -> dict:
         "hparams": hparams,
     }
     if summary["val_loss"] is not None:
-        summary["val_bits_per_char"] = float(js.losses.nats_to_bits(summary["val_loss"]))
+        summary["val_bits_per_char"] = float(js.training.nats_to_bits(summary["val_loss"]))
     if args.no_carry and getattr(model, "positions", None) != "learned":
         # also the loss of the way it was trained: from an empty carry at every chunk
         vb = js.data.StreamBatcher(val_ids, eval_streams, args.seq, reset_every_chunk=True)

@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
                 xs = xs + args.noise * jax.random.normal(key, xs.shape, xs.dtype)
             carry, ys = js.rollout(stack, p["stack"], xs, carry, reset=chunk.reset)
             # the target: the value after t (the newest of the next window)
-            loss = js.mse(js.dense(p["head"], ys), chunk.targets[..., -1:], chunk.mask)
+            loss = js.training.mse(js.nn.dense(p["head"], ys), chunk.targets[..., -1:], chunk.mask)
             return loss, (carry, {"mse": loss})
 
         @jax.jit
@@ -315,12 +315,12 @@ def main(argv=None) -> dict:
             """``ctx [W, O, p]`` true windows up to each origin -> ``[O, H]`` forecasts,
             each step's prediction fed back as the newest value of the next window."""
             carry, ys = js.rollout(stack, p["stack"], ctx)
-            window, x = ctx[-1], js.dense(p["head"], ys[-1])  # [O, p], [O, 1]
+            window, x = ctx[-1], js.nn.dense(p["head"], ys[-1])  # [O, p], [O, 1]
             out = [x]
             for _ in range(args.horizon - 1):
                 window = jnp.concatenate([window[:, 1:], x], axis=-1)
                 carry, y = js.rollout(stack, p["stack"], window[None], carry)
-                x = js.dense(p["head"], y[0])
+                x = js.nn.dense(p["head"], y[0])
                 out.append(x)
             return jnp.concatenate(out, axis=-1) * std + mean
 
@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
             weight_decay=args.weight_decay,
         )  # fmt: skip
         state = js.init_state(params, opt, k_train, stack.initial_carry((args.batch,)))
-        ckpt = js.checkpoint.Checkpointer(
+        ckpt = js.Checkpointer(
             os.path.join(args.out, "ckpt", name), keep=2, hparams={**hparams, "run": name}
         )
         if args.resume and ckpt.latest_step() is not None:

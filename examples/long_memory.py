@@ -124,7 +124,7 @@ def make_loss(task: str, model):
         def loss_fn(params, carry, batch, key):
             xs, y = batch
             pred = model.apply(params, xs)
-            return js.losses.mse(pred, y), (carry, {})
+            return js.training.mse(pred, y), (carry, {})
 
     else:
 
@@ -132,8 +132,8 @@ def make_loss(task: str, model):
             xs, y = batch
             logits = model.apply(params, xs)
             recall = logits[-COPY_LEN:]
-            acc = js.losses.accuracy(recall, y[-COPY_LEN:])
-            return js.losses.cross_entropy(logits, y), (carry, {"recall_acc": acc})
+            acc = js.training.accuracy(recall, y[-COPY_LEN:])
+            return js.cross_entropy(logits, y), (carry, {"recall_acc": acc})
 
     return loss_fn
 
@@ -142,16 +142,16 @@ def grad_norms(task: str, model, params, batch):
     """``||dL/dh_t||`` of the (single) recurrent layer, ``float32[T]``."""
     xs, y = batch
     cell = model.stack.layers[0]
-    x = xs if task == "adding" else js.embed(params.embedding, xs)
+    x = xs if task == "adding" else js.nn.embed(params.embedding, xs)
     if task == "adding":
 
         def loss_of(ys):
-            return js.losses.mse(js.dense(params.head, ys[-1]), y)
+            return js.training.mse(js.nn.dense(params.head, ys[-1]), y)
 
     else:
 
         def loss_of(ys):
-            return js.losses.cross_entropy(js.dense(params.head, ys).astype(jnp.float32), y)
+            return js.cross_entropy(js.nn.dense(params.head, ys).astype(jnp.float32), y)
 
     return np.asarray(js.training.diagnostics.grad_norm_per_step(cell, params.stack[0], x, loss_of))
 

@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
     hparams = {h: getattr(args, h) for h in HPARAMS}
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
-    ckpt = js.checkpoint.Checkpointer(
+    ckpt = js.Checkpointer(
         os.path.join(args.out, "ckpt"), keep=args.keep, model_config=model.config(), hparams=hparams
     )
     elapsed = 0.0
@@ -236,7 +236,9 @@ def main(argv=None) -> dict:
     val_loss = info["evals"][-1]["val_loss"] if info["evals"] else None
     summary = {
         "val_loss": val_loss,
-        "val_bits_per_char": None if val_loss is None else float(js.losses.nats_to_bits(val_loss)),
+        "val_bits_per_char": None
+        if val_loss is None
+        else float(js.training.nats_to_bits(val_loss)),
         "samples": args.samples,
         "well_formed_fraction": plausible / args.samples,
         "plausible": plausible,

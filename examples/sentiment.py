@@ -225,9 +225,9 @@ def bow_apply(params, tokens, lengths):
     """Bag of words: ``tokens int[T, B]`` -> logits ``[B, C]`` from the mean embedding of
     the valid words (padding selected away before the sum); order plays no part."""
     valid = js.masks.lengths_to_mask(lengths, tokens.shape[0])[..., None]  # [T, B, 1]
-    e = js.embed(params["embedding"], jnp.where(valid[..., 0], tokens, 0))
+    e = js.nn.embed(params["embedding"], jnp.where(valid[..., 0], tokens, 0))
     mean = jnp.sum(jnp.where(valid, e, 0.0), axis=0) / jnp.maximum(lengths, 1)[:, None]
-    return js.dense(params["head"], jnp.tanh(js.dense(params["hidden"], mean)))
+    return js.nn.dense(params["head"], jnp.tanh(js.nn.dense(params["hidden"], mean)))
 
 
 def parse_args(argv=None):
@@ -334,8 +334,8 @@ def main(argv=None) -> dict:
         def loss_fn(p, carry, batch, key, apply=apply):
             logits = apply(p, batch["tokens"], batch["tokens_lengths"])
             mask = batch["example_mask"]
-            loss = js.losses.cross_entropy(logits, batch["label"], mask)
-            return loss, (carry, {"accuracy": js.losses.accuracy(logits, batch["label"], mask)})
+            loss = js.cross_entropy(logits, batch["label"], mask)
+            return loss, (carry, {"accuracy": js.training.accuracy(logits, batch["label"], mask)})
 
         def classify(p, batch, apply=apply):  # logits [B, C]
             return apply(p, batch["tokens"], batch["tokens_lengths"])

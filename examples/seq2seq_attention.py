@@ -219,8 +219,8 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
     def loss_fn(p, carry, batch, key):
         src, src_len, tgt_in, tgt_out, tgt_len = batch
         logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
-        loss = js.losses.cross_entropy(logits, tgt_out, lengths=tgt_len)
-        return loss, (carry, {"token_acc": js.losses.accuracy(logits, tgt_out, lengths=tgt_len)})
+        loss = js.cross_entropy(logits, tgt_out, lengths=tgt_len)
+        return loss, (carry, {"token_acc": js.training.accuracy(logits, tgt_out, lengths=tgt_len)})
 
     def exact(toks, tgt_out, tgt_len):
         # every target token (EOS included) predicted, nothing checked after it
@@ -240,8 +240,8 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
         )  # fmt: skip
         best = beam.tokens[:, :, 0]  # [T, B], EOS-filled after the end
         metrics = {
-            "test_loss": js.losses.cross_entropy(logits, tgt_out, lengths=tgt_len),
-            "test_token_acc": js.losses.accuracy(logits, tgt_out, lengths=tgt_len),
+            "test_loss": js.cross_entropy(logits, tgt_out, lengths=tgt_len),
+            "test_token_acc": js.training.accuracy(logits, tgt_out, lengths=tgt_len),
             "test_seq_acc": exact(toks, tgt_out, tgt_len),
             "test_seq_acc_beam": exact(best, tgt_out, tgt_len),
         }

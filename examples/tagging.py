@@ -127,8 +127,8 @@ def main(argv=None) -> dict:
         def loss_fn(p, carry, batch, key, model=model):
             tokens, tags, lengths = batch
             logits = model.apply(p, tokens, lengths=lengths)
-            loss = js.losses.cross_entropy(logits, tags, lengths=lengths)
-            return loss, (carry, {"token_acc": js.losses.accuracy(logits, tags, lengths=lengths)})
+            loss = js.cross_entropy(logits, tags, lengths=lengths)
+            return loss, (carry, {"token_acc": js.training.accuracy(logits, tags, lengths=lengths)})
 
         @jax.jit
         def evaluate(p, tokens, tags, lengths, model=model):
@@ -137,8 +137,8 @@ def main(argv=None) -> dict:
             pred = jnp.argmax(logits, axis=-1)
             wrong = (pred != tags) & mask
             return {
-                "test_loss": js.losses.cross_entropy(logits, tags, mask),
-                "test_token_acc": js.losses.accuracy(logits, tags, mask),
+                "test_loss": js.cross_entropy(logits, tags, mask),
+                "test_token_acc": js.training.accuracy(logits, tags, mask),
                 "test_seq_acc": jnp.mean(~jnp.any(wrong, axis=0)),
             }, pred
 

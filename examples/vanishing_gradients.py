@@ -12,7 +12,7 @@ sigmoid(1), lets it decay. At initialisation, on the
 inputs of the adding problem (T pairs (value, marker)), for each model:
 
 * ``||h_t||`` against t (hidden-state norm, mean over the batch);
-* ``||dL/dh_t||`` against t (:func:`jaxseq.grad_norm_per_step`), for the
+* ``||dL/dh_t||`` against t (:func:`jaxseq.training.grad_norm_per_step`), for the
   loss of a linear read-out of the last step: how much step t still matters.
 
 Both are medians over ``--trials`` independent weight draws, plotted on a log
@@ -85,9 +85,9 @@ def norms(cell, key, xs, targets):
     hidden = jnp.mean(jnp.linalg.norm(ys, axis=-1), axis=1)
 
     def loss(ys):
-        return jnp.mean((js.dense(head, ys[-1]) - targets) ** 2)
+        return jnp.mean((js.nn.dense(head, ys[-1]) - targets) ** 2)
 
-    return hidden, js.grad_norm_per_step(cell, params, xs, loss)
+    return hidden, js.training.grad_norm_per_step(cell, params, xs, loss)
 
 
 def parse_args(argv=None):

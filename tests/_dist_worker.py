@@ -68,14 +68,16 @@ def main():
     rec = {"started": started, "process": me, "processes": procs, "devices": jax.device_count()}
 
     model, batcher, opt = build(js)
-    mesh = js.make_mesh()
+    mesh = js.training.make_mesh()
     rows = js.training.process_slice(mesh, STREAMS)
     rec["rows"] = [rows.start, rows.stop]
 
     # this process's share of a batch: the global chunk's columns `rows`, fed either way
     chunk = batcher.at_step(1)
-    whole = js.shard_batch(chunk, mesh)
-    mine = js.shard_batch(jax.tree_util.tree_map(lambda x: x[:, rows], chunk), mesh, local=True)
+    whole = js.training.shard_batch(chunk, mesh)
+    mine = js.training.shard_batch(
+        jax.tree_util.tree_map(lambda x: x[:, rows], chunk), mesh, local=True
+    )
     shard = [np.asarray(s.data) for s in whole.inputs.addressable_shards]
     rec["batch_global_shape"] = list(whole.inputs.shape)
     rec["batch_local"] = np.concatenate(shard, axis=1).tolist()
@@ -88,7 +90,7 @@ def main():
     ckpt_dir = os.path.join(args.out, "ckpt")
     ckpt = js.Checkpointer(ckpt_dir, keep=5)
     losses = {}
-    state = js.shard_state(fresh_state(js, jax, model, opt), mesh)
+    state = js.training.shard_state(fresh_state(js, jax, model, opt), mesh)
     state, info = js.fit(
         step, state, batcher, num_steps=STEPS, mesh=mesh, checkpointer=ckpt,
         checkpoint_every=CKPT, out_dir=os.path.join(args.out, "logs"), progress=True,
@@ -103,7 +105,7 @@ def main():
     # an evaluation over the mesh, as an eval_fn would run it: each process its streams
     rec["val_loss"] = js.evaluate_lm(model, state.params, batcher, mesh=mesh)
 
-    template = js.shard_state(fresh_state(js, jax, model, opt), mesh)
+    template = js.training.shard_state(fresh_state(js, jax, model, opt), mesh)
     restored, _ = ckpt.restore(template, step=CKPT)
     rec["restored_step"] = int(restored.step)
     # a template left on this process (not placed on the mesh) gets the whole state

@@ -373,7 +373,7 @@ def test_multi_head_attention_matches_reference(key, case):
     elif case == "cross":
         mask = np.broadcast_to(np.arange(tk) < 6, (7, tk))
     causal = case == "causal"
-    out, w = js.multi_head_attention(
+    out, w = js.attention.multi_head_attention(
         p, x, ctx, None if mask is None else jnp.asarray(mask), causal=causal, return_weights=True
     )
     assert out.shape == (7, 5) and w.shape == (2, 7, tk)
@@ -381,7 +381,7 @@ def test_multi_head_attention_matches_reference(key, case):
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     if case == "causal":  # the blockwise path too
-        out_b = js.multi_head_attention(p, x, causal=True, blockwise=True)
+        out_b = js.attention.multi_head_attention(p, x, causal=True, blockwise=True)
         np.testing.assert_allclose(out_b, want, rtol=1e-5, atol=1e-5)
 
 
@@ -393,12 +393,12 @@ def test_multi_head_attention_bfloat16_softmax_in_float32():
     x = x.at[:, 16].set(16.0)  # head 1 gets the same large offset as head 0
     ctx = ctx.at[:, 16].set(16.0)
     eye = jnp.eye(32, dtype=jnp.bfloat16)
-    p = js.MultiHeadAttentionParams(
+    p = js.attention.MultiHeadAttentionParams(
         eye.reshape(32, 2, 16), eye.reshape(32, 2, 16), eye.reshape(32, 2, 16),
         eye.reshape(2, 16, 32), None, None, None, None,
     )  # fmt: skip
     mask = np.broadcast_to(np.arange(48) < 40, (16, 48))
-    out, w = js.multi_head_attention(p, x, ctx, jnp.asarray(mask), return_weights=True)
+    out, w = js.attention.multi_head_attention(p, x, ctx, jnp.asarray(mask), return_weights=True)
     assert w.dtype == jnp.float32
     xn, cn = np.asarray(x, np.float64), np.asarray(ctx, np.float64)
     for h in range(2):
@@ -415,29 +415,33 @@ def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
     assert p.b_q is None
     x, ctx = _rand(jax.random.key(2), (3, 4), (6, 5))
     mask = jnp.broadcast_to(jnp.arange(6) < 4, (3, 6))
-    out, w = js.multi_head_attention(p, x, ctx, mask, return_weights=True)
+    out, w = js.attention.multi_head_attention(p, x, ctx, mask, return_weights=True)
     assert out.shape == (3, 4)
     np.testing.assert_array_equal(w[..., 4:], 0.0)
     # padding beyond the mask does not change the result
     ctx2 = ctx.at[4:].set(100.0)
-    np.testing.assert_allclose(js.multi_head_attention(p, x, ctx2, mask), out, atol=1e-6)
+    np.testing.assert_allclose(js.attention.multi_head_attention(p, x, ctx2, mask), out, atol=1e-6)
     # dropout only with a key; deterministic given the key
-    d1 = js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
-    d2 = js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
+    d1 = js.attention.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
+    d2 = js.attention.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5, key=jax.random.key(0))
     np.testing.assert_array_equal(d1, d2)
     assert not np.allclose(d1, out)
-    np.testing.assert_array_equal(js.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5), out)
+    np.testing.assert_array_equal(
+        js.attention.multi_head_attention(p, x, ctx, mask, dropout_rate=0.5), out
+    )
     # vmap over a batch == loop
     xb, cb = _rand(jax.random.key(4), (2, 3, 4), (2, 6, 5))
-    ob = jax.vmap(lambda a, c: js.multi_head_attention(p, a, c))(xb, cb)
+    ob = jax.vmap(lambda a, c: js.attention.multi_head_attention(p, a, c))(xb, cb)
     for i in range(2):
-        np.testing.assert_allclose(ob[i], js.multi_head_attention(p, xb[i], cb[i]), atol=1e-6)
+        np.testing.assert_allclose(
+            ob[i], js.attention.multi_head_attention(p, xb[i], cb[i]), atol=1e-6
+        )
     with pytest.raises(
         ValueError, match=r"context: expected shape \[Tk, Dc=5\], got float32\[6, 4\]"
     ):
-        js.multi_head_attention(p, x, ctx[:, :4])
+        js.attention.multi_head_attention(p, x, ctx[:, :4])
     with pytest.raises(ValueError, match=r"x: expected rank 2"):
-        js.multi_head_attention(p, xb, ctx)
+        js.attention.multi_head_attention(p, xb, ctx)
 
 
 # -- additive / Luong -----------------------------------------------------------------
@@ -447,37 +451,39 @@ def test_additive_attention_matches_numpy_and_masks(key):
     p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
     p = npm.perturb(p, seed=2)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
-    ctx, w = js.additive_attention(p, qv, keys, vals, lengths=jnp.array(4))
+    ctx, w = js.attention.additive_attention(p, qv, keys, vals, lengths=jnp.array(4))
     want_ctx, want_w = npm.additive_attention(p, qv, keys, vals, length=4)
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[4:], 0.0)
     np.testing.assert_allclose(ctx, want_ctx, rtol=1e-5, atol=1e-6)
     # precomputed keys and several queries at once
     pk = att.additive_attention_keys(p, keys)
-    ctx2, w2 = js.additive_attention(
+    ctx2, w2 = js.attention.additive_attention(
         p, jnp.stack([qv, qv]), keys, vals, lengths=jnp.array(4), projected_keys=pk
     )
     np.testing.assert_allclose(w2[1], w, rtol=1e-6)
     np.testing.assert_allclose(ctx2[0], ctx, rtol=1e-6)
     # empty source: zeros, finite grads
-    c0, w0 = js.additive_attention(p, qv, keys, vals, lengths=jnp.array(0))
+    c0, w0 = js.attention.additive_attention(p, qv, keys, vals, lengths=jnp.array(0))
     np.testing.assert_array_equal(w0, 0.0)
     np.testing.assert_array_equal(c0, 0.0)
-    g = jax.grad(lambda q: js.additive_attention(p, q, keys, lengths=jnp.array(0))[0].sum())(qv)
+    g = jax.grad(
+        lambda q: js.attention.additive_attention(p, q, keys, lengths=jnp.array(0))[0].sum()
+    )(qv)
     np.testing.assert_array_equal(g, 0.0)
     with pytest.raises(ValueError, match=r"query: expected shape \[3\], got float32\[4\]"):
-        js.additive_attention(p, jnp.zeros(4), keys)
+        js.attention.additive_attention(p, jnp.zeros(4), keys)
     with pytest.raises(
         ValueError, match=r"keys: expected shape \[Tk=6, Dk=4\], got float32\[6, 3\]"
     ):
-        js.additive_attention(p, qv, keys[:, :3])
+        js.attention.additive_attention(p, qv, keys[:, :3])
 
 
 @pytest.mark.parametrize("score", ["dot", "general"])
 def test_luong_attention(key, score):
     p = js.luong_attention_init(key, 4, 4, score=score)
     qv, keys = _rand(jax.random.key(1), (4,), (5, 4))
-    ctx, w = js.luong_attention(p, qv, keys, lengths=jnp.array(3))
+    ctx, w = js.attention.luong_attention(p, qv, keys, lengths=jnp.array(3))
     want_ctx, want_w = npm.luong_attention(p, qv, keys, length=3)
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(w[3:], 0.0)
@@ -485,7 +491,9 @@ def test_luong_attention(key, score):
     # batched decoder step via vmap over (query, keys, length)
     qb, kb = _rand(jax.random.key(2), (2, 4), (2, 5, 4))
     lens = jnp.array([5, 2])
-    cb, wb = jax.vmap(lambda q, k, n: js.luong_attention(p, q, k, lengths=n))(qb, kb, lens)
+    cb, wb = jax.vmap(lambda q, k, n: js.attention.luong_attention(p, q, k, lengths=n))(
+        qb, kb, lens
+    )
     for i in range(2):
         c1, w1 = npm.luong_attention(p, qb[i], kb[i], length=lens[i])
         np.testing.assert_allclose(wb[i], w1, rtol=1e-5, atol=1e-7)
@@ -493,7 +501,7 @@ def test_luong_attention(key, score):
     with pytest.raises(ValueError, match=r"key_size: score='dot' needs key_size == query_size"):
         js.luong_attention_init(key, 4, 3, score="dot")
     with pytest.raises(ValueError, match=r"mask: expected shape \[Tk=5\], got bool\[4\]"):
-        js.luong_attention(p, qv, keys, mask=jnp.ones(4, bool))
+        js.attention.luong_attention(p, qv, keys, mask=jnp.ones(4, bool))
 
 
 def test_batched_bias_shared_and_per_head():
@@ -542,17 +550,17 @@ def test_encoder_attention_errors_name_the_argument(key):
     p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
     with pytest.raises(TypeError, match=r"^query: expected a floating dtype, got int32\[3\]"):
-        js.additive_attention(p, jnp.zeros(3, jnp.int32), keys)
+        js.attention.additive_attention(p, jnp.zeros(3, jnp.int32), keys)
     with pytest.raises(TypeError, match=r"^keys: expected a floating dtype, got int32\[6, 4\]"):
-        js.additive_attention(p, qv, jnp.zeros((6, 4), jnp.int32))
+        js.attention.additive_attention(p, qv, jnp.zeros((6, 4), jnp.int32))
     with pytest.raises(
         ValueError, match=r"^values: expected shape \[Tk=6, Dv\], got float32\[5, 2\]"
     ):
-        js.additive_attention(p, qv, keys, vals[:5])
+        js.attention.additive_attention(p, qv, keys, vals[:5])
     with pytest.raises(
         ValueError, match=r"^projected_keys: expected shape \[Tk=6, A=5\], got float32\[6, 4\]"
     ):
-        js.additive_attention(p, qv, keys, projected_keys=jnp.zeros((6, 4)))
+        js.attention.additive_attention(p, qv, keys, projected_keys=jnp.zeros((6, 4)))
     with pytest.raises(
         ValueError, match=r"^keys: expected shape \[Tk, Dk=4\], got float32\[6, 3\]"
     ):
@@ -565,11 +573,11 @@ def test_encoder_attention_errors_name_the_argument(key):
     ):
         js.luong_attention_init(key, 3, 4, score="cos")
     with pytest.raises(TypeError, match=r"^keys: expected a floating dtype"):
-        js.luong_attention(pl, qv, jnp.zeros((6, 4), jnp.int32))
+        js.attention.luong_attention(pl, qv, jnp.zeros((6, 4), jnp.int32))
     with pytest.raises(
         ValueError, match=r"^params\.w: expected shape \[Dq, Dk=4\], got float32\[3, 3\]"
     ):
-        js.luong_attention(js.LuongAttentionParams(jnp.zeros((3, 3))), qv, keys)
+        js.attention.luong_attention(js.attention.LuongAttentionParams(jnp.zeros((3, 3))), qv, keys)
 
 
 def test_encoder_attention_init_honours_dtype(key):
@@ -592,9 +600,9 @@ def test_luong_general_bfloat16_rounds_the_projected_query():
     keys = npm.bf16_round(rng.standard_normal((6, 16)))
     qw = q @ w
     assert not np.array_equal(npm.bf16_round(qw), qw)
-    p = js.LuongAttentionParams(jnp.asarray(w, jnp.bfloat16))
+    p = js.attention.LuongAttentionParams(jnp.asarray(w, jnp.bfloat16))
     bf = lambda a: jnp.asarray(a, jnp.bfloat16)
-    ctx, weights = js.luong_attention(p, bf(q), bf(keys))
+    ctx, weights = js.attention.luong_attention(p, bf(q), bf(keys))
     assert weights.dtype == jnp.float32 and ctx.dtype == jnp.bfloat16
     want_w = npm.masked_softmax(npm.bf16_round(qw) @ keys.T)
     np.testing.assert_allclose(weights, want_w, rtol=1e-4, atol=1e-7)
@@ -606,18 +614,18 @@ def test_multi_head_attention_errors_name_the_argument(key):
     with pytest.raises(
         ValueError, match=r"^x: expected rank 2 \[Tq, Dq\] \(one example; vmap over a batch\)"
     ):
-        js.multi_head_attention(p, x[None], ctx)
+        js.attention.multi_head_attention(p, x[None], ctx)
     with pytest.raises(ValueError, match=r"^context: expected rank 2 \[Tk, Dc\]"):
-        js.multi_head_attention(p, x, ctx[None])
+        js.attention.multi_head_attention(p, x, ctx[None])
     # self-attention with parameters for a context of another size: x is what is wrong
     with pytest.raises(ValueError, match=r"^x: expected shape \[Tk, Dc=5\], got float32\[3, 4\]"):
-        js.multi_head_attention(p, x)
+        js.attention.multi_head_attention(p, x)
     with pytest.raises(ValueError, match=r"^mask: expected shape \[Tq=3, Tk=6\]"):
-        js.multi_head_attention(p, x, ctx, jnp.ones((3, 5), bool))
+        js.attention.multi_head_attention(p, x, ctx, jnp.ones((3, 5), bool))
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
-        js.multi_head_attention(p, x, ctx, dropout_rate=0.5, key=jnp.zeros(3, jnp.int32))
+        js.attention.multi_head_attention(p, x, ctx, dropout_rate=0.5, key=jnp.zeros(3, jnp.int32))
     with pytest.raises(ValueError, match=r"^params\.w_v: expected rank 3 \[Dc, K, Dv\]"):
-        js.multi_head_attention(p._replace(w_v=p.w_v[:, 0]), x, ctx)
+        js.attention.multi_head_attention(p._replace(w_v=p.w_v[:, 0]), x, ctx)
 
 
 def test_multi_head_attention_dropout_is_inverted():
@@ -626,8 +634,8 @@ def test_multi_head_attention_dropout_is_inverted():
     (dropped) or twice the output without dropout (rate 0.5)."""
     p = js.multi_head_attention_init(jax.random.key(3), 4, num_heads=1, key_size=3, use_bias=False)
     x = jax.random.normal(jax.random.key(4), (1, 4))
-    out = np.asarray(js.multi_head_attention(p, x))
-    f = jax.vmap(lambda k: js.multi_head_attention(p, x, dropout_rate=0.5, key=k))
+    out = np.asarray(js.attention.multi_head_attention(p, x))
+    f = jax.vmap(lambda k: js.attention.multi_head_attention(p, x, dropout_rate=0.5, key=k))
     drop = np.asarray(f(jax.random.split(jax.random.key(5), 16)))
     kept = np.abs(drop).sum(axis=(1, 2)) > 0
     assert 0 < kept.sum() < 16
@@ -646,14 +654,16 @@ def test_multi_head_attention_bfloat16_rounds_the_projections():
     w_q = bf([[1.0], [0.0]]).reshape(2, 1, 1)
     w_dyadic = bf([[1.0], [u]]).reshape(2, 1, 1)  # rows -> 1 + 3u, 1 + 6u
     # keys 1 + 3u, 1 + 6u round to 1 + 4u, 1 + 8u: with q = 64 the scores are 64.5 and 65
-    p = js.MultiHeadAttentionParams(w_q, w_dyadic, w_dyadic, bf([[[1.0]]]), None, None, None, None)
-    _, w = js.multi_head_attention(p, bf([[64.0, 0.0]]), ctx, return_weights=True)
+    p = js.attention.MultiHeadAttentionParams(
+        w_q, w_dyadic, w_dyadic, bf([[[1.0]]]), None, None, None, None
+    )
+    _, w = js.attention.multi_head_attention(p, bf([[64.0, 0.0]]), ctx, return_weights=True)
     np.testing.assert_allclose(w[0, 0], npm.masked_softmax(np.array([64.5, 65.0])), rtol=1e-6)
     # equal keys (weights exactly 1/2), values 1 + 3u, 1 + 6u rounded to 1 + 4u, 1 + 8u:
     # head output 1 + 6u, rounded to 1 + 8u (tie to even), times W_o = 3: 3 + 24u exactly
     # (unrounded values would give 1 + 4.5u; an unrounded head output 3 + 18u -> 3 + 16u)
     p = p._replace(w_k=w_q, w_o=bf([[[3.0]]]))
-    out = js.multi_head_attention(p, bf([[1.0, 0.0]]), ctx)
+    out = js.attention.multi_head_attention(p, bf([[1.0, 0.0]]), ctx)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float64), [[3.0 + 24 * u]])
 
@@ -717,10 +727,10 @@ def test_mask_and_bias_shapes_are_checked_by_one_rule(key):
     with pytest.raises(
         ValueError, match=r"^bias: expected shape \[Tq=3, Tk=3\] or \[K=4, Tq=3, Tk=3\]"
     ):
-        js.multi_head_attention(p, x, bias=jnp.zeros((2, 3, 3)))
+        js.attention.multi_head_attention(p, x, bias=jnp.zeros((2, 3, 3)))
     # a per-head mask that masks head h's key h equals masking that key by hand
     per_head = jnp.ones((4, 3, 3), bool).at[jnp.arange(3), :, jnp.arange(3)].set(False)
-    _, w = js.multi_head_attention(p, x, mask=per_head, return_weights=True)
+    _, w = js.attention.multi_head_attention(p, x, mask=per_head, return_weights=True)
     for h in range(3):
         np.testing.assert_array_equal(w[h, :, h], 0.0)
         np.testing.assert_allclose(w[h].sum(-1), 1.0, rtol=1e-6)
@@ -732,7 +742,7 @@ def test_more_errors_name_the_argument():
     with pytest.raises(TypeError, match=r"^v: expected an array"):
         js.dot_product_attention(q, q, [[0.0] * 4] * 3)
     with pytest.raises(TypeError, match=r"^bias: expected a floating"):
-        js.attention_weights(q, q, bias=jnp.zeros((3, 3), jnp.int32))
+        js.attention.attention_weights(q, q, bias=jnp.zeros((3, 3), jnp.int32))
     for i, name in enumerate("qkv"):
         args = [jnp.zeros((2, 3, 4))] * 3
         args[i] = jnp.zeros((4,))

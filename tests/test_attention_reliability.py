@@ -127,7 +127,7 @@ def _mha_loss_and_grads(p, x, ctx, out_rows, **kw):
     g = jnp.asarray(np.random.default_rng(9).standard_normal((out_rows, p.w_o.shape[-1])))
 
     def loss(p, x, c):
-        out = js.multi_head_attention(p, x, c, **kw)
+        out = js.attention.multi_head_attention(p, x, c, **kw)
         return jnp.sum(out[:out_rows] * g), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(p, x, ctx)
@@ -181,7 +181,7 @@ def test_transformer_block_padded_rows_do_not_leak(key, causal):
     g = jnp.asarray(np.random.default_rng(5).standard_normal((n, 8)), jnp.float32)
 
     def loss(p, x, lengths):
-        y = js.transformer_block(p, x, lengths=lengths, causal=causal)
+        y = js.attention.transformer_block(p, x, lengths=lengths, causal=causal)
         return jnp.sum(y[:n] * g), y
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
@@ -211,12 +211,12 @@ def test_encoder_attention_padded_keys_do_not_leak(key, kind):
 
     def loss(p, query, keys, values, lengths):
         if kind == "luong":
-            ctx, w = js.luong_attention(p, query, keys, values, lengths=lengths)
+            ctx, w = js.attention.luong_attention(p, query, keys, values, lengths=lengths)
         elif kind == "additive":
-            ctx, w = js.additive_attention(p, query, keys, values, lengths=lengths)
+            ctx, w = js.attention.additive_attention(p, query, keys, values, lengths=lengths)
         else:
-            pk = js.additive_attention_keys(p, keys, lengths=lengths)
-            ctx, w = js.additive_attention(
+            pk = js.attention.additive_attention_keys(p, keys, lengths=lengths)
+            ctx, w = js.attention.additive_attention(
                 p, query, keys, values, lengths=lengths, projected_keys=pk
             )
         return jnp.sum(ctx**2) + jnp.sum(w[:, :n] ** 2), (ctx, w)
@@ -364,8 +364,8 @@ def test_multi_head_bottom_right_equals_the_explicit_mask(key):
     @jax.jit
     def run(p, x, ctx, mask):
         kw = dict(causal=True, causal_alignment="bottom_right")
-        return js.multi_head_attention(p, x, ctx, mask), [
-            js.multi_head_attention(p, x, ctx, blockwise=b, **kw) for b in (False, True)
+        return js.attention.multi_head_attention(p, x, ctx, mask), [
+            js.attention.multi_head_attention(p, x, ctx, blockwise=b, **kw) for b in (False, True)
         ]
 
     for tq, tk in ((1, 6), (6, 3)):
@@ -380,7 +380,7 @@ def test_causal_alignment_is_validated():
     msg = r"^causal_alignment: expected one of \['top_left', 'bottom_right'\], got 'lower_right'"
     calls = (
         lambda: js.dot_product_attention(q[0], q[0], q[0], causal_alignment="lower_right"),
-        lambda: js.attention_weights(q[0], q[0], causal_alignment="lower_right"),
+        lambda: js.attention.attention_weights(q[0], q[0], causal_alignment="lower_right"),
         lambda: js.batched_dot_product_attention(
             q[..., None, :], q[..., None, :], q[..., None, :], causal_alignment="lower_right"
         ),
@@ -391,7 +391,7 @@ def test_causal_alignment_is_validated():
             call()
     p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
     with pytest.raises(ValueError, match=msg):
-        js.multi_head_attention(p, q[0], causal_alignment="lower_right")
+        js.attention.multi_head_attention(p, q[0], causal_alignment="lower_right")
 
 
 # -- 3. blockwise attention with per-example lengths -------------------------------------
@@ -483,10 +483,10 @@ def test_multi_head_and_transformer_blockwise_lengths_equal_dense(key):
     mask = jnp.asarray(_np_pad_mask(lq, lk, tq, tk))
 
     def mha(p, x, ctx, **kw):
-        return jnp.sum(js.multi_head_attention(p, x, ctx, **kw)[:lq] ** 2)
+        return jnp.sum(js.attention.multi_head_attention(p, x, ctx, **kw)[:lq] ** 2)
 
     def block(p, x, **kw):
-        return jnp.sum(js.transformer_block(p, x, lengths=jnp.array(lq), **kw) ** 2)
+        return jnp.sum(js.attention.transformer_block(p, x, lengths=jnp.array(lq), **kw) ** 2)
 
     @jax.jit
     def run(p, blk, x, ctx):
@@ -524,16 +524,16 @@ def test_lengths_are_validated():
         js.blockwise_attention(q, k, k, q_lengths=jnp.array([1, -1, 2]))
     p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
     with pytest.raises(ValueError, match=r"^q_lengths: expected shape \[\] \(one example"):
-        js.multi_head_attention(p, q[0], q_lengths=jnp.array([2]))
+        js.attention.multi_head_attention(p, q[0], q_lengths=jnp.array([2]))
     with pytest.raises(
         ValueError, match=r"^k_lengths: expected values in \[0, 5\] \(Tk=5\), got 9"
     ):
-        js.multi_head_attention(p, q[0], k_lengths=jnp.array(9), blockwise=True)
+        js.attention.multi_head_attention(p, q[0], k_lengths=jnp.array(9), blockwise=True)
     with pytest.raises(TypeError, match=r"^k_lengths: expected an integer dtype"):
-        js.multi_head_attention(p, q[0], k_lengths=2.0)
+        js.attention.multi_head_attention(p, q[0], k_lengths=2.0)
     blk = js.transformer_block_init(jax.random.key(0), 4, num_heads=1)
     with pytest.raises(ValueError, match=r"^lengths: expected values in \[0, 5\] \(T=5\), got 6"):
-        js.transformer_block(blk, q[0], lengths=jnp.array(6))
+        js.attention.transformer_block(blk, q[0], lengths=jnp.array(6))
 
 
 # -- 4. masks and lengths broadcast over the leading dims --------------------------------

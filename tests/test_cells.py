@@ -227,7 +227,7 @@ def test_irnn_identity_relu_keeps_h_constant(key):
     p = cell.init(key, 3)
     np.testing.assert_array_equal(p.w_hh, np.eye(6))
     h0 = jnp.abs(jax.random.normal(key, (2, 6)))
-    carry, ys = js.rollout(cell, p, jnp.zeros((50, 2, 3)), js.RNNCarry(h0))
+    carry, ys = js.rollout(cell, p, jnp.zeros((50, 2, 3)), js.recurrent.RNNCarry(h0))
     np.testing.assert_array_equal(carry.h, h0)
     np.testing.assert_array_equal(ys, jnp.broadcast_to(h0, (50, 2, 6)))
 
@@ -239,7 +239,7 @@ def test_lstm_huge_forget_bias_keeps_c(key):
     p = p._replace(b=p.b.at[:4].set(-1e4))
     c0 = jax.random.normal(key, (2, 4))
     h0 = jax.random.normal(jax.random.key(9), (2, 4))
-    carry, _ = js.rollout(cell, p, jnp.zeros((30, 2, 3)), js.LSTMCarry(h0, c0))
+    carry, _ = js.rollout(cell, p, jnp.zeros((30, 2, 3)), js.recurrent.LSTMCarry(h0, c0))
     np.testing.assert_array_equal(carry.c, c0)
 
 
@@ -248,7 +248,7 @@ def test_gru_update_gate_closed_keeps_h(key):
     p = cell.init(key, 3)
     p = p._replace(b=p.b.at[4:8].set(1e4))  # z = 1: h_t = h_{t-1}
     h0 = jax.random.normal(key, (2, 4))
-    carry, _ = js.rollout(cell, p, jax.random.normal(key, (20, 2, 3)), js.RNNCarry(h0))
+    carry, _ = js.rollout(cell, p, jax.random.normal(key, (20, 2, 3)), js.recurrent.RNNCarry(h0))
     np.testing.assert_array_equal(carry.h, h0)
 
 
@@ -305,7 +305,7 @@ def test_bad_step_inputs(name, key):
     with pytest.raises(ValueError, match=r"carry.h: expected shape \[3, 4\].*got float32\[2, 4\]"):
         cell.step(p, c, jnp.zeros((3, 3)))
     with pytest.raises(TypeError, match="params: expected"):
-        cell.step(js.DenseParams(p.w_ih, p.b), c, jnp.zeros((2, 3)))
+        cell.step(js.nn.DenseParams(p.w_ih, p.b), c, jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"params.w_hh: expected shape"):
         cell.step(p._replace(w_hh=p.w_hh[:3]), c, jnp.zeros((2, 3)))
     with pytest.raises(ValueError, match="x: expected rank >= 1"):
@@ -316,7 +316,7 @@ def test_wrong_carry_type(key):
     cell = js.LSTM(4)
     p = cell.init(key, 3)
     with pytest.raises(TypeError, match=r"carry: expected LSTMCarry\('h', 'c'\)"):
-        cell.step(p, js.RNNCarry(jnp.zeros((2, 4))), jnp.zeros((2, 3)))
+        cell.step(p, js.recurrent.RNNCarry(jnp.zeros((2, 4))), jnp.zeros((2, 3)))
 
 
 def test_check_projected(name, key):

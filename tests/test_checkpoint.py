@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import checkpoint
 from jaxseq import training as train
+from jaxseq.training import checkpoint
 
 
 def _state(key, hidden_size=6, vocab_size=5):

@@ -9,7 +9,7 @@ from jaxseq.training import diagnostics
 
 def test_identity_relu_rnn_passes_gradients_unchanged():
     cell = js.RNN(3, activation="relu")
-    params = js.RNNParams(jnp.zeros((2, 3)), jnp.eye(3), jnp.ones(3))  # h_t = h_{t-1} + 1
+    params = js.recurrent.RNNParams(jnp.zeros((2, 3)), jnp.eye(3), jnp.ones(3))  # h_t = h_{t-1} + 1
     xs = jnp.zeros((7, 4, 2))
     norms = diagnostics.grad_norm_per_step(cell, params, xs, lambda ys: jnp.sum(ys[-1]))
     np.testing.assert_allclose(norms, np.full(7, np.sqrt(12.0)), rtol=1e-6)

@@ -169,12 +169,12 @@ def test_distributed_settings_from_flags_and_environment(monkeypatch):
 
 
 def test_process_slice_and_local_batches_on_one_process():
-    mesh = js.make_mesh(jax.devices()[:1])
+    mesh = js.training.make_mesh(jax.devices()[:1])
     assert js.training.process_slice(mesh, 6) == slice(0, 6)
     batch = {"x": np.arange(12.0).reshape(3, 4)}
     # on one process a "local" batch is the whole batch: the same as before
-    a = js.shard_batch(batch, mesh)["x"]
-    b = js.shard_batch(batch, mesh, local=True)["x"]
+    a = js.training.shard_batch(batch, mesh)["x"]
+    b = js.training.shard_batch(batch, mesh, local=True)["x"]
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="size: expected a positive int"):
         js.training.process_slice(mesh, 0)

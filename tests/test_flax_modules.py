@@ -36,19 +36,19 @@ def _cat(g, names, leaf):
 def _flax_grads_as_jaxseq(kind, g):
     """Flax per-gate gradients -> jaxseq's fused layout (a plain rearrangement)."""
     if kind == "lstm":
-        return js.LSTMParams(
+        return js.recurrent.LSTMParams(
             _cat(g, ["ii", "if", "ig", "io"], "kernel"),
             _cat(g, ["hi", "hf", "hg", "ho"], "kernel"),
             _cat(g, ["hi", "hf", "hg", "ho"], "bias"),
         )
     if kind == "gru":
-        return js.GRUParams(
+        return js.recurrent.GRUParams(
             _cat(g, ["ir", "iz", "in"], "kernel"),
             _cat(g, ["hr", "hz", "hn"], "kernel"),
             _cat(g, ["ir", "iz", "in"], "bias"),
             g["hn"]["bias"],
         )
-    return js.RNNParams(g["i"]["kernel"], g["h"]["kernel"], g["i"]["bias"])
+    return js.recurrent.RNNParams(g["i"]["kernel"], g["h"]["kernel"], g["i"]["bias"])
 
 
 def _close(a, b, what):
@@ -276,7 +276,7 @@ def test_linen_model_trains_under_jit():
     inputs, targets = _batch()
     model, tx = _LinenModel(), optax.adam(0.1)
     params = model.init(jax.random.key(9), inputs)["params"]
-    assert isinstance(params["RNN_0"]["cell"], js.LSTMParams)
+    assert isinstance(params["RNN_0"]["cell"], js.recurrent.LSTMParams)
 
     @jax.jit
     def step(params, opt_state):

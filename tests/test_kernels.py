@@ -588,9 +588,9 @@ def test_registering_a_rule_for_a_subclass_gives_it_the_fused_kernel(key):
     sub = _PlainLSTM(H)
     params, xs, carry, _ = ref.to_jax(sub, problem("lstm"), jnp.float32)
     f = lambda p: js.rollout(sub, p, xs, carry, **OPTIONS["masked_reverse"])[1]
-    dispatch.register_fused_rule(_PlainLSTM, js.LSTM_RULE)
+    dispatch.register_fused_rule(_PlainLSTM, js.recurrent.LSTM_RULE)
     try:
-        assert dispatch.fused_rule(sub) is js.LSTM_RULE
+        assert dispatch.fused_rule(sub) is js.recurrent.LSTM_RULE
         assert _has_custom_vjp(f, params)
         got = f(params)
     finally:
@@ -602,14 +602,14 @@ def test_registering_a_rule_for_a_subclass_gives_it_the_fused_kernel(key):
     with pytest.raises(TypeError, match="rule: expected a FusedRule"):
         dispatch.register_fused_rule(_PlainLSTM, "lstm")
     with pytest.raises(TypeError, match="cell_type: expected a class"):
-        dispatch.register_fused_rule(sub, js.LSTM_RULE)
+        dispatch.register_fused_rule(sub, js.recurrent.LSTM_RULE)
 
 
 def test_the_builtin_rules_are_registered_for_exact_types():
-    assert dispatch.fused_rule(js.RNN(2)) is js.TANH_RULE
-    assert dispatch.fused_rule(js.RNN(2, activation="relu")) is js.RELU_RULE
-    assert dispatch.fused_rule(js.LSTM(2)) is js.LSTM_RULE
-    assert dispatch.fused_rule(js.GRU(2)) is js.GRU_RULE
+    assert dispatch.fused_rule(js.RNN(2)) is js.recurrent.TANH_RULE
+    assert dispatch.fused_rule(js.RNN(2, activation="relu")) is js.recurrent.RELU_RULE
+    assert dispatch.fused_rule(js.LSTM(2)) is js.recurrent.LSTM_RULE
+    assert dispatch.fused_rule(js.GRU(2)) is js.recurrent.GRU_RULE
     assert dispatch.fused_rule(_PlainLSTM(2)) is None
     assert dispatch.step_work(js.GRU(3), (2, 5)) == 10 * 3 * 3 * 3
 

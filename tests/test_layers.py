@@ -89,40 +89,40 @@ def test_dropout_between_layers_only_with_key(key):
     assert not np.allclose(y1, y0) and not np.allclose(y1, y2)
     # Dropout is only between layers: the last layer's own output is not dropped.
     _, h1 = js.rollout(stack.layers[0], p[0], xs)
-    dropped = js.dropout(jax.random.split(jax.random.key(1), 1)[0], h1, 0.5)
+    dropped = js.nn.dropout(jax.random.split(jax.random.key(1), 1)[0], h1, 0.5)
     _, want = js.rollout(stack.layers[1], p[1], dropped)
     np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_statistics(key):
     x = jnp.ones((200, 200))
-    y = js.dropout(key, x, 0.25)
+    y = js.nn.dropout(key, x, 0.25)
     kept = np.asarray(y) != 0
     assert abs(kept.mean() - 0.75) < 0.01
     np.testing.assert_allclose(np.asarray(y)[kept], 1 / 0.75, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(js.dropout(key, x, 0.0), x)
+    np.testing.assert_array_equal(js.nn.dropout(key, x, 0.0), x)
     with pytest.raises(ValueError, match=r"rate: expected a value in \[0, 1\), got 1.0"):
-        js.dropout(key, x, 1.0)
+        js.nn.dropout(key, x, 1.0)
 
 
 def test_variational_dropout_shares_the_mask_over_time(key):
     x = jnp.ones((7, 300, 40))
-    y = np.asarray(js.dropout(key, x, 0.25, shared_axes=(0,)))
+    y = np.asarray(js.nn.dropout(key, x, 0.25, shared_axes=(0,)))
     kept = y != 0
     np.testing.assert_array_equal(kept, np.broadcast_to(kept[:1], kept.shape))  # same every step
     assert abs(kept[0].mean() - 0.75) < 0.02
     np.testing.assert_allclose(y[kept], 1 / 0.75, rtol=1e-5)
     # negative axes count from the end; an empty tuple is plain dropout
-    np.testing.assert_array_equal(js.dropout(key, x, 0.25, shared_axes=-3), y)
+    np.testing.assert_array_equal(js.nn.dropout(key, x, 0.25, shared_axes=-3), y)
     np.testing.assert_array_equal(
-        js.dropout(key, x, 0.25, shared_axes=()), js.dropout(key, x, 0.25)
+        js.nn.dropout(key, x, 0.25, shared_axes=()), js.nn.dropout(key, x, 0.25)
     )
     with pytest.raises(
         ValueError, match="shared_axes: axis 3 is out of range for an array of rank 3"
     ):
-        js.dropout(key, x, 0.25, shared_axes=(3,))
+        js.nn.dropout(key, x, 0.25, shared_axes=(3,))
     with pytest.raises(TypeError, match="shared_axes: expected ints, got 0.5"):
-        js.dropout(key, x, 0.25, shared_axes=(0.5,))
+        js.nn.dropout(key, x, 0.25, shared_axes=(0.5,))
     # a stack with variational dropout drops the same units of layer 1's output at every step
     stack = js.Stack([js.RNN(H), js.RNN(H)], dropout_rate=0.5, variational_dropout=True)
     p = stack.init(key, D)
@@ -130,7 +130,7 @@ def test_variational_dropout_shares_the_mask_over_time(key):
     _, y1 = js.stacked_rollout(stack, p, xs, key=jax.random.key(1))
     _, h1 = js.rollout(stack.layers[0], p[0], xs)
     k0 = jax.random.split(jax.random.key(1), 1)[0]
-    _, want = js.rollout(stack.layers[1], p[1], js.dropout(k0, h1, 0.5, shared_axes=(0,)))
+    _, want = js.rollout(stack.layers[1], p[1], js.nn.dropout(k0, h1, 0.5, shared_axes=(0,)))
     np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
 
 
@@ -138,14 +138,14 @@ def test_dense_and_embedding(key):
     p = js.dense_init(key, 4, 3)
     x = jax.random.normal(key, (2, 5, 4))
     want = np.asarray(x) @ np.asarray(p.w) + np.asarray(p.b)
-    np.testing.assert_allclose(js.dense(p, x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(js.nn.dense(p, x), want, rtol=1e-5, atol=1e-6)
     table = js.embedding_init(key, 10, 6)
     ids = jnp.array([[1, 2], [9, 0]])
-    np.testing.assert_array_equal(js.embed(table, ids), table[ids])
+    np.testing.assert_array_equal(js.nn.embed(table, ids), table[ids])
     with pytest.raises(ValueError, match=r"x: expected last dim D=4, got float32\[2, 3\]"):
-        js.dense(p, jnp.zeros((2, 3)))
+        js.nn.dense(p, jnp.zeros((2, 3)))
     with pytest.raises(TypeError, match=r"ids: expected an integer dtype, got float32"):
-        js.embed(table, jnp.zeros((2,)))
+        js.nn.embed(table, jnp.zeros((2,)))
 
 
 def test_layer_bad_input(key):
@@ -216,7 +216,7 @@ def _np(tree):
 
 def _carry_leaves(c):
     """A jaxseq carry as a tuple like the reference's: (h,) or (h, c)."""
-    return (c.h, c.c) if isinstance(c, js.LSTMCarry) else (c.h,)
+    return (c.h, c.c) if isinstance(c, js.recurrent.LSTMCarry) else (c.h,)
 
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -293,11 +293,11 @@ def test_stack_matches_numpy_layer_after_layer(key, layers, residual):
 
 
 def _stack_masks(stack, key, ys_shapes):
-    """The dropout masks stacked_rollout draws (js.dropout of ones with its per-layer keys)."""
+    """The dropout masks stacked_rollout draws (js.nn.dropout of ones with its per-layer keys)."""
     keys = jax.random.split(key, max(len(stack.layers) - 1, 1))
     shared = (0,) if stack.variational_dropout else ()
     return [
-        js.dropout(keys[i], jnp.ones(s), stack.dropout_rate, shared_axes=shared)
+        js.nn.dropout(keys[i], jnp.ones(s), stack.dropout_rate, shared_axes=shared)
         for i, s in enumerate(ys_shapes)
     ]
 
@@ -372,18 +372,18 @@ def test_dense_and_embed_match_numpy_with_gradients(key):
     x = jax.random.normal(k2, (2, 5, 4))
     x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, p.w, p.b))
     want = np.einsum("tbd,do->tbo", x64, w64) + b64
-    np.testing.assert_allclose(jax.jit(js.dense)(p, x), want, **TOL)
+    np.testing.assert_allclose(jax.jit(js.nn.dense)(p, x), want, **TOL)
     g = np.asarray(jax.random.normal(k3, (2, 5, 3)), np.float64)
-    gp, gx = jax.grad(lambda p, x: jnp.sum(js.dense(p, x) * g), argnums=(0, 1))(p, x)
+    gp, gx = jax.grad(lambda p, x: jnp.sum(js.nn.dense(p, x) * g), argnums=(0, 1))(p, x)
     np.testing.assert_allclose(gp.w, np.einsum("tbd,tbo->do", x64, g), **TOL)
     np.testing.assert_allclose(gp.b, g.sum((0, 1)), **TOL)
     np.testing.assert_allclose(gx, np.einsum("tbo,do->tbd", g, w64), **TOL)
     # embedding: rows of the table; its gradient adds up the rows' cotangents
     table = js.embedding_init(k1, 6, 3)
     ids = np.array([[1, 5, 1], [0, 1, 3]])
-    np.testing.assert_array_equal(js.embed(table, ids), np.asarray(table)[ids])
+    np.testing.assert_array_equal(js.nn.embed(table, ids), np.asarray(table)[ids])
     gy = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
-    gt = jax.grad(lambda t: jnp.sum(js.embed(t, ids) * gy))(table)
+    gt = jax.grad(lambda t: jnp.sum(js.nn.embed(t, ids) * gy))(table)
     want_gt = np.zeros((6, 3), np.float32)
     np.add.at(want_gt, ids, gy)
     np.testing.assert_array_equal(gt, want_gt)
@@ -396,27 +396,29 @@ def test_dense_and_embed_match_numpy_with_gradients(key):
 def test_dropout_is_a_fixed_mask_under_jit_and_grad(key):
     rate = 0.4
     x = jax.random.normal(key, (50, 40))
-    y = jax.jit(lambda k, x: js.dropout(k, x, rate))(key, x)
+    y = jax.jit(lambda k, x: js.nn.dropout(k, x, rate))(key, x)
     keep = np.asarray(y) != 0
     np.testing.assert_allclose(np.asarray(y)[keep], np.asarray(x)[keep] / (1 - rate), rtol=1e-6)
     assert abs(keep.mean() - (1 - rate)) < 0.03
     # d sum(dropout(x) * g) / dx = keep * g / (1 - rate): the same mask as the forward
     g = jax.random.normal(jax.random.fold_in(key, 1), x.shape)
-    gx = jax.grad(lambda x: jnp.sum(js.dropout(key, x, rate) * g))(x)
+    gx = jax.grad(lambda x: jnp.sum(js.nn.dropout(key, x, rate) * g))(x)
     np.testing.assert_allclose(gx, np.where(keep, np.asarray(g) / (1 - rate), 0.0), rtol=1e-6)
     # the expectation is kept: mean of many draws over ones is ~1
     ones = jnp.ones((400, 250))
-    np.testing.assert_allclose(float(jnp.mean(js.dropout(key, ones, rate))), 1.0, atol=0.02)
+    np.testing.assert_allclose(float(jnp.mean(js.nn.dropout(key, ones, rate))), 1.0, atol=0.02)
     xb = x.astype(jnp.bfloat16)
-    assert js.dropout(key, xb, rate).dtype == jnp.bfloat16
+    assert js.nn.dropout(key, xb, rate).dtype == jnp.bfloat16
 
 
 def test_bidirectional_initial_carry():
     """Zeros for both directions, each in its own cell's carry type, shape and dtype."""
     layer = js.Bidirectional(js.LSTM(H), js.GRU(3))
     carry = layer.initial_carry((B,), jnp.bfloat16)
-    assert isinstance(carry, js.BidirectionalCarry)
-    assert isinstance(carry.forward, js.LSTMCarry) and isinstance(carry.backward, js.RNNCarry)
+    assert isinstance(carry, js.recurrent.BidirectionalCarry)
+    assert isinstance(carry.forward, js.recurrent.LSTMCarry) and isinstance(
+        carry.backward, js.recurrent.RNNCarry
+    )
     leaves = [carry.forward.h, carry.forward.c, carry.backward.h]
     for leaf, size in zip(leaves, (H, H, 3)):
         assert leaf.shape == (B, size) and leaf.dtype == jnp.bfloat16
@@ -428,12 +430,12 @@ def test_layer_argument_errors_name_the_argument(key):
     """Each bad argument is named in the error, with the layout expected."""
     p = js.dense_init(key, 4, 3)
     with pytest.raises(ValueError, match=r"x: expected rank >= 1 \[\.\.\., D\], got rank 0"):
-        js.dense(p, jnp.float32(1.0))
+        js.nn.dense(p, jnp.float32(1.0))
     table = js.embedding_init(key, 10, 6)
     with pytest.raises(ValueError, match=r"table: expected rank 2 \[V, E\], got rank 1"):
-        js.embed(table[0], jnp.array([1]))
+        js.nn.embed(table[0], jnp.array([1]))
     with pytest.raises(TypeError, match="ids: expected an array"):
-        js.embed(table, object())
+        js.nn.embed(table, object())
     with pytest.raises(ValueError, match="embedding_size: expected a positive int"):
         js.embedding_init(key, 10, 0)
 
@@ -454,8 +456,8 @@ def test_three_layer_dropout_uses_one_key_per_gap(key):
     _, ys = js.stacked_rollout(stack, p, xs, key=drop_key)
     k = jax.random.split(drop_key, 2)
     _, h = js.rollout(stack.layers[0], p[0], xs)
-    _, h = js.rollout(stack.layers[1], p[1], js.dropout(k[0], h, 0.5))
-    _, want = js.rollout(stack.layers[2], p[2], js.dropout(k[1], h, 0.5))
+    _, h = js.rollout(stack.layers[1], p[1], js.nn.dropout(k[0], h, 0.5))
+    _, want = js.rollout(stack.layers[2], p[2], js.nn.dropout(k[1], h, 0.5))
     np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
 
 
@@ -465,8 +467,9 @@ def test_bidirectional_rollout_starts_from_the_given_carry(key):
     p = layer.init(key, 2)
     xs = jax.random.normal(key, (4, B, 2))
     k1, k2 = jax.random.split(jax.random.fold_in(key, 1))
-    carry = js.BidirectionalCarry(
-        js.RNNCarry(jax.random.normal(k1, (B, 3))), js.RNNCarry(jax.random.normal(k2, (B, 3)))
+    carry = js.recurrent.BidirectionalCarry(
+        js.recurrent.RNNCarry(jax.random.normal(k1, (B, 3))),
+        js.recurrent.RNNCarry(jax.random.normal(k2, (B, 3))),
     )
     got_carry, ys = js.bidirectional_rollout(layer, p, xs, carry)
     fwd_carry, fwd = js.rollout(layer.forward, p.forward, xs, carry.forward)

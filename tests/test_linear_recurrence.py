@@ -12,8 +12,9 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxseq as js
-from jaxseq import data, losses
+from jaxseq import data
 from jaxseq import training as train
+from jaxseq.training import losses
 
 MODES = ("sequential", "associative", "chunked")
 
@@ -224,14 +225,18 @@ def test_cell_step_matches_the_paper_equations(key):
         np.asarray(x, np.float64) @ np.asarray(p.w_ih, np.float64) + np.asarray(p.b), 2, -1
     )
     want = (1 - sig(zk)) * np.asarray(h) + sig(zk) * g(hk)
-    np.testing.assert_allclose(gru.step(p, js.RNNCarry(h), x)[1], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        gru.step(p, js.recurrent.RNNCarry(h), x)[1], want, rtol=1e-5, atol=1e-6
+    )
     lstm = js.MinLSTM(4, candidate="identity")
     p = lstm.init(key, 3)
     f, i, hk = np.split(
         np.asarray(x, np.float64) @ np.asarray(p.w_ih, np.float64) + np.asarray(p.b), 3, -1
     )
     want = sig(f) / (sig(f) + sig(i)) * np.asarray(h) + sig(i) / (sig(f) + sig(i)) * hk
-    np.testing.assert_allclose(lstm.step(p, js.RNNCarry(h), x)[1], want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        lstm.step(p, js.recurrent.RNNCarry(h), x)[1], want, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_cell_errors_name_the_argument(key):
@@ -243,13 +248,13 @@ def test_cell_errors_name_the_argument(key):
     with pytest.raises(
         ValueError, match=r"params.w_ih: expected shape \[D, 8\].*got float32\[3, 12\]"
     ):
-        js.rollout(cell, js.MinGRUParams(jnp.ones((3, 12)), jnp.ones(12)), xs)
+        js.rollout(cell, js.recurrent.MinGRUParams(jnp.ones((3, 12)), jnp.ones(12)), xs)
     with pytest.raises(
         TypeError, match=r"params: expected MinGRUParams for MinGRU, got MinLSTMParams"
     ):
         js.rollout(cell, js.MinLSTM(4).init(key, 3), xs)
     with pytest.raises(ValueError, match=r"carry.h: expected shape \[2, 4\].*got float32\[2, 5\]"):
-        js.rollout(cell, params, xs, js.RNNCarry(jnp.ones((2, 5))))
+        js.rollout(cell, params, xs, js.recurrent.RNNCarry(jnp.ones((2, 5))))
     with pytest.raises(ValueError, match=r"lengths: expected shape \[2\]"):
         js.rollout(cell, params, xs, lengths=jnp.array([1, 2, 3]))
     with pytest.raises(ValueError, match=r"kernel: expected one of"):

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxseq import losses, masks
+from jaxseq import masks
+from jaxseq.training import losses
 
 
 def _np_xent(logits, targets):

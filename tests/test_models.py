@@ -37,7 +37,8 @@ def test_apply_matches_reference(lm, key):
     tokens = jax.random.randint(jax.random.fold_in(key, 2), (6, 2), 0, 6)
     rng = np.random.default_rng(12)
     carry0 = tuple(
-        js.RNNCarry(jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)) for _ in range(2)
+        js.recurrent.RNNCarry(jnp.asarray(rng.standard_normal((2, 5)), jnp.float32))
+        for _ in range(2)
     )
     lengths = np.array([6, 3])
     carry, logits = jax.jit(lambda p, c, x, n: lm.apply(p, c, x, lengths=n))(
@@ -79,9 +80,9 @@ def test_variational_dropout_masks_embeddings_and_head_input_once_per_sequence(k
     tokens = jnp.zeros((9, 4), jnp.int32)
     k = jax.random.key(3)
     k_in, _, k_out = jax.random.split(k, 3)
-    x = js.dropout(k_in, js.embed(params.embedding, tokens), 0.5, shared_axes=(0,))
+    x = js.nn.dropout(k_in, js.nn.embed(params.embedding, tokens), 0.5, shared_axes=(0,))
     _, h = js.rollout(lm.stack.layers[0], params.stack[0], x)
-    want = js.dense(params.head, js.dropout(k_out, h, 0.5, shared_axes=(0,)))
+    want = js.nn.dense(params.head, js.nn.dropout(k_out, h, 0.5, shared_axes=(0,)))
     _, got = lm.apply(params, None, tokens, key=k)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     _, plain = models.char_lm(

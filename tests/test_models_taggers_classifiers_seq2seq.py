@@ -71,7 +71,7 @@ def test_classifier_bidirectional_last_and_mean_pool(key):
     m, ys = jax.jit(
         lambda p, x, n: (
             mean_clf.apply(p, x, lengths=n),
-            js.stacked_rollout(clf.stack, p.stack, js.embed(p.embedding, x), lengths=n)[1],
+            js.stacked_rollout(clf.stack, p.stack, js.nn.embed(p.embedding, x), lengths=n)[1],
         )
     )(params, tokens, lengths)
     feat = jnp.sum(ys[:3, 1], axis=0) / 3.0

@@ -14,11 +14,11 @@ def test_dense_matches_numpy_and_accumulates_bfloat16_in_float32(key):
     p = p._replace(b=jax.random.normal(k2, (3,)))
     x = jax.random.normal(k3, (2, 5, 4))
     want = np.asarray(x, np.float64) @ np.asarray(p.w, np.float64) + np.asarray(p.b, np.float64)
-    np.testing.assert_allclose(js.dense(p, x), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(js.nn.dense(p, x), want, rtol=1e-5, atol=1e-6)
     # bfloat16: the same rounded operands, accumulated in float32, rounded once at the end
     pb = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), p)
     xb = (x * 30.0).astype(jnp.bfloat16)
-    got = js.dense(pb, xb)
+    got = js.nn.dense(pb, xb)
     assert got.dtype == jnp.bfloat16
     ref = np.asarray(xb, np.float64) @ np.asarray(pb.w, np.float64) + np.asarray(pb.b, np.float64)
     np.testing.assert_array_equal(got, jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16))
@@ -29,9 +29,9 @@ def test_dense_init_and_errors(key):
     np.testing.assert_array_equal(p.w, np.full((4, 3), 0.5))
     np.testing.assert_array_equal(p.b, np.zeros(3))
     with pytest.raises(ValueError, match=r"^x: expected last dim D=4, got float32\[2, 3\]"):
-        js.dense(p, jnp.ones((2, 3)))
+        js.nn.dense(p, jnp.ones((2, 3)))
     with pytest.raises(TypeError, match=r"^params: expected DenseParams, got tuple"):
-        js.dense((p.w, p.b), jnp.ones((2, 4)))
+        js.nn.dense((p.w, p.b), jnp.ones((2, 4)))
     with pytest.raises(ValueError, match=r"^output_size: expected a positive int, got 0"):
         js.dense_init(key, 4, 0)
 
@@ -41,34 +41,34 @@ def test_embedding(key):
     assert table.shape == (50, 400) and table.dtype == jnp.float32
     assert abs(float(jnp.std(table)) - 1.0) < 0.02  # N(0, 1)
     ids = jnp.array([[3, 0], [49, 3]])
-    np.testing.assert_array_equal(js.embed(table, ids), np.asarray(table)[np.asarray(ids)])
+    np.testing.assert_array_equal(js.nn.embed(table, ids), np.asarray(table)[np.asarray(ids)])
     assert js.embedding_init(key, 5, 2, jnp.bfloat16).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"^embedding_size: expected a positive int, got 0"):
         js.embedding_init(key, 10, 0)
     with pytest.raises(TypeError, match=r"^ids: expected an integer dtype"):
-        js.embed(table, jnp.ones((2,)))
+        js.nn.embed(table, jnp.ones((2,)))
     with pytest.raises(ValueError, match=r"^table: expected rank 2 \[V, E\]"):
-        js.embed(jnp.ones((3,)), ids)
+        js.nn.embed(jnp.ones((3,)), ids)
 
 
 def test_dropout_is_inverted_and_shares_masks(key):
     x = jnp.ones((64, 8, 16))
-    assert js.dropout(key, x, 0.0) is x
-    y = js.dropout(key, x, 0.25)
+    assert js.nn.dropout(key, x, 0.0) is x
+    y = js.nn.dropout(key, x, 0.25)
     assert set(np.unique(np.asarray(y)).tolist()) == {0.0, float(np.float32(1.0 / 0.75))}
     assert abs(float(jnp.mean(y == 0)) - 0.25) < 0.02
-    shared = js.dropout(key, x, 0.5, shared_axes=(0,))  # one mask for every step
+    shared = js.nn.dropout(key, x, 0.5, shared_axes=(0,))  # one mask for every step
     np.testing.assert_array_equal(shared, jnp.broadcast_to(shared[:1], x.shape))
     assert 0 < float(jnp.mean(shared[0] == 0)) < 1
     # NaN in a dropped unit stays out of the output (selected, not multiplied)
     nan_x = jnp.full((1000,), jnp.nan)
-    assert bool(jnp.any(js.dropout(key, nan_x, 0.5) == 0))
+    assert bool(jnp.any(js.nn.dropout(key, nan_x, 0.5) == 0))
     with pytest.raises(ValueError, match=r"^rate: expected a value in \[0, 1\), got 1.0"):
-        js.dropout(key, x, 1.0)
+        js.nn.dropout(key, x, 1.0)
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
-        js.dropout(None, x, 0.5)
+        js.nn.dropout(None, x, 0.5)
     with pytest.raises(ValueError, match=r"^shared_axes: axis 3 is out of range"):
-        js.dropout(key, x, 0.5, shared_axes=(3,))
+        js.nn.dropout(key, x, 0.5, shared_axes=(3,))
 
 
 @pytest.mark.parametrize("shape", [(200, 64), (199, 7), (5,), (1, 1)])
@@ -78,7 +78,7 @@ def test_dropout_masks_are_unbiased_and_independent(shape, rate):
     # row; odd: of the flat array): the drop rate is the requested one, and
     # the two units sharing a word are independent.
     keys = jax.random.split(jax.random.key(7), 64)
-    ys = jax.vmap(lambda k: js.dropout(k, jnp.ones(shape), rate))(keys)
+    ys = jax.vmap(lambda k: js.nn.dropout(k, jnp.ones(shape), rate))(keys)
     dropped = np.asarray(ys == 0).reshape(64, -1)
     n = dropped.size
     assert abs(dropped.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n) + 2.0**-16
@@ -92,15 +92,15 @@ def test_dropout_masks_are_unbiased_and_independent(shape, rate):
 
 def test_layer_norm_matches_numpy(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    p = js.LayerNormParams(jax.random.normal(k1, (6,)), jax.random.normal(k2, (6,)))
+    p = js.nn.LayerNormParams(jax.random.normal(k1, (6,)), jax.random.normal(k2, (6,)))
     x = 3.0 + 2.0 * jax.random.normal(k3, (4, 6))
     xn = np.asarray(x, np.float64)
     norm = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
     want = norm * np.asarray(p.scale, np.float64) + np.asarray(p.bias, np.float64)
-    np.testing.assert_allclose(js.layer_norm(p, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(js.nn.layer_norm(p, x), want, rtol=1e-5, atol=1e-5)
     init = js.layer_norm_init(6, jnp.bfloat16)
     assert init.scale.dtype == jnp.bfloat16 and init.scale.tolist() == [1.0] * 6
     with pytest.raises(ValueError, match=r"^input_size: expected a positive int, got 0"):
         js.layer_norm_init(0)
     with pytest.raises(ValueError, match=r"^x: expected last dim D=6, got float32\[4, 5\]"):
-        js.layer_norm(p, jnp.ones((4, 5)))
+        js.nn.layer_norm(p, jnp.ones((4, 5)))

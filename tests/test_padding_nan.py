@@ -271,7 +271,7 @@ def test_stack_given_one_cells_carry_says_it_wants_one_per_layer():
         js.rollout(stack3, js.LSTM(5).init(jax.random.key(0), 4), xs)
     # A correct carry still runs (a list is accepted too).
     carries, ys = js.rollout(stack, sp, xs, carry=[one, one])
-    assert ys.shape == (6, 3, 5) and isinstance(carries[1], js.LSTMCarry)
+    assert ys.shape == (6, 3, 5) and isinstance(carries[1], js.recurrent.LSTMCarry)
 
 
 def test_bidirectional_given_one_cells_carry_says_it_wants_one_per_direction():

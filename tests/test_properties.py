@@ -327,7 +327,9 @@ def _central_difference(pb, which, direction, eps=1e-5):
 
 def _plain_tree(tree):
     """Params as a dict, a carry as a plain tuple (the reference's layouts)."""
-    if hasattr(tree, "_asdict") and not isinstance(tree, js.LSTMCarry | js.RNNCarry):
+    if hasattr(tree, "_asdict") and not isinstance(
+        tree, js.recurrent.LSTMCarry | js.recurrent.RNNCarry
+    ):
         return dict(tree._asdict())
     return tuple(tree) if isinstance(tree, tuple) else tree
 

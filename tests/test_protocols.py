@@ -291,7 +291,7 @@ def _scan_unrolls(fn, *args):
 def test_default_unroll_is_auto_for_stacks_and_bidirectional_layers(key):
     """Small steps: ``unroll="auto"`` picks 4 on CPU (1 before for the two aliases)."""
     xs = jnp.ones((8, 2, D))
-    want = js.auto_unroll(8, js.step_work(js.GRU(3), (2,)))
+    want = js.recurrent.auto_unroll(8, js.recurrent.step_work(js.GRU(3), (2,)))
     assert want > 1
     for layer in (js.Stack([js.GRU(3)]), js.Bidirectional(js.GRU(3))):
         p = layer.init(key, D)

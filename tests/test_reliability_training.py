@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxseq as js
-from jaxseq import losses
+from jaxseq.training import losses
 
 NAN, INF = float("nan"), float("inf")
 
@@ -189,7 +189,7 @@ def test_lm_loss_and_eval_ignore_sentinels_at_masked_steps():
     logp = _np_log_softmax(np.asarray(logits))
     nll = -np.take_along_axis(logp, np.where(mask, targets, 0)[..., None], -1)[..., 0]
     want_sum = nll[mask].sum()
-    _, nats, count = js.make_eval_step(model)(params, carry0, chunk)
+    _, nats, count = js.training.make_eval_step(model)(params, carry0, chunk)
     np.testing.assert_allclose(nats, want_sum, rtol=1e-5)
     assert float(count) == 4.0
     loss_fn = js.lm_loss_fn(model)
@@ -299,7 +299,7 @@ def test_fit_interrupted_by_on_step_reports_the_step_it_saved(tmp_path, n, stop_
         if s == stop_at:  # with n=2 steps 21 and 22 ran in one call: the state is at 22
             raise KeyboardInterrupt
 
-    ckpt = js.checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+    ckpt = js.Checkpointer(str(tmp_path / "ckpt"))
     state, info = js.fit(
         step, state, lambda s: {"x": x, "y": 3 * x}, num_steps=50, progress=False,
         checkpointer=ckpt, on_step=on_step, out_dir=tmp_path / "out", plot=False,

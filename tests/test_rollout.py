@@ -136,7 +136,7 @@ def test_length_zero_returns_initial_carry_and_zero_outputs(key):
     cell = make_cell("lstm")
     p = cell.init(key, D)
     xs = jax.random.normal(key, (T, 2, D))
-    c0 = js.LSTMCarry(jnp.ones((2, H)), 2 * jnp.ones((2, H)))
+    c0 = js.recurrent.LSTMCarry(jnp.ones((2, H)), 2 * jnp.ones((2, H)))
     runs = [(k, r) for k in KERNELS for r in (False, True)]
 
     @jax.jit
@@ -161,7 +161,7 @@ def test_reset_equals_fresh_start(kernel):
     """A reset at step s gives the rollout of xs[s:] from zeros, forward and reverse."""
     cell = make_cell("gru")
     p, xs, _, _ = to_jax(cell, problem("gru", batch=(1,)), jnp.float32)
-    c0 = js.RNNCarry(jnp.ones((1, H)))
+    c0 = js.recurrent.RNNCarry(jnp.ones((1, H)))
     s = 3
     reset = jnp.zeros((T, 1), bool).at[s, 0].set(True)
 
@@ -193,7 +193,7 @@ def test_reset_flags_on_padding_are_ignored(kernel, key):
     p = cell.init(key, D)
     xs = jax.random.normal(key, (T, 2, D))
     lengths = jnp.array([3, 3])
-    c0 = js.LSTMCarry(jnp.ones((2, H)), jnp.ones((2, H)))
+    c0 = js.recurrent.LSTMCarry(jnp.ones((2, H)), jnp.ones((2, H)))
     flags = jnp.zeros((T, 2), bool).at[3:].set(True)
 
     @jax.jit
@@ -395,7 +395,7 @@ def test_bad_inputs(key):
     with pytest.raises(TypeError, match=r"reset: expected dtype bool, got int32\[7, 3\]"):
         js.rollout(cell, p, xs, reset=jnp.zeros((t, b), jnp.int32))
     with pytest.raises(ValueError, match=r"carry.c: expected shape \[3, 5\].*got float32\[3, 4\]"):
-        js.rollout(cell, p, xs, js.LSTMCarry(jnp.zeros((b, 5)), jnp.zeros((b, 4))))
+        js.rollout(cell, p, xs, js.recurrent.LSTMCarry(jnp.zeros((b, 5)), jnp.zeros((b, 4))))
     with pytest.raises(TypeError, match=r"carry: expected LSTMCarry"):
         js.rollout(cell, p, xs, (jnp.zeros((b, 5)), jnp.zeros((b, 5))))
     with pytest.raises(ValueError, match="unroll: expected a positive int, True or 'auto', got 0"):

@@ -13,8 +13,9 @@ import optax
 import pytest
 
 import jaxseq as js
-from jaxseq import data, losses
+from jaxseq import data
 from jaxseq import training as train
+from jaxseq.training import losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +192,7 @@ def _regression():
 
     def loss_fn(params, carry, chunk, key):
         carry, ys = js.rollout(cell, params["cell"], chunk.inputs[..., None], carry)
-        pred = js.dense(params["head"], ys)[..., 0]
+        pred = js.nn.dense(params["head"], ys)[..., 0]
         return losses.mse(pred[..., None], chunk.targets[..., None], chunk.mask), (carry, {})
 
     def init(key):
@@ -249,7 +250,7 @@ def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_p
     with pytest.raises(ValueError, match="multiples of chunks_per_call=2"):
         train.fit(step, state, bt, num_steps=5)
     assert step.traces == 0  # every error came before any trace
-    ckpt = js.checkpoint.Checkpointer(tmp_path / "ckpt", keep=2)
+    ckpt = js.Checkpointer(tmp_path / "ckpt", keep=2)
     seen = []
     state, info = train.fit(
         step, state, bt, num_steps=12, out_dir=str(tmp_path), checkpointer=ckpt,
@@ -280,7 +281,7 @@ _DRIVER = textwrap.dedent(
     opt = js.make_optimizer("adam", 1e-2, warmup_steps=2, total_steps=16)
     init = jax.jit(lambda k: js.training.init_state(model.init(k), opt, k, model.initial_carry((4,))))
     state = init(jax.random.key(3))
-    ckpt = js.checkpoint.Checkpointer(os.path.join(out, "ckpt"), keep=2,
+    ckpt = js.Checkpointer(os.path.join(out, "ckpt"), keep=2,
                                       model_config=model.config(), hparams={"lr": 1e-2})
     if ckpt.latest_step() is not None:
         state, _ = ckpt.restore(state)
@@ -592,4 +593,4 @@ def test_reuse_host_memory_serves_large_blocks_from_the_heap():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "True", "True", str(1 << 30)]
     with pytest.raises(ValueError, match=r"^threshold: expected a positive int \(bytes\), got 0"):
-        js.reuse_host_memory(0)
+        js.training.reuse_host_memory(0)

@@ -12,8 +12,9 @@ import optax
 import pytest
 
 import jaxseq as js
-from jaxseq import data, losses
+from jaxseq import data
 from jaxseq import training as train
+from jaxseq.training import losses
 
 # -- a GRU regressor over a real-valued series, its state carried from chunk to chunk ------
 
@@ -27,7 +28,7 @@ def _regressor(hidden_size=16):
 
     def loss_fn(params, carry, chunk, key):
         carry, ys = js.rollout(cell, params["cell"], chunk.inputs, carry, reset=chunk.reset)
-        pred = js.dense(params["head"], ys)
+        pred = js.nn.dense(params["head"], ys)
         return losses.mse(pred, chunk.targets, chunk.mask), (carry, {})
 
     return cell, init, loss_fn
@@ -81,9 +82,9 @@ def _classifier(vocab_size=6, embedding_size=4, hidden_size=12):
         }
 
     def loss_fn(params, carry, batch, key):
-        xs = js.embed(params["embed"], batch["tokens"])
+        xs = js.nn.embed(params["embed"], batch["tokens"])
         final, _ = js.rollout(cell, params["cell"], xs, lengths=batch["tokens_lengths"])
-        logits = js.dense(params["head"], final.h)
+        logits = js.nn.dense(params["head"], final.h)
         loss = losses.cross_entropy(logits, batch["label"])
         return loss, (carry, {"accuracy": losses.accuracy(logits, batch["label"])})
 
@@ -158,11 +159,11 @@ def _seq2seq(vocab_size=7, hidden_size=8):
         }
 
     def loss_fn(params, carry, batch, key):
-        src = js.embed(params["embed"], batch["src"])
+        src = js.nn.embed(params["embed"], batch["src"])
         h, _ = js.rollout(enc, params["enc"], src, lengths=batch["src_lengths"])
-        tgt = js.embed(params["embed"], batch["tgt_in"])
+        tgt = js.nn.embed(params["embed"], batch["tgt_in"])
         _, ys = js.rollout(dec, params["dec"], tgt, h, lengths=batch["tgt_lengths"])
-        logits = js.dense(params["head"], ys)
+        logits = js.nn.dense(params["head"], ys)
         loss = losses.cross_entropy(logits, batch["tgt_out"], lengths=batch["tgt_lengths"])
         acc = losses.accuracy(logits, batch["tgt_out"], lengths=batch["tgt_lengths"])
         return loss, (carry, {"accuracy": acc})
@@ -310,9 +311,9 @@ class _TinyLM:
         return self.cell.initial_carry(batch_shape)
 
     def apply(self, params, carry, tokens, *, reset=None, lengths=None, key=None):
-        xs = js.embed(params["embed"], tokens)
+        xs = js.nn.embed(params["embed"], tokens)
         carry, ys = js.rollout(self.cell, params["cell"], xs, carry, reset=reset, lengths=lengths)
-        return carry, js.dense(params["head"], ys)
+        return carry, js.nn.dense(params["head"], ys)
 
 
 def test_params_restored_alone_serve_another_batch_size(key, tmp_path):
@@ -329,7 +330,7 @@ def test_params_restored_alone_serve_another_batch_size(key, tmp_path):
     template = model.init(other)
     eval_bt = data.StreamBatcher(ids[:300], 2, 8)
     small = train.init_state(template, optax.sgd(0.1), other, model.initial_carry((2,)))
-    with pytest.raises(js.IncompatibleCheckpointError):
+    with pytest.raises(js.training.IncompatibleCheckpointError):
         ckpt.restore(small)
     params = train.restore_params(tmp_path / "ckpt", template, model_config={"vocab_size": 7})
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(template)
@@ -341,11 +342,13 @@ def test_params_restored_alone_serve_another_batch_size(key, tmp_path):
     assert train.evaluate_lm(model, params, eval_bt) == train.evaluate_lm(
         model, state.params, eval_bt
     )
-    with pytest.raises(js.IncompatibleCheckpointError, match="incompatible model"):
+    with pytest.raises(js.training.IncompatibleCheckpointError, match="incompatible model"):
         train.restore_params(tmp_path / "ckpt", template, model_config={"vocab_size": 8})
-    with pytest.raises(js.IncompatibleCheckpointError, match=r"params/head/w: saved shape"):
+    with pytest.raises(
+        js.training.IncompatibleCheckpointError, match=r"params/head/w: saved shape"
+    ):
         ckpt.restore_params(_TinyLM(hidden_size=6).init(key) | {"cell": template["cell"]})
-    with pytest.raises(js.IncompatibleCheckpointError, match="missing"):
+    with pytest.raises(js.training.IncompatibleCheckpointError, match="missing"):
         ckpt.restore_params({"embed": template["embed"]})
     with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
         train.restore_params(tmp_path / "nowhere", template)

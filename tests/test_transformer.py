@@ -10,20 +10,22 @@ import jaxseq as js
 def test_layer_norm_known_values():
     p = js.layer_norm_init(4)
     x = jnp.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
-    y = js.layer_norm(p, x)
+    y = js.nn.layer_norm(p, x)
     ref = (x[0] - 2.5) / np.sqrt(1.25 + 1e-5)
     np.testing.assert_allclose(y[0], ref, rtol=1e-5)
     np.testing.assert_allclose(y[1], 0.0, atol=1e-6)  # constant row: no NaN
-    p2 = js.LayerNormParams(jnp.full((4,), 2.0), jnp.full((4,), 0.5))
-    np.testing.assert_allclose(js.layer_norm(p2, x)[0], 2 * ref + 0.5, rtol=1e-5)
+    p2 = js.nn.LayerNormParams(jnp.full((4,), 2.0), jnp.full((4,), 0.5))
+    np.testing.assert_allclose(js.nn.layer_norm(p2, x)[0], 2 * ref + 0.5, rtol=1e-5)
     # random scale and offset, against the reference, over a batch of rows
     p3 = npm.perturb(js.layer_norm_init(16), seed=3)
     x3 = jax.random.normal(jax.random.key(4), (3, 5, 16)) * 3.0 + 1.0
-    np.testing.assert_allclose(js.layer_norm(p3, x3), npm.layer_norm(p3, x3), rtol=1e-5, atol=1e-5)
-    yb = js.layer_norm(p, x.astype(jnp.bfloat16))
+    np.testing.assert_allclose(
+        js.nn.layer_norm(p3, x3), npm.layer_norm(p3, x3), rtol=1e-5, atol=1e-5
+    )
+    yb = js.nn.layer_norm(p, x.astype(jnp.bfloat16))
     assert yb.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"x: expected last dim D=4, got float32\[2, 3\]"):
-        js.layer_norm(p, x[:, :3])
+        js.nn.layer_norm(p, x[:, :3])
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def block(key):
 
 def test_block_shapes_and_pre_ln_residual(block):
     x = jax.random.normal(jax.random.key(1), (9, 16))
-    y, w = jax.jit(lambda x: js.transformer_block(block, x, return_weights=True))(x)
+    y, w = jax.jit(lambda x: js.attention.transformer_block(block, x, return_weights=True))(x)
     assert y.shape == (9, 16) and w.shape == (4, 9, 9)
     np.testing.assert_array_equal(np.triu(np.asarray(w[0]), 1), 0.0)  # causal by default
     # with the residual branches' output weights zeroed the block is the identity
@@ -41,7 +43,7 @@ def test_block_shapes_and_pre_ln_residual(block):
         attn=block.attn._replace(w_o=jnp.zeros_like(block.attn.w_o)),
         mlp_out=block.mlp_out._replace(w=jnp.zeros_like(block.mlp_out.w)),
     )
-    np.testing.assert_allclose(js.transformer_block(z, x), x, atol=1e-6)
+    np.testing.assert_allclose(js.attention.transformer_block(z, x), x, atol=1e-6)
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def test_block_matches_reference(random_block, case):
         mask[:, 0] = True
         mask[3] = False  # a query row with every key masked: its attention is just b_o
         kw, rkw = dict(mask=jnp.asarray(mask), causal=False), dict(mask=mask, causal=False)
-    y, w = js.transformer_block(p, x, return_weights=True, **kw)
+    y, w = js.attention.transformer_block(p, x, return_weights=True, **kw)
     want, want_w = npm.transformer_block(p, x, **rkw)
     if case == "length":  # padded positions (>= 6) are zeros, with zero attention rows
         np.testing.assert_array_equal(y[6:], 0.0)
@@ -74,14 +76,14 @@ def test_block_matches_reference(random_block, case):
     np.testing.assert_allclose(w, want_w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
     if case == "causal":  # the blockwise attention path too
-        y_b = js.transformer_block(p, x, blockwise=True)
+        y_b = js.attention.transformer_block(p, x, blockwise=True)
         np.testing.assert_allclose(y_b, want, rtol=1e-5, atol=1e-5)
 
 
 def test_block_causality_by_gradients(block):
     t = 7
     x = jax.random.normal(jax.random.key(2), (t, 16))
-    jac = jax.jit(jax.jacrev(lambda x: js.transformer_block(block, x)))(x)
+    jac = jax.jit(jax.jacrev(lambda x: js.attention.transformer_block(block, x)))(x)
     infl = np.abs(np.asarray(jac)).sum(axis=(1, 3))  # [T_out, T_in]
     future = np.triu(np.ones((t, t), bool), k=1)
     assert (infl[future] == 0.0).all()
@@ -90,24 +92,28 @@ def test_block_causality_by_gradients(block):
 
 def test_block_vmap_time_major_length_dropout_blockwise(block):
     xs = jax.random.normal(jax.random.key(3), (8, 2, 16))  # [T, B, D]
-    f = jax.jit(jax.vmap(lambda x: js.transformer_block(block, x), in_axes=1, out_axes=1))
+    f = jax.jit(jax.vmap(lambda x: js.attention.transformer_block(block, x), in_axes=1, out_axes=1))
     ys = f(xs)
     for b in range(2):
-        np.testing.assert_allclose(ys[:, b], js.transformer_block(block, xs[:, b]), atol=1e-5)
+        np.testing.assert_allclose(
+            ys[:, b], js.attention.transformer_block(block, xs[:, b]), atol=1e-5
+        )
     # length: keys past the length do not matter (causal: earlier outputs unchanged anyway;
     # non-causal: every valid output ignores the padding)
     x = xs[:, 0]
     x_pad = x.at[5:].set(50.0)
-    a = js.transformer_block(block, x, lengths=jnp.array(5), causal=False)
-    b_ = js.transformer_block(block, x_pad, lengths=jnp.array(5), causal=False)
+    a = js.attention.transformer_block(block, x, lengths=jnp.array(5), causal=False)
+    b_ = js.attention.transformer_block(block, x_pad, lengths=jnp.array(5), causal=False)
     np.testing.assert_allclose(a[:5], b_[:5], atol=1e-5)
     # blockwise attention path equals the dense one
-    np.testing.assert_allclose(js.transformer_block(block, x, blockwise=True), ys[:, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        js.attention.transformer_block(block, x, blockwise=True), ys[:, 0], atol=1e-5
+    )
     # dropout only with a key
-    d1 = js.transformer_block(block, x, key=jax.random.key(0), dropout_rate=0.3)
+    d1 = js.attention.transformer_block(block, x, key=jax.random.key(0), dropout_rate=0.3)
     assert not np.allclose(d1, ys[:, 0])
     np.testing.assert_allclose(
-        js.transformer_block(block, x, dropout_rate=0.3), ys[:, 0], atol=1e-5
+        js.attention.transformer_block(block, x, dropout_rate=0.3), ys[:, 0], atol=1e-5
     )
 
 
@@ -115,9 +121,9 @@ def test_block_errors(key):
     p = js.transformer_block_init(key, 8, num_heads=2)
     assert p.mlp_in.w.shape == (8, 32)
     with pytest.raises(ValueError, match=r"x: expected shape \[T, D=8\], got float32\[3, 6\]"):
-        js.transformer_block(p, jnp.zeros((3, 6)))
+        js.attention.transformer_block(p, jnp.zeros((3, 6)))
     with pytest.raises(ValueError, match=r"x: expected rank 2"):
-        js.transformer_block(p, jnp.zeros((2, 3, 8)))
+        js.attention.transformer_block(p, jnp.zeros((2, 3, 8)))
     with pytest.raises(ValueError, match=r"num_heads: expected a divisor of input_size=8, got 3"):
         js.transformer_block_init(key, 8, num_heads=3)
 
@@ -126,9 +132,9 @@ def test_layer_norm_one_vector_and_dtype():
     """``x: [..., D]`` includes a single vector ``[D]``; ``dtype`` is honoured by the init."""
     p = npm.perturb(js.layer_norm_init(4), seed=8)
     x = jnp.array([1.0, -2.0, 0.5, 3.0])
-    np.testing.assert_allclose(js.layer_norm(p, x), npm.layer_norm(p, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(js.nn.layer_norm(p, x), npm.layer_norm(p, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"^x: expected rank >= 1"):
-        js.layer_norm(p, jnp.float32(1.0))
+        js.nn.layer_norm(p, jnp.float32(1.0))
     pb = js.layer_norm_init(4, dtype=jnp.bfloat16)
     assert pb.scale.dtype == jnp.bfloat16 and pb.bias.dtype == jnp.bfloat16
 

@@ -195,7 +195,7 @@ class SequenceTagger(_SequenceModel):
 
         ``lengths: int[*B]`` right padding: the backward direction starts at each
         sequence's last valid step, and padded steps get the head's bias only
-        (mask them in the loss, e.g. ``js.losses.cross_entropy(..., lengths=lengths)``);
+        (mask them in the loss, e.g. ``js.cross_entropy(..., lengths=lengths)``);
         padded steps of ``xs`` may hold anything (``-100`` ids, NaN features).
         ``key``: dropout key (dropout off when None). ``time_major=False``:
         batch-major ``xs: int[*B, T]`` or ``[*B, T, D]`` and outputs ``[*B, T, C]``.

@@ -185,7 +185,7 @@ def _gru_extra_grads(cfg, dhp):
 
 # -- the rules and their registration ---------------------------------------------------
 # A subclass of a built-in cell that keeps its step (say, one that only adds a method)
-# may register the same rule: ``js.register_fused_rule(MyLSTM, js.LSTM_RULE)``.
+# may register the same rule: ``js.recurrent.register_fused_rule(MyLSTM, js.recurrent.LSTM_RULE)``.
 
 TANH_RULE = FusedRule("tanh", _rnn_forward, _rnn_backward, needs_y=True)
 RELU_RULE = FusedRule("relu", _rnn_forward, _rnn_backward, needs_y=True)

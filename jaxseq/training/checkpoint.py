@@ -50,7 +50,7 @@ class IncompatibleCheckpointError(ValueError):
     """The checkpoint does not fit this run (model, shapes or hyperparameters).
 
     >>> import jaxseq as js
-    >>> issubclass(js.IncompatibleCheckpointError, ValueError)
+    >>> issubclass(js.training.IncompatibleCheckpointError, ValueError)
     True
     """
 

@@ -44,8 +44,8 @@ def grad_norm_per_step(cell, params, xs, loss_fn, carry=None) -> jax.Array:
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> cell = js.RNN(3, activation="relu")
-    >>> params = js.RNNParams(jnp.zeros((2, 3)), jnp.eye(3), jnp.ones(3))  # h_t = h_{t-1} + 1
-    >>> norms = js.grad_norm_per_step(cell, params, jnp.zeros((4, 2)), lambda ys: jnp.sum(ys[-1]))
+    >>> params = js.recurrent.RNNParams(jnp.zeros((2, 3)), jnp.eye(3), jnp.ones(3))  # h_t = h_{t-1} + 1
+    >>> norms = js.training.grad_norm_per_step(cell, params, jnp.zeros((4, 2)), lambda ys: jnp.sum(ys[-1]))
     >>> norms.round(4).tolist()  # the identity passes dL/dh = 1 back unchanged
     [1.7321, 1.7321, 1.7321, 1.7321]
     """
@@ -89,7 +89,7 @@ def plot_grad_norms(norms, path, *, labels=None, title="gradient norm per time s
     """Writes a log-scale PNG of ``||dL/dh_t||`` against t; ``norms`` is ``[T]`` or a list of them.
 
     >>> import os, tempfile, numpy as np, jaxseq as js
-    >>> path = js.plot_grad_norms(np.logspace(-3, 0, 10), os.path.join(tempfile.mkdtemp(), "g.png"))
+    >>> path = js.training.plot_grad_norms(np.logspace(-3, 0, 10), os.path.join(tempfile.mkdtemp(), "g.png"))
     >>> os.path.getsize(path) > 1000
     True
     """
@@ -121,7 +121,7 @@ def read_jsonl(path) -> list[dict]:
     >>> import os, tempfile, jaxseq as js
     >>> path = os.path.join(tempfile.mkdtemp(), "m.jsonl")
     >>> _ = open(path, "w").write('{"step": 1, "loss": 2.0}\\n{"step": 2, "lo')
-    >>> js.read_jsonl(path)
+    >>> js.training.read_jsonl(path)
     [{'step': 1, 'loss': 2.0}]
     """
     out = []
@@ -145,7 +145,7 @@ def plot_training_curves(metrics_path, path, *, eval_path=None, runs=None, title
     >>> import os, tempfile, jaxseq as js
     >>> d = tempfile.mkdtemp()
     >>> _ = open(os.path.join(d, "m.jsonl"), "w").write('{"step": 1, "loss": 2.0}\\n{"step": 2, "loss": 1.5}\\n')
-    >>> path = js.plot_training_curves(os.path.join(d, "m.jsonl"), os.path.join(d, "c.png"))
+    >>> path = js.training.plot_training_curves(os.path.join(d, "m.jsonl"), os.path.join(d, "c.png"))
     >>> os.path.getsize(path) > 1000
     True
     """

@@ -83,7 +83,7 @@ def init_distributed(
     selects the gloo collectives first::
 
         js.training.init_distributed("10.0.0.1:8476", num_processes=4, process_id=rank)
-        mesh = js.make_mesh()  # spans every process's devices
+        mesh = js.training.make_mesh()  # spans every process's devices
 
     >>> import jaxseq as js
     >>> callable(js.training.init_distributed)  # (one process here: not started)

@@ -63,7 +63,7 @@ def make_eval_step(model):
     >>> model = js.models.char_lm(5, num_layers=1, hidden_size=4, embedding_size=3)
     >>> params = model.init(jax.random.key(0))
     >>> chunk = js.data.StreamBatcher(np.arange(30) % 5, 2, 4).chunk(0)
-    >>> _, nats, count = js.make_eval_step(model)(params, model.initial_carry((2,)), chunk)
+    >>> _, nats, count = js.training.make_eval_step(model)(params, model.initial_carry((2,)), chunk)
     >>> float(count)
     8.0
     """

@@ -455,7 +455,7 @@ def fit(
         when the batch has a ``mask``: its entries per step, padding included),
         ``eval.jsonl`` and ``curves.png``. On resume, lines after ``state.step`` are
         dropped, so the log matches an uninterrupted run.
-      checkpointer: a :class:`jaxseq.checkpoint.Checkpointer`; saves every
+      checkpointer: a :class:`jaxseq.Checkpointer`; saves every
         ``checkpoint_every`` steps and at exit (also on Ctrl-C and non-finite stop).
       checkpoint_meta: extra JSON metadata for each checkpoint, from the state.
       eval_fn: ``state -> dict`` of metrics (e.g. ``{"val_loss": ...}``), every

@@ -120,7 +120,7 @@ def token_cross_entropy(logits, targets) -> jax.Array:
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]]))
-    >>> js.token_cross_entropy(logits, jnp.array([0, 2])).round(4).tolist()
+    >>> js.training.token_cross_entropy(logits, jnp.array([0, 2])).round(4).tolist()
     [0.6931, 0.2231]
     """
     logits, targets = _check_logits_targets(logits, targets)
@@ -169,7 +169,7 @@ def accuracy(logits, targets, mask=None, *, lengths=None) -> jax.Array:
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> logits = jnp.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    >>> float(js.accuracy(logits, jnp.array([1, 1, 0]), jnp.array([True, True, False])))
+    >>> float(js.training.accuracy(logits, jnp.array([1, 1, 0]), jnp.array([True, True, False])))
     0.5
     """
     logits, targets = _check_logits_targets(logits, targets)
@@ -184,7 +184,7 @@ def nats_to_bits(nats):
     """Converts a loss in nats to bits (divides by ln 2).
 
     >>> import math, jaxseq as js
-    >>> js.nats_to_bits(math.log(8.0))
+    >>> js.training.nats_to_bits(math.log(8.0))
     3.0
     """
     return nats / LN2
@@ -194,7 +194,7 @@ def bits_per_token(logits, targets, mask=None, *, lengths=None) -> jax.Array:
     """:func:`cross_entropy` in bits per token (bits per character for a char model).
 
     >>> import jax.numpy as jnp, jaxseq as js
-    >>> round(float(js.bits_per_token(jnp.zeros((5, 8)), jnp.zeros(5, jnp.int32))), 4)
+    >>> round(float(js.training.bits_per_token(jnp.zeros((5, 8)), jnp.zeros(5, jnp.int32))), 4)
     3.0
     """
     return nats_to_bits(cross_entropy(logits, targets, mask, lengths=lengths))
@@ -211,7 +211,7 @@ def mse(predictions, targets, mask=None, *, lengths=None) -> jax.Array:
     >>> import jax.numpy as jnp, jaxseq as js
     >>> pred = jnp.zeros((3, 2, 1))                   # [T, B, D]
     >>> targets = jnp.array([[[1.0], [2.0]], [[3.0], [4.0]], [[5.0], [6.0]]])
-    >>> float(js.mse(pred, targets, lengths=jnp.array([1, 2])))  # (1 + 4 + 16) / 3
+    >>> float(js.training.mse(pred, targets, lengths=jnp.array([1, 2])))  # (1 + 4 + 16) / 3
     7.0
     """
     predictions = _checks.as_array("predictions", predictions)

@@ -46,7 +46,7 @@ def make_mesh(devices=None, axis_name: str = "data") -> jax.sharding.Mesh:
     """A 1-D mesh over ``devices`` (default: all devices of all processes).
 
     >>> import jax, jaxseq as js
-    >>> mesh = js.make_mesh(jax.devices()[:1])
+    >>> mesh = js.training.make_mesh(jax.devices()[:1])
     >>> mesh.axis_names, mesh.devices.size
     (('data',), 1)
     """
@@ -95,7 +95,7 @@ def process_slice(mesh, size: int) -> slice:
     examples of a padded batch. On one process it is every row.
 
     >>> import jax, jaxseq as js
-    >>> js.training.process_slice(js.make_mesh(), 8)
+    >>> js.training.process_slice(js.training.make_mesh(), 8)
     slice(0, 8, None)
     """
     name = _axis_name(mesh)
@@ -170,10 +170,10 @@ def shard_state(state: TrainState, mesh) -> TrainState:
     returned as it is (resharded where its placement differs).
 
     >>> import jax, jax.numpy as jnp, optax, jaxseq as js
-    >>> mesh = js.make_mesh(jax.devices()[:1])
+    >>> mesh = js.training.make_mesh(jax.devices()[:1])
     >>> state = js.init_state({"w": jnp.zeros(2)}, optax.sgd(0.1), jax.random.key(0),
     ...                       carry=jnp.zeros((4, 3)))
-    >>> tuple(js.shard_state(state, mesh).carry.sharding.spec)
+    >>> tuple(js.training.shard_state(state, mesh).carry.sharding.spec)
     ('data', None)
     """
     if not isinstance(state, TrainState):
@@ -202,9 +202,9 @@ def shard_batch(batch, mesh, axis=1, *, local: bool = False):
       (which must divide evenly).
 
     >>> import jax, numpy as np, jaxseq as js
-    >>> mesh = js.make_mesh(jax.devices()[:1])
+    >>> mesh = js.training.make_mesh(jax.devices()[:1])
     >>> batch = {"tokens": np.zeros((5, 4), np.int32), "label": np.zeros(4, np.int32)}
-    >>> out = js.shard_batch(batch, mesh, axis={"tokens": 1, "label": 0})
+    >>> out = js.training.shard_batch(batch, mesh, axis={"tokens": 1, "label": 0})
     >>> tuple(out["tokens"].sharding.spec), tuple(out["label"].sharding.spec)
     ((None, 'data'), ('data',))
     """
