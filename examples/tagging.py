@@ -17,7 +17,8 @@ tagger of the same size side by side::
     python examples/tagging.py --out out/tagging
     python examples/tagging.py --alphabet 20 --max-len 30 --steps 2000 --out out/tagging_big
 
-Each model trains with ``js.make_train_step`` and ``js.fit``. Writes into
+Each model trains with ``js.make_train_step`` and ``js.fit`` and is scored on
+the held-out set by ``js.training.evaluate`` (``tag_metrics``). Writes into
 ``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
 evaluation of every model, ``run`` = model), ``summary.json`` (token and
 sequence accuracy on a held-out set per model; the headline token accuracies
@@ -41,7 +42,6 @@ from _common import (  # noqa: E402
     append_evals,
     environment,
     js,
-    jsonable,
     parser,
     prepare_out,
     pyplot,
@@ -52,6 +52,30 @@ from _common import (  # noqa: E402
 
 TAGS = "UFR"  # unique, first of a repeated symbol, repeat
 PAD = 0
+EVAL_BATCH = 256  # held-out sequences per batch
+MAIN_METRICS = ("test_loss", "test_token_acc", "test_seq_acc")  # logged at every evaluation
+
+
+def tag_metrics(logits, batch) -> dict:
+    """Per-sequence metrics for ``js.training.evaluate``: logits ``[T, B, C]``.
+
+    Token-level metrics are ``(total, count)`` pairs per sequence (summed over its
+    valid tags), so their means are over tokens; ``test_seq_acc`` is per sequence.
+    """
+    tags, lengths = batch["tags"], batch["tags_lengths"]
+    mask = js.masks.lengths_to_mask(lengths, tags.shape[0])  # [T, B]
+    pred = jnp.argmax(logits, axis=-1)
+    right = (pred == tags) & mask
+    nll = js.training.token_cross_entropy(logits, tags)  # [T, B], padding selected away below
+    out = {
+        "test_loss": (jnp.sum(jnp.where(mask, nll, 0.0), axis=0), lengths),
+        "test_token_acc": (jnp.sum(right, axis=0), lengths),
+        "test_seq_acc": ~jnp.any(mask & ~right, axis=0),
+    }
+    for k, tag in enumerate(TAGS):  # accuracy on the tokens whose gold tag is k
+        gold = mask & (tags == k)
+        out[f"test_acc_{tag}"] = (jnp.sum(gold & right, axis=0), jnp.sum(gold, axis=0))
+    return out
 
 
 def tag_sequence(symbols) -> np.ndarray:
@@ -75,6 +99,10 @@ def make_batch(rng: np.random.Generator, batch: int, alphabet: int, min_len: int
     tokens, _ = js.data.pad_sequences(seqs, PAD, length=max_len)
     tags, _ = js.data.pad_sequences([tag_sequence(s) for s in seqs], 0, length=max_len)
     return tokens, tags, lengths
+
+
+def _none_if_nan(x: float):
+    return None if np.isnan(x) else x
 
 
 def parse_args(argv=None):
@@ -104,6 +132,13 @@ def main(argv=None) -> dict:
         args.min_len, args.max_len,
     )  # fmt: skip
     t_tokens, t_tags, t_len = test
+    test_batches = js.data.PaddedBatcher(  # in order; duplicates filling the last batch count 0
+        {
+            "tokens": [t_tokens[:n, b] for b, n in enumerate(t_len)],
+            "tags": [t_tags[:n, b] for b, n in enumerate(t_len)],
+        },
+        min(EVAL_BATCH, args.test_size), shuffle=False,
+    )  # fmt: skip
     counts = np.bincount(
         t_tags[np.asarray(js.masks.lengths_to_mask(t_len, args.max_len))], minlength=3
     )
@@ -130,17 +165,11 @@ def main(argv=None) -> dict:
             loss = js.cross_entropy(logits, tags, lengths=lengths)
             return loss, (carry, {"token_acc": js.training.accuracy(logits, tags, lengths=lengths)})
 
-        @jax.jit
-        def evaluate(p, tokens, tags, lengths, model=model):
-            logits = model.apply(p, tokens, lengths=lengths)
-            mask = js.masks.lengths_to_mask(lengths, tokens.shape[0])
-            pred = jnp.argmax(logits, axis=-1)
-            wrong = (pred != tags) & mask
-            return {
-                "test_loss": js.cross_entropy(logits, tags, mask),
-                "test_token_acc": js.training.accuracy(logits, tags, mask),
-                "test_seq_acc": jnp.mean(~jnp.any(wrong, axis=0)),
-            }, pred
+        def apply(p, batch, model=model):  # logits [T, B, C]
+            return model.apply(p, batch["tokens"], lengths=batch["tokens_lengths"])
+
+        def evaluate(p, apply=apply):
+            return js.training.evaluate(apply, p, test_batches, tag_metrics)
 
         rng = np.random.default_rng(args.seed * 7919 + mi)
         batches = (
@@ -151,21 +180,21 @@ def main(argv=None) -> dict:
         state = js.init_state(params, opt, jax.random.key(args.seed + 1))
         state, info = js.fit(
             js.make_train_step(loss_fn, opt, precision=args.precision), state, batches, num_steps=args.steps,
-            eval_fn=lambda st, evaluate=evaluate: jsonable(evaluate(st.params, *test)[0]),
+            eval_fn=lambda st, evaluate=evaluate: {
+                k: v for k, v in evaluate(st.params).items() if k in MAIN_METRICS
+            },
             eval_every=args.eval_every, on_step=run_logger(args.out, name),
             progress=not args.quiet,
         )  # fmt: skip
         append_evals(args.out, name, info["evals"])
         params, hist = state.params, info["evals"]
         curves[name] = hist
-        metrics, pred = evaluate(params, *test)
-        preds[name] = np.asarray(pred)
-        final = {k: float(x) for k, x in metrics.items()}
-        per_tag = {}
-        mask = np.asarray(js.masks.lengths_to_mask(t_len, args.max_len))
-        for k, tag in enumerate(TAGS):
-            sel = mask & (t_tags == k)
-            per_tag[tag] = float((preds[name][sel] == k).mean()) if sel.any() else None
+        metrics = evaluate(params)
+        final = {k: metrics[k] for k in MAIN_METRICS}
+        per_tag = {tag: _none_if_nan(metrics[f"test_acc_{tag}"]) for tag in TAGS}
+        shown = min(8, args.test_size)  # the sequences of predictions.txt
+        logits = model.apply(params, t_tokens[:, :shown], lengths=t_len[:shown])
+        preds[name] = np.asarray(jnp.argmax(logits, axis=-1))
         summary["models"][name] = {
             **final, "per_tag_acc": per_tag, "train_s": round(info["train_s"], 3)
         }  # fmt: skip
