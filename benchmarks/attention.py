@@ -34,7 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxseq as js
-from benchmarks import _harness as H
+from benchmarks._environment import environment
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._processes import peak_memory_subprocess
+from benchmarks._timing import compile_jitted, time_interleaved
 
 
 def _qkvg(b, t, k, d, seed=0):
@@ -115,12 +118,12 @@ def part_target(args, records):
             contenders.append((name, inner, [jnp.asarray(a) for a in native], True))
         else:
             contenders.append((name, attn, (q, kk, v, g), False))
-    for name, attn, inputs, swapped in H.progress(contenders, "compile", quiet=args.quiet):
-        call, info[name] = H.compile_jitted(_fwd_bwd(attn), *inputs)
+    for name, attn, inputs, swapped in progress(contenders, "compile", quiet=args.quiet):
+        call, info[name] = compile_jitted(_fwd_bwd(attn), *inputs)
         calls[name] = call
         out = call()
         outs[name] = tuple(_swap(o) for o in out) if swapped else out
-    timings = H.time_interleaved(calls, repeats=args.repeats, warmup=1, info=info)
+    timings = time_interleaved(calls, repeats=args.repeats, warmup=1, info=info)
     base = timings["xla_jax_nn"]["median_s"]
     for name, rec in timings.items():
         grad_diff = max(
@@ -155,17 +158,17 @@ def part_vs_t(args, records):
         for n, f in _contenders(args.block, args.block).items()
         if n in ("xla_jax_nn", "blockwise_js")
     }
-    for t in H.progress(ts, "T", quiet=args.quiet):
+    for t in progress(ts, "T", quiet=args.quiet):
         q, kk, v, g = _qkvg(b, t, k, d, seed=t)
         calls, info = {}, {}
         for name, attn in impls.items():
             compiled = jax.jit(_fwd_bwd(attn)).lower(q, kk, v, g).compile()
             mem = compiled.memory_analysis()
             temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-            call, info[name] = H.compile_jitted(_fwd_bwd(attn), q, kk, v, g)
+            call, info[name] = compile_jitted(_fwd_bwd(attn), q, kk, v, g)
             info[name]["temp_mb"] = None if temp is None else temp / 2**20
             calls[name] = call
-        timings = H.time_interleaved(calls, repeats=max(2, args.repeats // 2), warmup=1, info=info)
+        timings = time_interleaved(calls, repeats=max(2, args.repeats // 2), warmup=1, info=info)
         for name, rec in timings.items():
             records.append(
                 {
@@ -207,7 +210,7 @@ def long_worker(t, block):
 
 def part_long(args, records):
     t = 4096 if args.quick else args.long_t
-    res = H.peak_memory_subprocess(
+    res = peak_memory_subprocess(
         "benchmarks.attention",
         ["--long-worker", str(t), "--block", str(args.long_block)],
         timeout_s=args.long_timeout,
@@ -295,7 +298,7 @@ def main(argv=None):
         if fn is None:
             p.error(f"--parts: unknown part {part!r} (choose from target, vs_T, long)")
         fn(args, records)
-    env = H.environment()
+    env = environment()
     cols = [
         "part",
         "impl",
@@ -320,12 +323,12 @@ def main(argv=None):
         "dense_scores_gib",
     ]
     cols = [c for c in cols if any(c in r for r in records)]
-    paths = H.write_results(
+    paths = write_results(
         args.out, "attention", records, env, cols, title="Causal self-attention, forward + backward"
     )
     png = plot(records, f"{args.out}/attention_vs_T.png")
     if not args.quiet:
-        print(H.format_table(records, cols))
+        print(format_table(records, cols))
         print(paths, png)
     return 0
 

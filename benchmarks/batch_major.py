@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 import jaxseq as js
-from benchmarks._harness import compile_jitted, environment, time_interleaved
+from benchmarks._environment import environment
+from benchmarks._timing import compile_jitted, time_interleaved
 
 
 def main(argv=None):

@@ -58,7 +58,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import _harness as bh
+from benchmarks._environment import environment, jax_thread_count, package_version
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._timing import skipped
 
 NAME = "char_lm_e2e"
 TORCH_MODULE = "torch"  # tests may point it at a missing name to simulate its absence
@@ -165,7 +167,7 @@ def build_torch(args, vocab_size: int, params):
     import jaxseq as js
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(bh.jax_thread_count())
+    torch.set_num_threads(jax_thread_count())
 
     rnn_type = {"lstm": nn.LSTM, "gru": nn.GRU}[args.cell]
 
@@ -327,7 +329,7 @@ def main(argv=None) -> dict:
     j_losses, t_losses, j_times, t_times = [], [], [], []
     j_first = t_first = None
     carry = None
-    for s in bh.progress(range(total), "train steps", quiet=args.quiet, total=total):
+    for s in progress(range(total), "train steps", quiet=args.quiet, total=total):
         chunk = batcher.at_step(s)
         t0 = time.perf_counter()
         state, metrics = jstep(state, chunk)
@@ -364,14 +366,14 @@ def main(argv=None) -> dict:
             loss_step0_no_dropout_abs_diff=abs(j_eval - t_eval),
         )
     else:
-        records.append({"impl": "torch", **bh.skipped(f"{TORCH_MODULE} not installed")})
-        comparison = {"impl": "jaxseq/torch", **bh.skipped(f"{TORCH_MODULE} not installed")}
+        records.append({"impl": "torch", **skipped(f"{TORCH_MODULE} not installed")})
+        comparison = {"impl": "jaxseq/torch", **skipped(f"{TORCH_MODULE} not installed")}
     comparison["ratio_time_per_1000_steps"] = comparison.get("ratio_time_per_1000_steps")
     records.append(comparison)
 
-    env = bh.environment()
+    env = environment()
     env["host_memory"] = args.host_memory
-    env["torch"] = bh._version("torch")
+    env["torch"] = package_version("torch")
     env["torch_threads"] = torch.get_num_threads() if has_torch else None
     env["data"] = data_name
     env["vocab_size"] = vocab.size
@@ -405,12 +407,12 @@ def main(argv=None) -> dict:
         "loss_first", "loss_last", "ratio_time_per_1000_steps", "ratio_total_time",
         "loss_last_diff", "loss_step0_no_dropout_abs_diff", "reason",
     ]  # fmt: skip
-    paths = bh.write_results(
+    paths = write_results(
         out, NAME, records, env, columns, extra_md=extra,
         title="Character LM end to end: jaxseq vs PyTorch",
     )  # fmt: skip
     if not args.quiet:
-        print(bh.format_table(records, columns))
+        print(format_table(records, columns))
         tl = f"{t_losses[-1]:.4f}" if has_torch else "skipped"
         print(f"last step {total - 1}: jaxseq loss {j_losses[-1]:.4f}, torch loss {tl}")
         r = comparison.get("ratio_time_per_1000_steps")

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxseq as js
-from benchmarks import _harness as H
+from benchmarks._environment import environment
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._timing import time_interleaved
 
 
 def _rollout_grad(b, h, t):
@@ -78,7 +80,7 @@ def _measure(name, fn, args, repeats, warmup):
         jax.block_until_ready(f(*args))
         info[vname] = {"compile_s": time.perf_counter() - t0}
         calls[vname] = lambda f=f: f(*args)
-    times = H.time_interleaved(calls, repeats=repeats, warmup=warmup, info=info)
+    times = time_interleaved(calls, repeats=repeats, warmup=warmup, info=info)
     base = times["jit"]["median_s"]
     records = []
     for vname in variants:
@@ -114,12 +116,10 @@ def main(argv=None) -> int:
             ("char_lm_grad B32 H256 K64", *_lm_grad(32, 256, 64)),
         ]
     records = []
-    for name, fn, fargs in H.progress(workloads, "workloads"):
+    for name, fn, fargs in progress(workloads, "workloads"):
         records += _measure(name, fn, fargs, args.repeats, args.warmup)
-    print(H.format_table(records))
-    paths = H.write_results(
-        args.out, "checks", records, H.environment(), title="Cost of js.checked"
-    )
+    print(format_table(records))
+    paths = write_results(args.out, "checks", records, environment(), title="Cost of js.checked")
     print(f"wrote {paths['json']}, {paths['md']}")
     return 0
 

@@ -43,7 +43,10 @@ import importlib.util
 import sys
 import time
 
-from benchmarks import _harness as bh
+from benchmarks._environment import environment, jax_thread_count
+from benchmarks._flops import GATES, gflops, rnn_flops
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._timing import compile_jitted, skipped, time_interleaved
 
 CELLS = ("lstm", "gru", "rnn")
 MODES = ("forward", "train")
@@ -166,7 +169,7 @@ def build_gemm(cell: str, B: int, D: int, H: int, T: int, key):
     import jax
     import jax.numpy as jnp
 
-    gh = bh.GATES[cell] * H
+    gh = GATES[cell] * H
     ks = jax.random.split(key, 5)
     n = T * B
     args = (
@@ -203,7 +206,7 @@ def torch_threads() -> int:
     """Pins torch's intra-op threads to JAX's thread count; returns it."""
     import torch
 
-    n = bh.jax_thread_count()
+    n = jax_thread_count()
     torch.set_num_threads(n)
     try:
         torch.set_num_interop_threads(1)
@@ -248,7 +251,7 @@ def prepare(impl: str, cell: str, B: int, D: int, H: int, T: int, mode: str, see
     import jax
 
     (fwd, train), args = JAX_BUILDERS[impl](cell, B, D, H, T, jax.random.key(seed))
-    return bh.compile_jitted(fwd if mode == "forward" else train, *args)
+    return compile_jitted(fwd if mode == "forward" else train, *args)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -260,13 +263,13 @@ def measure_config(cell, B, D, H, T, mode, impls=IMPLS, *, repeats=10, warmup=2,
     for impl in impls:
         if not available(impl):
             hint = INSTALL_HINT.get(impl, "")
-            results[impl] = bh.skipped(f"{PEER_MODULES[impl]} not installed ({hint})")
+            results[impl] = skipped(f"{PEER_MODULES[impl]} not installed ({hint})")
             continue
         try:
             calls[impl], info[impl] = prepare(impl, cell, B, D, H, T, mode, seed)
         except Exception as e:  # a peer's API changed: report it, keep the others
             results[impl] = {"status": "error", "reason": f"{type(e).__name__}: {e}"}
-    results.update(bh.time_interleaved(calls, repeats=repeats, warmup=warmup, info=info))
+    results.update(time_interleaved(calls, repeats=repeats, warmup=warmup, info=info))
     return {impl: results[impl] for impl in impls}
 
 
@@ -283,16 +286,16 @@ def run(
     """One record per (cell, config, mode) holding every implementation's timing and the ratios."""
     jobs = [(c, cfg, m) for c in cells for cfg in configs for m in modes]
     records = []
-    for cell, (b, h, t), mode in bh.progress(jobs, "frameworks", quiet=quiet):
+    for cell, (b, h, t), mode in progress(jobs, "frameworks", quiet=quiet):
         d = h
-        flops = bh.rnn_flops(cell, b, d, h, t, training=(mode == "train"))
+        flops = rnn_flops(cell, b, d, h, t, training=(mode == "train"))
         rec = {"cell": cell, "B": b, "D": d, "H": h, "T": t, "mode": mode, "flops": flops}
         timings = measure_config(cell, b, d, h, t, mode, impls, repeats=repeats, warmup=warmup)
         for impl, res in timings.items():
             rec[impl] = res
             if res["status"] == "ok":
                 rec[f"{impl}_ms"] = 1e3 * res["median_s"]
-                rec[f"{impl}_gflops"] = bh.gflops(flops, res["median_s"])
+                rec[f"{impl}_gflops"] = gflops(flops, res["median_s"])
                 if res.get("compile_s") is not None:
                     rec[f"{impl}_compile_s"] = res["compile_s"]
             else:
@@ -395,7 +398,7 @@ def main(argv=None) -> int:
         import jaxseq as js
 
         js.training.reuse_host_memory()
-    env = bh.environment()
+    env = environment()
     env["host_memory"] = args.host_memory
     t0 = time.perf_counter()
     records = run(
@@ -411,10 +414,10 @@ def main(argv=None) -> int:
     env["repeats"] = args.repeats
     cols = columns(args.impls)
     extra = skipped_md(records, args.impls)
-    paths = bh.write_results(
+    paths = write_results(
         args.out, "frameworks", records, env, cols, extra_md=extra, title="jaxseq vs peers"
     )
-    print(bh.format_table(records, cols))
+    print(format_table(records, cols))
     if extra:
         print("\n" + extra)
     print(f"\nwrote {', '.join(paths.values())} in {env['wall_s']} s")

@@ -43,7 +43,11 @@ import time
 
 import numpy as np
 
-from benchmarks import _harness as bh
+from benchmarks._environment import environment
+from benchmarks._flops import gflops, rnn_flops
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._processes import peak_memory_subprocess
+from benchmarks._timing import compile_jitted, time_interleaved, time_jitted
 
 CONFIGS = ((32, 256, 100), (64, 512, 100), (1, 128, 1000))
 
@@ -86,9 +90,9 @@ def train_step(cell, wrt_inputs=False, **rollout_kw):
 def bench_compile(steps_list=(10, 100, 1000), quiet=False):
     records = []
     for kernel in ("auto", "scan"):
-        for steps in bh.progress(steps_list, f"compile ({kernel})", quiet=quiet):
+        for steps in progress(steps_list, f"compile ({kernel})", quiet=quiet):
             cell, params, xs = _setup("lstm", 32, 256, steps)
-            _, info = bh.compile_jitted(train_step(cell, kernel=kernel), params, xs)
+            _, info = compile_jitted(train_step(cell, kernel=kernel), params, xs)
             records.append(
                 {
                     "question": "compile",
@@ -144,7 +148,7 @@ def _child(args) -> None:
         print(json.dumps({"median_s": None}))
         return
     kw = {} if args.every == 0 else {"checkpoint_every": args.every}
-    rec = bh.time_jitted(train_step(cell, **kw), params, xs, repeats=args.repeats, warmup=1)
+    rec = time_jitted(train_step(cell, **kw), params, xs, repeats=args.repeats, warmup=1)
     print(json.dumps(rec))
 
 
@@ -156,8 +160,8 @@ def bench_memory(steps=10000, every=32, batch=32, repeats=3, quiet=False):
         rec.update(_xla_bytes(train_step(cell, **kw), params, xs))
         records.append(rec)
     del params, xs
-    for rec, ev in bh.progress(list(zip(records, (0, every))), "memory (children)", quiet=quiet):
-        child = bh.peak_memory_subprocess(
+    for rec, ev in progress(list(zip(records, (0, every))), "memory (children)", quiet=quiet):
+        child = peak_memory_subprocess(
             "benchmarks.kernels",
             ["--child", "--steps", steps, "--every", ev, "--batch", batch, "--repeats", repeats],
         )
@@ -170,7 +174,7 @@ def bench_memory(steps=10000, every=32, batch=32, repeats=3, quiet=False):
         else:
             rec["status"] = child.get("status")
             rec["reason"] = child.get("reason")
-    base = bh.peak_memory_subprocess(
+    base = peak_memory_subprocess(
         "benchmarks.kernels", ["--child", "--steps", steps, "--every", -1, "--batch", batch]
     )
     base_mb = base.get("peak_rss_mb")
@@ -203,7 +207,7 @@ def _profile_calls(batch, hidden, steps):
     calls, info = {}, {}
 
     def add(name, fn, *args):
-        calls[name], info[name] = bh.compile_jitted(fn, *args)
+        calls[name], info[name] = compile_jitted(fn, *args)
 
     add("train_step", train_step(cell, wrt_inputs=True), params, xs)
 
@@ -238,21 +242,21 @@ def _profile_calls(batch, hidden, steps):
         return h
 
     add("empty_scans", empty_loops, jnp.ones((batch, hidden)))
-    flops = bh.rnn_flops("lstm", batch, hidden, hidden, steps, training=True)
+    flops = rnn_flops("lstm", batch, hidden, hidden, steps, training=True)
     del g
     return calls, info, flops
 
 
 def bench_profile(repeats=10, quiet=False):
     records = []
-    for batch, hidden, steps in bh.progress(CONFIGS, "profile", quiet=quiet):
+    for batch, hidden, steps in progress(CONFIGS, "profile", quiet=quiet):
         calls, info, flops = _profile_calls(batch, hidden, steps)
-        res = bh.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
+        res = time_interleaved(calls, repeats=repeats, warmup=2, info=info)
         total = res["train_step"]["median_s"]
         rec = {"question": "profile", "B": batch, "H": hidden, "T": steps}
         for name, r in res.items():
             rec[f"{name}_ms"] = r["median_s"] * 1e3
-        rec["train_gflops"] = bh.gflops(flops, total)
+        rec["train_gflops"] = gflops(flops, total)
         rec["gemm_bound_fraction"] = res["gemm_bound"]["median_s"] / total
         rec["recurrent_matmul_loop_fraction"] = res["recurrent_matmuls_in_scan"]["median_s"] / total
         rec["empty_loop_fraction"] = res["empty_scans"]["median_s"] / total
@@ -270,12 +274,12 @@ def bench_unroll(unrolls=(1, 2, 4, 8), repeats=10, quiet=False):
 
     records = []
     for cell_name in ("lstm",):
-        for batch, hidden, steps in bh.progress(CONFIGS, "unroll", quiet=quiet):
+        for batch, hidden, steps in progress(CONFIGS, "unroll", quiet=quiet):
             cell, params, xs = _setup(cell_name, batch, hidden, steps)
             calls, info = {}, {}
             for u in unrolls:
-                calls[u], info[u] = bh.compile_jitted(train_step(cell, unroll=u), params, xs)
-            res = bh.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
+                calls[u], info[u] = compile_jitted(train_step(cell, unroll=u), params, xs)
+            res = time_interleaved(calls, repeats=repeats, warmup=2, info=info)
             best = min(res, key=lambda u: res[u]["median_s"])
             auto = dispatch.auto_unroll(steps, dispatch.step_work(cell, (batch,)))
             for u, r in res.items():
@@ -367,7 +371,7 @@ def bench_gates(configs=((32, 256, 100), (64, 512, 100)), repeats=10, quiet=Fals
     import jax
 
     records = []
-    for cell_name in bh.progress(("lstm", "gru"), "gates", quiet=quiet):
+    for cell_name in progress(("lstm", "gru"), "gates", quiet=quiet):
         for batch, hidden, steps in configs:
             width = (4 if cell_name == "lstm" else 3) * hidden
             keys = jax.random.split(jax.random.key(0), 2 if cell_name == "gru" else 1)
@@ -376,9 +380,9 @@ def bench_gates(configs=((32, 256, 100), (64, 512, 100)), repeats=10, quiet=Fals
             for name, form in zip(("slices", "whole_row"), _gate_forms(cell_name, hidden)):
                 in_scan = functools.partial(_gates_in_scan, form, hidden)
                 no_loop = functools.partial(_gates_no_loop, form, hidden)
-                calls[f"{name}_in_scan"], info[f"{name}_in_scan"] = bh.compile_jitted(in_scan, zs)
-                calls[f"{name}_no_loop"], info[f"{name}_no_loop"] = bh.compile_jitted(no_loop, zs)
-            res = bh.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
+                calls[f"{name}_in_scan"], info[f"{name}_in_scan"] = compile_jitted(in_scan, zs)
+                calls[f"{name}_no_loop"], info[f"{name}_no_loop"] = compile_jitted(no_loop, zs)
+            res = time_interleaved(calls, repeats=repeats, warmup=2, info=info)
             rec = {"question": "gates", "cell": cell_name, "B": batch, "H": hidden, "T": steps}
             for name, r in res.items():
                 rec[f"{name}_ms"] = r["median_s"] * 1e3
@@ -420,10 +424,10 @@ def main(argv=None) -> int:
     if "memory" in only:
         steps = 2000 if args.quick else 10000
         records += bench_memory(steps=steps, repeats=3, quiet=args.quiet)
-    env = bh.environment()
+    env = environment()
     env["wall_s"] = round(time.perf_counter() - t0, 1)
-    paths = bh.write_results(args.out, "kernels", records, env, title="Fused recurrent kernels")
-    print(bh.format_table(records))
+    paths = write_results(args.out, "kernels", records, env, title="Fused recurrent kernels")
+    print(format_table(records))
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 

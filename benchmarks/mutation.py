@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import _harness
+from benchmarks._environment import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -483,7 +483,7 @@ def main(argv=None) -> int:
     meta = {
         "mutmut": getattr(mutmut, "__version__", "3"),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": _harness._cpu_model(),
+        "cpu": cpu_model(),
         "seconds": seconds,
         "run": len(names),
         "generated": len(codes),

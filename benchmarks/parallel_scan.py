@@ -35,7 +35,9 @@ import jax
 import jax.numpy as jnp
 
 import jaxseq as js
-from benchmarks import _harness as H
+from benchmarks._environment import environment
+from benchmarks._output import format_table, progress, write_results
+from benchmarks._timing import compile_jitted, time_interleaved
 
 MODES = ("scan_autodiff", "sequential", "associative", "chunked", "auto", "elementwise")
 T_FULL = (256, 1024, 4096, 16384)
@@ -77,14 +79,14 @@ def measure_t(t: int, batch: int, hidden: int, modes, repeats: int, warmup: int)
     calls, info, temp = {}, {}, {}
     for mode in modes:
         fn = make_step(mode)
-        call, info[mode] = H.compile_jitted(fn, a, b, h0, w)
+        call, info[mode] = compile_jitted(fn, a, b, h0, w)
         calls[mode] = call
         try:
             mem = jax.jit(fn).lower(a, b, h0, w).compile().memory_analysis()
             temp[mode] = mem.temp_size_in_bytes / 2**20
         except Exception:  # noqa: BLE001 - memory analysis is optional per backend
             temp[mode] = None
-    times = H.time_interleaved(calls, repeats=repeats, warmup=warmup, info=info)
+    times = time_interleaved(calls, repeats=repeats, warmup=warmup, info=info)
     base = times["scan_autodiff"]["median_s"] if "scan_autodiff" in times else None
     records = []
     for mode in modes:
@@ -164,18 +166,18 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--modes: unknown {bad}; choose from {MODES}")
     records = []
-    for t in H.progress(ts, "T", quiet=args.quiet):
+    for t in progress(ts, "T", quiet=args.quiet):
         records += measure_t(t, args.batch, args.hidden, modes, args.repeats, args.warmup)
     cols = [
         "T", "mode", "resolved", "chunk", "median_ms", "p10_ms", "p90_ms", "speedup_vs_scan",
         "auto_over_best", "best_mode", "compile_s", "temp_mb",
     ]  # fmt: skip
-    print(H.format_table(records, cols))
-    paths = H.write_results(
+    print(format_table(records, cols))
+    paths = write_results(
         args.out,
         "parallel_scan",
         records,
-        H.environment(),
+        environment(),
         cols,
         title="Parallel linear recurrences: training step per mode",
     )

@@ -19,7 +19,9 @@ import jax
 import numpy as np
 
 import jaxseq as js
-from benchmarks import _harness as h
+from benchmarks._environment import environment
+from benchmarks._output import format_table, write_results
+from benchmarks._timing import compile_jitted, time_interleaved
 
 
 def toy_ids(n_repeats=2000, seed=0):
@@ -54,8 +56,8 @@ def step_time(hidden, batch, seq, repeats):
     calls, info = {}, {}
     for p in ("fp32", "bf16"):
         step = js.make_train_step(js.training.lm_loss_fn(lm), opt, precision=p, donate=False)
-        calls[p], info[p] = h.compile_jitted(lambda s, c, f=step: f(s, c), state, chunk)
-    return h.time_interleaved(calls, repeats=repeats, warmup=2, info=info)
+        calls[p], info[p] = compile_jitted(lambda s, c, f=step: f(s, c), state, chunk)
+    return time_interleaved(calls, repeats=repeats, warmup=2, info=info)
 
 
 def main(argv=None):
@@ -92,9 +94,9 @@ def main(argv=None):
     fig.tight_layout()
     os.makedirs(a.out, exist_ok=True)
     fig.savefig(f"{a.out}/precision_curve.png", dpi=120)
-    env = h.environment()
-    print(h.format_table(records))
-    h.write_results(a.out, "precision", records, env, title="bf16 mixed precision vs fp32")
+    env = environment()
+    print(format_table(records))
+    write_results(a.out, "precision", records, env, title="bf16 mixed precision vs fp32")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import _harness as bh
+from benchmarks._environment import environment
+from benchmarks._flops import gflops, rnn_flops
+from benchmarks._output import progress, write_results
+from benchmarks._processes import CompileBudgetRunner
+from benchmarks._timing import skipped, time_jitted
 
 CELLS = ("rnn", "lstm", "gru")
 MODES = ("forward", "train")
@@ -146,9 +150,7 @@ def measure(
     kp, kx = jax.random.split(jax.random.key(seed))
     params = c.init(kp, D)
     xs = jax.random.normal(kx, (T, B, D), jax.numpy.float32)
-    return bh.time_jitted(
-        make_program(c, variant, mode), params, xs, repeats=repeats, warmup=warmup
-    )
+    return time_jitted(make_program(c, variant, mode), params, xs, repeats=repeats, warmup=warmup)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -201,24 +203,24 @@ def run_sweep(
     records = []
     history: dict = {}  # (cell, mode) -> [(T, compile_s)] of the unrolled variant
     over_budget: dict = {}  # (cell, mode) -> smallest T that exceeded the budget
-    with bh.CompileBudgetRunner(budget_s=compile_budget_s) as runner:
-        for cell, mode, t, variant in bh.progress(configs, "scan_vs_unrolled", quiet=quiet):
+    with CompileBudgetRunner(budget_s=compile_budget_s) as runner:
+        for cell, mode, t, variant in progress(configs, "scan_vs_unrolled", quiet=quiet):
             base = {"cell": cell, "mode": mode, "variant": variant, "T": t, "B": B, "D": D}
             base["H"] = Hd
-            flops = bh.rnn_flops(cell, B, D, Hd, t, training=(mode == "train"))
+            flops = rnn_flops(cell, B, D, Hd, t, training=(mode == "train"))
             kwargs = dict(cell=cell, variant=variant, mode=mode, T=t, B=B, D=D, H=Hd)
             kwargs.update(repeats=repeats, warmup=warmup, kernel=kernel)
             key = (cell, mode)
             if variant != "unrolled":
                 res = measure(**kwargs)
             elif key in over_budget:
-                res = bh.skipped(
+                res = skipped(
                     f"compile exceeded the {compile_budget_s:g} s budget at T={over_budget[key]}"
                 )
             else:
                 pred = predicted_compile_s(history, key, t)
                 if pred is not None and pred > compile_budget_s:
-                    res = bh.skipped(
+                    res = skipped(
                         f"predicted compile {pred:.0f} s > {compile_budget_s:g} s budget "
                         f"(extrapolated from smaller T)"
                     )
@@ -231,7 +233,7 @@ def run_sweep(
             rec = {**base, "flops": flops, **res}
             if res.get("status") == "ok":
                 rec["median_ms"] = 1e3 * res["median_s"]
-                rec["gflops"] = bh.gflops(flops, res["median_s"])
+                rec["gflops"] = gflops(flops, res["median_s"])
             records.append(rec)
             if res.get("status") != "ok":
                 log(f"  {cell} {mode} T={t} {variant}: {res.get('status')} ({res.get('reason')})")
@@ -356,7 +358,7 @@ def report(records: list[dict], env: dict, out_dir, settings: dict) -> dict:
             *[f"- {k}: `{v}`" for k, v in settings.items()],
         ]
     )
-    paths = bh.write_results(
+    paths = write_results(
         out_dir,
         "results",
         records,
@@ -439,7 +441,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env = bh.environment()
+    env = environment()
     settings = {
         "cells": args.cells,
         "modes": args.modes,

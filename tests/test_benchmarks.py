@@ -6,8 +6,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import _harness as bh
 from benchmarks import frameworks, scan_vs_unrolled
+from benchmarks._environment import environment
+from benchmarks._flops import gflops, rnn_flops
+from benchmarks._output import write_results
+from benchmarks._processes import CompileBudgetRunner, peak_memory_subprocess
+from benchmarks._timing import skipped, time_callable, time_interleaved, time_jitted
 
 TIMING_KEYS = {"status", "compile_s", "first_call_s", "median_s", "min_s", "p10_s", "p90_s"}
 TINY = dict(B=2, D=3, H=4, T=3, repeats=2, warmup=1)
@@ -29,15 +33,15 @@ def _check_timing(rec, jitted=True):
 
 def test_time_jitted_and_callable(key):
     x = jax.random.normal(key, (4, 4))
-    rec = bh.time_jitted(lambda a: a @ a, x, repeats=3, warmup=1)
+    rec = time_jitted(lambda a: a @ a, x, repeats=3, warmup=1)
     _check_timing(rec)
     assert rec["repeats"] == 3
     calls = []
-    rec = bh.time_callable(lambda: calls.append(1) or len(calls), repeats=4, warmup=2)
+    rec = time_callable(lambda: calls.append(1) or len(calls), repeats=4, warmup=2)
     _check_timing(rec, jitted=False)
     assert len(calls) == 1 + 2 + 4  # first call, warm-up, timed
     order = []
-    recs = bh.time_interleaved(
+    recs = time_interleaved(
         {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
         repeats=3, warmup=1, info={"a": {"compile_s": 1.5, "first_call_s": 0.1}},
     )  # fmt: skip
@@ -48,9 +52,9 @@ def test_time_jitted_and_callable(key):
 
 def test_time_jitted_rejects_bad_counts():
     with pytest.raises(ValueError, match="repeats"):
-        bh.time_jitted(lambda a: a, jnp.ones(2), repeats=0)
+        time_jitted(lambda a: a, jnp.ones(2), repeats=0)
     with pytest.raises(ValueError, match="warmup"):
-        bh.time_callable(lambda: 1, warmup=-1)
+        time_callable(lambda: 1, warmup=-1)
 
 
 def test_flop_formulas():
@@ -59,14 +63,14 @@ def test_flop_formulas():
     #   LSTM (G=4): 2*2*3*16 = 192 + 2*2*4*16 = 256 -> 448 per step, 2240 for 5 steps
     #   GRU  (G=3): 144 + 192 = 336 per step, 1680 for 5 steps
     #   RNN  (G=1): 48 + 64 = 112 per step, 560 for 5 steps; training 3x = 1680
-    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=False) == 2240
-    assert bh.rnn_flops("lstm", 2, 3, 4, 5, training=True) == 6720
-    assert bh.rnn_flops("gru", 2, 3, 4, 5, training=False) == 1680
-    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=False) == 560
-    assert bh.rnn_flops("rnn", 2, 3, 4, 5, training=True) == 1680
-    assert bh.rnn_flops("gru", 1, 1, 1, 1, training=False) == 12  # 2*1*1*3 twice
-    assert bh.gflops(2e9, 0.5) == pytest.approx(4.0)
-    assert bh.gflops(None, 1.0) is None
+    assert rnn_flops("lstm", 2, 3, 4, 5, training=False) == 2240
+    assert rnn_flops("lstm", 2, 3, 4, 5, training=True) == 6720
+    assert rnn_flops("gru", 2, 3, 4, 5, training=False) == 1680
+    assert rnn_flops("rnn", 2, 3, 4, 5, training=False) == 560
+    assert rnn_flops("rnn", 2, 3, 4, 5, training=True) == 1680
+    assert rnn_flops("gru", 1, 1, 1, 1, training=False) == 12  # 2*1*1*3 twice
+    assert gflops(2e9, 0.5) == pytest.approx(4.0)
+    assert gflops(None, 1.0) is None
 
 
 def _dot_flops(fn, *args):
@@ -101,20 +105,20 @@ def test_flop_formula_counts_the_matmuls_a_rollout_runs(cell, flops, key):
     xs = jnp.ones((5, 2, 3))
     assert _dot_flops(lambda p, x: js.rollout_unrolled(c, p, x)[1], params, xs) == flops
     assert _dot_flops(lambda p, x: js.rollout(c, p, x)[1], params, xs) == flops  # in a scan
-    assert bh.rnn_flops(cell, 2, 3, 4, 5, training=False) == flops
+    assert rnn_flops(cell, 2, 3, 4, 5, training=False) == flops
 
 
 def test_environment_and_write_results(tmp_path):
-    env = bh.environment()
+    env = environment()
     for k in ("jax", "jaxlib", "backend", "device_kind", "cpu_model", "cpu_count", "XLA_FLAGS"):
         assert k in env
     for peer in ("flax", "haiku", "torch"):
         assert isinstance(env[peer], str) and env[peer]  # a version or "not installed"
     records = [
         {"name": "a", "median_s": 0.5, "nested": {"x": 1}},
-        {"name": "b|c", **bh.skipped("why not")},
+        {"name": "b|c", **skipped("why not")},
     ]
-    paths = bh.write_results(tmp_path / "out", "demo", records, env, extra_md="## More")
+    paths = write_results(tmp_path / "out", "demo", records, env, extra_md="## More")
     data = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert set(data) == {"environment", "records"}
     assert data["records"][1] == {"name": "b|c", "status": "skipped", "reason": "why not"}
@@ -126,11 +130,11 @@ def test_environment_and_write_results(tmp_path):
 
 
 def test_peak_memory_subprocess():
-    rec = bh.peak_memory_subprocess("import sys; print(sys.argv[1])", ["hello"])
+    rec = peak_memory_subprocess("import sys; print(sys.argv[1])", ["hello"])
     assert rec["status"] == "ok" and rec["returncode"] == 0
     assert rec["stdout"].strip() == "hello"
     assert rec["peak_rss_mb"] > 1
-    bad = bh.peak_memory_subprocess("raise SystemExit(3)")
+    bad = peak_memory_subprocess("raise SystemExit(3)")
     assert bad["status"] == "error" and bad["returncode"] == 3
 
 
@@ -172,7 +176,7 @@ def test_compile_budget_stops_a_slow_configuration():
 
 def test_budget_runner_restarts_after_stopping():
     kwargs = dict(cell="rnn", variant="unrolled", mode="forward", **TINY)
-    with bh.CompileBudgetRunner(budget_s=0.001) as runner:
+    with CompileBudgetRunner(budget_s=0.001) as runner:
         first = runner.run("benchmarks.scan_vs_unrolled:measure", kwargs)
         assert first["status"] == "skipped" and "compile exceeded" in first["reason"]
         runner.budget_s = 300.0
@@ -226,7 +230,7 @@ def test_frameworks_reports_missing_peers_as_skipped(tmp_path, monkeypatch):
     assert [r["mode"] for r in records] == ["forward", "train"]
     for r in records:
         assert (r["cell"], r["B"], r["D"], r["H"], r["T"]) == ("rnn", 2, 4, 4, 3)
-        assert r["flops"] == bh.rnn_flops("rnn", 2, 4, 4, 3, r["mode"] == "train")
+        assert r["flops"] == rnn_flops("rnn", 2, 4, 4, 3, r["mode"] == "train")
         _check_timing(r["jaxseq"])
         _check_timing(r["gemm"])
         assert r["jaxseq/gemm"] == pytest.approx(r["jaxseq_ms"] / r["gemm_ms"])
@@ -250,8 +254,8 @@ def test_gemm_bound_matches_formula_shapes(key):
                                        (h, 4 * h)]  # fmt: skip
     # FLOPs of these GEMMs, counted from their traced matmuls: [10, 3] @ [3, 16] is
     # 2*10*3*16 = 960 and [10, 4] @ [4, 16] is 1280, so 2240 forward and 6720 training.
-    assert _dot_flops(fwd, *args) == 2240 == bh.rnn_flops("lstm", 2, d, h, 5, training=False)
-    assert _dot_flops(train, *args) == 6720 == bh.rnn_flops("lstm", 2, d, h, 5, training=True)
+    assert _dot_flops(fwd, *args) == 2240 == rnn_flops("lstm", 2, d, h, 5, training=False)
+    assert _dot_flops(train, *args) == 6720 == rnn_flops("lstm", 2, d, h, 5, training=True)
     assert len(jax.eval_shape(fwd, *args)) == 2
 
 

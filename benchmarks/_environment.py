@@ -1,0 +1,89 @@
+"""Where a result came from: versions, backend, device, CPU model, threads, flags."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import sys
+
+import numpy as np
+
+__all__ = ["cpu_model", "environment", "jax_thread_count", "package_version"]
+
+
+def jax_thread_count() -> int:
+    """Threads XLA's CPU backend uses for one computation: the cores this process may use.
+
+    (``--xla_cpu_multi_thread_eigen=false`` does not limit it: XLA's CPU matmuls run
+    through its own thread pool. Restrict the process instead, e.g. ``taskset -c 0``.)
+    """
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` reports)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def package_version(dist: str) -> str:
+    """The installed version of distribution ``dist``, or ``"not installed"``."""
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _jaxseq_version() -> str:
+    try:
+        import jaxseq
+
+        return jaxseq.__version__
+    except ImportError:
+        return package_version("jaxseq")
+
+
+def environment() -> dict:
+    """Where a result came from: versions, backend, device, CPU, threads, flags, date (UTC)."""
+    import jax
+
+    devices = jax.devices()
+    env = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "jaxlib": package_version("jaxlib"),
+        "jaxseq": _jaxseq_version(),
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind if devices else "none",
+        "device_count": len(devices),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "jax_cpu_threads": jax_thread_count(),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = os.environ.get(var, "")
+    try:  # other work on the machine inflates times; say how busy it was
+        env["load_avg_1_5_15m"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        pass
+    env["numpy"] = np.__version__
+    env["flax"] = package_version("flax")
+    env["haiku"] = package_version("dm-haiku")
+    env["torch"] = package_version("torch")
+    if "torch" in sys.modules:  # only report torch threads when a script imported it
+        env["torch_threads"] = sys.modules["torch"].get_num_threads()
+    return env
