@@ -8,7 +8,14 @@ given length. :func:`sample` runs it for a language model (after one rollout ove
 the priming tokens), :func:`greedy_decode` for an encoder-decoder::
 
     ids = js.decoding.sample(key, model, params, prime, 200, temperature=0.8, top_k=10)
-    toks, weights = js.decoding.greedy_decode(s2s, params, src, 20, bos_id=1)
+    toks, weights = js.decoding.greedy_decode(s2s, params, src, 20, bos_id=1, end_id=2)
+
+Settings (``temperature``, ``top_k``, ``top_p``, ``greedy``) are scalars: Python, NumPy
+or JAX, concrete or traced. Concrete ones are checked (``temperature >= 0``, 0 meaning
+greedy; ``1 <= top_k <= V``; ``0 < top_p <= 1``); traced ones are the arguments of one
+compiled program, so a sampler jitted over them traces once for every setting
+(:func:`sample_logits` says how a traced value outside those ranges is read). With
+``greedy=True`` or ``temperature=0`` the key is unused and may be None.
 
 :func:`beam_search` keeps the K most probable prefixes over the same ``step``
 contract, with length normalisation and an end token; :func:`beam_decode` runs it
@@ -47,10 +54,10 @@ __all__ = [
 
 
 def _top_p_keep(scaled, keep, top_p):
-    """Nucleus of ``softmax(where(keep, scaled, -inf))``: the most likely tokens whose
+    """Nucleus of ``softmax(where(keep, scaled, min))``: the most likely tokens whose
     probabilities, taken in decreasing order, first reach ``top_p`` (ties with the last
-    one kept too); everything when ``top_p >= 1``."""
-    masked = jnp.where(keep, scaled, -jnp.inf)
+    one kept too); everything when ``top_p >= 1``, the most likely token when ``top_p <= 0``."""
+    masked = jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
     desc = -jnp.sort(-masked, axis=-1)  # [*B, V], most likely first
     probs = jax.nn.softmax(desc, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
@@ -60,45 +67,120 @@ def _top_p_keep(scaled, keep, top_p):
     return keep & ((masked >= cutoff) | (top_p >= 1.0))
 
 
-def _check_top_p(top_p) -> None:
-    """A concrete ``top_p`` must be a number in ``(0, 1]``; a traced one is used as is."""
-    if top_p is None or not _checks.is_concrete(top_p):
-        return
-    try:
-        p = float(top_p)
-    except (TypeError, ValueError):
-        p = None
-    if isinstance(top_p, bool | str) or p is None or not 0.0 < p <= 1.0:
-        raise ValueError(f"top_p: expected a number in (0, 1], got {top_p!r}")
+def _scalar(name, value, kind):
+    """Checks that a setting is one scalar of ``kind`` ("int", "real" or "bool"): a
+    Python, NumPy or JAX one, concrete or traced (``TypeError`` otherwise). Returns its
+    value as a Python number when concrete, None when traced."""
+    concrete = _checks.is_concrete(value)
+    if concrete:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):  # ragged lists and the like
+            arr = np.asarray(None)
+        dtype, shape = arr.dtype, arr.shape
+    else:
+        dtype, shape = value.dtype, value.shape
+    if kind == "bool":
+        ok, what = dtype == np.bool_, "a bool"
+    elif kind == "int":
+        ok, what = jnp.issubdtype(dtype, jnp.integer), "an int"
+    else:
+        ok = jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+        what = "a real number"
+    if not ok or shape != ():
+        got = repr(value) if not hasattr(value, "shape") else _checks.describe(value)
+        raise TypeError(f"{name}: expected {what} (a Python, NumPy or JAX scalar), got {got}")
+    if not concrete:
+        return None
+    return {"bool": bool, "int": int}.get(kind, float)(arr)
+
+
+def _check_settings(temperature, top_k, top_p, greedy, vocab_size) -> bool:
+    """Checks the sampling settings (types always, values where concrete) and says whether
+    decoding is greedy for sure: ``greedy`` or ``temperature`` concretely True / 0."""
+    t = _scalar("temperature", temperature, "real")
+    if t is not None and not t >= 0.0:  # NaN too
+        raise ValueError(
+            f"temperature: expected a number >= 0 (0: greedy), got {_show(temperature)}"
+        )
+    if top_k is not None:
+        k = _scalar("top_k", top_k, "int")
+        if k is not None and not 1 <= k <= vocab_size:
+            raise ValueError(
+                f"top_k: expected an int in [1, {vocab_size}] (vocab_size V={vocab_size}), "
+                f"got {_show(top_k)}"
+            )
+    if top_p is not None:
+        p = _scalar("top_p", top_p, "real")
+        if p is not None and not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p: expected a number in (0, 1], got {_show(top_p)}")
+    return _scalar("greedy", greedy, "bool") is True or t == 0.0
+
+
+def _show(value):
+    """A concrete scalar setting as the user would write it: ``-1.0``, ``np.float32(0.5)``."""
+    return repr(value.item()) if isinstance(value, jax.Array) else repr(value)
+
+
+def _key_or_placeholder(key, greedy: bool):
+    """``key`` checked; None is allowed (and replaced) when the decoding is greedy for sure."""
+    if key is None:
+        if not greedy:
+            raise TypeError(
+                "key: expected a jax.random key (None only with greedy=True or "
+                "temperature=0), got None"
+            )
+        return jax.random.key(0)  # unused: argmax draws nothing
+    _checks.check_key("key", key)
+    return key
 
 
 def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greedy=False):
     """Draws token ids from ``logits: [*B, V]`` -> ``int32[*B]``.
 
-    ``greedy``: argmax. Otherwise softmax of ``logits / temperature`` in float32,
-    restricted to the ``top_k`` largest logits (all when None), then to its nucleus
-    (``top_p``, Holtzman et al. 2020): the most likely tokens, in decreasing order,
-    until their probability (after temperature and top-k) first reaches ``top_p``;
-    the most likely token is always kept, a token tied with the last kept one is
-    kept too, and ``top_p=1`` (or None) keeps them all. ``temperature``, ``top_k``,
-    ``top_p`` and ``greedy`` may be traced values (one compilation for all settings);
-    a concrete ``top_p`` outside ``(0, 1]`` is a ``ValueError``.
+    ``greedy`` or ``temperature=0``: argmax. Otherwise softmax of ``logits / temperature``
+    in float32, restricted to the ``top_k`` largest logits (all when None), then to its
+    nucleus (``top_p``, Holtzman et al. 2020): the most likely tokens, in decreasing
+    order, until their probability (after temperature and top-k) first reaches ``top_p``;
+    the most likely token is always kept, a token tied with the last kept one is kept
+    too, and ``top_p=1`` (or None) keeps them all.
+
+    Settings are scalars: Python, NumPy or JAX, concrete or traced (one compilation for
+    every value when they are arguments of a jitted function). Concrete values are
+    checked: ``temperature >= 0``, ``top_k`` an int in ``[1, V]``, ``top_p`` in ``(0, 1]``
+    (``ValueError`` naming the argument otherwise). Traced values cannot be checked and
+    are read so that nothing divides by zero or makes a NaN: a ``temperature`` that is
+    not ``> 0`` (0, negative, NaN) gives the argmax, ``top_k`` is clipped to ``[1, V]``,
+    a ``top_p <= 0`` (or NaN) keeps only the most likely token and ``>= 1`` keeps all.
+
+    Args:
+      key: PRNG key (None allowed when ``greedy=True`` or ``temperature=0``: unused).
+      logits: ``[*B, V]`` scores, any floating dtype.
+      temperature, top_k, top_p, greedy: as above.
 
     >>> logits = jnp.array([[0.0, 5.0, 4.9, -1.0]])
-    >>> sample_logits(jax.random.key(0), logits, greedy=True).tolist()
+    >>> sample_logits(None, logits, greedy=True).tolist()
+    [1]
+    >>> sample_logits(None, logits, temperature=0).tolist()
     [1]
     >>> int(sample_logits(jax.random.key(0), logits, top_k=2)[0]) in (1, 2)
     True
     >>> sample_logits(jax.random.key(0), jnp.log(jnp.array([0.6, 0.3, 0.1])), top_p=0.5).tolist()
     0
     """
+    logits = _checks.as_array("logits", logits)
     _checks.check_floating("logits", logits)
-    _check_top_p(top_p)
-    logits = logits.astype(jnp.float32)
-    if greedy is True:  # a static choice: nothing to draw
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    _checks.check_min_ndim("logits", logits, 1, "[*B, V]")
     v = logits.shape[-1]
-    scaled = logits / temperature
+    static_greedy = _check_settings(temperature, top_k, top_p, greedy, v)
+    key = _key_or_placeholder(key, static_greedy)
+    logits = logits.astype(jnp.float32)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if static_greedy:  # nothing to draw
+        return argmax
+    t = jnp.asarray(temperature, jnp.float32)
+    hot = t > 0.0  # False for a traced 0, negative or NaN: argmax
+    scaled = logits / jnp.where(hot, t, 1.0)
     keep = jnp.ones(logits.shape, jnp.bool_)
     if top_k is not None:
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v)
@@ -106,20 +188,9 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greed
         keep = logits >= kth
     if top_p is not None:
         keep = _top_p_keep(scaled, keep, jnp.asarray(top_p, jnp.float32))
-    drawn = jax.random.categorical(key, jnp.where(keep, scaled, -jnp.inf), axis=-1)
-    return jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
-
-
-def _check_settings(length, temperature, top_k, vocab_size, top_p=None):
-    n = _checks.check_positive_int("length", length)
-    _check_top_p(top_p)
-    if not (isinstance(temperature, int | float) and temperature > 0):
-        raise ValueError(f"temperature: expected a positive number, got {temperature!r}")
-    if top_k is not None:
-        _checks.check_positive_int("top_k", top_k)
-        if top_k > vocab_size:
-            raise ValueError(f"top_k: expected at most vocab_size={vocab_size}, got {top_k}")
-    return n
+    masked = jnp.where(keep, scaled, jnp.finfo(jnp.float32).min)
+    drawn = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.asarray(greedy) | ~hot, argmax, drawn)
 
 
 def _decode(step, carry, first, keys, temperature, top_k, top_p, greedy, has_aux):
@@ -165,14 +236,15 @@ def generate(
     """The decoding loop: choose a token from ``logits``, feed it to ``step``, repeat.
 
     Args:
-      key: PRNG key (``None`` allowed when ``greedy``).
+      key: PRNG key (None allowed when ``greedy=True`` or ``temperature=0``: unused).
       step: ``step(carry, tokens int32[*B]) -> (carry, logits [*B, V])``, or with
         ``has_aux`` ``-> (carry, (logits, aux))`` (e.g. attention weights).
       carry: the state ``step`` starts from.
       logits: ``[*B, V]``, the scores of the first token to choose (with ``has_aux``
         the pair ``(logits, aux)`` of the step that made them).
       length: N, the number of tokens to generate (``step`` runs N - 1 times).
-      temperature, top_k, top_p, greedy: as :func:`sample_logits`.
+      temperature, top_k, top_p, greedy: as :func:`sample_logits` (scalars, concrete or
+        traced; checked where concrete).
       has_aux: ``step`` also returns a pytree to stack over the generated steps.
 
     Returns ``int32[N, *B]`` (and with ``has_aux`` the stacked ``aux [N, ...]``,
@@ -192,13 +264,8 @@ def generate(
     first = _checks.as_array("logits", first)
     _checks.check_floating("logits", first)
     _checks.check_min_ndim("logits", first, 1, "[*B, V]")
-    if key is None:
-        if not (isinstance(greedy, bool) and greedy):
-            raise TypeError("key: expected a jax.random key (None only with greedy=True), got None")
-        key = jax.random.key(0)  # unused: argmax draws nothing
-    _checks.check_key("key", key)
-    _check_top_p(top_p)
-    keys = _step_keys(key, n)
+    static_greedy = _check_settings(temperature, top_k, top_p, greedy, first.shape[-1])
+    keys = _step_keys(_key_or_placeholder(key, static_greedy), n)
     return _decode(step, carry, logits, keys, temperature, top_k, top_p, greedy, has_aux)
 
 
@@ -218,16 +285,18 @@ def sample(
     """Generates ``length`` tokens after ``prime`` from a language model.
 
     Args:
-      key: PRNG key (unused when ``greedy``).
-      model: a :class:`jaxseq.models.LanguageModel` (any model with ``apply(params,
+      key: PRNG key (None allowed when ``greedy=True`` or ``temperature=0``: unused).
+      model: a :class:`jaxseq.protocols.LanguageModel` (``js.RecurrentLM``,
+        ``js.TransformerLM``, ``js.WindowLM`` or any model with ``apply(params,
         carry, tokens) -> (carry, logits)``, ``initial_carry``, ``check_params`` and
         ``vocab_size``).
       params: its params.
       prime: ``int[P, *B]`` priming tokens (P >= 1), time-major, ids in ``[0, V)``
         (``ValueError`` otherwise; under ``jax.jit`` only inside :func:`jaxseq.checked`).
       length: N, the number of tokens to generate.
-      temperature: divides the logits (< 1: more conservative, > 1: more diverse).
-      top_k: sample only among the k most likely tokens.
+      temperature: ``>= 0``, divides the logits (< 1: more conservative, > 1: more
+        diverse; 0: greedy).
+      top_k: sample only among the k most likely tokens, ``1 <= top_k <= V``.
       top_p: sample only from the nucleus: the most likely tokens whose probability
         first reaches ``top_p`` in ``(0, 1]`` (see :func:`sample_logits`).
       greedy: always take the most likely token.
@@ -236,6 +305,11 @@ def sample(
     Returns:
       ``int32[N, *B]`` generated tokens (the prime is not included).
 
+    The settings are scalars (Python, NumPy or JAX), checked where concrete and read
+    as :func:`sample_logits` reads them where traced. They are arguments of one
+    compiled program: a new setting does not recompile, and a ``jax.jit`` that takes
+    them as arguments traces once for all of them.
+
     >>> from jaxseq.models import char_lm
     >>> lm = char_lm(9, num_layers=1, hidden_size=8, embedding_size=4)
     >>> params = lm.init(jax.random.key(0))
@@ -243,8 +317,12 @@ def sample(
     >>> ids = sample(jax.random.key(1), lm, params, prime, 5, top_k=3, top_p=0.9)
     >>> ids.shape, ids.dtype
     ((5, 2), dtype('int32'))
+    >>> greedy = sample(None, lm, params, prime, 5, greedy=True)  # no key needed
+    >>> bool(jnp.all(greedy == sample(None, lm, params, prime, 5, temperature=0)))
+    True
     """
-    _checks.check_key("key", key)
+    if key is not None:  # first: a model passed as the key is named as such
+        _checks.check_key("key", key)
     prime = _checks.as_array("prime", prime)
     _checks.check_integer("prime", prime)
     _checks.check_min_ndim("prime", prime, 1, "[P, *B]")
@@ -252,19 +330,21 @@ def sample(
         raise ValueError(
             f"prime: expected at least one priming token [P>=1, *B], got {_checks.describe(prime)}"
         )
-    n = _check_settings(length, temperature, top_k, model.vocab_size, top_p)
+    n = _checks.check_positive_int("length", length)
+    v = model.vocab_size
+    key = _key_or_placeholder(key, _check_settings(temperature, top_k, top_p, greedy, v))
     if prime.size:  # checked here, where the ids are concrete (inside the jit it is a no-op)
-        v = model.vocab_size
         _checks.check_in_range("prime", prime, 0, v - 1, f" (token ids, vocab_size V={v})")
     model.check_params(params)
     if carry is None:
         carry = model.initial_carry(tuple(prime.shape[1:]))
-    k = model.vocab_size if top_k is None else int(top_k)
-    p = 1.0 if top_p is None else float(top_p)
-    return _sample_jit(model, n)(
-        params, key, prime.astype(jnp.int32), carry, jnp.float32(temperature), jnp.int32(k),
-        jnp.float32(p), jnp.bool_(greedy),
-    )  # fmt: skip
+    settings = (
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(v if top_k is None else top_k, jnp.int32),
+        jnp.asarray(1.0 if top_p is None else top_p, jnp.float32),
+        jnp.asarray(greedy, jnp.bool_),
+    )  # arguments of one compiled program: a new setting does not recompile
+    return _sample_jit(model, n)(params, key, prime.astype(jnp.int32), carry, *settings)
 
 
 @functools.lru_cache(maxsize=32)
@@ -283,7 +363,9 @@ def _sample_jit(model, length):
     return run
 
 
-def greedy_decode(model, params, src, length: int, *, bos_id: int, src_lengths=None):
+def greedy_decode(
+    model, params, src, length: int, *, bos_id: int, end_id: int | None = None, src_lengths=None
+):
     """Greedy decoding of ``length`` tokens after ``bos_id`` from an encoder-decoder.
 
     Args:
@@ -294,21 +376,31 @@ def greedy_decode(model, params, src, length: int, *, bos_id: int, src_lengths=N
       src: ``int[S, B]`` source tokens, time-major.
       length: N, the number of tokens to generate.
       bos_id: the token the decoder starts from.
+      end_id: the end-of-sequence token, or None. As in :func:`beam_decode`, the
+        positions after a sequence's first ``end_id`` hold ``end_id`` (and zero
+        attention weights), so the result is ``beam_decode(..., beam_size=1)``'s best
+        hypothesis; None: the N greedy tokens as they come.
       src_lengths: optional ``int[B]`` source lengths (default S).
 
-    Returns ``(tokens int32[N, B], attention weights float32[N, B, S])``; cut each
-    sequence at its first end-of-sequence token yourself. One scan: compiles once.
+    Returns ``(tokens int32[N, B], attention weights float32[N, B, S])``. One scan of
+    N steps (also after every sequence has ended): compiles once.
 
     >>> from jaxseq.models import Seq2SeqAttention
     >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=6, attention_size=3)
     >>> params = s2s.init(jax.random.key(0))
-    >>> toks, w = greedy_decode(s2s, params, jnp.zeros((4, 2), jnp.int32), 3, bos_id=0)
+    >>> src = jnp.zeros((4, 2), jnp.int32)
+    >>> toks, w = greedy_decode(s2s, params, src, 3, bos_id=0)
     >>> toks.shape, w.shape
     ((3, 2), (3, 2, 4))
+    >>> end = int(toks[0, 0])  # ends every sequence that starts as the first one
+    >>> cut, _ = greedy_decode(s2s, params, src, 3, bos_id=0, end_id=end)
+    >>> cut[:, 0].tolist() == [end] * 3
+    True
     """
     n = _checks.check_positive_int("length", length)
     if not 0 <= int(bos_id) < model.tgt_vocab_size:
         raise ValueError(f"bos_id: expected an id in [0, {model.tgt_vocab_size}), got {bos_id!r}")
+    end = _check_end_id(end_id, model.tgt_vocab_size)
     enc = model.encode(params, src, src_lengths)
     b = enc.states.shape[0]
 
@@ -317,7 +409,12 @@ def greedy_decode(model, params, src, length: int, *, bos_id: int, src_lengths=N
         return carry, (logits, w)
 
     carry, first = step(enc.carry, jnp.full((b,), int(bos_id), jnp.int32))
-    return generate(None, step, carry, first, n, greedy=True, has_aux=True)
+    toks, weights = generate(None, step, carry, first, n, greedy=True, has_aux=True)
+    if end is None:
+        return toks, weights
+    ended = toks == end
+    after = jnp.cumsum(ended, axis=0) - ended > 0  # [N, B]: an end token came earlier
+    return jnp.where(after, end, toks), jnp.where(after[..., None], 0.0, weights)
 
 
 # -- beam search -------------------------------------------------------------------------

@@ -178,3 +178,40 @@ def test_bad_arguments(toy):
         )(h, first)
     with pytest.raises(TypeError, match="^step: expected a function"):
         decoding.beam_search(None, h, first, 3, beam_size=2)
+
+
+def test_greedy_decode_end_id_pads_as_beam_decode(key):
+    """greedy_decode(end_id=e): the greedy tokens up to the first e, then e (what
+    beam_decode(beam_size=1, end_id=e) returns), attention weights zero after the end;
+    under jit too."""
+    s2s = models.Seq2SeqAttention(
+        6, 5, embedding_size=3, hidden_size=4, attention_size=3, bidirectional=False
+    )
+    params = s2s.init(jax.random.key(3))
+    params = jax.tree_util.tree_map(lambda x: x * 3.0, params)  # varied greedy outputs
+    src = jnp.array([[1, 2, 3], [4, 5, 1], [2, 0, 0], [3, 0, 0]])  # [S=4, B=3]
+    kw = dict(bos_id=1, src_lengths=jnp.array([4, 2, 3]))
+    n = 7
+    plain, w_plain = decoding.greedy_decode(s2s, params, src, n, **kw)
+    plain = np.asarray(plain)
+    # an end token that some row emits early and is followed by something else
+    end = next(
+        int(plain[t, b])
+        for t in range(n - 1)
+        for b in range(3)
+        if np.any(plain[t + 1 :, b] != plain[t, b])
+    )
+    toks, w = jax.jit(lambda p: decoding.greedy_decode(s2s, p, src, n, end_id=end, **kw))(params)
+    beam = decoding.beam_decode(s2s, params, src, n, end_id=end, beam_size=1, **kw)
+    np.testing.assert_array_equal(toks, beam.tokens[:, :, 0])
+    cut = False
+    for b in range(3):
+        g = plain[:, b].tolist()
+        stop = g.index(end) + 1 if end in g else n
+        cut |= stop < n and g[stop:] != [end] * (n - stop)
+        assert toks[:, b].tolist() == g[:stop] + [end] * (n - stop)
+        np.testing.assert_allclose(w[:stop, b], w_plain[:stop, b], rtol=1e-5, atol=1e-7)
+        assert not np.any(np.asarray(w[stop:, b]))
+    assert cut  # the end token really changed something
+    with pytest.raises(ValueError, match=r"^end_id: expected None or a token id in \[0, 5\)"):
+        decoding.greedy_decode(s2s, params, src, n, end_id=5, **kw)

@@ -102,9 +102,9 @@ def test_sample_logits_masks_outside_top_k(key):
 def test_bad_arguments(setup, key):
     lm, params = setup
     prime = jnp.array([1, 2], jnp.int32)
-    with pytest.raises(ValueError, match="temperature: expected a positive number"):
-        sampling.sample(key, lm, params, prime, 3, temperature=0.0)
-    with pytest.raises(ValueError, match="top_k: expected at most vocab_size=9"):
+    with pytest.raises(ValueError, match=r"^temperature: expected a number >= 0"):
+        sampling.sample(key, lm, params, prime, 3, temperature=-0.1)
+    with pytest.raises(ValueError, match=r"^top_k: expected an int in \[1, 9\]"):
         sampling.sample(key, lm, params, prime, 3, top_k=10)
     with pytest.raises(ValueError, match="prime: expected at least one"):
         sampling.sample(key, lm, params, jnp.zeros((0,), jnp.int32), 3)
@@ -190,8 +190,159 @@ def test_top_p_through_sample_and_generate(setup, key):
     gen = sampling.generate(key, lambda c, t: (c, table[t]), (), table[jnp.array([0])], 4,
                             top_p=0.5)  # fmt: skip
     assert gen[:, 0].tolist() == [2, 3, 1, 0]
-    for bad in (0.0, 1.5, -0.1, "0.5", True):
+    for bad in (0.0, 1.5, -0.1):
         with pytest.raises(ValueError, match="^top_p: expected a number in \\(0, 1\\]"):
+            sampling.sample(key, lm, params, prime, 3, top_p=bad)
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match="^top_p: expected a real number"):
             sampling.sample(key, lm, params, prime, 3, top_p=bad)
     with pytest.raises(ValueError, match="^top_p: expected a number in \\(0, 1\\], got 2"):
         sampling.sample_logits(key, jnp.zeros(4), top_p=2)
+
+
+# -- settings: any scalar, traced or not; checked where concrete -------------------------
+
+
+def test_temperature_of_every_scalar_type_gives_the_same_draws(setup, key):
+    """Python, NumPy (float32 and float64) and JAX scalars are the same temperature for
+    sample, sample_logits and generate."""
+    lm, params = setup
+    prime = np.array([[1, 4], [2, 0]], np.int32)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 9)), jnp.float32)
+    table = jax.nn.one_hot(jnp.array([2, 0, 3, 1]), 4) * 0.5
+
+    def step(c, t):
+        return c, table[t]
+
+    def run(t, k, p):
+        return (
+            sampling.sample(key, lm, params, prime, 6, temperature=t, top_k=k, top_p=p),
+            sampling.sample_logits(key, logits, temperature=t, top_k=k, top_p=p),
+            sampling.generate(key, step, (), table[jnp.array([0, 1])], 6, temperature=t),
+        )
+
+    want = run(0.8, 4, 0.9)
+    for t, k, p in [
+        (np.float32(0.8), np.int32(4), np.float32(0.9)),
+        (np.float64(0.8), np.int64(4), np.float64(0.9)),
+        (jnp.float32(0.8), jnp.int32(4), jnp.float32(0.9)),
+        (jnp.asarray(0.8), jnp.asarray(4), jnp.asarray(0.9)),
+    ]:
+        for got, ref in zip(run(t, k, p), want, strict=True):
+            np.testing.assert_array_equal(got, ref)
+
+
+def test_a_jitted_sampler_compiles_once_for_every_setting(setup, key):
+    """temperature, top_k and top_p passed as arguments of a jitted sample/generate are traced:
+    one trace for every setting, and each setting draws what the eager call draws."""
+    lm, params = setup
+    prime = jnp.array([[1, 4], [2, 0]], jnp.int32)
+    traces = []
+
+    @jax.jit
+    def draw(k, temperature, top_k, top_p):
+        traces.append(1)
+        return sampling.sample(
+            k, lm, params, prime, 5, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+
+    for t, k, p in [(0.5, 3, 0.9), (1.0, 9, 1.0), (2.0, 1, 0.5), (0.0, 5, 0.7)]:
+        got = draw(key, t, k, p)
+        want = sampling.sample(key, lm, params, prime, 5, temperature=t, top_k=k, top_p=p)
+        np.testing.assert_array_equal(got, want)
+    assert len(traces) == 1
+
+    table = jax.nn.one_hot(jnp.array([2, 0, 3, 1]), 4) * 0.5
+    gen_traces = []
+
+    @jax.jit
+    def gen(k, temperature):
+        gen_traces.append(1)
+        return sampling.generate(
+            k, lambda c, t: (c, table[t]), (), table[jnp.array([0])], 4, temperature=temperature
+        )
+
+    for t in (0.3, 1.5, 0.0):  # one scalar type: jit keys on weak vs strong dtypes
+        np.testing.assert_array_equal(
+            gen(key, t),
+            sampling.generate(
+                key, lambda c, t: (c, table[t]), (), table[jnp.array([0])], 4, temperature=t
+            ),
+        )
+    assert len(gen_traces) == 1
+
+
+def test_temperature_zero_is_argmax_concrete_and_traced(setup, key):
+    """temperature=0 is greedy decoding, given as a concrete value or traced (the logits are
+    never divided by zero: row 0 holds a 0 logit, which 0 / 0 would make NaN)."""
+    lm, params = setup
+    logits = jnp.array([[0.0, 5.0, 4.9, -1.0], [3.0, -2.0, 1.0, 7.0]])
+    argmax = [1, 3]
+    assert sampling.sample_logits(key, logits, temperature=0).tolist() == argmax
+    assert sampling.sample_logits(key, logits, temperature=0.0, top_p=0.5).tolist() == argmax
+    traced = jax.jit(lambda t: sampling.sample_logits(key, logits, temperature=t, top_k=3))
+    assert traced(0.0).tolist() == argmax
+    assert traced(-1.0).tolist() == argmax  # a traced value cannot be checked: greedy
+    prime = np.array([[1, 4], [2, 0]], np.int32)
+    greedy = sampling.sample(key, lm, params, prime, 6, greedy=True)
+    np.testing.assert_array_equal(sampling.sample(key, lm, params, prime, 6, temperature=0), greedy)
+    np.testing.assert_array_equal(
+        sampling.sample(None, lm, params, prime, 6, temperature=0), greedy
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": -1.0}, r"^temperature: expected a number >= 0 .*, got -1\.0"),
+        ({"temperature": np.float32(-0.5)}, r"^temperature: expected a number >= 0 .*-0\.5"),
+        ({"temperature": float("nan")}, r"^temperature: expected a number >= 0 .*nan"),
+        ({"top_k": 0}, r"^top_k: expected an int in \[1, 9\].*, got 0"),
+        ({"top_k": jnp.int32(-3)}, r"^top_k: expected an int in \[1, 9\].*-3"),
+        ({"top_k": 10}, r"^top_k: expected an int in \[1, 9\].*, got 10"),
+        ({"top_p": 0.0}, r"^top_p: expected a number in \(0, 1\], got 0\.0"),
+        ({"top_p": 1.5}, r"^top_p: expected a number in \(0, 1\], got 1\.5"),
+        ({"top_p": np.float32(0.0)}, r"^top_p: expected a number in \(0, 1\]"),
+    ],
+)
+def test_bad_concrete_settings_are_refused_by_name(setup, key, kwargs, match):
+    """The same checks in sample, sample_logits and generate (V=9 in each)."""
+    lm, params = setup
+    prime = jnp.array([[1], [2]], jnp.int32)
+    table = jnp.zeros((9, 9))
+    with pytest.raises(ValueError, match=match):
+        sampling.sample(key, lm, params, prime, 3, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sampling.sample_logits(key, jnp.zeros((2, 9)), **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sampling.generate(key, lambda c, t: (c, table[t]), (), table[:1], 3, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperature": "0.5"}, r"^temperature: expected a real number"),
+        ({"temperature": True}, r"^temperature: expected a real number"),
+        ({"temperature": jnp.ones(2)}, r"^temperature: expected a real number .*float32\[2\]"),
+        ({"top_k": 2.0}, r"^top_k: expected an int"),
+        ({"top_p": "0.5"}, r"^top_p: expected a real number"),
+        ({"greedy": "yes"}, r"^greedy: expected a bool"),
+    ],
+)
+def test_settings_that_are_not_scalars_of_the_right_kind_are_type_errors(key, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        sampling.sample_logits(key, jnp.zeros((2, 9)), **kwargs)
+
+
+def test_sample_with_no_key_when_greedy(setup):
+    """The key is unused when greedy: None is accepted there, and refused otherwise."""
+    lm, params = setup
+    prime = np.array([[1, 4], [2, 0]], np.int32)
+    got = sampling.sample(None, lm, params, prime, 5, greedy=True)
+    want = sampling.sample(jax.random.key(7), lm, params, prime, 5, greedy=True)
+    np.testing.assert_array_equal(got, want)
+    assert sampling.sample_logits(None, jnp.array([0.0, 2.0, 1.0]), greedy=True).tolist() == 1
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key \(None only"):
+        sampling.sample(None, lm, params, prime, 5)
+    with pytest.raises(TypeError, match=r"^key: expected a jax.random key \(None only"):
+        sampling.sample_logits(None, jnp.array([0.0, 2.0, 1.0]))
