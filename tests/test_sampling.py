@@ -2,6 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from jaxseq import decoding as sampling
 from jaxseq import models
@@ -346,3 +349,41 @@ def test_sample_with_no_key_when_greedy(setup):
         sampling.sample(None, lm, params, prime, 5)
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key \(None only"):
         sampling.sample_logits(None, jnp.array([0.0, 2.0, 1.0]))
+
+
+_TRACES = []
+
+
+@jax.jit
+def _draw_traced(key, logits, temperature, top_k, top_p):
+    _TRACES.append(1)
+    return sampling.sample_logits(key, logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    logits=hnp.arrays(np.float32, (3, 6), elements=st.floats(-30, 30, width=32)),
+    temperature=st.floats(-2.0, 4.0, width=32),
+    top_k=st.integers(-3, 10),
+    top_p=st.floats(-0.5, 1.5, width=32),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_traced_settings_are_read_safely_and_compile_once(logits, temperature, top_k, top_p, seed):
+    """Any traced setting, in range or not (they cannot be checked): a token among the
+    clip(top_k, 1, V) largest logits; the argmax when temperature <= 0; one of the most
+    likely tokens when top_p <= 0; all through one compilation."""
+    got = np.asarray(
+        _draw_traced(
+            jax.random.key(seed), logits, np.float32(temperature), np.int32(top_k),
+            np.float32(top_p),
+        )
+    )  # fmt: skip
+    v = logits.shape[-1]
+    picked = logits[np.arange(3), got]
+    kth = np.sort(logits, axis=-1)[:, v - min(max(top_k, 1), v)]
+    assert np.all(picked >= kth)
+    if temperature <= 0:
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+    if top_p <= 0:
+        np.testing.assert_array_equal(picked, logits.max(axis=-1))
+    assert len(_TRACES) == 1
