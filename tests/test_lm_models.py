@@ -215,3 +215,63 @@ def test_window_lm_matches_numpy_across_chunks_resets_and_padding():
         lm.apply(params, jnp.zeros((1, 3), jnp.int32), jnp.zeros((2, 1), jnp.int32))
     with pytest.raises(ValueError, match=r"tokens: expected values in \[0, 6\]"):
         lm.apply(params, None, jnp.full((2, 1), V, jnp.int32))
+
+
+def test_window_lm_batch_major_equals_the_transposed_time_major_run():
+    lm = models.window_lm(V, context=3, embedding_size=2, hidden_size=5, dropout_rate=0.2)
+    params = perturb(lm.init(jax.random.key(3)), seed=6, scale=0.3)
+    tokens = np.random.default_rng(7).integers(0, V, size=(6, 2, 3)).astype(np.int32)  # [T, *B]
+    reset = np.zeros((6, 2, 3), bool)
+    reset[2, 1, 0] = True
+    lengths = np.array([[6, 4, 5], [0, 6, 1]])
+    carry0 = jnp.full((2, 3, 2), 1, jnp.int32)
+    k = jax.random.key(8)
+    c_tm, l_tm = lm.apply(params, carry0, tokens, reset=reset, lengths=lengths, key=k)
+    c_bm, l_bm = jax.jit(
+        lambda p, c, x, r: lm.apply(p, c, x, reset=r, lengths=lengths, key=k, time_major=False)
+    )(params, carry0, np.moveaxis(tokens, 0, -1), np.moveaxis(reset, 0, -1))
+    assert l_bm.shape == (2, 3, 6, V)
+    np.testing.assert_allclose(l_bm, jnp.moveaxis(l_tm, 0, -2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(c_bm, c_tm)
+
+
+# -- the language-model protocol ------------------------------------------------------------
+
+
+def test_every_library_language_model_meets_the_protocol():
+    import inspect
+
+    lms = [
+        models.char_lm(V, num_layers=1, hidden_size=4, embedding_size=3),
+        models.transformer_lm(V, num_layers=1, d_model=8, num_heads=2, max_len=4),
+        models.window_lm(V, context=2, embedding_size=2, hidden_size=3),
+    ]
+    proto = js.protocols.LanguageModel
+
+    def params_of(f, skip_self=True):
+        ps = list(inspect.signature(f).parameters.values())[1 if skip_self else 0 :]
+        return [(p.name, p.kind, p.default) for p in ps]
+
+    for lm in lms:
+        assert isinstance(lm, proto), type(lm).__name__
+        hash(lm)  # decoding compiles once per model: a model is hashable
+        for member in ("init", "initial_carry", "apply", "check_params"):
+            want = params_of(getattr(proto, member))
+            got = params_of(getattr(lm, member), skip_self=False)
+            # the protocol's members, in its order, kinds and defaults (where it names one);
+            # a model may add keyword options after them (time_major=)
+            assert [n for n, *_ in got[: len(want)]] == [n for n, *_ in want], (lm, member)
+            for (_, kind, default), (_, gkind, gdefault) in zip(want, got):
+                assert gkind == kind, (lm, member)
+                if default is not inspect.Parameter.empty and default is not Ellipsis:
+                    assert gdefault == default, (lm, member)
+            assert all(p.kind == p.KEYWORD_ONLY for p in
+                       inspect.signature(getattr(lm, member)).parameters.values()
+                       if p.name not in {n for n, *_ in want}), (lm, member)  # fmt: skip
+        params = lm.init(jax.random.key(0))
+        carry, logits = lm.apply(params, lm.initial_carry((2,)), jnp.zeros((3, 2), jnp.int32))
+        assert logits.shape == (3, 2, V) and logits.dtype == jnp.float32
+        _, again = lm.apply(params, None, jnp.zeros((3, 2), jnp.int32))
+        np.testing.assert_allclose(again, logits, rtol=1e-6, atol=1e-6)
+    assert not isinstance(js.LSTM(4), proto)
+    assert not isinstance(models.tagger(3, input_size=2), proto)

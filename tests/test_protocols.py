@@ -49,7 +49,69 @@ def test_protocols_reject_objects_without_the_members():
 
 
 def test_protocols_are_exported():
-    assert set(protocols.__all__) == {"Cell", "HoistableCell", "LossFn", "SequenceLayer"}
+    assert set(protocols.__all__) == {
+        "Cell",
+        "HoistableCell",
+        "LanguageModel",
+        "LossFn",
+        "SequenceLayer",
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountLM:
+    """A user language model with only the protocol's members: the logits are a learned
+    table indexed by the current token plus a bias from how many tokens came before."""
+
+    vocab_size: int = 5
+
+    def init(self, key, dtype=jnp.float32):
+        return {"table": jax.random.normal(key, (self.vocab_size, self.vocab_size), dtype)}
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        return jnp.zeros(batch_shape, jnp.int32)  # tokens seen since the last reset
+
+    def apply(self, params, carry, tokens, *, reset=None, lengths=None, key=None):
+        tokens = jnp.asarray(tokens)
+        t = tokens.shape[0]
+        if carry is None:
+            carry = self.initial_carry(tokens.shape[1:])
+        valid = jnp.ones(tokens.shape, bool)
+        if lengths is not None:
+            valid = jnp.arange(t).reshape((t,) + (1,) * (tokens.ndim - 1)) < lengths[None]
+        reset = jnp.zeros(tokens.shape, bool) if reset is None else reset
+
+        def step(c, inp):
+            r, v = inp
+            c = jnp.where(r, 0, c)
+            return jnp.where(v, c + 1, c), c
+
+        carry, seen = jax.lax.scan(step, carry, (reset, valid))
+        ids = jnp.where(valid, tokens, 0)
+        logits = params["table"][ids] + 0.1 * seen[..., None].astype(jnp.float32)
+        return carry, logits.astype(jnp.float32)
+
+    def check_params(self, params, name="params"):
+        if not isinstance(params, dict) or "table" not in params:
+            raise TypeError(f"{name}: expected {{'table': [V, V]}}, got {type(params).__name__}")
+
+
+def test_a_user_language_model_trains_evaluates_and_samples_through_the_library(key):
+    lm = _CountLM()
+    assert isinstance(lm, protocols.LanguageModel)
+    params = lm.init(key)
+    batcher = js.data.StreamBatcher(np.arange(40) % 5, 2, 4)
+    loss, (carry, _) = js.lm_loss_fn(lm)(params, lm.initial_carry((2,)), batcher.chunk(0), None)
+    assert loss.shape == () and carry.tolist() == [4, 4]
+    assert 0.0 < js.evaluate_lm(lm, params, batcher) < 10.0
+    ids = js.decoding.sample(key, lm, params, jnp.array([[1, 2]]), 6, greedy=True)
+    # greedy: each next id is the argmax of the current id's row (the count bias is shared)
+    table, tok = np.asarray(params["table"]), [1, 2]
+    for _ in range(6):
+        tok = [int(np.argmax(table[i])) for i in tok]
+    assert ids.shape == (6, 2) and ids[-1].tolist() == tok
+    with pytest.raises(TypeError, match="params: expected"):
+        js.decoding.sample(key, lm, {"w": 1}, jnp.array([[1]]), 2)
 
 
 # -- user cells and user layers -----------------------------------------------------
