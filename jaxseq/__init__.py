@@ -12,13 +12,23 @@ Layers, bottom to top (a module imports only from layers below it)::
     attention/   dot-product, multi-head, blockwise, additive/Luong, positional, Transformer
     data/        token streams, real-valued streams, padded batches, download
     models/      language models, taggers and classifiers, seq2seq
-    decoding     sampling
+    decoding     sampling, greedy and beam search
     training/    losses, optimizer, train step, loop, checkpoints, sharding, diagnostics
     interop/     PyTorch and Flax weights
 
-Every public name of the sub-packages is also reachable as ``js.<name>``.
+The top level holds the core most programs need, grouped below by the
+sub-package it comes from; every other public name is reached through its
+sub-package: ``js.decoding.sample``, ``js.data.pad_sequences``,
+``js.training.checkpoint``, ``js.nn.dense``.
+
+>>> import jaxseq as js
+>>> js.rollout is js.recurrent.rollout and js.fit is js.training.fit
+True
 """
 
+# Grouped by layer, bottom to top, in the order of __all__ (not the import sorter's).
+# isort: off
+# The sub-packages (and the lowest layer's public modules).
 from jaxseq import (
     attention,
     checks,
@@ -33,45 +43,132 @@ from jaxseq import (
     recurrent,
     training,
 )
-from jaxseq.attention import *  # noqa: F403
-from jaxseq.checks import *  # noqa: F403
-from jaxseq.data import *  # noqa: F403
-from jaxseq.decoding import *  # noqa: F403
-from jaxseq.masks import *  # noqa: F403
-from jaxseq.models import *  # noqa: F403
-from jaxseq.nn import *  # noqa: F403
-from jaxseq.protocols import *  # noqa: F403
-from jaxseq.recurrent import *  # noqa: F403
-from jaxseq.training import *  # noqa: F403
-from jaxseq.training import checkpoint, losses
+
+# protocols: the contracts.
+from jaxseq.protocols import Cell, SequenceLayer
+
+# masks
+from jaxseq.masks import causal_mask, lengths_to_mask
+
+# checks
+from jaxseq.checks import checked
+
+# recurrent: cells, layers, rollouts, linear recurrences.
+from jaxseq.recurrent import (
+    GRU,
+    LSTM,
+    RNN,
+    Bidirectional,
+    MinGRU,
+    MinLSTM,
+    Stack,
+    linear_recurrence,
+    rollout,
+    rollout_unrolled,
+)
+
+# attention
+from jaxseq.attention import (
+    batched_dot_product_attention,
+    blockwise_attention,
+    dot_product_attention,
+)
+
+# data
+from jaxseq.data import CharVocab, PaddedBatcher, StreamBatcher, make_streams
+
+# models
+from jaxseq.models import (
+    RecurrentLM,
+    Seq2SeqAttention,
+    SequenceClassifier,
+    SequenceTagger,
+    TransformerLM,
+    WindowLM,
+    char_lm,
+    transformer_lm,
+)
+
+# training
+from jaxseq.training import (
+    Checkpointer,
+    NonFiniteError,
+    TrainState,
+    cross_entropy,
+    evaluate,
+    evaluate_lm,
+    fit,
+    init_state,
+    lm_loss_fn,
+    make_optimizer,
+    make_train_step,
+)
+# isort: on
 
 __version__ = "0.1.0"
 
-__all__ = sorted(
-    [
-        "attention",
-        "checkpoint",
-        "checks",
-        "data",
-        "decoding",
-        "initializers",
-        "interop",
-        "losses",
-        "masks",
-        "models",
-        "nn",
-        "protocols",
-        "recurrent",
-        "training",
-        *attention.__all__,
-        *checks.__all__,
-        *data.__all__,
-        *decoding.__all__,
-        *masks.__all__,
-        *models.__all__,
-        *nn.__all__,
-        *protocols.__all__,
-        *recurrent.__all__,
-        *training.__all__,
-    ]
-)
+# Grouped by sub-package, sorted within each group (tests/test_architecture.py checks both).
+__all__ = [
+    # sub-packages
+    "attention",
+    "checks",
+    "data",
+    "decoding",
+    "initializers",
+    "interop",
+    "masks",
+    "models",
+    "nn",
+    "protocols",
+    "recurrent",
+    "training",
+    # protocols
+    "Cell",
+    "SequenceLayer",
+    # masks
+    "causal_mask",
+    "lengths_to_mask",
+    # checks
+    "checked",
+    # recurrent
+    "Bidirectional",
+    "GRU",
+    "LSTM",
+    "MinGRU",
+    "MinLSTM",
+    "RNN",
+    "Stack",
+    "linear_recurrence",
+    "rollout",
+    "rollout_unrolled",
+    # attention
+    "batched_dot_product_attention",
+    "blockwise_attention",
+    "dot_product_attention",
+    # data
+    "CharVocab",
+    "PaddedBatcher",
+    "StreamBatcher",
+    "make_streams",
+    # models
+    "RecurrentLM",
+    "Seq2SeqAttention",
+    "SequenceClassifier",
+    "SequenceTagger",
+    "TransformerLM",
+    "WindowLM",
+    "char_lm",
+    "transformer_lm",
+    # training
+    "Checkpointer",
+    "NonFiniteError",
+    "TrainState",
+    "cross_entropy",
+    "evaluate",
+    "evaluate_lm",
+    "fit",
+    "init_state",
+    "lm_loss_fn",
+    "make_optimizer",
+    "make_train_step",
+]
