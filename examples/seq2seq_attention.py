@@ -21,7 +21,8 @@ exact-match sequence accuracy on held-out examples::
     python examples/seq2seq_attention.py --out out/seq2seq
     python examples/seq2seq_attention.py --task reverse --max-len 20 --steps 3000 --out out/rev
 
-Each model trains with ``js.make_train_step`` and ``js.fit``. Writes into
+Each model trains with ``js.make_train_step`` and ``js.fit`` and is scored on the
+held-out set by ``js.training.evaluate``. Writes into
 ``--out``: ``metrics.jsonl`` and ``eval.jsonl`` (every step and every
 evaluation of every model, ``run`` = model), ``summary.json`` (held-out exact
 match: ``exact_match`` (attention, greedy), ``exact_match_beam`` (attention,
@@ -47,7 +48,6 @@ from _common import (  # noqa: E402
     append_evals,
     environment,
     js,
-    jsonable,
     parser,
     prepare_out,
     pyplot,
@@ -167,6 +167,7 @@ def make_batch(rng, args, src_vocab, tgt_vocab, batch):
 
 
 MODELS = {"attention": True, "no_attention": False}
+SHOWN = 12  # held-out examples written to samples.txt
 
 
 def parse_args(argv=None):
@@ -222,15 +223,7 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
         loss = js.cross_entropy(logits, tgt_out, lengths=tgt_len)
         return loss, (carry, {"token_acc": js.training.accuracy(logits, tgt_out, lengths=tgt_len)})
 
-    def exact(toks, tgt_out, tgt_len):
-        # every target token (EOS included) predicted, nothing checked after it
-        mask = js.masks.lengths_to_mask(tgt_len, args.tgt_len)
-        return jnp.mean((~jnp.any((toks != tgt_out) & mask, axis=0)).astype(jnp.float32))
-
-    @jax.jit
-    def evaluate(p, batch):  # held-out loss, token accuracy, greedy and beam exact match
-        src, src_len, tgt_in, tgt_out, tgt_len = batch
-        logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
+    def decode(p, src, src_len):  # greedy [T, B] and its attention [T, B, S]; beam best [T, B]
         toks, weights = js.decoding.greedy_decode(
             model, p, src, args.tgt_len, bos_id=bos, src_lengths=src_len
         )
@@ -238,14 +231,33 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
             model, p, src, args.tgt_len, bos_id=bos, end_id=eos, beam_size=args.beam_size,
             alpha=args.alpha, src_lengths=src_len,
         )  # fmt: skip
-        best = beam.tokens[:, :, 0]  # [T, B], EOS-filled after the end
-        metrics = {
-            "test_loss": js.cross_entropy(logits, tgt_out, lengths=tgt_len),
-            "test_token_acc": js.training.accuracy(logits, tgt_out, lengths=tgt_len),
-            "test_seq_acc": exact(toks, tgt_out, tgt_len),
-            "test_seq_acc_beam": exact(best, tgt_out, tgt_len),
+        return toks, beam.tokens[:, :, 0], weights  # beam: EOS-filled after the end
+
+    def apply(p, batch):  # teacher-forced logits [T, B, V], greedy and beam tokens [T, B]
+        src, src_len, tgt_in, _, _ = batch
+        logits, _ = model.apply(p, src, tgt_in, src_lengths=src_len)
+        toks, best, _ = decode(p, src, src_len)
+        return logits, toks, best
+
+    def metrics(out, batch):  # per example, for js.training.evaluate
+        logits, toks, best = out
+        tgt_out, tgt_len = batch[3], batch[4]
+        mask = js.masks.lengths_to_mask(tgt_len, tgt_out.shape[0])  # [T, B]
+        nll = js.training.token_cross_entropy(logits, tgt_out)
+        right = (jnp.argmax(logits, axis=-1) == tgt_out) & mask
+
+        def exact(t):  # every target token (EOS included) predicted, nothing checked after it
+            return ~jnp.any((t != tgt_out) & mask, axis=0)
+
+        return {  # per-token metrics as (total, count) per example: means over tokens
+            "test_loss": (jnp.sum(jnp.where(mask, nll, 0.0), axis=0), tgt_len),
+            "test_token_acc": (jnp.sum(right, axis=0), tgt_len),
+            "test_seq_acc": exact(toks),
+            "test_seq_acc_beam": exact(best),
         }
-        return metrics, toks, best, weights
+
+    def evaluate(p):  # held-out loss, token accuracy, greedy and beam exact match
+        return js.training.evaluate(apply, p, [test], metrics)
 
     rng = np.random.default_rng(args.seed + 1)
     batches = (
@@ -262,18 +274,19 @@ def train_one(args, name, src_vocab, tgt_vocab, test, seed_offset):
     state = js.init_state(params, opt, jax.random.key(args.seed + 1 + seed_offset))
     state, info = js.fit(
         js.make_train_step(loss_fn, opt, precision=args.precision), state, batches, num_steps=args.steps,
-        eval_fn=lambda st: jsonable(evaluate(st.params, test)[0]),
+        eval_fn=lambda st: evaluate(st.params),
         eval_every=args.eval_every, on_step=run_logger(args.out, name),
         progress=not args.quiet,
     )  # fmt: skip
     append_evals(args.out, name, info["evals"])
     t0 = time.perf_counter()
-    metrics, toks, beam_toks, weights = jax.block_until_ready(evaluate(state.params, test))
     result = {
-        **{k: float(v) for k, v in metrics.items()},
+        **evaluate(state.params),
         "eval_s": round(time.perf_counter() - t0, 3),
         "train_s": round(info["train_s"], 3),
     }
+    shown = min(SHOWN, args.test_size)  # the examples of samples.txt and attention.png
+    toks, beam_toks, weights = jax.jit(decode)(state.params, test[0][:, :shown], test[1][:shown])
     return result, info["evals"], np.asarray(toks), np.asarray(beam_toks), weights
 
 
@@ -300,7 +313,7 @@ def main(argv=None) -> dict:
         return "".join(tgt_vocab.itos[i] for i in cut_at_eos(ids, eos))
 
     lines = []
-    for b in range(min(12, args.test_size)):
+    for b in range(min(SHOWN, args.test_size)):
         src, tgt = test_pairs[b]
         want = "".join(tgt)
         lines.append(f"{' '.join(src)}  ->  {want}")
