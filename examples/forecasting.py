@@ -298,7 +298,7 @@ def main(argv=None) -> dict:
         k_init, k_head, k_train = jax.random.split(jax.random.key(args.seed * 100 + mi), 3)
         params = {
             "stack": stack.init(k_init, args.lags),
-            "head": js.nn.dense_init(k_head, stack.output_size, 1),
+            "head": js.nn.Dense(1).init(k_head, stack.output_size),
         }
 
         def loss_fn(p, carry, chunk, key, stack=stack):

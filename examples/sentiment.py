@@ -215,9 +215,9 @@ class Vocab:
 def bow_init(key, vocab_size: int, embed: int, hidden: int, classes: int):
     ke, kh, ko = jax.random.split(key, 3)
     return {
-        "embedding": 0.1 * js.nn.embedding_init(ke, vocab_size, embed),
-        "hidden": js.nn.dense_init(kh, embed, hidden),
-        "head": js.nn.dense_init(ko, hidden, classes),
+        "embedding": 0.1 * js.nn.Embedding(embed).init(ke, vocab_size),
+        "hidden": js.nn.Dense(hidden).init(kh, embed),
+        "head": js.nn.Dense(classes).init(ko, hidden),
     }
 
 

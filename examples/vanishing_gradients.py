@@ -80,7 +80,7 @@ def norms(cell, key, xs, targets):
     """``(||h_t|| [T], ||dL/dh_t|| [T])`` of a fresh draw of ``cell``'s weights and a read-out."""
     k_cell, k_head = jax.random.split(key)
     params = cell.init(k_cell, xs.shape[-1])
-    head = js.nn.dense_init(k_head, cell.hidden_size, 1)
+    head = js.nn.Dense(1).init(k_head, cell.hidden_size)
     _, ys = js.rollout(cell, params, xs)
     hidden = jnp.mean(jnp.linalg.norm(ys, axis=-1), axis=1)
 

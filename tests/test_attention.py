@@ -358,8 +358,8 @@ def test_multi_head_attention_matches_reference(key, case):
     (``b_k`` adds ``q_i . b_k`` to a whole row of scores, which the softmax ignores: no
     output or weight depends on it.)"""
     dc = 5 if case == "cross" else None
-    p = js.multi_head_attention_init(
-        key, 6, num_heads=2, key_size=4, value_size=3, output_size=5, context_size=dc
+    p = js.attention.MultiHeadAttention(2, 4, value_size=3, output_size=5).init(
+        key, 6, context_size=dc
     )
     p = npm.perturb(p, seed=1)
     x, ctx = _rand(jax.random.key(1), (7, 6), (9, 5))
@@ -409,9 +409,7 @@ def test_multi_head_attention_bfloat16_softmax_in_float32():
 
 
 def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
-    p = js.multi_head_attention_init(
-        key, 4, num_heads=2, key_size=3, context_size=5, use_bias=False
-    )
+    p = js.attention.MultiHeadAttention(2, 3, use_bias=False).init(key, 4, context_size=5)
     assert p.b_q is None
     x, ctx = _rand(jax.random.key(2), (3, 4), (6, 5))
     mask = jnp.broadcast_to(jnp.arange(6) < 4, (3, 6))
@@ -448,7 +446,7 @@ def test_multi_head_cross_attention_mask_dropout_and_vmap(key):
 
 
 def test_additive_attention_matches_numpy_and_masks(key):
-    p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
+    p = js.attention.AdditiveAttention(5).init(key, 3, 4)
     p = npm.perturb(p, seed=2)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
     ctx, w = js.attention.additive_attention(p, qv, keys, vals, lengths=jnp.array(4))
@@ -481,7 +479,7 @@ def test_additive_attention_matches_numpy_and_masks(key):
 
 @pytest.mark.parametrize("score", ["dot", "general"])
 def test_luong_attention(key, score):
-    p = js.luong_attention_init(key, 4, 4, score=score)
+    p = js.attention.LuongAttention(score=score).init(key, 4, 4)
     qv, keys = _rand(jax.random.key(1), (4,), (5, 4))
     ctx, w = js.attention.luong_attention(p, qv, keys, lengths=jnp.array(3))
     want_ctx, want_w = npm.luong_attention(p, qv, keys, length=3)
@@ -499,7 +497,7 @@ def test_luong_attention(key, score):
         np.testing.assert_allclose(wb[i], w1, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(cb[i], c1, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"key_size: score='dot' needs key_size == query_size"):
-        js.luong_attention_init(key, 4, 3, score="dot")
+        js.attention.LuongAttention(score="dot").init(key, 4, 3)
     with pytest.raises(ValueError, match=r"mask: expected shape \[Tk=5\], got bool\[4\]"):
         js.attention.luong_attention(p, qv, keys, mask=jnp.ones(4, bool))
 
@@ -547,7 +545,7 @@ def test_blockwise_grads_keep_the_input_dtype():
 
 
 def test_encoder_attention_errors_name_the_argument(key):
-    p = js.additive_attention_init(key, query_size=3, key_size=4, attention_size=5)
+    p = js.attention.AdditiveAttention(5).init(key, 3, 4)
     qv, keys, vals = _rand(jax.random.key(1), (3,), (6, 4), (6, 2))
     with pytest.raises(TypeError, match=r"^query: expected a floating dtype, got int32\[3\]"):
         js.attention.additive_attention(p, jnp.zeros(3, jnp.int32), keys)
@@ -566,12 +564,12 @@ def test_encoder_attention_errors_name_the_argument(key):
     ):
         att.additive_attention_keys(p, keys[:, :3])
     # Luong: the default score is "general" (a [Dq, Dk] matrix, so Dq != Dk is allowed)
-    pl = js.luong_attention_init(key, 3, 4)
+    pl = js.attention.LuongAttention().init(key, 3, 4)
     assert pl.w.shape == (3, 4)
     with pytest.raises(
         ValueError, match=r"^score: expected one of \['dot', 'general'\], got 'cos'"
     ):
-        js.luong_attention_init(key, 3, 4, score="cos")
+        js.attention.LuongAttention(score="cos").init(key, 3, 4)
     with pytest.raises(TypeError, match=r"^keys: expected a floating dtype"):
         js.attention.luong_attention(pl, qv, jnp.zeros((6, 4), jnp.int32))
     with pytest.raises(
@@ -582,9 +580,9 @@ def test_encoder_attention_errors_name_the_argument(key):
 
 def test_encoder_attention_init_honours_dtype(key):
     for p in (
-        js.additive_attention_init(key, 3, 4, 5, dtype=jnp.bfloat16),
-        js.luong_attention_init(key, 3, 4, dtype=jnp.bfloat16),
-        js.multi_head_attention_init(key, 4, 2, 3, dtype=jnp.bfloat16),
+        js.attention.AdditiveAttention(5).init(key, 3, 4, dtype=jnp.bfloat16),
+        js.attention.LuongAttention().init(key, 3, 4, dtype=jnp.bfloat16),
+        js.attention.MultiHeadAttention(2, 3).init(key, 4, dtype=jnp.bfloat16),
     ):
         leaves = jax.tree_util.tree_leaves(p)
         assert leaves and all(a.dtype == jnp.bfloat16 for a in leaves), p
@@ -609,7 +607,7 @@ def test_luong_general_bfloat16_rounds_the_projected_query():
 
 
 def test_multi_head_attention_errors_name_the_argument(key):
-    p = js.multi_head_attention_init(key, 4, num_heads=1, key_size=3, context_size=5)
+    p = js.attention.MultiHeadAttention(1, 3).init(key, 4, context_size=5)
     x, ctx = _rand(jax.random.key(2), (3, 4), (6, 5))
     with pytest.raises(
         ValueError, match=r"^x: expected rank 2 \[Tq, Dq\] \(one example; vmap over a batch\)"
@@ -632,7 +630,7 @@ def test_multi_head_attention_dropout_is_inverted():
     """Dropout on the weights keeps each with probability ``1 - rate`` and scales it by
     ``1 / (1 - rate)``: with one key (weight 1) and one head, no biases, the output is 0
     (dropped) or twice the output without dropout (rate 0.5)."""
-    p = js.multi_head_attention_init(jax.random.key(3), 4, num_heads=1, key_size=3, use_bias=False)
+    p = js.attention.MultiHeadAttention(1, 3, use_bias=False).init(jax.random.key(3), 4)
     x = jax.random.normal(jax.random.key(4), (1, 4))
     out = np.asarray(js.attention.multi_head_attention(p, x))
     f = jax.vmap(lambda k: js.attention.multi_head_attention(p, x, dropout_rate=0.5, key=k))
@@ -722,7 +720,7 @@ def test_mask_and_bias_shapes_are_checked_by_one_rule(key):
         js.batched_dot_product_attention(q, k, v, mask=bad)
     with pytest.raises(ValueError, match=r"^bias: expected shape \[2, Tq=3, Tk=5\] or"):
         js.batched_dot_product_attention(q, k, v, bias=jnp.zeros((2, 5, 3)))
-    p = js.multi_head_attention_init(key, 8, num_heads=4, key_size=2)
+    p = js.attention.MultiHeadAttention(4, 2).init(key, 8)
     x = jnp.ones((3, 8))
     with pytest.raises(
         ValueError, match=r"^bias: expected shape \[Tq=3, Tk=3\] or \[K=4, Tq=3, Tk=3\]"

@@ -141,7 +141,9 @@ def test_multi_head_attention_padded_rows_do_not_leak(key, cross):
     the inputs) equal to attention over the inputs with the padded rows removed, and
     finite; padded inputs get zero gradients."""
     tq, tk, lq, lk = 6, (7 if cross else 6), 4, (5 if cross else 4)
-    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5 if cross else 8), 3)
+    p = npm.perturb(
+        js.attention.MultiHeadAttention(2, 3).init(key, 8, context_size=5 if cross else 8), 3
+    )
     x, ctx = _randn(2, (tq, 8), (tk, 5 if cross else 8))
     mask = jnp.asarray(_np_pad_mask(lq, lk, tq, tk))
     qv, kv = np.arange(tq) < lq, np.arange(tk) < lk
@@ -175,7 +177,7 @@ def test_transformer_block_padded_rows_do_not_leak(key, causal):
     """``lengths=``: NaN/inf/1e30 in the padded rows leave the valid outputs and the
     parameter gradients equal to the block on the trimmed sequence; padded outputs are
     zeros and padded inputs get zero gradients."""
-    p = npm.perturb(js.transformer_block_init(key, 8, num_heads=2, mlp_size=12), seed=4)
+    p = npm.perturb(js.attention.TransformerBlock(2, mlp_size=12).init(key, 8), seed=4)
     t, n = 7, 4
     (x,) = _randn(3, (t, 8))
     g = jnp.asarray(np.random.default_rng(5).standard_normal((n, 8)), jnp.float32)
@@ -204,9 +206,9 @@ def test_encoder_attention_padded_keys_do_not_leak(key, kind):
     zeros with zero gradients."""
     tk, n = 6, 4
     if kind == "luong":
-        p = npm.perturb(js.luong_attention_init(key, 5, 4), seed=1)
+        p = npm.perturb(js.attention.LuongAttention().init(key, 5, 4), seed=1)
     else:
-        p = npm.perturb(js.additive_attention_init(key, 5, 4, 3), seed=1)
+        p = npm.perturb(js.attention.AdditiveAttention(3).init(key, 5, 4), seed=1)
     query, keys, values = _randn(6, (2, 5), (tk, 4), (tk, 3))
 
     def loss(p, query, keys, values, lengths):
@@ -359,7 +361,7 @@ def test_bottom_right_single_query_is_the_last_row_of_full_causal():
 def test_multi_head_bottom_right_equals_the_explicit_mask(key):
     """``multi_head_attention(causal_alignment="bottom_right")`` (dense and blockwise)
     equals the same attention with the NumPy bottom-right mask given explicitly."""
-    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5), 3)
+    p = npm.perturb(js.attention.MultiHeadAttention(2, 3).init(key, 8, context_size=5), 3)
 
     @jax.jit
     def run(p, x, ctx, mask):
@@ -389,7 +391,7 @@ def test_causal_alignment_is_validated():
     for call in calls:
         with pytest.raises(ValueError, match=msg):
             call()
-    p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
+    p = js.attention.MultiHeadAttention(1, 4).init(jax.random.key(0), 4)
     with pytest.raises(ValueError, match=msg):
         js.attention.multi_head_attention(p, q[0], causal_alignment="lower_right")
 
@@ -474,8 +476,8 @@ def test_multi_head_and_transformer_blockwise_lengths_equal_dense(key):
     ``transformer_block(lengths=, blockwise=True)`` equal their dense paths (values and
     parameter gradients) with NaN in the padded rows; the dense ``q_lengths``/``k_lengths``
     equal the padding mask given as ``mask``."""
-    p = npm.perturb(js.multi_head_attention_init(key, 8, 2, 3, context_size=5), 3)
-    blk = npm.perturb(js.transformer_block_init(key, 8, num_heads=2, mlp_size=12), seed=4)
+    p = npm.perturb(js.attention.MultiHeadAttention(2, 3).init(key, 8, context_size=5), 3)
+    blk = npm.perturb(js.attention.TransformerBlock(2, mlp_size=12).init(key, 8), seed=4)
     tq, tk, lq, lk = 6, 7, 4, 5
     x, ctx = _randn(8, (tq, 8), (tk, 5))
     x = _poison(x, np.arange(tq) < lq, np.nan)
@@ -522,7 +524,7 @@ def test_lengths_are_validated():
         ValueError, match=r"^q_lengths: expected values in \[0, 5\] \(Tq=5\), got -1"
     ):
         js.blockwise_attention(q, k, k, q_lengths=jnp.array([1, -1, 2]))
-    p = js.multi_head_attention_init(jax.random.key(0), 4, 1, 4)
+    p = js.attention.MultiHeadAttention(1, 4).init(jax.random.key(0), 4)
     with pytest.raises(ValueError, match=r"^q_lengths: expected shape \[\] \(one example"):
         js.attention.multi_head_attention(p, q[0], q_lengths=jnp.array([2]))
     with pytest.raises(
@@ -531,7 +533,7 @@ def test_lengths_are_validated():
         js.attention.multi_head_attention(p, q[0], k_lengths=jnp.array(9), blockwise=True)
     with pytest.raises(TypeError, match=r"^k_lengths: expected an integer dtype"):
         js.attention.multi_head_attention(p, q[0], k_lengths=2.0)
-    blk = js.transformer_block_init(jax.random.key(0), 4, num_heads=1)
+    blk = js.attention.TransformerBlock(1).init(jax.random.key(0), 4)
     with pytest.raises(ValueError, match=r"^lengths: expected values in \[0, 5\] \(T=5\), got 6"):
         js.attention.transformer_block(blk, q[0], lengths=jnp.array(6))
 

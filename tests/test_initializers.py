@@ -190,5 +190,5 @@ def test_cells_apply_initialisers_per_gate_block(key):
     np.testing.assert_array_equal(p.w_hh, np.tile(2.0 * np.eye(h), (1, 3)))
     np.testing.assert_array_equal(p.b_hn, np.zeros(h))
     # dense layers default to LeCun normal on [D, O]
-    w = np.asarray(js.nn.dense_init(key, FAN_IN, FAN_OUT).w, np.float64)
+    w = np.asarray(js.nn.Dense(FAN_OUT).init(key, FAN_IN).w, np.float64)
     _check_var(w, 1.0 / FAN_IN)

@@ -10,7 +10,7 @@ import jaxseq as js
 
 def test_dense_matches_numpy_and_accumulates_bfloat16_in_float32(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    p = js.dense_init(k1, 4, 3)
+    p = js.nn.Dense(3).init(k1, 4)
     p = p._replace(b=jax.random.normal(k2, (3,)))
     x = jax.random.normal(k3, (2, 5, 4))
     want = np.asarray(x, np.float64) @ np.asarray(p.w, np.float64) + np.asarray(p.b, np.float64)
@@ -25,7 +25,7 @@ def test_dense_matches_numpy_and_accumulates_bfloat16_in_float32(key):
 
 
 def test_dense_init_and_errors(key):
-    p = js.dense_init(key, 4, 3, kernel_init=js.initializers.constant(0.5))
+    p = js.nn.Dense(3, kernel_init=js.initializers.constant(0.5)).init(key, 4)
     np.testing.assert_array_equal(p.w, np.full((4, 3), 0.5))
     np.testing.assert_array_equal(p.b, np.zeros(3))
     with pytest.raises(ValueError, match=r"^x: expected last dim D=4, got float32\[2, 3\]"):
@@ -33,18 +33,18 @@ def test_dense_init_and_errors(key):
     with pytest.raises(TypeError, match=r"^params: expected DenseParams, got tuple"):
         js.nn.dense((p.w, p.b), jnp.ones((2, 4)))
     with pytest.raises(ValueError, match=r"^output_size: expected a positive int, got 0"):
-        js.dense_init(key, 4, 0)
+        js.nn.Dense(0).init(key, 4)
 
 
 def test_embedding(key):
-    table = js.embedding_init(key, 50, 400)
+    table = js.nn.Embedding(400).init(key, 50)
     assert table.shape == (50, 400) and table.dtype == jnp.float32
     assert abs(float(jnp.std(table)) - 1.0) < 0.02  # N(0, 1)
     ids = jnp.array([[3, 0], [49, 3]])
     np.testing.assert_array_equal(js.nn.embed(table, ids), np.asarray(table)[np.asarray(ids)])
-    assert js.embedding_init(key, 5, 2, jnp.bfloat16).dtype == jnp.bfloat16
+    assert js.nn.Embedding(2).init(key, 5, jnp.bfloat16).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match=r"^embedding_size: expected a positive int, got 0"):
-        js.embedding_init(key, 10, 0)
+        js.nn.Embedding(0).init(key, 10)
     with pytest.raises(TypeError, match=r"^ids: expected an integer dtype"):
         js.nn.embed(table, jnp.ones((2,)))
     with pytest.raises(ValueError, match=r"^table: expected rank 2 \[V, E\]"):
@@ -98,9 +98,9 @@ def test_layer_norm_matches_numpy(key):
     norm = (xn - xn.mean(-1, keepdims=True)) / np.sqrt(xn.var(-1, keepdims=True) + 1e-5)
     want = norm * np.asarray(p.scale, np.float64) + np.asarray(p.bias, np.float64)
     np.testing.assert_allclose(js.nn.layer_norm(p, x), want, rtol=1e-5, atol=1e-5)
-    init = js.layer_norm_init(6, jnp.bfloat16)
+    init = js.nn.LayerNorm().init(None, 6, jnp.bfloat16)
     assert init.scale.dtype == jnp.bfloat16 and init.scale.tolist() == [1.0] * 6
     with pytest.raises(ValueError, match=r"^input_size: expected a positive int, got 0"):
-        js.layer_norm_init(0)
+        js.nn.LayerNorm().init(None, 0)
     with pytest.raises(ValueError, match=r"^x: expected last dim D=6, got float32\[4, 5\]"):
         js.nn.layer_norm(p, jnp.ones((4, 5)))

@@ -41,7 +41,7 @@ def test_sinusoidal_relative_shift_is_linear():
 
 
 def test_learned(key):
-    table = pos.learned_init(key, 16, 4)
+    table = pos.LearnedPositions(16).init(key, 4)
     assert table.shape == (16, 4)
     assert 0.005 < float(jnp.std(table)) < 0.05
     np.testing.assert_array_equal(pos.learned(table, 5), table[:5])

@@ -8,7 +8,7 @@ import jaxseq as js
 
 
 def test_layer_norm_known_values():
-    p = js.layer_norm_init(4)
+    p = js.nn.LayerNorm().init(None, 4)
     x = jnp.array([[1.0, 2.0, 3.0, 4.0], [2.0, 2.0, 2.0, 2.0]])
     y = js.nn.layer_norm(p, x)
     ref = (x[0] - 2.5) / np.sqrt(1.25 + 1e-5)
@@ -17,7 +17,7 @@ def test_layer_norm_known_values():
     p2 = js.nn.LayerNormParams(jnp.full((4,), 2.0), jnp.full((4,), 0.5))
     np.testing.assert_allclose(js.nn.layer_norm(p2, x)[0], 2 * ref + 0.5, rtol=1e-5)
     # random scale and offset, against the reference, over a batch of rows
-    p3 = npm.perturb(js.layer_norm_init(16), seed=3)
+    p3 = npm.perturb(js.nn.LayerNorm().init(None, 16), seed=3)
     x3 = jax.random.normal(jax.random.key(4), (3, 5, 16)) * 3.0 + 1.0
     np.testing.assert_allclose(
         js.nn.layer_norm(p3, x3), npm.layer_norm(p3, x3), rtol=1e-5, atol=1e-5
@@ -30,7 +30,7 @@ def test_layer_norm_known_values():
 
 @pytest.fixture
 def block(key):
-    return js.transformer_block_init(key, 16, num_heads=4, mlp_size=24)
+    return js.attention.TransformerBlock(4, mlp_size=24).init(key, 16)
 
 
 def test_block_shapes_and_pre_ln_residual(block):
@@ -49,7 +49,7 @@ def test_block_shapes_and_pre_ln_residual(block):
 @pytest.fixture
 def random_block(key):
     """Every weight and bias random and non-zero; the two layer norms random and different."""
-    return npm.perturb(js.transformer_block_init(key, 16, num_heads=4, mlp_size=24), seed=5)
+    return npm.perturb(js.attention.TransformerBlock(4, mlp_size=24).init(key, 16), seed=5)
 
 
 @pytest.mark.parametrize("case", ["causal", "length", "mask"])
@@ -118,31 +118,31 @@ def test_block_vmap_time_major_length_dropout_blockwise(block):
 
 
 def test_block_errors(key):
-    p = js.transformer_block_init(key, 8, num_heads=2)
+    p = js.attention.TransformerBlock(2).init(key, 8)
     assert p.mlp_in.w.shape == (8, 32)
     with pytest.raises(ValueError, match=r"x: expected shape \[T, D=8\], got float32\[3, 6\]"):
         js.attention.transformer_block(p, jnp.zeros((3, 6)))
     with pytest.raises(ValueError, match=r"x: expected rank 2"):
         js.attention.transformer_block(p, jnp.zeros((2, 3, 8)))
     with pytest.raises(ValueError, match=r"num_heads: expected a divisor of input_size=8, got 3"):
-        js.transformer_block_init(key, 8, num_heads=3)
+        js.attention.TransformerBlock(3).init(key, 8)
 
 
 def test_layer_norm_one_vector_and_dtype():
     """``x: [..., D]`` includes a single vector ``[D]``; ``dtype`` is honoured by the init."""
-    p = npm.perturb(js.layer_norm_init(4), seed=8)
+    p = npm.perturb(js.nn.LayerNorm().init(None, 4), seed=8)
     x = jnp.array([1.0, -2.0, 0.5, 3.0])
     np.testing.assert_allclose(js.nn.layer_norm(p, x), npm.layer_norm(p, x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"^x: expected rank >= 1"):
         js.nn.layer_norm(p, jnp.float32(1.0))
-    pb = js.layer_norm_init(4, dtype=jnp.bfloat16)
+    pb = js.nn.LayerNorm().init(None, 4, dtype=jnp.bfloat16)
     assert pb.scale.dtype == jnp.bfloat16 and pb.bias.dtype == jnp.bfloat16
 
 
 def test_block_init_dtype_key_and_residual_scaling(key):
     with pytest.raises(TypeError, match=r"^key: expected a jax.random key"):
-        js.transformer_block_init(None, 8, num_heads=2)
-    p = js.transformer_block_init(key, 64, num_heads=4, mlp_size=96, dtype=jnp.bfloat16)
+        js.attention.TransformerBlock(2).init(None, 8)
+    p = js.attention.TransformerBlock(4, mlp_size=96).init(key, 64, dtype=jnp.bfloat16)
     leaves = jax.tree_util.tree_leaves_with_path(p)
     assert all(a.dtype == jnp.bfloat16 for _, a in leaves), [
         (jax.tree_util.keystr(k), a.dtype) for k, a in leaves if a.dtype != jnp.bfloat16

@@ -4,6 +4,7 @@ multiplicative (Luong), with a length or a mask over the encoder steps.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -17,13 +18,13 @@ from jaxseq.attention.dot_product import _keep_rows, _weighted_values
 from jaxseq.masks import combine_masks, length_mask
 
 __all__ = [
+    "AdditiveAttention",
     "AdditiveAttentionParams",
+    "LuongAttention",
     "LuongAttentionParams",
     "additive_attention",
-    "additive_attention_init",
     "additive_attention_keys",
     "luong_attention",
-    "luong_attention_init",
 ]
 
 
@@ -69,27 +70,61 @@ class AdditiveAttentionParams(NamedTuple):
     v: jax.Array  # [A]
 
 
-def additive_attention_init(
-    key, query_size: int, key_size: int, attention_size: int, dtype=jnp.float32
-) -> AdditiveAttentionParams:
-    """Parameters of additive attention (Bahdanau et al. 2015): ``A`` is the hidden size.
+@dataclasses.dataclass(frozen=True)
+class AdditiveAttention:
+    """Additive attention (Bahdanau et al. 2015) of decoder queries over encoder states,
+    for ONE example: ``e_j = v . tanh(W_q q + W_k k_j + b)``.
 
-    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    ``attention_size``: ``A``, the hidden size of the score. ``init(key, query_size,
+    key_size, dtype)`` returns :class:`AdditiveAttentionParams` (LeCun-normal, zero
+    ``b``); ``apply(params, query, keys, values=None, **options)`` is
+    :func:`additive_attention` (``lengths``, ``mask``, ``projected_keys``) and
+    ``project_keys`` is :func:`additive_attention_keys` (once per source sequence).
+
+    >>> att = AdditiveAttention(5)
+    >>> p = att.init(jax.random.key(0), 6, 4)
     >>> p.w_q.shape, p.w_k.shape, p.v.shape
     ((6, 5), (4, 5), (5,))
+    >>> ctx, w = att.apply(p, jnp.ones(6), jnp.ones((3, 4)), lengths=2)
+    >>> ctx.shape, w.round(3).tolist()
+    ((4,), [0.5, 0.5, 0.0])
     """
-    _checks.check_key("key", key)
-    dq = _checks.check_positive_int("query_size", query_size)
-    dk = _checks.check_positive_int("key_size", key_size)
-    a = _checks.check_positive_int("attention_size", attention_size)
-    kq, kk, kv = jax.random.split(key, 3)
-    init = inits.lecun_normal()
-    return AdditiveAttentionParams(
-        init(kq, (dq, a), dtype),
-        init(kk, (dk, a), dtype),
-        jnp.zeros((a,), dtype),
-        init(kv, (a, 1), dtype).reshape(a),
-    )
+
+    attention_size: int
+
+    def __post_init__(self):
+        _checks.check_positive_int("attention_size", self.attention_size)
+
+    def init(
+        self, key, query_size: int, key_size: int, dtype=jnp.float32
+    ) -> AdditiveAttentionParams:
+        """``w_q: [Dq, A]``, ``w_k: [Dk, A]``, ``b: [A]``, ``v: [A]``."""
+        _checks.check_key("key", key)
+        dq = _checks.check_positive_int("query_size", query_size)
+        dk = _checks.check_positive_int("key_size", key_size)
+        a = self.attention_size
+        kq, kk, kv = jax.random.split(key, 3)
+        init = inits.lecun_normal()
+        return AdditiveAttentionParams(
+            init(kq, (dq, a), dtype),
+            init(kk, (dk, a), dtype),
+            jnp.zeros((a,), dtype),
+            init(kv, (a, 1), dtype).reshape(a),
+        )
+
+    def _check(self, params):
+        if isinstance(params, AdditiveAttentionParams):
+            _checks.check_shape("params.v", params.v, (self.attention_size,), ("A",))
+
+    def apply(self, params: AdditiveAttentionParams, query, keys, values=None, **options):
+        """``(context, weights)``: :func:`additive_attention`."""
+        self._check(params)
+        return additive_attention(params, query, keys, values, **options)
+
+    def project_keys(self, params: AdditiveAttentionParams, keys, *, lengths=None, mask=None):
+        """``keys @ W_k``, ``[Tk, Dk] -> float32[Tk, A]``: :func:`additive_attention_keys`."""
+        self._check(params)
+        return additive_attention_keys(params, keys, lengths=lengths, mask=mask)
 
 
 def additive_attention(
@@ -102,7 +137,8 @@ def additive_attention(
     mask=None,
     projected_keys=None,
 ):
-    """Bahdanau attention for ONE example: ``e_j = v . tanh(W_q q + W_k k_j + b)``.
+    """Bahdanau attention for ONE example: ``e_j = v . tanh(W_q q + W_k k_j + b)`` (the
+    pure function under :meth:`AdditiveAttention.apply`).
 
     Args:
       query: ``[Dq]`` (a decoder state) or ``[Tq, Dq]``.
@@ -118,7 +154,7 @@ def additive_attention(
     ``values`` and ``projected_keys`` are never read (NaN there changes no result
     and no gradient; their gradients are zero).
 
-    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    >>> p = AdditiveAttention(5).init(jax.random.key(0), 6, 4)
     >>> ctx, w = additive_attention(p, jnp.ones(6), jnp.ones((3, 4)), lengths=2)
     >>> ctx.shape, w.round(3).tolist()
     ((4,), [0.5, 0.5, 0.0])
@@ -155,7 +191,7 @@ def additive_attention_keys(params: AdditiveAttentionParams, keys, *, lengths=No
     masked steps are zeroed before the product, so NaN in padded keys reaches neither
     the projection nor the gradient of ``W_k``.
 
-    >>> p = additive_attention_init(jax.random.key(0), 6, 4, 5)
+    >>> p = AdditiveAttention(5).init(jax.random.key(0), 6, 4)
     >>> additive_attention_keys(p, jnp.ones((3, 4))).shape
     (3, 5)
     >>> pk = additive_attention_keys(p, jnp.ones((3, 4)).at[2].set(jnp.nan), lengths=2)
@@ -180,40 +216,66 @@ class LuongAttentionParams(NamedTuple):
     w: jax.Array | None  # [Dq, Dk] for score="general"; None for score="dot"
 
 
-def luong_attention_init(
-    key, query_size: int, key_size: int, score: str = "general", dtype=jnp.float32
-) -> LuongAttentionParams:
-    """Parameters of multiplicative attention (Luong et al. 2015).
+@dataclasses.dataclass(frozen=True)
+class LuongAttention:
+    """Multiplicative attention (Luong et al. 2015) for ONE example.
 
     ``score="dot"``: ``e_j = q . k_j`` (no parameters; needs ``Dq == Dk``).
-    ``score="general"``: ``e_j = q^T W k_j`` with ``W: [Dq, Dk]``.
+    ``score="general"``: ``e_j = q^T W k_j`` with ``W: [Dq, Dk]`` (LeCun normal).
+    ``init(key, query_size, key_size, dtype)`` returns :class:`LuongAttentionParams`
+    (``key`` may be ``None`` for ``"dot"``); ``apply(params, query, keys,
+    values=None, **options)`` is :func:`luong_attention`.
 
-    >>> luong_attention_init(jax.random.key(0), 6, 4).w.shape
+    >>> LuongAttention().init(jax.random.key(0), 6, 4).w.shape
     (6, 4)
-    >>> luong_attention_init(None, 4, 4, score="dot").w is None
-    True
+    >>> att = LuongAttention(score="dot")
+    >>> p = att.init(None, 2, 2)
+    >>> keys = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    >>> ctx, w = att.apply(p, jnp.array([1.0, 0.0]), keys, lengths=2)
+    >>> p.w is None, w.round(3).tolist()
+    (True, [0.731, 0.269, 0.0])
     """
-    _checks.check_choice("score", score, ("dot", "general"))
-    dq = _checks.check_positive_int("query_size", query_size)
-    dk = _checks.check_positive_int("key_size", key_size)
-    if score == "dot":
-        if dq != dk:
-            raise ValueError(f"key_size: score='dot' needs key_size == query_size={dq}, got {dk}")
-        return LuongAttentionParams(None)
-    _checks.check_key("key", key)
-    return LuongAttentionParams(inits.lecun_normal()(key, (dq, dk), dtype))
+
+    score: str = "general"
+
+    def __post_init__(self):
+        _checks.check_choice("score", self.score, ("dot", "general"))
+
+    def init(self, key, query_size: int, key_size: int, dtype=jnp.float32) -> LuongAttentionParams:
+        """``w: [Dq, Dk]`` (``"general"``) or ``None`` (``"dot"``)."""
+        dq = _checks.check_positive_int("query_size", query_size)
+        dk = _checks.check_positive_int("key_size", key_size)
+        if self.score == "dot":
+            if dq != dk:
+                raise ValueError(
+                    f"key_size: score='dot' needs key_size == query_size={dq}, got {dk}"
+                )
+            return LuongAttentionParams(None)
+        _checks.check_key("key", key)
+        return LuongAttentionParams(inits.lecun_normal()(key, (dq, dk), dtype))
+
+    def apply(self, params: LuongAttentionParams, query, keys, values=None, **options):
+        """``(context, weights)``: :func:`luong_attention`, params of this ``score``."""
+        if isinstance(params, LuongAttentionParams) and (params.w is None) != (self.score == "dot"):
+            got = "None" if params.w is None else _checks.describe(params.w)
+            raise ValueError(
+                f"params.w: expected {'None' if self.score == 'dot' else '[Dq, Dk]'} "
+                f"for score={self.score!r}, got {got}"
+            )
+        return luong_attention(params, query, keys, values, **options)
 
 
 def luong_attention(
     params: LuongAttentionParams, query, keys, values=None, *, lengths=None, mask=None
 ):
-    """Luong attention for ONE example: ``e_j = q . k_j`` (dot) or ``q^T W k_j`` (general).
+    """Luong attention for ONE example: ``e_j = q . k_j`` (dot) or ``q^T W k_j`` (general),
+    the pure function under :meth:`LuongAttention.apply`.
 
     Args and returns as :func:`additive_attention`: ``query [Dq]`` or ``[Tq, Dq]``,
     ``keys [Tk, Dk]``, ``values [Tk, Dv]`` (default keys), ``lengths``/``mask`` over
     the source; returns ``(context, weights float32)``.
 
-    >>> p = luong_attention_init(None, 2, 2, score="dot")
+    >>> p = LuongAttention(score="dot").init(None, 2, 2)
     >>> keys = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
     >>> ctx, w = luong_attention(p, jnp.array([1.0, 0.0]), keys, lengths=2)
     >>> w.round(3).tolist()

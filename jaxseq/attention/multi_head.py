@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -21,9 +22,9 @@ from jaxseq.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks, length_m
 from jaxseq.nn.dropout import dropout
 
 __all__ = [
+    "MultiHeadAttention",
     "MultiHeadAttentionParams",
     "multi_head_attention",
-    "multi_head_attention_init",
 ]
 
 
@@ -40,60 +41,89 @@ class MultiHeadAttentionParams(NamedTuple):
     b_o: jax.Array | None  # [Do]
 
 
-def multi_head_attention_init(
-    key,
-    query_size: int,
-    num_heads: int,
-    key_size: int,
-    *,
-    value_size: int | None = None,
-    context_size: int | None = None,
-    output_size: int | None = None,
-    use_bias: bool = True,
-    dtype=jnp.float32,
-) -> MultiHeadAttentionParams:
-    """Parameters of multi-head attention (Vaswani et al. 2017).
+@dataclasses.dataclass(frozen=True)
+class MultiHeadAttention:
+    """Multi-head attention (Vaswani et al. 2017) for ONE example; ``jax.vmap`` it over a batch.
 
     Args:
-      query_size: ``Dq``, the size of the inputs the queries are computed from.
       num_heads: ``K``.
       key_size: ``Dk`` per head (queries and keys).
       value_size: ``Dv`` per head (default ``key_size``).
-      context_size: ``Dc``, size of the inputs keys and values are computed from
-        (default ``query_size``: self-attention).
-      output_size: ``Do`` (default ``query_size``).
+      output_size: ``Do`` (default the query size given to ``init``).
       use_bias: biases on the four projections (zeros at init).
 
-    Weights are LeCun normal; the head count and sizes are read back from the
-    shapes, so :func:`multi_head_attention` needs no config.
+    ``init(key, query_size, context_size=None, dtype)`` returns
+    :class:`MultiHeadAttentionParams` (LeCun-normal weights; ``context_size`` is ``Dc``,
+    the size of the inputs keys and values come from, default ``query_size``:
+    self-attention). ``apply(params, x, context=None, mask=None, **options)`` is
+    :func:`multi_head_attention` (``causal``, ``bias``, ``q_lengths``, ``k_lengths``,
+    ``blockwise``, ``dropout_rate`` with ``key``, ``return_weights``): ``x: [Tq, Dq]``
+    -> ``[Tq, Do]``.
 
-    >>> p = multi_head_attention_init(jax.random.key(0), 16, num_heads=2, key_size=8)
+    >>> mha = MultiHeadAttention(num_heads=2, key_size=8)
+    >>> p = mha.init(jax.random.key(0), 16)
     >>> p.w_q.shape, p.w_o.shape, p.b_o.shape
     ((16, 2, 8), (2, 8, 16), (16,))
+    >>> xs = jnp.ones((3, 5, 16))  # [B, T, D]: vmap over the batch
+    >>> jax.vmap(lambda x: mha.apply(p, x, causal=True))(xs).shape
+    (3, 5, 16)
     """
-    _checks.check_key("key", key)
-    dq = _checks.check_positive_int("query_size", query_size)
-    nh = _checks.check_positive_int("num_heads", num_heads)
-    dk = _checks.check_positive_int("key_size", key_size)
-    dv = dk if value_size is None else _checks.check_positive_int("value_size", value_size)
-    dc = dq if context_size is None else _checks.check_positive_int("context_size", context_size)
-    do = dq if output_size is None else _checks.check_positive_int("output_size", output_size)
-    kq, kk, kv, ko = jax.random.split(key, 4)
-    init = inits.lecun_normal()
-    w_q = init(kq, (dq, nh * dk), dtype).reshape(dq, nh, dk)
-    w_k = init(kk, (dc, nh * dk), dtype).reshape(dc, nh, dk)
-    w_v = init(kv, (dc, nh * dv), dtype).reshape(dc, nh, dv)
-    w_o = init(ko, (nh * dv, do), dtype).reshape(nh, dv, do)
-    if use_bias:
-        b = (
-            jnp.zeros((nh, dk), dtype),
-            jnp.zeros((nh, dk), dtype),
-            jnp.zeros((nh, dv), dtype),
-            jnp.zeros((do,), dtype),
+
+    num_heads: int
+    key_size: int
+    value_size: int | None = None
+    output_size: int | None = None
+    use_bias: bool = True
+
+    def __post_init__(self):
+        _checks.check_positive_int("num_heads", self.num_heads)
+        _checks.check_positive_int("key_size", self.key_size)
+        if self.value_size is not None:
+            _checks.check_positive_int("value_size", self.value_size)
+        if self.output_size is not None:
+            _checks.check_positive_int("output_size", self.output_size)
+
+    def init(
+        self, key, query_size: int, context_size: int | None = None, dtype=jnp.float32
+    ) -> MultiHeadAttentionParams:
+        """Parameters for queries from ``[Tq, Dq]`` (``Dq = query_size``) and keys and values
+        from ``[Tk, Dc]`` (``Dc = context_size``, default ``Dq``)."""
+        _checks.check_key("key", key)
+        dq = _checks.check_positive_int("query_size", query_size)
+        dc = (
+            dq if context_size is None else _checks.check_positive_int("context_size", context_size)
         )
-    else:
-        b = (None,) * 4
-    return MultiHeadAttentionParams(w_q, w_k, w_v, w_o, *b)
+        nh, dk = self.num_heads, self.key_size
+        dv = dk if self.value_size is None else self.value_size
+        do = dq if self.output_size is None else self.output_size
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        init = inits.lecun_normal()
+        w_q = init(kq, (dq, nh * dk), dtype).reshape(dq, nh, dk)
+        w_k = init(kk, (dc, nh * dk), dtype).reshape(dc, nh, dk)
+        w_v = init(kv, (dc, nh * dv), dtype).reshape(dc, nh, dv)
+        w_o = init(ko, (nh * dv, do), dtype).reshape(nh, dv, do)
+        if self.use_bias:
+            zeros = lambda *shape: jnp.zeros(shape, dtype)
+            b = (zeros(nh, dk), zeros(nh, dk), zeros(nh, dv), zeros(do))
+        else:
+            b = (None,) * 4
+        return MultiHeadAttentionParams(w_q, w_k, w_v, w_o, *b)
+
+    def apply(self, params: MultiHeadAttentionParams, x, context=None, mask=None, **options):
+        """:func:`multi_head_attention` with params of this config's heads and sizes."""
+        _, _, nh, dk, dv, do = _check_mha_params(params)
+        want = dict(num_heads=(nh, self.num_heads), key_size=(dk, self.key_size))
+        if self.value_size is not None:
+            want["value_size"] = (dv, self.value_size)
+        if self.output_size is not None:
+            want["output_size"] = (do, self.output_size)
+        for name, (got, expected) in want.items():
+            if got != expected:
+                raise ValueError(
+                    f"params: expected {name}={expected} (this MultiHeadAttention), "
+                    f"got params with {name}={got}"
+                )
+        return multi_head_attention(params, x, context, mask, **options)
 
 
 def _check_mha_params(params):
@@ -146,14 +176,16 @@ def multi_head_attention(
     q_lengths=None,
     k_lengths=None,
 ):
-    """Multi-head attention for ONE example (``jax.vmap`` it over a batch).
+    """Multi-head attention for ONE example (``jax.vmap`` it over a batch): the pure
+    function under :meth:`MultiHeadAttention.apply`.
 
     ``q = x W_q``, ``k = context W_k``, ``v = context W_v`` per head; each head
     runs :func:`attention_weights` (heads by ``vmap``); the heads' outputs are
     concatenated and projected by ``W_o``.
 
     Args:
-      params: from :func:`multi_head_attention_init` (``K`` heads read from shapes).
+      params: :class:`MultiHeadAttentionParams` from :meth:`MultiHeadAttention.init`
+        (``K`` heads and the sizes are read from the shapes).
       x: ``[Tq, Dq]`` queries' inputs.
       context: ``[Tk, Dc]`` keys'/values' inputs; ``None`` for self-attention (``x``).
       mask: optional ``bool[Tq, Tk]`` or per head ``bool[K, Tq, Tk]`` (True = attend).
@@ -178,7 +210,7 @@ def multi_head_attention(
     they hold (NaN, inf) reaches no output and no gradient; a query row that sees no
     key gets zero attention, so its output is ``b_o`` (zeros without biases).
 
-    >>> p = multi_head_attention_init(jax.random.key(0), 16, num_heads=2, key_size=8)
+    >>> p = MultiHeadAttention(num_heads=2, key_size=8).init(jax.random.key(0), 16)
     >>> y, w = multi_head_attention(p, jnp.ones((5, 16)), causal=True, return_weights=True)
     >>> y.shape, w.shape, w[0, 0].tolist()
     ((5, 16), (2, 5, 5), [1.0, 0.0, 0.0, 0.0, 0.0])
@@ -191,16 +223,7 @@ def multi_head_attention(
     True
     """
     dq, dc, nh, dk, dv, do = _check_mha_params(params)
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"x: expected an array [Tq, Dq], got {type(x).__name__}")
-    _checks.check_floating("x", x)
-    _checks.check_ndim("x", x, 2, "[Tq, Dq] (one example; vmap over a batch)")
-    _checks.check_shape("x", x, (None, dq), ("Tq", "Dq"))
-    ctx = x if context is None else context
-    if context is not None:
-        _checks.check_floating("context", context)
-        _checks.check_ndim("context", context, 2, "[Tk, Dc] (one example)")
-    _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
+    x, ctx = _check_inputs(x, context, dq, dc)
     tq, tk = x.shape[0], ctx.shape[0]
     _checks.check_rate("dropout_rate", dropout_rate)
     _checks.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
@@ -222,23 +245,11 @@ def multi_head_attention(
                 "without mask, bias, dropout or returned weights"
             )
         # padded rows zeroed before the projections, so NaN there reaches no gradient
-        if q_valid is not None:
-            x = _keep_rows(x, q_valid)
-        if k_valid is not None:
-            ctx = _keep_rows(ctx, k_valid)
+        x = x if q_valid is None else _keep_rows(x, q_valid)
+        ctx = ctx if k_valid is None else _keep_rows(ctx, k_valid)
     else:
-        mask, m_ax, _ = _per_head_arg("mask", mask, (), nh, tq, tk)
-        bias, b_ax, _ = _per_head_arg("bias", bias, (), nh, tq, tk)
-        if mask is not None:
-            _checks.check_bool("mask", mask)
-        if q_valid is not None or k_valid is not None:
-            qv = jnp.ones((tq,), bool) if q_valid is None else q_valid
-            kv = jnp.ones((tk,), bool) if k_valid is None else k_valid
-            pad = qv[:, None] & kv[None, :]
-            mask = pad if mask is None else mask & (pad if m_ax is None else pad[None])
-        full = combine_masks(
-            None if mask is None else mask.reshape((-1, tq, tk)),
-            causal_mask(tq, tk, alignment=causal_alignment)[None] if causal else None,
+        mask, m_ax, bias, b_ax, full = _dense_masks(
+            mask, bias, q_valid, k_valid, causal, causal_alignment, nh, tq, tk
         )
         if full is not None:
             # padding: query rows that see no key and keys no query sees (in any head)
@@ -248,20 +259,8 @@ def multi_head_attention(
     q = _project_heads(x, params.w_q, params.b_q).astype(dtype)  # [Tq, K, Dk]
     k = _project_heads(ctx, params.w_k, params.b_k).astype(dtype)  # [Tk, K, Dk]
     v = _project_heads(ctx, params.w_v, params.b_v).astype(dtype)  # [Tk, K, Dv]
-
     if blockwise:
-        per_head = lambda n: None if n is None else jnp.broadcast_to(n, (nh,))
-        o = blockwise_attention(
-            jnp.swapaxes(q, 0, 1),
-            jnp.swapaxes(k, 0, 1),
-            jnp.swapaxes(v, 0, 1),
-            causal=causal,
-            causal_alignment=causal_alignment,
-            q_lengths=per_head(q_lengths),
-            k_lengths=per_head(k_lengths),
-        )
-        o = jnp.swapaxes(o, 0, 1)  # [Tq, K, Dv]
-        w = None
+        o, w = _blockwise_heads(q, k, v, causal, causal_alignment, q_lengths, k_lengths), None
     else:
         weights_fn = jax.vmap(
             lambda q1, k1, m1, b1: attention_weights(
@@ -277,3 +276,53 @@ def multi_head_attention(
         out = add_bias(out, params.b_o)
     out = out.astype(dtype)
     return (out, w) if return_weights else out
+
+
+def _check_inputs(x, context, dq, dc):
+    """Validates ``x: [Tq, Dq]`` and ``context: [Tk, Dc]`` (``None``: ``x``)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x: expected an array [Tq, Dq], got {type(x).__name__}")
+    _checks.check_floating("x", x)
+    _checks.check_ndim("x", x, 2, "[Tq, Dq] (one example; vmap over a batch)")
+    _checks.check_shape("x", x, (None, dq), ("Tq", "Dq"))
+    ctx = x if context is None else context
+    if context is not None:
+        _checks.check_floating("context", context)
+        _checks.check_ndim("context", context, 2, "[Tk, Dc] (one example)")
+    _checks.check_shape("context" if context is not None else "x", ctx, (None, dc), ("Tk", "Dc"))
+    return x, ctx
+
+
+def _dense_masks(mask, bias, q_valid, k_valid, causal, alignment, nh, tq, tk):
+    """The dense path's ``(mask, mask_axis, bias, bias_axis, full)``: the user's mask with
+    the padding of ``q_valid``/``k_valid`` folded in, and ``full: bool[1 or K, Tq, Tk]``,
+    that and the causal mask together (``None`` when nothing is masked)."""
+    mask, m_ax, _ = _per_head_arg("mask", mask, (), nh, tq, tk)
+    bias, b_ax, _ = _per_head_arg("bias", bias, (), nh, tq, tk)
+    if mask is not None:
+        _checks.check_bool("mask", mask)
+    if q_valid is not None or k_valid is not None:
+        qv = jnp.ones((tq,), bool) if q_valid is None else q_valid
+        kv = jnp.ones((tk,), bool) if k_valid is None else k_valid
+        pad = qv[:, None] & kv[None, :]
+        mask = pad if mask is None else mask & (pad if m_ax is None else pad[None])
+    full = combine_masks(
+        None if mask is None else mask.reshape((-1, tq, tk)),
+        causal_mask(tq, tk, alignment=alignment)[None] if causal else None,
+    )
+    return mask, m_ax, bias, b_ax, full
+
+
+def _blockwise_heads(q, k, v, causal, alignment, q_lengths, k_lengths):
+    """``q: [Tq, K, Dk]``, ``k, v: [Tk, K, D]`` through :func:`blockwise_attention` with the
+    heads as its batch dim (lengths of this example shared by the heads) -> ``[Tq, K, Dv]``."""
+    o = blockwise_attention(
+        jnp.swapaxes(q, 0, 1),
+        jnp.swapaxes(k, 0, 1),
+        jnp.swapaxes(v, 0, 1),
+        causal=causal,
+        causal_alignment=alignment,
+        q_lengths=q_lengths,
+        k_lengths=k_lengths,
+    )
+    return jnp.swapaxes(o, 0, 1)

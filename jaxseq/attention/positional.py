@@ -6,7 +6,8 @@ offsets when decoding step by step, or per-example positions under ``vmap``).
 
 * :func:`sinusoidal` returns ``[T, D]`` to add to the embeddings:
   ``PE[t, 2i] = sin(t / base^(2i/D))``, ``PE[t, 2i+1] = cos(t / base^(2i/D))``.
-* :func:`learned_init` / :func:`learned` keep a trainable table ``[T_max, D]``.
+* :class:`LearnedPositions` keeps a trainable table ``[T_max, D]`` (:func:`learned`
+  reads its rows).
 * :func:`rotary` rotates queries and keys (not values) before the dot product:
   feature pairs ``(x[i], x[i + D/2])`` (the "rotate half" layout) are rotated by
   the angle ``t * base^(-2i/D)``. Rotations preserve norms, and
@@ -15,14 +16,16 @@ offsets when decoding step by step, or per-example positions under ``vmap``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
 
 __all__ = [
+    "LearnedPositions",
     "learned",
-    "learned_init",
     "rotary",
     "rotary_angles",
     "sinusoidal",
@@ -63,22 +66,47 @@ def sinusoidal(
     return pe[:, :dim].astype(dtype)
 
 
-def learned_init(
-    key, max_length: int, dim: int, *, stddev: float = 0.02, dtype=jnp.float32
-) -> jax.Array:
-    """A learned position table ``[T_max, D]`` drawn from N(0, stddev^2).
+@dataclasses.dataclass(frozen=True)
+class LearnedPositions:
+    """A trainable position table ``[T_max, D]``, added to the embeddings.
 
-    >>> learned_init(jax.random.key(0), 16, 4).shape
-    (16, 4)
+    Args:
+      max_length: ``T_max``, the longest sequence (positions past it were never trained).
+      stddev: the table is drawn from ``N(0, stddev^2)`` (default 0.02).
+
+    ``init(key, input_size, dtype)`` returns the table ``[T_max, D]`` for
+    ``D = input_size``; ``apply(table, length=None, *, positions=None)`` is
+    :func:`learned`: its first ``length`` rows, or the rows at ``positions``.
+
+    >>> pos = LearnedPositions(16)
+    >>> table = pos.init(jax.random.key(0), 4)
+    >>> table.shape, pos.apply(table, 3).shape
+    ((16, 4), (3, 4))
     """
-    _checks.check_key("key", key)
-    t = _checks.check_positive_int("max_length", max_length)
-    d = _checks.check_positive_int("dim", dim)
-    return (stddev * jax.random.normal(key, (t, d), jnp.float32)).astype(dtype)
+
+    max_length: int
+    stddev: float = 0.02
+
+    def __post_init__(self):
+        _checks.check_positive_int("max_length", self.max_length)
+
+    def init(self, key, input_size: int, dtype=jnp.float32) -> jax.Array:
+        """The table ``[T_max, D]``, drawn in float32 and cast to ``dtype``."""
+        _checks.check_key("key", key)
+        d = _checks.check_positive_int("input_size", input_size)
+        table = jax.random.normal(key, (self.max_length, d), jnp.float32)
+        return (self.stddev * table).astype(dtype)
+
+    def apply(self, table, length: int | None = None, *, positions=None) -> jax.Array:
+        """``[T, D]`` rows of ``table`` (:func:`learned`)."""
+        _checks.check_ndim("table", table, 2, "[T_max, D]")
+        _checks.check_shape("table", table, (self.max_length, None), ("T_max", "D"))
+        return learned(table, length, positions=positions)
 
 
 def learned(table, length: int | None = None, *, positions=None) -> jax.Array:
-    """Rows of a learned table: ``table[:length]`` or ``table[positions]`` -> ``[T, D]``.
+    """Rows of a learned table: ``table[:length]`` or ``table[positions]`` -> ``[T, D]``
+    (the pure function under :meth:`LearnedPositions.apply`).
 
     Raises if ``length`` exceeds the table (positions beyond it were never trained).
 

@@ -1,39 +1,44 @@
-"""A pre-LayerNorm causal Transformer block for ONE example (``jax.vmap`` it over a batch).
+"""A pre-LayerNorm Transformer block for ONE example (``jax.vmap`` it over a batch).
 
 ::
 
-    h = x + Attention(LN_1(x))          # multi-head causal self-attention
+    h = x + Attention(LN_1(x))          # multi-head (causal) self-attention
     y = h + W_2 gelu(W_1 LN_2(h))       # position-wise MLP
 
 (Pre-LN as in GPT-2 / Xiong et al. 2020: the residual stream is never
-normalised, which trains without warm-up tricks; put a final :func:`layer_norm`
-after the last block.) Shapes: ``T`` time, ``D`` model size, ``K`` heads,
-``F`` MLP hidden size. Time-major batches ``[T, B, D]`` are run with
-``jax.vmap(fn, in_axes=(None, 1), out_axes=1)``.
+normalised, which trains without warm-up tricks; put a final
+:class:`~jaxseq.nn.LayerNorm` after the last block.) Shapes: ``T`` time, ``D``
+model size, ``K`` heads, ``Dh = D / K``, ``F`` MLP hidden size. Time-major
+batches ``[T, B, D]`` are run with ``jax.vmap(fn, in_axes=(None, 1), out_axes=1)``.
+:meth:`TransformerBlock.apply_with_attention` runs the same block around a
+caller's attention core (a key/value cache, a sliding window) on any leading dims.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
+from jaxseq._numerics import acc_dtype, add_bias
 from jaxseq.attention.multi_head import (
+    MultiHeadAttention,
     MultiHeadAttentionParams,
     multi_head_attention,
-    multi_head_attention_init,
 )
 from jaxseq.masks import length_mask
-from jaxseq.nn.dense import DenseParams, dense, dense_init
+from jaxseq.nn.dense import Dense, DenseParams, dense
 from jaxseq.nn.dropout import dropout
-from jaxseq.nn.norm import LayerNormParams, layer_norm, layer_norm_init
+from jaxseq.nn.norm import LayerNorm, LayerNormParams, layer_norm
 
 __all__ = [
+    "TransformerBlock",
     "TransformerBlockParams",
     "transformer_block",
-    "transformer_block_init",
 ]
 
 
@@ -47,37 +52,130 @@ class TransformerBlockParams(NamedTuple):
     mlp_out: DenseParams  # [F, D]
 
 
-def transformer_block_init(
-    key, input_size: int, num_heads: int, *, mlp_size: int | None = None, dtype=jnp.float32
-) -> TransformerBlockParams:
-    """Parameters of one block: ``D = input_size`` split into ``K = num_heads`` heads of ``D/K``.
+@dataclasses.dataclass(frozen=True)
+class TransformerBlock:
+    """A pre-LN Transformer block (see the module docstring) for ONE example ``[T, D]``.
 
-    ``mlp_size`` (``F``) defaults to ``4 * D``. The output projections of the
-    attention and the MLP are scaled down by ``1/sqrt(2)`` so the two residual
-    branches start small next to the stream.
+    Args:
+      num_heads: ``K`` (a divisor of the model size ``D`` given to ``init``).
+      mlp_size: ``F`` (default ``4 * D``).
+      causal: causal self-attention (default True, for language models).
+      dropout_rate: dropout on the attention weights and on both residual branches,
+        only when ``apply`` gets a ``key``.
 
-    >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
+    ``init(key, input_size, dtype)`` returns :class:`TransformerBlockParams`;
+    ``apply(params, x, ...)`` is :func:`transformer_block` with this config's
+    ``causal`` and ``dropout_rate``.
+
+    >>> block = TransformerBlock(num_heads=2)
+    >>> p = block.init(jax.random.key(0), 8)
     >>> p.attn.w_q.shape, p.mlp_in.w.shape
     ((8, 2, 4), (8, 32))
+    >>> block.apply(p, jnp.ones((5, 8)), lengths=3).shape
+    (5, 8)
     """
-    _checks.check_key("key", key)
-    d = _checks.check_positive_int("input_size", input_size)
-    nh = _checks.check_positive_int("num_heads", num_heads)
-    if d % nh:
-        raise ValueError(f"num_heads: expected a divisor of input_size={d}, got {nh}")
-    f = 4 * d if mlp_size is None else _checks.check_positive_int("mlp_size", mlp_size)
-    ka, k1, k2 = jax.random.split(key, 3)
-    attn = multi_head_attention_init(ka, d, nh, d // nh, dtype=dtype)
-    attn = attn._replace(w_o=(attn.w_o * (0.5**0.5)).astype(dtype))
-    mlp_out = dense_init(k2, f, d, dtype)
-    mlp_out = mlp_out._replace(w=(mlp_out.w * (0.5**0.5)).astype(dtype))
-    return TransformerBlockParams(
-        layer_norm_init(d, dtype),
-        attn,
-        layer_norm_init(d, dtype),
-        dense_init(k1, d, f, dtype),
-        mlp_out,
-    )
+
+    num_heads: int
+    mlp_size: int | None = None
+    causal: bool = True
+    dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        _checks.check_positive_int("num_heads", self.num_heads)
+        if self.mlp_size is not None:
+            _checks.check_positive_int("mlp_size", self.mlp_size)
+        _checks.check_rate("dropout_rate", self.dropout_rate)
+
+    def init(self, key, input_size: int, dtype=jnp.float32) -> TransformerBlockParams:
+        """Parameters of one block: ``D = input_size`` split into ``K`` heads of ``D/K``.
+
+        The output projections of the attention and the MLP are scaled down by
+        ``1/sqrt(2)`` so the two residual branches start small next to the stream.
+        """
+        _checks.check_key("key", key)
+        d = _checks.check_positive_int("input_size", input_size)
+        nh = self.num_heads
+        if d % nh:
+            raise ValueError(f"num_heads: expected a divisor of input_size={d}, got {nh}")
+        f = 4 * d if self.mlp_size is None else self.mlp_size
+        ka, k1, k2 = jax.random.split(key, 3)
+        attn = MultiHeadAttention(nh, d // nh).init(ka, d, dtype=dtype)
+        attn = attn._replace(w_o=(attn.w_o * (0.5**0.5)).astype(dtype))
+        mlp_out = Dense(d).init(k2, f, dtype)
+        mlp_out = mlp_out._replace(w=(mlp_out.w * (0.5**0.5)).astype(dtype))
+        ln1, ln2 = (LayerNorm().init(None, d, dtype) for _ in range(2))
+        return TransformerBlockParams(ln1, attn, ln2, Dense(f).init(k1, d, dtype), mlp_out)
+
+    def apply(
+        self,
+        params: TransformerBlockParams,
+        x,
+        *,
+        mask=None,
+        lengths=None,
+        key=None,
+        blockwise: bool = False,
+        return_weights: bool = False,
+    ):
+        """``x: [T, D] -> [T, D]`` (one example): :func:`transformer_block`."""
+        return transformer_block(
+            params,
+            x,
+            mask=mask,
+            lengths=lengths,
+            causal=self.causal,
+            key=key,
+            dropout_rate=self.dropout_rate,
+            blockwise=blockwise,
+            return_weights=return_weights,
+        )
+
+    def apply_with_attention(
+        self, params: TransformerBlockParams, x, attend: Callable, *, key=None
+    ):
+        """The block around a caller's attention core, on ``x: [*N, T, D]`` (any leading dims).
+
+        ``attend(q, k, v) -> o`` gets the heads of ``LN_1(x)`` projected head-major,
+        ``q, k, v: [*N, K, T, Dh]`` in ``x``'s dtype (before any rotary rotation), and
+        returns ``o: [*N, K, Tq, Dh]``; it may attend to more keys than ``T`` (a cache)
+        and applies its own masks. The block adds the output projection, the residual,
+        the MLP and the dropout on both residual branches (when ``key`` is given;
+        ``causal`` is ``attend``'s business).
+
+        >>> block = TransformerBlock(num_heads=2)
+        >>> p = block.init(jax.random.key(0), 8)
+        >>> x = jax.random.normal(jax.random.key(1), (5, 8))
+        >>> def attend(q, k, v):  # plain causal attention, head-major [K, T, Dh]
+        ...     s = jnp.einsum("ktd,ksd->kts", q, k) / 2.0
+        ...     s = jnp.where(jnp.tril(jnp.ones((5, 5), bool)), s, -1e30)
+        ...     return jnp.einsum("kts,ksd->ktd", jax.nn.softmax(s), v)
+        >>> y = block.apply_with_attention(p, x, attend)
+        >>> bool(jnp.allclose(y, block.apply(p, x), atol=1e-5))
+        True
+        """
+        if not isinstance(params, TransformerBlockParams):
+            raise TypeError(f"params: expected TransformerBlockParams, got {type(params).__name__}")
+        _checks.check_floating("x", x)
+        _checks.check_min_ndim("x", x, 2, "[*N, T, D]")
+        d = params.ln1.scale.shape[0]
+        _checks.check_shape("x", x, x.shape[:-1] + (d,))
+        use_dropout = key is not None and self.dropout_rate > 0.0
+        k1 = k2 = None
+        if use_dropout:
+            _checks.check_key("key", key)
+            k1, k2 = jax.random.split(key)
+        a = params.attn
+
+        def attention(h):
+            o = attend(_heads(h, a.w_q, a.b_q), _heads(h, a.w_k, a.b_k), _heads(h, a.w_v, a.b_v))
+            out = jnp.einsum(
+                "...ktd,kde->...te", o, a.w_o, preferred_element_type=acc_dtype(o, a.w_o)
+            )
+            if a.b_o is not None:
+                out = add_bias(out, a.b_o)
+            return out.astype(x.dtype)
+
+        return _pre_ln(params, x, attention, k1, k2, self.dropout_rate)
 
 
 def transformer_block(
@@ -92,7 +190,8 @@ def transformer_block(
     blockwise: bool = False,
     return_weights: bool = False,
 ):
-    """One pre-LN block on ``x: [T, D]`` (one example) -> ``[T, D]``.
+    """One pre-LN block on ``x: [T, D]`` (one example) -> ``[T, D]``: the pure function
+    under :meth:`TransformerBlock.apply`.
 
     Args:
       mask: optional extra ``bool[T, T]`` attention mask (True = attend).
@@ -107,7 +206,7 @@ def transformer_block(
         causal masking and ``lengths`` only, no ``mask``).
       return_weights: also return the attention weights ``float32[K, T, T]``.
 
-    >>> p = transformer_block_init(jax.random.key(0), 8, num_heads=2)
+    >>> p = TransformerBlock(num_heads=2).init(jax.random.key(0), 8)
     >>> x = jnp.ones((5, 8)).at[3:].set(jnp.nan)  # 3 valid steps, then padding
     >>> y, w = transformer_block(p, x, lengths=3, return_weights=True)
     >>> y.shape, w[0, 2].round(3).tolist(), y[3:].tolist() == [[0.0] * 8] * 2
@@ -136,29 +235,51 @@ def transformer_block(
         k_att, k_r1, k_r2 = jax.random.split(key, 3)
     else:
         k_att = k_r1 = k_r2 = None
-    h = layer_norm(params.ln1, x)
-    att = multi_head_attention(
-        params.attn,
-        h,
-        mask=mask,
-        q_lengths=lengths,
-        k_lengths=lengths,
-        causal=causal,
-        key=k_att,
-        dropout_rate=dropout_rate if use_dropout else 0.0,
-        return_weights=return_weights,
-        blockwise=blockwise,
-    )
-    if return_weights:
-        att, w = att
-    if use_dropout:
-        att = dropout(k_r1, att, dropout_rate)
-    x = x + att
-    h = layer_norm(params.ln2, x)
-    h = dense(params.mlp_out, jax.nn.gelu(dense(params.mlp_in, h)))
-    if use_dropout:
-        h = dropout(k_r2, h, dropout_rate)
-    y = x + h
+    weights = []
+
+    def attention(h):
+        att = multi_head_attention(
+            params.attn,
+            h,
+            mask=mask,
+            q_lengths=lengths,
+            k_lengths=lengths,
+            causal=causal,
+            key=k_att,
+            dropout_rate=dropout_rate if use_dropout else 0.0,
+            return_weights=return_weights,
+            blockwise=blockwise,
+        )
+        if return_weights:
+            att, w = att
+            weights.append(w)
+        return att
+
+    rate = dropout_rate if use_dropout else 0.0
+    y = _pre_ln(params, x, attention, k_r1, k_r2, rate)
     if valid is not None:
         y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
-    return (y, w) if return_weights else y
+    return (y, weights[0]) if return_weights else y
+
+
+def _heads(x, w, b):
+    """``x: [*N, T, D] @ w: [D, K, E] (+ b: [K, E]) -> [*N, K, T, E]`` head-major
+    (float32 accumulation, result in ``x``'s dtype)."""
+    y = jnp.einsum("...td,dke->...kte", x, w, preferred_element_type=acc_dtype(x, w))
+    if b is not None:
+        nh, e = b.shape
+        y = y + b.astype(y.dtype).reshape((1,) * (y.ndim - 3) + (nh, 1, e))
+    return y.astype(x.dtype)
+
+
+def _pre_ln(params, x, attention, k1, k2, rate):
+    """``x + drop(attention(LN_1 x))``, then ``+ drop(MLP(LN_2 .))``; dropout with ``k1``/``k2``
+    when they are given. ``attention: [..., T, D] -> [..., T, D]``."""
+    att = attention(layer_norm(params.ln1, x))
+    if k1 is not None:
+        att = dropout(k1, att, rate)
+    x = x + att
+    h = dense(params.mlp_out, jax.nn.gelu(dense(params.mlp_in, layer_norm(params.ln2, x))))
+    if k2 is not None:
+        h = dropout(k2, h, rate)
+    return x + h

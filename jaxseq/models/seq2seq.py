@@ -11,14 +11,14 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq.attention.additive import (
+    AdditiveAttention,
     AdditiveAttentionParams,
     additive_attention,
-    additive_attention_init,
     additive_attention_keys,
 )
 from jaxseq.models._body import CELLS, check_time_major, check_tokens, token_ids
-from jaxseq.nn.dense import DenseParams, dense, dense_init
-from jaxseq.nn.embedding import embed, embedding_init
+from jaxseq.nn.dense import Dense, DenseParams, dense
+from jaxseq.nn.embedding import Embedding, embed
 from jaxseq.recurrent.layers import Bidirectional
 from jaxseq.recurrent.rollouts import rollout, valid_steps
 
@@ -137,17 +137,17 @@ class Seq2SeqAttention:
         ks = jax.random.split(key, 7)
         e, h, he = self.embedding_size, self.hidden_size, self.encoder_size
         return Seq2SeqParams(
-            src_embedding=embedding_init(ks[0], self.src_vocab_size, e, dtype),
-            tgt_embedding=embedding_init(ks[1], self.tgt_vocab_size, e, dtype),
+            src_embedding=Embedding(e).init(ks[0], self.src_vocab_size, dtype),
+            tgt_embedding=Embedding(e).init(ks[1], self.tgt_vocab_size, dtype),
             encoder=self.encoder.init(ks[2], e, dtype),
-            bridge=dense_init(ks[3], he, h, dtype),
+            bridge=Dense(h).init(ks[3], he, dtype),
             attention=(
-                additive_attention_init(ks[4], h, he, self.attention_size, dtype)
+                AdditiveAttention(self.attention_size).init(ks[4], h, he, dtype=dtype)
                 if self.attention
                 else None
             ),
             decoder=self.decoder.init(ks[5], e + he, dtype),
-            head=dense_init(ks[6], h + he, self.tgt_vocab_size, dtype),
+            head=Dense(self.tgt_vocab_size).init(ks[6], h + he, dtype),
         )
 
     def check_params(self, params, name: str = "params") -> None:

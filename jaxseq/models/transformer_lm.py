@@ -1,9 +1,10 @@
 """A causal Transformer language model whose carry is a key/value cache.
 
 :class:`TransformerLM`: token embedding (plus learned positions), ``num_layers``
-pre-LN causal blocks (:func:`jaxseq.attention.transformer_block_init` parameters),
-a final layer norm and a dense head over the vocabulary. It has the contract of
-:class:`jaxseq.models.LanguageModel`, so :func:`jaxseq.training.lm_loss_fn`,
+pre-LN causal blocks (:class:`jaxseq.attention.TransformerBlock`, run around the
+cache's attention by its ``apply_with_attention``),
+a final layer norm and a dense head over the vocabulary. It meets
+:class:`jaxseq.protocols.LanguageModel`, so :func:`jaxseq.training.lm_loss_fn`,
 :func:`jaxseq.training.evaluate_lm` and :func:`jaxseq.decoding.sample` use it
 unchanged::
 
@@ -50,14 +51,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype, add_bias, masked_softmax
-from jaxseq.attention.positional import learned, learned_init, rotary
-from jaxseq.attention.transformer import TransformerBlockParams, transformer_block_init
+from jaxseq._numerics import acc_dtype, masked_softmax
+from jaxseq.attention.positional import LearnedPositions, learned, rotary
+from jaxseq.attention.transformer import TransformerBlock, TransformerBlockParams
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
-from jaxseq.nn.dense import DenseParams, dense, dense_init
+from jaxseq.nn.dense import Dense, DenseParams, dense
 from jaxseq.nn.dropout import dropout
-from jaxseq.nn.embedding import embed, embedding_init
-from jaxseq.nn.norm import LayerNormParams, layer_norm, layer_norm_init
+from jaxseq.nn.embedding import Embedding, embed
+from jaxseq.nn.norm import LayerNorm, LayerNormParams, layer_norm
 
 __all__ = [
     "KVCache",
@@ -93,14 +94,6 @@ class KVCache(NamedTuple):
     keys: jax.Array  # [*B, L, K, C, Dh]
     values: jax.Array  # [*B, L, K, C, Dh]
     length: jax.Array  # int32[*B]
-
-
-def _proj(x, w, b):
-    """``x: [N, T, D] @ w: [D, K, E] (+ b: [K, E]) -> [N, K, T, E]`` (float32 accumulation)."""
-    y = jnp.einsum("ntd,dke->nkte", x, w, preferred_element_type=acc_dtype(x, w))
-    if b is not None:
-        y = y + b.astype(y.dtype)[None, :, None, :]
-    return y.astype(x.dtype)
 
 
 def _rotate(x, positions):
@@ -179,23 +172,27 @@ class TransformerLM:
         """Dh = d_model / num_heads."""
         return self.d_model // self.num_heads
 
+    @property
+    def block(self) -> TransformerBlock:
+        """The :class:`~jaxseq.attention.TransformerBlock` every layer runs (causal)."""
+        return TransformerBlock(self.num_heads, self.mlp_size, dropout_rate=self.dropout_rate)
+
     def init(self, key, dtype=jnp.float32) -> TransformerLMParams:
         """Parameters: embedding and learned positions N(0, 0.02^2), the blocks of
-        :func:`~jaxseq.attention.transformer_block_init`, a unit layer norm and a
+        :meth:`~jaxseq.attention.TransformerBlock.init`, a unit layer norm and a
         LeCun-normal head ``[D, V]``."""
         _checks.check_key("key", key)
         ke, kp, kb, kh = jax.random.split(key, 4)
         d = self.d_model
-        emb = (0.02 * embedding_init(ke, self.vocab_size, d, jnp.float32)).astype(dtype)
+        emb = Embedding(d, stddev=0.02).init(ke, self.vocab_size, dtype)
         pos = (
-            learned_init(kp, self.max_len, d, dtype=dtype) if self.positions == "learned" else None
+            LearnedPositions(self.max_len).init(kp, d, dtype)
+            if self.positions == "learned"
+            else None
         )
-        blocks = tuple(
-            transformer_block_init(k, d, self.num_heads, mlp_size=self.mlp_size, dtype=dtype)
-            for k in jax.random.split(kb, self.num_layers)
-        )
-        head = dense_init(kh, d, self.vocab_size, dtype)
-        return TransformerLMParams(emb, pos, blocks, layer_norm_init(d, dtype), head)
+        blocks = tuple(self.block.init(k, d, dtype) for k in jax.random.split(kb, self.num_layers))
+        head = Dense(self.vocab_size).init(kh, d, dtype)
+        return TransformerLMParams(emb, pos, blocks, LayerNorm().init(None, d, dtype), head)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> KVCache:
         """An empty cache for batch ``*B``: every slot -1, keys and values zeros, length 0."""
@@ -375,27 +372,6 @@ class TransformerLM:
     def _head(self, params, x):
         return dense(params.head, layer_norm(params.ln_f, x)).astype(jnp.float32)
 
-    def _block(self, bp, x, attend, key):
-        """One pre-LN block; ``attend(q, k, v) -> [N, K, T, Dh]`` does the cache and mask."""
-        use_dropout = key is not None and self.dropout_rate > 0.0
-        k1 = k2 = None
-        if use_dropout:
-            k1, k2 = jax.random.split(key)
-        h = layer_norm(bp.ln1, x)
-        a = bp.attn
-        o = attend(_proj(h, a.w_q, a.b_q), _proj(h, a.w_k, a.b_k), _proj(h, a.w_v, a.b_v))
-        att = jnp.einsum("nktd,kde->nte", o, a.w_o, preferred_element_type=acc_dtype(o, a.w_o))
-        if a.b_o is not None:
-            att = add_bias(att, a.b_o)
-        att = att.astype(x.dtype)
-        if use_dropout:
-            att = dropout(k1, att, self.dropout_rate)
-        x = x + att
-        h = dense(bp.mlp_out, jax.nn.gelu(dense(bp.mlp_in, layer_norm(bp.ln2, x))))
-        if use_dropout:
-            h = dropout(k2, h, self.dropout_rate)
-        return x + h
-
     def _keys(self, key):
         if key is None or self.dropout_rate == 0.0:
             return None, [None] * self.num_layers
@@ -429,7 +405,7 @@ class TransformerLM:
                     ring_k = _rotate(ring_k, rel)
                 return _attention(q, ring_k, ring_v, mask)
 
-            x = self._block(bp, x, attend, k_layers[i])
+            x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         new = KVCache(slots, jnp.stack(keys, 1), jnp.stack(values, 1), length + 1)
         return new, self._head(params, x)
 
@@ -487,7 +463,7 @@ class TransformerLM:
                 v_all = jnp.concatenate([cv, v], axis=2)
                 return _attention(q, k_all, v_all, mask)
 
-            x = self._block(bp, x, attend, k_layers[i])
+            x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         last_pos = jnp.take_along_axis(pos, idx_last[:, None], axis=1)[:, 0]
         new = KVCache(
             scatter(kept, pos),

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq.models._body import check_tokens, time_major_tokens, token_ids, valid_steps
-from jaxseq.nn.dense import DenseParams, dense, dense_init
+from jaxseq.nn.dense import Dense, DenseParams, dense
 from jaxseq.nn.dropout import dropout
-from jaxseq.nn.embedding import embed, embedding_init
+from jaxseq.nn.embedding import Embedding, embed
 
 __all__ = [
     "WindowLM",
@@ -88,9 +88,9 @@ class WindowLM:
         ke, kh, ko = jax.random.split(key, 3)
         e, h = self.embedding_size, self.hidden_size
         return WindowLMParams(
-            embedding_init(ke, self.vocab_size + 1, e, dtype),
-            dense_init(kh, self.context * e, h, dtype),
-            dense_init(ko, h, self.vocab_size, dtype),
+            Embedding(e).init(ke, self.vocab_size + 1, dtype),
+            Dense(h).init(kh, self.context * e, dtype),
+            Dense(self.vocab_size).init(ko, h, dtype),
         )
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):

@@ -1,31 +1,37 @@
-"""Small layers every sequence model needs: dense, embedding, dropout, layer norm."""
+"""Small layers every sequence model needs: dense, embedding, dropout, layer norm.
+
+Each layer with parameters is a frozen config object with ``init(key, input_size,
+dtype) -> params`` and a pure ``apply(params, x)``; the params are NamedTuples (or
+one array) and the apply method is the plain function beside it (``dense``,
+``embed``, ``layer_norm``), usable inside ``vmap``/``scan`` without the object.
+"""
 
 from jaxseq.nn.dense import (
+    Dense,
     DenseParams,
     dense,
-    dense_init,
 )
 from jaxseq.nn.dropout import (
     dropout,
 )
 from jaxseq.nn.embedding import (
+    Embedding,
     embed,
-    embedding_init,
 )
 from jaxseq.nn.norm import (
+    LayerNorm,
     LayerNormParams,
     layer_norm,
-    layer_norm_init,
 )
 
 __all__ = [
+    "Dense",
     "DenseParams",
+    "Embedding",
+    "LayerNorm",
     "LayerNormParams",
     "dense",
-    "dense_init",
     "dropout",
     "embed",
-    "embedding_init",
     "layer_norm",
-    "layer_norm_init",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -12,9 +14,9 @@ from jaxseq import initializers as inits
 from jaxseq._numerics import add_bias, matmul_f32
 
 __all__ = [
+    "Dense",
     "DenseParams",
     "dense",
-    "dense_init",
 ]
 
 
@@ -25,25 +27,48 @@ class DenseParams(NamedTuple):
     b: jax.Array  # [O]
 
 
-def dense_init(key, input_size: int, output_size: int, dtype=jnp.float32, kernel_init=None):
-    """Parameters of an affine layer ``[..., D] -> [..., O]`` (LeCun normal, zero bias).
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """An affine layer ``[..., D] -> [..., O]``: ``x @ w + b``, float32 accumulation.
 
-    ``kernel_init``: an initialiser ``(key, shape, dtype)`` for ``w`` (default LeCun normal).
+    Args:
+      output_size: ``O``.
+      kernel_init: an initialiser ``(key, shape, dtype)`` for ``w`` (default LeCun
+        normal); the bias starts at zero.
 
-    >>> p = dense_init(jax.random.key(0), 3, 2)
-    >>> p.w.shape, p.b.tolist()
-    ((3, 2), [0.0, 0.0])
+    ``init(key, input_size, dtype) -> DenseParams`` (``w: [D, O]``, ``b: [O]``) and
+    ``apply(params, x)``, the pure function :func:`dense`.
+
+    >>> layer = Dense(2)
+    >>> p = layer.init(jax.random.key(0), 3)
+    >>> p.w.shape, p.b.tolist(), layer.apply(p, jnp.ones((4, 3))).shape
+    ((3, 2), [0.0, 0.0], (4, 2))
     """
-    _checks.check_key("key", key)
-    d = _checks.check_positive_int("input_size", input_size)
-    o = _checks.check_positive_int("output_size", output_size)
-    w = (kernel_init or inits.lecun_normal())(key, (d, o), dtype)
-    return DenseParams(w, jnp.zeros((o,), dtype))
+
+    output_size: int
+    kernel_init: Callable | None = None
+
+    def __post_init__(self):
+        _checks.check_positive_int("output_size", self.output_size)
+
+    def init(self, key, input_size: int, dtype=jnp.float32) -> DenseParams:
+        """``DenseParams(w [D, O], b [O])`` for ``D = input_size``."""
+        _checks.check_key("key", key)
+        d = _checks.check_positive_int("input_size", input_size)
+        o = self.output_size
+        w = (self.kernel_init or inits.lecun_normal())(key, (d, o), dtype)
+        return DenseParams(w, jnp.zeros((o,), dtype))
+
+    def apply(self, params: DenseParams, x):
+        """``x: [..., D] -> [..., O]`` (:func:`dense`), params of this layer's ``O``."""
+        if isinstance(params, DenseParams):
+            _checks.check_shape("params.b", params.b, (self.output_size,), ("O",))
+        return dense(params, x)
 
 
 def dense(params: DenseParams, x):
     """``x @ w + b`` for ``x: [..., D]`` -> ``[..., O]`` (float32 accumulation, result in
-    the dtype of ``x`` and ``w``).
+    the dtype of ``x`` and ``w``): the pure function under :meth:`Dense.apply`.
 
     >>> p = DenseParams(jnp.ones((3, 2)), jnp.array([0.0, 1.0]))
     >>> dense(p, jnp.ones((4, 3))).tolist()[0]
