@@ -135,11 +135,11 @@ def test_variational_dropout_shares_the_mask_over_time(key):
 
 
 def test_dense_and_embedding(key):
-    p = js.nn.dense_init(key, 4, 3)
+    p = js.nn.Dense(3).init(key, 4)
     x = jax.random.normal(key, (2, 5, 4))
     want = np.asarray(x) @ np.asarray(p.w) + np.asarray(p.b)
     np.testing.assert_allclose(js.nn.dense(p, x), want, rtol=1e-5, atol=1e-6)
-    table = js.nn.embedding_init(key, 10, 6)
+    table = js.nn.Embedding(6).init(key, 10)
     ids = jnp.array([[1, 2], [9, 0]])
     np.testing.assert_array_equal(js.nn.embed(table, ids), table[ids])
     with pytest.raises(ValueError, match=r"x: expected last dim D=4, got float32\[2, 3\]"):
@@ -367,7 +367,7 @@ def test_stack_gradients_match_finite_differences_in_float64(key):
 
 def test_dense_and_embed_match_numpy_with_gradients(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    p = js.nn.dense_init(k1, 4, 3)
+    p = js.nn.Dense(3).init(k1, 4)
     p = p._replace(b=jnp.array([0.5, -1.0, 2.0]))
     x = jax.random.normal(k2, (2, 5, 4))
     x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, p.w, p.b))
@@ -379,7 +379,7 @@ def test_dense_and_embed_match_numpy_with_gradients(key):
     np.testing.assert_allclose(gp.b, g.sum((0, 1)), **TOL)
     np.testing.assert_allclose(gx, np.einsum("tbo,do->tbd", g, w64), **TOL)
     # embedding: rows of the table; its gradient adds up the rows' cotangents
-    table = js.nn.embedding_init(k1, 6, 3)
+    table = js.nn.Embedding(3).init(k1, 6)
     ids = np.array([[1, 5, 1], [0, 1, 3]])
     np.testing.assert_array_equal(js.nn.embed(table, ids), np.asarray(table)[ids])
     gy = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)
@@ -428,16 +428,16 @@ def test_bidirectional_initial_carry():
 
 def test_layer_argument_errors_name_the_argument(key):
     """Each bad argument is named in the error, with the layout expected."""
-    p = js.nn.dense_init(key, 4, 3)
+    p = js.nn.Dense(3).init(key, 4)
     with pytest.raises(ValueError, match=r"x: expected rank >= 1 \[\.\.\., D\], got rank 0"):
         js.nn.dense(p, jnp.float32(1.0))
-    table = js.nn.embedding_init(key, 10, 6)
+    table = js.nn.Embedding(6).init(key, 10)
     with pytest.raises(ValueError, match=r"table: expected rank 2 \[V, E\], got rank 1"):
         js.nn.embed(table[0], jnp.array([1]))
     with pytest.raises(TypeError, match="ids: expected an array"):
         js.nn.embed(table, object())
     with pytest.raises(ValueError, match="embedding_size: expected a positive int"):
-        js.nn.embedding_init(key, 10, 0)
+        js.nn.Embedding(0).init(key, 10)
 
 
 def test_bidirectional_init_honours_dtype(key):

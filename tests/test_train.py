@@ -197,7 +197,7 @@ def _regression():
 
     def init(key):
         k1, k2 = jax.random.split(key)
-        return {"cell": cell.init(k1, 1), "head": js.nn.dense_init(k2, 4, 1)}
+        return {"cell": cell.init(k1, 1), "head": js.nn.Dense(1).init(k2, 4)}
 
     return cell, loss_fn, init
 

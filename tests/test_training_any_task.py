@@ -24,7 +24,7 @@ def _regressor(hidden_size=16):
 
     def init(key):
         k1, k2 = jax.random.split(key)
-        return {"cell": cell.init(k1, 1), "head": js.nn.dense_init(k2, hidden_size, 1)}
+        return {"cell": cell.init(k1, 1), "head": js.nn.Dense(1).init(k2, hidden_size)}
 
     def loss_fn(params, carry, chunk, key):
         carry, ys = js.rollout(cell, params["cell"], chunk.inputs, carry, reset=chunk.reset)
@@ -76,9 +76,9 @@ def _classifier(vocab_size=6, embedding_size=4, hidden_size=12):
     def init(key):
         k1, k2, k3 = jax.random.split(key, 3)
         return {
-            "embed": js.nn.embedding_init(k1, vocab_size, embedding_size),
+            "embed": js.nn.Embedding(embedding_size).init(k1, vocab_size),
             "cell": cell.init(k2, embedding_size),
-            "head": js.nn.dense_init(k3, hidden_size, 2),
+            "head": js.nn.Dense(2).init(k3, hidden_size),
         }
 
     def loss_fn(params, carry, batch, key):
@@ -152,10 +152,10 @@ def _seq2seq(vocab_size=7, hidden_size=8):
     def init(key):
         ks = jax.random.split(key, 4)
         return {
-            "embed": js.nn.embedding_init(ks[0], vocab_size, 5),
+            "embed": js.nn.Embedding(5).init(ks[0], vocab_size),
             "enc": enc.init(ks[1], 5),
             "dec": dec.init(ks[2], 5),
-            "head": js.nn.dense_init(ks[3], hidden_size, vocab_size),
+            "head": js.nn.Dense(vocab_size).init(ks[3], hidden_size),
         }
 
     def loss_fn(params, carry, batch, key):
@@ -302,9 +302,9 @@ class _TinyLM:
     def init(self, key):
         k1, k2, k3 = jax.random.split(key, 3)
         return {
-            "embed": js.nn.embedding_init(k1, self.vocab_size, 4),
+            "embed": js.nn.Embedding(4).init(k1, self.vocab_size),
             "cell": self.cell.init(k2, 4),
-            "head": js.nn.dense_init(k3, self.cell.hidden_size, self.vocab_size),
+            "head": js.nn.Dense(self.vocab_size).init(k3, self.cell.hidden_size),
         }
 
     def initial_carry(self, batch_shape):

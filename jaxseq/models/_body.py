@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
-from jaxseq.nn.dense import dense_init
+from jaxseq.nn.dense import Dense
 from jaxseq.nn.dropout import dropout
-from jaxseq.nn.embedding import embedding_init
+from jaxseq.nn.embedding import Embedding
 from jaxseq.recurrent.cells import GRU, LSTM, RNN
 from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.minimal import MinGRU, MinLSTM
@@ -71,11 +71,11 @@ def init_body(key, stack: Stack, input_size: int, output_size: int, vocab_size, 
     """
     _checks.check_key("key", key)
     ke, ks, kh = jax.random.split(key, 3)
-    emb = None if vocab_size is None else embedding_init(ke, vocab_size, input_size, dtype)
+    emb = None if vocab_size is None else Embedding(input_size).init(ke, vocab_size, dtype)
     return (
         emb,
         stack.init(ks, input_size, dtype),
-        dense_init(kh, stack.output_size, output_size, dtype),
+        Dense(output_size).init(kh, stack.output_size, dtype),
     )
 
 
