@@ -414,3 +414,16 @@ def test_examples_import_only_the_public_api():
             if mod.startswith("jaxseq.") and any(part.startswith("_") for part in mod.split(".")):
                 bad.append(f"{p.name}:{line} imports {mod}")
     assert not bad, bad
+
+
+def test_the_rename_table_sends_each_name_to_its_subpackage():
+    """Each "`js.X` for X in ..." row of the README's rename table names what left the
+    top level, and each name is where the row says it went."""
+    readme = (ROOT.parent / "README.md").read_text()
+    table = readme[readme.index("### Renamed in") :]
+    rows = re.findall(r"^\| `js\.X` for X in (.*?) \| `js\.(\w+)\.X` \|$", table, flags=re.M)
+    assert rows, "no `js.X` for X in ... rows in the rename table"
+    for names, sub in rows:
+        for name in re.findall(r"`(\w+)`", names):
+            assert name not in js.__all__, f"js.{name} is still at the top level"
+            assert hasattr(getattr(js, sub), name), f"js.{sub}.{name} does not exist"

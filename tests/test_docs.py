@@ -148,3 +148,15 @@ def test_quickstart_commands_are_the_readme_commands():
     assert len(commands) == 2
     for cmd in commands:
         assert cmd.strip() in readme, f"docs/quickstart.md differs from README.md: {cmd}"
+
+
+def test_the_core_page_and_the_readme_list_the_top_level():
+    """docs/api/core.md and the README's layout name every top-level name (no build needed)."""
+    import jaxseq as js
+
+    core = (ROOT / "docs/api/core.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("### Renamed in")]
+    for text, where in ((core, "docs/api/core.md"), (layout, "the README's layout")):
+        missing = [n for n in js.__all__ if f"`{n}`" not in text and f"`js.{n}`" not in text]
+        assert not missing, f"{where} does not list these top-level names: {missing}"
