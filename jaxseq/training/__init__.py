@@ -17,7 +17,7 @@ from jaxseq.training.distributed import (
     add_distributed_args,
     init_from_args,
 )
-from jaxseq.training.evaluate import (
+from jaxseq.training.evaluation import (
     evaluate,
 )
 from jaxseq.training.host_memory import (
