@@ -69,6 +69,10 @@ from jaxseq.recurrent import (
 
 # attention
 from jaxseq.attention import (
+    AdditiveAttention,
+    LuongAttention,
+    MultiHeadAttention,
+    TransformerBlock,
     batched_dot_product_attention,
     blockwise_attention,
     dot_product_attention,
@@ -142,6 +146,10 @@ __all__ = [
     "rollout",
     "rollout_unrolled",
     # attention
+    "AdditiveAttention",
+    "LuongAttention",
+    "MultiHeadAttention",
+    "TransformerBlock",
     "batched_dot_product_attention",
     "blockwise_attention",
     "dot_product_attention",
