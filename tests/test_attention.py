@@ -746,3 +746,49 @@ def test_more_errors_name_the_argument():
         args[i] = jnp.zeros((4,))
         with pytest.raises(ValueError, match=rf"^{name}: expected rank >= 2 \[\*B, T, D\]"):
             js.blockwise_attention(*args)
+
+
+def test_attention_objects_apply_their_functions_and_check_params(key):
+    """``MultiHeadAttention``, ``AdditiveAttention``, ``LuongAttention``: one example per
+    ``apply`` (equal to the function beneath), ``vmap`` over a batch equals a loop, and
+    params of another config are refused naming the setting."""
+    mha = js.attention.MultiHeadAttention(num_heads=2, key_size=3, value_size=4, output_size=5)
+    p = npm.perturb(mha.init(key, 6, context_size=7), seed=2)
+    assert (p.w_q.shape, p.w_k.shape, p.w_v.shape, p.w_o.shape) == (
+        (6, 2, 3),
+        (7, 2, 3),
+        (7, 2, 4),
+        (2, 4, 5),
+    )
+    x, ctx = _rand(jax.random.key(1), (4, 3, 6), (4, 5, 7))
+    y = mha.apply(p, x[0], ctx[0], causal=True)
+    np.testing.assert_array_equal(
+        y, js.attention.multi_head_attention(p, x[0], ctx[0], causal=True)
+    )
+    ys = jax.vmap(lambda a, c: mha.apply(p, a, c))(x, ctx)
+    for b in range(4):
+        np.testing.assert_allclose(ys[b], mha.apply(p, x[b], ctx[b]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(
+        ValueError, match=r"^params: expected num_heads=3 .*got params with num_heads=2"
+    ):
+        js.attention.MultiHeadAttention(num_heads=3, key_size=3).apply(p, x[0], ctx[0])
+    add = js.attention.AdditiveAttention(5)
+    pa = add.init(key, 6, 7)
+    got = add.apply(pa, x[0], ctx[0], lengths=3)
+    want = js.attention.additive_attention(pa, x[0], ctx[0], lengths=3)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    np.testing.assert_array_equal(
+        add.project_keys(pa, ctx[0]), js.attention.additive_attention_keys(pa, ctx[0])
+    )
+    with pytest.raises(ValueError, match=r"^params\.v: expected shape \[A=4\]"):
+        js.attention.AdditiveAttention(4).apply(pa, x[0], ctx[0])
+    lu = js.attention.LuongAttention()
+    pl = lu.init(key, 6, 7)
+    np.testing.assert_array_equal(
+        lu.apply(pl, x[0], ctx[0])[0], js.attention.luong_attention(pl, x[0], ctx[0])[0]
+    )
+    with pytest.raises(ValueError, match=r"^params\.w: expected None for score='dot'"):
+        js.attention.LuongAttention(score="dot").apply(pl, x[0], ctx[0])
+    with pytest.raises(ValueError, match=r"^num_heads: expected a positive int, got 0"):
+        js.attention.MultiHeadAttention(num_heads=0, key_size=3)

@@ -104,3 +104,34 @@ def test_layer_norm_matches_numpy(key):
         js.nn.LayerNorm().init(None, 0)
     with pytest.raises(ValueError, match=r"^x: expected last dim D=6, got float32\[4, 5\]"):
         js.nn.layer_norm(p, jnp.ones((4, 5)))
+
+
+def test_layer_objects_are_configs_whose_apply_is_the_function(key):
+    """``Dense``/``Embedding``/``LayerNorm``: frozen configs (hashable, so static under
+    jit), ``init(key, input_size, dtype)``, and ``apply`` equal to the plain function;
+    params of another size are refused naming the argument."""
+    x = jax.random.normal(key, (2, 5, 4))
+    dense = js.nn.Dense(3)
+    p = dense.init(key, 4)
+    np.testing.assert_array_equal(dense.apply(p, x), js.nn.dense(p, x))
+    assert hash(dense) == hash(js.nn.Dense(3)) and dense.init(key, 4, jnp.bfloat16).w.dtype == (
+        jnp.bfloat16
+    )
+    with pytest.raises(ValueError, match=r"^params\.b: expected shape \[O=2\], got float32\[3\]"):
+        js.nn.Dense(2).apply(p, x)
+    emb = js.nn.Embedding(6, stddev=0.5)
+    table = emb.init(key, 40)
+    assert table.shape == (40, 6) and 0.4 < float(jnp.std(table)) < 0.6
+    ids = jnp.array([[1, 39]])
+    np.testing.assert_array_equal(emb.apply(table, ids), js.nn.embed(table, ids))
+    with pytest.raises(
+        ValueError, match=r"^table: expected shape \[V, E=5\], got float32\[40, 6\]"
+    ):
+        js.nn.Embedding(5).apply(table, ids)
+    ln = js.nn.LayerNorm(eps=1e-3)
+    pl = ln.init(None, 4)
+    np.testing.assert_array_equal(ln.apply(pl, x), js.nn.layer_norm(pl, x, 1e-3))
+    with pytest.raises(ValueError, match=r"^eps: expected a positive number, got 0"):
+        js.nn.LayerNorm(eps=0)
+    f = jax.jit(lambda layer, p, x: layer.apply(p, x), static_argnums=0)
+    np.testing.assert_allclose(f(dense, p, x), dense.apply(p, x), rtol=1e-6)

@@ -157,3 +157,49 @@ def test_block_init_dtype_key_and_residual_scaling(key):
         "mlp_out": std(p.mlp_out.w, 96) / 0.5**0.5,
     }
     assert all(abs(r - 1) < 0.1 for r in rel.values()), rel
+
+
+def test_block_object_and_attention_hook(key):
+    """``TransformerBlock.apply`` is ``transformer_block`` with the config's settings, and
+    ``apply_with_attention`` around a plain causal attention (head-major, over a batch
+    dim) equals it."""
+    blk = js.attention.TransformerBlock(num_heads=2, mlp_size=12, dropout_rate=0.2)
+    p = npm.perturb(blk.init(key, 8), seed=6)
+    x = jax.random.normal(jax.random.key(1), (3, 5, 8))
+    k = jax.random.key(2)
+    np.testing.assert_array_equal(
+        blk.apply(p, x[0], key=k),
+        js.attention.transformer_block(p, x[0], key=k, dropout_rate=0.2, causal=True),
+    )
+    causal = jnp.tril(jnp.ones((5, 5), bool))
+
+    def attend(q, k, v):  # [B, K, T, Dh]
+        s = jnp.einsum("bktd,bksd->bkts", q, k) / np.sqrt(q.shape[-1])
+        w = jax.nn.softmax(jnp.where(causal, s, -1e30), axis=-1)
+        return jnp.einsum("bkts,bksd->bktd", w, v)
+
+    got = blk.apply_with_attention(p, x, attend)
+    want = jax.vmap(lambda x1: blk.apply(p, x1))(x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"^num_heads: expected a divisor of input_size=8, got 3"):
+        js.attention.TransformerBlock(3).init(key, 8)
+    with pytest.raises(ValueError, match=r"^dropout_rate: expected"):
+        js.attention.TransformerBlock(2, dropout_rate=1.5)
+
+
+def test_transformer_lm_runs_the_attention_block(key):
+    """From an empty cache, a learned-position ``TransformerLM`` is embedding + positions,
+    then ``model.block.apply`` (the attention package's block, one example at a time) per
+    layer, then the final layer norm and the head."""
+    lm = js.models.transformer_lm(
+        13, num_layers=2, d_model=8, num_heads=2, max_len=8, positions="learned"
+    )
+    params = npm.perturb(lm.init(key), seed=7)
+    tokens = jax.random.randint(jax.random.key(3), (6, 3), 0, 13)  # [T, B]
+    _, logits = lm.apply(params, None, tokens)
+    x = params.embedding[tokens.T] + params.positions[None, :6]  # [B, T, D]
+    for bp in params.blocks:
+        x = jax.vmap(lambda x1, bp=bp: lm.block.apply(bp, x1))(x)
+    want = js.nn.dense(params.head, js.nn.layer_norm(params.ln_f, x))
+    np.testing.assert_allclose(logits, jnp.swapaxes(want, 0, 1), rtol=1e-4, atol=1e-5)
+    assert lm.block == js.attention.TransformerBlock(2, None, causal=True)
