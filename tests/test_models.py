@@ -167,22 +167,27 @@ def test_missing_or_wrong_output_size_is_caught_when_the_model_is_built():
     class WrongSize(_ProtocolCell):
         output_size = 4  # the step returns 3 features
 
-    with pytest.raises(TypeError, match=r"stack.layers\[1\] \(NoSize\): has no output_size"):
+    class StrSize(_ProtocolCell):
+        output_size = "3"
+
+    # missing or not an int: the Stack the model is declared with refuses it
+    with pytest.raises(
+        TypeError, match=r"layers\[1\]: expected a cell or layer with an 'output_size'"
+    ):
         models.RecurrentLM(5, 2, js.Stack([js.GRU(3), NoSize()]))
+    with pytest.raises(TypeError, match=r"layers\[0\]: expected output_size to be a positive int"):
+        models.RecurrentLM(5, 2, js.Stack([StrSize()]))
+    # declared but not what the step returns: the model refuses it when it is built
     with pytest.raises(
         ValueError,
         match=r"stack.layers\[0\] \(WrongSize\): declares output_size=4 but its outputs "
         r"have last dim 3 \(for inputs of size 2\)",
     ):
         models.RecurrentLM(5, 2, js.Stack([WrongSize()]))
-    with pytest.raises(ValueError, match=r"stack.layers\[0\].backward \(WrongSize\)"):
-        models.RecurrentLM(5, 2, js.Stack([js.Bidirectional(_ProtocolCell(), WrongSize())]))
-    with pytest.raises(TypeError, match=r"output_size must be a positive int.*str '3'"):
-
-        class StrSize(_ProtocolCell):
-            output_size = "3"
-
-        models.RecurrentLM(5, 2, js.Stack([StrSize()]))
+    with pytest.raises(ValueError, match=r"stack.layers\[1\].backward \(WrongSize\)"):
+        models.RecurrentLM(
+            5, 2, js.Stack([js.GRU(2), js.Bidirectional(_ProtocolCell(), WrongSize())])
+        )
 
 
 def test_recurrent_lm_batch_major_equals_the_transposed_time_major_run(lm, key):

@@ -71,7 +71,7 @@ def test_classifier_bidirectional_last_and_mean_pool(key):
     m, ys = jax.jit(
         lambda p, x, n: (
             mean_clf.apply(p, x, lengths=n),
-            js.stacked_rollout(clf.stack, p.stack, js.nn.embed(p.embedding, x), lengths=n)[1],
+            js.rollout(clf.stack, p.stack, js.nn.embed(p.embedding, x), lengths=n)[1],
         )
     )(params, tokens, lengths)
     feat = jnp.sum(ys[:3, 1], axis=0) / 3.0
@@ -368,10 +368,14 @@ def test_user_cell_output_size_checked_where_the_model_is_declared():
         ValueError, match=r"stack.layers\[0\] \(WrongSize\): declares output_size=5"
     ):
         models.SequenceClassifier(js.Stack([WrongSize()]), 2, input_size=2)
+    with pytest.raises(ValueError, match=r"stack.layers\[0\].forward \(WrongSize\)"):
+        models.SequenceTagger(
+            js.Stack([js.Bidirectional(WrongSize())]), 2, vocab_size=3, embedding_size=2
+        )
     with pytest.raises(
-        TypeError, match=r"stack.layers\[0\].forward \(NoSize\): has no output_size"
+        TypeError, match=r"layers\[0\]: expected a cell or layer with an 'output_size'"
     ):
-        models.SequenceTagger(js.Stack([js.Bidirectional(NoSize())]), 2, input_size=2)
+        models.SequenceTagger(js.Stack([NoSize()]), 2, input_size=2)
 
 
 def test_sequence_model_config_with_a_user_cell(key, tmp_path):
