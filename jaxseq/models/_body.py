@@ -9,7 +9,8 @@ stack, head)`` drawn from one key split ``(embedding, stack, head)``. Time-major
 
 Any cell or layer meeting :class:`jaxseq.protocols.Cell` or
 :class:`jaxseq.protocols.SequenceLayer` can sit in a model's stack:
-:func:`check_stack` checks its ``output_size`` when the model is built,
+:func:`check_stack` checks its outputs against its ``output_size`` when the
+model is built,
 :func:`pool_last` reads the outputs (never a carry's fields) and
 :func:`describe_layer` writes its settings into a config.
 """
@@ -171,23 +172,6 @@ def _layer_name(name: str, layer) -> str:
     return f"{name} ({type(layer).__name__})"
 
 
-def _declared_size(name: str, layer) -> int:
-    """The layer's ``output_size``, or a ``TypeError`` saying what a layer must declare."""
-    try:
-        size = layer.output_size
-    except AttributeError:
-        raise TypeError(
-            f"{_layer_name(name, layer)}: has no output_size; a cell or layer declares "
-            "output_size: int, the last dim of its outputs (see js.protocols.Cell)"
-        ) from None
-    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
-        raise TypeError(
-            f"{_layer_name(name, layer)}: output_size must be a positive int (the last dim "
-            f"of its outputs), got {type(size).__name__} {size!r}"
-        )
-    return int(size)
-
-
 def _is_builtin(layer) -> bool:
     return type(layer).__module__.startswith("jaxseq.")
 
@@ -195,18 +179,19 @@ def _is_builtin(layer) -> bool:
 def check_layer(name: str, layer, input_size: int) -> int:
     """Checks one layer's ``output_size`` for inputs ``[..., D]`` and returns it.
 
-    A missing or non-integer ``output_size`` is a ``TypeError``; for a layer not
-    from this library (checked inside :class:`jaxseq.Bidirectional` and nested
-    :class:`jaxseq.Stack`), its params and outputs are traced abstractly
-    (``jax.eval_shape``, nothing computed) and an output size that disagrees
-    with the declared one is a ``ValueError`` naming the layer and both sizes.
+    (:class:`jaxseq.Stack` has checked that every layer declares a positive int.)
+    For a layer not from this library (also inside :class:`jaxseq.Bidirectional`
+    and nested :class:`jaxseq.Stack`), its params and outputs are traced
+    abstractly (``jax.eval_shape``, nothing computed) and an output size that
+    disagrees with the declared one is a ``ValueError`` naming the layer and both
+    sizes, when the model is built rather than at its first call.
     """
     if isinstance(layer, Bidirectional):  # the halves first: its size is theirs
         f = check_layer(f"{name}.forward", layer.forward, input_size)
         return f + check_layer(f"{name}.backward", layer.backward, input_size)
     if isinstance(layer, Stack):
         return check_stack(layer, input_size, name)
-    size = _declared_size(name, layer)
+    size = int(layer.output_size)
     if _is_builtin(layer):
         return size
 
@@ -287,7 +272,7 @@ def describe_layer(name: str, layer) -> dict:
         items = [(f.name, getattr(layer, f.name)) for f in dataclasses.fields(layer)]
     else:
         public = {k: v for k, v in vars(layer).items() if not k.startswith("_")}
-        items = [("output_size", _declared_size(name, layer)), *public.items()]
+        items = [("output_size", int(layer.output_size)), *public.items()]
     d = {"type": type(layer).__name__}
     for key, value in items:
         if isinstance(value, _SCALARS):
