@@ -149,8 +149,9 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greed
     every value when they are arguments of a jitted function). Concrete values are
     checked: ``temperature >= 0``, ``top_k`` an int in ``[1, V]``, ``top_p`` in ``(0, 1]``
     (``ValueError`` naming the argument otherwise). Traced values cannot be checked and
-    are read so that nothing divides by zero or makes a NaN: a ``temperature`` that is
-    not ``> 0`` (0, negative, NaN) gives the argmax, ``top_k`` is clipped to ``[1, V]``,
+    are read so that nothing divides by zero or makes a NaN: a ``temperature`` below the
+    smallest normal float32 (0, subnormal, negative, NaN) gives the argmax, ``top_k`` is
+    clipped to ``[1, V]``,
     a ``top_p <= 0`` (or NaN) keeps only the most likely token and ``>= 1`` keeps all.
 
     Args:
@@ -179,8 +180,10 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greed
     if static_greedy:  # nothing to draw
         return argmax
     t = jnp.asarray(temperature, jnp.float32)
-    hot = t > 0.0  # False for a traced 0, negative or NaN: argmax
-    scaled = logits / jnp.where(hot, t, 1.0)
+    hot = t >= jnp.finfo(jnp.float32).tiny  # False for 0, subnormal, negative, NaN: argmax
+    # shifted first: the most likely token stays at 0 (finite, above every masked one)
+    # when a tiny temperature sends the others to -inf
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / jnp.where(hot, t, 1.0)
     keep = jnp.ones(logits.shape, jnp.bool_)
     if top_k is not None:
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, v)
