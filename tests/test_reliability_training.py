@@ -309,3 +309,28 @@ def test_fit_interrupted_by_on_step_reports_the_step_it_saved(tmp_path, n, stop_
     assert ckpt.read_meta()["train_s"] == pytest.approx(info["train_s"])
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in lines] == list(range(1, 23))
+
+
+def test_an_out_of_range_label_under_jit_warns_then_fails_pointing_at_js_checked():
+    # under jit the gather of label 7 among V=4 classes gives NaN, not an error: every step
+    # is skipped by the non-finite guard; fit says so and how to find the bad label
+    v = 4
+
+    def loss_fn(params, carry, batch, key):
+        return js.cross_entropy(batch["x"] @ params["w"], batch["label"]), (carry, {})
+
+    opt = js.make_optimizer("adam", 1e-2)
+    fresh = lambda: js.init_state({"w": jnp.zeros((3, v))}, opt, jax.random.key(0))  # noqa: E731
+    step = js.make_train_step(loss_fn, opt)
+    batch = {"x": np.ones((5, 3), np.float32), "label": np.array([0, 1, 2, 3, 7])}
+    with (
+        pytest.warns(RuntimeWarning, match="step 1 had a non-finite") as caught,
+        pytest.raises(js.NonFiniteError, match="applied no update") as err,
+    ):
+        js.fit(step, fresh(), lambda s: batch, num_steps=3, progress=False)
+    for text in (str(caught[0].message), str(err.value)):
+        assert "label or token id out of range" in text
+        assert "js.checked(step_fn)(state, batch)" in text
+    # the advice finds it: the same step under js.checked names the label
+    with pytest.raises(ValueError, match=r"targets: expected values in \[0, 3\].*max 7"):
+        js.checked(step)(fresh(), batch)

@@ -231,10 +231,69 @@ def test_fit_stops_after_consecutive_non_finite_steps(key, tmp_path):
     opt = train.make_optimizer("adam", 1e-2)
     state = train.init_state(params, opt, key, model.initial_carry((2,)))
     step = train.make_train_step(train.lm_loss_fn(model), opt)
-    with pytest.raises(train.NonFiniteError, match="3 consecutive steps"):
+    with (
+        pytest.warns(RuntimeWarning, match="step 1 had a non-finite"),
+        pytest.raises(train.NonFiniteError, match="3 consecutive steps") as err,
+    ):
         train.fit(step, state, bt, num_steps=20, max_bad_steps=3, out_dir=str(tmp_path), plot=False)
+    # the causes, not only the learning rate
+    for cause in ("out of range", "js.checked(step_fn)(state, batch)", "learning rate"):
+        assert cause in str(err.value)
     recs = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["finite"] for r in recs] == [False] * 3
+
+
+def _line_fit(bad_steps=(), num_steps=6, start=None):
+    """fit on y = 3 x with NaN inputs at the given (1-based) steps; returns (state, info)."""
+
+    def loss_fn(params, carry, batch, key):
+        return jnp.mean((batch["x"] * params["w"] - batch["y"]) ** 2), (carry, {})
+
+    opt = train.make_optimizer("sgd", 0.2, max_norm=None)
+    state = start or train.init_state({"w": jnp.zeros(())}, opt, jax.random.key(0))
+    x = np.linspace(-1, 1, 8, dtype=np.float32)
+
+    def batch_of(s):  # step s + 1 trains on this batch
+        return {"x": np.full_like(x, np.nan) if s + 1 in bad_steps else x, "y": 3 * x}
+
+    step = train.make_train_step(loss_fn, opt)
+    return train.fit(step, state, batch_of, num_steps=num_steps, progress=False)
+
+
+def test_fit_warns_once_at_the_first_skipped_step_naming_the_causes():
+    with pytest.warns(RuntimeWarning) as caught:
+        _, info = _line_fit(bad_steps=(3, 5))
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "step 3 had a non-finite loss or gradient and was skipped" in msgs[0]
+    for cause in ("out of range", "js.checked(step_fn)(state, batch)", "learning rate"):
+        assert cause in msgs[0]
+    assert info["stopped"] == "steps"
+
+
+def test_fit_returns_the_count_of_skipped_steps_over_the_run():
+    with pytest.warns(RuntimeWarning):
+        state, info = _line_fit(bad_steps=(2, 3, 6), num_steps=6)
+    assert info["bad_steps"] == 3 == int(state.bad_steps)
+    # a resumed call counts from step 0, as info["steps"] does
+    with pytest.warns(RuntimeWarning):
+        state, info = _line_fit(bad_steps=(8,), num_steps=10, start=state)
+    assert (info["steps"], info["bad_steps"]) == (10, 4)
+    _, info = _line_fit(num_steps=4)
+    assert info["bad_steps"] == 0
+
+
+def test_fit_raises_when_every_step_was_skipped(tmp_path):
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(train.NonFiniteError, match="applied no update: all 4 steps") as err,
+    ):
+        _line_fit(bad_steps=range(1, 5), num_steps=4)  # fewer than max_bad_steps=10
+    assert "out of range" in str(err.value) and "js.checked" in str(err.value)
+    # one good step is an update: the run returns
+    with pytest.warns(RuntimeWarning):
+        _, info = _line_fit(bad_steps=(1, 2, 4), num_steps=4)
+    assert info["stopped"] == "steps" and info["bad_steps"] == 3
 
 
 def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_path):

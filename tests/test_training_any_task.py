@@ -392,3 +392,111 @@ def test_resume_with_a_larger_num_steps_extends_the_run(key, tmp_path):
     np.testing.assert_allclose(
         [lrs[s] for s in range(13, 17)], [float(want(s - 1)) for s in range(13, 17)], rtol=1e-5
     )
+
+
+# -- the loss_fn contract, checked when the step is traced ------------------------------
+
+_GRU = js.GRU(4)
+
+
+def _gru_loss(cell=_GRU):
+    """A loss over a GRU rollout: returns the new carry (and a scalar loss)."""
+
+    def loss_fn(params, carry, batch, key):
+        carry, ys = js.rollout(cell, params["gru"], batch["x"], carry)
+        return jnp.mean(ys**2), (carry, {})
+
+    return loss_fn
+
+
+def _sum_loss(params, batch):
+    return jnp.mean((batch["x"] - params["w"]) ** 2)
+
+
+def _returns(carry):
+    """A loss that returns this carry whatever it is given."""
+    return lambda p, c, b, k: (_sum_loss(p, b), (carry, {}))
+
+
+_BAD_LOSS_FNS = {
+    "only the loss": (
+        lambda p, c, b, k: _sum_loss(p, b), None, TypeError,
+        r"expected loss_fn\(params, carry, batch, key\) -> \(loss, \(new_carry, metrics\)\), "
+        r"got only the loss \(float32\[\]\); return e.g. \(loss, \(carry, \{\}\)\)",
+    ),
+    "(loss, {})": (
+        lambda p, c, b, k: (_sum_loss(p, b), {}), None, TypeError,
+        r"got \(loss, dict\) as the second element; return the carry with the metrics",
+    ),
+    "a tuple of three": (
+        lambda p, c, b, k: (_sum_loss(p, b), c, {}), None, TypeError,
+        r"got a tuple of length 3",
+    ),
+    "non-scalar loss": (
+        lambda p, c, b, k: ((b["x"] - p["w"]) ** 2, (c, {})), None, ValueError,
+        r"expected a scalar loss, got float32\[5, 3, 1\]",
+    ),
+    "integer loss": (
+        lambda p, c, b, k: (jnp.sum(b["x"] > p["w"]), (c, {})), None, TypeError,
+        r"expected a floating-point loss, got int32\[\]",
+    ),
+    "carry returned, state.carry None": (
+        _gru_loss(), None, ValueError,
+        r"returned a carry \(RNNCarry\) but state.carry is None; start the state with the "
+        r"model's carry: init_state\(\.\.\., carry=model.initial_carry\(batch_shape\)\)",
+    ),
+    "carry None, state.carry set": (
+        _returns(None), _GRU.initial_carry((3,)), ValueError,
+        r"returned carry None but state.carry holds one",
+    ),
+    "another carry structure": (
+        _returns(_GRU.initial_carry((3,))), js.LSTM(4).initial_carry((3,)), ValueError,
+        r"returned a carry with structure .*RNNCarry.*but state.carry has structure .*LSTMCarry"
+        r".*init_state\(\.\.\., carry=model.initial_carry\(batch_shape\)\)",
+    ),
+    "another carry shape": (
+        _returns(_GRU.initial_carry((3,))), js.GRU(6).initial_carry((3,)), ValueError,
+        r"returned carry.h as float32\[3, 4\], but state.carry holds float32\[3, 6\] there",
+    ),
+    "another carry dtype": (
+        lambda p, c, b, k: (_sum_loss(p, b), (jax.tree.map(lambda h: h.astype(jnp.bfloat16), c), {})),
+        _GRU.initial_carry((3,)), ValueError,
+        r"returned carry.h as bfloat16\[3, 4\], but state.carry holds float32\[3, 4\]",
+    ),
+    "metrics not a dict": (
+        lambda p, c, b, k: (_sum_loss(p, b), (c, [])), None, TypeError,
+        r"expected a dict of metrics \(may be empty\), got list",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(_BAD_LOSS_FNS))
+def test_make_train_step_says_what_a_wrong_loss_fn_return_should_be(key, case):
+    loss_fn, carry, error, match = _BAD_LOSS_FNS[case]
+    params = {"w": jnp.zeros(()), "gru": _GRU.init(key, 1)}
+    opt = optax.sgd(0.1)
+    state = train.init_state(params, opt, key, carry=carry)
+    step = train.make_train_step(loss_fn, opt)
+    batch = {"x": np.ones((5, 3, 1), np.float32)}  # [T, B, D]
+    with pytest.raises(error, match=match):
+        step(state, batch)
+
+
+@pytest.mark.parametrize("chunks_per_call, precision", [(2, "fp32"), (1, "bf16")])
+def test_the_loss_fn_contract_is_checked_on_every_step_path(key, chunks_per_call, precision):
+    opt = optax.sgd(0.1)
+    state = train.init_state({"w": jnp.zeros(())}, opt, key)
+    step = train.make_train_step(
+        lambda p, c, b, k: (_sum_loss(p, b), {}), opt, chunks_per_call=chunks_per_call,
+        precision=precision,
+    )  # fmt: skip
+    batch = {"x": np.ones((chunks_per_call, 5, 3, 1), np.float32)}
+    batch = batch if chunks_per_call > 1 else {"x": batch["x"][0]}
+    with pytest.raises(TypeError, match=r"got \(loss, dict\) as the second element"):
+        step(state, batch)
+    # a carry in another dtype is stored in its own under bf16: only shapes must agree
+    params = {"w": jnp.zeros(()), "gru": _GRU.init(key, 1)}
+    state = train.init_state(params, opt, key, carry=_GRU.initial_carry((3,)))
+    step = train.make_train_step(_gru_loss(), opt, precision="bf16")
+    new, _ = step(state, {"x": np.ones((5, 3, 1), np.float32)})
+    assert new.carry.h.dtype == jnp.float32

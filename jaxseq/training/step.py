@@ -21,7 +21,9 @@ leaf ``[n, ...]``) inside one jitted call.
 **Non-finite guard.** A step whose loss or gradient norm is NaN/Inf keeps the
 previous params, optimizer state and carry bit for bit, adds one to
 ``state.bad_steps`` and ``state.bad_streak`` (reset by the next good step) and
-reports ``finite = False`` in its metrics.
+reports ``finite = False`` in its metrics. :func:`jaxseq.training.fit` warns at
+the first such step and raises :class:`jaxseq.training.NonFiniteError` after
+``max_bad_steps`` of them in a row, or when no step of a run applied an update.
 
 **Mixed precision.** ``precision="bf16"`` runs the loss on bfloat16 casts of
 float32 master weights; the loss, gradient norm and update stay float32
