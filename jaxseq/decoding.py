@@ -151,8 +151,8 @@ def sample_logits(key, logits, *, temperature=1.0, top_k=None, top_p=None, greed
     (``ValueError`` naming the argument otherwise). Traced values cannot be checked and
     are read so that nothing divides by zero or makes a NaN: a ``temperature`` below the
     smallest normal float32 (0, subnormal, negative, NaN) gives the argmax, ``top_k`` is
-    clipped to ``[1, V]``,
-    a ``top_p <= 0`` (or NaN) keeps only the most likely token and ``>= 1`` keeps all.
+    clipped to ``[1, V]``, a ``top_p <= 0`` (or NaN) keeps only the most likely token and
+    ``top_p >= 1`` keeps all.
 
     Args:
       key: PRNG key (None allowed when ``greedy=True`` or ``temperature=0``: unused).
