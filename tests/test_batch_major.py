@@ -44,23 +44,9 @@ class Halver:
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return self.cell.initial_carry(batch_shape, dtype)
 
-    def rollout(
-        self,
-        params,
-        xs,
-        carry=None,
-        *,
-        lengths=None,
-        reset=None,
-        reverse=False,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        key=None,
-    ):
-        assert xs.shape[0] == T, "a layer called by js.rollout gets time-major inputs"
-        kw = dict(lengths=lengths, reset=reset, reverse=reverse, unroll=unroll, kernel=kernel)
-        c, ys = js.rollout(self.cell, params, xs, carry, **kw)
+    def rollout(self, params, seq, carry, options, key=None):
+        assert seq.xs.shape[0] == T, "a layer called by js.rollout gets time-major inputs"
+        c, ys = js.recurrent.run(self.cell, params, seq, carry, options)
         return c, ys / 2
 
 
@@ -71,14 +57,14 @@ CASES = {
     "rollout-lstm-fused": (js.LSTM(H), js.rollout, {}),
     "rollout-gru-scan-reverse": (js.GRU(H), js.rollout, {"kernel": "scan", "reverse": True}),
     "rollout_unrolled-rnn": (js.RNN(H), js.rollout_unrolled, {}),
-    "bidirectional_rollout": (js.Bidirectional(js.RNN(H)), js.bidirectional_rollout, {}),
-    "Bidirectional.rollout-reverse": (js.Bidirectional(js.RNN(H)), "method", {"reverse": True}),
-    "stacked_rollout-dropout": (
+    "rollout-bidirectional": (js.Bidirectional(js.RNN(H)), js.rollout, {}),
+    "rollout-bidirectional-reverse": (js.Bidirectional(js.RNN(H)), js.rollout, {"reverse": True}),
+    "rollout-stack-dropout": (
         js.Stack([js.RNN(H), Halver(H)], dropout_rate=0.5, variational_dropout=True),
-        js.stacked_rollout,
+        js.rollout,
         {"key": jax.random.key(3)},
     ),
-    "Stack.rollout-residual": (js.Stack([js.RNN(H), js.RNN(H)], residual=True), "method", {}),
+    "rollout-stack-residual": (js.Stack([js.RNN(H), js.RNN(H)], residual=True), js.rollout, {}),
     "rollout-user-layer": (Halver(H), js.rollout, {}),
 }
 
@@ -86,8 +72,6 @@ CASES = {
 @pytest.mark.parametrize("name", list(CASES))
 def test_batch_major_equals_time_major(name):
     layer, fn, kw = CASES[name]
-    if fn == "method":
-        fn = type(layer).rollout
     key = jax.random.key(0)
     params = layer.init(key, D)
     xs_bm = jax.random.normal(jax.random.key(1), (*BATCH, T, D))
@@ -178,16 +162,13 @@ def test_errors_name_the_batch_major_shapes():
     stack = js.Stack([js.Bidirectional(js.GRU(H)), js.GRU(H)])
     sparams = stack.init(jax.random.key(0), D)
     wide = jnp.ones((3, T, 7))
-    for call in (js.rollout, js.stacked_rollout, type(stack).rollout):
-        with pytest.raises(ValueError, match=r"xs: expected last dim D=2 .*got float32\[3, 5, 7\]"):
-            call(stack, sparams, wide, time_major=False)
+    with pytest.raises(ValueError, match=r"xs: expected last dim D=2 .*got float32\[3, 5, 7\]"):
+        js.rollout(stack, sparams, wide, time_major=False)
     bi = stack.layers[0]
     with pytest.raises(ValueError, match=r"reset: expected shape \[3, 5\] .*float32\[3, 5, 2\]"):
-        js.bidirectional_rollout(
-            bi, sparams[0], xs, reset=jnp.zeros((T, 3), bool), time_major=False
-        )
+        js.rollout(bi, sparams[0], xs, reset=jnp.zeros((T, 3), bool), time_major=False)
     with pytest.raises(TypeError, match="params: expected BidirectionalParams"):
-        bi.rollout(sparams[1], xs, time_major=False)
+        js.rollout(bi, sparams[1], xs, time_major=False)
     with pytest.raises(ValueError, match="params: expected a tuple of 2 layer params"):
         js.rollout(stack, sparams[:1], xs, time_major=False)
 
@@ -209,17 +190,15 @@ def _primitives(fn, *args):
     return counts
 
 
-@pytest.mark.parametrize("where", ["js.rollout", "Stack.rollout"])
-def test_batch_major_adds_only_the_transposes(where):
+def test_batch_major_adds_only_the_transposes():
     """The batch-major program is the time-major one plus one transpose of the
     inputs, of the reset flags and of the outputs (and, in the gradient, of their
     cotangents): nothing is transposed twice on the way through the layers."""
     stack = js.Stack([js.LSTM(H), js.Bidirectional(js.GRU(H)), Halver(H)])
     params = stack.init(jax.random.key(0), D)
-    run = js.rollout if where == "js.rollout" else type(stack).rollout
 
     def ys(xs, reset, time_major):
-        return run(stack, params, xs, lengths=LENGTHS, reset=reset, time_major=time_major)[1]
+        return js.rollout(stack, params, xs, lengths=LENGTHS, reset=reset, time_major=time_major)[1]
 
     xs_tm, xs_bm = jnp.ones((T, *BATCH, D)), jnp.ones((*BATCH, T, D))
     reset_tm, reset_bm = jnp.zeros((T, *BATCH), bool), jnp.zeros((*BATCH, T), bool)

@@ -535,12 +535,12 @@ def test_jvp_with_respect_to_the_carry_alone_takes_the_scan_path(key):
 
 @pytest.mark.parametrize("kind", ["tanh", "relu"])
 def test_fused_gradients_with_a_bfloat16_carry(kind, key):
-    """A bfloat16 carry with float32 params and inputs: the fused backward keeps the
-    float32 activations (the bfloat16 outputs are not precise enough) and its gradients
-    equal those of the scan path (ordinary autodiff of the same steps)."""
+    """A bfloat16 model (params, inputs and carry): the fused backward keeps the float32
+    activations (the bfloat16 outputs are not precise enough) and its gradients equal
+    those of the scan path (ordinary autodiff of the same steps)."""
     cell = make_cell(kind)
     params, xs, carry, _ = ref.to_jax(cell, problem(kind), jnp.float32)
-    c16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), carry)
+    params, xs, c16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), (params, xs, carry))
     dys = jax.random.normal(key, (T, *BATCH, H))
 
     def grads(kernel):
@@ -567,7 +567,7 @@ class _PlainLSTM(js.LSTM):
 def test_a_subclass_of_a_builtin_cell_falls_back_to_scan_and_equals_the_fused_kernel(key):
     cell, sub = js.LSTM(H), _PlainLSTM(H)
     params, xs, carry, _ = ref.to_jax(cell, problem("lstm"), jnp.float32)
-    assert dispatch.supports_fused(cell) and not dispatch.supports_fused(sub)
+    assert dispatch.fused_rule(cell) is not None and dispatch.fused_rule(sub) is None
     f = lambda c, k: lambda p: js.rollout(c, p, xs, carry, kernel=k, **OPTIONS["masked_reverse"])[1]
     assert _has_custom_vjp(f(cell, "auto"), params)
     assert not _has_custom_vjp(f(sub, "auto"), params)
@@ -598,7 +598,7 @@ def test_registering_a_rule_for_a_subclass_gives_it_the_fused_kernel(key):
     np.testing.assert_array_equal(
         got, js.rollout(js.LSTM(H), params, xs, carry, **OPTIONS["masked_reverse"])[1]
     )
-    assert not dispatch.supports_fused(sub)
+    assert dispatch.fused_rule(sub) is None
     with pytest.raises(TypeError, match="rule: expected a FusedRule"):
         dispatch.register_fused_rule(_PlainLSTM, "lstm")
     with pytest.raises(TypeError, match="cell_type: expected a class"):

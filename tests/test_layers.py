@@ -19,7 +19,7 @@ def test_bidirectional_equals_forward_and_reverse_rollouts(key):
     layer = js.Bidirectional(js.LSTM(H), js.GRU(3))
     p = layer.init(key, D)
     xs, lengths = _data(key)
-    carry, ys = js.bidirectional_rollout(layer, p, xs, lengths=lengths)
+    carry, ys = js.rollout(layer, p, xs, lengths=lengths)
     assert ys.shape == (T, B, H + 3) and layer.output_size == H + 3
     cf, yf = js.rollout_unrolled(layer.forward, p.forward, xs, lengths=lengths)
     cb, yb = js.rollout_unrolled(layer.backward, p.backward, xs, lengths=lengths, reverse=True)
@@ -32,10 +32,10 @@ def test_bidirectional_padding_invariance(key):
     layer = js.Bidirectional(js.GRU(H))
     p = layer.init(key, D)
     xs, lengths = _data(key)
-    _, ys = js.bidirectional_rollout(layer, p, xs, lengths=lengths)
+    _, ys = js.rollout(layer, p, xs, lengths=lengths)
     for b in range(B):
         n = int(lengths[b])
-        _, y_alone = js.bidirectional_rollout(layer, p, xs[:n, b : b + 1])
+        _, y_alone = js.rollout(layer, p, xs[:n, b : b + 1])
         np.testing.assert_allclose(ys[:n, b], y_alone[:, 0], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(ys[n:, b], 0.0)
 
@@ -44,10 +44,10 @@ def test_stack_equals_manual_composition(key):
     stack = js.Stack([js.LSTM(H), js.Bidirectional(js.GRU(H)), js.RNN(2 * H)], residual=False)
     p = stack.init(key, D)
     xs, lengths = _data(key)
-    carries, ys = js.stacked_rollout(stack, p, xs, lengths=lengths)
+    carries, ys = js.rollout(stack, p, xs, lengths=lengths)
     assert ys.shape == (T, B, 2 * H) and len(carries) == 3
     c0, h = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
-    c1, h = js.bidirectional_rollout(stack.layers[1], p[1], h, lengths=lengths)
+    c1, h = js.rollout(stack.layers[1], p[1], h, lengths=lengths)
     c2, h = js.rollout(stack.layers[2], p[2], h, lengths=lengths)
     np.testing.assert_allclose(ys, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carries[1].backward.h, c1.backward.h, rtol=1e-5, atol=1e-6)
@@ -58,9 +58,9 @@ def test_stack_carry_threads_through(key):
     stack = js.Stack([js.LSTM(H), js.LSTM(H)])
     p = stack.init(key, D)
     xs, _ = _data(key)
-    c_full, y_full = js.stacked_rollout(stack, p, xs)
-    c_a, y_a = js.stacked_rollout(stack, p, xs[:3])
-    c_b, y_b = js.stacked_rollout(stack, p, xs[3:], c_a)
+    c_full, y_full = js.rollout(stack, p, xs)
+    c_a, y_a = js.rollout(stack, p, xs[:3])
+    c_b, y_b = js.rollout(stack, p, xs[3:], c_a)
     np.testing.assert_allclose(y_full, jnp.concatenate([y_a, y_b]), rtol=1e-5, atol=1e-6)
     jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5), c_full, c_b)
 
@@ -69,7 +69,7 @@ def test_residual_adds_layer_input(key):
     stack = js.Stack([js.GRU(H), js.GRU(H)], residual=True)
     p = stack.init(key, D)
     xs, lengths = _data(key)
-    _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths)
+    _, ys = js.rollout(stack, p, xs, lengths=lengths)
     _, h1 = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
     _, h2 = js.rollout(stack.layers[1], p[1], h1, lengths=lengths)
     np.testing.assert_allclose(ys, h1 + h2, rtol=1e-5, atol=1e-6)
@@ -81,11 +81,11 @@ def test_dropout_between_layers_only_with_key(key):
     stack = js.Stack([js.RNN(H), js.RNN(H)], dropout_rate=0.5)
     p = stack.init(key, D)
     xs, _ = _data(key)
-    _, y0 = js.stacked_rollout(stack, p, xs)
-    _, y0b = js.stacked_rollout(stack, p, xs)
+    _, y0 = js.rollout(stack, p, xs)
+    _, y0b = js.rollout(stack, p, xs)
     np.testing.assert_array_equal(y0, y0b)
-    _, y1 = js.stacked_rollout(stack, p, xs, key=jax.random.key(1))
-    _, y2 = js.stacked_rollout(stack, p, xs, key=jax.random.key(2))
+    _, y1 = js.rollout(stack, p, xs, key=jax.random.key(1))
+    _, y2 = js.rollout(stack, p, xs, key=jax.random.key(2))
     assert not np.allclose(y1, y0) and not np.allclose(y1, y2)
     # Dropout is only between layers: the last layer's own output is not dropped.
     _, h1 = js.rollout(stack.layers[0], p[0], xs)
@@ -127,7 +127,7 @@ def test_variational_dropout_shares_the_mask_over_time(key):
     stack = js.Stack([js.RNN(H), js.RNN(H)], dropout_rate=0.5, variational_dropout=True)
     p = stack.init(key, D)
     xs, _ = _data(key)
-    _, y1 = js.stacked_rollout(stack, p, xs, key=jax.random.key(1))
+    _, y1 = js.rollout(stack, p, xs, key=jax.random.key(1))
     _, h1 = js.rollout(stack.layers[0], p[0], xs)
     k0 = jax.random.split(jax.random.key(1), 1)[0]
     _, want = js.rollout(stack.layers[1], p[1], js.nn.dropout(k0, h1, 0.5, shared_axes=(0,)))
@@ -153,16 +153,16 @@ def test_layer_bad_input(key):
     p = stack.init(key, D)
     xs, _ = _data(key)
     with pytest.raises(ValueError, match="params: expected a tuple of 2 layer params"):
-        js.stacked_rollout(stack, p[:1], xs)
+        js.rollout(stack, p[:1], xs)
     with pytest.raises(ValueError, match="carry: expected a tuple of 2 layer carries"):
-        js.stacked_rollout(stack, p, xs, carry=(None,))
+        js.rollout(stack, p, xs, carry=(None,))
     with pytest.raises(ValueError, match="layers: expected a non-empty sequence"):
         js.Stack([])
     with pytest.raises(ValueError, match=r"xs: expected last dim D=4"):
-        js.stacked_rollout(stack, p, jnp.zeros((T, B, 7)))
+        js.rollout(stack, p, jnp.zeros((T, B, 7)))
     bi = js.Bidirectional(js.GRU(H))
     with pytest.raises(TypeError, match="params: expected BidirectionalParams"):
-        js.bidirectional_rollout(bi, p[0], xs)
+        js.rollout(bi, p[0], xs)
 
 
 # -- plain NumPy references ---------------------------------------------------------------
@@ -237,9 +237,9 @@ def test_bidirectional_matches_numpy_forward_and_reversed_valid_part(key, fwd, b
     for lengths in (LENGTHS, None):
         ln = np.full(len(LENGTHS), T) if lengths is None else lengths
         (cf, cb), want = _ref_layer(np, layer, _np(p), np.asarray(xs, np.float64), ln)
-        run = jax.jit(lambda p, x, lg: js.bidirectional_rollout(layer, p, x, lengths=lg))
+        run = jax.jit(lambda p, x, lg: js.rollout(layer, p, x, lengths=lg))
         for got_c, ys in (
-            js.bidirectional_rollout(layer, p, xs, lengths=lengths),
+            js.rollout(layer, p, xs, lengths=lengths),
             run(p, xs, lengths),
         ):
             assert ys.shape == (T, len(LENGTHS), layer.output_size)
@@ -258,7 +258,7 @@ def test_bidirectional_backward_half_is_not_a_forward_run(key):
     _, yb = _ref_rollout(np, layer.backward, _np(p.backward), xs, LENGTHS, reverse=True)
     _, yf = _ref_rollout(np, layer.backward, _np(p.backward), xs, LENGTHS)
     assert np.abs(yb - yf).max() > 1e-2
-    _, ys = js.bidirectional_rollout(layer, p, jnp.asarray(xs, jnp.float32), lengths=LENGTHS)
+    _, ys = js.rollout(layer, p, jnp.asarray(xs, jnp.float32), lengths=LENGTHS)
     np.testing.assert_allclose(ys[..., H:], yb, **TOL)
 
 
@@ -276,8 +276,8 @@ def test_stack_matches_numpy_layer_after_layer(key, layers, residual):
     p = stack.init(key, D)
     xs = _xs(jax.random.fold_in(key, 2))
     carries_w, want = _ref_stack(np, stack, _np(p), np.asarray(xs, np.float64), LENGTHS)
-    run = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x, lengths=LENGTHS))
-    for carries, ys in (js.stacked_rollout(stack, p, xs, lengths=LENGTHS), run(p, xs)):
+    run = jax.jit(lambda p, x: js.rollout(stack, p, x, lengths=LENGTHS))
+    for carries, ys in (js.rollout(stack, p, xs, lengths=LENGTHS), run(p, xs)):
         assert ys.shape == want.shape
         np.testing.assert_allclose(ys, want, **TOL)
         for layer, got_c, want_c in zip(stack.layers, carries, carries_w):
@@ -323,7 +323,7 @@ def test_stack_with_dropout_under_jit_and_grad_matches_a_reference_loop(key, var
 
     @jax.jit
     def loss(p, xs, k):
-        _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths, key=k)
+        _, ys = js.rollout(stack, p, xs, lengths=lengths, key=k)
         return jnp.sum(ys * g_out)
 
     def ref_loss(p, xs):
@@ -331,7 +331,7 @@ def test_stack_with_dropout_under_jit_and_grad_matches_a_reference_loop(key, var
         return jnp.sum(ys * g_out)
 
     _, want = _ref_stack(np, stack, _np(p), np.asarray(xs, np.float64), lengths, [m])
-    _, ys = jax.jit(lambda p, x: js.stacked_rollout(stack, p, x, lengths=lengths, key=k))(p, xs)
+    _, ys = jax.jit(lambda p, x: js.rollout(stack, p, x, lengths=lengths, key=k))(p, xs)
     np.testing.assert_allclose(ys, want, **TOL)
     if variational:
         return  # the gradient path is the same; checked once below
@@ -359,7 +359,7 @@ def test_stack_gradients_match_finite_differences_in_float64(key):
         lengths = jnp.array([4, 2], jnp.int32)
 
         def f(p, xs):
-            _, ys = js.stacked_rollout(stack, p, xs, lengths=lengths)
+            _, ys = js.rollout(stack, p, xs, lengths=lengths)
             return jnp.sum(jnp.sin(ys))
 
         check_grads(jax.jit(f), (p, xs), order=1, modes=["rev"], eps=1e-5)
@@ -453,7 +453,7 @@ def test_three_layer_dropout_uses_one_key_per_gap(key):
     p = stack.init(key, D)
     xs, _ = _data(key)
     drop_key = jax.random.key(3)
-    _, ys = js.stacked_rollout(stack, p, xs, key=drop_key)
+    _, ys = js.rollout(stack, p, xs, key=drop_key)
     k = jax.random.split(drop_key, 2)
     _, h = js.rollout(stack.layers[0], p[0], xs)
     _, h = js.rollout(stack.layers[1], p[1], js.nn.dropout(k[0], h, 0.5))
@@ -471,7 +471,7 @@ def test_bidirectional_rollout_starts_from_the_given_carry(key):
         js.recurrent.RNNCarry(jax.random.normal(k1, (B, 3))),
         js.recurrent.RNNCarry(jax.random.normal(k2, (B, 3))),
     )
-    got_carry, ys = js.bidirectional_rollout(layer, p, xs, carry)
+    got_carry, ys = js.rollout(layer, p, xs, carry)
     fwd_carry, fwd = js.rollout(layer.forward, p.forward, xs, carry.forward)
     bwd_carry, bwd = js.rollout(layer.backward, p.backward, xs, carry.backward, reverse=True)
     np.testing.assert_allclose(ys, jnp.concatenate([fwd, bwd], axis=-1), rtol=1e-6, atol=1e-6)

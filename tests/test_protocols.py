@@ -175,27 +175,23 @@ class _DecayLayer:
     def initial_carry(self, batch_shape=(), dtype=jnp.float32):
         return jnp.zeros((*batch_shape, self.size), dtype)
 
-    def rollout(self, params, xs, carry=None, **kw):
-        self.calls.append(kw)
-        if kw["reset"] is not None:
+    def rollout(self, params, seq, carry, options, key=None):
+        self.calls.append(dict(options=options, key=key, valid=seq.valid, lengths=seq.lengths))
+        if seq.reset is not None:
             raise ValueError("reset: not supported by this layer")
-        t = xs.shape[0]
-        u = xs @ params["w"]
-        valid = jnp.ones(u.shape[:-1], bool)
-        if kw["lengths"] is not None:
-            valid = js.lengths_to_mask(kw["lengths"], t)
-        u = jnp.where(valid[..., None], u, 0.0)
+        u = seq.xs @ params["w"]  # zero at padded steps: js.rollout zeroed the inputs
+        valid = jnp.ones(u.shape[:-1], bool) if seq.valid is None else seq.valid
         a = jnp.where(valid[..., None], params["a"], 1.0) * jnp.ones_like(u)
         if carry is not None:
-            first = -1 if kw["reverse"] else 0
+            first = -1 if options.reverse else 0
             u = u.at[first].add(a[first] * carry)
 
         def combine(left, right):
             return left[0] * right[0], right[0] * left[1] + right[1]
 
-        _, h = jax.lax.associative_scan(combine, (a, u), reverse=kw["reverse"])
+        _, h = jax.lax.associative_scan(combine, (a, u), reverse=options.reverse)
         ys = jnp.where(valid[..., None], h, 0.0)
-        return (h[0] if kw["reverse"] else h[-1]), ys
+        return (h[0] if options.reverse else h[-1]), ys
 
 
 def _decay_np(p, xs, lengths=None, reverse=False):
@@ -241,16 +237,12 @@ def test_a_user_sequence_layer_runs_through_rollout(key, reverse):
     want_h, want_ys = _decay_np(p, xs, LENGTHS, reverse)
     np.testing.assert_allclose(ys, want_ys, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(carry, want_h, rtol=1e-5, atol=1e-5)
-    # js.rollout passes every option by keyword, with its own defaults.
-    assert layer.calls[-1] == dict(
-        lengths=LENGTHS,
-        reset=None,
-        reverse=reverse,
-        unroll="auto",
-        kernel="auto",
-        checkpoint_every=None,
-        key=None,
-    )
+    # js.rollout hands the layer its options with js.rollout's defaults, and the mask.
+    call = layer.calls[-1]
+    assert call["options"] == js.recurrent.RolloutOptions(reverse=reverse)
+    assert call["key"] is None
+    np.testing.assert_array_equal(call["valid"], np.arange(T)[:, None] < LENGTHS)
+    np.testing.assert_array_equal(call["lengths"], LENGTHS)
     with pytest.raises(ValueError, match="reset: not supported"):
         js.rollout(layer, p, xs, reset=jnp.zeros((T, B), bool))
 
@@ -271,8 +263,8 @@ def test_user_layers_inside_stack_and_bidirectional(key):
     np.testing.assert_allclose(carries[0], h0, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(carries[1].backward, hb, rtol=1e-4, atol=1e-5)
     first, second = user.calls[-2:]
-    assert first["unroll"] == second["unroll"] == 2
-    assert first["reverse"] is False and second["reverse"] is True
+    assert first["options"].unroll == second["options"].unroll == 2
+    assert first["options"].reverse is False and second["options"].reverse is True
     keys = [jax.random.key_data(c["key"]) for c in (first, second)]
     assert not np.array_equal(keys[0], keys[1])
     np.testing.assert_array_equal(keys[0], jax.random.key_data(jax.random.fold_in(k, 0)))
@@ -308,28 +300,25 @@ def test_rollout_of_neither_a_cell_nor_a_layer_names_both(key):
 
 # -- one set of defaults --------------------------------------------------------------
 
-_OPTIONS = ("lengths", "reset", "reverse", "unroll", "kernel", "checkpoint_every", "key")
+_OPTIONS = ("lengths", "mask", "reset", "reverse", "unroll", "kernel", "checkpoint_every", "key")
 
 
-def _defaults(fn):
-    sig = inspect.signature(fn)
-    return {name: sig.parameters[name].default for name in _OPTIONS}
-
-
-def test_every_rollout_entry_point_has_the_same_options_and_defaults():
-    want = _defaults(js.rollout)
-    assert want["unroll"] == "auto" and want["kernel"] == "auto" and want["key"] is None
-    for fn in (
-        js.stacked_rollout,
-        js.bidirectional_rollout,
-        js.Stack.rollout,
-        js.Bidirectional.rollout,
-        protocols.SequenceLayer.rollout,
-    ):
-        assert _defaults(fn) == want, fn.__qualname__
-        params = inspect.signature(fn).parameters
-        assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in _OPTIONS)
-    assert list(inspect.signature(js.rollout).parameters)[-1] == "key"
+def test_the_rollout_options_are_written_once():
+    """js.rollout is the one signature with the options; the layers' methods take one
+    RolloutOptions, whose fields are the settings js.rollout passes on."""
+    params = inspect.signature(js.rollout).parameters
+    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in _OPTIONS)
+    assert list(params)[-1] == "key"
+    fields = [f.name for f in dataclasses.fields(js.recurrent.RolloutOptions)]
+    assert fields == ["reverse", "unroll", "kernel", "checkpoint_every"]
+    for name in fields:
+        assert params[name].default == getattr(js.recurrent.RolloutOptions(), name)
+    for fn in (js.Stack.rollout, js.Bidirectional.rollout, js.MinGRU.rollout):
+        assert list(inspect.signature(fn).parameters) == [
+            "self", "params", "seq", "carry", "options", "key",
+        ]  # fmt: skip
+    assert not hasattr(js.recurrent, "stacked_rollout")
+    assert not hasattr(js.recurrent, "bidirectional_rollout")
 
 
 def _scan_unrolls(fn, *args):
@@ -351,16 +340,11 @@ def _scan_unrolls(fn, *args):
 
 
 def test_default_unroll_is_auto_for_stacks_and_bidirectional_layers(key):
-    """Small steps: ``unroll="auto"`` picks 4 on CPU (1 before for the two aliases)."""
+    """Small steps: ``unroll="auto"`` picks 4 on CPU, inside a stack as for a cell."""
     xs = jnp.ones((8, 2, D))
     want = js.recurrent.auto_unroll(8, js.recurrent.step_work(js.GRU(3), (2,)))
     assert want > 1
     for layer in (js.Stack([js.GRU(3)]), js.Bidirectional(js.GRU(3))):
         p = layer.init(key, D)
-        for fn in (js.rollout, js.stacked_rollout, js.bidirectional_rollout):
-            if fn is js.stacked_rollout and not isinstance(layer, js.Stack):
-                continue
-            if fn is js.bidirectional_rollout and not isinstance(layer, js.Bidirectional):
-                continue
-            unrolls = _scan_unrolls(lambda p, fn=fn, layer=layer: fn(layer, p, xs)[1], p)
-            assert unrolls and set(unrolls) == {want}, (fn.__name__, unrolls)
+        unrolls = _scan_unrolls(lambda p, layer=layer: js.rollout(layer, p, xs)[1], p)
+        assert unrolls and set(unrolls) == {want}, unrolls
