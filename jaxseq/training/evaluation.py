@@ -70,7 +70,7 @@ def evaluate(
     >>> bt = js.data.PaddedBatcher(
     ...     {"tokens": [np.arange(n) for n in (2, 3, 4)], "label": [0, 1, 1]}, 2, shuffle=False)
     >>> def apply_fn(params, batch):                  # logits [B, 2] from the lengths
-    ...     return batch["tokens_lengths"][:, None] * params
+    ...     return batch["tokens_lengths"][:, None] * params[None, :]
     >>> metrics = {
     ...     "accuracy": lambda logits, batch: jnp.argmax(logits, -1) == batch["label"],
     ...     "loss": lambda logits, batch: js.training.token_cross_entropy(logits, batch["label"]),
