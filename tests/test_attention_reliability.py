@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxseq as js
 
@@ -667,3 +669,31 @@ def test_blockwise_lengths_per_example_broadcast_over_heads(method):
         method=method,
     )
     np.testing.assert_array_equal(got, per_head)
+
+
+_QKV = _randn(12, (2, 3, 3, 4), (2, 4, 3, 4), (2, 4, 3, 5))  # [B, T, K, D], B=2 K=3 Tq=3 Tk=4
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    layout=st.sampled_from(["[Tq, Tk]", "[B, Tq, Tk]", "[B, K, Tq, Tk]"]),
+    ones=st.lists(st.booleans(), min_size=4, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_any_broadcastable_mask_equals_its_full_broadcast(layout, ones, seed):
+    """Property: a mask of any accepted layout, each dim full or 1, gives what the same
+    mask broadcast by hand to ``[B, K, Tq, Tk]`` gives (finite, zeros for rows that see
+    no key)."""
+    q, k, v = _QKV
+    full = {"B": 2, "K": 3, "Tq": 3, "Tk": 4}
+    dims = layout[1:-1].split(", ")
+    shape = tuple(1 if one else full[d] for d, one in zip(dims, ones[-len(dims) :], strict=False))
+    mask = np.random.default_rng(seed).random(shape) < 0.5
+    four = {"[Tq, Tk]": mask[None, None], "[B, Tq, Tk]": mask[:, None]}.get(layout, mask)
+    mask4 = np.broadcast_to(four, (2, 3, 3, 4))
+    got = js.batched_dot_product_attention(q, k, v, jnp.asarray(mask))
+    want = js.batched_dot_product_attention(q, k, v, jnp.asarray(mask4))
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    no_key = np.swapaxes(~mask4.any(-1), 1, 2)  # [B, Tq, K]
+    np.testing.assert_array_equal(np.asarray(got)[no_key], 0.0)
