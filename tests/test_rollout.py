@@ -429,15 +429,16 @@ def test_rollout_unrolled_matches_reference():
         ref.assert_close((tuple(carry), ys), want, TOL["float32"], f"rollout_unrolled, {name}")
 
 
-def test_empty_sequence_outputs_keep_the_carry_dtype(key):
+def test_empty_sequence_outputs_keep_the_model_dtype(key):
     """T = 0: the empty outputs have the dtype a step would give (bfloat16 for a
-    bfloat16 carry), the same for every implementation, as for T = 1."""
+    bfloat16 model), the same for every implementation, as for T = 1."""
     cell = make_cell("gru")
-    p = cell.init(key, D)
-    xs = jax.random.normal(key, (1, 2, D))
+    p = cell.init(key, D, jnp.bfloat16)
+    xs = jax.random.normal(key, (1, 2, D), jnp.bfloat16)
     c16 = cell.initial_carry((2,), jnp.bfloat16)
     outs = [js.rollout(cell, p, x, c16, kernel=k) for x in (xs, xs[:0]) for k in KERNELS]
     outs += [js.rollout_unrolled(cell, p, x, c16) for x in (xs, xs[:0])]
+    outs += [js.rollout(cell, p, x, kernel=k) for x in (xs, xs[:0]) for k in KERNELS]
     for carry, ys in outs:
         assert ys.dtype == jnp.bfloat16 and carry.h.dtype == jnp.bfloat16
         assert ys.shape[1:] == (2, H)
@@ -450,11 +451,11 @@ def test_unknown_kernel_is_named(key):
         js.rollout(cell, p, jnp.zeros((T, B, D)), kernel="cuda")
 
 
-def test_checkpointed_outputs_keep_the_carry_dtype(key):
-    """checkpoint_every changes memory, not dtypes: a bfloat16 carry gives bfloat16 outputs."""
+def test_checkpointed_outputs_keep_the_model_dtype(key):
+    """checkpoint_every changes memory, not dtypes: a bfloat16 model gives bfloat16 outputs."""
     cell = make_cell("lstm")
-    p = cell.init(key, D)
-    xs = jax.random.normal(key, (5, 2, D))
+    p = cell.init(key, D, jnp.bfloat16)
+    xs = jax.random.normal(key, (5, 2, D), jnp.bfloat16)
     c16 = cell.initial_carry((2,), jnp.bfloat16)
     for kernel in KERNELS:
         plain = js.rollout(cell, p, xs, c16, kernel=kernel)
