@@ -5,12 +5,15 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxseq as js
 from jaxseq import data
@@ -281,6 +284,42 @@ def test_fit_returns_the_count_of_skipped_steps_over_the_run():
     assert (info["steps"], info["bad_steps"]) == (10, 4)
     _, info = _line_fit(num_steps=4)
     assert info["bad_steps"] == 0
+
+
+_STEPS = {}  # one compiled step per chunks_per_call across the examples
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=4), st.sampled_from([1, 2]))
+def test_fit_counts_warns_and_fails_by_the_steps_it_skipped(bad, n):
+    """Any pattern of skipped steps (under max_bad_steps): info counts them, the first
+    warns naming its step, and the run fails exactly when none applied an update."""
+    bad = bad * n  # a multiple of n steps, fewer than max_bad_steps=10
+    steps = [s + 1 for s, b in enumerate(bad) if b]
+
+    def loss_fn(params, carry, batch, key):
+        return jnp.mean((batch["x"] * params["w"] - 1.0) ** 2), (carry, {})
+
+    opt = train.make_optimizer("sgd", 0.1, max_norm=None)
+    state = train.init_state({"w": jnp.zeros(())}, opt, jax.random.key(0))
+    x = np.ones(4, np.float32)
+    source = lambda s: {"x": x * np.float32(np.nan if s + 1 in steps else 1.0)}  # noqa: E731
+    step = _STEPS.setdefault(n, train.make_train_step(loss_fn, opt, chunks_per_call=n))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            _, info = train.fit(step, state, source, num_steps=len(bad), progress=False)
+            failed = False
+        except train.NonFiniteError as e:
+            assert "applied no update" in str(e)
+            failed = True
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert failed == all(bad)
+    assert len(msgs) == (1 if steps else 0)
+    if steps:
+        assert f"step {steps[0]} had a non-finite" in msgs[0]
+    if not failed:
+        assert info["bad_steps"] == len(steps)
 
 
 def test_fit_raises_when_every_step_was_skipped(tmp_path):

@@ -519,9 +519,11 @@ def fit(
         info.update(steps_per_s=0.0, tokens_per_s=0.0)
         return state, info
     run = _Run(
-        step_fn, source, state, start, num_steps, info, elapsed_s, max_seconds, multi, main,
-        mesh, local_batches, checkpointer, checkpoint_every, checkpoint_meta, eval_fn,
-        eval_every, eval_path, max_bad_steps, on_step,
+        step_fn=step_fn, source=source, state=state, start=start, num_steps=num_steps,
+        info=info, elapsed_s=elapsed_s, max_seconds=max_seconds, multi=multi, main=main,
+        mesh=mesh, local_batches=local_batches, checkpointer=checkpointer,
+        checkpoint_every=checkpoint_every, checkpoint_meta=checkpoint_meta, eval_fn=eval_fn,
+        eval_every=eval_every, eval_path=eval_path, max_bad_steps=max_bad_steps, on_step=on_step,
     )  # fmt: skip
     if metrics_path:  # closed by run.train
         run.metrics_file = open(metrics_path, "a")  # noqa: SIM115
