@@ -89,11 +89,15 @@ def run_body(
     dropout_rate: float,
     shared_axes=(),
     lengths=None,
+    mask=None,
     reset=None,
     unroll="auto",
     key=None,
 ):
-    """Dropout on ``x: [T, *B, D]``, the stack, dropout on its outputs -> ``(carries, h [T, *B, H])``."""
+    """Dropout on ``x: [T, *B, D]``, the stack, dropout on its outputs -> ``(carries, h [T, *B, H])``.
+
+    The padding is ``lengths`` or, when the caller has built it already, ``mask``
+    (``bool[T, *B]``), which the rollout then uses as it is."""
     use_dropout = key is not None and dropout_rate > 0.0
     k_in = k_stack = k_out = None
     if key is not None:
@@ -102,7 +106,7 @@ def run_body(
     if use_dropout:
         x = dropout(k_in, x, dropout_rate, shared_axes=shared_axes)
     carry, h = rollout(
-        stack, params, x, carry, lengths=lengths, reset=reset, unroll=unroll, key=k_stack
+        stack, params, x, carry, lengths=lengths, mask=mask, reset=reset, unroll=unroll, key=k_stack
     )
     if use_dropout:
         h = dropout(k_out, h, dropout_rate, shared_axes=shared_axes)

@@ -216,7 +216,7 @@ class RecurrentLM:
             tuple(carry),
             dropout_rate=self.dropout_rate,
             shared_axes=(0,) if self.variational_dropout else (),  # one mask per chunk
-            lengths=lengths,
+            mask=valid,  # built once, above, from lengths
             reset=reset,
             unroll=self.unroll,
             key=key,
