@@ -175,6 +175,10 @@ def test_a_missing_output_size_is_caught_where_the_stack_is_declared():
         js.Stack([js.GRU(H), _NoSize()])
     with pytest.raises(TypeError, match=r"layers\[0\]: expected output_size to be a positive int"):
         js.Stack([type("StrSize", (_NoSize,), {"output_size": "4"})()])
+    with pytest.raises(
+        TypeError, match=r"backward: expected a cell or layer with an 'output_size'.*_NoSize"
+    ):
+        js.Bidirectional(js.GRU(H), _NoSize())
 
 
 def test_a_wrong_output_size_names_the_layer_that_declares_it(key):

@@ -95,6 +95,8 @@ class Bidirectional:
     def __post_init__(self):
         if self.backward is None:
             object.__setattr__(self, "backward", self.forward)
+        _check_output_size(self.forward, "forward")
+        _check_output_size(self.backward, "backward")
 
     @property
     def output_size(self) -> int:
@@ -241,7 +243,7 @@ class Stack:
             raise ValueError(f"layers: expected a non-empty sequence of cells, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         _checks.check_rate("dropout_rate", self.dropout_rate)
-        sizes = [_check_output_size(layer, i) for i, layer in enumerate(layers)]
+        sizes = [_check_output_size(layer, f"layers[{i}]") for i, layer in enumerate(layers)]
         if self.residual:
             for i in range(1, len(layers)):
                 if sizes[i] != sizes[i - 1]:
@@ -391,17 +393,17 @@ def _check_output(layer, i: int, y) -> None:
         )
 
 
-def _check_output_size(layer, i: int) -> int:
-    """``layer.output_size``, a positive int, checked where the Stack is declared."""
+def _check_output_size(layer, name: str) -> int:
+    """``layer.output_size``, a positive int, checked where the layer is declared."""
     size = getattr(layer, "output_size", None)
     if size is None:
         raise TypeError(
-            f"layers[{i}]: expected a cell or layer with an 'output_size' (the last dim of "
-            f"its outputs, which sizes the next layer), {type(layer).__name__} has none"
+            f"{name}: expected a cell or layer with an 'output_size' (the last dim of "
+            f"its outputs, which sizes what comes after it), {type(layer).__name__} has none"
         )
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size <= 0:
         raise TypeError(
-            f"layers[{i}]: expected output_size to be a positive int, "
+            f"{name}: expected output_size to be a positive int, "
             f"{type(layer).__name__} has output_size={size!r}"
         )
     return int(size)
