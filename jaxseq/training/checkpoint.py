@@ -151,7 +151,7 @@ class Checkpointer:
     Args:
       directory: the checkpoint root (one subdirectory per step).
       keep: how many of the most recent checkpoints to keep.
-      model_config: a JSON-able model description (e.g. ``LanguageModel.config()``);
+      model_config: a JSON-able model description (e.g. ``RecurrentLM.config()``);
         a checkpoint whose config differs cannot be restored.
       hparams: JSON-able hyperparameters; a checkpoint with different values is
         restored only with ``override=True``.
