@@ -204,3 +204,15 @@ def test_prepare_gives_a_layer_what_it_needs(key):
     np.testing.assert_array_equal(seq.reset, reset.T)
     np.testing.assert_array_equal(seq.lengths, LENGTHS)
     assert js.recurrent.prepare(js.GRU(H), None, jnp.ones((T, B, D))).valid is None
+
+
+def test_a_bfloat16_language_model_starts_from_a_bfloat16_carry(key):
+    """A model's ``apply(carry=None)`` starts from zeros in its params' dtype (a float32
+    zero carry against bfloat16 params would now be refused by the rollout)."""
+    lm = js.char_lm(7, num_layers=2, hidden_size=H, embedding_size=D)
+    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), lm.init(key))
+    carry, logits = lm.apply(params, None, jnp.zeros((T, B), jnp.int32))
+    assert logits.dtype == jnp.float32  # the head's logits, for the loss
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(carry)} == {jnp.dtype(jnp.bfloat16)}
+    again, _ = lm.apply(params, carry, jnp.zeros((T, B), jnp.int32))  # and goes on from it
+    assert jax.tree_util.tree_structure(again) == jax.tree_util.tree_structure(carry)

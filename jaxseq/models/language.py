@@ -207,13 +207,11 @@ class RecurrentLM:
         batch_shape = tuple(tokens.shape[1:])
         valid = valid_steps(lengths, tokens.shape[0], batch_shape, tokens)
         tokens = token_ids("tokens", tokens, self.vocab_size, valid)
-        if carry is None:
-            carry = self.initial_carry(batch_shape)
         carry, h = run_body(
             self.stack,
             params.stack,
             embed(params.embedding, tokens),
-            tuple(carry),
+            None if carry is None else tuple(carry),  # None: zeros in the params' dtype
             dropout_rate=self.dropout_rate,
             shared_axes=(0,) if self.variational_dropout else (),  # one mask per chunk
             mask=valid,  # built once, above, from lengths
