@@ -293,7 +293,7 @@ def test_stack_matches_numpy_layer_after_layer(key, layers, residual):
 
 
 def _stack_masks(stack, key, ys_shapes):
-    """The dropout masks stacked_rollout draws (js.nn.dropout of ones with its per-layer keys)."""
+    """The dropout masks a Stack rollout draws (js.nn.dropout of ones with its per-layer keys)."""
     keys = jax.random.split(key, max(len(stack.layers) - 1, 1))
     shared = (0,) if stack.variational_dropout else ()
     return [
@@ -461,7 +461,7 @@ def test_three_layer_dropout_uses_one_key_per_gap(key):
     np.testing.assert_allclose(ys, want, rtol=1e-5, atol=1e-6)
 
 
-def test_bidirectional_rollout_starts_from_the_given_carry(key):
+def test_a_bidirectional_rollout_starts_from_the_given_carry(key):
     """Both halves start from the carry passed in, as each cell's own rollout does."""
     layer = js.Bidirectional(js.GRU(3), js.GRU(3))
     p = layer.init(key, 2)
