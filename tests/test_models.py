@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cells import ProtocolCell
 
 import jaxseq as js
 from jaxseq import models
@@ -106,29 +107,12 @@ def test_vocab_and_config_errors(lm, key):
     assert isinstance(js.models.RecurrentLM, type)
 
 
-class _ProtocolCell:
-    """The example cell of ``js.protocols.Cell``'s docstring: a plain-array carry,
-    ``output_size`` a class attribute, not a dataclass."""
-
-    output_size = 3
-
-    def init(self, key, input_size, dtype=jnp.float32):
-        return jax.random.normal(key, (input_size, 3), dtype)
-
-    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
-        return jnp.zeros((*batch_shape, 3), dtype)
-
-    def step(self, params, carry, x):
-        h = 0.5 * carry + jnp.tanh(x @ params)
-        return h, h
-
-
 def test_recurrent_lm_with_a_user_cell_has_a_config_a_checkpointer_accepts(key, tmp_path):
     import json
 
-    lm = models.RecurrentLM(5, 2, js.Stack([_ProtocolCell(), js.Bidirectional(js.GRU(2))]))
+    lm = models.RecurrentLM(5, 2, js.Stack([ProtocolCell(), js.Bidirectional(js.GRU(2))]))
     cfg = lm.config()
-    assert cfg["layers"][0] == {"type": "_ProtocolCell", "output_size": 3}
+    assert cfg["layers"][0] == {"type": "ProtocolCell", "output_size": 3}
     assert cfg["layers"][1]["forward"] == cfg["layers"][1]["backward"]
     assert cfg["layers"][1]["forward"]["type"] == "GRU"
     assert json.loads(json.dumps(cfg)) == cfg
@@ -144,11 +128,11 @@ def test_recurrent_lm_with_a_user_cell_has_a_config_a_checkpointer_accepts(key, 
 
 
 def test_config_uses_a_cells_own_config_and_rejects_a_non_dict(key):
-    class Configured(_ProtocolCell):
+    class Configured(ProtocolCell):
         def config(self):
             return {"decay": 0.5}
 
-    class Broken(_ProtocolCell):
+    class Broken(ProtocolCell):
         def config(self):
             return [0.5]
 
@@ -161,13 +145,13 @@ def test_config_uses_a_cells_own_config_and_rejects_a_non_dict(key):
 
 
 def test_missing_or_wrong_output_size_is_caught_when_the_model_is_built():
-    class NoSize(_ProtocolCell):
+    class NoSize(ProtocolCell):
         output_size = property(lambda self: self.missing)
 
-    class WrongSize(_ProtocolCell):
+    class WrongSize(ProtocolCell):
         output_size = 4  # the step returns 3 features
 
-    class StrSize(_ProtocolCell):
+    class StrSize(ProtocolCell):
         output_size = "3"
 
     # missing or not an int: the Stack the model is declared with refuses it
@@ -186,7 +170,7 @@ def test_missing_or_wrong_output_size_is_caught_when_the_model_is_built():
         models.RecurrentLM(5, 2, js.Stack([WrongSize()]))
     with pytest.raises(ValueError, match=r"stack.layers\[1\].backward \(WrongSize\)"):
         models.RecurrentLM(
-            5, 2, js.Stack([js.GRU(2), js.Bidirectional(_ProtocolCell(), WrongSize())])
+            5, 2, js.Stack([js.GRU(2), js.Bidirectional(ProtocolCell(), WrongSize())])
         )
 
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _cells import ProtocolCell
 
 import jaxseq as js
 from jaxseq import decoding, models
@@ -289,23 +290,6 @@ def test_seq2seq_bad_input(s2s, key):
 # -- any cell meeting js.protocols.Cell ------------------------------------------------
 
 
-class _ProtocolCell:
-    """The example cell of ``js.protocols.Cell``'s docstring: a plain-array carry,
-    ``output_size`` a class attribute, not a dataclass."""
-
-    output_size = 3
-
-    def init(self, key, input_size, dtype=jnp.float32):
-        return jax.random.normal(key, (input_size, 3), dtype)
-
-    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
-        return jnp.zeros((*batch_shape, 3), dtype)
-
-    def step(self, params, carry, x):
-        h = 0.5 * carry + jnp.tanh(x @ params)
-        return h, h
-
-
 def _leaky_np(w, xs, n, reverse=False):
     """One sequence ``xs [T, D]`` of which ``n`` steps are valid -> outputs ``[T, 3]`` (zeros past n)."""
     w, xs = np.float64(w), np.float64(xs)
@@ -318,7 +302,7 @@ def _leaky_np(w, xs, n, reverse=False):
 
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_classifier_last_pool_with_the_protocol_example_cell(key, bidirectional):
-    layer = js.Bidirectional(_ProtocolCell()) if bidirectional else _ProtocolCell()
+    layer = js.Bidirectional(ProtocolCell()) if bidirectional else ProtocolCell()
     clf = models.SequenceClassifier(js.Stack([layer]), 2, input_size=2, pool="last")
     params = npm.perturb(clf.init(key), seed=5)
     xs = jax.random.normal(jax.random.fold_in(key, 1), (6, 3, 2))
@@ -337,7 +321,7 @@ def test_classifier_last_pool_with_the_protocol_example_cell(key, bidirectional)
 
 
 def test_tagger_and_mean_pool_with_the_protocol_example_cell(key):
-    stack = js.Stack([js.Bidirectional(_ProtocolCell()), _ProtocolCell()])
+    stack = js.Stack([js.Bidirectional(ProtocolCell()), ProtocolCell()])
     tg = models.SequenceTagger(stack, 4, vocab_size=5, embedding_size=2)
     params = npm.perturb(tg.init(key), seed=6)
     tokens = _tokens(jax.random.fold_in(key, 2), (5, 2), 5)
@@ -358,11 +342,11 @@ def test_tagger_and_mean_pool_with_the_protocol_example_cell(key):
 
 
 def test_user_cell_output_size_checked_where_the_model_is_declared():
-    class WrongSize(_ProtocolCell):
+    class WrongSize(ProtocolCell):
         output_size = 5
 
     class NoSize:
-        init = _ProtocolCell.init
+        init = ProtocolCell.init
 
     with pytest.raises(
         ValueError, match=r"stack.layers\[0\] \(WrongSize\): declares output_size=5"
@@ -379,14 +363,14 @@ def test_user_cell_output_size_checked_where_the_model_is_declared():
 
 
 def test_sequence_model_config_with_a_user_cell(key, tmp_path):
-    clf = models.SequenceClassifier(js.Stack([_ProtocolCell()]), 2, input_size=2, pool="mean")
+    clf = models.SequenceClassifier(js.Stack([ProtocolCell()]), 2, input_size=2, pool="mean")
     cfg = clf.config()
     assert cfg["type"] == "SequenceClassifier" and cfg["pool"] == "mean"
     assert cfg["input_size"] == 2 and cfg["vocab_size"] is None
-    assert cfg["layers"] == [{"type": "_ProtocolCell", "output_size": 3}]
+    assert cfg["layers"] == [{"type": "ProtocolCell", "output_size": 3}]
     state = js.init_state(clf.init(key), js.make_optimizer("sgd", 0.1), key)
     js.Checkpointer(tmp_path, model_config=cfg).save(state)
-    other = models.SequenceClassifier(js.Stack([_ProtocolCell()]), 3, input_size=2)
+    other = models.SequenceClassifier(js.Stack([ProtocolCell()]), 3, input_size=2)
     with pytest.raises(ValueError, match="num_classes"):
         js.Checkpointer(tmp_path, model_config=other.config()).restore(state)
 
