@@ -75,7 +75,8 @@ def start(args):
     """Starts JAX's distributed runtime when the flags or the environment ask for it
     (``--coordinator/--num-processes/--process-id`` or ``--distributed``; one process
     otherwise), and on Linux keeps freed host buffers in the process for the next
-    training step (:func:`jaxseq.training.reuse_host_memory`: 10% faster char-LM steps on CPU).
+    training step (:func:`jaxseq.training.reuse_host_memory`; its effect is measured in
+    ``benchmarks/README.md``).
     Call it right after parsing, before anything else touches JAX."""
     js.training.reuse_host_memory()
     js.training.init_from_args(args)

@@ -347,6 +347,8 @@ def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_p
         step(state, data.StreamBatcher(np.arange(110) % 7, 5, 6).stacked(0, 2))
     with pytest.raises(ValueError, match="multiples of chunks_per_call=2"):
         train.fit(step, state, bt, num_steps=5)
+    with pytest.raises(ValueError, match="max_bad_steps: expected a positive int, got 0"):
+        train.fit(step, state, bt, num_steps=4, max_bad_steps=0)
     assert step.traces == 0  # every error came before any trace
     ckpt = js.Checkpointer(tmp_path / "ckpt", keep=2)
     seen = []

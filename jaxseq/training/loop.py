@@ -523,7 +523,8 @@ def fit(
         info=info, elapsed_s=elapsed_s, max_seconds=max_seconds, multi=multi, main=main,
         mesh=mesh, local_batches=local_batches, checkpointer=checkpointer,
         checkpoint_every=checkpoint_every, checkpoint_meta=checkpoint_meta, eval_fn=eval_fn,
-        eval_every=eval_every, eval_path=eval_path, max_bad_steps=max_bad_steps, on_step=on_step,
+        eval_every=eval_every, eval_path=eval_path, on_step=on_step,
+        max_bad_steps=_checks.check_positive_int("max_bad_steps", max_bad_steps),
     )  # fmt: skip
     if metrics_path:  # closed by run.train
         run.metrics_file = open(metrics_path, "a")  # noqa: SIM115
