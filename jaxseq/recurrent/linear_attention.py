@@ -1,0 +1,371 @@
+"""Linear attention with a decaying matrix state: ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``.
+
+The recurrence behind gated linear attention (a decay per key, ``g: [T, *B, K,
+Dk]``), Mamba-2's state-space duality and RetNet (a scalar decay per head,
+``g: [T, *B, K]``) and plain linear attention (no decay). Time-major, ``K``
+heads: ``q, k: [T, *B, K, Dk]``, ``v: [T, *B, K, Dv]``, the state
+``S: [*B, K, Dk, Dv]`` and the output ``y_t = S_tᵀ q_t: [T, *B, K, Dv]``.
+
+Modes of :func:`linear_attention` (one meaning, the same values and gradients
+up to rounding; all differentiated by plain autodiff, forward and reverse):
+
+* ``"recurrent"``: one ``lax.scan`` over the steps carrying ``S``; the form for
+  generation (constant memory per step in the forward). Its reverse-mode
+  gradient stores ``S`` at every step.
+* ``"chunked"``: the steps split into chunks of ``L = chunk`` (``T`` need not
+  be a multiple: the last chunk is padded with steps that change nothing).
+  Inside a chunk, the decay-masked ``L x L`` products ``(q_t · k_s) D_ts`` as
+  matmuls; across chunks, a scan over the chunk ends carrying ``S``. It stores
+  one state per chunk, ``O(T / L · Dk · Dv)`` per head, and the per-key
+  decay's ``[L, L, Dk]`` weights are rebuilt in the backward
+  (``jax.checkpoint``) rather than stored.
+* ``"parallel"``: the chunked form with a single chunk of ``T`` steps: one
+  decay-masked ``T x T`` product (``T x T x Dk`` with a per-key decay), for
+  short sequences.
+* ``"auto"``: ``"parallel"`` when ``T <= chunk``, ``"chunked"`` otherwise.
+
+**Numerical stability.** Arithmetic runs in float32 (float64 for float64
+inputs). The decays are ``exp(log_decay)`` with ``log_decay <= 0`` (positive
+values are clipped to 0: a state never grows by itself); use ``reset`` for a
+hard forget rather than ``-inf``. Every decay is the ``exp`` of a sum of
+log-decays, never of a difference: inside a chunk the decay from step ``s`` to
+step ``t`` is ``exp(g_{s+1} + ... + g_t)`` (the segment sums of Mamba-2's
+chunked algorithm, an ``[L, L]`` cumulative sum, rather than ``G_t - G_s`` of
+two long cumulative sums, whose rounding grows with the chunk length), the
+decays to a chunk's end are suffix sums and those from its start prefix sums.
+Every exponent is ``<= 0``, so nothing overflows however strongly the gates
+decay, and a product of decays that underflows to 0 is the right limit.
+
+``reset`` and ``lengths`` follow :func:`jaxseq.recurrent.linear_recurrence`:
+a reset step starts from an empty state (``S_{t-1}`` is replaced by zero);
+padded steps (``t >= lengths``) leave the state unchanged and output zeros,
+and their inputs, NaN or inf, reach no arithmetic; ``reverse=True`` runs each
+sequence's valid part backwards (outputs stay in time order).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxseq import _checks
+from jaxseq._numerics import acc_dtype
+from jaxseq.recurrent.sequence import processing_resets, valid_steps
+
+__all__ = [
+    "LINEAR_ATTENTION_MODES",
+    "linear_attention",
+]
+
+LINEAR_ATTENTION_MODES = ("auto", "recurrent", "chunked", "parallel")
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _einsum(spec, *xs):
+    return jnp.einsum(spec, *xs, precision=_HIGHEST)
+
+
+# --------------------------------------------------------------------------- recurrent
+
+
+def _recurrent(q, k, v, g, reset, s0):
+    """``q, k: [T, N, Dk]``, ``v: [T, N, Dv]``, ``g: [T, N, G]`` (G = 1 or Dk),
+    ``reset: bool[T, N]`` or None, ``s0: [N, Dk, Dv]`` -> ``(S_T, ys [T, N, Dv])``."""
+    if reset is None:
+        reset = jnp.zeros(q.shape[:2], bool)
+
+    def body(s, xs):
+        q_t, k_t, v_t, g_t, r_t = xs
+        s = jnp.exp(g_t)[..., None] * s
+        s = jnp.where(r_t[:, None, None], jnp.zeros((), s.dtype), s)
+        s = s + k_t[..., :, None] * v_t[..., None, :]
+        return s, _einsum("nd,nde->ne", q_t, s)
+
+    return jax.lax.scan(body, s0, (q, k, v, g, reset))
+
+
+# --------------------------------------------------------------------------- chunked
+
+
+def _segment_sums(g, later):
+    """``out[..., t, s, :] = g[s+1] + ... + g[t]`` (0 for ``t <= s``) from ``g: [..., L, G]``:
+    ``[..., L, L, G]``, each a sum of its own terms (not a difference of two long
+    cumulative sums, which loses the small decays of a long chunk to rounding).
+    ``later: bool[L, L]``, ``t > s``."""
+    later = later.reshape((1,) * (g.ndim - 2) + later.shape + (1,))
+    terms = jnp.where(later, g[..., :, None, :], jnp.zeros((), g.dtype))
+    return jnp.cumsum(terms, axis=-3)
+
+
+def _intra_scalar(q, k, v, g, same, later):
+    """Inside every chunk, scalar decay: ``[C, N, L, Dv]``. ``g: [C, N, L, 1]``,
+    ``same: bool[C, N, L, L]`` the pairs that contribute."""
+    w = jnp.where(same, jnp.exp(_segment_sums(g, later)[..., 0]), jnp.zeros((), q.dtype))
+    scores = _einsum("cntd,cnsd->cnts", q, k) * w
+    return _einsum("cnts,cnse->cnte", scores, v)
+
+
+@jax.checkpoint
+def _intra_per_key_chunk(q, k, v, g, same, later):
+    """One chunk, per-key decay: ``q, k, g: [N, L, Dk]``, ``v: [N, L, Dv]``,
+    ``same: bool[N, L, L]`` -> ``[N, L, Dv]`` (the ``[N, L, L, Dk]`` weights are
+    rebuilt in the backward, not stored)."""
+    keep = same[..., None]
+    w = jnp.where(keep, jnp.exp(_segment_sums(g, later)), jnp.zeros((), q.dtype))
+    scores = _einsum("ntd,nsd,ntsd->nts", q, k, w)
+    return _einsum("nts,nse->nte", scores, v)
+
+
+def _intra_per_key(q, k, v, g, same, later):
+    chunk = lambda xs: _intra_per_key_chunk(*xs, later)
+    return jax.lax.map(chunk, (q, k, v, g, same))
+
+
+def _to_chunks(x, length: int):
+    """``[C L, N, ...] -> [C, N, L, ...]``."""
+    x = x.reshape((x.shape[0] // length, length) + x.shape[1:])
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _pad_steps(length, q, k, v, g, reset):
+    """Pads ``T`` to a multiple of ``length`` with steps that change nothing
+    (``k = 0``, ``log_decay = 0``, no reset)."""
+    pad = -q.shape[0] % length
+    if not pad:
+        return q, k, v, g, reset
+    zeros = lambda x: jnp.zeros((pad,) + x.shape[1:], x.dtype)
+    cat = lambda x: jnp.concatenate([x, zeros(x)], axis=0)
+    return cat(q), cat(k), cat(v), cat(g), cat(reset)
+
+
+def _chunked(q, k, v, g, reset, s0, length: int):
+    """As :func:`_recurrent`, with chunks of ``length`` steps (``length = T``: the
+    parallel form)."""
+    t = q.shape[0]
+    if reset is None:
+        reset = jnp.zeros(q.shape[:2], bool)
+    q, k, v, g, reset = (_to_chunks(x, length) for x in _pad_steps(length, q, k, v, g, reset))
+    b = jnp.cumsum(g, axis=2)  # [C, N, L, G]: log-decay since the chunk start, <= 0
+    after = jnp.flip(jnp.cumsum(jnp.flip(g, 2), axis=2), 2)  # g[l] + ... + g[L-1]
+    after = jnp.concatenate([after[:, :, 1:], jnp.zeros_like(after[:, :, :1])], axis=2)
+    seg = jnp.cumsum(reset.astype(jnp.int32), axis=2)  # [C, N, L]: resets so far
+    seg_end = seg[:, :, -1:]
+    zero = jnp.zeros((), q.dtype)
+
+    # each chunk's own contribution to the state at its end, and the decay across it
+    k_end = k * jnp.where((seg == seg_end)[..., None], jnp.exp(after), zero)
+    ds = _einsum("cnld,cnle->cnde", k_end, v)  # [C, N, Dk, Dv]
+    across = jnp.where(seg_end[..., None] == 0, jnp.exp(b[:, :, -1:]), zero)[:, :, 0]  # [C, N, G]
+
+    def carry(s, xs):
+        decay, d = xs
+        return decay[..., None] * s + d, s
+
+    s_last, s_in = jax.lax.scan(carry, s0, (across, ds))  # s_in [C, N, Dk, Dv]
+
+    # the state entering the chunk, seen from every step of it
+    fresh = (seg == 0)[..., None]
+    q_in = q * jnp.where(fresh, jnp.exp(b), zero)
+    ys = _einsum("cnld,cnde->cnle", q_in, s_in)
+
+    steps = jnp.arange(length)
+    later = steps[:, None] > steps[None, :]
+    same = (later | jnp.eye(length, dtype=bool))[None, None] & (
+        seg[..., :, None] == seg[..., None, :]
+    )
+    if g.shape[-1] == 1:
+        ys = ys + _intra_scalar(q, k, v, g, same, later)
+    else:
+        ys = ys + _intra_per_key(q, k, v, g, same, later)
+    ys = jnp.swapaxes(ys, 1, 2)
+    return s_last, ys.reshape((-1,) + ys.shape[2:])[:t]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_qkv(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: expected an array [T, *B, K, D], got {type(x).__name__}")
+        _checks.check_floating(name, x)
+        _checks.check_min_ndim(name, x, 3, "[T, *B, K, D]")
+    if tuple(k.shape) != tuple(q.shape):
+        raise ValueError(
+            f"k: expected the shape of q {_checks.describe(q)} ([T, *B, K, Dk]), "
+            f"got {_checks.describe(k)}"
+        )
+    if tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
+        raise ValueError(
+            f"v: expected shape {[*q.shape[:-1], 'Dv']} ([T, *B, K, Dv] of q "
+            f"{_checks.describe(q)}), got {_checks.describe(v)}"
+        )
+
+
+def _check_log_decay(log_decay, q):
+    log_decay = _checks.as_array("log_decay", log_decay)
+    _checks.check_floating("log_decay", log_decay)
+    if tuple(log_decay.shape) not in (tuple(q.shape[:-1]), tuple(q.shape)):
+        raise ValueError(
+            f"log_decay: expected shape {list(q.shape[:-1])} ([T, *B, K], a decay per head) or "
+            f"{list(q.shape)} ([T, *B, K, Dk], a decay per key) of q {_checks.describe(q)}, "
+            f"got {_checks.describe(log_decay)}"
+        )
+    return log_decay
+
+
+def _check_state(initial_state, q, v):
+    want = (*q.shape[1:], v.shape[-1])
+    initial_state = _checks.as_array("initial_state", initial_state)
+    _checks.check_floating("initial_state", initial_state)
+    if tuple(initial_state.shape) != want:
+        raise ValueError(
+            f"initial_state: expected shape {list(want)} ([*B, K, Dk, Dv] of q "
+            f"{_checks.describe(q)} and v {_checks.describe(v)}), "
+            f"got {_checks.describe(initial_state)}"
+        )
+    return initial_state
+
+
+def _check_options(q, reset, lengths, reverse, mode, chunk):
+    t, batch_shape = q.shape[0], tuple(q.shape[1:-2])
+    _checks.check_choice("mode", mode, LINEAR_ATTENTION_MODES)
+    chunk = _checks.check_positive_int("chunk", chunk)
+    if not isinstance(reverse, bool | np.bool_):
+        raise TypeError(f"reverse: expected a bool, got {reverse!r}")
+    if lengths is not None:
+        lengths = _checks.check_lengths(lengths, batch_shape, q)
+        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
+        lengths = lengths.astype(jnp.int32)
+    if reset is not None:
+        reset = _checks.as_array("reset", reset)
+        _checks.check_bool("reset", reset)
+        if tuple(reset.shape) != (t, *batch_shape):
+            raise ValueError(
+                f"reset: expected shape {[t, *batch_shape]} ([T, *B] of q "
+                f"{_checks.describe(q)}), got {_checks.describe(reset)}"
+            )
+    return reset, lengths, bool(reverse), chunk
+
+
+# --------------------------------------------------------------------------- public
+
+
+def linear_attention(
+    q,
+    k,
+    v,
+    log_decay=None,
+    *,
+    initial_state=None,
+    reset=None,
+    lengths=None,
+    reverse=False,
+    mode="auto",
+    chunk=64,
+):
+    """Runs ``S_t = exp(log_decay_t) ⊙ S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t`` over ``T`` steps.
+
+    Args:
+      q: ``[T, *B, K, Dk]`` floating queries (``K`` heads).
+      k: ``[T, *B, K, Dk]`` floating keys, the shape of ``q``.
+      v: ``[T, *B, K, Dv]`` floating values.
+      log_decay: ``[T, *B, K]`` (one decay per head: Mamba-2, RetNet),
+        ``[T, *B, K, Dk]`` (one per key, scaling the rows of ``S``: gated linear
+        attention), or None (no decay). Finite and ``<= 0``; positive values are
+        clipped to 0.
+      initial_state: optional ``[*B, K, Dk, Dv]`` state before the first step
+        (zeros when None).
+      reset: optional ``bool[T, *B]``: the state is emptied before step ``t``;
+        in reverse a flag keeps its forward-time meaning, as in
+        :func:`jaxseq.rollout`.
+      lengths: optional ``int[*B]`` right padding: steps ``t >= lengths`` leave
+        the state unchanged and output zeros, so the returned state is the one
+        after the last valid step.
+      reverse: run from the last valid step of each sequence down to step 0;
+        outputs stay in time order.
+      mode: ``"auto"``, ``"recurrent"``, ``"chunked"`` or ``"parallel"`` (see the
+        module docstring; ``"auto"``: ``"parallel"`` for ``T <= chunk``, else
+        ``"chunked"``).
+      chunk: chunk length ``L`` of the chunked mode.
+
+    Returns:
+      ``(final_state [*B, K, Dk, Dv], ys [T, *B, K, Dv])`` in the result dtype of
+      the inputs; arithmetic runs in at least float32.
+
+    >>> import jax.numpy as jnp, jaxseq as js
+    >>> q = k = jnp.ones((3, 1, 1))  # [T, K, Dk], no batch dims
+    >>> v = jnp.ones((3, 1, 1))
+    >>> log_decay = jnp.log(jnp.full((3, 1), 0.5))  # [T, K]: one decay per head
+    >>> state, ys = js.recurrent.linear_attention(q, k, v, log_decay)
+    >>> ys[:, 0, 0].tolist(), state.shape
+    ([1.0, 1.5, 1.75], (1, 1, 1))
+    >>> _, ys = js.recurrent.linear_attention(q, k, v, log_decay, reset=jnp.array([False, True, False]))
+    >>> ys[:, 0, 0].tolist()
+    [1.0, 1.0, 1.5]
+    """
+    _check_qkv(q, k, v)
+    if log_decay is not None:
+        log_decay = _check_log_decay(log_decay, q)
+    if initial_state is not None:
+        initial_state = _check_state(initial_state, q, v)
+    reset, lengths, reverse, chunk = _check_options(q, reset, lengths, reverse, mode, chunk)
+    valid = None if lengths is None else valid_steps(lengths, q.shape[0])
+    return _solve(q, k, v, log_decay, initial_state, reset, valid, reverse, mode, chunk)
+
+
+def _flatten(q, k, v, log_decay, initial_state, reset, valid, reverse):
+    """Everything in the accumulation dtype, heads flattened (``N = prod(B) K``),
+    padding and resets applied, in processing order."""
+    t, heads = q.shape[0], math.prod(q.shape[1:-1])
+    batch_shape, nk, dk = q.shape[1:-2], q.shape[-2], q.shape[-1]
+    per_key = log_decay is not None and log_decay.shape == q.shape
+    acc = acc_dtype(*(x for x in (q, k, v, log_decay, initial_state) if x is not None))
+    flat = lambda x, d: x.astype(acc).reshape((t, heads, d))
+    per_head = lambda m: jnp.broadcast_to(m[..., None], (t, *batch_shape, nk)).reshape((t, heads))
+    q, k, v = flat(q, q.shape[-1]), flat(k, k.shape[-1]), flat(v, v.shape[-1])
+    if log_decay is None:
+        g = jnp.zeros((t, heads, 1), acc)
+    else:
+        g = flat(log_decay, dk if per_key else 1)
+    if initial_state is None:
+        s0 = jnp.zeros((heads, dk, v.shape[-1]), acc)
+    else:
+        s0 = initial_state.astype(acc).reshape((heads, dk, v.shape[-1]))
+    reset = processing_resets(reset, valid, reverse)
+    reset = None if reset is None else per_head(reset)
+    zero = jnp.zeros((), acc)
+    if valid is not None:  # padded steps: nothing added, nothing decayed
+        keep = per_head(valid)[..., None]
+        q, k, v = (jnp.where(keep, x, zero) for x in (q, k, v))
+        g = jnp.where(keep, g, zero)
+    g = jnp.minimum(g, zero)
+    if reverse:
+        q, k, v, g = (jnp.flip(x, 0) for x in (q, k, v, g))
+        reset = None if reset is None else jnp.flip(reset, 0)
+    return q, k, v, g, reset, s0
+
+
+def _solve(q, k, v, log_decay, initial_state, reset, valid, reverse, mode, chunk):
+    t = q.shape[0]
+    state_shape = (*q.shape[1:], v.shape[-1])
+    out_dtype = jnp.result_type(*(x for x in (q, k, v, log_decay, initial_state) if x is not None))
+    fq, fk, fv, g, fr, s0 = _flatten(q, k, v, log_decay, initial_state, reset, valid, reverse)
+    if t == 0:
+        return s0.reshape(state_shape).astype(out_dtype), jnp.zeros(v.shape, out_dtype)
+    if mode == "auto":
+        mode = "parallel" if t <= chunk else "chunked"
+    if mode == "recurrent":
+        s, ys = _recurrent(fq, fk, fv, g, fr, s0)
+    else:
+        s, ys = _chunked(fq, fk, fv, g, fr, s0, t if mode == "parallel" else min(chunk, t))
+    if reverse:
+        ys = jnp.flip(ys, 0)
+    ys = ys.reshape(v.shape)
+    if valid is not None:
+        ys = jnp.where(valid[..., None, None], ys, jnp.zeros((), ys.dtype))
+    return s.reshape(state_shape).astype(out_dtype), ys.astype(out_dtype)
