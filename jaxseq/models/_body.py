@@ -30,12 +30,20 @@ from jaxseq.nn.embedding import Embedding
 from jaxseq.recurrent.cells import GRU, LSTM, RNN
 from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.minimal import MinGRU, MinLSTM
+from jaxseq.recurrent.rglru import RGLRU
 from jaxseq.recurrent.rollouts import rollout
 from jaxseq.recurrent.rollouts import valid_steps as _steps_mask
 
 __all__: list[str] = []
 
-CELLS = {"lstm": LSTM, "gru": GRU, "rnn": RNN, "mingru": MinGRU, "minlstm": MinLSTM}
+CELLS = {
+    "lstm": LSTM,
+    "gru": GRU,
+    "rnn": RNN,
+    "mingru": MinGRU,
+    "minlstm": MinLSTM,
+    "rglru": RGLRU,
+}
 
 
 def recurrent_stack(

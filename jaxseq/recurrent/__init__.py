@@ -7,8 +7,8 @@ Modules, in the order a rollout passes through them: ``rollouts``
 rollout: fused rule or scan, unroll, remat), ``kernels`` (the scan and fused
 kernels), ``rules`` (each built-in cell's fused gate math), ``cells`` (RNN, LSTM,
 GRU), ``linear`` (:func:`linear_recurrence`, ``h_t = a_t * h_{t-1} + b_t``
-sequential or parallel over time) and ``minimal`` (:class:`MinGRU`,
-:class:`MinLSTM`, solved by it).
+sequential or parallel over time), ``minimal`` (:class:`MinGRU`,
+:class:`MinLSTM`) and ``rglru`` (:class:`RGLRU`), solved by it.
 
 ``linear_attention`` (:func:`linear_attention`) is the matrix-state sibling of
 ``linear``: ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t`` with a
@@ -46,6 +46,7 @@ from jaxseq.recurrent.layers import (
 from jaxseq.recurrent.linear import linear_recurrence
 from jaxseq.recurrent.linear_attention import linear_attention
 from jaxseq.recurrent.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
+from jaxseq.recurrent.rglru import RGLRU, RGLRUParams
 from jaxseq.recurrent.rollouts import RolloutOptions, rollout, rollout_unrolled, run
 from jaxseq.recurrent.rules import GRU_RULE, LSTM_RULE, RELU_RULE, TANH_RULE
 from jaxseq.recurrent.sequence import Sequence, prepare
@@ -69,6 +70,8 @@ __all__ = [
     "MinLSTMParams",
     "Plan",
     "RELU_RULE",
+    "RGLRU",
+    "RGLRUParams",
     "RNN",
     "RNNCarry",
     "RNNParams",
