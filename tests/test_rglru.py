@@ -13,7 +13,6 @@ import jaxseq as js
 
 RGLRU = js.recurrent.RGLRU
 T, B, D, H = 7, 3, 3, 4
-MODES = ("sequential", "associative", "chunked")
 
 
 # ---- an independent reference: Griffin's equations, one sequence at a time ----------------
@@ -139,8 +138,10 @@ def _loss(cell, kernel, reverse, lengths=LENGTHS, reset=RESET):
     return f
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode, reverse",
+    [("sequential", False), ("sequential", True), ("associative", True), ("chunked", False)],
+)
 def test_parallel_equals_scan_values_and_gradients(mode, reverse):
     cell = RGLRU(H, mode=mode, chunk=3)
     args = (_params(), _inputs(), jax.random.normal(jax.random.key(5), (B, H)))
@@ -151,34 +152,44 @@ def test_parallel_equals_scan_values_and_gradients(mode, reverse):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
 
 
-@settings(max_examples=12, deadline=None)
+@jax.jit
+def _both_paths(lengths, reset):
+    """The forward and reverse rollouts, whole-sequence and stepped, in one program."""
+    cell, params, xs = RGLRU(H), _params(), _inputs()
+    out = []
+    for reverse in (False, True):
+        for kernel in ("auto", "scan"):
+            kw = dict(lengths=lengths, reset=reset, reverse=reverse, kernel=kernel)
+            out.append(js.rollout(cell, params, xs, **kw)[1])
+    return out
+
+
+@settings(max_examples=10, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, T), min_size=B, max_size=B),
     flags=st.lists(st.booleans(), min_size=T * B, max_size=T * B),
-    reverse=st.booleans(),
 )
-def test_rollout_equals_stepping_for_any_padding_and_resets(lengths, flags, reverse):
-    cell = RGLRU(H)
-    params, xs = _params(), _inputs()
-    lengths, reset = jnp.array(lengths), jnp.array(flags).reshape(T, B)
-    _, ys = js.rollout(cell, params, xs, lengths=lengths, reset=reset, reverse=reverse)
-    _, ys_scan = js.rollout(
-        cell, params, xs, lengths=lengths, reset=reset, reverse=reverse, kernel="scan"
-    )
-    np.testing.assert_allclose(ys, ys_scan, atol=1e-5)
+def test_rollout_equals_stepping_for_any_padding_and_resets(lengths, flags):
+    fwd, fwd_scan, bwd, bwd_scan = _both_paths(jnp.array(lengths), jnp.array(flags).reshape(T, B))
+    np.testing.assert_allclose(fwd, fwd_scan, atol=1e-5)
+    np.testing.assert_allclose(bwd, bwd_scan, atol=1e-5)
 
 
-def test_check_grads_tiny():
+def test_float64_and_check_grads_tiny():
     with jax.enable_x64(True):
         cell = RGLRU(2, mode="sequential")
         params = cell.init(jax.random.key(0), 2, jnp.float64)
         xs = jax.random.normal(jax.random.key(1), (4, 2, 2), jnp.float64)
         reset = jnp.zeros((4, 2), bool).at[2, 1].set(True)
 
-        def f(params, xs):
+        def f(params, xs):  # not jitted: a jit hides forward mode from the kernel choice
             _, ys = js.rollout(cell, params, xs, lengths=jnp.array([4, 3]), reset=reset)
             return ys
 
+        ys = f(params, xs)  # float64 params: float64 arithmetic, to the reference's precision
+        assert ys.dtype == jnp.float64
+        _, want = ref_rollout(params, xs, lengths=[4, 3], reset=reset)
+        np.testing.assert_allclose(ys, want, rtol=1e-12, atol=1e-12)
         check_grads(f, (params, xs), order=1, modes=["rev"])
         check_grads(f, (params, xs), order=1, modes=["fwd"])  # the scan path (jvp)
 
@@ -260,6 +271,22 @@ def test_language_model_with_rglru_cells_samples_what_its_forward_predicts():
     gen = js.decoding.sample(None, lm, params, prime, 4, greedy=True)
     _, logits = lm.apply(params, None, jnp.concatenate([prime, gen[:-1]]))
     np.testing.assert_array_equal(jnp.argmax(logits[2:], -1), gen)
+
+
+def test_flax_modules_run_the_rglru():
+    jf = pytest.importorskip("jaxseq.flax")
+    from flax import nnx
+
+    xs = jnp.moveaxis(_inputs(), 0, 1)  # [B, T, D], Flax's default layout
+    lengths = jnp.array([T, 3, 1])
+    module = jf.linen.RNN(RGLRU(H))
+    variables = module.init(jax.random.key(0), xs, seq_lengths=lengths)
+    ys = module.apply(variables, xs, seq_lengths=lengths)
+    params = variables["params"]["cell"]
+    _, want = ref_rollout(params, _inputs(), lengths=lengths)
+    np.testing.assert_allclose(jnp.moveaxis(ys, 1, 0), want, atol=2e-5, rtol=1e-5)
+    rnn = jf.nnx.RNN(RGLRU(H), D, rngs=nnx.Rngs(0))
+    assert rnn(xs, seq_lengths=lengths).shape == (B, T, H)
 
 
 # ---- initialisation and validation -----------------------------------------------------------
