@@ -101,7 +101,7 @@ def lambda_init(a_min: float = 0.9, a_max: float = 0.999, c: float = 8.0):
         raise ValueError(f"a_min, a_max: expected 0 < a_min <= a_max < 1, got {a_min}, {a_max}")
 
     def init(key, shape, dtype=jnp.float32):
-        a0 = jax.random.uniform(key, shape, jnp.float32, a_min, a_max)
+        a0 = jax.random.uniform(key, shape, jnp.promote_types(dtype, jnp.float32), a_min, a_max)
         return (-jnp.log(jnp.expm1(-jnp.log(a0) / c))).astype(dtype)
 
     return init
