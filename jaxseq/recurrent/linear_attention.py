@@ -45,6 +45,7 @@ sequence's valid part backwards (outputs stay in time order).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -101,28 +102,74 @@ def _segment_sums(g, later):
     return jnp.cumsum(terms, axis=-3)
 
 
-def _intra_scalar(q, k, v, g, same, later):
+def _intra_scalar(q, k, v, g, seg):
     """Inside every chunk, scalar decay: ``[C, N, L, Dv]``. ``g: [C, N, L, 1]``,
-    ``same: bool[C, N, L, L]`` the pairs that contribute."""
+    ``seg: int[C, N, L]`` resets so far."""
+    steps = jnp.arange(q.shape[2])
+    later = steps[:, None] > steps[None, :]
+    causal = (later | (steps[:, None] == steps[None, :]))[None, None]
+    same = causal & (seg[..., :, None] == seg[..., None, :])  # the pairs that contribute
     w = jnp.where(same, jnp.exp(_segment_sums(g, later)[..., 0]), jnp.zeros((), q.dtype))
     scores = _einsum("cntd,cnsd->cnts", q, k) * w
     return _einsum("cnts,cnse->cnte", scores, v)
 
 
-@jax.checkpoint
-def _intra_per_key_chunk(q, k, v, g, same, later):
+def _sub_chunk(length: int) -> int:
+    """Sub-chunk length ``l`` of the per-key decay: the largest divisor of ``L`` up
+    to ``sqrt(L)``, balancing the ``[L/l, l, l, Dk]`` weights inside sub-chunks
+    against the ``[L/l, L, Dk]`` keys decayed to each sub-chunk's start.
+
+    >>> _sub_chunk(64), _sub_chunk(300), _sub_chunk(7)
+    (8, 15, 1)
+    """
+    return max(d for d in range(1, math.isqrt(length) + 1) if length % d == 0)
+
+
+def _suffix_sums(g, axis: int):
+    """``out[s] = g[s+1] + ... + g[-1]`` along ``axis`` (a direct sum, no difference)."""
+    incl = jnp.flip(jnp.cumsum(jnp.flip(g, axis), axis=axis), axis)
+    incl = jnp.moveaxis(incl, axis, 0)
+    out = jnp.concatenate([incl[1:], jnp.zeros_like(incl[:1])], axis=0)
+    return jnp.moveaxis(out, 0, axis)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(5,))
+def _intra_per_key_chunk(q, k, v, g, seg, sub: int):
     """One chunk, per-key decay: ``q, k, g: [N, L, Dk]``, ``v: [N, L, Dv]``,
-    ``same: bool[N, L, L]`` -> ``[N, L, Dv]`` (the ``[N, L, L, Dk]`` weights are
-    rebuilt in the backward, not stored)."""
-    keep = same[..., None]
-    w = jnp.where(keep, jnp.exp(_segment_sums(g, later)), jnp.zeros((), q.dtype))
-    scores = _einsum("ntd,nsd,ntsd->nts", q, k, w)
-    return _einsum("nts,nse->nte", scores, v)
+    ``seg: int[N, L]`` resets so far -> ``[N, L, Dv]``.
+
+    The chunk is cut into ``L / sub`` sub-chunks: inside one, the ``[sub, sub, Dk]``
+    decay weights elementwise; from earlier sub-chunks, keys decayed to the
+    sub-chunk's start and queries decayed from it, one matmul (as gated linear
+    attention's secondary chunking; every exponent a direct sum ``<= 0``). The
+    weights are rebuilt in the backward, not stored."""
+    heads, length = q.shape[:2]
+    n = length // sub
+    split = lambda x: x.reshape((heads, n, sub) + x.shape[2:])
+    qs, ks, vs, gs, segs = (split(x) for x in (q, k, v, g, seg))
+    zero = jnp.zeros((), q.dtype)
+    steps = jnp.arange(sub)
+    later = steps[:, None] > steps[None, :]
+    same = (later | jnp.eye(sub, dtype=bool))[None, None] & (
+        segs[..., :, None] == segs[..., None, :]
+    )
+    w = jnp.where(same[..., None], jnp.exp(_segment_sums(gs, later)), zero)
+    scores = _einsum("nitd,nisd,nitsd->nits", qs, ks, w)
+    ys = _einsum("nits,nise->nite", scores, vs)
+    if n > 1:  # keys of earlier sub-chunks
+        before = jnp.arange(length)[None, :] < (jnp.arange(n) * sub)[:, None]  # [n, L]: s < p_i
+        terms = jnp.where(before[None, :, :, None], g[:, None], zero)  # [N, n, L, Dk]
+        k_start = k[:, None] * jnp.exp(_suffix_sums(terms, 2))  # decayed to p_i - 1
+        q_start = qs * jnp.exp(jnp.cumsum(gs, axis=2))  # decayed from p_i - 1
+        mask = before[None, :, None, :] & (segs[..., :, None] == seg[:, None, None, :])
+        cross = jnp.where(mask, _einsum("nitd,nisd->nits", q_start, k_start), zero)
+        ys = ys + _einsum("nits,nse->nite", cross, v)
+    return ys.reshape((heads, length, -1))
 
 
-def _intra_per_key(q, k, v, g, same, later):
-    chunk = lambda xs: _intra_per_key_chunk(*xs, later)
-    return jax.lax.map(chunk, (q, k, v, g, same))
+def _intra_per_key(q, k, v, g, seg):
+    sub = _sub_chunk(q.shape[2])
+    return jax.lax.map(lambda xs: _intra_per_key_chunk(*xs, sub), (q, k, v, g, seg))
 
 
 def _to_chunks(x, length: int):
@@ -150,8 +197,7 @@ def _chunked(q, k, v, g, reset, s0, length: int):
         reset = jnp.zeros(q.shape[:2], bool)
     q, k, v, g, reset = (_to_chunks(x, length) for x in _pad_steps(length, q, k, v, g, reset))
     b = jnp.cumsum(g, axis=2)  # [C, N, L, G]: log-decay since the chunk start, <= 0
-    after = jnp.flip(jnp.cumsum(jnp.flip(g, 2), axis=2), 2)  # g[l] + ... + g[L-1]
-    after = jnp.concatenate([after[:, :, 1:], jnp.zeros_like(after[:, :, :1])], axis=2)
+    after = _suffix_sums(g, 2)  # log-decay from each step to the chunk end
     seg = jnp.cumsum(reset.astype(jnp.int32), axis=2)  # [C, N, L]: resets so far
     seg_end = seg[:, :, -1:]
     zero = jnp.zeros((), q.dtype)
@@ -172,15 +218,10 @@ def _chunked(q, k, v, g, reset, s0, length: int):
     q_in = q * jnp.where(fresh, jnp.exp(b), zero)
     ys = _einsum("cnld,cnde->cnle", q_in, s_in)
 
-    steps = jnp.arange(length)
-    later = steps[:, None] > steps[None, :]
-    same = (later | jnp.eye(length, dtype=bool))[None, None] & (
-        seg[..., :, None] == seg[..., None, :]
-    )
     if g.shape[-1] == 1:
-        ys = ys + _intra_scalar(q, k, v, g, same, later)
+        ys = ys + _intra_scalar(q, k, v, g, seg)
     else:
-        ys = ys + _intra_per_key(q, k, v, g, same, later)
+        ys = ys + _intra_per_key(q, k, v, g, seg)
     ys = jnp.swapaxes(ys, 1, 2)
     return s_last, ys.reshape((-1,) + ys.shape[2:])[:t]
 
