@@ -7,11 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 import jaxseq as js
 
 MODES = ("recurrent", "chunked", "parallel", "auto")
+linear_attention = jax.jit(
+    js.recurrent.linear_attention, static_argnames=("reverse", "mode", "chunk")
+)
 
 
 def np_linear_attention(q, k, v, g, s0, reset, lengths, reverse):
@@ -190,17 +195,34 @@ def test_modes_agree_on_long_strongly_decaying_sequences(decay):
             np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3, err_msg=mode)
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    chunk=st.integers(1, 13),
+    decay=st.sampled_from(["none", "head", "key"]),
+    reverse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_the_numpy_loop_for_any_chunk_length(chunk, decay, reverse, seed):
+    q, k, v, g, s0, reset, lengths = _problem(12, decay, seed)
+    want_final, want_ys = np_linear_attention(q, k, v, g, s0, reset, lengths, reverse)
+    f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+    final, ys = linear_attention(
+        f32(q), f32(k), f32(v), f32(g), initial_state=f32(s0), reset=jnp.asarray(reset),
+        lengths=jnp.asarray(lengths), reverse=reverse, mode="chunked", chunk=chunk,
+    )  # fmt: skip
+    np.testing.assert_allclose(ys, want_ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(final, want_final, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_dims_any_number_and_padded_nan_stays_out():
     q, k, v, g, s0, reset, lengths = _problem(6, "head", nb=6)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
-    flat = js.recurrent.linear_attention(f32(q), f32(k), f32(v), f32(g), mode="chunked", chunk=4)
+    flat = linear_attention(f32(q), f32(k), f32(v), f32(g), mode="chunked", chunk=4)
     split = lambda x: f32(x).reshape(x.shape[:1] + (2, 3) + x.shape[2:])
-    final, ys = js.recurrent.linear_attention(
-        split(q), split(k), split(v), split(g), mode="chunked", chunk=4
-    )
+    final, ys = linear_attention(split(q), split(k), split(v), split(g), mode="chunked", chunk=4)
     np.testing.assert_allclose(ys.reshape(flat[1].shape), flat[1], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(final.reshape(flat[0].shape), flat[0], rtol=1e-6, atol=1e-6)
-    one = js.recurrent.linear_attention(f32(q[:, 0]), f32(k[:, 0]), f32(v[:, 0]), f32(g[:, 0]))
+    one = linear_attention(f32(q[:, 0]), f32(k[:, 0]), f32(v[:, 0]), f32(g[:, 0]))
     np.testing.assert_allclose(one[1], flat[1][:, 0], rtol=1e-5, atol=1e-5)
 
     lens = jnp.array([6, 2, 0, 4, 1, 3])
@@ -216,9 +238,25 @@ def test_batch_dims_any_number_and_padded_nan_stays_out():
             assert not np.any(np.asarray(x)[np.asarray(pad)]), mode
 
 
+def test_stepping_one_token_at_a_time_equals_one_call():
+    q, k, v, g, s0, reset, lengths = _problem(5, "key", nb=2)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    q, k, v, g, s0 = (f32(x) for x in (q, k, v, g, s0))
+    final, ys = linear_attention(q, k, v, g, initial_state=s0, mode="chunked", chunk=2)
+    state, steps = s0, []
+    for t in range(5):
+        state, y = linear_attention(
+            q[t : t + 1], k[t : t + 1], v[t : t + 1], g[t : t + 1], initial_state=state,
+            mode="recurrent",
+        )  # fmt: skip
+        steps.append(y[0])
+    np.testing.assert_allclose(jnp.stack(steps), ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state, final, rtol=1e-5, atol=1e-5)
+
+
 def test_dtypes_and_empty_sequences():
     x = jnp.ones((4, 2, 3), jnp.bfloat16)
-    final, ys = js.recurrent.linear_attention(x, x, x, -jnp.ones((4, 2), jnp.bfloat16))
+    final, ys = linear_attention(x, x, x, -jnp.ones((4, 2), jnp.bfloat16))
     assert final.dtype == ys.dtype == jnp.bfloat16 and final.shape == (2, 3, 3)
     s0 = jnp.ones((2, 3, 3))
     final, ys = js.recurrent.linear_attention(
