@@ -16,12 +16,15 @@ up to rounding; all differentiated by plain autodiff, forward and reverse):
   be a multiple: the last chunk is padded with steps that change nothing).
   Inside a chunk, the decay-masked ``L x L`` products ``(q_t · k_s) D_ts`` as
   matmuls; across chunks, a scan over the chunk ends carrying ``S``. It stores
-  one state per chunk, ``O(T / L · Dk · Dv)`` per head, and the per-key
-  decay's ``[L, L, Dk]`` weights are rebuilt in the backward
+  one state per chunk, ``O(T / L · Dk · Dv)`` per head. With a per-key decay
+  each chunk is cut into sub-chunks of about ``sqrt(L)`` steps (gated linear
+  attention's secondary chunking): ``[l, l, Dk]`` decay weights inside a
+  sub-chunk, one matmul of decayed queries and keys between sub-chunks; the
+  chunks run one at a time and their weights are rebuilt in the backward
   (``jax.checkpoint``) rather than stored.
 * ``"parallel"``: the chunked form with a single chunk of ``T`` steps: one
-  decay-masked ``T x T`` product (``T x T x Dk`` with a per-key decay), for
-  short sequences.
+  decay-masked ``T x T`` product (with a per-key decay, in sub-chunks as
+  above), for short sequences: its memory grows as ``T^2``.
 * ``"auto"``: ``"parallel"`` when ``T <= chunk``, ``"chunked"`` otherwise.
 
 **Numerical stability.** Arithmetic runs in float32 (float64 for float64
