@@ -300,3 +300,75 @@ def test_char_lm_e2e_quick_runs_both_sides(tmp_path):
     assert ratio == pytest.approx(recs["jaxseq"]["median_ms"] / recs["torch"]["median_ms"])
     assert (tmp_path / "char_lm_e2e_loss.png").stat().st_size > 0
     assert "| step | jaxseq loss | torch loss |" in (tmp_path / "char_lm_e2e.md").read_text()
+
+
+# ----------------------------------------------------------------------------- matrix_recurrences
+
+
+def test_matrix_recurrences_main_writes_results_and_records_missing_peers(tmp_path, monkeypatch):
+    import importlib.util
+
+    from benchmarks import matrix_recurrences as mr
+
+    find_spec = importlib.util.find_spec
+    hidden = {"mlstm_kernels", "recurrentgemma"}  # absent, whether installed or not
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in hidden else find_spec(name, *a),
+    )
+    out = tmp_path / "mr"
+    argv = ["--out", str(out), "--T", "20", "-B", "1", "-K", "2", "--dk", "4", "--dv", "3"]
+    argv += ["--rglru-shape", "2,6,4", "--repeats", "2", "--warmup", "0", "--quiet"]
+    assert mr.main(argv) == 0
+    for name in ("matrix_recurrences.json", "matrix_recurrences.md"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "linear_attention_vs_T.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((out / "matrix_recurrences.json").read_text())
+    assert data["environment"]["backend"] == jax.default_backend()
+    recs = data["records"]
+    la = [r for r in recs if r["section"] == "linear_attention"]
+    expected = [("scalar", p, m) for p in ("fwd", "fwd+bwd") for m in (*mr.MODES, mr.MLSTM)]
+    expected += [("per_key", p, m) for p in ("fwd", "fwd+bwd") for m in mr.MODES]
+    assert [(r["decay"], r["pass"], r["mode"]) for r in la] == expected
+    for r in la:
+        assert (r["T"], r["B"], r["K"], r["Dk"], r["Dv"]) == (20, 1, 2, 4, 3)
+        if r["mode"] == mr.MLSTM:
+            assert r["status"] == "skipped" and "mlstm_kernels not installed" in r["reason"]
+            continue
+        assert r["status"] == "ok", r
+        assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"] and r["compile_s"] > 0
+        if "total_mb" in r:  # XLA's buffer sizes, where the backend reports them
+            assert r["total_mb"] == pytest.approx(r["temp_mb"] + r["args_mb"] + r["out_mb"])
+    chunked = {(r["decay"], r["pass"]): r["median_ms"] for r in la if r["mode"] == "chunked"}
+    for r in la:
+        if r["status"] == "ok":
+            assert r["vs_chunked"] == pytest.approx(r["median_ms"] / chunked[r["decay"], r["pass"]])
+    rg = [r for r in recs if r["section"] == "rglru"]
+    assert [r["mode"] for r in rg] == [
+        "jaxseq_rollout", "jaxseq_stepped", "lax_scan", "recurrentgemma"
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" for r in rg[:3])
+    assert rg[3]["status"] == "skipped" and "recurrentgemma not installed" in rg[3]["reason"]
+    md = (out / "matrix_recurrences.md").read_text()
+    assert "recurrent / chunked, fwd+bwd at T=20" in md and "## Environment" in md
+
+
+def test_matrix_recurrences_skips_over_the_limits_with_the_reason():
+    import types
+
+    from benchmarks import matrix_recurrences as mr
+
+    args = mr.la_inputs(8, 1, 1, 2, 2, per_key=False)
+    fns = {m: mr.la_fn(m, train=False) for m in mr.MODES}
+    cfg = types.SimpleNamespace(repeats=1, warmup=0, max_config_s=10.0, max_mem_gb=0.0)
+    est = {"recurrent": 11.0}  # seconds extrapolated from a smaller T
+    recs = mr._measure({"T": 8}, fns, {m: args for m in mr.MODES}, cfg, est)
+    assert [r["status"] for r in recs] == ["skipped"] * 3
+    assert "--max-config-s" in recs[0]["reason"]
+    assert all("> --max-mem-gb" in r["reason"] for r in recs[1:])
+    assert mr._parallel_fits(16384, 4, 4, 8.0).startswith("one [B K, T, T] float32 product is 16.0")
+    assert mr._parallel_fits(1024, 4, 4, 8.0) is None
+    assert mr._estimates({"parallel": (1024, 100.0), "chunked": (1024, 10.0)}, 4096, 2) == {
+        "parallel": pytest.approx(3.2), "chunked": pytest.approx(0.08)
+    }  # fmt: skip
