@@ -120,7 +120,7 @@ def _intra_scalar(q, k, v, g, seg):
 def _sub_chunk(length: int) -> int:
     """Sub-chunk length ``l`` of the per-key decay: the largest divisor of ``L`` up
     to ``sqrt(L)``, balancing the ``[L/l, l, l, Dk]`` weights inside sub-chunks
-    against the ``[L/l, L, Dk]`` keys decayed to each sub-chunk's start.
+    against the ``[L/l, L/l, l, Dk]`` queries decayed from each earlier sub-chunk.
 
     >>> _sub_chunk(64), _sub_chunk(300), _sub_chunk(7)
     (8, 15, 1)
@@ -142,10 +142,11 @@ def _intra_per_key_chunk(q, k, v, g, seg, sub: int):
     ``seg: int[N, L]`` resets so far -> ``[N, L, Dv]``.
 
     The chunk is cut into ``L / sub`` sub-chunks: inside one, the ``[sub, sub, Dk]``
-    decay weights elementwise; from earlier sub-chunks, keys decayed to the
-    sub-chunk's start and queries decayed from it, one matmul (as gated linear
-    attention's secondary chunking; every exponent a direct sum ``<= 0``). The
-    weights are rebuilt in the backward, not stored."""
+    decay weights elementwise; from earlier sub-chunks, keys decayed to the end
+    of theirs and queries decayed from every earlier sub-chunk's end, one batched
+    matmul (:func:`_across_sub_chunks`, as gated linear attention's secondary
+    chunking; every exponent a direct sum ``<= 0``). The weights are rebuilt in
+    the backward, not stored."""
     heads, length = q.shape[:2]
     n = length // sub
     split = lambda x: x.reshape((heads, n, sub) + x.shape[2:])
@@ -159,15 +160,32 @@ def _intra_per_key_chunk(q, k, v, g, seg, sub: int):
     w = jnp.where(same[..., None], jnp.exp(_segment_sums(gs, later)), zero)
     scores = _einsum("nitd,nisd,nitsd->nits", qs, ks, w)
     ys = _einsum("nits,nise->nite", scores, vs)
-    if n > 1:  # keys of earlier sub-chunks
-        before = jnp.arange(length)[None, :] < (jnp.arange(n) * sub)[:, None]  # [n, L]: s < p_i
-        terms = jnp.where(before[None, :, :, None], g[:, None], zero)  # [N, n, L, Dk]
-        k_start = k[:, None] * jnp.exp(_suffix_sums(terms, 2))  # decayed to p_i - 1
-        q_start = qs * jnp.exp(jnp.cumsum(gs, axis=2))  # decayed from p_i - 1
-        mask = before[None, :, None, :] & (segs[..., :, None] == seg[:, None, None, :])
-        cross = jnp.where(mask, _einsum("nitd,nisd->nits", q_start, k_start), zero)
-        ys = ys + _einsum("nits,nse->nite", cross, v)
+    if n > 1:
+        ys = ys + _across_sub_chunks(qs, ks, vs, gs, segs)
     return ys.reshape((heads, length, -1))
+
+
+def _across_sub_chunks(qs, ks, vs, gs, segs):
+    """Keys of earlier sub-chunks: ``qs, ks, gs: [N, n, l, Dk]``, ``vs: [N, n, l, Dv]``,
+    ``segs: int[N, n, l]`` -> ``[N, n, l, Dv]``.
+
+    The decay from step ``s`` of sub-chunk ``j`` to step ``t`` of sub-chunk ``i > j``
+    factors into three direct sums: ``s`` to the end of ``j``, the whole sub-chunks
+    ``j+1 .. i-1``, the start of ``i`` to ``t``."""
+    n = qs.shape[1]
+    zero = jnp.zeros((), qs.dtype)
+    k_end = ks * jnp.exp(_suffix_sums(gs, 2))  # decayed to the end of their sub-chunk
+    q_start = qs * jnp.exp(jnp.cumsum(gs, axis=2))  # decayed from the start of theirs
+    m = jnp.arange(n)
+    i, j, mid = m[:, None, None], m[None, :, None], m[None, None, :]
+    strictly = (j < mid) & (mid < i)  # [i, j, m]: the sub-chunks strictly between
+    between = _einsum("ijm,nmd->nijd", strictly.astype(qs.dtype), jnp.sum(gs, axis=2))
+    q_ij = q_start[:, :, None] * jnp.exp(between)[:, :, :, None]  # [N, n(i), n(j), l, Dk]
+    scores = _einsum("nijtd,njsd->nitjs", q_ij, k_end)
+    mask = (m[None, :] < m[:, None])[None, :, None, :, None] & (
+        segs[:, :, :, None, None] == segs[:, None, None, :, :]
+    )
+    return _einsum("nitjs,njse->nite", jnp.where(mask, scores, zero), vs)
 
 
 def _intra_per_key(q, k, v, g, seg):
