@@ -157,7 +157,8 @@ def test_check_grads_in_every_mode():
                 chunk=2,
             )  # fmt: skip
         )
-        check_grads(f, (q, k, v, g, s0), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+        fwd = ["fwd"] if mode == "chunked" else []  # every mode is plain autodiff
+        check_grads(f, (q, k, v, g, s0), order=1, modes=[*fwd, "rev"], atol=1e-2, rtol=1e-2)
 
 
 @pytest.mark.parametrize("decay", ["head", "key"])
@@ -263,6 +264,24 @@ def test_dtypes_and_empty_sequences():
         jnp.ones((0, 2, 3)), jnp.ones((0, 2, 3)), jnp.ones((0, 2, 3)), initial_state=s0
     )
     assert ys.shape == (0, 2, 3) and np.array_equal(final, s0)
+    x = jnp.ones((3, 1, 2))
+    grow, _ = js.recurrent.linear_attention(x, x, x, jnp.ones((3, 1)))
+    keep, _ = js.recurrent.linear_attention(x, x, x, jnp.zeros((3, 1)))
+    np.testing.assert_array_equal(grow, keep, err_msg="a positive log_decay is clipped to 0")
+
+
+def test_float64_inputs_compute_in_float64():
+    q, k, v, g, s0, reset, lengths = _problem(9, "key", nb=2)
+    want_final, want_ys = np_linear_attention(q, k, v, g, s0, reset, lengths, False)
+    with jax.enable_x64(True):
+        for mode in MODES[:3]:
+            final, ys = linear_attention(
+                *(jnp.asarray(x) for x in (q, k, v, g)), initial_state=jnp.asarray(s0),
+                reset=jnp.asarray(reset), lengths=jnp.asarray(lengths), mode=mode, chunk=4,
+            )  # fmt: skip
+            assert ys.dtype == final.dtype == jnp.float64
+            np.testing.assert_allclose(ys, want_ys, rtol=1e-12, atol=1e-12, err_msg=mode)
+            np.testing.assert_allclose(final, want_final, rtol=1e-12, atol=1e-12, err_msg=mode)
 
 
 def test_errors_name_the_argument():
