@@ -96,7 +96,9 @@ def step_fn(cell, params, zero_carry, hoisted: bool):
 
 
 def _pad_steps(a, pad, fill):
-    return None if a is None else jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill)], 0)
+    return (
+        None if a is None else jnp.concatenate([a, jnp.full((pad, *a.shape[1:]), fill, a.dtype)], 0)
+    )
 
 
 def scan_rollout(cell, params, seq: Sequence, carry, plan: Plan):
