@@ -19,13 +19,13 @@ from jaxseq.models.sequence import (
     classifier,
     tagger,
 )
-from jaxseq.models.transformer_lm import (
+from jaxseq.models.transformer import (
     KVCache,
     TransformerLM,
     TransformerLMParams,
     transformer_lm,
 )
-from jaxseq.models.window_lm import (
+from jaxseq.models.window import (
     WindowLM,
     WindowLMParams,
     window_lm,
