@@ -169,7 +169,9 @@ class SequenceLayer(Protocol):
 
     def initial_carry(self, batch_shape=(), dtype=...) -> Carry: ...
 
-    def rollout(self, params: Params, seq, carry: Carry, options, key=None) -> tuple[Carry, Any]: ...
+    def rollout(
+        self, params: Params, seq, carry: Carry, options, key=None
+    ) -> tuple[Carry, Any]: ...
 
 
 @runtime_checkable
