@@ -32,7 +32,7 @@ from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.minimal import MinGRU, MinLSTM
 from jaxseq.recurrent.rglru import RGLRU
 from jaxseq.recurrent.rollouts import rollout
-from jaxseq.recurrent.rollouts import valid_steps as _steps_mask
+from jaxseq.recurrent.sequence import valid_steps as _steps_mask
 
 __all__: list[str] = []
 

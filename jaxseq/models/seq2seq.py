@@ -20,7 +20,8 @@ from jaxseq.models._body import CELLS, check_time_major, check_tokens, token_ids
 from jaxseq.nn.dense import Dense, DenseParams, dense
 from jaxseq.nn.embedding import Embedding, embed
 from jaxseq.recurrent.layers import Bidirectional
-from jaxseq.recurrent.rollouts import rollout, valid_steps
+from jaxseq.recurrent.rollouts import rollout
+from jaxseq.recurrent.sequence import valid_steps
 
 __all__ = ["Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
 

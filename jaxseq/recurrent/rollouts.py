@@ -63,13 +63,7 @@ import numpy as np
 
 from jaxseq import _checks
 from jaxseq.recurrent import dispatch, kernels
-from jaxseq.recurrent.sequence import (
-    Sequence,
-    compute_dtype,
-    prepare,
-    processing_resets,
-    valid_steps,
-)
+from jaxseq.recurrent.sequence import Sequence, compute_dtype, prepare, processing_resets
 
 __all__ = [
     "RolloutOptions",
@@ -77,9 +71,6 @@ __all__ = [
     "rollout_unrolled",
     "run",
 ]
-
-# Re-exported for the models (one mask helper for the whole package).
-valid_steps = valid_steps
 
 
 @dataclasses.dataclass(frozen=True)
