@@ -158,19 +158,34 @@ def grad_norms(task: str, model, params, batch):
 
 def parse_args(argv=None):
     p = parser(__doc__, steps=400, out="out/long_memory", lr=2e-3, batch=64)
-    p.add_argument("--task", choices=("adding", "copy"), default="adding")
+    p.add_argument("--task", choices=("adding", "copy", "mqar"), default="adding")
     p.add_argument(
         "--T", default="100",
         help="sequence length (adding) or delay (copy); a comma-separated list runs each",
     )  # fmt: skip
     p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--cells", default=",".join(CELLS), help=f"comma-separated subset of {CELLS}")
+    p.add_argument(
+        "--cells", default=None,
+        help=f"comma-separated subset of {CELLS} (mqar: of {MQAR_MODELS}); default all",
+    )  # fmt: skip
     p.add_argument("--test-size", type=int, default=512)
+    q = p.add_argument_group("mqar")
+    q.add_argument("--pairs", type=int, default=16, help="key-value pairs per sequence (T = 3N)")
+    q.add_argument("--keys", type=int, default=64, help="key tokens to draw the N keys from")
+    q.add_argument("--values", type=int, default=64, help="value tokens")
+    q.add_argument("--heads", type=int, default=2, help="matrix memory heads (mLSTM, linattn)")
+    q.add_argument("--head-dim", type=int, default=16, help="keys and values per head")
+    q.add_argument("--embed", type=int, default=32, help="token embedding size")
     args = p.parse_args(argv)
+    choices = MQAR_CHOICES if args.task == "mqar" else CELLS
+    if args.cells is None:
+        args.cells = ",".join(choices)
     args.cells = [c.strip() for c in args.cells.split(",") if c.strip()]
     for c in args.cells:
-        if c not in CELLS:
-            p.error(f"--cells: unknown cell {c!r}; choose from {CELLS}")
+        if c not in choices:
+            p.error(f"--cells: unknown model {c!r} for --task {args.task}; choose from {choices}")
+    if args.task == "mqar" and args.pairs > args.keys:
+        p.error(f"--pairs: at most --keys ({args.keys}) distinct keys, got {args.pairs}")
     try:
         args.T = [int(t) for t in str(args.T).split(",") if t.strip()]
     except ValueError:
@@ -241,8 +256,185 @@ def train_cell(args, cell, ci, t, test):
     return rec, hist, (before, after)
 
 
+# -- multi-query associative recall ------------------------------------------------------------
+
+MQAR_MODELS = ("lstm", "rglru", "linattn", "mlstm")
+# the models of the comparison the library has (the mLSTM once js.models.CELLS names it)
+MQAR_CHOICES = tuple(m for m in MQAR_MODELS if m == "linattn" or m in js.models.CELLS)
+
+
+class PairModel:
+    """Token embedding, the previous token's embedding beside it, a recurrent layer, a head.
+
+    The previous token (a causal convolution of width 2 over the embeddings, as
+    the short convolution every model of the Zoology study starts with) lets a
+    value's position see its key; every model of the comparison gets it alike.
+    ``layer`` is a cell or sequence layer; ``linattn`` is linear attention
+    (``js.recurrent.linear_attention``, no decay) on q/k/v projections.
+    """
+
+    def __init__(self, kind, vocab, embed, layer=None, heads=1, head_dim=16):
+        self.kind, self.vocab, self.embed, self.layer = kind, vocab, embed, layer
+        self.heads, self.head_dim = heads, head_dim
+        self.width = heads * head_dim if kind == "linattn" else layer.output_size
+
+    def init(self, key):
+        ke, kl, kh = jax.random.split(key, 3)
+        emb = js.nn.Embedding(self.embed).init(ke, self.vocab)
+        if self.kind == "linattn":
+            core = js.nn.Dense(3 * self.width).init(kl, 2 * self.embed)
+        else:
+            core = self.layer.init(kl, 2 * self.embed)
+        return emb, core, js.nn.Dense(self.vocab).init(kh, self.width)
+
+    def apply(self, params, tokens):
+        """``tokens: int[T, B] -> logits float32[T, B, V]``."""
+        emb, core, head = params
+        e = js.nn.embed(emb, tokens)
+        x = jnp.concatenate([e, jnp.concatenate([jnp.zeros_like(e[:1]), e[:-1]])], -1)
+        if self.kind == "linattn":
+            q, k, v = jnp.split(js.nn.dense(core, x), 3, -1)
+            shape = x.shape[:-1] + (self.heads, self.head_dim)
+            q, k = (a.reshape(shape) / jnp.sqrt(self.head_dim) for a in (q, k))
+            _, h = js.recurrent.linear_attention(q, k, v.reshape(shape))
+            h = h.reshape(x.shape[:-1] + (self.width,))
+        else:
+            _, h = js.rollout(self.layer, core, x)
+        return js.nn.dense(head, h).astype(jnp.float32)
+
+
+def mqar_batch(rng: np.random.Generator, batch: int, pairs: int, keys: int, values: int):
+    """``(tokens int32[3N, B], targets int32[3N, B], mask bool[3N, B])``.
+
+    N key-value pairs ``k_1 v_1 ... k_N v_N`` (distinct keys among ``1..keys``,
+    values among ``keys+1..keys+values``), then the N keys again in a random
+    order: at each query the target is the value its key was paired with."""
+    k = np.stack([rng.choice(keys, pairs, replace=False) for _ in range(batch)], 1) + 1
+    v = rng.integers(keys + 1, keys + values + 1, size=(pairs, batch))
+    order = np.argsort(rng.random((pairs, batch)), axis=0)
+    qk = np.take_along_axis(k, order, 0)
+    qv = np.take_along_axis(v, order, 0)
+    tokens = np.concatenate([np.stack([k, v], 1).reshape(2 * pairs, batch), qk]).astype(np.int32)
+    targets = np.zeros_like(tokens)
+    targets[2 * pairs :] = qv
+    mask = np.zeros(tokens.shape, bool)
+    mask[2 * pairs :] = True
+    return tokens, targets, mask
+
+
+def mqar_models(args):
+    """``{name: (PairModel, state size per layer)}`` at equal state sizes.
+
+    A matrix memory of ``--heads`` heads of ``--head-dim`` keys and values holds
+    ``heads * head_dim**2`` numbers (+ the mLSTM's normaliser and stabiliser); the
+    LSTM's state is ``(c, h)``, ``2H``: ``H = heads * head_dim**2 / 2``; the RG-LRU's
+    is ``h``: ``H = heads * head_dim**2``."""
+    k, d = args.heads, args.head_dim
+    state = k * d * d
+    vocab = 1 + args.keys + args.values
+    out = {}
+    for name in args.cells:
+        if name == "linattn":
+            out[name] = (PairModel(name, vocab, args.embed, heads=k, head_dim=d), state)
+        elif name == "mlstm":
+            cell = js.recurrent.MLSTM(k * d, num_heads=k)
+            out[name] = (PairModel(name, vocab, args.embed, cell), state + k * d + k)
+        elif name == "lstm":
+            out[name] = (PairModel(name, vocab, args.embed, js.LSTM(state // 2)), state)
+        else:
+            out[name] = (PairModel(name, vocab, args.embed, js.models.CELLS[name](state)), state)
+    return out
+
+
+def train_mqar(args, name, model, test, seed):
+    """Trains one model through js.fit; returns its record and its evaluations."""
+    params = model.init(jax.random.key(seed))
+
+    def loss_fn(params, carry, batch, key):
+        tokens, targets, mask = batch
+        logits = model.apply(params, tokens)
+        metrics = {"recall": js.training.accuracy(logits, targets, mask)}
+        return js.cross_entropy(logits, targets, mask), (carry, metrics)
+
+    eval_loss = jax.jit(lambda p, b: loss_fn(p, None, b, None))
+
+    def eval_fn(st):
+        loss, (_, aux) = eval_loss(st.params, test)
+        return jsonable({"test_loss": loss, "test_recall": aux["recall"]})
+
+    rng = np.random.default_rng(seed)
+    batches = (
+        mqar_batch(rng, args.batch, args.pairs, args.keys, args.values) for _ in itertools.count()
+    )
+    opt = js.make_optimizer("adam", args.lr, max_norm=args.clip)
+    state = js.init_state(params, opt, jax.random.key(seed + 1))
+    state, info = js.fit(
+        js.make_train_step(loss_fn, opt, precision=args.precision), state, batches,
+        num_steps=args.steps, eval_fn=eval_fn, eval_every=args.eval_every,
+        on_step=run_logger(args.out, name), progress=not args.quiet,
+    )  # fmt: skip
+    append_evals(args.out, name, info["evals"])
+    final = info["evals"][-1]
+    n_params = sum(int(np.size(a)) for a in jax.tree_util.tree_leaves(state.params))
+    rec = {"recall": final["test_recall"], "test_loss": final["test_loss"]}
+    rec.update(train_s=round(info["train_s"], 3), parameters=n_params)
+    return rec, info["evals"]
+
+
+def main_mqar(args) -> dict:
+    """``--task mqar``: each model of ``--cells`` at equal state size; recall on a test set."""
+    prepare_out(args.out)
+    models = mqar_models(args)
+    test = mqar_batch(
+        np.random.default_rng(10_000 + args.seed), args.test_size, args.pairs, args.keys,
+        args.values,
+    )  # fmt: skip
+    summary = {
+        "task": "mqar", "pairs": args.pairs, "keys": args.keys, "values": args.values,
+        "T": 3 * args.pairs, "heads": args.heads, "head_dim": args.head_dim,
+        "embed": args.embed, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+        "seed": args.seed, "chance_recall": 1.0 / args.values, **environment(),
+        "state_size": {n: s for n, (_, s) in models.items()},
+        "hidden_size": {n: m.width for n, (m, _) in models.items()}, "results": {},
+    }  # fmt: skip
+    curves = {}
+    for i, (name, (model, size)) in enumerate(models.items()):
+        if not args.quiet:
+            print(f"{name}: state {size} numbers per layer, width {model.width}")
+        summary["results"][name], curves[name] = train_mqar(
+            args, name, model, test, args.seed * 100 + i
+        )
+    res = summary["results"]
+    summary["recall"] = {n: r["recall"] for n, r in res.items()}
+    summary["train_s"] = round(sum(r["train_s"] for r in res.values()), 3)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, hist in curves.items():
+        ax.plot([h["step"] for h in hist], [h["test_recall"] for h in hist], "-o", ms=3,
+                label=f"{name} (state {summary['state_size'][name]})")  # fmt: skip
+    ax.axhline(1.0 / args.values, color="k", ls="--", lw=1, label="chance")
+    ax.set_xlabel("step")
+    ax.set_ylabel("recall (accuracy at the queries)")
+    ax.set_title(f"MQAR, {args.pairs} pairs, {args.keys} keys, {args.values} values")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "curves.png"), dpi=100)
+    plt.close(fig)
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    if not args.quiet:
+        for name, r in res.items():
+            print(
+                f"  {name:8s} state {summary['state_size'][name]:6d}  recall {r['recall']:.3f}  "
+                f"test loss {r['test_loss']:.3f}  {r['train_s']:.0f} s"
+            )
+    return summary
+
+
 def main(argv=None) -> dict:
     args = start(parse_args(argv))
+    if args.task == "mqar":
+        return main_mqar(args)
     prepare_out(args.out)
     summary = {
         "task": args.task, "T": args.T, "cells": args.cells, "hidden": args.hidden,
