@@ -46,6 +46,7 @@ from jaxseq.recurrent.layers import (
 from jaxseq.recurrent.linear import linear_recurrence
 from jaxseq.recurrent.linear_attention import linear_attention
 from jaxseq.recurrent.minimal import MinGRU, MinGRUParams, MinLSTM, MinLSTMParams
+from jaxseq.recurrent.mlstm import MLSTM, MLSTMParams, MLSTMState, mlstm_recurrence
 from jaxseq.recurrent.rglru import RGLRU, RGLRUParams
 from jaxseq.recurrent.rollouts import RolloutOptions, rollout, rollout_unrolled, run
 from jaxseq.recurrent.rules import GRU_RULE, LSTM_RULE, RELU_RULE, TANH_RULE
@@ -64,6 +65,9 @@ __all__ = [
     "LSTMCarry",
     "LSTMParams",
     "LSTM_RULE",
+    "MLSTM",
+    "MLSTMParams",
+    "MLSTMState",
     "MinGRU",
     "MinGRUParams",
     "MinLSTM",
@@ -83,6 +87,7 @@ __all__ = [
     "fused_rule",
     "linear_attention",
     "linear_recurrence",
+    "mlstm_recurrence",
     "prepare",
     "register_fused_rule",
     "rollout",

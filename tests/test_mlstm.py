@@ -1,0 +1,417 @@
+"""xLSTM's mLSTM (``js.recurrent.mlstm_recurrence`` and the ``js.recurrent.MLSTM`` cell)
+against a float64 NumPy loop of the paper's stabilised equations, every mode against it,
+stepping against the whole-sequence rollout, and the numerics at long T."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jaxseq as js
+
+MLSTM = js.recurrent.MLSTM
+mlstm_recurrence = js.recurrent.mlstm_recurrence
+T, B, K, DK, DV = 7, 3, 2, 3, 4
+MODES = [("recurrent", 4), ("chunked", 3), ("chunked", 4), ("parallel", 64), ("auto", 64)]
+
+
+# ---- an independent reference: the paper's stabilised mLSTM, one head at a time ------------
+
+
+def ref_mlstm(
+    q,
+    k,
+    v,
+    i_pre,
+    f_pre,
+    state=None,
+    reset=None,
+    lengths=None,
+    reverse=False,
+    gate="sigmoid",
+    eps=1e-6,
+):
+    """``((c, n, m), h)`` in float64: ``q, k [T, B, K, Dk]``, ``v [T, B, K, Dv]``,
+    ``i_pre, f_pre [T, B, K]``; each sequence and head on its own, in Python loops."""
+    q, k, v, i_pre, f_pre = (np.asarray(x, np.float64) for x in (q, k, v, i_pre, f_pre))
+    t, b, nk, dk = q.shape
+    dv = v.shape[-1]
+    if state is None:
+        state = (np.zeros((b, nk, dk, dv)), np.zeros((b, nk, dk)), np.zeros((b, nk)))
+    c_all, n_all, m_all = (np.array(x, np.float64) for x in state)
+    lengths = np.full(b, t) if lengths is None else np.asarray(lengths)
+    reset = np.zeros((t, b), bool) if reset is None else np.asarray(reset)
+    h = np.zeros((t, b, nk, dv))
+    for j in range(b):
+        n_j = int(lengths[j])
+        order = range(n_j - 1, -1, -1) if reverse else range(n_j)
+        for head in range(nk):
+            c, n, m = c_all[j, head].copy(), n_all[j, head].copy(), float(m_all[j, head])
+            for s in order:
+                # a flag empties the state before step s in forward time: in reverse,
+                # before step s - 1, i.e. when coming from step s + 1
+                if (not reverse and reset[s, j]) or (reverse and s + 1 < n_j and reset[s + 1, j]):
+                    c, n, m = np.zeros_like(c), np.zeros_like(n), 0.0
+                fp = f_pre[s, j, head]
+                log_f = -np.logaddexp(0.0, -fp) if gate == "sigmoid" else fp
+                log_i = i_pre[s, j, head]
+                m_new = max(log_f + m, log_i)
+                f_act, i_act = np.exp(log_f + m - m_new), np.exp(log_i - m_new)
+                c = f_act * c + i_act * np.outer(k[s, j, head], v[s, j, head])
+                n = f_act * n + i_act * k[s, j, head]
+                m = m_new
+                qs = q[s, j, head] / np.sqrt(dk)
+                h[s, j, head] = c.T @ qs / (max(abs(n @ qs), np.exp(-m)) + eps)
+            c_all[j, head], n_all[j, head], m_all[j, head] = c, n, m
+    return (c_all, n_all, m_all), h
+
+
+def _inputs(seed=0, t=T, dtype=jnp.float32, gate_scale=3.0):
+    ks = jax.random.split(jax.random.key(seed), 5)
+    q = jax.random.normal(ks[0], (t, B, K, DK), dtype)
+    k = jax.random.normal(ks[1], (t, B, K, DK), dtype)
+    v = jax.random.normal(ks[2], (t, B, K, DV), dtype)
+    i_pre = gate_scale * jax.random.normal(ks[3], (t, B, K), dtype)
+    f_pre = gate_scale * jax.random.normal(ks[4], (t, B, K), dtype)
+    return q, k, v, i_pre, f_pre
+
+
+def _state(seed=5, dtype=jnp.float32):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return js.recurrent.MLSTMState(
+        jax.random.normal(ks[0], (B, K, DK, DV), dtype),
+        jax.random.normal(ks[1], (B, K, DK), dtype),
+        jax.random.normal(ks[2], (B, K), dtype),
+    )
+
+
+LENGTHS = jnp.array([T, 4, 0])
+RESET = jnp.zeros((T, B), bool).at[0, 0].set(True).at[3, 0].set(True).at[5, 0].set(True)
+RESET = RESET.at[2, 1].set(True).at[5, 1].set(True)  # step 5 of sequence 1 is padding
+
+
+def _unscaled(state):
+    """``(c e^m, n e^m)``: the memory without its stabiliser (what every mode agrees on)."""
+    c, n, m = (np.asarray(x, np.float64) for x in state)
+    return c * np.exp(m)[..., None, None], n * np.exp(m)[..., None]
+
+
+# ---- values against the reference ---------------------------------------------------------
+
+
+def _all_modes(fn):
+    """``fn(mode, chunk)`` for every mode, in one compiled program."""
+    return jax.jit(lambda: [fn(mode, chunk) for mode, chunk in MODES])()
+
+
+@pytest.mark.parametrize("reverse,gate", [(False, "sigmoid"), (True, "exp")])
+def test_every_mode_matches_the_float64_loop(reverse, gate):
+    with jax.enable_x64(True):
+        xs = _inputs(dtype=jnp.float64)
+        s0 = _state(dtype=jnp.float64)
+        kw = dict(reset=RESET, lengths=LENGTHS, reverse=reverse)
+        (c, n, m), h = ref_mlstm(*xs, s0, gate=gate, **kw)
+        outs = _all_modes(
+            lambda mode, chunk: mlstm_recurrence(
+                *xs, initial_state=s0, mode=mode, chunk=chunk, forget_gate=gate, **kw
+            )
+        )
+        for (mode, _), (state, hj) in zip(MODES, outs):
+            assert hj.dtype == jnp.float64 and state.c.dtype == jnp.float64
+            np.testing.assert_allclose(hj, h, atol=1e-12, rtol=1e-10, err_msg=mode)
+            np.testing.assert_allclose(state.m, m, atol=1e-12, err_msg=mode)
+            for got, want in zip(_unscaled(state), _unscaled((c, n, m))):
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=mode)
+            assert np.all(np.asarray(hj)[4:, 1] == 0) and np.all(np.asarray(hj)[:, 2] == 0)
+            np.testing.assert_array_equal(state.c[2], s0.c[2])  # length 0: unchanged
+
+
+def test_float32_modes_agree_with_the_loop_and_the_library_conventions():
+    """No state, no padding: the mlstm_kernels conventions (m_0 = 0, q / sqrt(Dk), eps after
+    the max) are those of the reference; float32 within float32 rounding."""
+    xs = _inputs(seed=3, t=19)
+    _, h = ref_mlstm(*xs)
+    outs = _all_modes(lambda mode, chunk: mlstm_recurrence(*xs, mode=mode, chunk=chunk)[1])
+    for (mode, _), hj in zip(MODES, outs):
+        assert hj.dtype == jnp.float32
+        np.testing.assert_allclose(hj, h, atol=2e-5, rtol=2e-5, err_msg=mode)
+
+
+def test_the_exact_values_of_a_hand_example():
+    """One head, Dk = Dv = 1, i = f = 1 (f_pre large): h is the running mean of v."""
+    q = k = jnp.ones((4, 1, 1))
+    v = jnp.array([2.0, 4.0, 6.0, 8.0]).reshape(4, 1, 1)
+    _, h = mlstm_recurrence(q, k, v, jnp.zeros((4, 1)), jnp.full((4, 1), 50.0))
+    np.testing.assert_allclose(h[:, 0, 0], [2.0, 3.0, 4.0, 5.0], rtol=1e-5)
+
+
+# ---- gradients ----------------------------------------------------------------------------
+
+
+def test_gradients_of_every_mode_match_finite_differences():
+    """``check_grads`` of one function whose outputs are the three modes' losses (random
+    cotangents weigh them: a wrong gradient in any mode fails)."""
+    with jax.enable_x64(True):
+        xs = _inputs(seed=2, t=5, dtype=jnp.float64, gate_scale=1.0)
+        s0 = _state(dtype=jnp.float64)
+        reset = jnp.zeros((5, B), bool).at[2, 0].set(True)
+
+        def loss(args, mode, chunk):
+            q, k, v, i_pre, f_pre, c0, n0, m0 = args
+            state, h = mlstm_recurrence(
+                q, k, v, i_pre, f_pre, initial_state=(c0, n0, m0), reset=reset,
+                lengths=jnp.array([5, 3, 0]), mode=mode, chunk=chunk,
+            )  # fmt: skip
+            return jnp.sum(h * jnp.cos(h)) + jnp.sum(state.c * jnp.exp(state.m)[..., None, None])
+
+        f = jax.jit(lambda *a: jnp.stack([loss(a, m, c) for m, c in MODES[:4]]))
+        check_grads(f, (*xs, *s0), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+
+
+def test_padded_inputs_reach_no_arithmetic_in_values_or_gradients():
+    xs = _inputs(seed=4)
+    lengths = jnp.array([T, 4, 0])
+    pad = ~(jnp.arange(T)[:, None] < lengths[None, :])  # [T, B]
+    nan = lambda x: jnp.where(pad.reshape(pad.shape + (1,) * (x.ndim - 2)), jnp.nan, x)
+    bad = tuple(nan(x) for x in xs)
+
+    def run(mode, chunk):
+        f = lambda *a: mlstm_recurrence(*a, lengths=lengths, mode=mode, chunk=chunk)[1]
+        grads = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=(0, 1, 2, 3, 4))(*bad)
+        return f(*bad), f(*xs), grads
+
+    for (mode, _), (h, h_ok, grads) in zip(MODES, _all_modes(run)):
+        np.testing.assert_array_equal(h, h_ok, err_msg=mode)
+        for g in grads:
+            assert np.all(np.isfinite(g)), mode
+            assert np.all(np.asarray(g)[np.asarray(pad)] == 0), mode
+
+
+# ---- long sequences and extreme gates ------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_finite_values_and_gradients_at_t_8192_with_gates_of_30(dtype):
+    t = 8192
+    ks = jax.random.split(jax.random.key(7), 4)
+    q, k = (jax.random.normal(s, (t, 1, 2, 4), dtype) for s in ks[:2])
+    v = jax.random.normal(ks[2], (t, 1, 2, 4), dtype)
+    signs = jnp.where(jax.random.bernoulli(ks[3], 0.5, (2, t, 1, 2)), 30.0, -30.0).astype(dtype)
+    i_pre, f_pre = signs[0], signs[1]
+
+    def loss(q, k, v, i_pre, f_pre, mode):
+        state, h = mlstm_recurrence(q, k, v, i_pre, f_pre, mode=mode)
+        return jnp.sum(h.astype(jnp.float32) ** 2) + jnp.sum(state.n.astype(jnp.float32))
+
+    for mode in ("chunked", "recurrent"):
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), static_argnums=5)(
+            q, k, v, i_pre, f_pre, mode
+        )
+        assert np.isfinite(float(value)), mode
+        for g in grads:
+            assert g.dtype == dtype and bool(jnp.all(jnp.isfinite(g))), mode
+
+
+def test_closed_gates_give_finite_gradients():
+    """Every gate closed (``m`` far below 0): the floor ``exp(-m)`` is capped, no ``0 * inf``."""
+    q, k, v = _inputs(seed=8, t=6)[:3]
+    low = jnp.full((6, B, K), -200.0)
+
+    def run(mode, chunk):
+        f = lambda *a: jnp.sum(mlstm_recurrence(*a, low, low, mode=mode, chunk=chunk)[1])
+        return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+
+    for grads in _all_modes(run):
+        for g in grads:
+            assert bool(jnp.all(jnp.isfinite(g)))
+
+
+# ---- properties -----------------------------------------------------------------------------
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    t=st.integers(1, 12),
+    chunk=st.integers(1, 13),
+    lengths=st.lists(st.integers(0, 12), min_size=B, max_size=B),
+    reverse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_chunked_equals_recurrent_for_any_chunk_and_lengths(t, chunk, lengths, reverse, seed):
+    xs = _inputs(seed=seed, t=t)
+    lengths = jnp.minimum(jnp.array(lengths), t)
+    reset = jax.random.bernoulli(jax.random.key(seed + 1), 0.2, (t, B))
+    kw = dict(initial_state=_state(seed), reset=reset, lengths=lengths, reverse=reverse)
+    s1, h1 = mlstm_recurrence(*xs, mode="recurrent", **kw)
+    s2, h2 = mlstm_recurrence(*xs, mode="chunked", chunk=chunk, **kw)
+    np.testing.assert_allclose(h2, h1, atol=1e-4, rtol=1e-4)
+    for a, b in zip(_unscaled(s2), _unscaled(s1)):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---- the cell -------------------------------------------------------------------------------
+
+H, D = 8, 5
+
+
+def _cell_params(cell, seed=0, dtype=jnp.float32):
+    p = cell.init(jax.random.key(seed), D, dtype)
+    w = jax.random.normal(jax.random.key(seed + 1), p.w_ih.shape, dtype) * 0.5
+    b = jax.random.normal(jax.random.key(seed + 2), p.b.shape, dtype)
+    return p._replace(w_ih=w, b=b)  # every block non-trivial
+
+
+def ref_cell(cell, params, xs, lengths=None, reset=None, reverse=False):
+    """The cell in float64 from the equations: projections, the mLSTM per head, output gate."""
+    w, b = (np.asarray(a, np.float64) for a in params)
+    z = np.asarray(xs, np.float64) @ w + b
+    h, nk = cell.hidden_size, cell.num_heads
+    d = h // nk
+    t, bb = z.shape[:2]
+    q, k, v = (z[..., j * h : (j + 1) * h].reshape(t, bb, nk, d) for j in range(3))
+    o = 1.0 / (1.0 + np.exp(-z[..., 3 * h : 4 * h]))
+    i_pre, f_pre = z[..., 4 * h : 4 * h + nk], z[..., 4 * h + nk :]
+    state, hh = ref_mlstm(
+        q, k, v, i_pre, f_pre, reset=reset, lengths=lengths, reverse=reverse, gate=cell.forget_gate
+    )
+    return state, o * hh.reshape(t, bb, h)
+
+
+@pytest.mark.parametrize(
+    "mode,reverse",
+    [("recurrent", True), ("chunked", False), ("chunked", True), ("parallel", False)],
+)
+def test_cell_rollout_and_stepping_match_the_reference(mode, reverse):
+    cell = MLSTM(H, num_heads=2, mode=mode, chunk=3)
+    params = _cell_params(cell)
+    xs = jax.random.normal(jax.random.key(3), (T, B, D))
+    kw = dict(lengths=LENGTHS, reset=RESET, reverse=reverse)
+    (c, n, m), want = ref_cell(cell, params, xs, **kw)
+    carry, ys = js.rollout(cell, params, xs, **kw)
+    carry_s, ys_s = js.rollout(cell, params, xs, kernel="scan", **kw)
+    for got in (ys, ys_s):
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    for got in (carry, carry_s):
+        np.testing.assert_allclose(got.m, m, atol=1e-5)
+        for a, b in zip(_unscaled(got), _unscaled((c, n, m))):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_step_by_step_equals_the_rollout_and_carries_continue():
+    cell = MLSTM(H, num_heads=4, forget_gate="exp")
+    params = _cell_params(cell, seed=4)
+    xs = jax.random.normal(jax.random.key(5), (T, B, D))
+    carry = cell.initial_carry((B,))
+    ys = []
+    for x in xs:
+        carry, y = cell.step(params, carry, x)
+        ys.append(y)
+    c_roll, ys_roll = js.rollout(cell, params, xs)
+    np.testing.assert_allclose(jnp.stack(ys), ys_roll, atol=1e-5, rtol=1e-5)
+    # two halves, the carry handed over, equal the whole
+    c1, y1 = js.rollout(cell, params, xs[:3])
+    c2, y2 = js.rollout(cell, params, xs[3:], c1)
+    np.testing.assert_allclose(jnp.concatenate([y1, y2]), ys_roll, atol=1e-5, rtol=1e-5)
+    for a, b in zip(_unscaled(c2), _unscaled(c_roll)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cell_gradients_are_finite_and_agree_across_kernels():
+    cell = MLSTM(H, num_heads=2, chunk=3)
+    params = _cell_params(cell)
+    xs = jax.random.normal(jax.random.key(6), (T, B, D))
+
+    def loss(p, kernel):
+        return jnp.sum(js.rollout(cell, p, xs, lengths=LENGTHS, kernel=kernel)[1] ** 2)
+
+    g_auto = jax.grad(loss)(params, "auto")
+    g_scan = jax.grad(loss)(params, "scan")
+    for a, b in zip(g_auto, g_scan):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_params_and_inputs_give_bfloat16_outputs_and_carries(key):
+    cell = MLSTM(H, num_heads=2)
+    xs = jax.random.normal(key, (T, B, D), jnp.bfloat16)
+    params = cell.init(key, D, jnp.bfloat16)
+    carry, ys = js.rollout(cell, params, xs, lengths=LENGTHS)
+    assert ys.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(ys.astype(jnp.float32))))
+    assert {a.dtype for a in carry} == {jnp.dtype(jnp.bfloat16)}
+    carry, _ = js.rollout(cell, params, xs, carry)  # the carry goes back in
+    carry, _ = cell.step(params, carry, xs[0])
+    assert {a.dtype for a in carry} == {jnp.dtype(jnp.bfloat16)}
+    carry, ys = js.rollout(cell, cell.init(key, D), xs, lengths=LENGTHS)
+    assert ys.dtype == jnp.float32 and {a.dtype for a in carry} == {jnp.dtype(jnp.float32)}
+    # the bfloat16 rollout is the float32 one, rounded
+    _, ys16 = js.rollout(cell, params, xs)
+    _, ys32 = js.rollout(cell, jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params), xs)
+    np.testing.assert_allclose(ys16.astype(jnp.float32), ys32, atol=3e-2, rtol=3e-2)
+
+
+def test_init_opens_the_forget_gates():
+    cell = MLSTM(8, num_heads=4)
+    p = cell.init(jax.random.key(0), 3)
+    np.testing.assert_allclose(p.b[-4:], [3.0, 4.0, 5.0, 6.0])
+    np.testing.assert_allclose(p.b[-8:-4], -1.0)
+    p_exp = MLSTM(8, num_heads=4, forget_gate="exp").init(jax.random.key(0), 3)
+    np.testing.assert_allclose(jnp.exp(p_exp.b[-4:]), jax.nn.sigmoid(p.b[-4:]), rtol=1e-6)
+    assert cell.output_size == 8 and cell.input_size(p) == 3
+
+
+# ---- argument errors ------------------------------------------------------------------------
+
+
+def test_argument_errors_name_the_argument():
+    q, k, v, i_pre, f_pre = _inputs()
+    with pytest.raises(ValueError, match=r"k: expected the shape of q"):
+        mlstm_recurrence(q, k[:, :, :1], v, i_pre, f_pre)
+    with pytest.raises(ValueError, match=r"v: expected shape"):
+        mlstm_recurrence(q, k, v[:, :2], i_pre, f_pre)
+    with pytest.raises(ValueError, match=r"i_pre: expected shape \[7, 3, 2\]"):
+        mlstm_recurrence(q, k, v, i_pre[..., None], f_pre)
+    with pytest.raises(TypeError, match=r"f_pre: expected a floating dtype"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre.astype(jnp.int32))
+    with pytest.raises(ValueError, match=r"initial_state\.n: expected shape \[3, 2, 3\]"):
+        s = _state()
+        mlstm_recurrence(q, k, v, i_pre, f_pre, initial_state=s._replace(n=s.c))
+    with pytest.raises(TypeError, match=r"initial_state: expected an MLSTMState"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, initial_state=jnp.zeros(3))
+    with pytest.raises(ValueError, match=r"reset: expected shape \[7, 3\]"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, reset=jnp.zeros((7,), bool))
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 7\]"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, lengths=jnp.array([8, 1, 1]))
+    with pytest.raises(ValueError, match=r"mode"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, mode="fast")
+    with pytest.raises(ValueError, match=r"chunk"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, chunk=0)
+    with pytest.raises(ValueError, match=r"forget_gate"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, forget_gate="tanh")
+    with pytest.raises(ValueError, match=r"eps: expected a finite number"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, eps=-1.0)
+
+
+def test_cell_errors_name_the_argument(key):
+    with pytest.raises(
+        ValueError, match=r"hidden_size, num_heads: expected hidden_size a multiple"
+    ):
+        MLSTM(10, num_heads=4)
+    with pytest.raises(ValueError, match="num_heads"):
+        MLSTM(8, num_heads=0)
+    with pytest.raises(ValueError, match="forget_gate"):
+        MLSTM(8, forget_gate="relu")
+    cell = MLSTM(8, num_heads=2)
+    params = cell.init(key, D)
+    carry = cell.initial_carry((B,))
+    with pytest.raises(ValueError, match=r"params\.w_ih: expected shape \[D, 36\]"):
+        cell.step(params._replace(w_ih=params.w_ih[:, :-1]), carry, jnp.ones((B, D)))
+    with pytest.raises(ValueError, match=r"x: expected last dim D=5"):
+        cell.step(params, carry, jnp.ones((B, D + 1)))
+    with pytest.raises(ValueError, match=r"carry\.n: expected shape \[3, 2, 4\]"):
+        cell.step(params, carry._replace(n=carry.m), jnp.ones((B, D)))
+    with pytest.raises(TypeError, match=r"carry: expected MLSTMState"):
+        cell.step(params, (carry.c, carry.n), jnp.ones((B, D)))
+    with pytest.raises(TypeError, match=r"carry\.c: expected dtype float32"):
+        js.rollout(cell, params, jnp.ones((T, B, D)), cell.initial_carry((B,), jnp.bfloat16))
