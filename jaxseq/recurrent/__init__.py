@@ -51,6 +51,7 @@ from jaxseq.recurrent.rglru import RGLRU, RGLRUParams
 from jaxseq.recurrent.rollouts import RolloutOptions, rollout, rollout_unrolled, run
 from jaxseq.recurrent.rules import GRU_RULE, LSTM_RULE, RELU_RULE, TANH_RULE
 from jaxseq.recurrent.sequence import Sequence, prepare
+from jaxseq.recurrent.slstm import SLSTM, SLSTM_EXP_RULE, SLSTM_RULE, SLSTMCarry, SLSTMParams
 
 __all__ = [
     "Bidirectional",
@@ -80,6 +81,11 @@ __all__ = [
     "RNNCarry",
     "RNNParams",
     "RolloutOptions",
+    "SLSTM",
+    "SLSTMCarry",
+    "SLSTMParams",
+    "SLSTM_EXP_RULE",
+    "SLSTM_RULE",
     "Sequence",
     "Stack",
     "TANH_RULE",

@@ -36,6 +36,11 @@ def _mask(m, x):
     return m.reshape(m.shape + (1,) * (x.ndim - m.ndim))
 
 
+# The carry beyond ``h`` (``c``) is None, one array (the LSTM's cell state) or a tuple
+# of arrays (the sLSTM's ``c, n, m``): everything done to it is mapped over its leaves.
+_tree = jax.tree_util.tree_map
+
+
 def _step(cfg: Plan, params, h, c, xp_t, v_t, r_t, save: bool = True):
     """One step from the unbiased projection ``xp_t``, with resets and padding.
 
@@ -46,15 +51,13 @@ def _step(cfg: Plan, params, h, c, xp_t, v_t, r_t, save: bool = True):
     hi, ci = h, c
     if r_t is not None:
         hi = jnp.where(_mask(r_t, h), jnp.zeros_like(h), h)
-        if c is not None:
-            ci = jnp.where(_mask(r_t, c), jnp.zeros_like(c), c)
+        ci = _tree(lambda a: jnp.where(_mask(r_t, a), jnp.zeros_like(a), a), c)
     hn, cn, res = cfg.rule.forward(cfg, params, hi, ci, xp_t, save)
     y = hn
     if v_t is not None:
         y = jnp.where(_mask(v_t, hn), hn, jnp.zeros_like(hn))
         hn = jnp.where(_mask(v_t, hn), hn, h)
-        if c is not None:
-            cn = jnp.where(_mask(v_t, cn), cn, c)
+        cn = _tree(lambda a, b: jnp.where(_mask(v_t, a), a, b), cn, c)
     return hn, cn, y, res
 
 
@@ -78,18 +81,18 @@ def _segment_forward(cfg: Plan, params, xs, h0, c0, v, r, save: bool = True):
             h, c, buf = carry
             t, v_t, r_t = inp
             xp_t = jax.lax.dynamic_index_in_dim(buf, t, 0, keepdims=False)
-            hn, cn, y, (a, c32) = step(h, c, xp_t, v_t, r_t)
+            hn, cn, y, (a, *rest) = step(h, c, xp_t, v_t, r_t)
             buf = jax.lax.dynamic_update_index_in_dim(buf, a, t, 0)
-            return (hn, cn, buf), (y, c32)
+            return (hn, cn, buf), (y, tuple(rest))
 
-        (h, c, acts), (ys, cs) = jax.lax.scan(
+        (h, c, acts), (ys, rest) = jax.lax.scan(
             body_inplace,
             (h0, c0, xp),
             (jnp.arange(steps, dtype=jnp.int32), v, r),
             reverse=cfg.reverse,
             unroll=unroll,
         )
-        return (h, c), ys, (acts, cs)
+        return (h, c), ys, (acts, *rest)
 
     def body(carry, inp):
         h, c = carry
@@ -137,21 +140,17 @@ def _step_backward(cfg: Plan, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t
     if v_t is not None:
         vm = _mask(v_t, gh)
         gh = jnp.where(vm, gh, 0.0)
-        if gc is not None:
-            gc = jnp.where(vm, gc, 0.0)
+        gc = _tree(lambda a: jnp.where(vm, a, 0.0), gc)
     dxp, dh_in, dc_in = cfg.rule.backward(cfg, params, res_t, y_t, hin_t, cin_t, gh, gc)
     if r_t is not None:
         rm = _mask(r_t, dh_in)
         dh_in = jnp.where(rm, 0.0, dh_in)
-        if dc_in is not None:
-            dc_in = jnp.where(rm, 0.0, dc_in)
+        dc_in = _tree(lambda a: jnp.where(rm, 0.0, a), dc_in)
     if v_t is not None:
         dh_in = jnp.where(vm, dh_in, gh_c)
-        if dc_in is not None:
-            dc_in = jnp.where(vm, dc_in, gc_c)
+        dc_in = _tree(lambda a, b: jnp.where(vm, a, b), dc_in, gc_c)
     dh_in = dh_in.astype(h_dtype).astype(cfg.acc)
-    if dc_in is not None:
-        dc_in = dc_in.astype(c_dtype).astype(cfg.acc)
+    dc_in = _tree(lambda a, dt: a.astype(dt).astype(cfg.acc), dc_in, c_dtype)
     return dh_in, dc_in, dxp
 
 
@@ -166,26 +165,30 @@ def _backward_in_place(cfg: Plan, body, init, res, c0, dys, v, r, steps: int, un
     # by index: no second [S, N, 4H] buffer (nor its zero fill) and no
     # shifted copy of the cell states. On CPU a training step's temporaries
     # are fresh pages on every call, so memory not allocated is time saved.
-    acts, cs = res  # cs: the cell states in the accumulation dtype
-    c_seq = cs.astype(c0.dtype)  # rounded as the carry was
+    # cs: the carry states after each step (the LSTM's c, the sLSTM's (c, n, m)) in
+    # the accumulation dtype; extra: the rule's other per-step residuals.
+    acts, cs, *extra = res
+    c_seq = _tree(lambda a, a0: a.astype(a0.dtype), cs, c0)  # rounded as the carry was
     first, delta = (steps - 1, 1) if cfg.reverse else (0, -1)
+
+    def at(tree, t):
+        return _tree(lambda a: jax.lax.dynamic_index_in_dim(a, t, 0, keepdims=False), tree)
 
     def body_inplace(carry, inp):
         gh_c, gc_c, buf, a_t = carry
         t, dy_t, v_t, r_t = inp
-        c32_t = jax.lax.dynamic_index_in_dim(cs, t, 0, keepdims=False)
         is_first = t == first
         t_prev = jnp.clip(t + delta, 0, steps - 1)
-        c_prev = jax.lax.dynamic_index_in_dim(c_seq, t_prev, 0, keepdims=False)
-        c_prev = jnp.where(is_first, c0, c_prev)
+        c_prev = _tree(lambda a, a0: jnp.where(is_first, a0, a), at(c_seq, t_prev), c0)
         if v is not None:
             v_prev = jax.lax.dynamic_index_in_dim(v, t_prev, 0, keepdims=False)
-            c_prev = jnp.where(_mask(v_prev | is_first, c_prev), c_prev, c0)
+            keep = v_prev | is_first
+            c_prev = _tree(lambda a, a0: jnp.where(_mask(keep, a), a, a0), c_prev, c0)
         if r_t is not None:
-            c_prev = jnp.where(_mask(r_t, c_prev), jnp.zeros_like(c_prev), c_prev)
-        (dh_in, dc_in), dxp = body(
-            (gh_c, gc_c), ((a_t, c32_t), None, None, c_prev.astype(cfg.acc), dy_t, v_t, r_t)
-        )
+            c_prev = _tree(lambda a: jnp.where(_mask(r_t, a), jnp.zeros_like(a), a), c_prev)
+        c_prev = _tree(lambda a: a.astype(cfg.acc), c_prev)
+        res_t = (a_t, at(cs, t), *at(extra, t))
+        (dh_in, dc_in), dxp = body((gh_c, gc_c), (res_t, None, None, c_prev, dy_t, v_t, r_t))
         buf = jax.lax.dynamic_update_index_in_dim(buf, dxp, t, 0)
         # The next step's activations are read from the updated buffer (they
         # are untouched there): the write is then the old buffer's only reader
@@ -214,8 +217,12 @@ def _segment_backward(cfg: Plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     # copies the buffer between the unrolled steps (the buffers are small there).
     in_place = cfg.rule.in_place and cfg.unroll == 1
     c_in = None
-    if cfg.rule.cell_state and not in_place:
-        c_in = _carry_in(res[1].astype(c0.dtype), c0, v, r, cfg.reverse).astype(cfg.acc)
+    if cfg.rule.cell_state and not in_place:  # res[1]: the carry states after each step
+        c_in = _tree(
+            lambda a, a0: _carry_in(a.astype(a0.dtype), a0, v, r, cfg.reverse).astype(cfg.acc),
+            res[1],
+            c0,
+        )
     h_in_loop = h_in.astype(cfg.acc) if cfg.rule.needs_h_in else None
 
     def body(carry, inp):
@@ -223,13 +230,13 @@ def _segment_backward(cfg: Plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         res_t, y_t, hin_t, cin_t, dy_t, v_t, r_t = inp
         dh_in, dc_in, dxp = _step_backward(
             cfg, params, res_t, y_t, hin_t, cin_t, gh_c, gc_c, dy_t, v_t, r_t, h0.dtype,
-            None if c0 is None else c0.dtype,
+            _tree(lambda a: a.dtype, c0),
         )  # fmt: skip
         return (dh_in, dc_in), dxp
 
     steps = xs.shape[0]
     unroll = max(1, min(cfg.unroll, steps))
-    init = (dh.astype(cfg.acc), None if dc is None else dc.astype(cfg.acc))
+    init = (dh.astype(cfg.acc), _tree(lambda a: a.astype(cfg.acc), dc))
     if in_place:
         dh0, dc0, dxp = _backward_in_place(cfg, body, init, res, c0, dys, v, r, steps, unroll)
     else:
@@ -252,7 +259,11 @@ def _segment_backward(cfg: Plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
         a, b = _narrow_like(a, w), _narrow_like(b, w)
         return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=cfg.acc)
 
-    d_w_hh = gram(h_in.astype(cfg.acc).reshape(rows, -1), dhp, params.w_hh)
+    h_rows = h_in.astype(cfg.acc).reshape(rows, -1)
+    if cfg.rule.recurrent_grad is None:
+        d_w_hh = gram(h_rows, dhp, params.w_hh)
+    else:  # a structured W_hh (the sLSTM's block-diagonal one)
+        d_w_hh = cfg.rule.recurrent_grad(cfg, _narrow_like(h_rows, params.w_hh), dhp, params.w_hh)
     d_w_ih = gram(xs.reshape(rows, -1), dxp, params.w_ih)
     d_b = jnp.sum(dxp, axis=0)
     dparams = {"w_ih": d_w_ih, "w_hh": d_w_hh, "b": d_b}

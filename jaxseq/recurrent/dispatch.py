@@ -6,7 +6,8 @@ returns is handed to the kernel (:mod:`jaxseq.recurrent.kernels`) unchanged:
 
 * **the kernel**: one registry maps EXACT cell types to fused-kernel rules
   (:func:`register_fused_rule`; the built-in ``RNN``, ``LSTM`` and ``GRU``
-  register theirs in :mod:`jaxseq.recurrent.rules`). Subclasses and user cells
+  register theirs in :mod:`jaxseq.recurrent.rules`, ``SLSTM`` in
+  :mod:`jaxseq.recurrent.slstm`). Subclasses and user cells
   have no entry (a subclass may change the step), so they take the plain
   ``lax.scan`` path with ordinary autodiff. ``kernel="auto"`` picks the fused
   kernel for a registered cell unless the rollout is traced for forward-mode
@@ -86,6 +87,17 @@ class FusedRule(NamedTuple):
         cotangent of ``h W_hh`` when it differs from ``dxp`` (GRU), else None.
       extra_grads: ``(cfg, dhp) -> dict`` of gradients of params beyond
         ``w_ih``, ``w_hh``, ``b`` (GRU: ``b_hn``), else None.
+      recurrent_grad: ``(cfg, h_in [S*N, H], dhp [S*N, G*H], w_hh) -> d w_hh`` for a
+        structured ``w_hh`` (the sLSTM's block-diagonal ``[K, H/K, G*H/K]``: one
+        batched matmul over all steps per head), else None (a dense ``[H, G*H]``:
+        ``h_in^T dhp``).
+
+    With ``cell_state`` the carry beyond ``h`` (the ``c`` of the signatures
+    above, and its cotangent ``gc``/``dc_in``) is one array (LSTM) or a tuple of
+    arrays (sLSTM: ``c, n, m``); an ``in_place`` residual is then
+    ``(activations, states, *extra)`` with ``states`` that carry after the step
+    in the accumulation dtype (the backward reads the carry each step started
+    from there) and ``extra`` any other per-step arrays.
 
     >>> from jaxseq.recurrent import rules
     >>> rules.LSTM_RULE.name, rules.LSTM_RULE.cell_state
@@ -101,6 +113,7 @@ class FusedRule(NamedTuple):
     needs_y: bool = False
     recurrent_cotangent: Callable | None = None
     extra_grads: Callable | None = None
+    recurrent_grad: Callable | None = None
 
 
 _RULES: dict[type, FusedRule | Callable[[Any], FusedRule | None]] = {}
@@ -235,15 +248,20 @@ def auto_unroll(
 def step_work(cell, batch_shape) -> int:
     """Multiply-adds of one step's recurrent matmul, ``N * H * G * H``, ``N = prod(*B)``.
 
-    For cells with ``hidden_size`` and ``num_gates`` (the built-ins).
+    For cells with ``hidden_size`` and ``num_gates`` (the built-ins); a cell
+    with a block-diagonal recurrent weight of ``num_heads`` blocks (the sLSTM)
+    does ``N * H * G * H / K``.
 
     >>> import jaxseq as js
     >>> js.recurrent.step_work(js.LSTM(8), (2, 3))  # 6 * 8 * 4 * 8
     1536
+    >>> js.recurrent.step_work(js.recurrent.SLSTM(8, num_heads=2), (2, 3))
+    768
     """
     n = int(np.prod(batch_shape, dtype=np.int64))
     g = int(getattr(cell, "num_gates", 1))
-    return n * cell.hidden_size * g * cell.hidden_size
+    blocks = int(getattr(cell, "num_heads", 1)) if getattr(cell, "block_diagonal", False) else 1
+    return n * cell.hidden_size * g * cell.hidden_size // blocks
 
 
 def resolve_unroll(unroll, t: int, work: int | None = None, **rule) -> int:
@@ -317,7 +335,7 @@ def plan(cell, params, seq, carry, options) -> Plan:
     if kernel == "fused" and rule is None:
         raise ValueError(
             f"kernel: 'fused' needs a cell whose exact type has a registered fused rule "
-            f"(RNN, LSTM or GRU), got {type(cell).__name__}; use kernel='auto' or 'scan'"
+            f"(RNN, LSTM, GRU, SLSTM), got {type(cell).__name__}; use kernel='auto' or 'scan'"
         )
     if kernel == "auto" and rule is not None and under_forward_mode(params, seq.xs, carry):
         rule = None

@@ -6,8 +6,9 @@
   ``project``) in a ``lax.scan`` with ordinary autodiff;
 * :func:`fused_rollout`: a cell with a registered fused rule
   (:func:`~jaxseq.recurrent.dispatch.register_fused_rule`; the built-in
-  :class:`~jaxseq.RNN`, :class:`~jaxseq.LSTM` and :class:`~jaxseq.GRU`) as one
-  ``jax.custom_vjp`` with one forward and one backward rule.
+  :class:`~jaxseq.RNN`, :class:`~jaxseq.LSTM`, :class:`~jaxseq.GRU` and
+  :class:`~jaxseq.recurrent.SLSTM`) as one ``jax.custom_vjp`` with one forward
+  and one backward rule.
 
 The pieces of the fused kernel, one idea per module:
 
@@ -42,7 +43,7 @@ Properties of the kernel:
   under ``jax.jvp`` (see :func:`~jaxseq.recurrent.dispatch.under_forward_mode`).
 
 Shapes: ``T`` time, ``N`` the flattened batch (``prod(*B)``), ``D`` input,
-``H`` hidden, ``G`` gates (RNN 1, LSTM 4, GRU 3).
+``H`` hidden, ``G`` gates (RNN 1, LSTM 4, GRU 3, sLSTM 4).
 """
 
 from __future__ import annotations
@@ -173,13 +174,13 @@ def _backward(plan: Plan, saved, cts):
     params, xs, (h0, c0), v, r, ys, res = saved
     (dh, dc), dys = cts
     dh = dh.astype(plan.acc)
-    dc = None if dc is None else dc.astype(plan.acc)
+    dc = jax.tree_util.tree_map(lambda a: a.astype(plan.acc), dc)
     if plan.segment:
         dh0, dc0, dp, dxs = _ckpt_bwd(plan, params, xs, v, r, res, dys, dh, dc)
     else:
         dh0, dc0, dp, dxs = _segment_backward(plan, params, xs, h0, c0, v, r, ys, res, dys, dh, dc)
     dparams = type(params)(**{name: dp[name].astype(getattr(params, name).dtype) for name in dp})
-    dc0 = None if c0 is None else dc0.astype(c0.dtype)
+    dc0 = jax.tree_util.tree_map(lambda a, a0: a.astype(a0.dtype), dc0, c0)
     return dparams, dxs.astype(xs.dtype), (dh0.astype(h0.dtype), dc0), None, None
 
 
@@ -215,11 +216,13 @@ def fused_rollout(cell, params, seq: Sequence, carry, plan: Plan):
         return None if a is None else a.reshape((n, *tail))
 
     reset = processing_resets(seq.reset, seq.valid, plan.reverse)
-    hc = (flat(carry.h, (hsz,)), flat(carry.c, (hsz,)) if plan.rule.cell_state else None)
+    # The carry beyond h: None, the LSTM's c, or a tuple (the sLSTM's c, n, m).
+    states = tuple(flat(leaf, (hsz,)) for leaf in carry[1:]) if plan.rule.cell_state else ()
+    hc = (flat(carry.h, (hsz,)), states[0] if len(states) == 1 else (states or None))
     xs = seq.xs.reshape((t, n, seq.xs.shape[-1]))
     v = None if seq.valid is None else seq.valid.reshape((t, n))
     r = None if reset is None else reset.reshape((t, n))
     (h, c), ys = _fused(plan, params, xs, hc, v, r)
-    new = (h,) if c is None else (h, c)
+    new = (h, *jax.tree_util.tree_leaves(c))
     new = type(carry)(*(leaf.reshape((*batch_shape, hsz)) for leaf in new))
     return new, ys.reshape((t, *batch_shape, hsz))
