@@ -8,6 +8,7 @@ from jaxseq.models.language import (
     char_lm,
 )
 from jaxseq.models.seq2seq import (
+    DecoderCarry,
     Encoded,
     Seq2SeqAttention,
     Seq2SeqParams,
@@ -33,6 +34,7 @@ from jaxseq.models.window import (
 
 __all__ = [
     "CELLS",
+    "DecoderCarry",
     "Encoded",
     "KVCache",
     "LMParams",

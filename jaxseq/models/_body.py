@@ -30,6 +30,7 @@ from jaxseq.nn.embedding import Embedding
 from jaxseq.recurrent.cells import GRU, LSTM, RNN
 from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.minimal import MinGRU, MinLSTM
+from jaxseq.recurrent.mlstm import MLSTM
 from jaxseq.recurrent.rglru import RGLRU
 from jaxseq.recurrent.rollouts import rollout
 from jaxseq.recurrent.sequence import valid_steps as _steps_mask
@@ -43,6 +44,7 @@ CELLS = {
     "mingru": MinGRU,
     "minlstm": MinLSTM,
     "rglru": RGLRU,
+    "mlstm": MLSTM,
 }
 
 

@@ -113,7 +113,8 @@ class RecurrentLM:
         return LMParams(emb, stack, head)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> tuple:
-        """Zeros for every layer: a tuple of per-layer carries ``[*B, H]``."""
+        """Zeros for every layer: a tuple of per-layer carries, each the cell's own
+        (``LSTMCarry(c [*B, H], h [*B, H])``, ``MLSTMState(c [*B, K, Dk, Dv], n, m)``, ...)."""
         return self.stack.initial_carry(batch_shape, dtype)
 
     def config(self) -> dict:
@@ -235,12 +236,16 @@ def char_lm(
     layer_dropout_rate: float | None = None,
     variational_dropout: bool = False,
     unroll: Any = "auto",
+    cell_kwargs=None,
 ) -> RecurrentLM:
-    """A character language model (a :class:`RecurrentLM`): ``num_layers`` cells of type ``cell`` ("lstm", "gru", "rnn").
+    """A character language model (a :class:`RecurrentLM`): ``num_layers`` cells of type ``cell``.
 
+    ``cell`` names a cell of :data:`CELLS` ("lstm", "gru", "rnn", "mingru", "minlstm",
+    "rglru", "mlstm").
     ``dropout_rate`` applies to the embeddings and the head input;
     ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
-    ``variational_dropout`` shares every mask over time (one per stream and chunk).
+    ``variational_dropout`` shares every mask over time (one per stream and chunk);
+    ``cell_kwargs`` go to every cell (e.g. ``{"num_heads": 2}`` for "mlstm").
 
     >>> lm = char_lm(65, num_layers=2, hidden_size=16, embedding_size=8)
     >>> [type(c).__name__ for c in lm.stack.layers], lm.stack.output_size
@@ -248,7 +253,12 @@ def char_lm(
     """
     ld = dropout_rate if layer_dropout_rate is None else layer_dropout_rate
     stack = recurrent_stack(
-        cell, hidden_size, num_layers, dropout_rate=ld, variational_dropout=variational_dropout
+        cell,
+        hidden_size,
+        num_layers,
+        dropout_rate=ld,
+        variational_dropout=variational_dropout,
+        cell_kwargs=cell_kwargs,
     )
     return RecurrentLM(
         vocab_size,

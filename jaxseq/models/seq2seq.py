@@ -23,7 +23,7 @@ from jaxseq.recurrent.layers import Bidirectional
 from jaxseq.recurrent.rollouts import rollout
 from jaxseq.recurrent.sequence import valid_steps
 
-__all__ = ["Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
+__all__ = ["DecoderCarry", "Encoded", "Seq2SeqAttention", "Seq2SeqParams"]
 
 
 class Seq2SeqParams(NamedTuple):
@@ -44,8 +44,26 @@ class Encoded(NamedTuple):
     states: jax.Array  # [B, S, He] encoder outputs (zeros past each source length)
     keys: jax.Array | None  # float32[B, S, A] states @ W_k, projected once (None: no attention)
     lengths: jax.Array  # int32[B] source lengths
-    carry: Any  # initial decoder carry, [B, Hd] leaves
+    carry: Any  # initial decoder carry (leaves [B, ...]): the cell's, or a DecoderCarry
     final: jax.Array  # [B, He] final encoder state: forward at the last valid step, backward at 0
+
+
+class DecoderCarry(NamedTuple):
+    """The decoder's carry when its cell's carry has no ``h`` (the mLSTM's ``(c, n, m)``):
+    the cell's carry and its last output ``h [B, Hd]``, the next attention query.
+
+    >>> s2s = Seq2SeqAttention(7, 5, embedding_size=4, hidden_size=4, cell="mlstm")
+    >>> enc = s2s.encode(s2s.init(jax.random.key(0)), jnp.zeros((3, 2), jnp.int32))
+    >>> type(enc.carry).__name__, enc.carry.h.shape, enc.carry.cell.c.shape
+    ('DecoderCarry', (2, 4), (2, 4, 1, 1))
+    """
+
+    cell: Any  # the decoder cell's carry
+    h: jax.Array  # [B, Hd]: its last output (at the start: the bridge's tanh(W_b summary))
+
+
+def _has_h(carry) -> bool:
+    return "h" in getattr(carry, "_fields", ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +78,9 @@ class Seq2SeqAttention:
         logits_t = W_o [s_t; c_t] + b_o                     # [Vt]
 
     with ``s_0 = tanh(W_b mean_j h_j + b_b)`` (the cell state of an LSTM starts at 0).
+    The query ``s_{t-1}`` is the carry's ``h``; a cell whose carry has no ``h``
+    (the mLSTM) runs from a zero carry inside a :class:`DecoderCarry` that keeps
+    its last output as the query (``s_0`` at the start).
 
     ``attention=False`` is the baseline without attention (Cho et al. 2014): the
     decoder sees only the final encoder state ``f`` (forward direction at the last
@@ -77,7 +98,8 @@ class Seq2SeqAttention:
       embedding_size: E, for source and target embeddings.
       hidden_size: H of the encoder cells (each direction) and of the decoder cell.
       attention_size: A.
-      cell: "gru" (default), "lstm" or "rnn", for encoder and decoder.
+      cell: a name of :data:`jaxseq.models.CELLS` ("gru" by default, "lstm", "rnn",
+        "rglru", "mlstm", "slstm", ...), for encoder and decoder.
       bidirectional: encoder direction(s); He = 2H when True, else H.
       attention: False for the encoder-decoder without attention (see above).
 
@@ -221,7 +243,8 @@ class Seq2SeqAttention:
         else:
             keys, summary = None, final
         h0 = jnp.tanh(dense(params.bridge, summary.astype(states.dtype)))
-        carry = self.decoder.initial_carry((b,), h0.dtype)._replace(h=h0)
+        carry = self.decoder.initial_carry((b,), h0.dtype)
+        carry = carry._replace(h=h0) if _has_h(carry) else DecoderCarry(carry, h0)
         return Encoded(states, keys, src_lengths, carry, final)
 
     def _final_state(self, states, lengths):
@@ -255,7 +278,11 @@ class Seq2SeqAttention:
     def _step(self, params, enc, carry, y_prev):
         ctx, w = self._attend(params, enc, carry.h)
         x = jnp.concatenate([embed(params.tgt_embedding, y_prev), ctx.astype(carry.h.dtype)], -1)
-        carry, h = self.decoder.step(params.decoder, carry, x)
+        if isinstance(carry, DecoderCarry):
+            cell_carry, h = self.decoder.step(params.decoder, carry.cell, x)
+            carry = DecoderCarry(cell_carry, h.astype(carry.h.dtype))
+        else:
+            carry, h = self.decoder.step(params.decoder, carry, x)
         logits = dense(params.head, jnp.concatenate([h, ctx.astype(h.dtype)], axis=-1))
         return carry, logits.astype(jnp.float32), w
 
