@@ -1,5 +1,5 @@
 """Models composed from the layers: language models (recurrent, Transformer, fixed-window),
-taggers and classifiers, seq2seq."""
+taggers and classifiers, seq2seq, and the xLSTM stack (mLSTM and sLSTM layers)."""
 
 from jaxseq.models.language import (
     CELLS,
@@ -31,6 +31,7 @@ from jaxseq.models.window import (
     WindowLMParams,
     window_lm,
 )
+from jaxseq.models.xlstm import xlstm_stack
 
 __all__ = [
     "CELLS",
@@ -53,4 +54,5 @@ __all__ = [
     "tagger",
     "transformer_lm",
     "window_lm",
+    "xlstm_stack",
 ]

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
+from jaxseq.models.xlstm import xlstm_stack
 from jaxseq.nn.dense import Dense
 from jaxseq.nn.dropout import dropout
 from jaxseq.nn.embedding import Embedding
@@ -34,6 +35,7 @@ from jaxseq.recurrent.mlstm import MLSTM
 from jaxseq.recurrent.rglru import RGLRU
 from jaxseq.recurrent.rollouts import rollout
 from jaxseq.recurrent.sequence import valid_steps as _steps_mask
+from jaxseq.recurrent.slstm import SLSTM
 
 __all__: list[str] = []
 
@@ -45,7 +47,11 @@ CELLS = {
     "minlstm": MinLSTM,
     "rglru": RGLRU,
     "mlstm": MLSTM,
+    "slstm": SLSTM,
 }
+
+# Names of mixed stacks :func:`recurrent_stack` builds besides one cell per layer.
+STACKS = ("xlstm",)
 
 
 def recurrent_stack(
@@ -58,11 +64,23 @@ def recurrent_stack(
     variational_dropout: bool = False,
     cell_kwargs=None,
 ) -> Stack:
-    """``num_layers`` cells named ``cell`` of size ``hidden_size`` (each direction), stacked."""
-    _checks.check_choice("cell", cell, tuple(CELLS))
+    """``num_layers`` cells named ``cell`` of size ``hidden_size`` (each direction), stacked.
+
+    ``cell="xlstm"``: the mLSTM/sLSTM stack of :func:`jaxseq.models.xlstm_stack`,
+    which takes ``cell_kwargs`` (``slstm_at``, ``num_heads``, ...)."""
+    _checks.check_choice("cell", cell, (*CELLS, *STACKS))
     h = _checks.check_positive_int("hidden_size", hidden_size)
     n = _checks.check_positive_int("num_layers", num_layers)
     kw = dict(cell_kwargs or {})
+    if cell == "xlstm":
+        return xlstm_stack(
+            h,
+            n,
+            bidirectional=bidirectional,
+            dropout_rate=dropout_rate,
+            variational_dropout=variational_dropout,
+            **kw,
+        )
 
     def layer():
         c = CELLS[cell](h, **kw)

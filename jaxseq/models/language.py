@@ -241,15 +241,20 @@ def char_lm(
     """A character language model (a :class:`RecurrentLM`): ``num_layers`` cells of type ``cell``.
 
     ``cell`` names a cell of :data:`CELLS` ("lstm", "gru", "rnn", "mingru", "minlstm",
-    "rglru", "mlstm").
+    "rglru", "mlstm", "slstm") or ``"xlstm"``: mLSTM layers with an sLSTM at index 1
+    of every eight (:func:`jaxseq.models.xlstm_stack`, ``xLSTM[7:1]``).
     ``dropout_rate`` applies to the embeddings and the head input;
     ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
     ``variational_dropout`` shares every mask over time (one per stream and chunk);
-    ``cell_kwargs`` go to every cell (e.g. ``{"num_heads": 2}`` for "mlstm").
+    ``cell_kwargs`` go to every cell (e.g. ``{"num_heads": 2}`` for "mlstm", "slstm",
+    "xlstm").
 
     >>> lm = char_lm(65, num_layers=2, hidden_size=16, embedding_size=8)
     >>> [type(c).__name__ for c in lm.stack.layers], lm.stack.output_size
     (['LSTM', 'LSTM'], 16)
+    >>> xl = char_lm(65, cell="xlstm", num_layers=2, hidden_size=8, cell_kwargs={"num_heads": 2})
+    >>> [type(c).__name__ for c in xl.stack.layers]
+    ['MLSTM', 'SLSTM']
     """
     ld = dropout_rate if layer_dropout_rate is None else layer_dropout_rate
     stack = recurrent_stack(

@@ -326,7 +326,9 @@ def tagger(
 ) -> SequenceTagger:
     """A (by default bidirectional) recurrent sequence tagger.
 
-    ``cell`` is "lstm", "gru" or "rnn"; ``cell_kwargs`` go to every cell (e.g.
+    ``cell`` names a cell of :data:`jaxseq.models.CELLS` ("lstm", "gru", "rnn",
+    "rglru", "mlstm", "slstm", ...) or ``"xlstm"`` (:func:`jaxseq.models.xlstm_stack`,
+    which takes the ``cell_kwargs``); ``cell_kwargs`` go to every cell (e.g.
     ``activation="relu"``, ``recurrent_init=...`` for an IRNN). Token inputs when
     ``vocab_size`` is given, else feature inputs of size ``input_size``.
     ``dropout_rate`` applies to the inputs, between layers and before the head.

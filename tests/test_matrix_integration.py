@@ -1,0 +1,158 @@
+"""The matrix-state and exponential-gated cells (mLSTM, sLSTM, RG-LRU) in the rest of
+the library: the models, js.Stack/js.Bidirectional, sampling and beam search, the
+Flax modules, and the xLSTM stack of mLSTM and sLSTM blocks.
+
+References here step each cell with its own ``step`` in a Python loop, one
+sequence at a time (no rollout, no scan), so they share nothing with the
+whole-sequence forms they check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxseq as js
+
+NEW_CELLS = ("rglru", "mlstm", "slstm")
+V, E, H = 7, 4, 8
+
+
+def _cell(name):
+    return js.models.CELLS[name](H)
+
+
+def _loop(cell, params, xs, reverse=False):
+    """``cell.step`` over ``xs: [T, D]`` (one sequence), reversed when asked -> ``[T, H]``."""
+    carry = cell.initial_carry(())
+    order = range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0])
+    ys = [None] * xs.shape[0]
+    step = jax.jit(cell.step)  # one token at a time, compiled once per cell and shapes
+    for t in order:
+        carry, ys[t] = step(params, carry, xs[t])
+    return carry, jnp.stack(ys) if ys else jnp.zeros((0, cell.output_size))
+
+
+def _padded(ys, t):
+    return jnp.concatenate([ys, jnp.zeros((t - ys.shape[0],) + ys.shape[1:], ys.dtype)])
+
+
+@pytest.mark.parametrize("name", NEW_CELLS)
+def test_lm_trains_and_generation_steps_equal_the_rollout(name):
+    assert name in js.models.CELLS
+    lm = js.models.char_lm(V, cell=name, num_layers=1, hidden_size=H, embedding_size=E)
+    params = lm.init(jax.random.key(0))
+    chunk = js.data.StreamBatcher(np.arange(200) % V, 4, 10).chunk(0)
+    loss_fn, opt = js.lm_loss_fn(lm), optax.adam(5e-2)
+
+    @jax.jit
+    def train(params, state):
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(p, lm.initial_carry((4,)), chunk, None)[0])
+        value, grads = grad_fn(params)
+        updates, state = opt.update(grads, state)
+        return optax.apply_updates(params, updates), state, value
+
+    state, losses = opt.init(params), []
+    for _ in range(10):
+        params, state, value = train(params, state)
+        losses.append(float(value))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.05
+
+    prime, n = jnp.array([[1, 2], [3, 4], [5, 6]]), 5
+    ids = js.decoding.sample(None, lm, params, prime, n, greedy=True)
+    whole = jnp.concatenate([prime, ids], 0)
+
+    @jax.jit
+    def both(params, tokens):  # the whole sequence, and the carry threaded one token at a time
+        stepped = jax.lax.scan(
+            lambda c, t: lm.apply(params, c, t[None]), lm.initial_carry((2,)), tokens
+        )
+        return lm.apply(params, None, tokens), stepped
+
+    (carry, logits), (carry_s, logits_s) = both(params, whole)
+    assert jax.tree_util.tree_structure(carry) == jax.tree_util.tree_structure(
+        lm.initial_carry((2,))
+    )
+    # each generated token is the argmax of the whole-sequence logits one step before
+    np.testing.assert_array_equal(jnp.argmax(logits[prime.shape[0] - 1 : -1], -1), ids)
+    np.testing.assert_allclose(logits_s[:, 0], logits, atol=2e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), carry_s, carry)
+    assert js.decoding.sample(jax.random.key(4), lm, params, prime, n, top_k=3).shape == (n, 2)
+    beam = js.decoding.lm_beam_search(lm, params, prime, n, beam_size=1)
+    np.testing.assert_array_equal(beam.tokens[..., 0], ids)
+
+
+@pytest.mark.parametrize("name", NEW_CELLS)
+def test_stack_and_bidirectional_with_lengths(name):
+    cell = _cell(name)
+    stack = js.Stack([cell, js.Bidirectional(cell)])
+    params = stack.init(jax.random.key(1), 3)
+    xs = jax.random.normal(jax.random.key(2), (6, 3, 3))
+    lengths = jnp.array([6, 2, 0])
+    carries, ys = jax.jit(lambda p, x, n: js.rollout(stack, p, x, lengths=n))(params, xs, lengths)
+    assert ys.shape == (6, 3, 2 * H)
+    for b, n in enumerate(lengths.tolist()):
+        c0, h = _loop(cell, params[0], xs[:n, b])
+        cf, yf = _loop(cell, params[1].forward, h)
+        cb, yb = _loop(cell, params[1].backward, h, reverse=True)
+        want = _padded(jnp.concatenate([yf, yb], -1), 6)
+        np.testing.assert_allclose(ys[:, b], want, atol=2e-5)
+        for got, ref in ((carries[0], c0), (carries[1].forward, cf), (carries[1].backward, cb)):
+            jax.tree_util.tree_map(
+                lambda g, r, b=b: np.testing.assert_allclose(g[b], r, atol=2e-5), got, ref
+            )
+
+
+@pytest.mark.parametrize("name", NEW_CELLS)
+def test_flax_modules_equal_the_functional_rollout(name):
+    jf = pytest.importorskip("jaxseq.flax")
+    from flax import nnx
+
+    cell = _cell(name)
+    x = jax.random.normal(jax.random.key(5), (2, 5, 3))  # [B, T, D]
+    rnn = jf.linen.RNN(cell, return_carry=True)
+    variables = rnn.init(jax.random.key(6), x)
+    params = variables["params"]["cell"]
+    carry, ys = rnn.apply(variables, x)
+    want_carry, want = js.rollout(cell, params, x, time_major=False)
+    np.testing.assert_allclose(ys, want, atol=1e-6)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), carry, want_carry
+    )
+    lengths = jnp.array([5, 3])  # Flax's semantics: the carry after the last valid step
+    carry, ys = rnn.apply(variables, x, seq_lengths=lengths)
+    want_carry, _ = js.rollout(cell, params, x, lengths=lengths, time_major=False)
+    np.testing.assert_allclose(ys[1, :3], want[1, :3], atol=1e-6)  # the valid steps
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), carry, want_carry
+    )
+    module = jf.nnx.RNN(cell, 3, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(
+        module(x), js.rollout(cell, module.param_values(), x, time_major=False)[1], atol=1e-6
+    )
+
+
+def test_xlstm_stack_tagger_and_seq2seq_with_an_mlstm_decoder():
+    stack = js.models.xlstm_stack(H, 9, num_heads=2)
+    kinds = "".join(type(layer).__name__[0] for layer in stack.layers)
+    assert kinds == "MSMMMMMMM" and stack.residual  # xLSTM[7:1]: an sLSTM at 1 of every 8
+    assert [type(c).__name__ for c in js.models.char_lm(V, cell="xlstm").stack.layers] == [
+        "MLSTM",
+        "SLSTM",
+    ]
+    with pytest.raises(ValueError, match="slstm_at"):
+        js.models.xlstm_stack(H, 2, slstm_at=(2,))
+    tokens = jnp.asarray(np.arange(15).reshape(5, 3) % V, jnp.int32)
+    tg = js.models.tagger(3, vocab_size=V, embedding_size=E, cell="xlstm", hidden_size=H,
+                          num_layers=2, num_heads=2, bidirectional=False)  # fmt: skip
+    assert [type(layer).__name__ for layer in tg.stack.layers] == ["MLSTM", "SLSTM"]
+    tags = tg.apply(tg.init(jax.random.key(0)), tokens, lengths=jnp.array([5, 3, 1]))
+    assert tags.shape == (5, 3, 3) and bool(jnp.all(jnp.isfinite(tags)))
+    s2s = js.models.Seq2SeqAttention(V, V, embedding_size=E, hidden_size=H, attention_size=4,
+                                     cell="mlstm", bidirectional=False)  # fmt: skip
+    p = s2s.init(jax.random.key(2))
+    enc = s2s.encode(p, tokens)
+    assert isinstance(enc.carry, js.models.DecoderCarry) and enc.carry.h.shape == (3, H)
+    toks, _ = js.decoding.greedy_decode(s2s, p, tokens, 4, bos_id=0)
+    beam = js.decoding.beam_decode(s2s, p, tokens, 4, beam_size=1, bos_id=0, end_id=None)
+    np.testing.assert_array_equal(beam.tokens[..., 0], toks)
