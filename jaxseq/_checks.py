@@ -201,3 +201,33 @@ def check_in_range(name: str, x, lo: int, hi: int, what: str = "") -> None:
     checkify.debug_check(
         jnp.all((x >= lo) & (x <= hi)), head + "min {} max {}", jnp.min(x), jnp.max(x)
     )
+
+
+def check_step_lengths(lengths, batch_shape, t: int, xs):
+    """``lengths: int[*B]`` of the sequences in ``xs: [T, *B, ...]``, each in ``[0, T]``
+    (:func:`check_lengths`, then :func:`check_in_range`); returns them as int32.
+
+    >>> check_step_lengths([3, 0], (2,), 3, jnp.zeros((3, 2, 4))).tolist()
+    [3, 0]
+    """
+    lengths = check_lengths(lengths, batch_shape, xs)
+    check_in_range("lengths", lengths, 0, t, f" (T={t})")
+    return lengths.astype(jnp.int32)
+
+
+def check_step_flags(name: str, x, shape, layout: str, of: str, ref):
+    """A bool per step and sequence (``reset``, ``mask``) of ``shape``, laid out as
+    ``layout`` (e.g. ``"[T, *B]"``) for the argument ``of`` (its value ``ref``,
+    named in the message); returns it as an array.
+
+    >>> check_step_flags("reset", [[True], [False]], (2, 1), "[T, *B]", "xs", jnp.zeros((2, 1, 3))).shape
+    (2, 1)
+    """
+    x = as_array(name, x)
+    check_bool(name, x)
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(
+            f"{name}: expected shape {list(shape)} ({layout} of {of} {describe(ref)}), "
+            f"got {describe(x)}"
+        )
+    return x

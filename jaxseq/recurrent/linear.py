@@ -401,18 +401,9 @@ def linear_recurrence(
         raise TypeError(f"reverse: expected a bool, got {reverse!r}")
     reverse = bool(reverse)
     if lengths is not None:
-        lengths = _checks.check_lengths(lengths, batch_shape, a)
-        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
-        lengths = lengths.astype(jnp.int32)
+        lengths = _checks.check_step_lengths(lengths, batch_shape, t, a)
     if reset is not None:
-        reset = _checks.as_array("reset", reset)
-        _checks.check_bool("reset", reset)
-        if tuple(reset.shape) != (t, *batch_shape):
-            raise ValueError(
-                f"reset: expected shape {[t, *batch_shape]} ([T, *B] of a "
-                f"{_checks.describe(a)}), got {_checks.describe(reset)}"
-            )
-
+        reset = _checks.check_step_flags("reset", reset, (t, *batch_shape), "[T, *B]", "a", a)
     valid = None if lengths is None else valid_steps(lengths, t)
     return solve(a, b, h0, valid=valid, reset=reset, reverse=reverse, mode=mode, chunk=chunk)
 

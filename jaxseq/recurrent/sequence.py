@@ -130,15 +130,9 @@ def _check_time_major(time_major) -> bool:
 
 def _check_steps(name, x, xs, batch_shape, t, time_major: bool):
     """A ``bool[T, *B]`` (``[*B, T]`` batch-major) argument, returned time-major."""
-    x = _checks.as_array(name, x)
-    _checks.check_bool(name, x)
     want = (t, *batch_shape) if time_major else (*batch_shape, t)
-    if tuple(x.shape) != want:
-        layout = "[T, *B]" if time_major else "[*B, T], batch-major"
-        raise ValueError(
-            f"{name}: expected shape {list(want)} ({layout} of xs {_checks.describe(xs)}), "
-            f"got {_checks.describe(x)}"
-        )
+    layout = "[T, *B]" if time_major else "[*B, T], batch-major"
+    x = _checks.check_step_flags(name, x, want, layout, "xs", xs)
     return x if time_major else jnp.moveaxis(x, -1, 0)
 
 
@@ -151,9 +145,7 @@ def _padding(xs, lengths, mask, batch_shape, t, time_major):
         return valid, jnp.sum(valid.astype(jnp.int32), axis=0)
     if lengths is None:
         return None, None
-    lengths = _checks.check_lengths(lengths, batch_shape, xs)
-    _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
-    lengths = lengths.astype(jnp.int32)
+    lengths = _checks.check_step_lengths(lengths, batch_shape, t, xs)
     return valid_steps(lengths, t), lengths
 
 
