@@ -17,11 +17,12 @@ up to rounding; all differentiated by plain autodiff, forward and reverse):
   Inside a chunk, the decay-masked ``L x L`` products ``(q_t · k_s) D_ts`` as
   matmuls; across chunks, a scan over the chunk ends carrying ``S``. It stores
   one state per chunk, ``O(T / L · Dk · Dv)`` per head. With a per-key decay
-  each chunk is cut into sub-chunks of about ``sqrt(L)`` steps (gated linear
-  attention's secondary chunking): ``[l, l, Dk]`` decay weights inside a
-  sub-chunk, one matmul of decayed queries and keys between sub-chunks; the
-  chunks run one at a time and their weights are rebuilt in the backward
-  (``jax.checkpoint``) rather than stored.
+  (default ``L = 16``) one scan runs over the chunks, each a step that takes
+  the state in and gives it out, and its work is rebuilt in the backward
+  (``jax.checkpoint``) rather than stored; each chunk is cut into sub-chunks
+  of ``l`` steps (8 for ``L <= 64``; gated linear attention's secondary
+  chunking): elementwise ``[l, l, Dk]`` decay weights inside a sub-chunk, one
+  matmul of decayed queries and keys between sub-chunks.
 * ``"parallel"``: the chunked form with a single chunk of ``T`` steps: one
   decay-masked ``T x T`` product (with a per-key decay, in sub-chunks as
   above), for short sequences: its memory grows as ``T^2``.
@@ -30,14 +31,21 @@ up to rounding; all differentiated by plain autodiff, forward and reverse):
 **Numerical stability.** Arithmetic runs in float32 (float64 for float64
 inputs). The decays are ``exp(log_decay)`` with ``log_decay <= 0`` (positive
 values are clipped to 0: a state never grows by itself); use ``reset`` for a
-hard forget rather than ``-inf``. Every decay is the ``exp`` of a sum of
-log-decays, never of a difference: inside a chunk the decay from step ``s`` to
-step ``t`` is ``exp(g_{s+1} + ... + g_t)`` (the segment sums of Mamba-2's
-chunked algorithm, an ``[L, L]`` cumulative sum, rather than ``G_t - G_s`` of
-two long cumulative sums, whose rounding grows with the chunk length), the
-decays to a chunk's end are suffix sums and those from its start prefix sums.
-Every exponent is ``<= 0``, so nothing overflows however strongly the gates
-decay, and a product of decays that underflows to 0 is the right limit.
+hard forget rather than ``-inf``. No exponent is positive, so nothing
+overflows however strongly the gates decay, and a product of decays that
+underflows to 0 is the right limit. Across a chunk, decays are the ``exp`` of
+direct sums of log-decays, never of a difference: with a scalar decay the
+decay from step ``s`` to step ``t`` of a chunk is ``exp(g_{s+1} + ... + g_t)``
+(the segment sums of Mamba-2's chunked algorithm, an ``[L, L]`` cumulative
+sum, rather than ``G_t - G_s`` of two long cumulative sums, whose rounding
+grows with the chunk length), the decays to a chunk's end are suffix sums and
+those from its start prefix sums (with a per-key decay, sums of whole
+sub-chunks and of the steps of one). The one difference: with a per-key
+decay, between two steps of the same sub-chunk the decay is
+``exp(c_t - c_s)``, ``c`` the sums of at most ``l`` log-decays from the
+sub-chunk start, its exponent clamped to ``<= 0``; its rounding is that of
+a sum of ``l`` terms (an error of about ``l`` ulps of ``|c_s|`` in the
+exponent), not of a chunk's.
 
 ``reset`` and ``lengths`` follow :func:`jaxseq.recurrent.linear_recurrence`:
 a reset step starts from an empty state (``S_{t-1}`` is replaced by zero);
@@ -67,6 +75,7 @@ __all__ = [
 LINEAR_ATTENTION_MODES = ("auto", "recurrent", "chunked", "parallel")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+_CHUNK, _PER_KEY_CHUNK = 64, 16  # default chunk lengths: scalar or no decay, per-key decay
 
 
 def _einsum(spec, *xs):
@@ -79,17 +88,17 @@ def _einsum(spec, *xs):
 def _recurrent(q, k, v, g, reset, s0):
     """``q, k: [T, N, Dk]``, ``v: [T, N, Dv]``, ``g: [T, N, G]`` (G = 1 or Dk),
     ``reset: bool[T, N]`` or None, ``s0: [N, Dk, Dv]`` -> ``(S_T, ys [T, N, Dv])``."""
-    if reset is None:
-        reset = jnp.zeros(q.shape[:2], bool)
 
     def body(s, xs):
-        q_t, k_t, v_t, g_t, r_t = xs
+        q_t, k_t, v_t, g_t = xs[:4]
         s = jnp.exp(g_t)[..., None] * s
-        s = jnp.where(r_t[:, None, None], jnp.zeros((), s.dtype), s)
+        if reset is not None:  # no select per step without resets
+            s = jnp.where(xs[4][:, None, None], jnp.zeros((), s.dtype), s)
         s = s + k_t[..., :, None] * v_t[..., None, :]
         return s, _einsum("nd,nde->ne", q_t, s)
 
-    return jax.lax.scan(body, s0, (q, k, v, g, reset))
+    xs = (q, k, v, g) if reset is None else (q, k, v, g, reset)
+    return jax.lax.scan(body, s0, xs)
 
 
 # --------------------------------------------------------------------------- chunked
@@ -119,13 +128,15 @@ def _intra_scalar(q, k, v, g, seg):
 
 def _sub_chunk(length: int) -> int:
     """Sub-chunk length ``l`` of the per-key decay: the largest divisor of ``L`` up
-    to ``sqrt(L)``, balancing the ``[L/l, l, l, Dk]`` weights inside sub-chunks
-    against the ``[L/l, L/l, l, Dk]`` queries decayed from each earlier sub-chunk.
+    to ``max(8, sqrt(L))``, balancing the ``[L/l, l, l, Dk]`` decay weights inside
+    sub-chunks against the ``[L/l, L/l, l, Dk]`` queries decayed from each earlier
+    sub-chunk.
 
-    >>> _sub_chunk(64), _sub_chunk(300), _sub_chunk(7)
-    (8, 15, 1)
+    >>> _sub_chunk(16), _sub_chunk(64), _sub_chunk(300), _sub_chunk(7)
+    (8, 8, 15, 7)
     """
-    return max(d for d in range(1, math.isqrt(length) + 1) if length % d == 0)
+    top = max(8, math.isqrt(length))
+    return max(d for d in range(1, min(top, length) + 1) if length % d == 0)
 
 
 def _suffix_sums(g, axis: int):
@@ -136,61 +147,95 @@ def _suffix_sums(g, axis: int):
     return jnp.moveaxis(out, 0, axis)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(5,))
-def _intra_per_key_chunk(q, k, v, g, seg, sub: int):
-    """One chunk, per-key decay: ``q, k, g: [N, L, Dk]``, ``v: [N, L, Dv]``,
-    ``seg: int[N, L]`` resets so far -> ``[N, L, Dv]``.
+def _prefix_sums(g, axis: int):
+    """``out[s] = g[0] + ... + g[s-1]`` along ``axis`` (a direct sum, 0 first)."""
+    g = jnp.moveaxis(g, axis, 0)
+    out = jnp.cumsum(jnp.concatenate([jnp.zeros_like(g[:1]), g[:-1]], axis=0), axis=0)
+    return jnp.moveaxis(out, 0, axis)
 
-    The chunk is cut into ``L / sub`` sub-chunks: inside one, the ``[sub, sub, Dk]``
-    decay weights elementwise; from earlier sub-chunks, keys decayed to the end
-    of theirs and queries decayed from every earlier sub-chunk's end, one batched
-    matmul (:func:`_across_sub_chunks`, as gated linear attention's secondary
-    chunking; every exponent a direct sum ``<= 0``). The weights are rebuilt in
-    the backward, not stored."""
-    heads, length = q.shape[:2]
-    n = length // sub
-    split = lambda x: x.reshape((heads, n, sub) + x.shape[2:])
-    qs, ks, vs, gs, segs = (split(x) for x in (q, k, v, g, seg))
+
+def _per_key_decays(g, sub: int):
+    """Log-decays of one chunk, ``g: [N, L, Dk]`` in sub-chunks of ``sub`` steps:
+    ``c [N, n, l, Dk]`` from the sub-chunk start through step ``t``, ``e`` from
+    after step ``s`` to the sub-chunk end, ``tot [N, n, Dk]`` each sub-chunk's
+    sum, ``b, after [N, L, Dk]`` the same from the chunk start and to the chunk
+    end, ``total [N, Dk]``. All direct sums of log-decays (no differences), ``<= 0``."""
+    heads, length, dk = g.shape
+    gs = g.reshape(heads, length // sub, sub, dk)
+    c = jnp.cumsum(gs, axis=2)
+    e = _suffix_sums(gs, 2)
+    tot = jnp.sum(gs, axis=2)
+    b = (_prefix_sums(tot, 1)[:, :, None] + c).reshape(g.shape)
+    after = (_suffix_sums(tot, 1)[:, :, None] + e).reshape(g.shape)
+    return c, e, tot, b, after, jnp.sum(tot, axis=1)
+
+
+def _per_key_chunk(s, xs, sub: int):
+    """One chunk of the per-key decay, a step of the scan over chunks: ``s [N, Dk, Dv]``
+    the state entering it, ``xs``: ``q, k, g [L, N, Dk]``, ``v [L, N, Dv]``,
+    ``reset bool[L, N]`` -> ``(state at its end, ys [L, N, Dv])``."""
+    q, k, v, g = (jnp.swapaxes(x, 0, 1) for x in xs[:4])  # [N, L, D]
+    seg = jnp.cumsum(jnp.swapaxes(xs[4], 0, 1).astype(jnp.int32), axis=1)  # [N, L]: resets
     zero = jnp.zeros((), q.dtype)
+    c, e, tot, b, after, total = _per_key_decays(g, sub)
+    seg_end = seg[:, -1:]
+    k_end = k * jnp.where((seg == seg_end)[..., None], jnp.exp(after), zero)
+    q_in = q * jnp.where((seg == 0)[..., None], jnp.exp(b), zero)
+    ys = _einsum("nld,nde->nle", q_in, s)  # the state entering the chunk
+    split = lambda x: x.reshape((x.shape[0], -1, sub) + x.shape[2:])
+    ys = ys + _intra_per_key(split(q), split(k), split(v), c, e, tot, split(seg))
+    decay = jnp.where(seg_end == 0, jnp.exp(total), zero)
+    s = decay[..., None] * s + _einsum("nld,nle->nde", k_end, v)
+    return s, jnp.swapaxes(ys, 0, 1)
+
+
+def _intra_per_key(qs, ks, vs, c, e, tot, segs):
+    """Inside one chunk: ``qs, ks [N, n, l, Dk]``, ``vs [N, n, l, Dv]``, the decays of
+    :func:`_per_key_decays`, ``segs int[N, n, l]`` resets so far -> ``[N, L, Dv]``.
+
+    Inside a sub-chunk, the weight of key ``s`` at query ``t`` is
+    ``sum_d q_td k_sd exp(c_td - c_sd)``, elementwise: a difference of two sums of
+    at most ``l`` log-decays, clamped to ``<= 0``. Between sub-chunks ``j < i``, the
+    decay factors into three direct sums (``s`` to the end of ``j``, the whole
+    sub-chunks between, the start of ``i`` to ``t``), one batched matmul of keys
+    and decayed queries (gated linear attention's secondary chunking)."""
+    heads, n, sub = qs.shape[:3]
+    zero = jnp.zeros((), qs.dtype)
     steps = jnp.arange(sub)
-    later = steps[:, None] > steps[None, :]
-    same = (later | jnp.eye(sub, dtype=bool))[None, None] & (
+    causal = (steps[:, None] >= steps[None, :])[None, None] & (
         segs[..., :, None] == segs[..., None, :]
     )
-    w = jnp.where(same[..., None], jnp.exp(_segment_sums(gs, later)), zero)
-    scores = _einsum("nitd,nisd,nitsd->nits", qs, ks, w)
+    diff = c[..., :, None, :] - c[..., None, :, :]  # <= 0 up to rounding; not a min (its
+    w = jnp.exp(jnp.where(diff > zero, zero, diff))  # gradient halves at equal arguments)
+    w = jnp.where(causal[..., None], w, zero)  # [N, n, l(t), l(s), Dk]
+    scores = jnp.sum(qs[..., :, None, :] * ks[..., None, :, :] * w, axis=-1)
     ys = _einsum("nits,nise->nite", scores, vs)
     if n > 1:
-        ys = ys + _across_sub_chunks(qs, ks, vs, gs, segs)
-    return ys.reshape((heads, length, -1))
+        m = jnp.arange(n)
+        i, j, mid = m[:, None, None], m[None, :, None], m[None, None, :]
+        strictly = ((j < mid) & (mid < i)).astype(qs.dtype)  # the sub-chunks between j and i
+        between = _einsum("ijm,nmd->nijd", strictly, tot)
+        q_ij = (qs * jnp.exp(c))[:, :, None] * jnp.exp(between)[:, :, :, None]
+        scores = _einsum("nijtd,njsd->nitjs", q_ij, ks * jnp.exp(e))
+        mask = (m[None, :] < m[:, None])[None, :, None, :, None] & (
+            segs[:, :, :, None, None] == segs[:, None, None, :, :]
+        )
+        ys = ys + _einsum("nitjs,njse->nite", jnp.where(mask, scores, zero), vs)
+    return ys.reshape((heads, n * sub, -1))
 
 
-def _across_sub_chunks(qs, ks, vs, gs, segs):
-    """Keys of earlier sub-chunks: ``qs, ks, gs: [N, n, l, Dk]``, ``vs: [N, n, l, Dv]``,
-    ``segs: int[N, n, l]`` -> ``[N, n, l, Dv]``.
-
-    The decay from step ``s`` of sub-chunk ``j`` to step ``t`` of sub-chunk ``i > j``
-    factors into three direct sums: ``s`` to the end of ``j``, the whole sub-chunks
-    ``j+1 .. i-1``, the start of ``i`` to ``t``."""
-    n = qs.shape[1]
-    zero = jnp.zeros((), qs.dtype)
-    k_end = ks * jnp.exp(_suffix_sums(gs, 2))  # decayed to the end of their sub-chunk
-    q_start = qs * jnp.exp(jnp.cumsum(gs, axis=2))  # decayed from the start of theirs
-    m = jnp.arange(n)
-    i, j, mid = m[:, None, None], m[None, :, None], m[None, None, :]
-    strictly = (j < mid) & (mid < i)  # [i, j, m]: the sub-chunks strictly between
-    between = _einsum("ijm,nmd->nijd", strictly.astype(qs.dtype), jnp.sum(gs, axis=2))
-    q_ij = q_start[:, :, None] * jnp.exp(between)[:, :, :, None]  # [N, n(i), n(j), l, Dk]
-    scores = _einsum("nijtd,njsd->nitjs", q_ij, k_end)
-    mask = (m[None, :] < m[:, None])[None, :, None, :, None] & (
-        segs[:, :, :, None, None] == segs[:, None, None, :, :]
-    )
-    return _einsum("nitjs,njse->nite", jnp.where(mask, scores, zero), vs)
-
-
-def _intra_per_key(q, k, v, g, seg):
-    sub = _sub_chunk(q.shape[2])
-    return jax.lax.map(lambda xs: _intra_per_key_chunk(*xs, sub), (q, k, v, g, seg))
+def _chunked_per_key(q, k, v, g, reset, s0, length: int):
+    """:func:`_chunked` for a per-key decay: one scan over the chunks, each chunk's
+    work rebuilt in the backward (``jax.checkpoint``), so only the state entering
+    every chunk is stored."""
+    t = q.shape[0]
+    if reset is None:
+        reset = jnp.zeros(q.shape[:2], bool)
+    xs = _pad_steps(length, q, k, v, g, reset)
+    xs = tuple(x.reshape((-1, length) + x.shape[1:]) for x in xs)  # [C, L, N, ...]
+    step = jax.checkpoint(functools.partial(_per_key_chunk, sub=_sub_chunk(length)))
+    s, ys = jax.lax.scan(step, s0, xs)
+    return s, ys.reshape((-1,) + ys.shape[2:])[:t]
 
 
 def _to_chunks(x, length: int):
@@ -213,6 +258,8 @@ def _pad_steps(length, q, k, v, g, reset):
 def _chunked(q, k, v, g, reset, s0, length: int):
     """As :func:`_recurrent`, with chunks of ``length`` steps (``length = T``: the
     parallel form)."""
+    if g.shape[-1] != 1:
+        return _chunked_per_key(q, k, v, g, reset, s0, length)
     t = q.shape[0]
     if reset is None:
         reset = jnp.zeros(q.shape[:2], bool)
@@ -239,10 +286,7 @@ def _chunked(q, k, v, g, reset, s0, length: int):
     q_in = q * jnp.where(fresh, jnp.exp(b), zero)
     ys = _einsum("cnld,cnde->cnle", q_in, s_in)
 
-    if g.shape[-1] == 1:
-        ys = ys + _intra_scalar(q, k, v, g, seg)
-    else:
-        ys = ys + _intra_per_key(q, k, v, g, seg)
+    ys = ys + _intra_scalar(q, k, v, g, seg)
     ys = jnp.swapaxes(ys, 1, 2)
     return s_last, ys.reshape((-1,) + ys.shape[2:])[:t]
 
@@ -300,17 +344,9 @@ def _check_options(q, reset, lengths, reverse, mode, chunk):
     if not isinstance(reverse, bool | np.bool_):
         raise TypeError(f"reverse: expected a bool, got {reverse!r}")
     if lengths is not None:
-        lengths = _checks.check_lengths(lengths, batch_shape, q)
-        _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
-        lengths = lengths.astype(jnp.int32)
+        lengths = _checks.check_step_lengths(lengths, batch_shape, t, q)
     if reset is not None:
-        reset = _checks.as_array("reset", reset)
-        _checks.check_bool("reset", reset)
-        if tuple(reset.shape) != (t, *batch_shape):
-            raise ValueError(
-                f"reset: expected shape {[t, *batch_shape]} ([T, *B] of q "
-                f"{_checks.describe(q)}), got {_checks.describe(reset)}"
-            )
+        reset = _checks.check_step_flags("reset", reset, (t, *batch_shape), "[T, *B]", "q", q)
     return reset, lengths, bool(reverse), chunk
 
 
@@ -328,7 +364,7 @@ def linear_attention(
     lengths=None,
     reverse=False,
     mode="auto",
-    chunk=64,
+    chunk=None,
 ):
     """Runs ``S_t = exp(log_decay_t) ⊙ S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t`` over ``T`` steps.
 
@@ -351,9 +387,10 @@ def linear_attention(
       reverse: run from the last valid step of each sequence down to step 0;
         outputs stay in time order.
       mode: ``"auto"``, ``"recurrent"``, ``"chunked"`` or ``"parallel"`` (see the
-        module docstring; ``"auto"``: ``"parallel"`` for ``T <= chunk``, else
+        module docstring; ``"auto"``: ``"parallel"`` for ``T <= L``, else
         ``"chunked"``).
-      chunk: chunk length ``L`` of the chunked mode.
+      chunk: chunk length ``L`` of the chunked mode; None: 64, or 16 with a
+        per-key decay (whose work per step grows with ``L``).
 
     Returns:
       ``(final_state [*B, K, Dk, Dv], ys [T, *B, K, Dv])`` in the result dtype of
@@ -375,6 +412,9 @@ def linear_attention(
         log_decay = _check_log_decay(log_decay, q)
     if initial_state is not None:
         initial_state = _check_state(initial_state, q, v)
+    if chunk is None:
+        per_key = log_decay is not None and log_decay.ndim == q.ndim
+        chunk = _PER_KEY_CHUNK if per_key else _CHUNK
     reset, lengths, reverse, chunk = _check_options(q, reset, lengths, reverse, mode, chunk)
     valid = None if lengths is None else valid_steps(lengths, q.shape[0])
     return _solve(q, k, v, log_decay, initial_state, reset, valid, reverse, mode, chunk)
