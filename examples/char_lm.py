@@ -7,9 +7,13 @@ Transformer and the fixed-window neural LM, trained by jaxseq's truncated-BPTT l
     python examples/char_lm.py --data ... --model transformer --layers 4 --d-model 256
     python examples/char_lm.py --data ... --model window --context 16
     python examples/char_lm.py --data ... --compare lstm,gru,transformer,window --time-budget 300
+    python examples/char_lm.py --data ... --compare lstm,mlstm,slstm,rglru,xlstm --time-budget 60
 
 Models (``--model``): the recurrent cells of ``js.models.CELLS`` (lstm, gru, rnn,
-...; sizes ``--layers --hidden --embed``), ``transformer`` (pre-LN causal blocks,
+minGRU/minLSTM, the mLSTM and sLSTM of xLSTM and Griffin's RG-LRU: mlstm, slstm,
+rglru; sizes ``--layers --hidden --embed``, ``--heads`` for mlstm/slstm), ``xlstm``
+(mLSTM layers with an sLSTM at index 1 of every eight, ``js.models.xlstm_stack``:
+``--layers 2`` is mLSTM then sLSTM), ``transformer`` (pre-LN causal blocks,
 ``--layers --d-model --heads --max-len --positions rotary|learned``) and ``window``
 (Bengio et al. 2003: concatenated embeddings of the last ``--context`` characters,
 one tanh layer of ``--hidden`` units; ``--embed`` per character). A size flag not
@@ -60,7 +64,9 @@ from _common import (  # noqa: E402
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
-RECURRENT = tuple(js.models.CELLS)  # lstm, gru, rnn and any cell the library adds
+# lstm, gru, rnn, ..., mlstm, slstm, rglru: any cell the library adds; and the xLSTM stack
+RECURRENT = (*js.models.CELLS, "xlstm")
+HEADED = ("mlstm", "slstm", "xlstm")  # cells with heads: --heads
 MODELS = (*RECURRENT, "transformer", "window")
 
 # The defaults of the size flags and the learning rate, per kind of model.
@@ -109,7 +115,12 @@ def parse_args(argv=None):
     )
     m.add_argument("--embed", type=int, help="character embedding size (128; window: 32 each)")
     m.add_argument("--d-model", type=int, default=256, help="Transformer: model size D")
-    m.add_argument("--heads", type=int, default=4, help="Transformer: attention heads")
+    m.add_argument(
+        "--heads",
+        type=int,
+        default=4,
+        help="Transformer: attention heads; mlstm/slstm/xlstm: heads",
+    )
     m.add_argument(
         "--max-len", type=int, default=256,
         help="Transformer: positions each character attends to (the key/value cache size)",
@@ -210,6 +221,7 @@ def build_model(args, vocab_size: int):
         vocab_size, cell=args.model, num_layers=args.layers, hidden_size=args.hidden,
         embedding_size=args.embed, dropout_rate=args.dropout,
         variational_dropout=args.variational_dropout,
+        cell_kwargs={"num_heads": args.heads} if args.model in HEADED else None,
     )  # fmt: skip
 
 
@@ -336,6 +348,7 @@ def train(args, text: str) -> dict:
         "val_loss": info["evals"][-1]["val_loss"] if info["evals"] else None,
         "val_bits_per_char": None,
         "model": args.model,
+        "model_config": model.config(),
         "parameters": n_params,
         "step": info["steps"],
         "stopped": info["stopped"],
