@@ -65,8 +65,6 @@ from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
     _check_options,
     _check_qkv,
-    _segment_sums,
-    _suffix_sums,
     _to_chunks,
 )
 from jaxseq.recurrent.minimal import _StepView
@@ -196,14 +194,15 @@ def _pad(length: int, q, k, v, li, lf, keep, reset):
     return cat(q), cat(k), cat(v), cat(li), cat(lf), cat(keep), reset
 
 
-def _chunk_states(k, v, li, lf, keep, seg, start, state):
+def _chunk_states(k, v, li, after, keep, seg, start, state):
     """The state entering every chunk, ``([C, N, Dk, Dv], [C, N, Dk], [C, N])``, and the
-    last. ``k: [C, N, L, Dk]``, ``li, lf, start: [C, N, L]``, ``keep: bool[C, N, L]``,
+    last. ``k: [C, N, L, Dk]``, ``li, start: [C, N, L]``, ``after: [C, N, L]`` the log
+    forget gates summed from step ``s + 1`` to the chunk end, ``keep: bool[C, N, L]``,
     ``seg: int[C, N, L]`` resets so far in the chunk or None."""
     neg = jnp.finfo(k.dtype).min
     last = None if seg is None else seg == seg[..., -1:]  # steps that reach the chunk end
     src = keep if last is None else (last if keep is None else last & keep)
-    a = _suffix_sums(lf, 2) + li  # log-weight of step s in the chunk-end state
+    a = after + li  # log-weight of step s in the chunk-end state
     if src is not None:
         a = jnp.where(src, a, neg)
     a_max = jnp.max(a, axis=-1)
@@ -238,19 +237,26 @@ def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
         for x in _pad(length, q, k, v, li, lf, keep, reset)
     )
     steps = jnp.arange(length)
-    later = steps[:, None] > steps[None, :]
-    same = (later | (steps[:, None] == steps[None, :]))[None, None]  # [1, 1, L, L] causal
+    causal = steps[:, None] >= steps[None, :]  # [t, s]: s <= t
+    # sums along the chunk as matmuls with triangular 0/1 matrices (a cumulative sum is a
+    # reduce-window on CPU, many times slower): each a direct sum of its own terms
+    sums = lambda x, mask: _einsum("cnu,ut->cnt", x, mask.astype(x.dtype))
+    b = sums(lf, causal.T)  # log f summed from the chunk start to t (inclusive)
+    after = sums(lf, ~causal.T)  # from s + 1 to the chunk end
+    same = causal[None, None]  # [1, 1, L, L]
     if reset is None:
-        seg = None
-        start = jnp.cumsum(lf, axis=2)  # log f summed from the segment start (the chunk's)
+        seg, start = None, b  # log f summed from the segment start: the chunk's
     else:
-        seg = jnp.cumsum(reset.astype(jnp.int32), axis=2)
+        seg = sums(reset.astype(lf.dtype), causal.T).astype(jnp.int32)  # resets so far
         same = same & (seg[..., :, None] == seg[..., None, :])
         start = jnp.sum(jnp.where(same, lf[..., None, :], jnp.zeros((), lf.dtype)), axis=-1)
-    last, (c_in, n_in, m_in) = _chunk_states(k, v, li, lf, keep, seg, start, state)
+    last, (c_in, n_in, m_in) = _chunk_states(k, v, li, after, keep, seg, start, state)
 
+    # log-weight of step s at step t: log i_s + log f_{s+1} + ... + log f_t, as the
+    # difference of two sums from the chunk start (mlstm_kernels' form; the chunk keeps
+    # them short)
     pairs = same if keep is None else same & keep[..., None, :]  # step s reaches step t
-    log_w = _segment_sums(lf[..., None], later)[..., 0] + li[..., None, :]
+    log_w = b[..., :, None] - b[..., None, :] + li[..., None, :]
     log_w = jnp.where(pairs, log_w, jnp.finfo(q.dtype).min)
     entering = start + m_in[..., None]  # log-weight of the entering state at step t
     if seg is not None:
