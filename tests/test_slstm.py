@@ -32,8 +32,7 @@ RESET[[3, 4], 1, 0] = True
 RESET[[2], 1, 1] = True
 MASKED_REVERSE = {"lengths": LENGTHS, "reset": RESET, "reverse": True}
 # (options, kernels, forget gate): checkpoint_every=2 and 3 do not divide T=5. Small
-# steps unroll by 4 by default (the fused backward's loop without the in-place buffer);
-# unroll=1 runs the in-place loop of larger steps (and compiles faster).
+# steps unroll by 4 by default, the steps of larger shapes by 1 (which compiles faster).
 CASES = {
     "masked_reverse": (MASKED_REVERSE, ("fused",), "sigmoid"),
     "k2_masked_reverse": (

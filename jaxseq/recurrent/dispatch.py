@@ -94,10 +94,10 @@ class FusedRule(NamedTuple):
 
     With ``cell_state`` the carry beyond ``h`` (the ``c`` of the signatures
     above, and its cotangent ``gc``/``dc_in``) is one array (LSTM) or a tuple of
-    arrays (sLSTM: ``c, n, m``); an ``in_place`` residual is then
-    ``(activations, states, *extra)`` with ``states`` that carry after the step
-    in the accumulation dtype (the backward reads the carry each step started
-    from there) and ``extra`` any other per-step arrays.
+    arrays (sLSTM: ``c, n, m``), and the residual is ``(activations, states,
+    *extra)``: ``states`` that carry after the step in the accumulation dtype
+    (the backward reads the carry each step started from there), ``extra`` any
+    other per-step arrays.
 
     >>> from jaxseq.recurrent import rules
     >>> rules.LSTM_RULE.name, rules.LSTM_RULE.cell_state
