@@ -25,11 +25,13 @@ all differentiated by plain autodiff):
 * ``"recurrent"``: one ``lax.scan`` over the steps (the generation form).
 * ``"chunked"``: chunks of ``L = chunk`` steps (``T`` need not be a multiple).
   Inside a chunk, the ``L x L`` log-weights ``log i_s + log f_{s+1} + ... + log
-  f_t`` from segment sums of the log forget gates, each row stabilised by its
-  own maximum (which is ``m_t``), so every ``exp`` is of a number ``<= 0``; the
-  chunk's contribution to the state at its end as one matmul per chunk for all
-  chunks at once; across chunks a scan over ``(C, n, m)`` that only rescales and
-  adds. It stores one state per chunk, never one per step.
+  f_t`` (differences of the log forget gates summed from the chunk start, as
+  ``mlstm_kernels`` forms them: the chunk keeps those sums short), each row
+  stabilised by its own maximum (which is ``m_t``), so every ``exp`` is of a
+  number ``<= 0``; the chunk's contribution to the state at its end as one
+  matmul per chunk for all chunks at once; across chunks a scan over ``(C, n,
+  m)`` that only rescales and adds. It stores one state per chunk, never one
+  per step. Sums along a chunk are matmuls with triangular 0/1 matrices.
 * ``"parallel"``: the chunked form with one chunk of ``T`` steps (memory ``T^2``).
 * ``"auto"``: ``"parallel"`` when ``T <= chunk``, ``"chunked"`` otherwise.
 
