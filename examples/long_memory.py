@@ -9,6 +9,17 @@ information across T steps?
   T-1 blanks, a delimiter, and 10 more blanks; the model must output the 10
   symbols after the delimiter (blanks elsewhere). A model without memory
   reaches cross-entropy 10 ln 8 / (T + 20) and 1/8 accuracy on the recalled symbols.
+* **mqar**, multi-query associative recall (Zoology, Arora et al. 2023): ``--pairs``
+  key-value pairs, then every key again in a random order; at each query the model
+  must output the value paired with that key (recall = accuracy at the queries).
+  Each model (``--cells`` among lstm, rglru, linattn, mlstm) reads the token and the
+  previous token's embedding, then ONE recurrent layer, all of the same state size:
+  the matrix memories (mLSTM, linear attention) have ``--heads`` heads of
+  ``--head-dim`` keys and values, ``heads * head_dim**2`` numbers; the LSTM gets
+  ``H = heads * head_dim**2 / 2`` (its state is ``(c, h)``), the RG-LRU ``H = heads *
+  head_dim**2``. ``summary.json``: ``recall``, ``state_size`` and ``hidden_size`` per model::
+
+      python examples/long_memory.py --task mqar --steps 1000 --eval-every 100 --out out/mqar
 
 The same task is trained with a tanh RNN, an IRNN (ReLU RNN with identity
 recurrent weights and zero bias, Le et al. 2015), an LSTM, a GRU and, where the
