@@ -145,6 +145,31 @@ def test_the_exact_values_of_a_hand_example():
     np.testing.assert_allclose(h[:, 0, 0], [2.0, 3.0, 4.0, 5.0], rtol=1e-5)
 
 
+def test_any_number_of_batch_dims_is_the_flattened_batch():
+    """``*B = ()`` and ``*B = (3, 2)`` give what the flattened batch gives, states included."""
+    rng = np.random.default_rng(11)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    q, k, v, c = normal(5, 6, 2, 3), normal(5, 6, 2, 3), normal(5, 6, 2, 4), normal(6, 2, 3, 4)
+    i_pre, f_pre, n, m = normal(5, 6, 2), normal(5, 6, 2), normal(6, 2, 3), normal(6, 2)
+    lengths = jnp.array([5, 3, 0, 1, 5, 2])
+
+    def run(shape):
+        r = lambda x, lead: x.reshape(x.shape[:lead] + shape + x.shape[lead + 1 :])
+        return mlstm_recurrence(
+            r(q, 1), r(k, 1), r(v, 1), r(i_pre, 1), r(f_pre, 1), initial_state=(r(c, 0), r(n, 0), r(m, 0)),
+            lengths=lengths.reshape(shape), mode="chunked", chunk=2,
+        )  # fmt: skip
+
+    (s6, h6), (s32, h32) = jax.jit(lambda: [run((6,)), run((3, 2))])()
+    np.testing.assert_allclose(h32.reshape(h6.shape), h6, rtol=1e-6, atol=1e-6)
+    for a, b in zip(s32, s6):
+        np.testing.assert_allclose(a.reshape(b.shape), b, rtol=1e-6, atol=1e-6)
+    s1, h1 = jax.jit(lambda: mlstm_recurrence(q[:, 0], k[:, 0], v[:, 0], i_pre[:, 0], f_pre[:, 0], initial_state=(c[0], n[0], m[0]), mode="chunked", chunk=2))()  # fmt: skip
+    np.testing.assert_allclose(h1, h6[:, 0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(s1, s6):
+        np.testing.assert_allclose(a, b[0], rtol=1e-6, atol=1e-6)
+
+
 # ---- gradients ----------------------------------------------------------------------------
 
 

@@ -418,7 +418,8 @@ def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate):
             jnp.zeros((heads, dk, dv), acc), jnp.zeros((heads, dk), acc), jnp.zeros((heads,), acc)
         )
     else:
-        state = MLSTMState(*(x.astype(acc).reshape((heads, *x.shape[q.ndim - 1 :])) for x in state))
+        lead = len(batch_shape) + 1  # [*B, K] first, then the state's own dims
+        state = MLSTMState(*(x.astype(acc).reshape((heads, *x.shape[lead:])) for x in state))
     reset = processing_resets(reset, valid, reverse)
     reset = None if reset is None else per_head(reset)
     xs = (q, k, v, li, lf, keep, reset)
