@@ -612,6 +612,12 @@ def test_the_builtin_rules_are_registered_for_exact_types():
     assert dispatch.fused_rule(js.GRU(2)) is js.recurrent.GRU_RULE
     assert dispatch.fused_rule(_PlainLSTM(2)) is None
     assert dispatch.step_work(js.GRU(3), (2, 5)) == 10 * 3 * 3 * 3
+    slstm = js.recurrent.SLSTM(4, num_heads=2)
+    assert dispatch.fused_rule(slstm) is js.recurrent.SLSTM_RULE
+    assert (
+        dispatch.fused_rule(js.recurrent.SLSTM(4, forget_gate="exp")) is js.recurrent.SLSTM_EXP_RULE
+    )
+    assert dispatch.step_work(slstm, (3,)) == 3 * 4 * 4 * 4 // 2  # block-diagonal: 2 blocks
 
 
 def _seen_forward_mode(transform):
