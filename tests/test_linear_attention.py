@@ -196,6 +196,31 @@ def test_modes_agree_on_long_strongly_decaying_sequences(decay):
             np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-3, err_msg=mode)
 
 
+def test_per_key_chunks_on_either_side_of_the_decayed_range():
+    """A chunk decaying by more than e^-30 on one key takes the sub-chunked form, the
+    others the decayed queries and keys: both match the loop, values and gradients."""
+    q, k, v, g, s0, reset, lengths = _problem(12, "key", seed=4, nb=2)
+    g = g * 0.1
+    g[5, :, 1, 2] = -35.0  # the second chunk of 4 steps, one key
+    want_final, want_ys = np_linear_attention(q, k, v, g, s0, reset, lengths, False)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+
+    def loss(q, k, v, g, mode):
+        final, ys = js.recurrent.linear_attention(
+            q, k, v, g, initial_state=f32(s0), reset=jnp.asarray(reset),
+            lengths=jnp.asarray(lengths), mode=mode, chunk=4,
+        )  # fmt: skip
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(final), (final, ys)
+
+    run = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True), static_argnums=4)
+    args = [f32(x) for x in (q, k, v, g)]
+    grads, (final, ys) = run(*args, "chunked")
+    np.testing.assert_allclose(ys, want_ys, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(final, want_final, rtol=1e-5, atol=1e-5)
+    for got, ref in zip(grads, run(*args, "recurrent")[0]):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     chunk=st.integers(1, 13),

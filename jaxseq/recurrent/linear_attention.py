@@ -19,33 +19,39 @@ up to rounding; all differentiated by plain autodiff, forward and reverse):
   one state per chunk, ``O(T / L · Dk · Dv)`` per head. With a per-key decay
   (default ``L = 16``) one scan runs over the chunks, each a step that takes
   the state in and gives it out, and its work is rebuilt in the backward
-  (``jax.checkpoint``) rather than stored; each chunk is cut into sub-chunks
-  of ``l`` steps (8 for ``L <= 64``; gated linear attention's secondary
-  chunking): elementwise ``[l, l, Dk]`` decay weights inside a sub-chunk, one
-  matmul of decayed queries and keys between sub-chunks.
+  (``jax.checkpoint``) rather than stored. Inside a chunk whose log-decays sum
+  to ``>= -30`` on every key, queries and keys decayed from and to the chunk
+  start, ``q_t exp(b_t)`` and ``k_s exp(-b_s)``, meet in one ``L x L`` matmul;
+  a chunk that decays more is cut into sub-chunks of ``l`` steps (8 for
+  ``L <= 64``; gated linear attention's secondary chunking): elementwise
+  ``[l, l, Dk]`` decay weights inside a sub-chunk, one matmul of decayed
+  queries and keys between sub-chunks (``lax.cond`` picks per chunk; under
+  ``vmap`` both run).
 * ``"parallel"``: the chunked form with a single chunk of ``T`` steps: one
-  decay-masked ``T x T`` product (with a per-key decay, in sub-chunks as
-  above), for short sequences: its memory grows as ``T^2``.
+  decay-masked ``T x T`` product (with a per-key decay, decayed queries and
+  keys or sub-chunks as above), for short sequences: its memory grows as ``T^2``.
 * ``"auto"``: ``"parallel"`` when ``T <= chunk``, ``"chunked"`` otherwise.
 
 **Numerical stability.** Arithmetic runs in float32 (float64 for float64
 inputs). The decays are ``exp(log_decay)`` with ``log_decay <= 0`` (positive
 values are clipped to 0: a state never grows by itself); use ``reset`` for a
-hard forget rather than ``-inf``. No exponent is positive, so nothing
-overflows however strongly the gates decay, and a product of decays that
-underflows to 0 is the right limit. Across a chunk, decays are the ``exp`` of
+hard forget rather than ``-inf``. Nothing overflows however strongly the
+gates decay: no exponent is positive but the decayed keys' ``-b_s <= 30``
+below, and a product of decays that underflows to 0 is the right limit. Across a chunk, decays are the ``exp`` of
 direct sums of log-decays, never of a difference: with a scalar decay the
 decay from step ``s`` to step ``t`` of a chunk is ``exp(g_{s+1} + ... + g_t)``
 (the segment sums of Mamba-2's chunked algorithm, an ``[L, L]`` cumulative
 sum, rather than ``G_t - G_s`` of two long cumulative sums, whose rounding
 grows with the chunk length), the decays to a chunk's end are suffix sums and
 those from its start prefix sums (with a per-key decay, sums of whole
-sub-chunks and of the steps of one). The one difference: with a per-key
-decay, between two steps of the same sub-chunk the decay is
-``exp(c_t - c_s)``, ``c`` the sums of at most ``l`` log-decays from the
-sub-chunk start, its exponent clamped to ``<= 0``; its rounding is that of
-a sum of ``l`` terms (an error of about ``l`` ulps of ``|c_s|`` in the
-exponent), not of a chunk's.
+sub-chunks and of the steps of one). The exceptions, with a per-key decay:
+inside a chunk that decays by at most ``e^-30`` on every key, the decay from
+``s`` to ``t`` is ``exp(b_t) exp(-b_s)``, both exponents within ``[-30, 30]``
+(no overflow, no underflow to 0); inside a chunk that decays more, between two
+steps of the same sub-chunk it is ``exp(c_t - c_s)``, ``c`` the sums of at
+most ``l`` log-decays from the sub-chunk start, its exponent clamped to
+``<= 0``. Their rounding is that of a sum of at most ``L`` (or ``l``) terms:
+an error of a few ulps of ``|b_s|`` (``|c_s|``) in the exponent.
 
 ``reset`` and ``lengths`` follow :func:`jaxseq.recurrent.linear_recurrence`:
 a reset step starts from an empty state (``S_{t-1}`` is replaced by zero);
@@ -76,6 +82,7 @@ LINEAR_ATTENTION_MODES = ("auto", "recurrent", "chunked", "parallel")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK, _PER_KEY_CHUNK = 64, 16  # default chunk lengths: scalar or no decay, per-key decay
+_DECAYED_RANGE = 30.0  # largest |exponent| of the per-key decay's decayed queries and keys
 
 
 def _einsum(spec, *xs):
@@ -183,10 +190,28 @@ def _per_key_chunk(s, xs, sub: int):
     q_in = q * jnp.where((seg == 0)[..., None], jnp.exp(b), zero)
     ys = _einsum("nld,nde->nle", q_in, s)  # the state entering the chunk
     split = lambda x: x.reshape((x.shape[0], -1, sub) + x.shape[2:])
-    ys = ys + _intra_per_key(split(q), split(k), split(v), c, e, tot, split(seg))
+    ys = ys + jax.lax.cond(
+        jnp.min(total) >= -_DECAYED_RANGE,  # every exponent of the decayed form within range
+        lambda: _intra_decayed(q, k, v, b, seg),
+        lambda: _intra_per_key(split(q), split(k), split(v), c, e, tot, split(seg)),
+    )
     decay = jnp.where(seg_end == 0, jnp.exp(total), zero)
     s = decay[..., None] * s + _einsum("nld,nle->nde", k_end, v)
     return s, jnp.swapaxes(ys, 0, 1)
+
+
+def _intra_decayed(q, k, v, b, seg):
+    """Inside one chunk whose log-decays sum to ``>= -_DECAYED_RANGE`` on every key:
+    ``q, k, b [N, L, Dk]``, ``v [N, L, Dv]``, ``seg int[N, L]`` -> ``[N, L, Dv]``.
+
+    The decay from ``s`` to ``t`` is ``exp(b_t) exp(-b_s)``: queries and keys
+    decayed from and to the chunk start meet in one ``L x L`` matmul, as with a
+    scalar decay. Every exponent is within ``[-_DECAYED_RANGE, _DECAYED_RANGE]``,
+    so nothing overflows or underflows to 0."""
+    steps = jnp.arange(q.shape[1])
+    causal = (steps[:, None] >= steps[None, :])[None] & (seg[:, :, None] == seg[:, None, :])
+    scores = _einsum("ntd,nsd->nts", q * jnp.exp(b), k * jnp.exp(-b))
+    return _einsum("nts,nse->nte", jnp.where(causal, scores, jnp.zeros((), q.dtype)), v)
 
 
 def _intra_per_key(qs, ks, vs, c, e, tot, segs):
