@@ -254,17 +254,17 @@ def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
         start = jnp.sum(jnp.where(same, lf[..., None, :], jnp.zeros((), lf.dtype)), axis=-1)
     last, (c_in, n_in, m_in) = _chunk_states(k, v, li, after, keep, seg, start, state)
 
-    # log-weight of step s at step t: log i_s + log f_{s+1} + ... + log f_t, as the
-    # difference of two sums from the chunk start (mlstm_kernels' form; the chunk keeps
-    # them short)
+    # log-weight of step s at step t: log i_s + log f_{s+1} + ... + log f_t = b_t - b_s +
+    # log i_s, a difference of two sums from the chunk start (mlstm_kernels' form; the
+    # chunk keeps them short)
+    # (log_w[t, s] = b_t + u[t, s]: the row's max and the stabilised weights from u directly)
     pairs = same if keep is None else same & keep[..., None, :]  # step s reaches step t
-    log_w = b[..., :, None] - b[..., None, :] + li[..., None, :]
-    log_w = jnp.where(pairs, log_w, jnp.finfo(q.dtype).min)
+    u = jnp.where(pairs, (li - b)[..., None, :], jnp.finfo(q.dtype).min)  # [C, N, L, L]
     entering = start + m_in[..., None]  # log-weight of the entering state at step t
     if seg is not None:
         entering = jnp.where(seg == 0, entering, start)  # after a reset: the empty state, m = 0
-    m = jnp.maximum(entering, jnp.max(log_w, axis=-1))  # [C, N, L]: m_t of the recurrence
-    scores = _einsum("cntd,cnsd->cnts", q, k) * jnp.exp(log_w - m[..., None])
+    m = jnp.maximum(entering, b + jnp.max(u, axis=-1))  # [C, N, L]: m_t of the recurrence
+    scores = _einsum("cntd,cnsd->cnts", q, k) * jnp.exp(u + (b - m)[..., None])
     inter = jnp.exp(entering - m)
     if seg is not None:
         inter = jnp.where(seg == 0, inter, jnp.zeros((), inter.dtype))
