@@ -226,7 +226,9 @@ def test_window_lm_batch_major_equals_the_transposed_time_major_run():
     lengths = np.array([[6, 4, 5], [0, 6, 1]])
     carry0 = jnp.full((2, 3, 2), 1, jnp.int32)
     k = jax.random.key(8)
-    c_tm, l_tm = lm.apply(params, carry0, tokens, reset=reset, lengths=lengths, key=k)
+    c_tm, l_tm = jax.jit(lambda p, c, x, r: lm.apply(p, c, x, reset=r, lengths=lengths, key=k))(
+        params, carry0, tokens, reset
+    )
     c_bm, l_bm = jax.jit(
         lambda p, c, x, r: lm.apply(p, c, x, reset=r, lengths=lengths, key=k, time_major=False)
     )(params, carry0, np.moveaxis(tokens, 0, -1), np.moveaxis(reset, 0, -1))
@@ -268,10 +270,11 @@ def test_every_library_language_model_meets_the_protocol():
             assert all(p.kind == p.KEYWORD_ONLY for p in
                        inspect.signature(getattr(lm, member)).parameters.values()
                        if p.name not in {n for n, *_ in want}), (lm, member)  # fmt: skip
-        params = lm.init(jax.random.key(0))
-        carry, logits = lm.apply(params, lm.initial_carry((2,)), jnp.zeros((3, 2), jnp.int32))
+        params = jax.jit(lm.init)(jax.random.key(0))  # one compile, not one per operation
+        apply = jax.jit(lm.apply)
+        carry, logits = apply(params, lm.initial_carry((2,)), jnp.zeros((3, 2), jnp.int32))
         assert logits.shape == (3, 2, V) and logits.dtype == jnp.float32
-        _, again = lm.apply(params, None, jnp.zeros((3, 2), jnp.int32))
+        _, again = apply(params, None, jnp.zeros((3, 2), jnp.int32))
         np.testing.assert_allclose(again, logits, rtol=1e-6, atol=1e-6)
     assert not isinstance(js.LSTM(4), proto)
     assert not isinstance(models.tagger(3, input_size=2), proto)
