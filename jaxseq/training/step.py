@@ -139,8 +139,16 @@ def _check_batch(batch, carry_batch: tuple | None, n: int) -> None:
 
 
 def _carry_batch(carry):
-    leaves = jax.tree_util.tree_leaves(carry)
-    return tuple(leaves[0].shape[:-1]) if leaves else None
+    """``*B`` of a carry: the longest prefix of every leaf's ``shape[:-1]`` (leaves
+    ``[*B, H]``, or ``[*B, K, Dk, Dv]`` beside ``[*B, K]`` as an mLSTM's)."""
+    shapes = [tuple(leaf.shape[:-1]) for leaf in jax.tree_util.tree_leaves(carry)]
+    if not shapes:
+        return None
+    b = min(shapes, key=len)
+    for s in shapes:
+        while s[: len(b)] != b:
+            b = b[:-1]
+    return b
 
 
 class TrainStep:
