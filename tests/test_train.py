@@ -57,13 +57,13 @@ def test_tbptt_with_k_equal_t_gives_full_bptt_gradients(key):
         _, logits = model.apply(p, None, streams[:-1])
         return losses.cross_entropy(logits, streams[1:])
 
-    want = jax.jit(jax.grad(full_loss))(params)
+    want_loss, want = jax.jit(jax.value_and_grad(full_loss))(params)  # one compile, not eager
     opt = train.make_optimizer("sgd", 1.0, max_norm=None)  # update = -grad
     state = train.init_state(params, opt, key, model.initial_carry((3,)))
     step = train.make_train_step(train.lm_loss_fn(model), opt, donate=False)
     new, m = step(state, bt.chunk(0))
     got = jax.tree_util.tree_map(lambda a, b: a - b, params, new.params)
-    np.testing.assert_allclose(float(m["loss"]), float(full_loss(params)), rtol=1e-6)
+    np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-6)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(want)), rtol=1e-5)
@@ -574,8 +574,9 @@ def test_evaluate_lm_threads_the_carry_like_one_full_pass(key):
     ids = np.asarray(jax.random.randint(jax.random.fold_in(key, 4), (b * 18,), 0, 7))
     bt = data.StreamBatcher(ids, b, k)  # 17 steps: chunks 5, 5, 5, 2
     streams = jnp.asarray(bt.streams)
-    _, logits = model.apply(params, None, streams[:-1])
-    want = float(np.mean(losses.token_cross_entropy(logits, streams[1:])))
+    # per-token losses of a fresh pass, compiled once per length (not op by op)
+    nll = jax.jit(lambda x, y: losses.token_cross_entropy(model.apply(params, None, x)[1], y))
+    want = float(np.mean(nll(streams[:-1], streams[1:])))
     np.testing.assert_allclose(train.evaluate_lm(model, params, bt), want, rtol=1e-5)
     # with the carry reset at every chunk the answer is that of separate windows
     bt_r = data.StreamBatcher(ids, b, k, reset_every_chunk=True)
@@ -583,8 +584,7 @@ def test_evaluate_lm_threads_the_carry_like_one_full_pass(key):
     for i in range(bt_r.num_chunks):
         ch = bt_r.chunk(i)
         n = int(ch.mask[:, 0].sum())
-        _, lg = model.apply(params, None, jnp.asarray(ch.inputs[:n]))
-        parts.append(np.asarray(losses.token_cross_entropy(lg, jnp.asarray(ch.targets[:n]))))
+        parts.append(np.asarray(nll(jnp.asarray(ch.inputs[:n]), jnp.asarray(ch.targets[:n]))))
     want_r = float(np.concatenate(parts).mean())
     np.testing.assert_allclose(train.evaluate_lm(model, params, bt_r), want_r, rtol=1e-5)
     assert abs(want_r - want) > 1e-4
