@@ -17,7 +17,7 @@ up to rounding; all differentiated by plain autodiff, forward and reverse):
   Inside a chunk, the decay-masked ``L x L`` products ``(q_t · k_s) D_ts`` as
   matmuls; across chunks, a scan over the chunk ends carrying ``S``. It stores
   one state per chunk, ``O(T / L · Dk · Dv)`` per head. With a per-key decay
-  (default ``L = 16``) one scan runs over the chunks, each a step that takes
+  (default ``L = 32``) one scan runs over the chunks, each a step that takes
   the state in and gives it out, and its work is rebuilt in the backward
   (``jax.checkpoint``) rather than stored. Inside a chunk whose log-decays sum
   to ``>= -30`` on every key, queries and keys decayed from and to the chunk
@@ -81,7 +81,7 @@ __all__ = [
 LINEAR_ATTENTION_MODES = ("auto", "recurrent", "chunked", "parallel")
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_CHUNK, _PER_KEY_CHUNK = 64, 16  # default chunk lengths: scalar or no decay, per-key decay
+_CHUNK, _PER_KEY_CHUNK = 64, 32  # default chunk lengths: scalar or no decay, per-key decay
 _DECAYED_RANGE = 30.0  # largest |exponent| of the per-key decay's decayed queries and keys
 
 
@@ -192,8 +192,10 @@ def _per_key_chunk(s, xs, sub: int):
     split = lambda x: x.reshape((x.shape[0], -1, sub) + x.shape[2:])
     ys = ys + jax.lax.cond(
         jnp.min(total) >= -_DECAYED_RANGE,  # every exponent of the decayed form within range
-        lambda: _intra_decayed(q, k, v, b, seg),
-        lambda: _intra_per_key(split(q), split(k), split(v), c, e, tot, split(seg)),
+        jax.checkpoint(lambda: _intra_decayed(q, k, v, b, seg)),  # rebuilt in the backward:
+        jax.checkpoint(  # residuals of the untaken branch are zeros to fill
+            lambda: _intra_per_key(split(q), split(k), split(v), c, e, tot, split(seg))
+        ),
     )
     decay = jnp.where(seg_end == 0, jnp.exp(total), zero)
     s = decay[..., None] * s + _einsum("nld,nle->nde", k_end, v)
@@ -414,7 +416,7 @@ def linear_attention(
       mode: ``"auto"``, ``"recurrent"``, ``"chunked"`` or ``"parallel"`` (see the
         module docstring; ``"auto"``: ``"parallel"`` for ``T <= L``, else
         ``"chunked"``).
-      chunk: chunk length ``L`` of the chunked mode; None: 64, or 16 with a
+      chunk: chunk length ``L`` of the chunked mode; None: 64, or 32 with a
         per-key decay (whose work per step grows with ``L``).
 
     Returns:
