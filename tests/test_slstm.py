@@ -32,7 +32,8 @@ RESET[[3, 4], 1, 0] = True
 RESET[[2], 1, 1] = True
 MASKED_REVERSE = {"lengths": LENGTHS, "reset": RESET, "reverse": True}
 # (options, kernels, forget gate): checkpoint_every=2 and 3 do not divide T=5. Small
-# steps unroll by 4 by default, the steps of larger shapes by 1 (which compiles faster).
+# steps unroll by 4 by default; unroll=1 (the default of larger steps, and faster to
+# compile) runs the fused backward's other loop, which writes over the activations.
 CASES = {
     "masked_reverse": (MASKED_REVERSE, ("fused",), "sigmoid"),
     "k2_masked_reverse": (

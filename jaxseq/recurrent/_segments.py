@@ -72,7 +72,7 @@ def _segment_forward(cfg: Plan, params, xs, h0, c0, v, r, save: bool = True):
 
     steps = xs.shape[0]
     unroll = max(1, min(cfg.unroll, steps))
-    if cfg.rule.in_place and save:
+    if cfg.rule.in_place and cfg.rule.forward_in_place and save:
         # The gate activations overwrite the projection they came from, step by
         # step, in the one [S, N, 4H] buffer carried through the loop: the
         # training step holds one such buffer instead of two (its temporaries

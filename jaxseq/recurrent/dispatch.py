@@ -80,7 +80,12 @@ class FusedRule(NamedTuple):
       backward: ``(cfg, params, residual, y_t, h_in, c_in, gh, gc) -> (dxp_t, dh_in, dc_in)``.
       cell_state: the carry is ``(h, c)`` (LSTM) rather than ``(h,)``.
       in_place: the residual is ``(activations [N, G*H], c)``, so the gate
-        activations may overwrite the projection they came from.
+        activations may overwrite the projection they came from, and the
+        backward writes the gate cotangents over the activations.
+      forward_in_place: with ``in_place``, whether the forward writes the
+        activations over the projection (False: the backward alone works in
+        place; for gate math that reads the projection from several fusions,
+        where XLA would copy a buffer written in place every step).
       needs_h_in: the backward reads the carry each step started from.
       needs_y: the backward reads the step's output when the residual is empty.
       recurrent_cotangent: ``(cfg, dxp [S*N, G*H], residual) -> dhp``, the
@@ -109,6 +114,7 @@ class FusedRule(NamedTuple):
     backward: Callable
     cell_state: bool = False
     in_place: bool = False
+    forward_in_place: bool = True
     needs_h_in: bool = False
     needs_y: bool = False
     recurrent_cotangent: Callable | None = None

@@ -227,9 +227,11 @@ def _slstm_backward(cfg, params, res, y_t, h_in, c_in, gh, gc):
     return dz, _blocks_t(dz, params.w_hh), (dc * fg, dn * fg, da)
 
 
-# Not in place: the gate math reads the projection from several fusions, and XLA would
-# copy a buffer written in place (as the LSTM's is) every step to keep their view of it.
-_RULE_FIELDS = dict(cell_state=True, recurrent_grad=_blocks_grad)
+# The backward works in place, the forward does not: its gate math reads the projection
+# from several fusions, and XLA would copy a buffer written in place every step.
+_RULE_FIELDS = dict(
+    cell_state=True, in_place=True, forward_in_place=False, recurrent_grad=_blocks_grad
+)
 SLSTM_RULE = FusedRule("slstm", _slstm_forward, _slstm_backward, **_RULE_FIELDS)
 SLSTM_EXP_RULE = FusedRule("slstm_exp", _slstm_forward, _slstm_backward, **_RULE_FIELDS)
 
