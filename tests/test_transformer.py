@@ -28,6 +28,13 @@ def test_layer_norm_known_values():
         js.nn.layer_norm(p, x[:, :3])
 
 
+# the block under jit: one compile per call form, not one per eager operation
+_block_jit = jax.jit(
+    js.attention.transformer_block,
+    static_argnames=("causal", "dropout_rate", "blockwise", "return_weights"),
+)
+
+
 @pytest.fixture
 def block(key):
     return js.attention.TransformerBlock(4, mlp_size=24).init(key, 16)
@@ -43,7 +50,7 @@ def test_block_shapes_and_pre_ln_residual(block):
         attn=block.attn._replace(w_o=jnp.zeros_like(block.attn.w_o)),
         mlp_out=block.mlp_out._replace(w=jnp.zeros_like(block.mlp_out.w)),
     )
-    np.testing.assert_allclose(js.attention.transformer_block(z, x), x, atol=1e-6)
+    np.testing.assert_allclose(_block_jit(z, x), x, atol=1e-6)
 
 
 @pytest.fixture
@@ -95,26 +102,20 @@ def test_block_vmap_time_major_length_dropout_blockwise(block):
     f = jax.jit(jax.vmap(lambda x: js.attention.transformer_block(block, x), in_axes=1, out_axes=1))
     ys = f(xs)
     for b in range(2):
-        np.testing.assert_allclose(
-            ys[:, b], js.attention.transformer_block(block, xs[:, b]), atol=1e-5
-        )
+        np.testing.assert_allclose(ys[:, b], _block_jit(block, xs[:, b]), atol=1e-5)
     # length: keys past the length do not matter (causal: earlier outputs unchanged anyway;
     # non-causal: every valid output ignores the padding)
     x = xs[:, 0]
     x_pad = x.at[5:].set(50.0)
-    a = js.attention.transformer_block(block, x, lengths=jnp.array(5), causal=False)
-    b_ = js.attention.transformer_block(block, x_pad, lengths=jnp.array(5), causal=False)
+    a = _block_jit(block, x, lengths=jnp.array(5), causal=False)
+    b_ = _block_jit(block, x_pad, lengths=jnp.array(5), causal=False)
     np.testing.assert_allclose(a[:5], b_[:5], atol=1e-5)
     # blockwise attention path equals the dense one
-    np.testing.assert_allclose(
-        js.attention.transformer_block(block, x, blockwise=True), ys[:, 0], atol=1e-5
-    )
+    np.testing.assert_allclose(_block_jit(block, x, blockwise=True), ys[:, 0], atol=1e-5)
     # dropout only with a key
-    d1 = js.attention.transformer_block(block, x, key=jax.random.key(0), dropout_rate=0.3)
+    d1 = _block_jit(block, x, key=jax.random.key(0), dropout_rate=0.3)
     assert not np.allclose(d1, ys[:, 0])
-    np.testing.assert_allclose(
-        js.attention.transformer_block(block, x, dropout_rate=0.3), ys[:, 0], atol=1e-5
-    )
+    np.testing.assert_allclose(_block_jit(block, x, dropout_rate=0.3), ys[:, 0], atol=1e-5)
 
 
 def test_block_errors(key):
@@ -167,9 +168,14 @@ def test_block_object_and_attention_hook(key):
     p = npm.perturb(blk.init(key, 8), seed=6)
     x = jax.random.normal(jax.random.key(1), (3, 5, 8))
     k = jax.random.key(2)
+    # under jit (one compile per side, not one per eager operation); bit for bit
     np.testing.assert_array_equal(
-        blk.apply(p, x[0], key=k),
-        js.attention.transformer_block(p, x[0], key=k, dropout_rate=0.2, causal=True),
+        jax.jit(lambda p, x1: blk.apply(p, x1, key=k))(p, x[0]),
+        jax.jit(
+            lambda p, x1: js.attention.transformer_block(
+                p, x1, key=k, dropout_rate=0.2, causal=True
+            )
+        )(p, x[0]),
     )
     causal = jnp.tril(jnp.ones((5, 5), bool))
 
@@ -178,8 +184,8 @@ def test_block_object_and_attention_hook(key):
         w = jax.nn.softmax(jnp.where(causal, s, -1e30), axis=-1)
         return jnp.einsum("bkts,bksd->bktd", w, v)
 
-    got = blk.apply_with_attention(p, x, attend)
-    want = jax.vmap(lambda x1: blk.apply(p, x1))(x)
+    got = jax.jit(lambda p, x: blk.apply_with_attention(p, x, attend))(p, x)
+    want = jax.jit(lambda p, x: jax.vmap(lambda x1: blk.apply(p, x1))(x))(p, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"^num_heads: expected a divisor of input_size=8, got 3"):
         js.attention.TransformerBlock(3).init(key, 8)
@@ -196,10 +202,15 @@ def test_transformer_lm_runs_the_attention_block(key):
     )
     params = npm.perturb(lm.init(key), seed=7)
     tokens = jax.random.randint(jax.random.key(3), (6, 3), 0, 13)  # [T, B]
-    _, logits = lm.apply(params, None, tokens)
-    x = params.embedding[tokens.T] + params.positions[None, :6]  # [B, T, D]
-    for bp in params.blocks:
-        x = jax.vmap(lambda x1, bp=bp: lm.block.apply(bp, x1))(x)
-    want = js.nn.dense(params.head, js.nn.layer_norm(params.ln_f, x))
+    _, logits = jax.jit(lambda p, t: lm.apply(p, None, t))(params, tokens)
+
+    @jax.jit  # one compile, not one per eager operation
+    def by_hand(params, tokens):
+        x = params.embedding[tokens.T] + params.positions[None, :6]  # [B, T, D]
+        for bp in params.blocks:
+            x = jax.vmap(lambda x1, bp=bp: lm.block.apply(bp, x1))(x)
+        return js.nn.dense(params.head, js.nn.layer_norm(params.ln_f, x))
+
+    want = by_hand(params, tokens)
     np.testing.assert_allclose(logits, jnp.swapaxes(want, 0, 1), rtol=1e-4, atol=1e-5)
     assert lm.block == js.attention.TransformerBlock(2, None, causal=True)
