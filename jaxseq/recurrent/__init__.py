@@ -15,6 +15,12 @@ sequential or parallel over time), ``minimal`` (:class:`MinGRU`,
 decay per head (Mamba-2, RetNet), per key (gated linear attention) or none,
 step by step (``"recurrent"``), by chunks (``"chunked"``) or as one decay-masked
 ``T x T`` product (``"parallel"``), with the same ``lengths``, ``reset`` and ``reverse``.
+
+xLSTM's cells: ``mlstm`` (:func:`mlstm_recurrence`, the stabilised matrix memory
+with exponential input gates and a normaliser, in the same three forms, and the
+:class:`MLSTM` cell on it) and ``slstm`` (:class:`SLSTM`, scalar memories with
+exponential gating and block-diagonal recurrent weights per head, run by the
+fused kernel with its own rule). ``js.models.xlstm_stack`` stacks them.
 """
 
 from jaxseq.recurrent.cells import (
