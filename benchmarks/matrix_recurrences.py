@@ -7,13 +7,15 @@ Questions:
    ``parallel``: the decay-masked ``T x T`` product) compare, forward and
    forward+backward (``jax.grad`` of ``sum(ys)`` with respect to ``q, k, v,
    log_decay``), as T grows? Shapes ``[T, B, K, D]`` with B=4, K=4 heads,
-   Dk=Dv=64, float32, one decay per head (``log_decay [T, B, K]``) for every T and
-   one decay per key (``[T, B, K, Dk]``) at one T. The targets: chunked at least
-   4x faster than recurrent fwd+bwd at T=4096, memory growing linearly in T,
-   and fwd+bwd at T=16384 within 2 GiB.
-2. The same shapes through ``mlstm_kernels``' JAX native chunkwise mLSTM (a
-   peer: the mLSTM adds a normaliser and a max-stabiliser to this recurrence),
-   when importable.
+   Dk=Dv=64, float32, one decay per head (``log_decay [T, B, K]``, chunks of
+   64) for every T and one decay per key (``[T, B, K, Dk]``, the library's
+   default chunk for it, 32) at the T of ``--per-key-T``. The targets: chunked
+   at least 4x faster than recurrent fwd+bwd at T=4096, memory growing
+   linearly in T, and fwd+bwd at T=16384 within 2 GiB.
+2. The same shapes through ``js.recurrent.mlstm_recurrence`` (chunked, chunks
+   of 64) and ``mlstm_kernels``' JAX native chunkwise mLSTM (a peer, when
+   importable; the mLSTM adds a normaliser and a max-stabiliser to this
+   recurrence), up to ``--mlstm-max-T``.
 3. ``js.recurrent.RGLRU(H)`` rollout fwd+bwd at ``(B, T, H) = (4, 4096, 256)``
    against a plain ``lax.scan`` of the same recurrence (same coefficients), the
    cell stepped (``kernel="scan"``) and recurrentgemma's Flax ``RGLRU`` when
@@ -31,9 +33,9 @@ extrapolated from the previous T, exceeds ``--max-config-s``.
 Peers are optional: install them apart from the project's environment and put
 them on ``PYTHONPATH``::
 
-    pip install --no-deps --target /tmp/peers mlstm_kernels recurrentgemma \\
+    pip install --no-deps --target peers/ mlstm_kernels recurrentgemma \\
         einops jaxtyping wadler_lindig "typeguard<3" sentencepiece
-    PYTHONPATH=/tmp/peers python -m benchmarks.matrix_recurrences --out results/matrix_recurrences
+    PYTHONPATH=peers python -m benchmarks.matrix_recurrences --out results/matrix_recurrences
 
 Usage::
 
@@ -64,9 +66,11 @@ from benchmarks._timing import time_interleaved
 
 MODES = ("recurrent", "chunked", "parallel")
 MLSTM = "mlstm_kernels"
+MLSTM_OURS = "jaxseq mlstm_recurrence (chunked)"
 T_FULL = (256, 1024, 4096, 16384)
 T_QUICK = (64, 256)
 CHUNK = 64
+PER_KEY_CHUNK = 32  # linear_attention's default chunk for a per-key decay
 COLUMNS = [
     "section", "decay", "T", "pass", "mode", "status", "median_ms", "p10_ms", "p90_ms",
     "vs_chunked", "compile_s", "temp_mb", "total_mb", "reason",
@@ -204,9 +208,11 @@ def la_inputs(t, batch, heads, dk, dv, per_key: bool):
     return q, k, v, log_decay
 
 
-def la_fn(mode: str, train: bool):
+def la_fn(mode: str, train: bool, per_key: bool = False):
+    chunk = PER_KEY_CHUNK if per_key else CHUNK
+
     def fwd(q, k, v, g):
-        return js.recurrent.linear_attention(q, k, v, g, mode=mode, chunk=CHUNK)[1]
+        return js.recurrent.linear_attention(q, k, v, g, mode=mode, chunk=chunk)[1]
 
     if not train:
         return fwd
@@ -220,6 +226,21 @@ def mlstm_fn(kernel, train: bool):
     if not train:
         return fwd
     return jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2, 3, 4))
+
+
+def ours_mlstm_fn(train: bool):
+    def fwd(q, k, v, i, f):
+        return js.recurrent.mlstm_recurrence(q, k, v, i, f, mode="chunked", chunk=CHUNK)[1]
+
+    if not train:
+        return fwd
+    return jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2, 3, 4))
+
+
+def time_major(args):
+    """The peer's batch-major ``[B, K, T, ...]`` inputs as ``[T, B, K, ...]`` (same values),
+    made before timing."""
+    return tuple(jnp.moveaxis(x, 2, 0) for x in args)
 
 
 def mlstm_inputs(t, batch, heads, dk, dv):
@@ -251,37 +272,53 @@ def _parallel_fits(t, batch, heads, max_gb) -> str | None:
     return None
 
 
+def _mlstm_contenders(cfg, t, train, mlstm, mlstm_error, fns, all_args):
+    """Adds the mLSTM rows of a scalar-decay configuration (the peer and
+    ``js.recurrent.mlstm_recurrence`` beside it, same inputs) to ``fns``/``all_args``;
+    returns why they are skipped (None when they run)."""
+    if mlstm is None:
+        return mlstm_error
+    if t > cfg.mlstm_max_t:
+        return (
+            f"T > --mlstm-max-T {cfg.mlstm_max_t}: its loop over the T/{CHUNK} chunks is a "
+            "Python loop unrolled into the program, so compile time grows with T "
+            "(minutes per program at T=4096 on 2 CPU cores)"
+        )
+    peer_args = mlstm_inputs(t, cfg.batch, cfg.heads, cfg.dk, cfg.dv)
+    fns[MLSTM_OURS] = ours_mlstm_fn(train)
+    all_args[MLSTM_OURS] = time_major(peer_args)
+    fns[MLSTM] = mlstm_fn(mlstm, train)
+    all_args[MLSTM] = peer_args
+    return None
+
+
 def linear_attention_sweep(cfg, mlstm, mlstm_error) -> list[dict]:
     b, h, dk, dv = cfg.batch, cfg.heads, cfg.dk, cfg.dv
-    configs = [("scalar", t, p) for t in cfg.T for p in ("fwd", "fwd+bwd")]
-    configs += [("per_key", cfg.per_key_T, p) for p in ("fwd", "fwd+bwd")]
+    configs = []
+    if "scalar" in cfg.decays:
+        configs += [("scalar", t, p) for t in cfg.T for p in ("fwd", "fwd+bwd")]
+    if "per_key" in cfg.decays:
+        configs += [("per_key", t, p) for t in cfg.per_key_T for p in ("fwd", "fwd+bwd")]
     records, prev = [], {}
     for decay, t, pas in progress(configs, "linear_attention", quiet=cfg.quiet):
-        train = pas == "fwd+bwd"
-        base = {"section": "linear_attention", "decay": decay, "T": t, "pass": pas,
-                "B": b, "K": h, "Dk": dk, "Dv": dv, "chunk": CHUNK}  # fmt: skip
-        args = la_inputs(t, b, h, dk, dv, decay == "per_key")
-        fns = {m: la_fn(m, train) for m in MODES}
+        train, per_key = pas == "fwd+bwd", decay == "per_key"
+        base = {"section": "linear_attention", "decay": decay, "T": t, "pass": pas, "B": b,
+                "K": h, "Dk": dk, "Dv": dv, "chunk": PER_KEY_CHUNK if per_key else CHUNK}  # fmt: skip
+        args = la_inputs(t, b, h, dk, dv, per_key)
+        fns = {m: la_fn(m, train, per_key) for m in MODES}
         all_args = {m: args for m in MODES}
         pre = _parallel_fits(t, b, h, cfg.max_mem_gb)
         if pre:
             fns.pop("parallel")
-        peer_skip = mlstm_error
-        if mlstm is not None and t > cfg.mlstm_max_t:
-            peer_skip = (
-                f"T > --mlstm-max-T {cfg.mlstm_max_t}: its loop over the T/{CHUNK} chunks is a "
-                "Python loop unrolled into the program, so compile time grows with T "
-                "(minutes per program at T=4096 on 2 CPU cores)"
-            )
-        elif decay == "scalar" and mlstm is not None:
-            fns[MLSTM] = mlstm_fn(mlstm, train)
-            all_args[MLSTM] = mlstm_inputs(t, b, h, dk, dv)
+        peer_skip = None
+        if not per_key and not cfg.no_mlstm:
+            peer_skip = _mlstm_contenders(cfg, t, train, mlstm, mlstm_error, fns, all_args)
         key = (decay, pas)
         est = _estimates(prev.get(key, {}), t, cfg.repeats + cfg.warmup + 1)
         recs = _measure(base, fns, all_args, cfg, est)
         if pre:
             recs.insert(2, _record(base, "parallel", None, None, pre))
-        if decay == "scalar" and MLSTM not in fns:
+        if peer_skip is not None:
             recs.append(_record(base, MLSTM, None, None, peer_skip))
         for r in recs:
             if r["status"] == "ok":
@@ -348,15 +385,28 @@ def _find(records, **kw):
 
 def summary(records, cfg) -> list[str]:
     lines = []
-    sel = dict(section="linear_attention", decay="scalar", **{"pass": "fwd+bwd"})
-    target_t = 4096 if 4096 in cfg.T else max(cfg.T)
+    for decay in ("scalar", "per_key"):
+        lines += _decay_summary(records, decay)
+    return lines
+
+
+def _decay_summary(records, decay: str) -> list[str]:
+    """The target lines of one decay: the fwd+bwd ratio at T=4096 (or its largest T)
+    and the chunked mode's buffers against T."""
+    lines = []
+    sel = dict(section="linear_attention", decay=decay, **{"pass": "fwd+bwd"})
+    ts = sorted({r["T"] for r in records if all(r.get(k) == v for k, v in sel.items())})
+    if not ts:
+        return lines
+    target_t = 4096 if 4096 in ts else ts[-1]
     rec = _find(records, T=target_t, mode="recurrent", **sel)
     chk = _find(records, T=target_t, mode="chunked", **sel)
     if rec and chk and rec.get("median_ms") and chk.get("median_ms"):
         ratio = rec["median_ms"] / chk["median_ms"]
         lines.append(
-            f"- recurrent / chunked, fwd+bwd at T={target_t}: **{ratio:.1f}x** "
-            f"({rec['median_ms']:.1f} ms / {chk['median_ms']:.1f} ms; target >= 4x)"
+            f"- {decay} decay, recurrent / chunked, fwd+bwd at T={target_t}: **{ratio:.1f}x** "
+            f"({rec['median_ms']:.1f} ms / {chk['median_ms']:.1f} ms, chunk {chk['chunk']}; "
+            "target >= 4x)"
         )
     chunked = sorted(
         (r for r in records if r.get("mode") == "chunked" and r.get("total_mb") is not None
@@ -367,17 +417,18 @@ def summary(records, cfg) -> list[str]:
         lo, hi = chunked[0], chunked[-1]
         growth = hi["total_mb"] / lo["total_mb"]
         lines.append(
-            f"- chunked fwd+bwd XLA buffers: {lo['total_mb']:.3g} MiB at T={lo['T']} -> "
-            f"{hi['total_mb']:.3g} MiB at T={hi['T']} ({growth:.1f}x for {hi['T'] // lo['T']}x T"
-            f"; {hi['total_mb'] / hi['T'] * 1024:.0f} KiB per step at T={hi['T']})"
+            f"- {decay} decay, chunked fwd+bwd XLA buffers: {lo['total_mb']:.3g} MiB at "
+            f"T={lo['T']} -> {hi['total_mb']:.3g} MiB at T={hi['T']} ({growth:.1f}x for "
+            f"{hi['T'] // lo['T']}x T; {hi['total_mb'] / hi['T'] * 1024:.0f} KiB per step)"
         )
         lines.append(
-            f"- fits 2 GiB at T={hi['T']}: **{hi['total_mb'] <= 2048}** ({hi['total_mb']:.3g} MiB)"
+            f"- {decay} decay, fits 2 GiB at T={hi['T']}: **{hi['total_mb'] <= 2048}** "
+            f"({hi['total_mb']:.3g} MiB)"
         )
     return lines
 
 
-def plot(records: list[dict], path) -> None:
+def plot(records: list[dict], path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,14 +436,16 @@ def plot(records: list[dict], path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     la = [r for r in records if r["section"] == "linear_attention" and r["decay"] == "scalar"]
+    if not la:
+        return False
     for ax, pas in zip(axes, ("fwd", "fwd+bwd"), strict=True):
-        for mode in (*MODES, MLSTM):
+        for mode in (*MODES, MLSTM_OURS, MLSTM):
             rs = sorted(
                 (r for r in la if r["mode"] == mode and r["pass"] == pas and r["status"] == "ok"),
                 key=lambda r: r["T"],
             )
             if rs:
-                style = "--" if mode == MLSTM else "-"
+                style = "--" if mode in (MLSTM, MLSTM_OURS) else "-"
                 xs, ys = [r["T"] for r in rs], [r["median_ms"] for r in rs]
                 ax.plot(xs, ys, style, marker="o", label=mode)
         ax.set_xscale("log", base=2)
@@ -409,6 +462,7 @@ def plot(records: list[dict], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -416,7 +470,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="results/matrix_recurrences")
     ap.add_argument("--quick", action="store_true", help=f"T in {T_QUICK}, small shapes")
     ap.add_argument("--T", default=None, help="comma list of T (default 256,1024,4096,16384)")
-    ap.add_argument("--per-key-T", type=int, default=None, help="T of the per-key decay rows")
+    ap.add_argument(
+        "--per-key-T", default=None, help="comma list of T of the per-key rows (default 4096)"
+    )
+    ap.add_argument(
+        "--decays",
+        default="scalar,per_key",
+        help="comma list of the decays to run (scalar, per_key)",
+    )
+    ap.add_argument("--no-rglru", action="store_true", help="skip the RG-LRU rows")
+    ap.add_argument("--no-mlstm", action="store_true", help="skip the mLSTM rows")
     ap.add_argument("-B", "--batch", type=int, default=4)
     ap.add_argument("-K", "--heads", type=int, default=4)
     ap.add_argument("--dk", type=int, default=64)
@@ -453,12 +516,17 @@ def main(argv=None) -> int:
 def run(cfg) -> int:
     """The whole benchmark for parsed options ``cfg``; writes the files in ``cfg.out``."""
     if cfg.per_key_T is None:
-        cfg.per_key_T = 4096 if 4096 in cfg.T else max(cfg.T)
+        cfg.per_key_T = (4096 if 4096 in cfg.T else max(cfg.T),)
+    elif isinstance(cfg.per_key_T, str):
+        cfg.per_key_T = tuple(int(v) for v in cfg.per_key_T.split(","))
+    if isinstance(cfg.decays, str):
+        cfg.decays = tuple(cfg.decays.split(","))
     none = "not imported (--no-peers)"
     mlstm, mlstm_err = (None, none) if cfg.no_peers else _peer(load_mlstm)
     rg, rg_err = (None, none) if cfg.no_peers else _peer(load_recurrentgemma)
     records = linear_attention_sweep(cfg, mlstm, mlstm_err)
-    records += rglru_sweep(cfg, rg, rg_err)
+    if not cfg.no_rglru:
+        records += rglru_sweep(cfg, rg, rg_err)
     print(format_table(records, COLUMNS))
     lines = summary(records, cfg)
     print("\n".join(lines))
@@ -473,8 +541,8 @@ def run(cfg) -> int:
         title="Matrix-state recurrences: linear_attention per mode, and the RG-LRU",
     )
     png = Path(cfg.out) / "linear_attention_vs_T.png"
-    plot(records, png)
-    print(f"wrote {paths['json']}, {paths['md']}, {png}")
+    plotted = plot(records, png)
+    print(f"wrote {paths['json']}, {paths['md']}" + (f", {png}" if plotted else ""))
     return 0
 
 
