@@ -394,12 +394,19 @@ def test_tagger_and_classifier_batch_major_equal_the_transposed_time_major_run(k
         xs = jax.random.normal(jax.random.fold_in(key, 3), (6, 2, 3)).at[4:, 1].set(jnp.nan)
         xs_bm = jnp.swapaxes(xs, 0, 1)
     lengths = jnp.array([6, 4])
-    _close(tg.apply(params, xs_bm, lengths=lengths, time_major=False),
-           jnp.swapaxes(tg.apply(params, xs, lengths=lengths), 0, 1))  # fmt: skip
+
+    def both(model):  # both layouts in one jit: one compile, not one per eager operation
+        return jax.jit(
+            lambda p, x, x_bm: (
+                model.apply(p, x_bm, lengths=lengths, time_major=False),
+                model.apply(p, x, lengths=lengths),
+            )
+        )(params, xs, xs_bm)
+
+    bm, tm = both(tg)
+    _close(bm, jnp.swapaxes(tm, 0, 1))
     for pool in ("last", "mean"):
-        clf = models.SequenceClassifier(tg.stack, 4, pool=pool, **kw)
-        _close(clf.apply(params, xs_bm, lengths=lengths, time_major=False),
-               clf.apply(params, xs, lengths=lengths))  # fmt: skip
+        _close(*both(models.SequenceClassifier(tg.stack, 4, pool=pool, **kw)))
     with pytest.raises(TypeError, match="time_major: expected a Python bool"):
         tg.apply(params, xs, time_major=None)
 
@@ -409,7 +416,9 @@ def test_seq2seq_batch_major_equals_the_transposed_time_major_run(s2s, key):
     src = _tokens(jax.random.fold_in(key, 4), (5, 2), 6)
     tgt_in = _tokens(jax.random.fold_in(key, 5), (4, 2), 5)
     lengths = jnp.array([5, 3])
-    logits, w = s2s.apply(params, src, tgt_in, src_lengths=lengths)
+    logits, w = jax.jit(lambda p, s, t: s2s.apply(p, s, t, src_lengths=lengths))(
+        params, src, tgt_in
+    )  # under jit, like the batch-major run: one compile, not one per eager operation
     logits_bm, w_bm = jax.jit(
         lambda p, s, t: s2s.apply(p, s, t, src_lengths=lengths, time_major=False)
     )(params, src.T, tgt_in.T)
