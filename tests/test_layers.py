@@ -19,10 +19,17 @@ def test_bidirectional_equals_forward_and_reverse_rollouts(key):
     layer = js.Bidirectional(js.LSTM(H), js.GRU(3))
     p = layer.init(key, D)
     xs, lengths = _data(key)
-    carry, ys = js.rollout(layer, p, xs, lengths=lengths)
+
+    @jax.jit  # every rollout in one compile, not one per eager operation
+    def run(p, xs):
+        return (
+            js.rollout(layer, p, xs, lengths=lengths),
+            js.rollout_unrolled(layer.forward, p.forward, xs, lengths=lengths),
+            js.rollout_unrolled(layer.backward, p.backward, xs, lengths=lengths, reverse=True),
+        )
+
+    (carry, ys), (cf, yf), (cb, yb) = run(p, xs)
     assert ys.shape == (T, B, H + 3) and layer.output_size == H + 3
-    cf, yf = js.rollout_unrolled(layer.forward, p.forward, xs, lengths=lengths)
-    cb, yb = js.rollout_unrolled(layer.backward, p.backward, xs, lengths=lengths, reverse=True)
     np.testing.assert_allclose(ys, jnp.concatenate([yf, yb], -1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carry.forward.c, cf.c, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carry.backward.h, cb.h, rtol=1e-5, atol=1e-6)
@@ -44,11 +51,16 @@ def test_stack_equals_manual_composition(key):
     stack = js.Stack([js.LSTM(H), js.Bidirectional(js.GRU(H)), js.RNN(2 * H)], residual=False)
     p = stack.init(key, D)
     xs, lengths = _data(key)
-    carries, ys = js.rollout(stack, p, xs, lengths=lengths)
+
+    @jax.jit  # every rollout in one compile, not one per eager operation
+    def run(p, xs):
+        c0, h = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
+        c1, h = js.rollout(stack.layers[1], p[1], h, lengths=lengths)
+        c2, h = js.rollout(stack.layers[2], p[2], h, lengths=lengths)
+        return js.rollout(stack, p, xs, lengths=lengths), (c1, c2, h)
+
+    (carries, ys), (c1, c2, h) = run(p, xs)
     assert ys.shape == (T, B, 2 * H) and len(carries) == 3
-    c0, h = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
-    c1, h = js.rollout(stack.layers[1], p[1], h, lengths=lengths)
-    c2, h = js.rollout(stack.layers[2], p[2], h, lengths=lengths)
     np.testing.assert_allclose(ys, h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carries[1].backward.h, c1.backward.h, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(carries[2].h, c2.h, rtol=1e-5, atol=1e-6)
@@ -69,9 +81,14 @@ def test_residual_adds_layer_input(key):
     stack = js.Stack([js.GRU(H), js.GRU(H)], residual=True)
     p = stack.init(key, D)
     xs, lengths = _data(key)
-    _, ys = js.rollout(stack, p, xs, lengths=lengths)
-    _, h1 = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
-    _, h2 = js.rollout(stack.layers[1], p[1], h1, lengths=lengths)
+
+    @jax.jit  # every rollout in one compile, not one per eager operation
+    def run(p, xs):
+        _, h1 = js.rollout(stack.layers[0], p[0], xs, lengths=lengths)
+        _, h2 = js.rollout(stack.layers[1], p[1], h1, lengths=lengths)
+        return js.rollout(stack, p, xs, lengths=lengths)[1], h1, h2
+
+    ys, h1, h2 = run(p, xs)
     np.testing.assert_allclose(ys, h1 + h2, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="residual connections need equal sizes"):
         js.Stack([js.GRU(4), js.GRU(5)], residual=True)
@@ -81,16 +98,20 @@ def test_dropout_between_layers_only_with_key(key):
     stack = js.Stack([js.RNN(H), js.RNN(H)], dropout_rate=0.5)
     p = stack.init(key, D)
     xs, _ = _data(key)
-    _, y0 = js.rollout(stack, p, xs)
-    _, y0b = js.rollout(stack, p, xs)
-    np.testing.assert_array_equal(y0, y0b)
-    _, y1 = js.rollout(stack, p, xs, key=jax.random.key(1))
-    _, y2 = js.rollout(stack, p, xs, key=jax.random.key(2))
+
+    @jax.jit  # every rollout in one compile, not one per eager operation
+    def run(p, xs):
+        y0 = js.rollout(stack, p, xs)[1]
+        y1 = js.rollout(stack, p, xs, key=jax.random.key(1))[1]
+        y2 = js.rollout(stack, p, xs, key=jax.random.key(2))[1]
+        # Dropout is only between layers: the last layer's own output is not dropped.
+        _, h1 = js.rollout(stack.layers[0], p[0], xs)
+        dropped = js.nn.dropout(jax.random.split(jax.random.key(1), 1)[0], h1, 0.5)
+        return y0, y1, y2, js.rollout(stack.layers[1], p[1], dropped)[1]
+
+    y0, y1, y2, want = run(p, xs)
+    np.testing.assert_array_equal(y0, run(p, xs)[0])
     assert not np.allclose(y1, y0) and not np.allclose(y1, y2)
-    # Dropout is only between layers: the last layer's own output is not dropped.
-    _, h1 = js.rollout(stack.layers[0], p[0], xs)
-    dropped = js.nn.dropout(jax.random.split(jax.random.key(1), 1)[0], h1, 0.5)
-    _, want = js.rollout(stack.layers[1], p[1], dropped)
     np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
 
 
