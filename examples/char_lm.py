@@ -11,7 +11,9 @@ Transformer and the fixed-window neural LM, trained by jaxseq's truncated-BPTT l
 
 Models (``--model``): the recurrent cells of ``js.models.CELLS`` (lstm, gru, rnn,
 minGRU/minLSTM, the mLSTM and sLSTM of xLSTM and Griffin's RG-LRU: mlstm, slstm,
-rglru; sizes ``--layers --hidden --embed``, ``--heads`` for mlstm/slstm), ``xlstm``
+rglru; sizes ``--layers --hidden --embed``, ``--heads`` for mlstm/slstm; the
+RG-LRU layers run Griffin-style, in a ``js.Stack(..., residual=True, norm="rms")``:
+each layer's input RMS-normalised, a final RMS norm before the head), ``xlstm``
 (mLSTM layers with an sLSTM at index 1 of every eight, ``js.models.xlstm_stack``:
 ``--layers 2`` is mLSTM then sLSTM), ``transformer`` (pre-LN causal blocks,
 ``--layers --d-model --heads --max-len --positions rotary|learned``) and ``window``

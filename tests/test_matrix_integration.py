@@ -153,3 +153,94 @@ def test_xlstm_stack_tagger_and_seq2seq_with_an_mlstm_decoder():
     assert isinstance(enc.carry, js.models.DecoderCarry) and enc.carry.h.shape == (3, H)
     toks, _ = js.decoding.greedy_decode(s2s, p, tokens, 4, bos_id=0)
     assert toks.shape == (4, 3) and toks.dtype == jnp.int32
+
+
+def _np_rglru(params, xs, c=8.0):
+    """Griffin's RG-LRU from its equations, float64, over ``xs: [T, D]`` -> ``[T, H]``."""
+    w, b, lam = (np.asarray(a, np.float64) for a in params)
+    h_size = lam.shape[0]
+    h, ys = np.zeros(h_size), []
+    for x in xs:
+        g = x @ w + b
+        r, i, u = 1 / (1 + np.exp(-g[:h_size])), 1 / (1 + np.exp(-g[h_size:-h_size])), g[-h_size:]
+        a = np.exp(-c * r * np.log1p(np.exp(-lam)))  # sigmoid(lam) ** (c r)
+        h = a * h + np.sqrt(1 - a**2) * (i * u)
+        ys.append(h)
+    return np.stack(ys)
+
+
+def _np_norm(kind, x, scale, eps=1e-6):
+    if kind == "layer":
+        x = x - x.mean(-1, keepdims=True)
+    return x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * np.asarray(scale, np.float64)
+
+
+def test_stack_without_norm_is_unchanged():
+    layers = (js.recurrent.RGLRU(H), js.recurrent.RGLRU(H))
+    stack = js.Stack(layers, residual=True)
+    assert stack.norm is None and stack == js.Stack(layers, residual=True, norm=None)
+    params = stack.init(jax.random.key(0), 3)
+    # one params per layer, nothing else: the tree of every existing model and checkpoint
+    assert isinstance(params, tuple) and len(params) == 2
+    assert all(isinstance(p, js.recurrent.RGLRUParams) for p in params)
+    xs = jax.random.normal(jax.random.key(1), (5, 2, 3))
+    _, ys = js.rollout(stack, params, xs)
+    y0 = js.rollout(layers[0], params[0], xs)[1]
+    np.testing.assert_allclose(ys, js.rollout(layers[1], params[1], y0)[1] + y0, atol=1e-6)
+    for cell in ("lstm", "gru", "mlstm", "slstm"):  # only the RG-LRU's model stack changed
+        s = js.models.char_lm(V, cell=cell, num_layers=2, hidden_size=H, embedding_size=E).stack
+        assert s.norm is None and not s.residual
+    for bad in ("RMS", "batch", 1):
+        with pytest.raises(ValueError, match="norm: expected None"):
+            js.Stack(layers, norm=bad)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_normalised_stack_equals_numpy(kind):
+    layers = (js.recurrent.RGLRU(H), js.recurrent.RGLRU(H))
+    stack = js.Stack(layers, residual=True, norm=kind)
+    params = stack.init(jax.random.key(0), 3)
+    norms = params[-1]
+    assert isinstance(norms, js.recurrent.layers.StackNormParams)
+    assert [s.shape for s in norms.inputs] == [(3,), (H,)] and norms.output.shape == (H,)
+    k = iter(jax.random.split(jax.random.key(1), 3))  # scales away from 1, so they count
+    norms = jax.tree_util.tree_map(lambda s: s + 0.5 * jax.random.normal(next(k), s.shape), norms)
+    params = (*params[:-1], norms)
+    xs = 2.0 + jax.random.normal(jax.random.key(2), (6, 2, 3))  # a constant part, as in text
+    lengths = jnp.array([6, 3])
+    _, ys = jax.jit(lambda p, x, n: js.rollout(stack, p, x, lengths=n))(params, xs, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        x = np.asarray(xs[:n, b], np.float64)
+        h1 = _np_rglru(params[0], _np_norm(kind, x, norms.inputs[0]))
+        h2 = _np_rglru(params[1], _np_norm(kind, h1, norms.inputs[1])) + h1  # residual
+        want = _np_norm(kind, h2, norms.output)
+        np.testing.assert_allclose(ys[:n, b], want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(ys[n:, b], 0.0)  # padded steps stay zero
+
+
+def test_rglru_lm_logits_stay_bounded_over_carried_chunks():
+    # The same token over and over, the state carried from chunk to chunk: a bare
+    # RG-LRU stack amplifies the constant input up to sqrt((1 + a) / (1 - a)) times,
+    # the model's Griffin-style stack (pre-norm residual layers, final norm) does not.
+    lm = js.models.char_lm(V, cell="rglru", num_layers=2, hidden_size=H, embedding_size=E)
+    assert lm.stack.norm == "rms" and lm.stack.residual
+    bare = js.models.RecurrentLM(V, E, js.Stack(lm.stack.layers))
+    params = lm.init(jax.random.key(0))
+    w, bias = np.asarray(params.head.w, np.float64), np.asarray(params.head.b, np.float64)
+    # |logit_v| <= ||h|| ||w_v|| + |b_v|, ||h|| = sqrt(H) after an RMS norm of unit scale
+    bound = np.max(np.sqrt(H) * np.linalg.norm(w, axis=0) + np.abs(bias)) + 1e-4
+    tokens = jnp.zeros((32, 2), jnp.int32)
+
+    @jax.jit
+    def chunks(params, bare_params):  # 8 chunks of 32 steps, each model's carry carried on
+        def one(carries, _):
+            c, logits = lm.apply(params, carries[0], tokens)
+            cb, logits_b = bare.apply(bare_params, carries[1], tokens)
+            return (c, cb), (jnp.max(jnp.abs(logits)), jnp.max(jnp.abs(logits_b)))
+
+        init = (lm.initial_carry((2,)), bare.initial_carry((2,)))
+        return jax.lax.scan(one, init, None, length=8)[1]
+
+    normed, unnormed = chunks(params, params._replace(stack=params.stack[:-1]))
+    assert np.all(np.isfinite(normed)) and np.max(normed) <= bound
+    assert unnormed[-1] > 2 * bound and unnormed[-1] > unnormed[0]  # the failure it prevents

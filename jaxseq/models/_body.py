@@ -53,6 +53,14 @@ CELLS = {
 # Names of mixed stacks :func:`recurrent_stack` builds besides one cell per layer.
 STACKS = ("xlstm",)
 
+# The js.Stack settings of a cell's stack where they differ from Stack's defaults.
+# The RG-LRU runs Griffin-style (De et al. 2024): pre-norm residual blocks (RMS
+# norm on each layer's input, the residual stream un-normalised) and a final
+# RMS norm before the head. A bare RG-LRU stack amplifies the constant part of
+# its input by up to sqrt((1 + a) / (1 - a)) as the carried state fills up;
+# the norms keep what each layer and the head see at unit scale.
+STACK_DEFAULTS = {"rglru": {"residual": True, "norm": "rms"}}
+
 
 def recurrent_stack(
     cell: str,
@@ -67,7 +75,11 @@ def recurrent_stack(
     """``num_layers`` cells named ``cell`` of size ``hidden_size`` (each direction), stacked.
 
     ``cell="xlstm"``: the mLSTM/sLSTM stack of :func:`jaxseq.models.xlstm_stack`,
-    which takes ``cell_kwargs`` (``slstm_at``, ``num_heads``, ...)."""
+    which takes ``cell_kwargs`` (``slstm_at``, ``num_heads``, ...).
+    ``cell="rglru"``: the Griffin-style arrangement (:data:`STACK_DEFAULTS`), a
+    ``js.Stack(..., residual=True, norm="rms")``: each layer's input RMS-normalised,
+    residual connections from the second layer on, a final RMS norm on the outputs.
+    The other cells stack plainly (no norm, no residual)."""
     _checks.check_choice("cell", cell, (*CELLS, *STACKS))
     h = _checks.check_positive_int("hidden_size", hidden_size)
     n = _checks.check_positive_int("num_layers", num_layers)
@@ -90,6 +102,7 @@ def recurrent_stack(
         tuple(layer() for _ in range(n)),
         dropout_rate=dropout_rate,
         variational_dropout=variational_dropout,
+        **STACK_DEFAULTS.get(cell, {}),
     )
 
 

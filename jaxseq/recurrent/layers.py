@@ -32,7 +32,22 @@ __all__ = [
     "BidirectionalCarry",
     "BidirectionalParams",
     "Stack",
+    "StackNormParams",
 ]
+
+NORMS = ("rms", "layer")
+
+
+class StackNormParams(NamedTuple):
+    """The learnt scales of a normalised :class:`Stack` (``norm="rms"`` or ``"layer"``).
+
+    ``inputs``: one scale ``[D_i]`` per layer, for the input of layer ``i``
+    (``D_0`` the stack's input size, ``D_i`` the output size of layer ``i - 1``);
+    ``output``: the scale ``[H]`` of the final norm on the last layer's outputs.
+    """
+
+    inputs: tuple  # one [D_i] per layer
+    output: jax.Array  # [H]
 
 
 def _check_layer_carry(layer, carry, batch_shape, name: str) -> None:
@@ -222,7 +237,19 @@ class Stack:
       variational_dropout: one dropout mask per sequence, shared by all time steps
         (Gal and Ghahramani 2016), instead of a fresh mask at every step.
 
-    Params: a tuple of the layers' params; carry: a tuple of their carries.
+      norm: ``None`` (default: no normalisation), ``"rms"`` or ``"layer"``: a
+        pre-norm stack, as in Transformers and Griffin's residual blocks (De et
+        al. 2024). Each layer gets its input normalised over the last axis,
+        ``x / sqrt(mean(x^2) + eps) * scale`` (``"rms"``) or ``(x - mean(x)) /
+        sqrt(var(x) + eps) * scale`` (``"layer"``, no bias), with a learnt
+        ``scale`` per feature (initialised to 1), while the residual adds the
+        un-normalised input; the last layer's outputs get a final norm of the
+        same kind. Statistics in float32, results in the input's dtype; zero
+        (padded) steps stay zero.
+      norm_eps: the ``eps`` of the norms (positive).
+
+    Params: a tuple of the layers' params, followed, with ``norm``, by a
+    :class:`StackNormParams` (the scales); carry: a tuple of the layers' carries.
 
     >>> import jax, jax.numpy as jnp, jaxseq as js
     >>> stack = js.Stack([js.LSTM(4), js.Bidirectional(js.GRU(2))], dropout_rate=0.1)
@@ -230,12 +257,21 @@ class Stack:
     >>> carries, ys = js.rollout(stack, params, jnp.ones((5, 2, 3)), key=jax.random.key(1))
     >>> ys.shape, len(carries), stack.output_size
     ((5, 2, 4), 2, 4)
+    >>> normed = js.Stack([js.recurrent.RGLRU(4), js.recurrent.RGLRU(4)], residual=True, norm="rms")
+    >>> params = normed.init(jax.random.key(0), input_size=3)
+    >>> [s.shape for s in params[-1].inputs], params[-1].output.shape
+    ([(3,), (4,)], (4,))
+    >>> ys = js.rollout(normed, params, jnp.ones((5, 2, 3)))[1]
+    >>> ys.shape, bool(jnp.allclose(jnp.mean(ys**2, axis=-1), 1.0, atol=1e-3))
+    ((5, 2, 4), True)
     """
 
     layers: tuple
     residual: bool = False
     dropout_rate: float = 0.0
     variational_dropout: bool = False
+    norm: str | None = None
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
         layers = tuple(self.layers) if isinstance(self.layers, collections.abc.Sequence) else None
@@ -243,6 +279,13 @@ class Stack:
             raise ValueError(f"layers: expected a non-empty sequence of cells, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         _checks.check_rate("dropout_rate", self.dropout_rate)
+        if self.norm is not None and (not isinstance(self.norm, str) or self.norm not in NORMS):
+            raise ValueError(
+                f"norm: expected None (no normalisation), 'rms' or 'layer', got {self.norm!r}"
+            )
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
+            raise ValueError(f"norm_eps: expected a positive number, got {eps!r}")
         sizes = [_check_output_size(layer, f"layers[{i}]") for i, layer in enumerate(layers)]
         if self.residual:
             for i in range(1, len(layers)):
@@ -258,12 +301,19 @@ class Stack:
         return self.layers[-1].output_size
 
     def init(self, key, input_size: int, dtype=jnp.float32) -> tuple:
-        """Params of every layer, bottom first, for inputs ``[..., D]``, ``D = input_size``."""
+        """Params of every layer, bottom first, for inputs ``[..., D]``, ``D = input_size``,
+        then (with ``norm``) a :class:`StackNormParams` of unit scales."""
         _checks.check_key("key", key)
-        params, d = [], input_size
+        params, sizes, d = [], [], input_size
         for layer, k in zip(self.layers, jax.random.split(key, len(self.layers))):
             params.append(layer.init(k, d, dtype))
+            sizes.append(d)
             d = layer.output_size
+        if self.norm is not None:
+            scales = tuple(
+                jnp.ones((_checks.check_positive_int("input_size", s),), dtype) for s in sizes
+            )
+            params.append(StackNormParams(scales, jnp.ones((d,), dtype)))
         return tuple(params)
 
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> tuple:
@@ -301,7 +351,8 @@ class Stack:
             _check_layer_carry(layer, c, batch_shape, f"{name}[{i}]")
 
     def check_params(self, params) -> None:
-        """Checks that ``params`` is a tuple (or list) of one params per layer.
+        """Checks that ``params`` is a tuple (or list) of one params per layer
+        (then, with ``norm``, a :class:`StackNormParams` of the right sizes).
 
         A single layer's params are rejected even when their number of fields
         happens to equal the number of layers. The layers' own params are
@@ -317,6 +368,8 @@ class Stack:
         """
         n = len(self.layers)
         what = f"params: expected a tuple of {n} layer params (one per layer of the Stack)"
+        if self.norm is not None:
+            what += f" and a StackNormParams (norm={self.norm!r})"
         if _is_record(params):
             raise TypeError(
                 f"{what}, got {type(params).__name__} (the params of a single layer); "
@@ -324,8 +377,32 @@ class Stack:
             )
         if not isinstance(params, tuple | list):
             raise TypeError(f"{what}, got {type(params).__name__}")
-        if len(params) != n:
+        if len(params) != n + (self.norm is not None):
             raise ValueError(f"{what}, got a {type(params).__name__} of {len(params)}")
+        if self.norm is not None:
+            self._check_norm_params(params[n])
+
+    def _check_norm_params(self, norms) -> None:
+        """The scales of a normalised stack: ``inputs[i]: [D_i]`` (``D_i`` the output
+        size of layer ``i - 1`` from the second layer on), ``output: [H]``."""
+        n = len(self.layers)
+        if not isinstance(norms, StackNormParams):
+            raise TypeError(
+                f"params[{n}]: expected StackNormParams (the scales of norm={self.norm!r}), "
+                f"got {type(norms).__name__}; stack.init makes them"
+            )
+        if not isinstance(norms.inputs, tuple | list) or len(norms.inputs) != n:
+            raise ValueError(
+                f"params[{n}].inputs: expected a tuple of {n} scales (one per layer), "
+                f"got {norms.inputs!r:.80}"
+            )
+        sizes = [None] + [layer.output_size for layer in self.layers[:-1]]
+        for i, (scale, d) in enumerate(zip(norms.inputs, sizes)):
+            _checks.check_shape(
+                f"params[{n}].inputs[{i}]", _checks.as_array("scale", scale), (d,), ("D",)
+            )
+        out = _checks.as_array(f"params[{n}].output", norms.output)
+        _checks.check_shape(f"params[{n}].output", out, (self.output_size,), ("H",))
 
     def check_input(self, params, x, name: str = "x", min_ndim: int = 1) -> None:
         """Checks the inputs ``x: [..., D]`` against the first layer's params (when
@@ -356,6 +433,9 @@ class Stack:
         The outputs of each layer are zero at padded steps, so they enter the
         next layer as its inputs with nothing to mask again.
 
+        With ``norm``, each layer runs on its normalised input and the outputs get
+        the final norm (see the class docstring).
+
         Returns ``(carries, ys)``: a tuple with each layer's final carry, and the
         last layer's outputs ``[T, *B, H_last]``.
 
@@ -370,10 +450,12 @@ class Stack:
         carry = (None,) * n if carry is None else carry
         use_dropout = key is not None and self.dropout_rate > 0.0
         keys = jax.random.split(key, max(n - 1, 1)) if use_dropout else None
+        norms = None if self.norm is None else params[n]
         carries, h = [], seq.xs
         for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):
             k_layer = None if key is None else jax.random.fold_in(key, i)
-            c, y = run(layer, p, seq._replace(xs=h), c, options, k_layer)
+            x = h if norms is None else self._normalise(norms.inputs[i], h, f"inputs[{i}]")
+            c, y = run(layer, p, seq._replace(xs=x), c, options, k_layer)
             _check_output(layer, i, y)
             if self.residual and i > 0:
                 y = y + h.astype(y.dtype)
@@ -381,7 +463,23 @@ class Stack:
                 y = dropout(keys[i], y, self.dropout_rate, shared_axes=_time_axes(self))
             carries.append(c)
             h = y
+        if norms is not None:
+            h = self._normalise(norms.output, h, "output")
         return tuple(carries), h
+
+    def _normalise(self, scale, x, name: str):
+        """``x: [..., D]`` normalised over its last axis (``self.norm``), times ``scale [D]``."""
+        if scale.shape != x.shape[-1:]:
+            raise ValueError(
+                f"params[{len(self.layers)}].{name}: expected a scale of shape "
+                f"[{x.shape[-1]}] (the last dim of what it normalises), got {_checks.describe(scale)}"
+            )
+        xf = x.astype(jnp.float32)
+        if self.norm == "layer":
+            xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.norm_eps)
+        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
+        return (y * scale).astype(x.dtype)
 
 
 def _check_output(layer, i: int, y) -> None:
