@@ -359,14 +359,17 @@ def test_resume_with_a_larger_num_steps_extends_the_run(key, tmp_path):
     series = np.sin(np.arange(400) * 0.2).astype(np.float32)
     bt = data.SeriesBatcher(series, 4, 5)
     lr = 1e-2
+    steps = {}  # an optimizer and train step per schedule, compiled once for all the runs
 
     def run(num_steps, total_steps, out, restore=True):
-        opt = train.make_optimizer("adam", lr, total_steps=total_steps, final_lr_ratio=0.1)
+        if total_steps not in steps:
+            opt = train.make_optimizer("adam", lr, total_steps=total_steps, final_lr_ratio=0.1)
+            steps[total_steps] = opt, train.make_train_step(loss_fn, opt)
+        opt, step = steps[total_steps]
         state = train.init_state(init(key), opt, key, cell.initial_carry((4,)))
         ckpt = js.Checkpointer(out)
         if restore and ckpt.latest_step() is not None:
             state, _ = ckpt.restore(state)
-        step = train.make_train_step(loss_fn, opt)
         lrs = {}
         state, info = train.fit(
             step, state, bt, num_steps=num_steps, checkpointer=ckpt,
