@@ -244,3 +244,14 @@ def test_rglru_lm_logits_stay_bounded_over_carried_chunks():
     normed, unnormed = chunks(params, params._replace(stack=params.stack[:-1]))
     assert np.all(np.isfinite(normed)) and np.max(normed) <= bound
     assert unnormed[-1] > 2 * bound and unnormed[-1] > unnormed[0]  # the failure it prevents
+
+
+def test_normalised_stack_gradients():
+    from jax.test_util import check_grads
+
+    with jax.enable_x64(True):
+        stack = js.Stack([js.recurrent.RGLRU(3), js.recurrent.RGLRU(3)], residual=True, norm="rms")
+        params = stack.init(jax.random.key(0), 2, jnp.float64)
+        xs = 1.0 + jax.random.normal(jax.random.key(1), (4, 2), jnp.float64)
+        f = jax.jit(lambda p, x: js.rollout(stack, p, x)[1])
+        check_grads(f, (params, xs), order=1, modes=["rev"], eps=1e-5)

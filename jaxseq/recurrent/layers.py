@@ -236,7 +236,6 @@ class Stack:
         only when the rollout gets a ``key``.
       variational_dropout: one dropout mask per sequence, shared by all time steps
         (Gal and Ghahramani 2016), instead of a fresh mask at every step.
-
       norm: ``None`` (default: no normalisation), ``"rms"`` or ``"layer"``: a
         pre-norm stack, as in Transformers and Griffin's residual blocks (De et
         al. 2024). Each layer gets its input normalised over the last axis,
@@ -244,8 +243,8 @@ class Stack:
         sqrt(var(x) + eps) * scale`` (``"layer"``, no bias), with a learnt
         ``scale`` per feature (initialised to 1), while the residual adds the
         un-normalised input; the last layer's outputs get a final norm of the
-        same kind. Statistics in float32, results in the input's dtype; zero
-        (padded) steps stay zero.
+        same kind. Statistics in float32 (float64 for float64 inputs), results in
+        the input's dtype; zero (padded) steps stay zero.
       norm_eps: the ``eps`` of the norms (positive).
 
     Params: a tuple of the layers' params, followed, with ``norm``, by a
@@ -474,11 +473,11 @@ class Stack:
                 f"params[{len(self.layers)}].{name}: expected a scale of shape "
                 f"[{x.shape[-1]}] (the last dim of what it normalises), got {_checks.describe(scale)}"
             )
-        xf = x.astype(jnp.float32)
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float32 at least
         if self.norm == "layer":
             xf = xf - jnp.mean(xf, axis=-1, keepdims=True)
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.norm_eps)
-        scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
+        scale = scale.astype(xf.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
         return (y * scale).astype(x.dtype)
 
 
