@@ -274,6 +274,21 @@ def test_chunked_equals_recurrent_for_any_chunk_and_lengths(chunk, lengths, reve
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_the_unrolled_and_the_looped_pass_across_chunks_agree_with_recurrent():
+    # 34 steps: chunks of 3 give 12 chunks (the pass across them unrolled), chunks of 2
+    # give 17 (a loop); resets, padding, an initial state and reverse in both
+    t = 34
+    xs = _inputs(seed=3, t=t)
+    reset = jnp.asarray(np.random.default_rng(4).random((t, B)) < 0.1)
+    args = (xs, _state(), reset, jnp.array([t, 29, 5]))
+    s0, h0 = _compiled("recurrent", 1, True)(*args)
+    for chunk in (3, 2):
+        s1, h1 = _compiled("chunked", chunk, True)(*args)
+        np.testing.assert_allclose(h1, h0, atol=1e-4, rtol=1e-4)
+        for a, b in zip(_unscaled(s1), _unscaled(s0)):
+            np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
 # ---- the cell -------------------------------------------------------------------------------
 
 H, D = 8, 5

@@ -83,6 +83,7 @@ __all__ = [
 MLSTM_MODES = LINEAR_ATTENTION_MODES
 FORGET_GATES = ("sigmoid", "exp")
 _HIGHEST = jax.lax.Precision.HIGHEST
+_UNROLL_CHUNKS = 16  # the chunked mode's loop across at most this many chunks is unrolled
 
 
 def _einsum(spec, *xs):
@@ -228,7 +229,10 @@ def _chunk_states(k, v, li, after, keep, seg, start, state):
         n_new = old[:, None] * n + new[:, None] * dn_i
         return MLSTMState(c_new, n_new, m_new), s
 
-    return jax.lax.scan(body, state, (dc, dn, a_max, decay, through))
+    # a scan over few chunks runs as straight-line code: no loop, no per-step copies of
+    # the carried state, and XLA fuses across the steps
+    unroll = dc.shape[0] if dc.shape[0] <= _UNROLL_CHUNKS else 1
+    return jax.lax.scan(body, state, (dc, dn, a_max, decay, through), unroll=unroll)
 
 
 def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
