@@ -295,6 +295,17 @@ def _is_layer(value) -> bool:
     return hasattr(value, "init") and hasattr(value, "output_size") and not isinstance(value, type)
 
 
+def stack_norm(stack) -> dict:
+    """``{"norm": ..., "norm_eps": ...}`` of a normalised stack for a model's config, else ``{}``
+    (a stack without norms records nothing new, so earlier configs compare equal).
+
+    >>> stack_norm(recurrent_stack("rglru", 4, 2))
+    {'norm': 'rms', 'norm_eps': 1e-06}
+    """
+    norm = getattr(stack, "norm", None)
+    return {} if norm is None else {"norm": norm, "norm_eps": float(stack.norm_eps)}
+
+
 def describe_layer(name: str, layer) -> dict:
     """A JSON-able description of a cell or layer: ``{"type": ..., <settings>}``.
 

@@ -36,6 +36,7 @@ from jaxseq.models._body import (
     init_body,
     recurrent_stack,
     run_body,
+    stack_norm,
     time_major_tokens,
     token_ids,
     valid_steps,
@@ -142,6 +143,7 @@ class RecurrentLM:
             "dropout_rate": float(self.dropout_rate),
             "variational_dropout": bool(self.variational_dropout),
             "stack_variational_dropout": bool(self.stack.variational_dropout),
+            **stack_norm(self.stack),
         }
 
     def check_tokens(self, tokens, name: str = "tokens"):

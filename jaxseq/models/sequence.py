@@ -24,6 +24,7 @@ from jaxseq.models._body import (
     pool_last,
     recurrent_stack,
     run_body,
+    stack_norm,
     time_major_tokens,
     token_ids,
     valid_steps,
@@ -111,6 +112,7 @@ class _SequenceModel:
             "residual": bool(self.stack.residual),
             "stack_dropout": float(self.stack.dropout_rate),
             "stack_variational_dropout": bool(self.stack.variational_dropout),
+            **stack_norm(self.stack),
         }
 
     def check_params(self, params, name: str = "params") -> None:

@@ -48,6 +48,7 @@ from jaxseq.recurrent.layers import (
     BidirectionalCarry,
     BidirectionalParams,
     Stack,
+    StackNormParams,
 )
 from jaxseq.recurrent.linear import linear_recurrence
 from jaxseq.recurrent.linear_attention import linear_attention
@@ -94,6 +95,7 @@ __all__ = [
     "SLSTM_RULE",
     "Sequence",
     "Stack",
+    "StackNormParams",
     "TANH_RULE",
     "auto_unroll",
     "fused_rule",
