@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import acc_dtype, add_bias, matmul_f32
+from jaxseq.recurrent.cells import _CellBase
 from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
     _check_options,
@@ -636,17 +637,8 @@ class MLSTM:
                 )
             _checks.check_floating(f"{name}.{field}", leaf)
 
-    def check_input(self, params, x, name: str = "x", min_ndim: int = 1) -> None:
-        """Checks ``x: [..., D]`` against ``params`` (trace time)."""
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: expected an array, got {type(x).__name__}")
-        _checks.check_floating(name, x)
-        _checks.check_min_ndim(name, x, min_ndim, "[..., D]")
-        d = params.w_ih.shape[0]
-        if x.shape[-1] != d:
-            raise ValueError(
-                f"{name}: expected last dim D={d} (the input_size of params), got {_checks.describe(x)}"
-            )
+    # ``x: [..., D]`` against ``params.w_ih [D, ...]``, as every built-in cell checks it.
+    check_input = _CellBase.check_input
 
     # -- computation ----------------------------------------------------------------
     def project(self, params, x):
