@@ -13,8 +13,9 @@ Questions:
    at least 4x faster than recurrent fwd+bwd at T=4096, memory growing
    linearly in T, and fwd+bwd at T=16384 within 2 GiB.
 2. The same shapes through ``js.recurrent.mlstm_recurrence`` (chunked, chunks
-   of 64) and ``mlstm_kernels``' JAX native chunkwise mLSTM (a peer, when
-   importable; the mLSTM adds a normaliser and a max-stabiliser to this
+   of 64; time-major ``[T, B, K, D]``, and heads-major ``[B, K, T, D]``: the
+   peer's own arrays) and ``mlstm_kernels``' JAX native chunkwise mLSTM (a peer,
+   when importable; the mLSTM adds a normaliser and a max-stabiliser to this
    recurrence), up to ``--mlstm-max-T``.
 3. ``js.recurrent.RGLRU(H)`` rollout fwd+bwd at ``(B, T, H) = (4, 4096, 256)``
    against a plain ``lax.scan`` of the same recurrence (same coefficients), the
@@ -67,6 +68,7 @@ from benchmarks._timing import time_interleaved
 MODES = ("recurrent", "chunked", "parallel")
 MLSTM = "mlstm_kernels"
 MLSTM_OURS = "jaxseq mlstm_recurrence (chunked)"
+MLSTM_OURS_HM = "jaxseq mlstm_recurrence (chunked, heads-major)"
 T_FULL = (256, 1024, 4096, 16384)
 T_QUICK = (64, 256)
 CHUNK = 64
@@ -228,9 +230,11 @@ def mlstm_fn(kernel, train: bool):
     return jax.grad(lambda *a: jnp.sum(fwd(*a)), argnums=(0, 1, 2, 3, 4))
 
 
-def ours_mlstm_fn(train: bool):
+def ours_mlstm_fn(train: bool, layout: str = "time_major"):
     def fwd(q, k, v, i, f):
-        return js.recurrent.mlstm_recurrence(q, k, v, i, f, mode="chunked", chunk=CHUNK)[1]
+        return js.recurrent.mlstm_recurrence(
+            q, k, v, i, f, mode="chunked", chunk=CHUNK, layout=layout
+        )[1]
 
     if not train:
         return fwd
@@ -287,6 +291,8 @@ def _mlstm_contenders(cfg, t, train, mlstm, mlstm_error, fns, all_args):
     peer_args = mlstm_inputs(t, cfg.batch, cfg.heads, cfg.dk, cfg.dv)
     fns[MLSTM_OURS] = ours_mlstm_fn(train)
     all_args[MLSTM_OURS] = time_major(peer_args)
+    fns[MLSTM_OURS_HM] = ours_mlstm_fn(train, "heads_major")  # the peer's arrays as they are
+    all_args[MLSTM_OURS_HM] = peer_args
     fns[MLSTM] = mlstm_fn(mlstm, train)
     all_args[MLSTM] = peer_args
     return None
@@ -439,13 +445,13 @@ def plot(records: list[dict], path) -> bool:
     if not la:
         return False
     for ax, pas in zip(axes, ("fwd", "fwd+bwd"), strict=True):
-        for mode in (*MODES, MLSTM_OURS, MLSTM):
+        for mode in (*MODES, MLSTM_OURS, MLSTM_OURS_HM, MLSTM):
             rs = sorted(
                 (r for r in la if r["mode"] == mode and r["pass"] == pas and r["status"] == "ok"),
                 key=lambda r: r["T"],
             )
             if rs:
-                style = "--" if mode in (MLSTM, MLSTM_OURS) else "-"
+                style = "--" if mode in (MLSTM, MLSTM_OURS, MLSTM_OURS_HM) else "-"
                 xs, ys = [r["T"] for r in rs], [r["median_ms"] for r in rs]
                 ax.plot(xs, ys, style, marker="o", label=mode)
         ax.set_xscale("log", base=2)

@@ -289,6 +289,55 @@ def test_the_unrolled_and_the_looped_pass_across_chunks_agree_with_recurrent():
             np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
+def _heads_major(x):
+    """``[T, B, K, ...]`` -> ``[B, K, T, ...]`` (gates ``[T, B, K]`` -> ``[B, K, T]``)."""
+    return jnp.moveaxis(x, 0, 2)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_heads_major_layout_matches_the_float64_loop_in_every_mode(reverse):
+    # inputs [B, K, T, D], reset [B, T]: the loop's (time-major) results moved to that
+    # layout; 34 steps in chunks of 3 and 2 take the unrolled and the looped pass across
+    # chunks; the state keeps its layout
+    t = 34
+    with jax.enable_x64(True):
+        xs = _inputs(seed=5, t=t, dtype=jnp.float64)
+        s0 = _state(dtype=jnp.float64)
+        reset = jnp.asarray(np.random.default_rng(6).random((t, B)) < 0.15)
+        lengths = jnp.array([t, 29, 0])
+        (c, n, m), h = ref_mlstm(*xs, s0, reset=reset, lengths=lengths, reverse=reverse)
+        modes = [("recurrent", 4), ("chunked", 3), ("chunked", 2), ("parallel", 64)]
+        hm = [_heads_major(x) for x in xs]
+        outs = _all_modes(
+            lambda mode, chunk: mlstm_recurrence(
+                *hm, initial_state=s0, reset=reset.T, lengths=lengths, reverse=reverse,
+                mode=mode, chunk=chunk, layout="heads_major",
+            ),
+            modes,
+        )  # fmt: skip
+        for (mode, chunk), (state, hj) in zip(modes, outs):
+            assert hj.shape == (B, K, t, DV)
+            np.testing.assert_allclose(hj, _heads_major(h), atol=1e-12, rtol=1e-9, err_msg=mode)
+            np.testing.assert_allclose(state.m, m, atol=1e-12, err_msg=f"{mode} {chunk}")
+            for got, want in zip(_unscaled(state), _unscaled((c, n, m))):
+                np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=mode)
+
+
+def test_heads_major_errors_name_the_layout():
+    q, k, v, i_pre, f_pre = (_heads_major(x) for x in _inputs())
+    hm = dict(layout="heads_major")
+    with pytest.raises(ValueError, match=r"i_pre: expected shape \[3, 2, 7\] \(\[\*B, K, T\]"):
+        mlstm_recurrence(q, k, v, i_pre[..., :1], f_pre, **hm)
+    with pytest.raises(ValueError, match=r"reset: expected shape \[3, 7\] \(\[\*B, T\]"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, reset=jnp.zeros((7, 3), bool), **hm)
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 7\]"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, lengths=jnp.array([8, 1, 1]), **hm)
+    with pytest.raises(ValueError, match=r"v: expected shape .*\[\*B, K, T, Dv\]"):
+        mlstm_recurrence(q, k, v[:, :1], i_pre, f_pre, **hm)
+    with pytest.raises(ValueError, match=r"layout"):
+        mlstm_recurrence(q, k, v, i_pre, f_pre, layout="batch_major")
+
+
 # ---- the cell -------------------------------------------------------------------------------
 
 H, D = 8, 5

@@ -183,14 +183,20 @@ class _CellBase:
             _checks.check_floating(f"{name}.{field}", getattr(params, field))
 
     # -- carry ----------------------------------------------------------------------
-    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
-        """Zeros of shape ``[*batch_shape, H]`` for every carry field."""
+    @staticmethod
+    def _carry_spec(batch_shape, dtype) -> tuple:
+        """``batch_shape`` as a tuple of ints, after checking it and ``dtype`` (floating)."""
         try:
             batch_shape = tuple(int(d) for d in batch_shape)
         except TypeError:
             raise TypeError(f"batch_shape: expected a tuple of ints, got {batch_shape!r}") from None
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype: expected a floating dtype, got {jnp.dtype(dtype).name}")
+        return batch_shape
+
+    def initial_carry(self, batch_shape=(), dtype=jnp.float32):
+        """Zeros of shape ``[*batch_shape, H]`` for every carry field."""
+        batch_shape = self._carry_spec(batch_shape, dtype)
         z = jnp.zeros(batch_shape + (self.hidden_size,), dtype)
         return self.carry_type(*([z] * len(self.carry_type._fields)))
 

@@ -321,20 +321,21 @@ def _chunked(q, k, v, g, reset, s0, length: int):
 # --------------------------------------------------------------------------- checks
 
 
-def _check_qkv(q, k, v):
+def _check_qkv(q, k, v, lead: str = "T, *B, K"):
+    """``lead``: the layout of the dimensions before the feature dimension."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-            raise TypeError(f"{name}: expected an array [T, *B, K, D], got {type(x).__name__}")
+            raise TypeError(f"{name}: expected an array [{lead}, D], got {type(x).__name__}")
         _checks.check_floating(name, x)
-        _checks.check_min_ndim(name, x, 3, "[T, *B, K, D]")
+        _checks.check_min_ndim(name, x, 3, f"[{lead}, D]")
     if tuple(k.shape) != tuple(q.shape):
         raise ValueError(
-            f"k: expected the shape of q {_checks.describe(q)} ([T, *B, K, Dk]), "
+            f"k: expected the shape of q {_checks.describe(q)} ([{lead}, Dk]), "
             f"got {_checks.describe(k)}"
         )
     if tuple(v.shape[:-1]) != tuple(q.shape[:-1]):
         raise ValueError(
-            f"v: expected shape {[*q.shape[:-1], 'Dv']} ([T, *B, K, Dv] of q "
+            f"v: expected shape {[*q.shape[:-1], 'Dv']} ([{lead}, Dv] of q "
             f"{_checks.describe(q)}), got {_checks.describe(v)}"
         )
 
@@ -364,8 +365,14 @@ def _check_state(initial_state, q, v):
     return initial_state
 
 
-def _check_options(q, reset, lengths, reverse, mode, chunk):
-    t, batch_shape = q.shape[0], tuple(q.shape[1:-2])
+def _check_options(q, reset, lengths, reverse, mode, chunk, heads_major: bool = False):
+    """``heads_major``: ``q`` is ``[*B, K, T, Dk]`` and ``reset`` ``[*B, T]``."""
+    if heads_major:
+        t, batch_shape = q.shape[-2], tuple(q.shape[:-3])
+        flags_shape, flags_layout = (*batch_shape, t), "[*B, T]"
+    else:
+        t, batch_shape = q.shape[0], tuple(q.shape[1:-2])
+        flags_shape, flags_layout = (t, *batch_shape), "[T, *B]"
     _checks.check_choice("mode", mode, LINEAR_ATTENTION_MODES)
     chunk = _checks.check_positive_int("chunk", chunk)
     if not isinstance(reverse, bool | np.bool_):
@@ -373,7 +380,7 @@ def _check_options(q, reset, lengths, reverse, mode, chunk):
     if lengths is not None:
         lengths = _checks.check_step_lengths(lengths, batch_shape, t, q)
     if reset is not None:
-        reset = _checks.check_step_flags("reset", reset, (t, *batch_shape), "[T, *B]", "q", q)
+        reset = _checks.check_step_flags("reset", reset, flags_shape, flags_layout, "q", q)
     return reset, lengths, bool(reverse), chunk
 
 

@@ -68,7 +68,6 @@ from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
     _check_options,
     _check_qkv,
-    _to_chunks,
 )
 from jaxseq.recurrent.minimal import _StepView
 from jaxseq.recurrent.rollouts import RolloutOptions, run
@@ -82,6 +81,7 @@ __all__ = [
 ]
 
 MLSTM_MODES = LINEAR_ATTENTION_MODES
+LAYOUTS = ("time_major", "heads_major")
 FORGET_GATES = ("sigmoid", "exp")
 _HIGHEST = jax.lax.Precision.HIGHEST
 _UNROLL_CHUNKS = 16  # the chunked mode's loop across at most this many chunks is unrolled
@@ -187,22 +187,23 @@ def _expand(mask, x):
 
 
 def _pad(length: int, q, k, v, li, lf, keep, reset):
-    """Pads ``T`` to a multiple of ``length`` with steps that change nothing (``keep`` False)."""
-    pad = -q.shape[0] % length
+    """Pads ``T`` (axis 1: ``[N, T, ...]``) to a multiple of ``length`` with steps that
+    change nothing (``keep`` False)."""
+    pad = -q.shape[1] % length
     if not pad:
         return q, k, v, li, lf, keep, reset
     if keep is None:
         keep = jnp.ones(q.shape[:2], bool)
-    cat = lambda x: jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)], axis=0)
+    cat = lambda x: jnp.concatenate([x, jnp.zeros((x.shape[0], pad) + x.shape[2:], x.dtype)], 1)
     reset = None if reset is None else cat(reset)
     return cat(q), cat(k), cat(v), cat(li), cat(lf), cat(keep), reset
 
 
 def _chunk_states(k, v, li, after, keep, seg, start, state):
-    """The state entering every chunk, ``([C, N, Dk, Dv], [C, N, Dk], [C, N])``, and the
-    last. ``k: [C, N, L, Dk]``, ``li, start: [C, N, L]``, ``after: [C, N, L]`` the log
-    forget gates summed from step ``s + 1`` to the chunk end, ``keep: bool[C, N, L]``,
-    ``seg: int[C, N, L]`` resets so far in the chunk or None."""
+    """The last state and the state entering every chunk, ``([N, C, Dk, Dv], [N, C, Dk],
+    [N, C])``. ``k: [N, C, L, Dk]``, ``li, start: [N, C, L]``, ``after: [N, C, L]`` the
+    log forget gates summed from step ``s + 1`` to the chunk end, ``keep: bool[N, C, L]``,
+    ``seg: int[N, C, L]`` resets so far in the chunk or None."""
     neg = jnp.finfo(k.dtype).min
     last = None if seg is None else seg == seg[..., -1:]  # steps that reach the chunk end
     src = keep if last is None else (last if keep is None else last & keep)
@@ -212,7 +213,7 @@ def _chunk_states(k, v, li, after, keep, seg, start, state):
     a_max = jnp.max(a, axis=-1)
     w = jnp.exp(a - a_max[..., None])
     kw = k * w[..., None]
-    dc = _einsum("cnld,cnle->cnde", kw, v)  # each chunk's own part, scaled by exp(-a_max)
+    dc = _einsum("ncld,ncle->ncde", kw, v)  # each chunk's own part, scaled by exp(-a_max)
     dn = jnp.sum(kw, axis=2)
     through = None if seg is None else seg[..., -1] == 0  # the entering state reaches the end
     decay = start[..., -1]  # log f summed over the chunk (over its last segment)
@@ -230,24 +231,35 @@ def _chunk_states(k, v, li, after, keep, seg, start, state):
         n_new = old[:, None] * n + new[:, None] * dn_i
         return MLSTMState(c_new, n_new, m_new), s
 
-    # a scan over few chunks runs as straight-line code: no loop, no per-step copies of
-    # the carried state, and XLA fuses across the steps
-    unroll = dc.shape[0] if dc.shape[0] <= _UNROLL_CHUNKS else 1
-    return jax.lax.scan(body, state, (dc, dn, a_max, decay, through), unroll=unroll)
+    xs = (dc, dn, a_max, decay, through)
+    chunks = dc.shape[1]
+    if chunks <= _UNROLL_CHUNKS:
+        # few chunks: straight-line code (no loop, no per-step copies of the carried state,
+        # XLA fuses across the steps), the entering states stacked chunk-minor, as used
+        entering = []
+        for i in range(chunks):
+            state, prev = body(state, tuple(None if x is None else x[:, i] for x in xs))
+            entering.append(prev)
+        return state, MLSTMState(*(jnp.stack(parts, axis=1) for parts in zip(*entering)))
+    xs = tuple(None if x is None else jnp.swapaxes(x, 0, 1) for x in xs)
+    state, entering = jax.lax.scan(body, state, xs)
+    return state, MLSTMState(*(jnp.swapaxes(x, 0, 1) for x in entering))
 
 
 def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
-    """As :func:`_recurrent`, with chunks of ``length`` steps (``length = T``: parallel)."""
-    t = q.shape[0]
+    """As :func:`_recurrent`, heads first (``q: [N, T, Dk]``, ``li: [N, T]``, ... ->
+    ``h [N, T, Dv]``), with chunks of ``length`` steps (``length = T``: parallel). Chunks
+    are a reshape of this layout: ``[N, C, L, ...]``."""
+    t = q.shape[1]
     q, k, v, li, lf, keep, reset = (
-        None if x is None else _to_chunks(x, length)
+        None if x is None else x.reshape((x.shape[0], -1, length) + x.shape[2:])
         for x in _pad(length, q, k, v, li, lf, keep, reset)
     )
     steps = jnp.arange(length)
     causal = steps[:, None] >= steps[None, :]  # [t, s]: s <= t
     # sums along the chunk as matmuls with triangular 0/1 matrices (a cumulative sum is a
     # reduce-window on CPU, many times slower): each a direct sum of its own terms
-    sums = lambda x, mask: _einsum("cnu,ut->cnt", x, mask.astype(x.dtype))
+    sums = lambda x, mask: _einsum("ncu,ut->nct", x, mask.astype(x.dtype))
     b = sums(lf, causal.T)  # log f summed from the chunk start to t (inclusive)
     after = sums(lf, ~causal.T)  # from s + 1 to the chunk end
     same = causal[None, None]  # [1, 1, L, L]
@@ -264,21 +276,20 @@ def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
     # chunk keeps them short)
     # (log_w[t, s] = b_t + u[t, s]: the row's max and the stabilised weights from u directly)
     pairs = same if keep is None else same & keep[..., None, :]  # step s reaches step t
-    u = jnp.where(pairs, (li - b)[..., None, :], jnp.finfo(q.dtype).min)  # [C, N, L, L]
+    u = jnp.where(pairs, (li - b)[..., None, :], jnp.finfo(q.dtype).min)  # [N, C, L, L]
     entering = start + m_in[..., None]  # log-weight of the entering state at step t
     if seg is not None:
         entering = jnp.where(seg == 0, entering, start)  # after a reset: the empty state, m = 0
-    m = jnp.maximum(entering, b + jnp.max(u, axis=-1))  # [C, N, L]: m_t of the recurrence
-    scores = _einsum("cntd,cnsd->cnts", q, k) * jnp.exp(u + (b - m)[..., None])
+    m = jnp.maximum(entering, b + jnp.max(u, axis=-1))  # [N, C, L]: m_t of the recurrence
+    scores = _einsum("nctd,ncsd->ncts", q, k) * jnp.exp(u + (b - m)[..., None])
     inter = jnp.exp(entering - m)
     if seg is not None:
         inter = jnp.where(seg == 0, inter, jnp.zeros((), inter.dtype))
     q_in = q * inter[..., None]
-    num = _einsum("cnld,cnde->cnle", q_in, c_in) + _einsum("cnts,cnse->cnte", scores, v)
-    den = _einsum("cnld,cnd->cnl", q_in, n_in) + jnp.sum(scores, axis=-1)
+    num = _einsum("ncld,ncde->ncle", q_in, c_in) + _einsum("ncts,ncse->ncte", scores, v)
+    den = _einsum("ncld,ncd->ncl", q_in, n_in) + jnp.sum(scores, axis=-1)
     h = num / (jnp.maximum(jnp.abs(den), _floor(m)) + eps)[..., None]
-    h = jnp.swapaxes(h, 1, 2)
-    return last, h.reshape((-1,) + h.shape[2:])[:t]
+    return last, h.reshape((h.shape[0], -1, h.shape[-1]))[:, :t]
 
 
 # --------------------------------------------------------------------------- checks
@@ -290,26 +301,26 @@ def _check_number(name: str, value, low: float) -> float:
     return float(value)
 
 
-def _check_gates(i_pre, f_pre, q):
+def _check_gates(i_pre, f_pre, q, lead: str = "T, *B, K"):
     out = []
     for name, x in (("i_pre", i_pre), ("f_pre", f_pre)):
         x = _checks.as_array(name, x)
         _checks.check_floating(name, x)
         if tuple(x.shape) != tuple(q.shape[:-1]):
             raise ValueError(
-                f"{name}: expected shape {list(q.shape[:-1])} ([T, *B, K], one gate per head, "
+                f"{name}: expected shape {list(q.shape[:-1])} ([{lead}], one gate per head, "
                 f"of q {_checks.describe(q)}), got {_checks.describe(x)}"
             )
         out.append(x)
     return out
 
 
-def _check_state(initial_state, q, v) -> MLSTMState:
+def _check_state(initial_state, q, v, heads_major: bool = False) -> MLSTMState:
     if not isinstance(initial_state, tuple) or len(initial_state) != 3:
         raise TypeError(
             f"initial_state: expected an MLSTMState (c, n, m), got {type(initial_state).__name__}"
         )
-    lead = tuple(q.shape[1:-1])
+    lead = tuple(q.shape[:-2]) if heads_major else tuple(q.shape[1:-1])  # [*B, K]
     wants = (
         ("c", (*lead, q.shape[-1], v.shape[-1]), "[*B, K, Dk, Dv]"),
         ("n", (*lead, q.shape[-1]), "[*B, K, Dk]"),
@@ -347,6 +358,7 @@ def mlstm_recurrence(
     chunk=64,
     forget_gate="sigmoid",
     eps=1e-6,
+    layout="time_major",
 ):
     """Runs the stabilised mLSTM recurrence (see the module docstring) over ``T`` steps.
 
@@ -370,6 +382,12 @@ def mlstm_recurrence(
       chunk: chunk length ``L`` of the chunked mode.
       forget_gate: ``"sigmoid"`` (default) or ``"exp"``.
       eps: added to the normaliser's denominator (default ``1e-6``).
+      layout: ``"time_major"`` (default: the shapes above) or ``"heads_major"``:
+        ``q, k: [*B, K, T, Dk]``, ``v: [*B, K, T, Dv]``, ``i_pre, f_pre: [*B, K, T]``,
+        ``reset: bool[*B, T]``, ``h [*B, K, T, Dv]`` (``lengths`` and the state as
+        above): the layout of ``mlstm_kernels`` and flash-linear-attention, in which
+        the chunked mode's chunks are a reshape (time-major inputs are transposed
+        to it inside, and its outputs back).
 
     Returns:
       ``(final_state, h [T, *B, K, Dv])``: the :class:`MLSTMState` after the last
@@ -388,26 +406,46 @@ def mlstm_recurrence(
     >>> [round(x, 4) for x in h[:, 0, 0].tolist()]
     [1.0, 1.5, 3.0]
     """
-    _check_qkv(q, k, v)
-    i_pre, f_pre = _check_gates(i_pre, f_pre, q)
+    _checks.check_choice("layout", layout, LAYOUTS)
+    heads_major = layout == "heads_major"
+    lead = "*B, K, T" if heads_major else "T, *B, K"
+    _check_qkv(q, k, v, lead)
+    i_pre, f_pre = _check_gates(i_pre, f_pre, q, lead)
     if initial_state is not None:
-        initial_state = _check_state(initial_state, q, v)
+        initial_state = _check_state(initial_state, q, v, heads_major)
     _checks.check_choice("forget_gate", forget_gate, FORGET_GATES)
     eps = _check_number("eps", eps, 0.0)
-    reset, lengths, reverse, chunk = _check_options(q, reset, lengths, reverse, mode, chunk)
-    valid = None if lengths is None else valid_steps(lengths, q.shape[0])
+    reset, lengths, reverse, chunk = _check_options(
+        q, reset, lengths, reverse, mode, chunk, heads_major
+    )
+    if heads_major and reset is not None:
+        reset = jnp.moveaxis(reset, -1, 0)  # [T, *B], as solve takes it
+    t = q.shape[-2] if heads_major else q.shape[0]
+    valid = None if lengths is None else valid_steps(lengths, t)
     args = (q, k, v, i_pre, f_pre, initial_state, reset, valid)
-    return solve(*args, reverse=reverse, mode=mode, chunk=chunk, forget_gate=forget_gate, eps=eps)
+    options = dict(mode=mode, chunk=chunk, forget_gate=forget_gate, eps=eps)
+    return solve(*args, reverse=reverse, heads_major=heads_major, **options)
 
 
-def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate):
-    """Everything in the accumulation dtype, heads flattened (``N = prod(B) K``),
-    padded steps selected away, in processing order."""
-    t, heads, dk, dv = q.shape[0], math.prod(q.shape[1:-1]), q.shape[-1], v.shape[-1]
-    batch_shape, nk = q.shape[1:-2], q.shape[-2]
+def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate, heads_major):
+    """Everything in the accumulation dtype, heads flattened (``N = prod(B) K``), padded
+    steps selected away, in processing order: ``[T, N, ...]`` time-major, ``[N, T, ...]``
+    heads-major (``reset, valid: bool[T, *B]`` either way)."""
+    if heads_major:
+        t, batch_shape, nk = q.shape[-2], q.shape[:-3], q.shape[-3]
+    else:
+        t, batch_shape, nk = q.shape[0], q.shape[1:-2], q.shape[-2]
+    heads, dk, dv = math.prod(batch_shape) * nk, q.shape[-1], v.shape[-1]
+    lead = (heads, t) if heads_major else (t, heads)
     acc = acc_dtype(q, k, v, i_pre, f_pre, *(() if state is None else state))
-    flat = lambda x, *d: x.astype(acc).reshape((t, heads, *d))
-    per_head = lambda m: jnp.broadcast_to(m[..., None], (t, *batch_shape, nk)).reshape((t, heads))
+    flat = lambda x, *d: x.astype(acc).reshape((*lead, *d))
+
+    def per_head(m):  # bool[T, *B] -> [T, N] or [N, T]
+        if heads_major:
+            m = jnp.moveaxis(m, 0, -1)[..., None, :]  # [*B, 1, T]
+            return jnp.broadcast_to(m, (*batch_shape, nk, t)).reshape(lead)
+        return jnp.broadcast_to(m[..., None], (t, *batch_shape, nk)).reshape(lead)
+
     q, k, v, li, fp = flat(q, dk), flat(k, dk), flat(v, dv), flat(i_pre), flat(f_pre)
     keep = None if valid is None else per_head(valid)
     zero = jnp.zeros((), acc)
@@ -423,13 +461,13 @@ def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate):
             jnp.zeros((heads, dk, dv), acc), jnp.zeros((heads, dk), acc), jnp.zeros((heads,), acc)
         )
     else:
-        lead = len(batch_shape) + 1  # [*B, K] first, then the state's own dims
-        state = MLSTMState(*(x.astype(acc).reshape((heads, *x.shape[lead:])) for x in state))
+        first = len(batch_shape) + 1  # [*B, K] first, then the state's own dims
+        state = MLSTMState(*(x.astype(acc).reshape((heads, *x.shape[first:])) for x in state))
     reset = processing_resets(reset, valid, reverse)
     reset = None if reset is None else per_head(reset)
     xs = (q, k, v, li, lf, keep, reset)
     if reverse:
-        xs = tuple(None if x is None else jnp.flip(x, 0) for x in xs)
+        xs = tuple(None if x is None else jnp.flip(x, int(heads_major)) for x in xs)
     return xs, state
 
 
@@ -448,27 +486,43 @@ def solve(
     chunk=64,
     forget_gate="sigmoid",
     eps=1e-6,
+    heads_major=False,
 ):
     """:func:`mlstm_recurrence` on checked inputs, with the padding mask ``valid:
-    bool[T, *B]`` (or None) instead of ``lengths``; nothing is checked again."""
-    t = q.shape[0]
-    lead, dk, dv = tuple(q.shape[1:-1]), q.shape[-1], v.shape[-1]
+    bool[T, *B]`` (or None) instead of ``lengths`` and ``reset: bool[T, *B]`` whatever
+    the layout; nothing is checked again."""
+    t = q.shape[-2] if heads_major else q.shape[0]
+    lead = tuple(q.shape[:-2]) if heads_major else tuple(q.shape[1:-1])  # [*B, K]
+    dk, dv = q.shape[-1], v.shape[-1]
     out_dtype = jnp.result_type(
         q, k, v, i_pre, f_pre, *(() if initial_state is None else initial_state)
     )
-    xs, state = _flatten(q, k, v, i_pre, f_pre, initial_state, reset, valid, reverse, forget_gate)
+    xs, state = _flatten(
+        q, k, v, i_pre, f_pre, initial_state, reset, valid, reverse, forget_gate, heads_major
+    )
+    swap = lambda xs: tuple(None if x is None else jnp.swapaxes(x, 0, 1) for x in xs)
     if t == 0:
-        h = jnp.zeros((0, state.c.shape[0], dv), state.c.dtype)
-    elif mode == "recurrent":
-        state, h = _recurrent(*xs, state, eps)
-    else:
+        h, h_heads_first = jnp.zeros((0, state.c.shape[0], dv), state.c.dtype), False
+    elif mode == "recurrent":  # a scan over steps: time first
+        state, h = _recurrent(*(swap(xs) if heads_major else xs), state, eps)
+        h_heads_first = False
+    else:  # heads first: chunks are then a reshape (time-major inputs are transposed)
         parallel = mode == "parallel" or (mode == "auto" and t <= chunk)
-        state, h = _chunked(*xs, state, t if parallel else min(chunk, t), eps)
-    if reverse:
-        h = jnp.flip(h, 0)
+        length = t if parallel else min(chunk, t)
+        state, h = _chunked(*(xs if heads_major else swap(xs)), state, length, eps)
+        h_heads_first = True
+    if reverse:  # back to time order
+        h = jnp.flip(h, int(h_heads_first))
+    if h_heads_first != heads_major:
+        h = jnp.swapaxes(h, 0, 1)
     h = h.reshape(v.shape)
     if valid is not None:
-        h = jnp.where(valid[..., None, None], h, jnp.zeros((), h.dtype))
+        mask = (
+            jnp.moveaxis(valid, 0, -1)[..., None, :, None]
+            if heads_major
+            else valid[..., None, None]
+        )
+        h = jnp.where(mask, h, jnp.zeros((), h.dtype))
     state = MLSTMState(
         state.c.reshape((*lead, dk, dv)), state.n.reshape((*lead, dk)), state.m.reshape(lead)
     )
@@ -608,12 +662,7 @@ class MLSTM:
     # -- carry ----------------------------------------------------------------------
     def initial_carry(self, batch_shape=(), dtype=jnp.float32) -> MLSTMState:
         """The empty state ``c, n, m = 0`` for batch ``*B = batch_shape``."""
-        try:
-            batch_shape = tuple(int(d) for d in batch_shape)
-        except TypeError:
-            raise TypeError(f"batch_shape: expected a tuple of ints, got {batch_shape!r}") from None
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"dtype: expected a floating dtype, got {jnp.dtype(dtype).name}")
+        batch_shape = _CellBase._carry_spec(batch_shape, dtype)
         lead, d = (*batch_shape, self.num_heads), self.head_size
         z = lambda *s: jnp.zeros((*lead, *s), dtype)
         return MLSTMState(z(d, d), z(d), z())
