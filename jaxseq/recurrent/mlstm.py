@@ -68,6 +68,7 @@ from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
     _check_options,
     _check_qkv,
+    _to_chunks,
 )
 from jaxseq.recurrent.minimal import _StepView
 from jaxseq.recurrent.rollouts import RolloutOptions, run
@@ -163,15 +164,16 @@ def _update(state: MLSTMState, q, k, v, li, lf, eps: float):
 
 
 def _recurrent(q, k, v, li, lf, keep, reset, state, eps: float):
-    """``q, k: [T, N, Dk]``, ``v: [T, N, Dv]``, ``li, lf: [T, N]``, ``keep, reset:
-    bool[T, N]`` or None -> ``(state, h [T, N, Dv])``."""
+    """``q, k: [T, N, Dk]`` (``q`` unscaled), ``v: [T, N, Dv]``, ``li, lf: [T, N]``,
+    ``keep, reset: bool[T, N]`` or None -> ``(state, h [T, N, Dv])``."""
+    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
     def body(s, xs):
         q_t, k_t, v_t, i_t, f_t, keep_t, r_t = xs
         prev = s
         if r_t is not None:
             s = MLSTMState(*(jnp.where(_expand(r_t, x), jnp.zeros((), x.dtype), x) for x in s))
-        new, h = _update(s, q_t, k_t, v_t, i_t, f_t, eps)
+        new, h = _update(s, q_t * scale, k_t, v_t, i_t, f_t, eps)
         if keep_t is not None:
             new = MLSTMState(*(jnp.where(_expand(keep_t, a), a, b) for a, b in zip(new, prev)))
         return new, h
@@ -186,24 +188,30 @@ def _expand(mask, x):
 # --------------------------------------------------------------------------- chunked
 
 
-def _pad(length: int, q, k, v, li, lf, keep, reset):
-    """Pads ``T`` (axis 1: ``[N, T, ...]``) to a multiple of ``length`` with steps that
-    change nothing (``keep`` False)."""
-    pad = -q.shape[1] % length
+def _pad(length: int, axis: int, q, k, v, li, lf, keep, reset):
+    """Pads ``T`` (the ``axis`` of ``[T, N, ...]`` or ``[N, T, ...]``) to a multiple of
+    ``length`` with steps that change nothing (``keep`` False)."""
+    pad = -q.shape[axis] % length
     if not pad:
         return q, k, v, li, lf, keep, reset
     if keep is None:
         keep = jnp.ones(q.shape[:2], bool)
-    cat = lambda x: jnp.concatenate([x, jnp.zeros((x.shape[0], pad) + x.shape[2:], x.dtype)], 1)
+
+    def cat(x):
+        shape = list(x.shape)
+        shape[axis] = pad
+        return jnp.concatenate([x, jnp.zeros(shape, x.dtype)], axis)
+
     reset = None if reset is None else cat(reset)
     return cat(q), cat(k), cat(v), cat(li), cat(lf), cat(keep), reset
 
 
-def _chunk_states(k, v, li, after, keep, seg, start, state):
-    """The last state and the state entering every chunk, ``([N, C, Dk, Dv], [N, C, Dk],
-    [N, C])``. ``k: [N, C, L, Dk]``, ``li, start: [N, C, L]``, ``after: [N, C, L]`` the
-    log forget gates summed from step ``s + 1`` to the chunk end, ``keep: bool[N, C, L]``,
-    ``seg: int[N, C, L]`` resets so far in the chunk or None."""
+def _chunk_states(axis: int, k, v, li, after, keep, seg, start, state):
+    """The last state and the state entering every chunk. Chunks along ``axis`` of the
+    two leading dims (``[C, N, ...]`` or ``[N, C, ...]``): ``k: [., ., L, Dk]``, ``li,
+    start: [., ., L]``, ``after: [., ., L]`` the log forget gates summed from step ``s +
+    1`` to the chunk end, ``keep: bool[., ., L]``, ``seg: int[., ., L]`` resets so far in
+    the chunk or None; the entering states ``c [., ., Dk, Dv], n [., ., Dk], m [., .]``."""
     neg = jnp.finfo(k.dtype).min
     last = None if seg is None else seg == seg[..., -1:]  # steps that reach the chunk end
     src = keep if last is None else (last if keep is None else last & keep)
@@ -213,7 +221,7 @@ def _chunk_states(k, v, li, after, keep, seg, start, state):
     a_max = jnp.max(a, axis=-1)
     w = jnp.exp(a - a_max[..., None])
     kw = k * w[..., None]
-    dc = _einsum("ncld,ncle->ncde", kw, v)  # each chunk's own part, scaled by exp(-a_max)
+    dc = _einsum("xyld,xyle->xyde", kw, v)  # each chunk's own part, scaled by exp(-a_max)
     dn = jnp.sum(kw, axis=2)
     through = None if seg is None else seg[..., -1] == 0  # the entering state reaches the end
     decay = start[..., -1]  # log f summed over the chunk (over its last segment)
@@ -232,34 +240,42 @@ def _chunk_states(k, v, li, after, keep, seg, start, state):
         return MLSTMState(c_new, n_new, m_new), s
 
     xs = (dc, dn, a_max, decay, through)
-    chunks = dc.shape[1]
+    chunks = dc.shape[axis]
     if chunks <= _UNROLL_CHUNKS:
         # few chunks: straight-line code (no loop, no per-step copies of the carried state,
-        # XLA fuses across the steps), the entering states stacked chunk-minor, as used
+        # XLA fuses across the steps), the entering states stacked along the chunk axis
         entering = []
         for i in range(chunks):
-            state, prev = body(state, tuple(None if x is None else x[:, i] for x in xs))
+            xs_i = tuple(None if x is None else jax.lax.index_in_dim(x, i, axis, False) for x in xs)
+            state, prev = body(state, xs_i)
             entering.append(prev)
-        return state, MLSTMState(*(jnp.stack(parts, axis=1) for parts in zip(*entering)))
-    xs = tuple(None if x is None else jnp.swapaxes(x, 0, 1) for x in xs)
+        return state, MLSTMState(*(jnp.stack(parts, axis) for parts in zip(*entering)))
+    xs = tuple(None if x is None else jnp.moveaxis(x, axis, 0) for x in xs)
     state, entering = jax.lax.scan(body, state, xs)
-    return state, MLSTMState(*(jnp.swapaxes(x, 0, 1) for x in entering))
+    return state, MLSTMState(*(jnp.moveaxis(x, 0, axis) for x in entering))
 
 
-def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
-    """As :func:`_recurrent`, heads first (``q: [N, T, Dk]``, ``li: [N, T]``, ... ->
-    ``h [N, T, Dv]``), with chunks of ``length`` steps (``length = T``: parallel). Chunks
-    are a reshape of this layout: ``[N, C, L, ...]``."""
-    t = q.shape[1]
+def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float, axis: int = 0):
+    """As :func:`_recurrent`, with chunks of ``length`` steps (``length = T``: parallel).
+    ``axis`` is the time axis: 0 (``q: [T, N, Dk]``, ``li: [T, N]``, ... -> ``h [T, N,
+    Dv]``, chunks ``[C, N, L, ...]``) or 1 (heads first, ``[N, T, ...]``, chunks ``[N, C,
+    L, ...]``: a reshape, no transpose)."""
+    t = q.shape[axis]
+
+    def to_chunks(x):
+        if axis == 1:
+            return x.reshape((x.shape[0], -1, length) + x.shape[2:])
+        return _to_chunks(x, length)
+
     q, k, v, li, lf, keep, reset = (
-        None if x is None else x.reshape((x.shape[0], -1, length) + x.shape[2:])
-        for x in _pad(length, q, k, v, li, lf, keep, reset)
+        None if x is None else to_chunks(x)
+        for x in _pad(length, axis, q, k, v, li, lf, keep, reset)
     )
     steps = jnp.arange(length)
     causal = steps[:, None] >= steps[None, :]  # [t, s]: s <= t
     # sums along the chunk as matmuls with triangular 0/1 matrices (a cumulative sum is a
     # reduce-window on CPU, many times slower): each a direct sum of its own terms
-    sums = lambda x, mask: _einsum("ncu,ut->nct", x, mask.astype(x.dtype))
+    sums = lambda x, mask: _einsum("xyu,ut->xyt", x, mask.astype(x.dtype))
     b = sums(lf, causal.T)  # log f summed from the chunk start to t (inclusive)
     after = sums(lf, ~causal.T)  # from s + 1 to the chunk end
     same = causal[None, None]  # [1, 1, L, L]
@@ -269,27 +285,32 @@ def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float):
         seg = sums(reset.astype(lf.dtype), causal.T).astype(jnp.int32)  # resets so far
         same = same & (seg[..., :, None] == seg[..., None, :])
         start = jnp.sum(jnp.where(same, lf[..., None, :], jnp.zeros((), lf.dtype)), axis=-1)
-    last, (c_in, n_in, m_in) = _chunk_states(k, v, li, after, keep, seg, start, state)
+    last, (c_in, n_in, m_in) = _chunk_states(axis, k, v, li, after, keep, seg, start, state)
 
     # log-weight of step s at step t: log i_s + log f_{s+1} + ... + log f_t = b_t - b_s +
     # log i_s, a difference of two sums from the chunk start (mlstm_kernels' form; the
     # chunk keeps them short)
     # (log_w[t, s] = b_t + u[t, s]: the row's max and the stabilised weights from u directly)
     pairs = same if keep is None else same & keep[..., None, :]  # step s reaches step t
-    u = jnp.where(pairs, (li - b)[..., None, :], jnp.finfo(q.dtype).min)  # [N, C, L, L]
+    u = jnp.where(pairs, (li - b)[..., None, :], jnp.finfo(q.dtype).min)  # [., ., L, L]
     entering = start + m_in[..., None]  # log-weight of the entering state at step t
     if seg is not None:
         entering = jnp.where(seg == 0, entering, start)  # after a reset: the empty state, m = 0
-    m = jnp.maximum(entering, b + jnp.max(u, axis=-1))  # [N, C, L]: m_t of the recurrence
-    scores = _einsum("nctd,ncsd->ncts", q, k) * jnp.exp(u + (b - m)[..., None])
-    inter = jnp.exp(entering - m)
+    m = jnp.maximum(entering, b + jnp.max(u, axis=-1))  # [., ., L]: m_t of the recurrence
+    # q's 1/sqrt(Dk) in the exponents: no pass over q of its own
+    log_scale = jnp.asarray(-0.5 * math.log(q.shape[-1]), q.dtype)
+    scores = _einsum("xytd,xysd->xyts", q, k) * jnp.exp(u + (b - m + log_scale)[..., None])
+    inter = jnp.exp(entering - m + log_scale)
     if seg is not None:
         inter = jnp.where(seg == 0, inter, jnp.zeros((), inter.dtype))
     q_in = q * inter[..., None]
-    num = _einsum("ncld,ncde->ncle", q_in, c_in) + _einsum("ncts,ncse->ncte", scores, v)
-    den = _einsum("ncld,ncd->ncl", q_in, n_in) + jnp.sum(scores, axis=-1)
+    num = _einsum("xyld,xyde->xyle", q_in, c_in) + _einsum("xyts,xyse->xyte", scores, v)
+    den = _einsum("xyld,xyd->xyl", q_in, n_in) + jnp.sum(scores, axis=-1)
     h = num / (jnp.maximum(jnp.abs(den), _floor(m)) + eps)[..., None]
-    return last, h.reshape((h.shape[0], -1, h.shape[-1]))[:, :t]
+    if axis == 1:
+        return last, h.reshape((h.shape[0], -1, h.shape[-1]))[:, :t]
+    h = jnp.swapaxes(h, 1, 2)  # [C, L, N, Dv]
+    return last, h.reshape((-1,) + h.shape[2:])[:t]
 
 
 # --------------------------------------------------------------------------- checks
@@ -455,7 +476,6 @@ def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate, h
     lf = _log_forget(fp, forget_gate)
     if keep is not None:
         lf = jnp.where(keep, lf, zero)
-    q = q * jnp.asarray(1.0 / math.sqrt(dk), acc)
     if state is None:
         state = MLSTMState(
             jnp.zeros((heads, dk, dv), acc), jnp.zeros((heads, dk), acc), jnp.zeros((heads,), acc)
@@ -506,11 +526,11 @@ def solve(
     elif mode == "recurrent":  # a scan over steps: time first
         state, h = _recurrent(*(swap(xs) if heads_major else xs), state, eps)
         h_heads_first = False
-    else:  # heads first: chunks are then a reshape (time-major inputs are transposed)
+    else:  # in the inputs' layout
         parallel = mode == "parallel" or (mode == "auto" and t <= chunk)
         length = t if parallel else min(chunk, t)
-        state, h = _chunked(*(xs if heads_major else swap(xs)), state, length, eps)
-        h_heads_first = True
+        state, h = _chunked(*xs, state, length, eps, axis=int(heads_major))
+        h_heads_first = heads_major
     if reverse:  # back to time order
         h = jnp.flip(h, int(h_heads_first))
     if h_heads_first != heads_major:
