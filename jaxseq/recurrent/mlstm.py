@@ -423,6 +423,10 @@ def mlstm_recurrence(
     >>> state, h = js.recurrent.mlstm_recurrence(q, k, v, i_pre, f_pre)
     >>> [round(x, 4) for x in h[:, 0, 0].tolist()], state.c.shape
     ([1.0, 1.5, 2.0], (1, 1, 1))
+    >>> heads_major = [jnp.moveaxis(x, 0, 1) for x in (q, k, v, i_pre, f_pre)]  # [K, T, ...]
+    >>> _, h_hm = js.recurrent.mlstm_recurrence(*heads_major, layout="heads_major")
+    >>> h_hm.shape, bool(jnp.allclose(h_hm[0], h[:, 0]))
+    ((1, 3, 1), True)
     >>> _, h = js.recurrent.mlstm_recurrence(q, k, v, i_pre, f_pre, reset=jnp.array([False, False, True]))
     >>> [round(x, 4) for x in h[:, 0, 0].tolist()]
     [1.0, 1.5, 3.0]
