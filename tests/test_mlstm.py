@@ -323,6 +323,37 @@ def test_heads_major_layout_matches_the_float64_loop_in_every_mode(reverse):
                 np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12, err_msg=mode)
 
 
+def test_heads_major_gradients_equal_the_time_major_ones_moved():
+    # the same loss through both layouts (resets, lengths, 12 chunks): the gradients with
+    # respect to every input are the time-major ones in the heads-major layout
+    t = 34
+    xs = _inputs(seed=7, t=t)
+    reset = jnp.asarray(np.random.default_rng(8).random((t, B)) < 0.15)
+    lengths = jnp.array([t, 20, 3])
+    w = jnp.asarray(np.random.default_rng(9).standard_normal((t, B, K, DV)), jnp.float32)
+
+    def loss(layout, *a):
+        move = _heads_major if layout == "heads_major" else (lambda x: x)
+        h = mlstm_recurrence(
+            *a, reset=reset.T if layout == "heads_major" else reset, lengths=lengths,
+            mode="chunked", chunk=3, layout=layout,
+        )[1]  # fmt: skip
+        return jnp.sum(h * move(w))
+
+    grads = jax.jit(
+        lambda xs: (
+            jax.grad(functools.partial(loss, "time_major"), argnums=range(5))(*xs),
+            jax.grad(functools.partial(loss, "heads_major"), argnums=range(5))(
+                *[_heads_major(x) for x in xs]
+            ),
+        )
+    )
+    g_tm, g_hm = grads(xs)
+    for name, a, b in zip(("q", "k", "v", "i_pre", "f_pre"), g_tm, g_hm):
+        assert bool(jnp.any(a != 0)), name
+        np.testing.assert_allclose(b, _heads_major(a), atol=1e-5, rtol=1e-4, err_msg=name)
+
+
 def test_heads_major_errors_name_the_layout():
     q, k, v, i_pre, f_pre = (_heads_major(x) for x in _inputs())
     hm = dict(layout="heads_major")
