@@ -365,13 +365,20 @@ def _check_state(initial_state, q, v):
     return initial_state
 
 
+def _layout_dims(q, heads_major: bool = False):
+    """``(T, batch_shape, K)`` of ``q``: ``[T, *B, K, Dk]``, or ``[*B, K, T, Dk]``
+    with ``heads_major``."""
+    if heads_major:
+        return q.shape[-2], tuple(q.shape[:-3]), q.shape[-3]
+    return q.shape[0], tuple(q.shape[1:-2]), q.shape[-2]
+
+
 def _check_options(q, reset, lengths, reverse, mode, chunk, heads_major: bool = False):
     """``heads_major``: ``q`` is ``[*B, K, T, Dk]`` and ``reset`` ``[*B, T]``."""
+    t, batch_shape, _ = _layout_dims(q, heads_major)
     if heads_major:
-        t, batch_shape = q.shape[-2], tuple(q.shape[:-3])
         flags_shape, flags_layout = (*batch_shape, t), "[*B, T]"
     else:
-        t, batch_shape = q.shape[0], tuple(q.shape[1:-2])
         flags_shape, flags_layout = (t, *batch_shape), "[T, *B]"
     _checks.check_choice("mode", mode, LINEAR_ATTENTION_MODES)
     chunk = _checks.check_positive_int("chunk", chunk)

@@ -68,6 +68,7 @@ from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
     _check_options,
     _check_qkv,
+    _layout_dims,
     _to_chunks,
 )
 from jaxseq.recurrent.minimal import _StepView
@@ -147,9 +148,10 @@ def _cast_state(state: MLSTMState, dtype) -> MLSTMState:
 
 
 def _update(state: MLSTMState, q, k, v, li, lf, eps: float):
-    """One step for every head: ``q, k: [N, Dk]`` (``q`` scaled), ``v: [N, Dv]``,
-    ``li, lf: [N]`` log gates -> ``(state, h [N, Dv])``."""
+    """One step for every head: ``q, k: [N, Dk]`` (``q`` unscaled: scaled by
+    ``1/sqrt(Dk)`` here), ``v: [N, Dv]``, ``li, lf: [N]`` log gates -> ``(state, h [N, Dv])``."""
     c, n, m = state
+    q = q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
     m_new = jnp.maximum(lf + m, li)
     decay = jnp.exp(lf + m - m_new)
     gain = jnp.exp(li - m_new)
@@ -166,14 +168,13 @@ def _update(state: MLSTMState, q, k, v, li, lf, eps: float):
 def _recurrent(q, k, v, li, lf, keep, reset, state, eps: float):
     """``q, k: [T, N, Dk]`` (``q`` unscaled), ``v: [T, N, Dv]``, ``li, lf: [T, N]``,
     ``keep, reset: bool[T, N]`` or None -> ``(state, h [T, N, Dv])``."""
-    scale = jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
 
     def body(s, xs):
         q_t, k_t, v_t, i_t, f_t, keep_t, r_t = xs
         prev = s
         if r_t is not None:
             s = MLSTMState(*(jnp.where(_expand(r_t, x), jnp.zeros((), x.dtype), x) for x in s))
-        new, h = _update(s, q_t * scale, k_t, v_t, i_t, f_t, eps)
+        new, h = _update(s, q_t, k_t, v_t, i_t, f_t, eps)
         if keep_t is not None:
             new = MLSTMState(*(jnp.where(_expand(keep_t, a), a, b) for a, b in zip(new, prev)))
         return new, h
@@ -341,7 +342,8 @@ def _check_state(initial_state, q, v, heads_major: bool = False) -> MLSTMState:
         raise TypeError(
             f"initial_state: expected an MLSTMState (c, n, m), got {type(initial_state).__name__}"
         )
-    lead = tuple(q.shape[:-2]) if heads_major else tuple(q.shape[1:-1])  # [*B, K]
+    _, batch_shape, nk = _layout_dims(q, heads_major)
+    lead = (*batch_shape, nk)
     wants = (
         ("c", (*lead, q.shape[-1], v.shape[-1]), "[*B, K, Dk, Dv]"),
         ("n", (*lead, q.shape[-1]), "[*B, K, Dk]"),
@@ -445,7 +447,7 @@ def mlstm_recurrence(
     )
     if heads_major and reset is not None:
         reset = jnp.moveaxis(reset, -1, 0)  # [T, *B], as solve takes it
-    t = q.shape[-2] if heads_major else q.shape[0]
+    t, _, _ = _layout_dims(q, heads_major)
     valid = None if lengths is None else valid_steps(lengths, t)
     args = (q, k, v, i_pre, f_pre, initial_state, reset, valid)
     options = dict(mode=mode, chunk=chunk, forget_gate=forget_gate, eps=eps)
@@ -456,10 +458,7 @@ def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate, h
     """Everything in the accumulation dtype, heads flattened (``N = prod(B) K``), padded
     steps selected away, in processing order: ``[T, N, ...]`` time-major, ``[N, T, ...]``
     heads-major (``reset, valid: bool[T, *B]`` either way)."""
-    if heads_major:
-        t, batch_shape, nk = q.shape[-2], q.shape[:-3], q.shape[-3]
-    else:
-        t, batch_shape, nk = q.shape[0], q.shape[1:-2], q.shape[-2]
+    t, batch_shape, nk = _layout_dims(q, heads_major)
     heads, dk, dv = math.prod(batch_shape) * nk, q.shape[-1], v.shape[-1]
     lead = (heads, t) if heads_major else (t, heads)
     acc = acc_dtype(q, k, v, i_pre, f_pre, *(() if state is None else state))
@@ -515,8 +514,8 @@ def solve(
     """:func:`mlstm_recurrence` on checked inputs, with the padding mask ``valid:
     bool[T, *B]`` (or None) instead of ``lengths`` and ``reset: bool[T, *B]`` whatever
     the layout; nothing is checked again."""
-    t = q.shape[-2] if heads_major else q.shape[0]
-    lead = tuple(q.shape[:-2]) if heads_major else tuple(q.shape[1:-1])  # [*B, K]
+    t, batch_shape, nk = _layout_dims(q, heads_major)
+    lead = (*batch_shape, nk)
     dk, dv = q.shape[-1], v.shape[-1]
     out_dtype = jnp.result_type(
         q, k, v, i_pre, f_pre, *(() if initial_state is None else initial_state)
@@ -735,9 +734,8 @@ class MLSTM:
         acc = xp.dtype
         state = MLSTMState(*(a.astype(acc) for a in carry))
         state = MLSTMState(flat(state.c, d, d), flat(state.n, d), flat(state.m))
-        q = flat(q, d) * jnp.asarray(1.0 / math.sqrt(d), acc)
         lf = _log_forget(flat(f), self.forget_gate)
-        state, h = _update(state, q, flat(k, d), flat(v, d), flat(i), lf, self.eps)
+        state, h = _update(state, flat(q, d), flat(k, d), flat(v, d), flat(i), lf, self.eps)
         lead = (*batch_shape, self.num_heads)
         state = MLSTMState(
             state.c.reshape((*lead, d, d)), state.n.reshape((*lead, d)), state.m.reshape(lead)
