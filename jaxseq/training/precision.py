@@ -97,6 +97,7 @@ def add_precision_arg(parser, default: str = "fp32"):
         choices=PRECISIONS,
         default=default,
         help="fp32, or bf16: float32 master weights and optimizer, bfloat16 forward and "
-        "backward (a speed-up on GPUs and TPUs, not on CPU)",
+        "backward (a speed-up on GPUs and TPUs; little on CPUs: 1.15x for the GRU char LM "
+        "on a CPU with AVX512-BF16)",
     )
     return parser
