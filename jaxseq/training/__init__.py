@@ -3,6 +3,7 @@ sharding, several processes, mixed precision, diagnostics.
 """
 
 from jaxseq.training.checkpoint import (
+    CheckpointDamagedError,
     Checkpointer,
     IncompatibleCheckpointError,
     restore_params,
@@ -29,7 +30,11 @@ from jaxseq.training.lm import (
     make_eval_step,
 )
 from jaxseq.training.loop import (
+    PREEMPTED_EXIT_STATUS,
+    PROCESS_LOST_EXIT_STATUS,
+    BatchSourceError,
     NonFiniteError,
+    Preempted,
     fit,
 )
 from jaxseq.training.losses import (
@@ -67,9 +72,14 @@ from jaxseq.training.step import (
 __all__ = [
     "OPTIMIZERS",
     "PRECISIONS",
+    "PREEMPTED_EXIT_STATUS",
+    "PROCESS_LOST_EXIT_STATUS",
+    "BatchSourceError",
+    "CheckpointDamagedError",
     "Checkpointer",
     "IncompatibleCheckpointError",
     "NonFiniteError",
+    "Preempted",
     "TrainState",
     "TrainStep",
     "accuracy",

@@ -3,9 +3,17 @@ step (the data position), RNG key, carried recurrent state, guard counters,
 plus JSON metadata (model config, hyperparameters, training time).
 
 Each save is atomic (orbax writes a temporary directory and renames it when
-complete), synchronous (when :meth:`Checkpointer.save` returns, the checkpoint
-is on disk, so a SIGKILL right after loses nothing), and only the last
-``keep`` checkpoints are kept.
+complete, so a write cut short leaves the checkpoints before it as they were),
+synchronous (when :meth:`Checkpointer.save` returns, the checkpoint is on disk,
+so a SIGKILL right after loses nothing), and only the last ``keep`` checkpoints
+are kept.
+
+Each checkpoint also records the shape and a CRC-32 of every array it holds
+(every array one process holds whole: with several processes, the replicated
+ones). A checkpoint whose files were truncated, deleted or altered later is
+*damaged*: :meth:`Checkpointer.restore` of the latest one then warns, naming
+the damaged step and what is wrong, and restores the newest intact one instead,
+or with ``strict=True`` raises :class:`CheckpointDamagedError`.
 
 Restoring checks compatibility *before* reading any array: the model config
 and the shapes of the saved state must match this run's, and the
@@ -32,6 +40,8 @@ longer run): restore the params, then build a fresh state around them.
 from __future__ import annotations
 
 import os
+import warnings
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +50,7 @@ import numpy as np
 from jaxseq import _checks
 
 __all__ = [
+    "CheckpointDamagedError",
     "Checkpointer",
     "IncompatibleCheckpointError",
     "restore_params",
@@ -53,6 +64,22 @@ class IncompatibleCheckpointError(ValueError):
     >>> issubclass(js.training.IncompatibleCheckpointError, ValueError)
     True
     """
+
+
+class CheckpointDamagedError(RuntimeError):
+    """A checkpoint on disk cannot be read back as it was written: a file of it is
+    missing, truncated or altered (its ``step`` attribute; None when every
+    checkpoint of the directory is damaged).
+
+    >>> import jaxseq as js
+    >>> e = js.training.CheckpointDamagedError("checkpoint: step 8 is damaged", step=8)
+    >>> issubclass(js.training.CheckpointDamagedError, RuntimeError), e.step
+    (True, 8)
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def _is_typed_key(x) -> bool:
@@ -116,6 +143,28 @@ def _shapes_by_path(tree) -> dict:
         "/".join(_path_part(k) for k in path): tuple(np.shape(leaf))
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
+
+
+_INTEGRITY = "integrity"  # the meta entry with the shapes and CRCs of the saved arrays
+
+
+def _checksums(tree) -> dict:
+    """``{path: CRC-32}`` of every leaf this process holds whole (a host array, or a
+    global array replicated on every device); the shards of split arrays are skipped."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            if not x.is_fully_replicated:
+                continue
+            x = x.addressable_data(0)
+        data = np.ascontiguousarray(np.asarray(x))
+        out["/".join(_path_part(k) for k in path)] = zlib.crc32(data.view(np.uint8).ravel())
+    return out
+
+
+def _short(e: BaseException, n: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _jsonable(x):
@@ -196,19 +245,24 @@ class Checkpointer:
         """Writes ``state`` as the checkpoint of step ``int(state.step)``; returns the step."""
         ocp = self._ocp
         step = int(state.step)
+        saveable = _to_saveable(state)
         full = {
             "model": self.model_config,
             "hparams": self.hparams,
             "step": step,
             "typed_key": bool(_is_typed_key(state.key)),
             **_jsonable(meta or {}),
+            _INTEGRITY: {
+                "shapes": {k: list(v) for k, v in _shapes_by_path(saveable).items()},
+                "crc32": _checksums(saveable),
+            },
         }
         if step in self._mngr.all_steps():
             self._mngr.delete(step)  # e.g. a save at exit right after a periodic save
         self._mngr.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(_to_saveable(state)), meta=ocp.args.JsonSave(full)
+                state=ocp.args.StandardSave(saveable), meta=ocp.args.JsonSave(full)
             ),
             force=True,
         )
@@ -344,36 +398,110 @@ class Checkpointer:
         ]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 
-    def restore(self, template, step: int | None = None, *, override: bool = False):
+    def restore(
+        self, template, step: int | None = None, *, override: bool = False, strict: bool = False
+    ):
         """Restores the checkpoint of ``step`` (default: latest) into the structure of ``template``.
 
         ``template`` is a state of this run (e.g. the fresh initial state); only its
         structure, shapes and dtypes are used. Returns ``(state, meta)``.
 
+        A damaged checkpoint (a file missing, truncated or altered, found by its
+        recorded shapes and CRC-32 checksums or by a read that fails) raises
+        :class:`CheckpointDamagedError` naming its step, when it was asked for by
+        ``step`` or with ``strict=True``. Otherwise the latest checkpoint that is
+        intact is restored, with a ``RuntimeWarning`` for each damaged one passed
+        over. A checkpoint that does not fit this run raises
+        :class:`IncompatibleCheckpointError` at once.
+
         With several processes every process calls it; a template placed on a mesh
         (:func:`jaxseq.training.shard_state`) gives a state placed the same way,
-        each process reading only its own shards.
+        each process reading only its own shards, and all of them agree on which
+        checkpoint is intact.
         """
+        if step is not None:
+            return self._restore_step(self._resolve(step), template, override)
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"checkpoint: no checkpoint found in {self.directory}")
+        damaged = []
+        for i, s in enumerate(reversed(steps)):
+            try:
+                return self._restore_step(s, template, override)
+            except CheckpointDamagedError as e:
+                if strict:
+                    raise
+                damaged.append(str(e))
+                older = steps[-i - 2] if i + 1 < len(steps) else None
+                then = f"restoring step {older} instead" if older is not None else "none is left"
+                warnings.warn(f"{e}; {then}", RuntimeWarning, stacklevel=2)
+        raise CheckpointDamagedError(
+            f"checkpoint: every checkpoint in {self.directory} is damaged: " + "; ".join(damaged)
+        )
+
+    def _restore_step(self, step: int, template, override: bool):
+        """Restores one step; :class:`CheckpointDamagedError` when it is damaged."""
         ocp = self._ocp
-        step = self._resolve(step)
-        meta = self.read_meta(step)
-        self.check_compatible(meta, template, override=override, step=step)
-        if jax.process_count() > 1:
-            got = self._mngr.restore(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(_restore_target(template))),
-            )["state"]
-            got = jax.tree_util.tree_map(lambda x: x if _is_global(x) else jnp.asarray(x), got)
-        else:
-            abstract = _saveable_shapes(template)
-            got = self._mngr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
-            got = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x)), got)
+        multi = jax.process_count() > 1
+        meta, got, problem = None, None, None
+        try:
+            meta = self.read_meta(step)
+            recorded = meta.get(_INTEGRITY)
+            if recorded is not None:  # the arrays on disk are the ones the save recorded
+                on_disk = {
+                    k: list(v)
+                    for k, v in _shapes_by_path(self._mngr.item_metadata(step)["state"]).items()
+                }
+                if on_disk != recorded["shapes"]:
+                    lost = sorted(set(recorded["shapes"]) - set(on_disk))[:3]
+                    problem = (
+                        f"its array index lists {len(on_disk)} arrays, the save wrote "
+                        f"{len(recorded['shapes'])}" + (f" (missing {lost})" if lost else "")
+                    )
+        except Exception as e:  # noqa: BLE001 - any failure to read it back is damage
+            problem = f"its metadata cannot be read ({type(e).__name__}: {_short(e)})"
+        problem = self._agree(problem, multi)
+        if problem is None:
+            self.check_compatible(meta, template, override=override, step=step)
+            try:
+                if multi:
+                    target = _restore_target(template)
+                else:
+                    target = _saveable_shapes(template)
+                got = self._mngr.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+                )["state"]
+                if not multi:
+                    got = jax.tree_util.tree_map(np.asarray, got)
+                recorded = (meta.get(_INTEGRITY) or {}).get("crc32", {})
+                now = _checksums(got)
+                bad = [k for k, v in recorded.items() if k in now and now[k] != v]
+                if bad:
+                    problem = f"the CRC-32 of {len(bad)} arrays differs from the save's ({bad[:3]})"
+            except Exception as e:  # noqa: BLE001
+                problem = f"its arrays cannot be read ({type(e).__name__}: {_short(e)})"
+            problem = self._agree(problem, multi)
+        if problem is not None:
+            raise CheckpointDamagedError(f"checkpoint: step {step} is damaged: {problem}", step)
+        got = jax.tree_util.tree_map(lambda x: x if _is_global(x) else jnp.asarray(x), got)
         if meta.get("typed_key") or _is_typed_key(template.key):
             impl = jax.random.key_impl(template.key) if _is_typed_key(template.key) else None
             got = got._replace(key=jax.random.wrap_key_data(got.key, impl=impl))
+        meta = {k: v for k, v in meta.items() if k != _INTEGRITY}
         return got, meta
+
+    @staticmethod
+    def _agree(problem, multi: bool):
+        """With several processes: a problem any of them found is everyone's."""
+        if not multi:
+            return problem
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(problem is not None))
+        if problem is None and np.any(flags):
+            bad = [int(i) for i in np.flatnonzero(np.asarray(flags).ravel())]
+            problem = f"process {bad[0]} could not read its part"
+        return problem
 
     def close(self):
         """Releases the checkpoint manager (pending writes are finished first)."""

@@ -43,7 +43,9 @@ import dataclasses
 import itertools
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -57,9 +59,16 @@ from jaxseq.training.sharding import _is_global, make_mesh, shard_batch, shard_s
 from jaxseq.training.step import TrainState, TrainStep
 
 __all__ = [
+    "PREEMPTED_EXIT_STATUS",
+    "PROCESS_LOST_EXIT_STATUS",
+    "BatchSourceError",
     "NonFiniteError",
+    "Preempted",
     "fit",
 ]
+
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: what a shell reports for a process SIGTERM ended
+PROCESS_LOST_EXIT_STATUS = 75  # EX_TEMPFAIL: a temporary failure, to be retried (resumed)
 
 
 class NonFiniteError(RuntimeError):
@@ -75,6 +84,190 @@ class NonFiniteError(RuntimeError):
     >>> issubclass(js.NonFiniteError, RuntimeError)
     True
     """
+
+
+class Preempted(SystemExit):
+    """Raised by :func:`fit` after a preemption notice, once the state is checkpointed.
+
+    A notice is SIGTERM (what SLURM, Kubernetes and preemptible or spot VMs send
+    before they stop a job; with several processes, the notice JAX's distributed
+    runtime spreads to all of them). ``fit`` finishes the call in flight, writes a
+    checkpoint at that step (every process at the same step), logs it and raises
+    this. It is a ``SystemExit`` with ``code`` :data:`PREEMPTED_EXIT_STATUS` (143),
+    so a script that does not catch it exits with that status; ``step`` is the step
+    reached and ``checkpoint_step`` the step of the checkpoint written (None without
+    a checkpointer). Resuming from that checkpoint continues with exactly the losses
+    of an uninterrupted run.
+
+    >>> import jaxseq as js
+    >>> e = js.training.Preempted(12, 12)
+    >>> isinstance(e, SystemExit), e.code, e.step, e.checkpoint_step
+    (True, 143, 12, 12)
+    """
+
+    def __init__(self, step: int, checkpoint_step: int | None):
+        super().__init__(PREEMPTED_EXIT_STATUS)
+        self.step = step
+        self.checkpoint_step = checkpoint_step
+
+    def __str__(self) -> str:
+        saved = (
+            f"checkpoint at step {self.checkpoint_step}"
+            if self.checkpoint_step is not None
+            else "no checkpointer, nothing saved"
+        )
+        return f"preempted (SIGTERM) at step {self.step}; {saved}"
+
+
+class BatchSourceError(RuntimeError):
+    """Raised by :func:`fit` when the batch source raises; the original is its ``__cause__``.
+
+    ``step`` is the step whose batch could not be made (1-based, as in the logs);
+    the state after the step before it, the last good one, is checkpointed first
+    (on one process; with several, the others are already waiting in the step's
+    collectives, so nothing is saved and the run resumes from its last periodic
+    checkpoint).
+
+    >>> import jaxseq as js
+    >>> issubclass(js.training.BatchSourceError, RuntimeError)
+    True
+    """
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class _Preemption:
+    """Whether a preemption notice has come, agreed by every process.
+
+    One process: a SIGTERM handler (installed while ``fit`` runs, from the main
+    thread) sets a flag. Several: JAX's preemption sync manager, which catches
+    SIGTERM on any process and names one step at which all of them stop (a Python
+    handler would replace its own); when it is disabled, the handler's flags are
+    gathered from all processes every step."""
+
+    def __init__(self, multi: bool):
+        self.multi = multi
+        self.flag = False
+        self.installed = False
+        # with several processes, JAX's preemption service (on unless turned off) has
+        # its own SIGTERM handler, which a Python one would replace
+        self.sync = multi and bool(jax.config.jax_enable_preemption_service)
+        if not self.sync and threading.current_thread() is threading.main_thread():
+            self.previous = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, self._handler)
+            self.installed = True
+
+    def _handler(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, call: int) -> bool:
+        """Whether to stop after call number ``call`` (the same on every process)."""
+        if not self.multi:
+            return self.flag
+        from jax.experimental import multihost_utils
+
+        if self.sync:
+            return bool(multihost_utils.reached_preemption_sync_point(call))
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.flag))))
+
+    def close(self) -> None:
+        if self.installed:
+            previous = self.previous if self.previous is not None else signal.SIG_DFL
+            signal.signal(signal.SIGTERM, previous)
+            self.installed = False
+
+
+class _Beats:
+    """Every process of a multi-process run counts up its own key in the coordination
+    service's key-value store twice a second, from a thread; a process whose count has
+    stopped is gone. When a collective fails (the error names no process), this says
+    which one: read all counts, wait, read again."""
+
+    PERIOD_S = 0.5
+
+    def __init__(self):
+        from orbax.checkpoint import multihost
+
+        self.client = multihost.get_jax_distributed_client()
+        self.me, self.n = jax.process_index(), jax.process_count()
+        self.count = 0
+        self.stop = threading.Event()
+        self._beat()
+        self.thread = threading.Thread(target=self._run, name="jaxseq-beats", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        self.client.key_value_set(f"jaxseq/beat/{self.me}", str(self.count), allow_overwrite=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.PERIOD_S):
+            self.count += 1
+            try:
+                self._beat()
+            except Exception:  # noqa: BLE001 - the store is gone with process 0
+                return
+
+    def _read(self) -> dict:
+        return {
+            j: self.client.key_value_try_get(f"jaxseq/beat/{j}")
+            for j in range(self.n)
+            if j != self.me
+        }
+
+    def lost(self, wait_s: float = 4 * PERIOD_S, limit_s: float = 20.0) -> list[int]:
+        """The processes whose count stopped (``[0]`` when the store itself, which
+        process 0 holds, cannot be reached); empty when none is found in ``limit_s``."""
+        found: list[int] = []
+
+        def probe():
+            try:
+                first = self._read()
+                time.sleep(wait_s)
+                second = self._read()
+            except Exception:  # noqa: BLE001
+                found.append(0)
+                return
+            found.extend(j for j in first if first[j] == second[j])
+
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(limit_s)
+        return sorted(set(found)) if self.me != 0 else [j for j in found if j != 0]
+
+    def close(self) -> None:
+        self.stop.set()
+
+
+def _exit_process_lost(run, error: BaseException) -> None:
+    """A collective of a multi-process run failed: names the process that is gone,
+    says where to resume, and ends this process (the distributed runtime's own
+    teardown would wait on the lost process or abort)."""
+    lost = run.beats.lost() if run.beats is not None else []
+    who = (
+        "process " + ", ".join(map(str, lost)) + (" is" if len(lost) == 1 else " are") + " gone"
+        if lost
+        else "another process is gone"
+    )
+    me, n = jax.process_index(), jax.process_count()
+    resume = (
+        f"the last complete checkpoint is step {run.last_saved}"
+        if run.checkpointer is not None and run.last_saved > 0
+        else "there is no checkpoint to resume from"
+    )
+    text = " ".join(str(error).split())[:300]
+    print(
+        f"fit: process {me} of {n}: {who} (killed, out of memory or its host lost): a "
+        f"collective failed at step {run.info['steps']} ({type(error).__name__}: {text}). "
+        f"Exiting with status {PROCESS_LOST_EXIT_STATUS}; restart every process to resume: "
+        f"{resume}.",
+        file=sys.stderr,
+        flush=True,
+    )
+    if run.metrics_file is not None:
+        run.metrics_file.flush()
+    os._exit(PROCESS_LOST_EXIT_STATUS)
 
 
 _CAUSES = (
@@ -248,6 +441,8 @@ class _Run:
     sps: float = 0.0
     skipped: int = 0  # non-finite steps of this call
     last_saved: int = -1
+    preemption: Any = None
+    beats: Any = None
 
     def __post_init__(self):
         self.n = self.step_fn.chunks_per_call
@@ -276,17 +471,28 @@ class _Run:
         self.bar.set_postfix_str(f"val {rec.get('val_loss', float('nan')):.4f}", refresh=False)
 
     def train(self) -> str:
-        """Runs the steps; returns why they stopped ("steps", "time", "data", "interrupted")."""
+        """Runs the steps; returns why they stopped ("steps", "time", "data",
+        "interrupted", "preempted")."""
         stopped = "steps"
+        self.preemption = _Preemption(self.multi)
+        self.beats = _Beats() if self.multi else None
         try:
             stopped = self._loop()
-            self.run_eval(self.state)
+            if stopped != "preempted":
+                self.run_eval(self.state)
+        except jax.errors.JaxRuntimeError as e:
+            if self.multi:
+                _exit_process_lost(self, e)
+            raise
         except KeyboardInterrupt:
             stopped = "interrupted"
         except NonFiniteError:
             self.save(self.state)
             raise
         finally:
+            self.preemption.close()
+            if self.beats is not None:
+                self.beats.close()
             self.bar.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
@@ -300,7 +506,7 @@ class _Run:
             ):
                 return "time"
             t0 = time.perf_counter()
-            batch = self.source.get(step)
+            batch = self._batch(step)
             if batch is None:
                 return "data"
             metrics, tokens = self._call(batch)
@@ -316,12 +522,42 @@ class _Run:
             self._count_skipped(recs)
             self._report(recs)
             self._check_streak(recs[-1], step)
+            if self.preemption.requested(step // self.n):
+                return "preempted"  # the exit checkpoint is written by finish
             if self.eval_every and step % self.eval_every == 0 and step < self.num_steps:
                 self.run_eval(self.state)
             if self.checkpoint_every and step % self.checkpoint_every == 0:
                 self.save(self.state)
                 self.last_saved = step
         return "steps"
+
+    def _batch(self, step: int):
+        """The batch (stacked: n) after ``step``; an exception from the source is
+        re-raised as :class:`BatchSourceError` once the last good state is saved."""
+        try:
+            return self.source.get(step)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's source
+            saved = None
+            if self.checkpointer is not None and not self.multi:
+                try:
+                    if step != self.last_saved:
+                        self.save(self.state)
+                        self.last_saved = step
+                    saved = step
+                except Exception as save_error:  # noqa: BLE001 - keep the source's error
+                    print(f"fit: no checkpoint after the batch source failed ({save_error})",
+                          file=sys.stderr)  # fmt: skip
+            kept = (
+                f"the state after step {step} is in the checkpoint of step {saved}"
+                if saved is not None
+                else "nothing was saved"
+                + (" (several processes: the others wait in the step)" if self.multi else "")
+            )
+            raise BatchSourceError(
+                f"fit: the batch source raised {type(e).__name__} making the batch of step "
+                f"{step + 1}: {e}; {kept}",
+                step + 1,
+            ) from e
 
     def _call(self, batch):
         """Runs the step on one batch (stacked: n); returns its metrics and tokens per step."""
@@ -393,9 +629,10 @@ class _Run:
         """Saves the exit checkpoint and completes ``info`` (rates, ``bad_steps``)."""
         info = self.info
         info["stopped"] = stopped
-        if info["steps"] != self.last_saved or stopped != "steps":
+        if info["steps"] != self.last_saved:
             try:
                 self.save(self.state)
+                self.last_saved = info["steps"]
             except RuntimeError as e:  # interrupted inside a call that had donated the state
                 if stopped != "interrupted":
                     raise
@@ -410,7 +647,7 @@ class _Run:
     def check_some_update(self, stopped: str) -> None:
         """Raises :class:`NonFiniteError` when every step of the call was skipped."""
         done = self.info["steps"] - self.start
-        if done and self.skipped == done and stopped != "interrupted":
+        if done and self.skipped == done and stopped not in ("interrupted", "preempted"):
             raise NonFiniteError(
                 f"training applied no update: all {done} steps of this run (steps "
                 f"{self.start + 1} to {self.info['steps']}) had a non-finite loss or gradient "
@@ -456,7 +693,8 @@ def fit(
         ``eval.jsonl`` and ``curves.png``. On resume, lines after ``state.step`` are
         dropped, so the log matches an uninterrupted run.
       checkpointer: a :class:`jaxseq.Checkpointer`; saves every
-        ``checkpoint_every`` steps and at exit (also on Ctrl-C and non-finite stop).
+        ``checkpoint_every`` steps and at exit (also on Ctrl-C, a preemption notice,
+        a failing batch source and a non-finite stop).
       checkpoint_meta: extra JSON metadata for each checkpoint, from the state.
       eval_fn: ``state -> dict`` of metrics (e.g. ``{"val_loss": ...}``), every
         ``eval_every`` steps and at the end.
@@ -485,6 +723,15 @@ def fit(
       ``steps``, from step 0).
 
     Raises:
+      Preempted: on SIGTERM (a preemption notice; several processes: on any of
+        them), after the call in flight and a checkpoint at the step it reached,
+        every process at the same step. A ``SystemExit`` with status 143: uncaught,
+        the script exits with it, and a resume continues with exactly the losses of
+        an uninterrupted run. SIGINT (Ctrl-C) instead returns, ``stopped ==
+        "interrupted"``.
+      BatchSourceError: when the batch source raises (the original is its
+        ``__cause__``; the message names the step), after checkpointing the last
+        good state.
       NonFiniteError: after ``max_bad_steps`` consecutive skipped steps, or at the
         end of a call whose every step was skipped (e.g. a label or token id out of
         range, which under ``jit`` gives NaN rather than an error; run a step under
@@ -535,5 +782,11 @@ def fit(
         from jaxseq.training.diagnostics import plot_training_curves
 
         plot_training_curves(metrics_path, os.path.join(out_dir, "curves.png"), eval_path=eval_path)
+    if stopped == "preempted":
+        saved = run.last_saved if checkpointer is not None else None
+        err = Preempted(info["steps"], saved)
+        if main:
+            print(f"fit: {err}; exiting with status {PREEMPTED_EXIT_STATUS}", file=sys.stderr)
+        raise err
     run.check_some_update(stopped)
     return run.state, info
