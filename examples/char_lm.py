@@ -166,6 +166,12 @@ def parse_args(argv=None):
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     o.add_argument("--override", action="store_true", help="resume even if hyperparameters differ")
+    o.add_argument(
+        "--strict-resume",
+        action="store_true",
+        help="with --resume: stop at a damaged newest checkpoint (default: warn and resume "
+        "from the newest intact one)",
+    )
     o.add_argument("--eval-streams", type=int, default=32)
     o.add_argument("--sample-len", type=int, default=300)
     o.add_argument("--prime", default="ROMEO:\n", help="the text every sample starts from")
@@ -317,7 +323,7 @@ def train(args, text: str) -> dict:
         state = js.training.shard_state(state, mesh)
     elapsed = 0.0
     if args.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state, override=args.override)
+        state, meta = ckpt.restore(state, override=args.override, strict=args.strict_resume)
         elapsed = float(meta.get("train_s", 0.0))
         print(f"resumed from step {int(state.step)} ({elapsed:.0f} s of training)", file=sys.stderr)
     elif not args.resume:

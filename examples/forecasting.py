@@ -216,6 +216,12 @@ def parse_args(argv=None):
     o.add_argument("--checkpoint-every", type=int, default=500)
     o.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     o.add_argument("--override", action="store_true", help="resume even if hyperparameters differ")
+    o.add_argument(
+        "--strict-resume",
+        action="store_true",
+        help="with --resume: stop at a damaged newest checkpoint (default: warn and resume "
+        "from the newest intact one)",
+    )
     args = p.parse_args(argv)
     models = [m.strip() for m in args.model.split(",") if m.strip()]
     bad = [m for m in models if m not in CELLS]
@@ -340,7 +346,7 @@ def main(argv=None) -> dict:
             os.path.join(args.out, "ckpt", name), keep=2, hparams={**hparams, "run": name}
         )
         if args.resume and ckpt.latest_step() is not None:
-            state, _ = ckpt.restore(state, override=args.override)
+            state, _ = ckpt.restore(state, override=args.override, strict=args.strict_resume)
             print(f"{name}: resumed from step {int(state.step)}", file=sys.stderr)
         trim_run_logs(args.out, name, int(state.step))
         state, info = js.fit(

@@ -110,6 +110,12 @@ def parse_args(argv=None):
         "--resume", action="store_true", help="continue from the latest checkpoint in --out"
     )
     p.add_argument("--override", action="store_true", help="resume even if hyperparameters differ")
+    p.add_argument(
+        "--strict-resume",
+        action="store_true",
+        help="with --resume: stop at a damaged newest checkpoint (default: warn and resume "
+        "from the newest intact one)",
+    )
     p.add_argument("--no-midi", action="store_true", help="do not write MIDI files")
     args = p.parse_args(argv)
     if not 0.0 < args.top_p <= 1.0:
@@ -177,7 +183,7 @@ def main(argv=None) -> dict:
     )
     elapsed = 0.0
     if args.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state, override=args.override)
+        state, meta = ckpt.restore(state, override=args.override, strict=args.strict_resume)
         elapsed = float(meta.get("train_s", 0.0))
         if not args.quiet:
             print(f"resumed from step {int(state.step)}", file=sys.stderr)

@@ -12,6 +12,8 @@ The settings come from flags or from the environment::
     --process-id I            JAXSEQ_PROCESS_ID     this process, 0 .. N-1
     --distributed             JAXSEQ_DISTRIBUTED=1  let JAX detect them (SLURM, Open MPI,
                                                     TPU pods, ...)
+    --heartbeat-timeout S     JAXSEQ_HEARTBEAT_TIMEOUT  seconds of silence after which a
+                                                    process counts as lost (JAX: 100)
 
 With none of them the run is a plain single process. On CPU the processes
 exchange gradients with the gloo collectives (set here), so N processes on one
@@ -19,6 +21,24 @@ machine, talking over localhost, train exactly as N hosts would::
 
     JAXSEQ_COORDINATOR=127.0.0.1:8476 JAXSEQ_NUM_PROCESSES=2 JAXSEQ_PROCESS_ID=0 python train.py &
     JAXSEQ_COORDINATOR=127.0.0.1:8476 JAXSEQ_NUM_PROCESSES=2 JAXSEQ_PROCESS_ID=1 python train.py
+
+When a process is lost, the others do not hang. While :func:`jaxseq.fit` runs,
+every process bumps a count in the runtime's key-value store twice a second and
+watches the next process's count; a process that finds another gone prints which
+one, at which step and the last complete checkpoint, and exits with status 75
+(``PROCESS_LOST_EXIT_STATUS``):
+
+- killed (its connections close): the others' next collective fails; they confirm
+  whose count has stopped and exit about two seconds after the death;
+- frozen or cut off (connections open): its watcher exits once its count has not
+  moved for a third of ``--heartbeat-timeout`` (at least two seconds); the rest follow as
+  their collectives fail, or at JAX's own heartbeat timeout (status 134);
+- process 0 itself (which holds the runtime's service): JAX's runtime ends the
+  others at once (status 134), saying that the leader task died.
+
+Restarting every process with the same command and ``--resume`` continues from the
+last checkpoint they all completed. A SIGTERM to any process (a preemption notice)
+stops all of them at one step, checkpointed (see :class:`jaxseq.training.Preempted`).
 """
 
 from __future__ import annotations
@@ -38,6 +58,7 @@ ENV_COORDINATOR = "JAXSEQ_COORDINATOR"
 ENV_NUM_PROCESSES = "JAXSEQ_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAXSEQ_PROCESS_ID"
 ENV_DISTRIBUTED = "JAXSEQ_DISTRIBUTED"
+ENV_HEARTBEAT = "JAXSEQ_HEARTBEAT_TIMEOUT"
 
 
 def _use_gloo_on_cpu() -> None:
@@ -62,6 +83,15 @@ def _int_or_none(name: str, value, lo: int = 0):
     if v < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
     return v
+
+
+_JAX_HEARTBEAT_S = 100  # jax.distributed.initialize's default
+_heartbeat_s = _JAX_HEARTBEAT_S
+
+
+def heartbeat_timeout_s() -> float:
+    """The heartbeat timeout the runtime was started with (by :func:`init_distributed`)."""
+    return float(_heartbeat_s)
 
 
 def init_distributed(
@@ -104,6 +134,8 @@ def init_distributed(
             f"process_id: expected a value in [0, num_processes={num_processes}), got {process_id}"
         )
     _use_gloo_on_cpu()
+    global _heartbeat_s
+    _heartbeat_s = kwargs.get("heartbeat_timeout_seconds", _JAX_HEARTBEAT_S)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
@@ -153,6 +185,14 @@ def add_distributed_args(parser):
         help=f"this process's index, 0 .. N-1 (${ENV_PROCESS_ID})",
     )
     g.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=_int_or_none(ENV_HEARTBEAT, env.get(ENV_HEARTBEAT), 1),
+        metavar="S",
+        help="seconds without a heartbeat after which a process counts as lost and every "
+        f"other one stops (JAX's default: 100) (${ENV_HEARTBEAT})",
+    )
+    g.add_argument(
         "--distributed",
         action="store_true",
         default=env.get(ENV_DISTRIBUTED, "").lower() in ("1", "true", "yes", "auto"),
@@ -175,6 +215,9 @@ def init_from_args(args, **kwargs) -> bool:
     >>> js.training.init_from_args(args)  # no settings: one process
     False
     """
+    heartbeat = getattr(args, "heartbeat_timeout", None)
+    if heartbeat is not None:
+        kwargs.setdefault("heartbeat_timeout_seconds", heartbeat)
     coordinator = getattr(args, "coordinator", None)
     num = getattr(args, "num_processes", None)
     pid = getattr(args, "process_id", None)

@@ -180,71 +180,107 @@ class _Preemption:
 
 
 class _Beats:
-    """Every process of a multi-process run counts up its own key in the coordination
-    service's key-value store twice a second, from a thread; a process whose count has
-    stopped is gone. When a collective fails (the error names no process), this says
-    which one: read all counts, wait, read again."""
+    """Signs of life between the processes of a multi-process run, through the
+    distributed runtime's key-value store: every process counts up its own key twice a
+    second from a thread and watches the next process's (a ring), so a process whose
+    count stops is named even while the others wait in a collective that never ends.
+    A process that leaves ``fit`` writes "done" instead, which is not a death."""
 
     PERIOD_S = 0.5
 
-    def __init__(self):
+    def __init__(self, run, silent_s: float):
         from orbax.checkpoint import multihost
 
+        self.run = run
         self.client = multihost.get_jax_distributed_client()
         self.me, self.n = jax.process_index(), jax.process_count()
+        self.watched = (self.me + 1) % self.n
+        self.silent_s = silent_s
         self.count = 0
         self.stop = threading.Event()
         self._beat()
         self.thread = threading.Thread(target=self._run, name="jaxseq-beats", daemon=True)
         self.thread.start()
 
-    def _beat(self) -> None:
-        self.client.key_value_set(f"jaxseq/beat/{self.me}", str(self.count), allow_overwrite=True)
+    def _key(self, j: int) -> str:
+        return f"jaxseq/beat/{j}"
+
+    def _beat(self, value: str | None = None) -> None:
+        value = str(self.count) if value is None else value
+        self.client.key_value_set(self._key(self.me), value, allow_overwrite=True)
+
+    def _get(self, j: int):
+        """Process ``j``'s count, None before its first; raises when the store is gone."""
+        try:
+            return self.client.key_value_try_get(self._key(j))
+        except Exception as e:  # noqa: BLE001
+            if "NOT_FOUND" in str(e):
+                return None
+            raise
 
     def _run(self) -> None:
+        seen, since = None, time.monotonic()
         while not self.stop.wait(self.PERIOD_S):
             self.count += 1
             try:
                 self._beat()
-            except Exception:  # noqa: BLE001 - the store is gone with process 0
+                now_seen = self._get(self.watched)
+            except Exception as e:  # noqa: BLE001 - the store is gone with process 0
+                if not self.stop.is_set() and self.me != 0:
+                    _exit_process_lost(self.run, e, [0])
+                return
+            now = time.monotonic()
+            if now_seen == "done":
+                return
+            if now_seen != seen or seen is None:
+                seen, since = now_seen, now
+            elif now - since > self.silent_s and not self.stop.is_set():
+                reason = f"its count has not moved for {now - since:.1f} s"
+                _exit_process_lost(self.run, reason, [self.watched])
                 return
 
-    def _read(self) -> dict:
-        return {
-            j: self.client.key_value_try_get(f"jaxseq/beat/{j}")
-            for j in range(self.n)
-            if j != self.me
-        }
-
     def lost(self, wait_s: float = 4 * PERIOD_S, limit_s: float = 20.0) -> list[int]:
-        """The processes whose count stopped (``[0]`` when the store itself, which
-        process 0 holds, cannot be reached); empty when none is found in ``limit_s``."""
+        """The processes whose count stops over ``wait_s`` (``[0]`` when the store
+        itself, which process 0 holds, cannot be reached); empty when none is found
+        within ``limit_s``."""
         found: list[int] = []
+        others = [j for j in range(self.n) if j != self.me]
 
         def probe():
             try:
-                first = self._read()
+                first = {j: self._get(j) for j in others}
                 time.sleep(wait_s)
-                second = self._read()
+                second = {j: self._get(j) for j in others}
             except Exception:  # noqa: BLE001
                 found.append(0)
                 return
-            found.extend(j for j in first if first[j] == second[j])
+            found.extend(j for j in others if first[j] == second[j] != "done")
 
         t = threading.Thread(target=probe, daemon=True)
         t.start()
         t.join(limit_s)
-        return sorted(set(found)) if self.me != 0 else [j for j in found if j != 0]
+        return sorted(j for j in set(found) if j != self.me)
 
     def close(self) -> None:
         self.stop.set()
+        try:
+            self._beat("done")
+        except Exception:  # noqa: BLE001 - nothing to tell a store that is gone
+            pass
 
 
-def _exit_process_lost(run, error: BaseException) -> None:
-    """A collective of a multi-process run failed: names the process that is gone,
-    says where to resume, and ends this process (the distributed runtime's own
-    teardown would wait on the lost process or abort)."""
-    lost = run.beats.lost() if run.beats is not None else []
+_EXITING = threading.Lock()
+
+
+def _exit_process_lost(run, error, lost=None) -> None:
+    """A process of a multi-process run is gone (a collective failed, or the watch
+    saw its count stop): names it, says where to resume, and ends this process (the
+    distributed runtime's own teardown would wait on the lost process or abort)."""
+    if not _EXITING.acquire(blocking=False):  # the other thread is already at it
+        time.sleep(60)
+        os._exit(PROCESS_LOST_EXIT_STATUS)
+    if lost is None:
+        lost = run.beats.lost() if run.beats is not None else []
     who = (
         "process " + ", ".join(map(str, lost)) + (" is" if len(lost) == 1 else " are") + " gone"
         if lost
@@ -256,17 +292,23 @@ def _exit_process_lost(run, error: BaseException) -> None:
         if run.checkpointer is not None and run.last_saved > 0
         else "there is no checkpoint to resume from"
     )
-    text = " ".join(str(error).split())[:300]
+    if isinstance(error, BaseException):
+        text = " ".join(str(error).split())[:300]
+        how = f"an operation with the others failed at step {run.info['steps']} ({type(error).__name__}: {text})"
+    else:
+        how = f"{error}, at step {run.info['steps']}"
     print(
-        f"fit: process {me} of {n}: {who} (killed, out of memory or its host lost): a "
-        f"collective failed at step {run.info['steps']} ({type(error).__name__}: {text}). "
-        f"Exiting with status {PROCESS_LOST_EXIT_STATUS}; restart every process to resume: "
-        f"{resume}.",
+        f"fit: process {me} of {n}: {who} (killed, out of memory or its host lost): "
+        f"{how}. Exiting with status {PROCESS_LOST_EXIT_STATUS}; restart every process to "
+        f"resume: {resume}.",
         file=sys.stderr,
         flush=True,
     )
     if run.metrics_file is not None:
-        run.metrics_file.flush()
+        try:
+            run.metrics_file.flush()
+        except ValueError:  # closed meanwhile
+            pass
     os._exit(PROCESS_LOST_EXIT_STATUS)
 
 
@@ -356,6 +398,15 @@ def _filter_jsonl(path, max_step: int) -> None:
     with open(tmp, "w") as f:
         f.write("".join(k + "\n" for k in keep))
     os.replace(tmp, path)
+
+
+def _silent_s() -> float:
+    """Seconds without a sign of life after which a process counts as lost: a third of
+    the runtime's heartbeat timeout (so this names it before the runtime's own abort),
+    at least 2."""
+    from jaxseq.training import distributed
+
+    return max(2.0, distributed.heartbeat_timeout_s() / 3)
 
 
 def _out_of_time(local: bool, multi: bool) -> bool:
@@ -475,15 +526,10 @@ class _Run:
         "interrupted", "preempted")."""
         stopped = "steps"
         self.preemption = _Preemption(self.multi)
-        self.beats = _Beats() if self.multi else None
         try:
             stopped = self._loop()
             if stopped != "preempted":
                 self.run_eval(self.state)
-        except jax.errors.JaxRuntimeError as e:
-            if self.multi:
-                _exit_process_lost(self, e)
-            raise
         except KeyboardInterrupt:
             stopped = "interrupted"
         except NonFiniteError:
@@ -491,8 +537,6 @@ class _Run:
             raise
         finally:
             self.preemption.close()
-            if self.beats is not None:
-                self.beats.close()
             self.bar.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
@@ -776,8 +820,21 @@ def fit(
     if metrics_path:  # closed by run.train
         run.metrics_file = open(metrics_path, "a")  # noqa: SIM115
     run.bar = _tqdm(num_steps, start, progress and main)
-    stopped = run.train()
-    info = run.finish(stopped)
+    run.beats = _Beats(run, _silent_s()) if multi else None
+    try:
+        stopped = run.train()
+        info = run.finish(stopped)
+    except Exception as e:
+        # with several processes, an error from a collective (of a step, a checkpoint,
+        # an evaluation) often means a process is gone: then say so and end
+        if multi and not isinstance(e, NonFiniteError | BatchSourceError):
+            lost = run.beats.lost()
+            if lost:
+                _exit_process_lost(run, e, lost)
+        raise
+    finally:
+        if run.beats is not None:
+            run.beats.close()
     if plot and out_dir is not None and main:
         from jaxseq.training.diagnostics import plot_training_curves
 
