@@ -18,9 +18,10 @@ Each trial runs ``tests/_fault_driver.py`` (a small LSTM language model trained 
   step; the other must exit 75 naming it, and the seconds from the death to
   that exit are recorded.
 
-    python -m benchmarks.faults --trials 4
+    python -m benchmarks.faults --trials 6
 
-prints a table and writes ``faults.json`` under ``--out``.
+prints a table and writes ``faults.json`` (every trial, and the environment) under
+``--out``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import random
 import re
 import shutil
@@ -191,7 +191,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--trials", type=int, default=4, help="trials of each fault")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="benchmarks/results/faults")
     p.add_argument("--only", default=None, help="comma-separated faults to inject (default: all)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
@@ -221,7 +221,10 @@ def main(argv=None):
             results[kind].append(kinds[kind](work))
             shutil.rmtree(work)
 
-    print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    from benchmarks._environment import environment
+
+    env = environment()
+    print(f"\n{env['cpu_model']}, {env['cpu_count']} cores, jax {env['jax']}")
     print(f"{'fault':<14} {'injected':>8} {'survived':>8}  details")
     for kind, rs in results.items():
         n_ok = sum(r["survived"] for r in rs)
@@ -236,7 +239,10 @@ def main(argv=None):
         print(f"{kind:<14} {len(rs):>8} {n_ok:>8}  {extra}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "faults.json"), "w") as f:
-        json.dump({"trials": args.trials, "seed": args.seed, "results": results}, f, indent=1)
+        json.dump(
+            {"trials": args.trials, "seed": args.seed, "environment": env, "results": results},
+            f, indent=1,
+        )  # fmt: skip
     return results
 
 
