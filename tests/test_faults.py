@@ -28,10 +28,11 @@ TIMEOUT_S = 180  # a bound for a loaded machine; each run takes a few seconds on
 
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSEQ_")}
+    # the runs share compiled executables (same programs, so same bits): the suite's
+    # cache (tests/conftest.py) when there is one
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
     env.update(
         PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-        # the runs of a test share compiled executables (same programs, so same bits)
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra,
     )  # fmt: skip
