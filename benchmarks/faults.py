@@ -45,7 +45,10 @@ DRIVER = ROOT / "tests" / "_fault_driver.py"
 STEPS = 16
 
 
-def _env(cache, **extra):
+def driver_env(cache, **extra) -> dict:
+    """The environment of a driver run: this one's, without ``JAXSEQ_*`` settings, with
+    ``extra`` and a persistent compilation cache shared by the runs (same programs, so
+    the same bits)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSEQ_")}
     env.update(
         PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache),
@@ -55,11 +58,15 @@ def _env(cache, **extra):
     return env
 
 
-def _start(cache, out, *args, **env):
+def start_driver(cache, out, *args, **env) -> subprocess.Popen:
+    """Starts ``tests/_fault_driver.py`` on ``out`` with ``args``; output to a pipe."""
     return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(out), *map(str, args)], env=_env(cache, **env),
+        [sys.executable, str(DRIVER), str(out), *map(str, args)], env=driver_env(cache, **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+
+
+_start = start_driver
 
 
 def _run(cache, out, *args):
@@ -137,34 +144,24 @@ def batch_source(cache, work, want, rng):
     return {"at": k, "survived": ok and _resumed_exactly(cache, out, want, k - 1)}
 
 
-def lost_process(cache, work, rng):
-    out = work / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+def start_pair(cache, out, *args) -> list:
+    """Both processes of a two-process run of the driver (JAX's distributed runtime over
+    localhost, one CPU device each)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     flags = " ".join(
         f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform" not in f
     )
+    pair = {"XLA_FLAGS": flags, "JAXSEQ_COORDINATOR": f"127.0.0.1:{port}"}
+    pair["JAXSEQ_NUM_PROCESSES"] = "2"
+    return [start_driver(cache, out, *args, **pair, JAXSEQ_PROCESS_ID=str(i)) for i in range(2)]
+
+
+def lost_process(cache, work, rng):
+    out = work / "run"
     k = rng.randint(2, 12)
-    procs = [
-        _start(
-            cache,
-            out,
-            "--steps",
-            40,
-            "--slow",
-            0.05,
-            "--die-at",
-            k,
-            "--heartbeat",
-            10,
-            XLA_FLAGS=flags,
-            JAXSEQ_COORDINATOR=f"127.0.0.1:{port}",
-            JAXSEQ_NUM_PROCESSES="2",
-            JAXSEQ_PROCESS_ID=str(i),
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    procs = start_pair(cache, out, "--steps", 40, "--slow", 0.05, "--die-at", k, "--heartbeat", 10)
     ends = [None, None]
     deadline = time.monotonic() + 300
     while None in ends and time.monotonic() < deadline:

@@ -13,37 +13,23 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
+from benchmarks.faults import start_driver, start_pair
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DRIVER = ROOT / "tests" / "_fault_driver.py"
 STEPS = 16
 TIMEOUT_S = 180  # a bound for a loaded machine; each run takes a few seconds on a quiet one
 
 
-def _env(tmp_path, **extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAXSEQ_")}
-    # the runs share compiled executables (same programs, so same bits): the suite's
-    # cache (tests/conftest.py) when there is one
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
-    env.update(
-        PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra,
-    )  # fmt: skip
-    return env
-
-
 def _start(tmp_path, out, *args, **env):
-    return subprocess.Popen(
-        [sys.executable, str(DRIVER), str(out), *map(str, args)], env=_env(tmp_path, **env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+    # the runs share compiled executables: the suite's cache (tests/conftest.py) when
+    # there is one
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path / "jax_cache"
+    return start_driver(cache, out, *args, **env)
 
 
 def _finish(proc):
@@ -172,33 +158,10 @@ def test_a_raising_batch_source_saves_the_last_good_step_and_names_the_step(tmp_
     assert _losses(run) == want
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pair(tmp_path, out, *args):
     """Both processes of a two-process run (JAX's distributed runtime over localhost)."""
-    port = _free_port()
-    flags = " ".join(
-        f for f in os.environ.get("XLA_FLAGS", "").split()
-        if "force_host_platform_device_count" not in f
-    )  # fmt: skip
-    return [
-        _start(
-            tmp_path,
-            out,
-            *args,
-            "--heartbeat",
-            10,
-            XLA_FLAGS=flags,
-            JAXSEQ_COORDINATOR=f"127.0.0.1:{port}",
-            JAXSEQ_NUM_PROCESSES="2",
-            JAXSEQ_PROCESS_ID=str(i),
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path / "jax_cache"
+    return start_pair(cache, out, *args, "--heartbeat", 10)
 
 
 def test_a_killed_process_makes_the_other_exit_naming_it_and_both_resume(tmp_path):
