@@ -230,8 +230,9 @@ class _Beats:
                     _exit_process_lost(self.run, e, [0])
                 return
             now = time.monotonic()
-            if now_seen == "done":
-                return
+            if now_seen == "done" or seen == "done":  # it left fit: beat on, stop watching
+                seen = "done"
+                continue
             if now_seen != seen or seen is None:
                 seen, since = now_seen, now
             elif now - since > self.silent_s and not self.stop.is_set():
