@@ -55,6 +55,7 @@ import jax
 import numpy as np
 
 from jaxseq import _checks
+from jaxseq.training.checkpoint import _short
 from jaxseq.training.sharding import _is_global, make_mesh, shard_batch, shard_state
 from jaxseq.training.step import TrainState, TrainStep
 
@@ -294,7 +295,7 @@ def _exit_process_lost(run, error, lost=None) -> None:
         else "there is no checkpoint to resume from"
     )
     if isinstance(error, BaseException):
-        text = " ".join(str(error).split())[:300]
+        text = _short(error, 300)
         how = f"an operation with the others failed at step {run.info['steps']} ({type(error).__name__}: {text})"
     else:
         how = f"{error}, at step {run.info['steps']}"
