@@ -154,7 +154,7 @@ class _Preemption:
         self.installed = False
         # with several processes, JAX's preemption service (on unless turned off) has
         # its own SIGTERM handler, which a Python one would replace
-        self.sync = multi and bool(jax.config.jax_enable_preemption_service)
+        self.sync = multi and bool(jax.config.jax_enable_preemption_service)  # type: ignore[attr-defined]
         if not self.sync and threading.current_thread() is threading.main_thread():
             self.previous = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGTERM, self._handler)
@@ -331,7 +331,7 @@ class _Source:
     def __init__(self, batches, n: int):
         self.obj = batches
         self.n = n
-        self.iterator = None
+        self.iterator: Any = None  # iter(batches) when kind is "iterable"
         if hasattr(batches, "at_step"):
             self.kind = "at_step"
         elif callable(batches):
@@ -625,7 +625,7 @@ class _Run:
             self.tps = self.tokens_run / run_s
         recs = []
         for j in range(n):
-            rec = {"step": first + j + 1}
+            rec: dict = {"step": first + j + 1}
             for k, v in metrics.items():
                 v = np.asarray(v)[j] if n > 1 else np.asarray(v)
                 rec[k] = bool(v) if v.dtype == bool else (float(v) if v.ndim == 0 else v.tolist())
