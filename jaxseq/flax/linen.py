@@ -23,178 +23,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.interop.flax import carry_from_flax, carry_to_flax, from_flax, to_flax
-from jaxseq.recurrent.cells import GRU, LSTM, RNNCarry
-from jaxseq.recurrent.cells import RNN as _RNNCell
+from jaxseq.interop.flax import from_flax, to_flax
+from jaxseq.interop.modules import check_layer, merge_directions, run_rnn, split_carry
 from jaxseq.recurrent.layers import Bidirectional as _JsBidirectional
-from jaxseq.recurrent.rollouts import rollout
 
 __all__ = ["RNN", "Bidirectional", "variables_from_flax", "variables_to_flax"]
-
-_BUILTIN = (_RNNCell, LSTM, GRU)
-
-
-# -- the rollout with Flax's semantics (shared with jaxseq.flax.nnx) ------------------------
-
-
-def _is_layer(layer) -> bool:
-    return callable(getattr(layer, "rollout", None))
-
-
-def check_layer(layer, name: str = "cell") -> None:
-    """A jaxseq cell (``init``/``initial_carry``/``step``) or sequence layer (``rollout``).
-
-    >>> import jaxseq as js
-    >>> check_layer(js.LSTM(2))
-    >>> check_layer("LSTM")
-    Traceback (most recent call last):
-    ...
-    TypeError: cell: expected a jaxseq cell (js.LSTM(256), js.GRU, js.RNN) or layer ...
-    """
-    ok = _is_layer(layer) or all(
-        callable(getattr(layer, m, None)) for m in ("init", "initial_carry", "step")
-    )
-    if not ok or not hasattr(layer, "output_size"):
-        hint = (
-            " (a Flax cell: pass the jaxseq cell of its kind)"
-            if isinstance(layer, nn.Module)
-            else ""
-        )
-        raise TypeError(
-            f"{name}: expected a jaxseq cell (js.LSTM(256), js.GRU, js.RNN) or layer "
-            f"(js.Stack, js.Bidirectional) with an output_size, got {type(layer).__name__}{hint}"
-        )
-
-
-def flip_sequences(xs, lengths):
-    """Flax's flip of time-major ``xs: [T, *B, ...]``: each valid part reversed, padding kept after it.
-
-    Position ``t`` takes ``(lengths - 1 - t) mod T`` (the padded part is
-    reversed among itself), so the flip is its own inverse. ``lengths`` None:
-    the whole time axis is reversed.
-
-    >>> import jax.numpy as jnp
-    >>> flip_sequences(jnp.array([[1, 4], [2, 5], [3, 6]]), jnp.array([2, 3])).T.tolist()
-    [[2, 1, 3], [6, 5, 4]]
-    """
-    t = xs.shape[0]
-    if lengths is None or t == 0:
-        return jnp.flip(xs, axis=0)
-    steps = jnp.arange(t - 1, -1, -1, dtype=jnp.int32).reshape((t,) + (1,) * lengths.ndim)
-    idx = (steps + lengths[None]) % t
-    idx = idx.reshape(idx.shape + (1,) * (xs.ndim - idx.ndim))
-    return jnp.take_along_axis(xs, idx, axis=0)
-
-
-def _last_valid(ys, lengths):
-    """``ys[lengths - 1]`` per sequence (``ys[T - 1]`` where the length is 0, as Flax indexes)."""
-    t = ys.shape[0]
-    idx = jnp.where(lengths > 0, lengths - 1, t - 1)
-    idx = idx.reshape((1,) + idx.shape + (1,) * (ys.ndim - 1 - idx.ndim))
-    return jnp.take_along_axis(ys, idx, axis=0)[0]
-
-
-def _check_flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a Python bool, got {type(value).__name__} {value!r}")
-    return value
-
-
-def run_rnn(
-    layer,
-    params,
-    inputs,
-    initial_carry=None,
-    *,
-    seq_lengths=None,
-    time_major: bool = False,
-    reverse: bool = False,
-    keep_order: bool = False,
-    return_carry: bool = False,
-    unroll="auto",
-    kernel="auto",
-):
-    """``flax.linen.RNN``'s computation on a jaxseq cell or layer: ``(carry or None, outputs)``.
-
-    Batch-major ``inputs [*B, T, D]`` (``time_major``: ``[T, *B, D]``), outputs
-    laid out the same way. For a built-in cell the carries are Flax's (an
-    LSTM's is ``(c, h)``), for anything else jaxseq's. See :class:`RNN` for the
-    semantics.
-
-    >>> import jax, jax.numpy as jnp, jaxseq as js
-    >>> cell = js.GRU(3)
-    >>> params = cell.init(jax.random.key(0), 2)
-    >>> carry, ys = run_rnn(cell, params, jnp.ones((4, 5, 2)), return_carry=True)
-    >>> ys.shape, carry.shape
-    ((4, 5, 3), (4, 3))
-    """
-    time_major = _check_flag("time_major", time_major)
-    reverse = _check_flag("reverse", reverse)
-    keep_order = _check_flag("keep_order", keep_order)
-    return_carry = _check_flag("return_carry", return_carry)
-    if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
-        raise TypeError(f"inputs: expected an array, got {type(inputs).__name__}")
-    layout = "[T, *B, D]" if time_major else "[*B, T, D]"
-    _checks.check_min_ndim("inputs", inputs, 2, f"{layout} (time_major={time_major})")
-    _checks.check_floating("inputs", inputs)
-    xs = inputs if time_major else jnp.moveaxis(inputs, -2, 0)
-    t, batch_shape = xs.shape[0], tuple(xs.shape[1:-1])
-    flax_carry = isinstance(layer, _BUILTIN)
-    carry = initial_carry
-    if carry is not None and flax_carry:
-        carry = carry_from_flax(layer, carry)
-    lengths = seq_lengths
-    if lengths is not None:
-        lengths = _checks.as_array("seq_lengths", lengths)
-        _checks.check_integer("seq_lengths", lengths)
-        if tuple(lengths.shape) != batch_shape:
-            raise ValueError(
-                f"seq_lengths: expected shape {list(batch_shape)} (the batch dims of inputs "
-                f"{_checks.describe(inputs)}, {layout}), got {_checks.describe(lengths)}"
-            )
-        _checks.check_in_range("seq_lengths", lengths, 0, t, f" (T={t})")
-        lengths = lengths.astype(jnp.int32)
-    kw = dict(unroll=unroll, kernel=kernel)
-
-    if _is_layer(layer):
-        # A layer (js.Stack, js.Bidirectional) gets the lengths: its backward
-        # halves then run over each valid part, and padded outputs are zeros.
-        out_carry, ys = rollout(layer, params, xs, carry, lengths=lengths, reverse=reverse, **kw)
-        if reverse and not keep_order:
-            ys = flip_sequences(ys, lengths)
-    elif lengths is None:
-        out_carry, ys = rollout(layer, params, xs, carry, reverse=reverse, **kw)
-        if reverse and not keep_order:
-            ys = jnp.flip(ys, axis=0)
-    else:
-        # Flax's semantics: every step runs, padding included (its outputs are
-        # the cell continuing over the padding), on the flipped sequence when
-        # reversed; the carry is the one after the last valid step.
-        xs_p = flip_sequences(xs, lengths) if reverse else xs
-        full_carry, ys = rollout(layer, params, xs_p, carry, **kw)
-        out_carry = full_carry
-        if return_carry and t > 0:
-            if type(layer) in (_RNNCell, GRU):  # carry == output: read it off the outputs
-                out_carry = RNNCarry(_last_valid(ys, lengths))
-            else:
-                last, _ = rollout(layer, params, xs_p, carry, lengths=lengths, **kw)
-                out_carry = jax.tree_util.tree_map(
-                    lambda a, b: jnp.where(
-                        (lengths > 0).reshape(lengths.shape + (1,) * (a.ndim - lengths.ndim)),
-                        a,
-                        b,
-                    ),
-                    last,
-                    full_carry,
-                )
-        if reverse and keep_order:
-            ys = flip_sequences(ys, lengths)
-    if not time_major:
-        ys = jnp.moveaxis(ys, 0, -2)
-    if not return_carry:
-        return None, ys
-    return (carry_to_flax(layer, out_carry) if flax_carry else out_carry), ys
-
 
 # -- linen modules --------------------------------------------------------------------------
 
@@ -300,38 +133,6 @@ def _concatenate(a, b):
     return jnp.concatenate([a, b], axis=-1)
 
 
-def split_carry(initial_carry):
-    """``(forward carry, backward carry)`` of a bidirectional layer's ``initial_carry``.
-
-    None gives ``(None, None)``; anything but a pair is a ``TypeError``.
-
-    >>> split_carry(None)
-    (None, None)
-    >>> split_carry((1, 2))
-    (1, 2)
-    """
-    if initial_carry is None:
-        return None, None
-    if not isinstance(initial_carry, tuple | list) or len(initial_carry) != 2:
-        raise TypeError(
-            f"initial_carry: expected (forward carry, backward carry), got "
-            f"{type(initial_carry).__name__}"
-        )
-    return tuple(initial_carry)
-
-
-def _merge(merge_fn, out_f, out_b, return_carry: bool):
-    """Both directions' results -> ``outputs`` or ``((carry_f, carry_b), outputs)``.
-
-    The halves are asked for their carries only when they are returned, so
-    under ``seq_lengths`` no carry is computed for nothing.
-    """
-    if not return_carry:
-        return jax.tree_util.tree_map(merge_fn, out_f, out_b)
-    (cf, yf), (cb, yb) = out_f, out_b
-    return (cf, cb), jax.tree_util.tree_map(merge_fn, yf, yb)
-
-
 class Bidirectional(nn.Module):
     """``flax.linen.Bidirectional``: a forward and a backward RNN, outputs merged.
 
@@ -387,7 +188,7 @@ class Bidirectional(nn.Module):
         out_b = self.backward_rnn(
             inputs, initial_carry=carry_b, init_key=key_b, reverse=True, keep_order=True, **common
         )
-        return _merge(self.merge_fn, out_f, out_b, return_carry)
+        return merge_directions(self.merge_fn, out_f, out_b, return_carry)
 
 
 # -- weights from and to flax.linen.RNN -----------------------------------------------------

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxseq import _checks
-from jaxseq.flax.linen import _merge, check_layer, run_rnn, split_carry
 from jaxseq.interop.flax import from_flax as _params_from_flax_dict
+from jaxseq.interop.modules import check_layer, merge_directions, run_rnn, split_carry
 from jaxseq.recurrent.cells import GRU, LSTM
 from jaxseq.recurrent.cells import RNN as _RNNCell
 
@@ -207,7 +207,7 @@ class Bidirectional(nnx.Module):
         out_b = self.backward_rnn(
             inputs, initial_carry=carry_b, rngs=rngs, reverse=True, keep_order=True, **common
         )
-        return _merge(self.merge_fn, out_f, out_b, return_carry)
+        return merge_directions(self.merge_fn, out_f, out_b, return_carry)
 
 
 # -- weights from flax.nnx cells ------------------------------------------------------------
