@@ -30,9 +30,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import chex  # noqa: E402
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_counts():
+    """``chex.assert_max_traces`` counts per place of definition: each test (each
+    parametrisation) starts from zero."""
+    chex.clear_trace_counter()
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 import _reference as ref
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import jaxseq as js
 from jaxseq import initializers as inits
@@ -104,19 +106,27 @@ def test_vmap_equals_explicit_batch(name, key):
     x = jax.random.normal(key, (6, 3))
     batched = cell.step(p, cell.initial_carry((6,)), x)
     per_ex = jax.vmap(lambda xi: cell.step(p, cell.initial_carry(()), xi))(x)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), batched, per_ex
-    )
+    chex.assert_trees_all_close(batched, per_ex, rtol=1e-6)
 
 
-def test_jit_equals_nojit(name, key):
-    cell = CELLS[name](5)
-    p = _random_params(cell, key, 3)
-    x = jax.random.normal(key, (2, 3))
-    c = cell.initial_carry((2,))
-    a = cell.step(p, c, x)
-    b = jax.jit(cell.step)(p, c, x)
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6), a, b)
+class StepVariants(chex.TestCase):
+    """``cell.step`` jitted and not, on device arrays and on NumPy inputs (chex's
+    variants), equals the NumPy float64 reference step, every carry leaf and the output."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    @parameterized.parameters(*sorted(CELLS))
+    def test_step_equals_the_reference(self, name):
+        key = jax.random.key(5)
+        cell = CELLS[name](5)
+        p = _random_params(cell, key, 3)
+        x = jax.random.normal(key, (2, 3))
+        c = jax.tree_util.tree_map(
+            lambda z: jax.random.normal(jax.random.key(6), z.shape), cell.initial_carry((2,))
+        )
+        new, y = self.variant(cell.step)(p, c, x)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new, c)
+        got = (tuple(np.asarray(leaf) for leaf in new), np.asarray(y))
+        ref.assert_close(got, _ref_step(name, p, c, x), ref.TOL["float32"], name)
 
 
 def _bf16(a):
@@ -172,7 +182,7 @@ def test_bfloat16_carry_keeps_its_dtype(name, key):
 def test_init_is_deterministic_and_gate_blocks(key):
     cell = js.LSTM(4, forget_bias=2.5)
     p1, p2 = cell.init(key, 3), cell.init(key, 3)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
+    chex.assert_trees_all_equal(p1, p2)
     np.testing.assert_array_equal(p1.b, np.r_[np.zeros(4), 2.5 * np.ones(4), np.zeros(8)])
     # Default recurrent init: each [H, H] gate block is orthogonal.
     for blk in np.split(np.asarray(p1.w_hh), 4, axis=1):

@@ -6,6 +6,7 @@ The PyTorch references live in ``tests/fixtures/torch_*.npz`` (written by
 
 from pathlib import Path
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -184,12 +185,12 @@ def test_torch_round_trip(name):
             np.testing.assert_array_equal(back[f"weight_hh{sfx}"], sd[f"weight_hh{sfx}"])
             # Same function: the biases may be split differently, but convert back identically.
             p2 = interop.from_torch(cell, back, layer=layer, reverse=reverse)
-            jax.tree_util.tree_map(np.testing.assert_array_equal, p2, p)
+            chex.assert_trees_all_equal(p2, p)
     stack, params = interop.stack_from_torch(cell, sd)
     full = interop.stack_to_torch(stack, params)
     assert sorted(full) == sorted(sd)
     _, params2 = interop.stack_from_torch(cell, full)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params2, params)
+    chex.assert_trees_all_equal(params2, params)
 
 
 def test_torch_bias_layout():
@@ -248,10 +249,10 @@ def test_torch_accepts_tensor_like_and_prefix():
     fake = {f"encoder.rnn.{k}": FakeTensor(v) for k, v in sd.items()}
     fake["encoder.embed.weight"] = FakeTensor(np.zeros((3, 2), np.float32))
     got = interop.from_torch(js.GRU(H), fake, prefix="encoder.rnn.")
-    jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+    chex.assert_trees_all_equal(got, want)
     stack, params = interop.stack_from_torch(js.GRU(H), fake, prefix="encoder.rnn.")
     assert stack.layers == (js.GRU(H),)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, params[0], want)
+    chex.assert_trees_all_equal(params[0], want)
     assert "encoder.rnn.weight_ih_l0" in interop.to_torch(js.GRU(H), want, prefix="encoder.rnn.")
 
 

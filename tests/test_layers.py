@@ -1,4 +1,5 @@
 import _reference as ref
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,7 +75,7 @@ def test_stack_carry_threads_through(key):
     c_a, y_a = js.rollout(stack, p, xs[:3])
     c_b, y_b = js.rollout(stack, p, xs[3:], c_a)
     np.testing.assert_allclose(y_full, jnp.concatenate([y_a, y_b]), rtol=1e-5, atol=1e-6)
-    jax.tree_util.tree_map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5), c_full, c_b)
+    chex.assert_trees_all_close(c_full, c_b, rtol=1e-5)
 
 
 def test_residual_adds_layer_input(key):

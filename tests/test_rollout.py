@@ -13,10 +13,12 @@ the same loops on ``jax.numpy``).
 
 import _cells
 import _reference as ref
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.test_util import check_grads
 
 import jaxseq as js
@@ -208,24 +210,47 @@ def test_reset_flags_on_padding_are_ignored(kernel, key):
         ]
 
     for a, b in f(p, xs, c0):
-        jax.tree_util.tree_map(
-            lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7), a, b
-        )
+        chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_traced_lengths_and_reset_under_jit(kernel):
-    """Lengths and reset passed as traced arguments (no concrete bounds check)."""
+    """Lengths and reset passed as traced arguments (no concrete bounds check): other
+    values reuse the one compilation."""
     kind = "lstm"
     cell = make_cell(kind)
     p, xs, c0, _ = to_jax(cell, problem(kind), jnp.float32)
     f = jax.jit(
-        lambda p, xs, c0, lengths, reset: js.rollout(
-            cell, p, xs, c0, lengths=lengths, reset=reset, reverse=True, kernel=kernel
+        chex.assert_max_traces(
+            lambda p, xs, c0, lengths, reset: js.rollout(
+                cell, p, xs, c0, lengths=lengths, reset=reset, reverse=True, kernel=kernel
+            ),
+            n=1,
         )
-    )
+    )  # new lengths and flags: no new compilation  # new lengths and flags: no new compilation
     carry, ys = f(p, xs, c0, jnp.asarray(LENGTHS), jnp.asarray(RESET))
     ref.assert_close((tuple(carry), ys), reference(kind, "all")[0], TOL["float32"], "values")
+    carry, ys = f(p, xs, c0, jnp.full(B, T, jnp.int32), jnp.zeros((T, B), bool))
+    ref.assert_close((tuple(carry), ys), reference(kind, "reverse")[0], TOL["float32"], "full")
+
+
+class RolloutVariants(chex.TestCase):
+    """``js.rollout`` jitted and not, on device arrays and on NumPy inputs (chex's variants),
+    with both kernels, equals the reference (lengths, resets and reverse together)."""
+
+    @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
+    @parameterized.product(kind=KINDS, kernel=KERNELS)
+    def test_rollout_equals_the_reference(self, kind, kernel):
+        cell = make_cell(kind)
+        p, xs, c0, _ = to_jax(cell, problem(kind), jnp.float32)
+        run = self.variant(
+            lambda p, xs, c0, lengths, reset: js.rollout(
+                cell, p, xs, c0, lengths=lengths, reset=reset, reverse=True, kernel=kernel
+            )
+        )
+        carry, ys = run(p, xs, c0, LENGTHS, RESET)
+        chex.assert_shape(ys, (T, B, H))
+        ref.assert_close((tuple(carry), ys), reference(kind, "all")[0], TOL["float32"], kernel)
 
 
 @pytest.mark.parametrize("kind", ["tanh", "gru"])

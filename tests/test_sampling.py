@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,11 +151,10 @@ def test_top_p_keeps_the_nucleus_of_a_numpy_reference(key):
         np.array([1.0, 3.0, 3.0, 0.0, -2.0, 3.0, 1.0, 0.5]),  # ties at the boundary
     ]
     logits = jnp.asarray(np.stack(rows), jnp.float32)  # [3, V=8]
-    traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # one compilation for every setting
     def draws(k, temperature, top_k, top_p):
-        traces.append(1)
         keys = jax.random.split(k, 400)
         return jax.vmap(
             lambda kk: sampling.sample_logits(
@@ -171,7 +171,6 @@ def test_top_p_keeps_the_nucleus_of_a_numpy_reference(key):
             seen = set(got[:, r].tolist())
             assert seen <= want, (temperature, top_k, top_p, r)
             assert set(np.flatnonzero(probs >= 0.02).tolist()) <= seen, (temperature, top_k, r)
-    assert len(traces) == 1  # one compilation for every setting
     # the dyadic row: p=0.74 needs 0.5+0.25 (0.75); p=0.75 reaches it exactly with the same two
     assert _nucleus_reference(rows[1], 1.0, None, 0.75)[0] == {0, 1}
 
@@ -240,11 +239,10 @@ def test_a_jitted_sampler_compiles_once_for_every_setting(setup, key):
     one trace for every setting, and each setting draws what the eager call draws."""
     lm, params = setup
     prime = jnp.array([[1, 4], [2, 0]], jnp.int32)
-    traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)  # traced settings: one compilation for all of them
     def draw(k, temperature, top_k, top_p):
-        traces.append(1)
         return sampling.sample(
             k, lm, params, prime, 5, temperature=temperature, top_k=top_k, top_p=top_p
         )
@@ -253,14 +251,12 @@ def test_a_jitted_sampler_compiles_once_for_every_setting(setup, key):
         got = draw(key, t, k, p)
         want = sampling.sample(key, lm, params, prime, 5, temperature=t, top_k=k, top_p=p)
         np.testing.assert_array_equal(got, want)
-    assert len(traces) == 1
 
     table = jax.nn.one_hot(jnp.array([2, 0, 3, 1]), 4) * 0.5
-    gen_traces = []
 
     @jax.jit
+    @chex.assert_max_traces(n=1)
     def gen(k, temperature):
-        gen_traces.append(1)
         return sampling.generate(
             k, lambda c, t: (c, table[t]), (), table[jnp.array([0])], 4, temperature=temperature
         )
@@ -272,7 +268,6 @@ def test_a_jitted_sampler_compiles_once_for_every_setting(setup, key):
                 key, lambda c, t: (c, table[t]), (), table[jnp.array([0])], 4, temperature=t
             ),
         )
-    assert len(gen_traces) == 1
 
 
 def test_temperature_zero_is_argmax_concrete_and_traced(setup, key):

@@ -7,6 +7,7 @@ import sys
 import textwrap
 import warnings
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,7 +87,8 @@ def test_tbptt_forward_losses_equal_one_full_pass_and_partial_chunk_is_masked(ke
 
     opt = train.make_optimizer("sgd", 1e-30, max_norm=None)  # updates vanish in float32
     state = train.init_state(params, opt, key, model.initial_carry((b,)))
-    step = train.make_train_step(train.lm_loss_fn(model), opt)
+    # the loss is traced once for every chunk, the partial one included (chex counts it)
+    step = train.make_train_step(chex.assert_max_traces(train.lm_loss_fn(model), n=1), opt)
     for i in range(bt.num_chunks):
         chunk = bt.at_step(i)
         state, m = step(state, chunk)
@@ -142,7 +144,8 @@ def test_carry_crossing_chunks_makes_a_long_delay_learnable(key):
     train_ids, test_ids = _delay_task(rng, 500, k), _delay_task(rng, 200, k)
     model = js.models.char_lm(4, cell="lstm", num_layers=1, hidden_size=16, embedding_size=4)
     opt = train.make_optimizer("adam", 1e-2, max_norm=1.0)
-    step = train.make_train_step(train.lm_loss_fn(model), opt, chunks_per_call=10)
+    loss_fn = chex.assert_max_traces(train.lm_loss_fn(model), n=1)  # one trace for 30 calls
+    step = train.make_train_step(loss_fn, opt, chunks_per_call=10)
     apply = jax.jit(lambda p, c, x, r: model.apply(p, c, x, reset=r))
     acc = {}
     for no_carry in (False, True):
@@ -436,6 +439,9 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
 _SHARDED = textwrap.dedent(
     """
     import json
+    import chex
+
+    chex.set_n_cpu_devices(8)  # before JAX starts its CPU backend; keeps the other XLA flags
     import jax, numpy as np
     import jaxseq as js
 
@@ -465,10 +471,7 @@ _SHARDED = textwrap.dedent(
 def test_eight_simulated_devices_match_one_device(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(_SHARDED)
-    env = dict(
-        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    )  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     r = subprocess.run(
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
     )
