@@ -149,7 +149,7 @@ def check_tree_matches(name: str, tree, expected, what: str) -> None:
     """Checks that ``tree`` has the structure, shapes and dtypes of ``expected``."""
     t_struct = jax.tree_util.tree_structure(tree)
     e_struct = jax.tree_util.tree_structure(expected)
-    if t_struct != e_struct:
+    if t_struct != e_struct:  # type: ignore[operator]  # jax's PyTreeDef stub is opaque
         raise ValueError(f"{name}: expected {what} with structure {e_struct}, got {t_struct}")
     for path_leaf, e_leaf in zip(
         jax.tree_util.tree_leaves_with_path(tree), jax.tree_util.tree_leaves(expected)

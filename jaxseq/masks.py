@@ -144,7 +144,7 @@ def combine_masks(*masks) -> jax.Array | None:
     Array([[1, 0],
            [0, 1]], dtype=int32)
     """
-    masks = [m for m in masks if m is not None]
+    masks = tuple(m for m in masks if m is not None)
     if not masks:
         return None
     out = masks[0]

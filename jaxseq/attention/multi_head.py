@@ -104,7 +104,7 @@ class MultiHeadAttention:
         w_o = init(ko, (nh * dv, do), dtype).reshape(nh, dv, do)
         if self.use_bias:
             zeros = lambda *shape: jnp.zeros(shape, dtype)
-            b = (zeros(nh, dk), zeros(nh, dk), zeros(nh, dv), zeros(do))
+            b: tuple = (zeros(nh, dk), zeros(nh, dk), zeros(nh, dv), zeros(do))
         else:
             b = (None,) * 4
         return MultiHeadAttentionParams(w_q, w_k, w_v, w_o, *b)

@@ -70,7 +70,8 @@ def _collect_fields(fields) -> tuple[dict, int]:
             "fields: expected a non-empty mapping name -> sequence of per-example values, "
             f"got {type(fields).__name__}"
         )
-    values, n = {}, None
+    values: dict[str, list] = {}
+    n: int | None = None
     for name, vals in fields.items():
         if not isinstance(name, str):
             raise TypeError(f"fields: expected str names, got {name!r}")
@@ -87,7 +88,7 @@ def _collect_fields(fields) -> tuple[dict, int]:
                 f"fields[{name!r}]: expected {n} examples (as the first field), got {len(vals)}"
             )
         values[name] = vals
-    if n == 0:
+    if not n:
         raise ValueError("fields: expected at least one example, got 0")
     return values, n
 
@@ -227,7 +228,8 @@ class PaddedBatcher:
         num_buckets = _checks.check_positive_int("num_buckets", num_buckets)
         values, n = _collect_fields(fields)
         self.sequence_fields = _sequence_names(values, sequence_fields)
-        self._data, self._lengths = {}, {}
+        self._data: dict[str, list | np.ndarray] = {}
+        self._lengths: dict[str, np.ndarray] = {}
         for name, vals in values.items():
             if name in self.sequence_fields:
                 self._data[name], self._lengths[name] = _prepare_sequences(name, vals)
@@ -256,7 +258,7 @@ class PaddedBatcher:
         self.batch_axes = {name: 1 if name in self.sequence_fields else 0 for name in values}
         self.batch_axes.update({f"{name}_lengths": 0 for name in self.sequence_fields})
         self.batch_axes["example_mask"] = 0
-        self._plan_cache = (None, None)
+        self._plan_cache: tuple[int | None, list | None] = (None, None)
 
     def _make_buckets(self, num_buckets: int) -> None:
         """Buckets: contiguous runs of the examples sorted by length (ties by index)."""

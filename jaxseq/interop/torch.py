@@ -231,7 +231,7 @@ def stack_from_torch(cell, state_dict, *, prefix: str = ""):
         raise TypeError(
             f"state_dict: expected a mapping of names to arrays, got {type(state_dict).__name__}"
         )
-    found = {}
+    found: dict[int, set[bool]] = {}
     for k in state_dict.keys():
         k = str(k)
         if not k.startswith(prefix):

@@ -59,7 +59,7 @@ STACKS = ("xlstm",)
 # RMS norm before the head. A bare RG-LRU stack amplifies the constant part of
 # its input by up to sqrt((1 + a) / (1 - a)) as the carried state fills up;
 # the norms keep what each layer and the head see at unit scale.
-STACK_DEFAULTS = {"rglru": {"residual": True, "norm": "rms"}}
+STACK_DEFAULTS: dict[str, dict] = {"rglru": {"residual": True, "norm": "rms"}}
 
 
 def recurrent_stack(

@@ -236,7 +236,8 @@ class Seq2SeqAttention:
         states = jnp.swapaxes(hs, 0, 1)  # [B, S, He]
         final = self._final_state(states, src_lengths)
         if self.attention:
-            keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)
+            # params.attention is set in the params of a model with attention
+            keys = jax.vmap(lambda st: additive_attention_keys(params.attention, st))(states)  # type: ignore[arg-type]
             summary = jnp.sum(states.astype(jnp.float32), axis=1) / jnp.maximum(
                 src_lengths.astype(jnp.float32), 1.0
             ).reshape(b, 1)

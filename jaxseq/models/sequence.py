@@ -80,7 +80,8 @@ class _SequenceModel:
 
     @property
     def _rnn_input_size(self) -> int:
-        return self.embedding_size if self.vocab_size is not None else self.input_size
+        # __post_init__ checked that the one this reads is set
+        return self.embedding_size if self.vocab_size is not None else self.input_size  # type: ignore[return-value]
 
     def init(self, key, dtype=jnp.float32) -> SequenceParams:
         """Parameters: the embedding (token inputs), the stack's and a head ``[H, C]``."""

@@ -121,8 +121,8 @@ class _CellBase:
     """Shared machinery: init by gate blocks, carry construction, validation."""
 
     num_gates: ClassVar[int]
-    carry_type: ClassVar[type]
-    params_type: ClassVar[type]
+    carry_type: ClassVar[type[Any]]
+    params_type: ClassVar[type[Any]]
 
     hidden_size: int
     kernel_init: Any
@@ -242,7 +242,7 @@ class _CellBase:
         self.check_params(params)
         self.check_input(params, x)
         self.check_carry(carry, x.shape[:-1])
-        return self.recur(params, carry, self.project(params, x))
+        return self.recur(params, carry, self.project(params, x))  # type: ignore[attr-defined]
 
     def check_projected(self, params, xp, carry, name: str = "xp") -> None:
         gh = self.num_gates * self.hidden_size

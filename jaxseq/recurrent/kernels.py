@@ -155,18 +155,20 @@ def scan_rollout(cell, params, seq: Sequence, carry, plan: Plan):
 def _primal(plan: Plan, params, xs, hc, v, r):
     """A forward-only call: the same loops, saving nothing, with their own unroll."""
     plan = plan._replace(unroll=plan.inference_unroll)
+    h0, c0 = hc
     if plan.segment:
-        hc, ys, _ = _ckpt_fwd(plan, params, xs, *hc, v, r)
+        hc, ys, _ = _ckpt_fwd(plan, params, xs, h0, c0, v, r)
     else:
-        hc, ys, _ = _segment_forward(plan, params, xs, *hc, v, r, save=False)
+        hc, ys, _ = _segment_forward(plan, params, xs, h0, c0, v, r, save=False)
     return hc, ys
 
 
 def _forward(plan: Plan, params, xs, hc, v, r):
+    h0, c0 = hc
     if plan.segment:
-        hc_new, ys, saved = _ckpt_fwd(plan, params, xs, *hc, v, r)
+        hc_new, ys, saved = _ckpt_fwd(plan, params, xs, h0, c0, v, r)
         return (hc_new, ys), (params, xs, hc, v, r, None, saved)
-    hc_new, ys, res = _segment_forward(plan, params, xs, *hc, v, r)
+    hc_new, ys, res = _segment_forward(plan, params, xs, h0, c0, v, r)
     return (hc_new, ys), (params, xs, hc, v, r, ys, res)
 
 

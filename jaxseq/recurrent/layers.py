@@ -448,7 +448,7 @@ class Stack:
         n = len(self.layers)
         carry = (None,) * n if carry is None else carry
         use_dropout = key is not None and self.dropout_rate > 0.0
-        keys = jax.random.split(key, max(n - 1, 1)) if use_dropout else None
+        keys: Any = jax.random.split(key, max(n - 1, 1)) if use_dropout else None
         norms = None if self.norm is None else params[n]
         carries, h = [], seq.xs
         for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):

@@ -120,7 +120,7 @@ class _MinimalBase(_CellBase):
     chunk: Any
     kernel_init: Any
     bias_init: Any
-    recurrent_init: ClassVar[Any] = None  # no recurrent weights
+    recurrent_init: ClassVar[Any] = None  # type: ignore[misc]  # no recurrent weights
 
     def __post_init__(self):
         self._validate_config()

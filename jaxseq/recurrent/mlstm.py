@@ -240,7 +240,7 @@ def _chunk_states(axis: int, k, v, li, after, keep, seg, start, state):
         n_new = old[:, None] * n + new[:, None] * dn_i
         return MLSTMState(c_new, n_new, m_new), s
 
-    xs = (dc, dn, a_max, decay, through)
+    xs: tuple = (dc, dn, a_max, decay, through)
     chunks = dc.shape[axis]
     if chunks <= _UNROLL_CHUNKS:
         # few chunks: straight-line code (no loop, no per-step copies of the carried state,
@@ -746,7 +746,7 @@ class MLSTM:
     def step(self, params, carry: MLSTMState, x):
         """One step: ``x: [*B, D]`` -> ``(carry, y: [*B, H])``."""
         self.check_params(params)
-        self.check_input(params, x)
+        self.check_input(params, x)  # type: ignore[misc]  # _CellBase's, shared
         self.check_carry(carry, x.shape[:-1])
         return self.recur(params, carry, self.project(params, x))
 

@@ -229,7 +229,7 @@ def _slstm_backward(cfg, params, res, y_t, h_in, c_in, gh, gc):
 
 # The backward works in place, the forward does not: its gate math reads the projection
 # from several fusions, and XLA would copy a buffer written in place every step.
-_RULE_FIELDS = dict(
+_RULE_FIELDS: dict[str, Any] = dict(
     cell_state=True, in_place=True, forward_in_place=False, recurrent_grad=_blocks_grad
 )
 SLSTM_RULE = FusedRule("slstm", _slstm_forward, _slstm_backward, **_RULE_FIELDS)

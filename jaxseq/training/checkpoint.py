@@ -158,7 +158,9 @@ def _checksums(tree) -> dict:
                 continue
             x = x.addressable_data(0)
         data = np.ascontiguousarray(np.asarray(x))
-        out["/".join(_path_part(k) for k in path)] = zlib.crc32(data.view(np.uint8).ravel())
+        flat = data.view(np.uint8).ravel()
+        # numpy's stubs declare the buffer protocol on Python 3.12+ only
+        out["/".join(_path_part(k) for k in path)] = zlib.crc32(flat)  # type: ignore[arg-type]
     return out
 
 
@@ -443,7 +445,8 @@ class Checkpointer:
         """Restores one step; :class:`CheckpointDamagedError` when it is damaged."""
         ocp = self._ocp
         multi = jax.process_count() > 1
-        meta, got, problem = None, None, None
+        meta: dict = {}  # read first; used only when it was read without a problem
+        got, problem = None, None
         try:
             meta = self.read_meta(step)
             recorded = meta.get(_INTEGRITY)

@@ -124,7 +124,7 @@ def read_jsonl(path) -> list[dict]:
     >>> js.training.read_jsonl(path)
     [{'step': 1, 'loss': 2.0}]
     """
-    out = []
+    out: list[dict] = []
     if path is None or not os.path.exists(path):
         return out
     with open(path) as f:

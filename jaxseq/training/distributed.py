@@ -64,7 +64,7 @@ ENV_HEARTBEAT = "JAXSEQ_HEARTBEAT_TIMEOUT"
 def _use_gloo_on_cpu() -> None:
     """CPU computations across processes need a collectives implementation: gloo."""
     try:
-        current = jax.config.jax_cpu_collectives_implementation
+        current = jax.config.jax_cpu_collectives_implementation  # type: ignore[attr-defined]
     except AttributeError:  # a JAX without the option
         return
     if current in (None, "", "none"):

@@ -91,16 +91,17 @@ def evaluate(
             "batches: expected an iterable of batches (a batcher, a list, a generator), got "
             f"{type(batches).__name__}"
         ) from None
+    static_metrics: Mapping | tuple | Callable | None = metrics
     if metrics is not None and not callable(metrics):
         if not isinstance(metrics, Mapping) or not metrics:
             raise TypeError(
                 "metrics: expected a non-empty dict name -> fn(outputs, batch), a function "
                 f"fn(outputs, batch) -> dict, or None, got {type(metrics).__name__}"
             )
-        metrics = tuple(metrics.items())  # hashable: the jitted function's static argument
+        static_metrics = tuple(metrics.items())  # hashable: the jitted function's static argument
     sums = []
     for batch in iterator:
-        sums.append(_batch_sums(apply_fn, metrics, params, batch, _example_mask(batch)))
+        sums.append(_batch_sums(apply_fn, static_metrics, params, batch, _example_mask(batch)))
     if not sums:
         raise ValueError("batches: expected at least one batch, got none")
     sums = jax.device_get(sums)

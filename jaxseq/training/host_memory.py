@@ -29,7 +29,7 @@ __all__ = [
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-_state = {"threshold": None}
+_state: dict[str, int | None] = {"threshold": None}
 
 
 def _libc():

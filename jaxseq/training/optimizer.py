@@ -150,13 +150,13 @@ def make_optimizer(
     if name == "adamw":
         mask = None if decay_biases else _matrices_mask
 
-        def factory(learning_rate, weight_decay):
+        def adamw_factory(learning_rate, weight_decay):
             base = optax.adamw(
                 learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask
             )
             return optax.chain(*clip, base)
 
-        return optax.inject_hyperparams(factory)(
+        return optax.inject_hyperparams(adamw_factory)(
             learning_rate=schedule, weight_decay=float(weight_decay)
         )
 

@@ -218,7 +218,7 @@ def _check_carry_out(new_carry, carry_in, check_dtype: bool) -> None:
         )
     got = jax.tree_util.tree_structure(new_carry)
     want = jax.tree_util.tree_structure(carry_in)
-    if got != want:
+    if got != want:  # type: ignore[operator]  # jax's PyTreeDef stub is opaque
         raise ValueError(
             f"loss_fn: returned a carry with structure {got}, but state.carry has structure "
             f"{want}; init_state(..., carry=model.initial_carry(batch_shape)) gives the "
