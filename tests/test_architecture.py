@@ -32,7 +32,7 @@ LAYERS = [
     ("jaxseq.decoding",),
     ("jaxseq.training",),
     ("jaxseq.interop",),
-    ("jaxseq.flax",),  # optional: needs Flax, never imported by the package itself
+    ("jaxseq.flax", "jaxseq.equinox"),  # optional: need Flax/Equinox, never imported by the package
 ]
 
 
