@@ -1,5 +1,5 @@
-"""Training: losses, the optimizer, the train step, the loop, evaluation, checkpoints,
-sharding, several processes, mixed precision, diagnostics.
+"""Training: losses, the optimizer, the train step, the loop and its loggers, evaluation,
+checkpoints, sharding, several processes, mixed precision, diagnostics.
 """
 
 from jaxseq.training.checkpoint import (
@@ -28,6 +28,11 @@ from jaxseq.training.lm import (
     evaluate_lm,
     lm_loss_fn,
     make_eval_step,
+)
+from jaxseq.training.loggers import (
+    JsonlLogger,
+    Logger,
+    TensorBoardLogger,
 )
 from jaxseq.training.loop import (
     PREEMPTED_EXIT_STATUS,
@@ -78,8 +83,11 @@ __all__ = [
     "CheckpointDamagedError",
     "Checkpointer",
     "IncompatibleCheckpointError",
+    "JsonlLogger",
+    "Logger",
     "NonFiniteError",
     "Preempted",
+    "TensorBoardLogger",
     "TrainState",
     "TrainStep",
     "accuracy",

@@ -1,5 +1,5 @@
-"""The training loop for any task: time budget, checkpoints, JSON-lines logs, progress
-bar, evaluation.
+"""The training loop for any task: time budget, checkpoints, loggers (JSON lines,
+TensorBoard, your own), progress bar, evaluation.
 
 Batch sources, in the order :func:`fit` looks for them:
 
@@ -30,8 +30,8 @@ replicated, the carry split by stream) unless it already is, and each process
 feeds its own rows of every batch (its streams, its examples) through
 :func:`jaxseq.training.shard_batch`. The source gives the whole batch, the same
 on every process, or with ``local_batches=True`` only this process's rows.
-Checkpoints are written and restored by all processes together; the JSON lines,
-the plot and the progress bar come from process 0 alone; ``eval_fn`` and
+Checkpoints are written and restored by all processes together; the loggers (the
+JSON lines), the plot and the progress bar come from process 0 alone; ``eval_fn`` and
 ``on_step`` run on every process (an evaluation over the mesh is collective too).
 The time budget is process 0's (it decides for all); an iterable source must
 yield the same number of batches on every process.
@@ -39,9 +39,9 @@ yield the same number of batches on every process.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
-import json
 import os
 import signal
 import sys
@@ -56,6 +56,7 @@ import numpy as np
 
 from jaxseq import _checks
 from jaxseq.training.checkpoint import _short
+from jaxseq.training.loggers import JsonlLogger, Logger, _check_loggers, _scalars
 from jaxseq.training.sharding import _is_global, make_mesh, shard_batch, shard_state
 from jaxseq.training.step import TrainState, TrainStep
 
@@ -306,11 +307,13 @@ def _exit_process_lost(run, error, lost=None) -> None:
         file=sys.stderr,
         flush=True,
     )
-    if run.metrics_file is not None:
-        try:
-            run.metrics_file.flush()
-        except ValueError:  # closed meanwhile
-            pass
+    for logger in run.loggers:
+        flush = getattr(logger, "flush", None)
+        if callable(flush):
+            try:
+                flush()
+            except Exception:  # noqa: BLE001 - exiting anyway
+                pass
     os._exit(PROCESS_LOST_EXIT_STATUS)
 
 
@@ -383,25 +386,6 @@ def _shift_axes(axes, by: int):
     return jax.tree_util.tree_map(lambda a: a + by, axes)
 
 
-def _filter_jsonl(path, max_step: int) -> None:
-    """Keeps the lines of a JSON-lines log whose ``step`` is <= max_step (for resumes)."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= max_step:
-                keep.append(json.dumps(rec))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)
-
-
 def _silent_s() -> float:
     """Seconds without a sign of life after which a process counts as lost: a third of
     the runtime's heartbeat timeout (so this names it before the runtime's own abort),
@@ -451,16 +435,46 @@ def _check_fit_args(step_fn, state, batches, num_steps, checkpoint_every):
     return num_steps, source, start
 
 
-def _log_paths(out_dir, main: bool, start: int):
-    """``(metrics.jsonl, eval.jsonl)`` paths (None off the main process or without
-    ``out_dir``), with the lines after ``start`` dropped for a resume."""
-    if out_dir is None or not main:
-        return None, None
-    os.makedirs(out_dir, exist_ok=True)
-    paths = os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "eval.jsonl")
-    for p in paths:
-        _filter_jsonl(p, start)
-    return paths
+def _run_loggers(loggers: list, out_dir, main: bool) -> list:
+    """The loggers of this process: none off process 0; on it, a :class:`JsonlLogger`
+    in ``out_dir`` (unless ``loggers`` holds one there) before the given ones."""
+    if not main:
+        return []
+    if out_dir is not None:
+        where = os.path.abspath(os.fspath(out_dir))
+        mine = [g for g in loggers if isinstance(g, JsonlLogger)]
+        if not any(os.path.abspath(g.out_dir) == where for g in mine):
+            loggers = [JsonlLogger(out_dir), *loggers]
+    return loggers
+
+
+def _close_loggers(loggers: list, raising: bool) -> None:
+    """Closes every logger; the first error of a ``close`` is raised after all are closed
+    (a warning instead while another exception leaves fit, which it would hide)."""
+    errors = []
+    for logger in loggers:
+        try:
+            logger.close()
+        except Exception as e:  # noqa: BLE001 - close the others first
+            errors.append((logger, e))
+    for k, (logger, error) in enumerate(errors):
+        if k == 0 and not raising:
+            continue
+        warnings.warn(f"fit: {logger!r}.close() raised {type(error).__name__}: {error}",
+                      RuntimeWarning, stacklevel=5)  # the caller of fit  # fmt: skip
+    if errors and not raising:
+        raise errors[0][1]
+
+
+@contextlib.contextmanager
+def _closing(loggers: list):
+    """Closes the loggers when fit ends: on a return, an exception or a preemption."""
+    try:
+        yield
+    except BaseException:
+        _close_loggers(loggers, raising=True)
+        raise
+    _close_loggers(loggers, raising=False)
 
 
 @dataclasses.dataclass
@@ -484,10 +498,9 @@ class _Run:
     checkpoint_meta: Callable | None
     eval_fn: Callable | None
     eval_every: int
-    eval_path: str | None
+    loggers: list
     max_bad_steps: int
     on_step: Callable | None
-    metrics_file: Any = None
     bar: Any = None
     tokens_run: int = 0
     tps: float | None = None
@@ -518,9 +531,11 @@ class _Run:
             return
         rec = {"step": int(st.step), "train_s": round(self.info["train_s"], 3), **self.eval_fn(st)}
         self.info["evals"].append(rec)
-        if self.eval_path:
-            with open(self.eval_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+        for logger in self.loggers:  # JSON lines: the record as it is; the others: floats
+            if isinstance(logger, JsonlLogger):
+                logger.log_eval(rec["step"], {k: v for k, v in rec.items() if k != "step"})
+            else:
+                logger.log_eval(rec["step"], _scalars(rec))
         self.bar.set_postfix_str(f"val {rec.get('val_loss', float('nan')):.4f}", refresh=False)
 
     def train(self) -> str:
@@ -540,8 +555,6 @@ class _Run:
         finally:
             self.preemption.close()
             self.bar.close()
-            if self.metrics_file is not None:
-                self.metrics_file.close()
         return stopped
 
     def _loop(self) -> str:
@@ -649,10 +662,8 @@ class _Run:
         self.skipped += len(bad)
 
     def _report(self, recs) -> None:
-        """Writes the records to the log, the bar and ``on_step``."""
-        if self.metrics_file is not None:  # the log holds every step before any callback runs
-            self.metrics_file.write("".join(json.dumps(r) + "\n" for r in recs))
-            self.metrics_file.flush()
+        """Writes the records to the loggers, the bar and ``on_step``."""
+        self._log(recs)  # the logs hold every step before any callback runs
         self.bar.update(self.n)
         if self.on_step is not None:
             for r in recs:
@@ -662,6 +673,19 @@ class _Run:
         else:
             rate = {"step_s": f"{self.sps:,.1f}"}
         self.bar.set_postfix(loss=f"{recs[-1]['loss']:.4f}", **rate, refresh=False)
+
+    def _log(self, recs) -> None:
+        """Each record to each logger: a :class:`JsonlLogger` writes the records as they
+        are (bools, lists) in one write; the others get the scalars as floats."""
+        floats = None
+        for logger in self.loggers:
+            if isinstance(logger, JsonlLogger):
+                logger.log_records(recs)
+                continue
+            if floats is None:
+                floats = [(r["step"], _scalars(r)) for r in recs]
+            for step, metrics in floats:
+                logger.log_metrics(step, dict(metrics))
 
     def _check_streak(self, rec, step: int) -> None:
         if rec["bad_streak"] >= self.max_bad_steps:
@@ -721,6 +745,7 @@ def fit(
     on_step: Callable[[int, dict], None] | None = None,
     plot: bool = True,
     local_batches: bool = False,
+    loggers: Iterable[Logger] | None = None,
 ):
     """Trains until ``state.step == num_steps`` (or the time budget is spent).
 
@@ -736,8 +761,9 @@ def fit(
       out_dir: writes ``metrics.jsonl`` (one line per step: step, the step's metrics
         (loss, grad_norm, lr, finite, ...), train_s, steps_per_s, and tokens_per_s
         when the batch has a ``mask``: its entries per step, padding included),
-        ``eval.jsonl`` and ``curves.png``. On resume, lines after ``state.step`` are
-        dropped, so the log matches an uninterrupted run.
+        ``eval.jsonl`` (a :class:`jaxseq.training.JsonlLogger`, there whatever
+        ``loggers`` holds) and ``curves.png``. On resume, lines after ``state.step``
+        are dropped, so the log matches an uninterrupted run.
       checkpointer: a :class:`jaxseq.Checkpointer`; saves every
         ``checkpoint_every`` steps and at exit (also on Ctrl-C, a preemption notice,
         a failing batch source and a non-finite stop).
@@ -760,6 +786,13 @@ def fit(
       plot: write ``curves.png`` at the end (with ``out_dir``).
       local_batches: with several processes, the source yields only this process's
         rows of each batch (``process_slice``), not the whole batch.
+      loggers: a list of loggers (:class:`jaxseq.training.Logger`: ``log_metrics``,
+        ``log_eval``, ``close``; e.g. :class:`jaxseq.training.TensorBoardLogger`),
+        added to the JSON lines of ``out_dir`` (a :class:`jaxseq.training.JsonlLogger`
+        in ``out_dir`` among them is not added twice). Called on process 0 only, with
+        each step's scalars as Python floats (already on the host), and closed when
+        fit ends, also on an exception or a preemption; a resumed run logs the steps
+        after ``state.step`` only (their optional ``on_start(step)`` is told it).
 
     Returns:
       ``(state, info)`` with ``info``: ``train_s``, ``steps``, ``steps_per_s``,
@@ -796,6 +829,7 @@ def fit(
     (50, 'steps', 0, 3.0)
     """
     num_steps, source, start = _check_fit_args(step_fn, state, batches, num_steps, checkpoint_every)
+    loggers = _check_loggers(loggers)
     bad_start = int(state.bad_steps)
     multi = jax.process_count() > 1
     main = jax.process_index() == 0  # the one process that writes logs and plots
@@ -803,49 +837,53 @@ def fit(
         mesh = make_mesh() if mesh is None else mesh
         if not all(_is_global(x) for x in jax.tree_util.tree_leaves(state)):
             state = shard_state(state, mesh)
-    metrics_path, eval_path = _log_paths(out_dir, main, start)
+    loggers = _run_loggers(loggers, out_dir, main)
     if progress is None:
         progress = sys.stderr.isatty()
     info = {"steps": start, "train_s": float(elapsed_s), "stopped": "steps", "evals": []}
     info["bad_steps"] = bad_start
-    if start >= num_steps:  # already done: nothing to train, nothing to save
-        info.update(steps_per_s=0.0, tokens_per_s=0.0)
-        return state, info
-    run = _Run(
-        step_fn=step_fn, source=source, state=state, start=start, num_steps=num_steps,
-        info=info, elapsed_s=elapsed_s, max_seconds=max_seconds, multi=multi, main=main,
-        mesh=mesh, local_batches=local_batches, checkpointer=checkpointer,
-        checkpoint_every=checkpoint_every, checkpoint_meta=checkpoint_meta, eval_fn=eval_fn,
-        eval_every=eval_every, eval_path=eval_path, on_step=on_step,
-        max_bad_steps=_checks.check_positive_int("max_bad_steps", max_bad_steps),
-    )  # fmt: skip
-    if metrics_path:  # closed by run.train
-        run.metrics_file = open(metrics_path, "a")  # noqa: SIM115
-    run.bar = _tqdm(num_steps, start, progress and main)
-    run.beats = _Beats(run, _silent_s()) if multi else None
-    try:
-        stopped = run.train()
-        info = run.finish(stopped)
-    except Exception as e:
-        # with several processes, an error from a collective (of a step, a checkpoint,
-        # an evaluation) often means a process is gone: then say so and end
-        if multi and not isinstance(e, NonFiniteError | BatchSourceError):
-            lost = run.beats.lost()
-            if lost:
-                _exit_process_lost(run, e, lost)
-        raise
-    finally:
-        if run.beats is not None:
-            run.beats.close()
-    if plot and out_dir is not None and main:
-        from jaxseq.training.diagnostics import plot_training_curves
+    with _closing(loggers):
+        for logger in loggers:  # e.g. drop what an earlier run logged after ``start``
+            on_start = getattr(logger, "on_start", None)
+            if callable(on_start):
+                on_start(start)
+        if start >= num_steps:  # already done: nothing to train, nothing to save
+            info.update(steps_per_s=0.0, tokens_per_s=0.0)
+            return state, info
+        run = _Run(
+            step_fn=step_fn, source=source, state=state, start=start, num_steps=num_steps,
+            info=info, elapsed_s=elapsed_s, max_seconds=max_seconds, multi=multi, main=main,
+            mesh=mesh, local_batches=local_batches, checkpointer=checkpointer,
+            checkpoint_every=checkpoint_every, checkpoint_meta=checkpoint_meta, eval_fn=eval_fn,
+            eval_every=eval_every, loggers=loggers, on_step=on_step,
+            max_bad_steps=_checks.check_positive_int("max_bad_steps", max_bad_steps),
+        )  # fmt: skip
+        run.bar = _tqdm(num_steps, start, progress and main)
+        run.beats = _Beats(run, _silent_s()) if multi else None
+        try:
+            stopped = run.train()
+            info = run.finish(stopped)
+        except Exception as e:
+            # with several processes, an error from a collective (of a step, a checkpoint,
+            # an evaluation) often means a process is gone: then say so and end
+            if multi and not isinstance(e, NonFiniteError | BatchSourceError):
+                lost = run.beats.lost()
+                if lost:
+                    _exit_process_lost(run, e, lost)
+            raise
+        finally:
+            if run.beats is not None:
+                run.beats.close()
+        if plot and out_dir is not None and main:
+            from jaxseq.training.diagnostics import plot_training_curves
 
-        plot_training_curves(metrics_path, os.path.join(out_dir, "curves.png"), eval_path=eval_path)
-    if stopped == "preempted":
-        saved = run.last_saved if checkpointer is not None else None
-        err = Preempted(info["steps"], saved)
-        if main:
-            print(f"fit: {err}; exiting with status {PREEMPTED_EXIT_STATUS}", file=sys.stderr)
-        raise err
-    run.check_some_update(stopped)
-    return run.state, info
+            logs = [os.path.join(out_dir, f) for f in ("metrics.jsonl", "eval.jsonl")]
+            plot_training_curves(logs[0], os.path.join(out_dir, "curves.png"), eval_path=logs[1])
+        if stopped == "preempted":
+            saved = run.last_saved if checkpointer is not None else None
+            err = Preempted(info["steps"], saved)
+            if main:
+                print(f"fit: {err}; exiting with status {PREEMPTED_EXIT_STATUS}", file=sys.stderr)
+            raise err
+        run.check_some_update(stopped)
+        return run.state, info
