@@ -282,10 +282,10 @@ class Bidirectional(eqx.Module):
     @property
     def output_size(self) -> int | None:
         """``Hf + Hb`` with the default ``merge_fn`` (None for another merge)."""
-        sizes = [getattr(m, "output_size", None) for m in (self.forward_rnn, self.backward_rnn)]
-        if self.merge_fn is not _concatenate or None in sizes:
+        hf, hb = (getattr(m, "output_size", None) for m in (self.forward_rnn, self.backward_rnn))
+        if self.merge_fn is not _concatenate or hf is None or hb is None:
             return None
-        return sizes[0] + sizes[1]
+        return hf + hb
 
     def __call__(
         self,
