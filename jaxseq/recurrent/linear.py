@@ -56,6 +56,7 @@ import numpy as np
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
+from jaxseq.recurrent import _sequence_parallel as seqpar
 from jaxseq.recurrent.dispatch import under_forward_mode
 from jaxseq.recurrent.sequence import processing_resets, valid_steps
 
@@ -346,6 +347,8 @@ def linear_recurrence(
     reverse=False,
     mode="auto",
     chunk=None,
+    mesh=None,
+    sequence_axis=None,
 ):
     """Solves ``h_t = a_t * h_{t-1} + b_t`` (elementwise) over ``T`` steps.
 
@@ -365,11 +368,23 @@ def linear_recurrence(
         (see the module docstring; ``"auto"`` is :func:`auto_mode`, and
         ``"associative"`` under ``jax.jvp``).
       chunk: chunk length ``L`` of the chunked mode (default :func:`auto_chunk`).
+      mesh: optional ``jax.sharding.Mesh`` for sequence parallelism, with
+        ``sequence_axis``, the name of one of its axes: ``a``, ``b``, ``reset``
+        and ``hs`` are split along ``T`` over that axis's ``n`` devices (``T``
+        must be a multiple of ``n``: pad it and pass ``lengths``), everything
+        else is replicated. Each device solves its ``T / n`` steps (in ``mode``),
+        the devices exchange one ``[*B, H]`` summary each (the gate product across
+        their slice and its end state), and each adds the state entering its
+        slice; same values and gradients as on one device, up to rounding.
+        ``lengths`` stay global step counts. Both or neither.
+      sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
 
     Returns:
       ``(h_last [*B, H], hs [T, *B, H])``: the state after the last processed
       step and every step's state (zeros at padded steps), in the result dtype
-      of ``a``, ``b`` and ``h0``; arithmetic runs in at least float32.
+      of ``a``, ``b`` and ``h0``; arithmetic runs in at least float32. With a
+      ``mesh``, ``hs`` is split along ``T`` over ``sequence_axis`` and
+      ``h_last`` replicated.
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> a = jnp.full((4, 1), 0.5)  # [T, H], no batch dims
@@ -380,6 +395,15 @@ def linear_recurrence(
     >>> _, hs = js.linear_recurrence(a, b, reset=jnp.array([False, False, True, False]))
     >>> hs[:, 0].tolist()
     [1.0, 1.5, 1.0, 1.5]
+
+    Split over the devices of a mesh axis (here one device; with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on a CPU, eight):
+
+    >>> import jax
+    >>> mesh = jax.make_mesh((1,), ("seq",))
+    >>> h_last, hs = js.linear_recurrence(a, b, mesh=mesh, sequence_axis="seq")
+    >>> hs[:, 0].tolist(), h_last.tolist()
+    ([1.0, 1.5, 1.75, 1.875], [1.875])
     """
     _check_pair(a, b)
     t = a.shape[0]
@@ -404,8 +428,43 @@ def linear_recurrence(
         lengths = _checks.check_step_lengths(lengths, batch_shape, t, a)
     if reset is not None:
         reset = _checks.check_step_flags("reset", reset, (t, *batch_shape), "[T, *B]", "a", a)
+    if seqpar.check_mesh(mesh, sequence_axis, t) is not None:
+        options = dict(reverse=reverse, mode=mode, chunk=chunk)
+        return _sharded(a, b, h0, reset, lengths, mesh, sequence_axis, **options)
     valid = None if lengths is None else valid_steps(lengths, t)
     return solve(a, b, h0, valid=valid, reset=reset, reverse=reverse, mode=mode, chunk=chunk)
+
+
+def _slice_body(a, b, h0, reset, lengths, *, axis, reverse, mode, chunk):
+    """One device's slice of :func:`_sharded` (inside ``shard_map``): solved from zero,
+    summarised, combined with every other slice's summary, corrected."""
+    t = a.shape[0]
+    valid = seqpar.local_valid(axis, t, lengths)
+    opts = dict(valid=valid, reset=reset, reverse=reverse, mode=mode, chunk=chunk)
+    h_end, hs = solve(a, b, jnp.zeros_like(h0), **opts)
+    one, zero = jnp.ones((), a.dtype), jnp.zeros((), a.dtype)
+    gates = a if valid is None else jnp.where(valid[..., None], a, one)
+    decay = jnp.prod(gates, axis=0)  # the gate product across the slice
+    live = seqpar.live_resets(reset, valid)
+    if live is not None:  # a reset inside the slice: nothing before it gets through
+        decay = jnp.where(jnp.any(live, axis=0)[..., None], zero, decay)
+    cut = seqpar.reverse_cut(reset, valid, reverse)
+    if cut is not None:
+        h_end = jnp.where(cut[..., None], zero, h_end)
+    decays, ends = seqpar.gather(axis, decay, h_end)
+    h_in, h_last = seqpar.entering(axis, decays, ends, h0, reverse)
+    _, hs_in = solve(a, jnp.zeros_like(b), h_in, **opts)
+    return h_last, hs + hs_in
+
+
+def _sharded(a, b, h0, reset, lengths, mesh, axis, *, reverse, mode, chunk):
+    """:func:`linear_recurrence` with ``T`` split over the mesh axis ``axis``."""
+    out_dtype = jnp.result_type(a, b, h0)
+    acc = acc_dtype(a, b, h0)
+    body = functools.partial(_slice_body, axis=axis, reverse=reverse, mode=mode, chunk=chunk)
+    run = seqpar.shard(body, mesh, axis, (True, True, False, True, False), (False, True))
+    h_last, hs = run(a.astype(acc), b.astype(acc), h0.astype(acc), reset, lengths)
+    return h_last.astype(out_dtype), hs.astype(out_dtype)
 
 
 def solve(a, b, h0, *, valid=None, reset=None, reverse=False, mode="auto", chunk=None):

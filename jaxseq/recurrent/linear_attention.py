@@ -71,6 +71,7 @@ import numpy as np
 
 from jaxseq import _checks
 from jaxseq._numerics import acc_dtype
+from jaxseq.recurrent import _sequence_parallel as seqpar
 from jaxseq.recurrent.sequence import processing_resets, valid_steps
 
 __all__ = [
@@ -406,6 +407,8 @@ def linear_attention(
     reverse=False,
     mode="auto",
     chunk=None,
+    mesh=None,
+    sequence_axis=None,
 ):
     """Runs ``S_t = exp(log_decay_t) ⊙ S_{t-1} + k_t v_tᵀ``, ``y_t = S_tᵀ q_t`` over ``T`` steps.
 
@@ -432,10 +435,22 @@ def linear_attention(
         ``"chunked"``).
       chunk: chunk length ``L`` of the chunked mode; None: 64, or 32 with a
         per-key decay (whose work per step grows with ``L``).
+      mesh: optional ``jax.sharding.Mesh`` for sequence parallelism, with
+        ``sequence_axis``, the name of one of its axes: ``q``, ``k``, ``v``,
+        ``log_decay``, ``reset`` and ``ys`` are split along ``T`` over that
+        axis's ``n`` devices (``T`` must be a multiple of ``n``: pad it and pass
+        ``lengths``), everything else is replicated. Each device runs its
+        ``T / n`` steps (in ``mode``, ``"auto"`` deciding by ``T / n``), the
+        devices exchange one ``[*B, K, Dk, Dv]`` state and the decay across
+        their slice each, and each adds the decayed state entering its slice
+        to its outputs; same values and gradients as on one device, up to
+        rounding. ``lengths`` stay global step counts. Both or neither.
+      sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
 
     Returns:
       ``(final_state [*B, K, Dk, Dv], ys [T, *B, K, Dv])`` in the result dtype of
-      the inputs; arithmetic runs in at least float32.
+      the inputs; arithmetic runs in at least float32. With a ``mesh``, ``ys``
+      is split along ``T`` over ``sequence_axis`` and ``final_state`` replicated.
 
     >>> import jax.numpy as jnp, jaxseq as js
     >>> q = k = jnp.ones((3, 1, 1))  # [T, K, Dk], no batch dims
@@ -447,6 +462,15 @@ def linear_attention(
     >>> _, ys = js.recurrent.linear_attention(q, k, v, log_decay, reset=jnp.array([False, True, False]))
     >>> ys[:, 0, 0].tolist()
     [1.0, 1.0, 1.5]
+
+    Split over the devices of a mesh axis (here one device; with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` on a CPU, eight):
+
+    >>> import jax
+    >>> mesh = jax.make_mesh((1,), ("seq",))
+    >>> state, ys = js.recurrent.linear_attention(q, k, v, log_decay, mesh=mesh, sequence_axis="seq")
+    >>> ys[:, 0, 0].tolist()
+    [1.0, 1.5, 1.75]
     """
     _check_qkv(q, k, v)
     if log_decay is not None:
@@ -457,8 +481,62 @@ def linear_attention(
         per_key = log_decay is not None and log_decay.ndim == q.ndim
         chunk = _PER_KEY_CHUNK if per_key else _CHUNK
     reset, lengths, reverse, chunk = _check_options(q, reset, lengths, reverse, mode, chunk)
+    if seqpar.check_mesh(mesh, sequence_axis, q.shape[0]) is not None:
+        inputs = (q, k, v, log_decay, initial_state, reset, lengths)
+        return _sharded(*inputs, mesh, sequence_axis, reverse=reverse, mode=mode, chunk=chunk)
     valid = None if lengths is None else valid_steps(lengths, q.shape[0])
     return _solve(q, k, v, log_decay, initial_state, reset, valid, reverse, mode, chunk)
+
+
+def _slice_decay(q, log_decay, reset, valid):
+    """The decay across one device's slice, ``[*B, K, G, 1]`` (``G`` = 1 or ``Dk``)
+    to scale a ``[*B, K, Dk, Dv]`` state: the exp of the sum of its valid steps'
+    log-decays, 0 when a reset inside the slice empties the state."""
+    zero = jnp.zeros((), q.dtype)
+    if log_decay is None:
+        total = jnp.zeros((*q.shape[1:-1], 1), q.dtype)
+    else:
+        g = log_decay if log_decay.ndim == q.ndim else log_decay[..., None]
+        if valid is not None:  # padded steps: no decay, whatever they hold
+            g = jnp.where(valid[..., None, None], g, zero)
+        total = jnp.sum(jnp.minimum(g, zero), axis=0)
+    decay = jnp.exp(total)
+    live = seqpar.live_resets(reset, valid)
+    if live is not None:
+        decay = jnp.where(jnp.any(live, axis=0)[..., None, None], zero, decay)
+    return decay[..., None]
+
+
+def _slice_body(q, k, v, log_decay, reset, s0, lengths, *, axis, reverse, mode, chunk):
+    """One device's slice of :func:`_sharded` (inside ``shard_map``): run from an
+    empty state, summarised, combined with every other slice's summary, corrected
+    by the decayed state entering it (the same solver with zero keys)."""
+    valid = seqpar.local_valid(axis, q.shape[0], lengths)
+    run = lambda k, s: _solve(q, k, v, log_decay, s, reset, valid, reverse, mode, chunk)
+    s_end, ys = run(k, jnp.zeros_like(s0))
+    cut = seqpar.reverse_cut(reset, valid, reverse)
+    if cut is not None:
+        s_end = jnp.where(cut[..., None, None, None], jnp.zeros((), s_end.dtype), s_end)
+    decays, ends = seqpar.gather(axis, _slice_decay(q, log_decay, reset, valid), s_end)
+    s_in, final = seqpar.entering(axis, decays, ends, s0, reverse)
+    _, ys_in = run(jnp.zeros_like(k), s_in)
+    return final, ys + ys_in
+
+
+def _sharded(q, k, v, log_decay, s0, reset, lengths, mesh, axis, *, reverse, mode, chunk):
+    """:func:`linear_attention` with ``T`` split over the mesh axis ``axis``."""
+    inputs = (q, k, v, log_decay, s0)
+    out_dtype = jnp.result_type(*(x for x in inputs if x is not None))
+    acc = acc_dtype(*(x for x in inputs if x is not None))
+    if s0 is None:
+        s0 = jnp.zeros((*q.shape[1:], v.shape[-1]), acc)
+    q, k, v, s0 = (x.astype(acc) for x in (q, k, v, s0))
+    log_decay = None if log_decay is None else log_decay.astype(acc)
+    body = functools.partial(_slice_body, axis=axis, reverse=reverse, mode=mode, chunk=chunk)
+    sharded = (True, True, True, True, True, False, False)
+    run = seqpar.shard(body, mesh, axis, sharded, (False, True))
+    state, ys = run(q, k, v, log_decay, reset, s0, lengths)
+    return state.astype(out_dtype), ys.astype(out_dtype)
 
 
 def _flatten(q, k, v, log_decay, initial_state, reset, valid, reverse):

@@ -1,0 +1,247 @@
+"""Sequence parallelism: ``linear_recurrence`` and ``linear_attention`` with ``mesh`` and
+``sequence_axis`` split ``T`` over a mesh axis and give what one device gives.
+
+The multi-device cases run in one subprocess with 8 simulated CPU devices
+(``chex.set_n_cpu_devices`` before JAX starts; this process already runs JAX
+on one device): split over 2, 4 and 8 devices against the plain call (no
+mesh), in values and gradients, forward and reverse, with a scalar and a
+per-key decay, with resets and lengths on and across the devices' boundaries.
+The same subprocess lowers the sharded step for two ``T`` and reports the
+shapes its collectives move: they must not grow with ``T``.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+
+ROOT = str(pathlib.Path(__file__).resolve().parent.parent)
+
+_SCRIPT = textwrap.dedent(
+    """
+    import json, re
+    import chex
+
+    chex.set_n_cpu_devices(8)  # before JAX starts its CPU backend
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    import jaxseq as js
+
+    assert jax.device_count() == 8, jax.devices()
+    T, B, H, K, DK, DV = 32, 5, 3, 2, 3, 2
+    rng = np.random.default_rng(0)
+    normal = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+    reset = np.zeros((T, B), bool)
+    # slices of 16, 8, 4 steps: resets on boundaries (4: of 8 devices, 8: of 4 and 8,
+    # 16: of all) and inside slices (6, 17)
+    reset[4] = True
+    reset[6, 1] = reset[8, 2] = reset[16, 0] = reset[17, 4] = True
+    reset = jnp.asarray(reset)
+    lengths = jnp.array([32, 4, 13, 0, 1])  # ends on a boundary, inside a slice, none, 1 step
+    lr_args = (jnp.asarray(rng.uniform(0.3, 1.0, (T, B, H)), jnp.float32),
+               normal(T, B, H), normal(B, H))
+    w_lr, wl_lr = normal(T, B, H), normal(B, H)
+    qkv = (normal(T, B, K, DK), normal(T, B, K, DK), normal(T, B, K, DV))
+    decays = {"scalar": -jax.nn.softplus(normal(T, B, K)),
+              "key": -jax.nn.softplus(normal(T, B, K, DK)), "none": None}
+    s0 = normal(B, K, DK, DV)
+    w_la, ws_la = normal(T, B, K, DV), normal(B, K, DK, DV)
+
+    def lr_loss(a, b, h0, **kw):
+        h_last, hs = js.linear_recurrence(a, b, h0, reset=reset, lengths=lengths, **kw)
+        return jnp.sum(hs * w_lr) + jnp.sum(h_last * wl_lr), (h_last, hs)
+
+    def la_loss(q, k, v, g, s, **kw):
+        state, ys = js.recurrent.linear_attention(
+            q, k, v, g, initial_state=s, reset=reset, lengths=lengths, **kw)
+        return jnp.sum(ys * w_la) + jnp.sum(state * ws_la), (state, ys)
+
+    def run(loss, args, **kw):
+        argnums = tuple(i for i, x in enumerate(args) if x is not None)
+        f = jax.jit(jax.value_and_grad(lambda *a: loss(*a, **kw), argnums, has_aux=True))
+        (_, outs), grads = f(*args)
+        return [np.asarray(x) for x in (*outs, *grads)]
+
+    def compare(sharded, plain):
+        return {"max_abs_err": max(float(np.max(np.abs(s - p))) for s, p in zip(sharded, plain)),
+                "scale": max(float(np.max(np.abs(p))) for p in plain)}
+
+    meshes = {
+        2: jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2]),  # Explicit axes
+        4: Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq")),  # Auto, 2-D
+        8: jax.make_mesh((8,), ("seq",), (AxisType.Auto,)),
+    }
+    lr_modes = {2: "chunked", 4: "associative", 8: "auto"}
+    la_cases = {2: [("scalar", False, "chunked"), ("key", True, "auto")],
+                4: [("key", False, "chunked"), ("scalar", True, "recurrent")],
+                8: [("scalar", False, "auto"), ("scalar", True, "auto"),
+                    ("key", False, "auto"), ("key", True, "chunked"), ("none", True, "auto")]}
+    out = {"cases": {}}
+    plain = {}
+    for n, mesh in meshes.items():
+        par = dict(mesh=mesh, sequence_axis="seq")
+        for reverse in (False, True):
+            kw = dict(reverse=reverse, mode=lr_modes[n])
+            key = ("lr", reverse)
+            plain[key] = plain.get(key) or run(lr_loss, lr_args, reverse=reverse)
+            name = f"linear_recurrence n={n} reverse={reverse} mode={kw['mode']}"
+            out["cases"][name] = compare(run(lr_loss, lr_args, **kw, **par), plain[key])
+        for decay, reverse, mode in la_cases[n]:
+            args = (*qkv, decays[decay], s0)
+            key = ("la", decay, reverse)
+            plain[key] = plain.get(key) or run(la_loss, args, reverse=reverse)
+            kw = dict(reverse=reverse, mode=mode, chunk=3)
+            name = f"linear_attention n={n} decay={decay} reverse={reverse} mode={mode}"
+            out["cases"][name] = compare(run(la_loss, args, **kw, **par), plain[key])
+
+    with jax.set_mesh(meshes[2]):  # inside the mesh context, inputs resharded explicitly
+        name = "linear_recurrence n=2 under jax.set_mesh"
+        got = run(lr_loss, lr_args, mesh=meshes[2], sequence_axis="seq")
+        out["cases"][name] = compare(got, plain[("lr", False)])
+
+    try:
+        js.linear_recurrence(*lr_args[:2], mesh=meshes[8], sequence_axis="seq")
+        js.linear_recurrence(lr_args[0][:30], lr_args[1][:30], mesh=meshes[8], sequence_axis="seq")
+        out["indivisible"] = None
+    except ValueError as e:
+        out["indivisible"] = str(e)
+
+    def collectives(t, fn):
+        text = jax.jit(fn).lower(*fn.inputs(t)).compile().as_text()
+        shapes = dict(re.findall(r"(%[\\w.-]+) = (\\w+\\[[\\d,]*\\])", text))
+        found = []
+        pat = r"= (\\w+\\[[\\d,]*\\])\\S* (all-gather|all-reduce|collective-permute|all-to-all|"
+        pat += r"reduce-scatter)(?:-start)?\\(([^)]*)\\)"
+        for result, op, operands in re.findall(pat, text):
+            ins = [shapes.get(o.strip().split(" ")[-1], "?") for o in operands.split(",")]
+            found.append([op, result, ins])
+        return sorted(found)
+
+    sh = NamedSharding(meshes[8], P("seq"))
+    rep = NamedSharding(meshes[8], P())
+    spec = lambda s, t: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sh if t else rep)
+
+    def la_step(q, k, v, g, s, lens):
+        return jax.grad(lambda *a: jnp.sum(js.recurrent.linear_attention(
+            *a, initial_state=s, lengths=lens, mesh=meshes[8], sequence_axis="seq")[1]),
+            argnums=(0, 1, 2, 3))(q, k, v, g)
+    la_step.inputs = lambda t: (spec((t, B, K, DK), 1), spec((t, B, K, DK), 1),
+                                spec((t, B, K, DV), 1), spec((t, B, K, DK), 1),
+                                spec((B, K, DK, DV), 0),
+                                jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rep))
+
+    def lr_step(a, b, h0, lens):
+        return jax.grad(lambda *x: jnp.sum(js.linear_recurrence(
+            *x, lengths=lens, reverse=True, mesh=meshes[8], sequence_axis="seq")[1] ** 2),
+            argnums=(0, 1, 2))(a, b, h0)
+    lr_step.inputs = lambda t: (spec((t, B, H), 1), spec((t, B, H), 1), spec((B, H), 0),
+                                jax.ShapeDtypeStruct((B,), jnp.int32, sharding=rep))
+
+    out["hlo"] = {name: {t: collectives(t, fn) for t in (64, 256)}
+                  for name, fn in (("linear_attention", la_step), ("linear_recurrence", lr_step))}
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    """The subprocess's report, run once for the tests below."""
+    script = tmp_path_factory.mktemp("seqpar") / "sequence_parallel.py"
+    script.write_text(_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    r = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
+def test_split_over_2_4_8_devices_equals_one_device_in_values_and_gradients(eight_devices):
+    cases = eight_devices["cases"]
+    assert len(cases) == 3 * 2 + 2 + 2 + 5 + 1  # every case ran
+    for n in (2, 4, 8):
+        for fn in ("linear_recurrence", "linear_attention"):
+            for reverse in (False, True):
+                assert any(f"{fn} n={n} " in c and f"reverse={reverse}" in c for c in cases)
+    bad = {
+        name: c for name, c in cases.items() if not c["max_abs_err"] <= 2e-5 * max(c["scale"], 1)
+    }
+    assert not bad, bad
+
+
+def _elements(shape: str) -> int:
+    return int(np.prod([int(d) for d in shape.split("[")[1].rstrip("]").split(",") if d]))
+
+
+def test_collectives_do_not_grow_with_t(eight_devices):
+    # B=5 sequences; linear_recurrence: H=3; linear_attention: K=2 heads, Dk=3, Dv=2
+    state = {"linear_recurrence": 5 * 3, "linear_attention": 5 * 2 * 3 * 2}
+    for name, by_t in eight_devices["hlo"].items():
+        short, long = by_t["64"], by_t["256"]
+        assert short, f"{name}: no collective found in the sharded step"
+        assert short == long, f"{name}: the collectives change with T:\n{short}\n{long}"
+        ops = {op for op, _, _ in short}
+        assert ops <= {"all-gather", "all-reduce", "reduce-scatter"}, ops
+        for op, result, operands in short:  # a summary of each of the 8 devices at most
+            assert "?" not in operands, (name, op, operands)
+            assert all(_elements(s) <= 8 * state[name] for s in (result, *operands)), (name, op)
+
+
+def test_t_not_a_multiple_of_the_axis_size_is_named(eight_devices):
+    msg = eight_devices["indivisible"]
+    assert msg is not None and "sequence_axis" in msg and "T=30" in msg and "8 devices" in msg
+
+
+# ---- one device, in this process -------------------------------------------------------
+
+
+def _mesh():
+    return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
+
+
+def test_one_device_mesh_equals_the_plain_call():
+    rng = np.random.default_rng(1)
+    a = jnp.asarray(rng.uniform(0.5, 1.0, (6, 2, 3)), jnp.float32)
+    b = jnp.asarray(rng.normal(size=(6, 2, 3)), jnp.float32)
+    reset = jnp.zeros((6, 2), bool).at[2, 1].set(True)
+    kw = dict(reset=reset, lengths=jnp.array([6, 4]))
+    for got, want in zip(
+        js.linear_recurrence(a, b, **kw, mesh=_mesh(), sequence_axis="seq"),
+        js.linear_recurrence(a, b, **kw),
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    q = jnp.asarray(rng.normal(size=(6, 2, 1, 3)), jnp.bfloat16)
+    g = -jnp.ones((6, 2, 1), jnp.bfloat16)
+    for got, want in zip(
+        js.recurrent.linear_attention(q, q, q, g, **kw, mesh=_mesh(), sequence_axis="seq"),
+        js.recurrent.linear_attention(q, q, q, g, **kw),
+    ):
+        assert got.dtype == want.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(got), np.float32(want), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("fn", ["linear_recurrence", "linear_attention"])
+def test_mesh_errors_name_the_argument(fn):
+    x = jnp.ones((4, 2, 3))
+    call = {
+        "linear_recurrence": lambda **kw: js.linear_recurrence(x, x, **kw),
+        "linear_attention": lambda **kw: js.recurrent.linear_attention(x, x, x, **kw),
+    }[fn]
+    with pytest.raises(ValueError, match="mesh, sequence_axis: expected both"):
+        call(mesh=_mesh())
+    with pytest.raises(ValueError, match="mesh, sequence_axis: expected both"):
+        call(sequence_axis="seq")
+    with pytest.raises(TypeError, match="mesh: expected a jax.sharding.Mesh, got str"):
+        call(mesh="seq", sequence_axis="seq")
+    with pytest.raises(ValueError, match=r"sequence_axis: expected one of .*\['seq'\], got 'time'"):
+        call(mesh=_mesh(), sequence_axis="time")
