@@ -250,3 +250,31 @@ def test_mesh_errors_name_the_argument(fn):
         call(mesh="seq", sequence_axis="seq")
     with pytest.raises(ValueError, match=r"sequence_axis: expected one of .*\['seq'\], got 'time'"):
         call(mesh=_mesh(), sequence_axis="time")
+
+
+def test_numpy_inputs_and_forward_mode_on_a_one_device_mesh():
+    a, b = np.full((4, 2, 1), 0.5, np.float32), np.ones((4, 2, 1), np.float32)  # [T, B, H]
+    sp = dict(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")  # Explicit axes
+    h_last, hs = js.linear_recurrence(a, b, lengths=np.array([4, 2]), **sp)
+    np.testing.assert_allclose(hs[:, 0, 0], [1.0, 1.5, 1.75, 1.875])
+    np.testing.assert_allclose(hs[:, 1, 0], [1.0, 1.5, 0.0, 0.0])
+    np.testing.assert_allclose(h_last[:, 0], [1.875, 1.5])
+    tangent = jnp.ones_like(a)
+    _, got = jax.jvp(lambda a: js.linear_recurrence(a, b, **sp)[1], (jnp.asarray(a),), (tangent,))
+    _, want = jax.jvp(lambda a: js.linear_recurrence(a, b)[1], (jnp.asarray(a),), (tangent,))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_the_benchmark_measures_memory_and_time(tmp_path):
+    from benchmarks import sequence_parallel as bench
+
+    cfg = bench.argparse.Namespace(
+        batch=1, heads=2, dk=4, dv=4, hidden=8, time_max_t=32, repeats=2, warmup=1
+    )
+    records = [bench.measure(f, t, 1, cfg) for f in bench.FUNCTIONS for t in (32, 64)]
+    assert all(r["total_mb"] > 0 for r in records)
+    assert [r.get("timed") for r in records] == [True, False, True, False]
+    bench._ratios(records)
+    assert all(r["mem_vs_1"] == 1 for r in records)
+    bench.plot(records, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
