@@ -4,17 +4,20 @@ The plumbing shared by :func:`jaxseq.recurrent.linear_recurrence` and
 :func:`jaxseq.recurrent.linear_attention` with ``mesh`` and ``sequence_axis``.
 Each of the ``n`` devices of the axis holds ``T / n`` consecutive steps and
 
-1. solves its slice from a zero state with the single-device solver, and
-   summarises it: the decay across the slice (the product of its effective
-   gates: 0 once a reset cuts it) and its end state;
+1. summarises its slice: the decay across it (the product of its effective
+   gates: 0 once a reset cuts it) and its end state from a zero start
+   (``linear_recurrence``: the single-device solver run from zero, its outputs
+   kept; ``linear_attention``: one product of the decayed keys and the values,
+   no outputs);
 2. gathers the summaries of every device (``all_gather``: ``O(n * state)``
    numbers, never ``O(T)``) and combines them by a scan over the devices
    (:func:`entering`), from the initial state for the first slice processed:
    the state entering its own slice, and the final state (the same on every
    device);
-3. adds the entering state's contribution to its outputs: by linearity
-   ``h_t(h_in) = h_t(0) + h_t(h_in; inputs 0)``, a second call of the solver
-   with zero inputs from the entering state.
+3. gives its outputs from that entering state: ``linear_recurrence`` adds, by
+   linearity ``h_t(h_in) = h_t(0) + h_t(h_in; b = 0)``, a second solve with
+   zero inputs from ``h_in``; ``linear_attention`` runs the single-device
+   solver on its slice from ``S_in``.
 
 ``lengths`` stay global step counts: a device's valid steps are those with
 ``offset + t < lengths``, ``offset = axis_index * T / n`` (:func:`local_valid`).
@@ -30,7 +33,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_mesh", "entering", "local_valid", "reverse_cut", "shard"]
+__all__ = [
+    "check_mesh",
+    "entering",
+    "gather",
+    "live_resets",
+    "local_valid",
+    "reverse_cut",
+    "shard",
+]
 
 
 def check_mesh(mesh, sequence_axis, t: int) -> int | None:

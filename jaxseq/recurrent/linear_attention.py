@@ -440,11 +440,12 @@ def linear_attention(
         ``log_decay``, ``reset`` and ``ys`` are split along ``T`` over that
         axis's ``n`` devices (``T`` must be a multiple of ``n``: pad it and pass
         ``lengths``), everything else is replicated. Each device runs its
-        ``T / n`` steps (in ``mode``, ``"auto"`` deciding by ``T / n``), the
-        devices exchange one ``[*B, K, Dk, Dv]`` state and the decay across
-        their slice each, and each adds the decayed state entering its slice
-        to its outputs; same values and gradients as on one device, up to
-        rounding. ``lengths`` stay global step counts. Both or neither.
+        ``T / n`` steps: its end state from empty (one product of decayed
+        keys and values), the devices exchange that ``[*B, K, Dk, Dv]`` state
+        and the decay across their slice each, and each runs its slice (in
+        ``mode``, ``"auto"`` deciding by ``T / n``) from the state entering it;
+        same values and gradients as on one device, up to rounding.
+        ``lengths`` stay global step counts. Both or neither.
       sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
 
     Returns:
@@ -507,20 +508,34 @@ def _slice_decay(q, log_decay, reset, valid):
     return decay[..., None]
 
 
+def _end_state(q, k, v, log_decay, reset, valid, reverse):
+    """The state after one device's slice from an empty one, ``[*B, K, Dk, Dv]``:
+    ``sum_s (decay from s to the end) k_s v_sᵀ`` over the steps after the last reset
+    in processing order. The chunked form's state update with one chunk of the
+    whole slice: decays as suffix sums of log-decays (direct sums), one
+    ``[Dk, T] x [T, Dv]`` product per head, no ``T x T`` or per-step states."""
+    _, fk, fv, g, fr, _ = _flatten(q, k, v, log_decay, None, reset, valid, reverse)
+    w = jnp.exp(_suffix_sums(g, 0))  # [T, N, G]: the decay from each step to the end
+    if fr is not None:  # steps before the last reset do not reach the end
+        seg = jnp.cumsum(fr.astype(jnp.int32), axis=0)
+        w = jnp.where((seg == seg[-1:])[..., None], w, jnp.zeros((), w.dtype))
+    s = _einsum("tnd,tne->nde", fk * w, fv)
+    return s.reshape((*q.shape[1:], v.shape[-1]))
+
+
 def _slice_body(q, k, v, log_decay, reset, s0, lengths, *, axis, reverse, mode, chunk):
-    """One device's slice of :func:`_sharded` (inside ``shard_map``): run from an
-    empty state, summarised, combined with every other slice's summary, corrected
-    by the decayed state entering it (the same solver with zero keys)."""
+    """One device's slice of :func:`_sharded` (inside ``shard_map``): its end state
+    from empty and its decay, combined with every other slice's, then the slice
+    run from the state entering it."""
     valid = seqpar.local_valid(axis, q.shape[0], lengths)
-    run = lambda k, s: _solve(q, k, v, log_decay, s, reset, valid, reverse, mode, chunk)
-    s_end, ys = run(k, jnp.zeros_like(s0))
+    s_end = _end_state(q, k, v, log_decay, reset, valid, reverse)
     cut = seqpar.reverse_cut(reset, valid, reverse)
     if cut is not None:
         s_end = jnp.where(cut[..., None, None, None], jnp.zeros((), s_end.dtype), s_end)
     decays, ends = seqpar.gather(axis, _slice_decay(q, log_decay, reset, valid), s_end)
     s_in, final = seqpar.entering(axis, decays, ends, s0, reverse)
-    _, ys_in = run(jnp.zeros_like(k), s_in)
-    return final, ys + ys_in
+    _, ys = _solve(q, k, v, log_decay, s_in, reset, valid, reverse, mode, chunk)
+    return final, ys
 
 
 def _sharded(q, k, v, log_decay, s0, reset, lengths, mesh, axis, *, reverse, mode, chunk):
