@@ -54,6 +54,7 @@ never changes the dtype of a model's outputs behind its back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any
 
@@ -203,6 +204,25 @@ def run(layer, params, seq: Sequence, carry, options: RolloutOptions, key=None):
     return kernel(layer, params, seq, carry, plan)
 
 
+def _compilable(layer, trees) -> bool:
+    """True when a call can run as one compiled program: every leaf a concrete array
+    (none is a tracer, so no transformation sees inside) and the layer hashable."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array | np.ndarray):
+            return False
+    try:
+        hash(layer)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 6))
+def _run_compiled(layer, params, seq: Sequence, carry, options: RolloutOptions, key, rules):
+    del rules  # in the cache key only: a rule registered later makes a new program
+    return run(layer, params, seq, carry, options, key)
+
+
 def rollout(
     layer,
     params,
@@ -298,7 +318,14 @@ def rollout(
         _checks.check_key("key", key)
     seq = prepare(layer, params, xs, lengths=lengths, mask=mask, reset=reset, time_major=time_major)
     _check_carry(layer, params, seq, carry)
-    carry, ys = run(layer, params, seq, carry, options, key)
+    # Called eagerly (concrete arrays, after the checks above, which need them), the
+    # route runs as one compiled program instead of op by op: the same operations, one
+    # compilation per layer and shapes (cached), and calls as fast as under jit.
+    if _compilable(layer, (params, seq, carry, key)):
+        rules = tuple((t, id(r)) for t, r in dispatch._RULES.items())
+        carry, ys = _run_compiled(layer, params, seq, carry, options, key, rules)
+    else:
+        carry, ys = run(layer, params, seq, carry, options, key)
     return carry, ys if time_major else jnp.moveaxis(ys, 0, -2)
 
 
