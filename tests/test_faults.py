@@ -55,14 +55,20 @@ def _steps_on_disk(ckpt) -> list[int]:
     return sorted(int(p.name) for p in pathlib.Path(ckpt).iterdir() if p.name.isdigit())
 
 
-def _reference(tmp_path):
-    ref = tmp_path / "ref"
-    rc, out = _run(tmp_path, ref)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """``(directory, losses)`` of one uninterrupted run, made once for the module's tests
+    (they only read it)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    ref = tmp / "ref"
+    rc, out = _run(tmp, ref)
     assert rc == 0, out[-3000:]
-    return _losses(ref)
+    return ref, _losses(ref)
 
 
-def test_sigterm_at_a_random_step_saves_that_step_exits_143_and_resumes_exactly(tmp_path):
+def test_sigterm_at_a_random_step_saves_that_step_exits_143_and_resumes_exactly(
+    tmp_path, reference
+):
     run = tmp_path / "run"
     proc = _start(tmp_path, run, "--slow", "0.1")
     at = random.Random().randint(2, 10)
@@ -82,17 +88,17 @@ def test_sigterm_at_a_random_step_saves_that_step_exits_143_and_resumes_exactly(
     assert _steps_on_disk(run / "ckpt")[-1] == stop
     assert sorted(_losses(run)) == list(range(1, stop + 1))
 
-    want = _reference(tmp_path)
+    want = reference[1]
     rc, out = _run(tmp_path, run)
     assert rc == 0, out[-3000:]
     assert json.loads((run / "done0.json").read_text())["start"] == stop
     assert _losses(run) == want  # every step's loss, bit for bit
 
 
-def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_to_resume(tmp_path):
+def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_to_resume(tmp_path, reference):
     run = tmp_path / "run"
     proc = _start(tmp_path, run, "--kill-in-save", 9)
-    want = _reference(tmp_path)  # meanwhile
+    want = reference[1]
     rc, out = _finish(proc)
     assert rc == -signal.SIGKILL, out[-3000:]
     names = sorted(p.name for p in (run / "ckpt").iterdir())
@@ -107,10 +113,12 @@ def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_to_resume(tmp_
     assert not [p for p in (run / "ckpt").iterdir() if "tmp" in p.name]  # cleaned up
 
 
-def test_damaged_newest_checkpoints_are_named_and_the_newest_intact_one_resumes(tmp_path):
-    want = _reference(tmp_path)
+def test_damaged_newest_checkpoints_are_named_and_the_newest_intact_one_resumes(
+    tmp_path, reference
+):
+    ref, want = reference
     run = tmp_path / "run"
-    shutil.copytree(tmp_path / "ref", run)
+    shutil.copytree(ref, run)
     assert _steps_on_disk(run / "ckpt") == [12, 15, 16]
     # the newest: every data file of its arrays truncated to half; the one before: one
     # file deleted (its metadata)
@@ -138,10 +146,10 @@ def test_damaged_newest_checkpoints_are_named_and_the_newest_intact_one_resumes(
     assert got == {s: want[s] for s in got}
 
 
-def test_a_raising_batch_source_saves_the_last_good_step_and_names_the_step(tmp_path):
+def test_a_raising_batch_source_saves_the_last_good_step_and_names_the_step(tmp_path, reference):
     run = tmp_path / "run"
     proc = _start(tmp_path, run, "--fail-at", 11)
-    want = _reference(tmp_path)  # meanwhile
+    want = reference[1]
     rc, out = _finish(proc)
     assert rc == 1, out[-3000:]
     assert "OSError: the data file vanished (step 11)" in out  # the cause, shown first
@@ -166,7 +174,7 @@ def _pair(tmp_path, out, *args):
 
 def test_a_killed_process_makes_the_other_exit_naming_it_and_both_resume(tmp_path):
     run = tmp_path / "run"
-    procs = _pair(tmp_path, run, "--steps", 24, "--slow", 0.05, "--die-at", 5)
+    procs = _pair(tmp_path, run, "--steps", 12, "--slow", 0.05, "--die-at", 5)
     try:
         ends = [None, None]
         deadline = time.monotonic() + TIMEOUT_S
@@ -190,21 +198,21 @@ def test_a_killed_process_makes_the_other_exit_naming_it_and_both_resume(tmp_pat
     before = _losses(run)
     assert sorted(before) == [1, 2, 3, 4, 5]
 
-    procs = _pair(tmp_path, run, "--steps", 24)  # restart both: resume from step 3
+    procs = _pair(tmp_path, run, "--steps", 12)  # restart both: resume from step 3
     for p in procs:
         rc, out = _finish(p)
         assert rc == 0, out[-3000:]
     assert json.loads((run / "done0.json").read_text()) == {
-        "start": 3, "steps": 24, "stopped": "steps"
+        "start": 3, "steps": 12, "stopped": "steps"
     }  # fmt: skip
     after = _losses(run)
-    assert sorted(after) == list(range(1, 25))
+    assert sorted(after) == list(range(1, 13))
     assert {s: after[s] for s in before} == before  # steps 4 and 5 again, the same losses
 
 
 def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpointed_step(tmp_path):
     run = tmp_path / "run"
-    procs = _pair(tmp_path, run, "--steps", 40, "--slow", 0.1)
+    procs = _pair(tmp_path, run, "--steps", 28, "--slow", 0.1)
     at = random.Random().randint(2, 8)
     log = run / "metrics.jsonl"  # written by process 0
     deadline = time.monotonic() + TIMEOUT_S
@@ -225,13 +233,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpointed_step(tmp
     )
     assert m and m[1] == m[2], results[0][1][-3000:]
     stop = int(m[1])
-    assert at <= stop < 40
+    assert at <= stop < 28
     assert _steps_on_disk(run / "ckpt")[-1] == stop  # written by both, at the same step
     assert sorted(_losses(run)) == list(range(1, stop + 1))
 
-    procs = _pair(tmp_path, run, "--steps", 40)
+    procs = _pair(tmp_path, run, "--steps", 28)
     for p in procs:
         rc, out = _finish(p)
         assert rc == 0, out[-3000:]
     assert json.loads((run / "done1.json").read_text())["start"] == stop
-    assert sorted(_losses(run)) == list(range(1, 41))
+    assert sorted(_losses(run)) == list(range(1, 29))
