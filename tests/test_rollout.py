@@ -239,7 +239,7 @@ class RolloutVariants(chex.TestCase):
     with both kernels, equals the reference (lengths, resets and reverse together)."""
 
     @chex.variants(with_jit=True, without_jit=True, with_device=True, without_device=True)
-    @parameterized.product(kind=KINDS, kernel=KERNELS)
+    @parameterized.product(kind=("relu", "lstm", "gru"), kernel=KERNELS)
     def test_rollout_equals_the_reference(self, kind, kernel):
         cell = make_cell(kind)
         p, xs, c0, _ = to_jax(cell, problem(kind), jnp.float32)
