@@ -255,13 +255,17 @@ def test_mesh_errors_name_the_argument(fn):
 def test_numpy_inputs_and_forward_mode_on_a_one_device_mesh():
     a, b = np.full((4, 2, 1), 0.5, np.float32), np.ones((4, 2, 1), np.float32)  # [T, B, H]
     sp = dict(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")  # Explicit axes
-    h_last, hs = js.linear_recurrence(a, b, lengths=np.array([4, 2]), **sp)
+    h_last, hs = js.linear_recurrence(a, b, lengths=np.array([4, 2]), **sp)  # not jitted
     np.testing.assert_allclose(hs[:, 0, 0], [1.0, 1.5, 1.75, 1.875])
     np.testing.assert_allclose(hs[:, 1, 0], [1.0, 1.5, 0.0, 0.0])
     np.testing.assert_allclose(h_last[:, 0], [1.875, 1.5])
-    tangent = jnp.ones_like(a)
-    _, got = jax.jvp(lambda a: js.linear_recurrence(a, b, **sp)[1], (jnp.asarray(a),), (tangent,))
-    _, want = jax.jvp(lambda a: js.linear_recurrence(a, b)[1], (jnp.asarray(a),), (tangent,))
+
+    @jax.jit
+    def tangents(a, t):
+        got = jax.jvp(lambda a: js.linear_recurrence(a, b, **sp)[1], (a,), (t,))[1]
+        return got, jax.jvp(lambda a: js.linear_recurrence(a, b)[1], (a,), (t,))[1]
+
+    got, want = tangents(a, np.ones_like(a))
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
