@@ -7,7 +7,9 @@ on one device): split over 2, 4 and 8 devices against the plain call (no
 mesh), in values and gradients, forward and reverse, with a scalar and a
 per-key decay, with resets and lengths on and across the devices' boundaries.
 The same subprocess lowers the sharded step for two ``T`` and reports the
-shapes its collectives move: they must not grow with ``T``.
+shapes its collectives move: they must not grow with ``T``; and runs
+``js.rollout`` of MinGRU, MinLSTM, RG-LRU and a ``js.Stack`` of two with
+``mesh``/``sequence_axis`` over 2 and 8 devices against the plain rollout.
 """
 
 import json
@@ -151,6 +153,37 @@ _SCRIPT = textwrap.dedent(
 
     out["hlo"] = {name: {t: collectives(t, fn) for t in (64, 256)}
                   for name, fn in (("linear_attention", la_step), ("linear_recurrence", lr_step))}
+    # js.rollout of whole-sequence layers split over 2 and 8 devices (slices of 8 and 2
+    # steps): resets on a boundary of both (8) and inside a slice (5), lengths ending
+    # inside a slice; values and gradients w.r.t. params and inputs
+    TR, BR, DR = 16, 3, 3
+    xs_r, w_r = normal(TR, BR, DR), normal(TR, BR, 4)
+    kw_r = dict(reset=jnp.zeros((TR, BR), bool).at[8, 0].set(True).at[5, 2].set(True),
+                lengths=jnp.array([16, 11, 3]))
+    layers = {
+        "MinGRU": (js.MinGRU(4), False),
+        "MinLSTM": (js.MinLSTM(4, candidate="tanh"), True),
+        "RGLRU": (js.recurrent.RGLRU(4), False),
+        "Stack": (js.Stack([js.MinGRU(4), js.recurrent.RGLRU(4)], residual=True), True),
+    }
+
+    def rollout_loss(params, xs, layer, reverse, **kw):
+        carry, ys = js.rollout(layer, params, xs, reverse=reverse, **kw_r, **kw)
+        leaves = jax.tree_util.tree_leaves(carry)
+        return jnp.sum(ys * w_r) + sum(jnp.sum(c * c) for c in leaves), (carry, ys)
+
+    def run_rollout(layer, reverse, params, **kw):
+        loss = lambda p, x: rollout_loss(p, x, layer, reverse, **kw)
+        (_, outs), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, xs_r)
+        return [np.asarray(x) for x in jax.tree_util.tree_leaves((outs, grads))]
+
+    out["rollout"] = {}
+    for name, (layer, reverse) in layers.items():
+        params = layer.init(jax.random.key(0), DR)
+        ref = run_rollout(layer, reverse, params)
+        for n in (2, 8):
+            got = run_rollout(layer, reverse, params, mesh=meshes[n], sequence_axis="seq")
+            out["rollout"][f"{name} n={n} reverse={reverse}"] = compare(got, ref)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -176,6 +209,15 @@ def test_split_over_2_4_8_devices_equals_one_device_in_values_and_gradients(eigh
         for fn in ("linear_recurrence", "linear_attention"):
             for reverse in (False, True):
                 assert any(f"{fn} n={n} " in c and f"reverse={reverse}" in c for c in cases)
+    bad = {
+        name: c for name, c in cases.items() if not c["max_abs_err"] <= 2e-5 * max(c["scale"], 1)
+    }
+    assert not bad, bad
+
+
+def test_rollouts_of_linear_layers_split_over_2_and_8_devices_equal_one_device(eight_devices):
+    cases = eight_devices["rollout"]
+    assert len(cases) == 4 * 2, sorted(cases)
     bad = {
         name: c for name, c in cases.items() if not c["max_abs_err"] <= 2e-5 * max(c["scale"], 1)
     }
@@ -282,3 +324,38 @@ def test_the_benchmark_measures_memory_and_time(tmp_path):
     assert all(r["mem_vs_1"] == 1 for r in records)
     bench.plot(records, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_rollout_refuses_layers_that_cannot_split_t_naming_sequence_axis():
+    sp = dict(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")
+    xs = jnp.ones((4, 2, 3))
+    for layer, why in [
+        (js.LSTM(4), "not a linear recurrence"),
+        (js.Stack([js.MinGRU(4), js.GRU(4)]), "GRU cannot split T"),
+        (js.recurrent.MLSTM(4, num_heads=2), "stabiliser"),
+    ]:
+        params = layer.init(jax.random.key(0), 3)
+        with pytest.raises(ValueError, match=f"sequence_axis: .*{why}"):
+            js.rollout(layer, params, xs, **sp)
+    gru = js.MinGRU(4)
+    params = gru.init(jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="sequence_axis: MinGRU .* kernel='scan'"):
+        js.rollout(gru, params, xs, kernel="scan", **sp)
+    with pytest.raises(ValueError, match="mesh, sequence_axis: expected both"):
+        js.rollout(gru, params, xs, sequence_axis="seq")
+    with pytest.raises(ValueError, match=r"sequence_axis: expected one of .*\['seq'\], got 't'"):
+        js.recurrent.RolloutOptions(mesh=sp["mesh"], sequence_axis="t")
+
+
+def test_rollout_on_a_one_device_mesh_eager_and_batch_major():
+    layer = js.Bidirectional(js.recurrent.RGLRU(3))
+    params = layer.init(jax.random.key(0), 2)
+    xs = jax.random.normal(jax.random.key(1), (2, 5, 2))  # [B, T, D]
+    sp = dict(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")
+    kw = dict(lengths=jnp.array([5, 3]), reset=jnp.zeros((2, 5), bool).at[0, 2].set(True))
+    carry, ys = js.rollout(layer, params, xs, time_major=False, **kw, **sp)  # compiled once
+    want_carry, want = js.rollout(layer, params, xs, time_major=False, **kw)
+    assert ys.shape == (2, 5, 6)
+    np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
+    for got, ref in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(want_carry)):
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)

@@ -93,7 +93,10 @@ def _explicit(mesh, args) -> bool:
     if not context.empty:
         return context == mesh.abstract_mesh
     leaves = jax.tree_util.tree_leaves(args)
-    return any(not jax.typeof(x).sharding.mesh.empty for x in leaves)
+    explicit = jax.sharding.AxisType.Explicit
+    # a mesh in a type is not enough: the outputs of an earlier call on the Auto mesh
+    # (a js.Stack's lower layer) carry that mesh, with Auto axes
+    return any(explicit in tuple(jax.typeof(x).sharding.mesh.axis_types) for x in leaves)
 
 
 def shard(body, mesh, axis, in_sharded: tuple[bool, ...], out_sharded: tuple[bool, ...]):

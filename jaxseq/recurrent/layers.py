@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,8 @@ class Bidirectional:
     ((5, 2, 7), 7, (2, 3))
     """
 
+    # hands RolloutOptions.mesh / sequence_axis to its layers (run refuses those that cannot)
+    sequence_parallel: ClassVar[bool] = True
     forward: Any
     backward: Any = None
 
@@ -265,6 +267,8 @@ class Stack:
     ((5, 2, 4), True)
     """
 
+    # hands RolloutOptions.mesh / sequence_axis to its layers (run refuses those that cannot)
+    sequence_parallel: ClassVar[bool] = True
     layers: tuple
     residual: bool = False
     dropout_rate: float = 0.0

@@ -34,6 +34,9 @@ Rollouts: ``js.rollout(cell, ...)`` calls the cell's own :meth:`rollout`:
 with the cell's ``mode``/``chunk``; ``kernel="scan"`` (and ``"auto"`` under
 ``jax.jvp``) steps the cell through ``lax.scan`` exactly as any other cell.
 Both have the semantics of :func:`jaxseq.rollout` (lengths, resets, reverse).
+With ``mesh`` and ``sequence_axis`` (sequence parallelism) the solve is split
+along ``T`` over the mesh axis (:func:`jaxseq.linear_recurrence` with the same
+arguments); the projections, pointwise in time, need no change.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq.recurrent.cells import RNNCarry, _CellBase
 from jaxseq.recurrent.dispatch import under_forward_mode
-from jaxseq.recurrent.linear import LINEAR_MODES, solve
+from jaxseq.recurrent.linear import LINEAR_MODES, linear_recurrence, solve
 from jaxseq.recurrent.rollouts import RolloutOptions, run
 from jaxseq.recurrent.sequence import Sequence, compute_dtype
 
@@ -121,6 +124,9 @@ class _MinimalBase(_CellBase):
     kernel_init: Any
     bias_init: Any
     recurrent_init: ClassVar[Any] = None  # type: ignore[misc]  # no recurrent weights
+    # honours RolloutOptions.mesh / sequence_axis: the projections are pointwise in
+    # time, so only the solve is split along T (see jaxseq.rollout)
+    sequence_parallel: ClassVar[bool] = True
 
     def __post_init__(self):
         self._validate_config()
@@ -190,7 +196,10 @@ class _MinimalBase(_CellBase):
         ((6, 2, 4), True)
         """
         kernel = options.kernel
-        if kernel == "scan" or (kernel == "auto" and under_forward_mode(params, seq.xs, carry)):
+        forward_mode = kernel == "auto" and under_forward_mode(params, seq.xs, carry)
+        if options.sequence_axis is not None:
+            return self._rollout_split(params, seq, carry, options, forward_mode)
+        if kernel == "scan" or forward_mode:
             scan = dataclasses.replace(options, kernel="scan")
             return run(_StepView(self), params, seq, carry, scan)
         if carry is None:
@@ -205,6 +214,35 @@ class _MinimalBase(_CellBase):
             reverse=options.reverse,
             mode=self.mode,
             chunk=self.chunk,
+        )
+        dtype = carry.h.dtype
+        return RNNCarry(h_last.astype(dtype)), ys.astype(dtype)
+
+    def _rollout_split(self, params, seq: Sequence, carry, options: RolloutOptions, forward_mode):
+        """:meth:`rollout` with ``T`` split over ``options.sequence_axis``: the projection
+        and coefficients pointwise as usual, the solve by :func:`jaxseq.linear_recurrence`
+        on the mesh (``"associative"`` under ``jax.jvp``: the other modes are
+        ``custom_vjp`` s). The step path cannot be split: ``kernel="scan"`` is refused."""
+        if options.kernel == "scan":
+            raise ValueError(
+                f"sequence_axis: {type(self).__name__} splits T over a mesh axis only in its "
+                f"whole-sequence solve, not step by step; got kernel='scan' with "
+                f"sequence_axis={options.sequence_axis!r} (use kernel='auto' or 'fused')"
+            )
+        if carry is None:
+            carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))
+        a, b = self.coefficients(params, self.project(params, seq.xs))
+        h_last, ys = linear_recurrence(
+            a,
+            b,
+            carry.h.astype(a.dtype),
+            reset=seq.reset,
+            lengths=seq.lengths,
+            reverse=options.reverse,
+            mode="associative" if forward_mode else self.mode,
+            chunk=self.chunk,
+            mesh=options.mesh,
+            sequence_axis=options.sequence_axis,
         )
         dtype = carry.h.dtype
         return RNNCarry(h_last.astype(dtype)), ys.astype(dtype)

@@ -612,6 +612,13 @@ class MLSTM:
 
     carry_type: ClassVar[type] = MLSTMState
     params_type: ClassVar[type] = MLSTMParams
+    # js.rollout(..., mesh=, sequence_axis=) refuses this layer, with this reason
+    sequence_parallel_refusal: ClassVar[str] = (
+        "its stabiliser m_t = max(log f_t + m_{t-1}, log i_t) is a running maximum, not a "
+        "linear recurrence, and the outputs depend on it (the normaliser's floor exp(-m_t)), "
+        "so a slice cannot be solved from a zero state and corrected afterwards as "
+        "MinGRU's or RG-LRU's can"
+    )
 
     def __post_init__(self):
         h = _checks.check_positive_int("hidden_size", self.hidden_size)

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxseq import _checks
+from jaxseq.recurrent import _sequence_parallel as seqpar
 from jaxseq.recurrent import dispatch, kernels
 from jaxseq.recurrent.sequence import Sequence, compute_dtype, prepare, processing_resets
 
@@ -79,8 +80,15 @@ class RolloutOptions:
     """The settings of a rollout, checked once and handed down the route unchanged.
 
     Fields (their meaning is documented once, in :func:`rollout`): ``reverse``,
-    ``unroll``, ``kernel``, ``checkpoint_every``. A :class:`~jaxseq.Bidirectional`
+    ``unroll``, ``kernel``, ``checkpoint_every``, ``mesh`` and ``sequence_axis``
+    (sequence parallelism: both or neither). A :class:`~jaxseq.Bidirectional`
     runs its backward half with ``dataclasses.replace(options, reverse=...)``.
+    The options are hashable (an eager :func:`rollout` compiles once per options).
+
+    A layer honours ``mesh``/``sequence_axis`` only when it says so with a class
+    attribute ``sequence_parallel = True`` (MinGRU, MinLSTM, RG-LRU, and
+    :class:`~jaxseq.Stack` and :class:`~jaxseq.Bidirectional`, which hand the
+    options to their layers); :func:`run` refuses every other layer and cell.
 
     >>> import jaxseq as js
     >>> js.recurrent.RolloutOptions(kernel="scan").unroll
@@ -89,12 +97,18 @@ class RolloutOptions:
     Traceback (most recent call last):
     ...
     ValueError: unroll: expected a positive int, True or 'auto', got 0
+    >>> js.recurrent.RolloutOptions(sequence_axis="seq")
+    Traceback (most recent call last):
+    ...
+    ValueError: mesh, sequence_axis: expected both (sequence parallelism) or neither, got mesh=None, sequence_axis='seq'
     """
 
     reverse: bool = False
     unroll: Any = "auto"
     kernel: str = "auto"
     checkpoint_every: int | None = None
+    mesh: Any = None
+    sequence_axis: Any = None
 
     def __post_init__(self):
         if not isinstance(self.reverse, bool | np.bool_):
@@ -107,6 +121,40 @@ class RolloutOptions:
         if self.checkpoint_every is not None:
             k = _checks.check_positive_int("checkpoint_every", self.checkpoint_every)
             object.__setattr__(self, "checkpoint_every", k)
+        seqpar.check_mesh(self.mesh, self.sequence_axis, 0)  # T is checked by rollout
+
+
+_NOT_LINEAR = (
+    "its carry update is not a linear recurrence with coefficients from the inputs "
+    "alone (a cell's gates read its carry), so a slice of steps cannot start before "
+    "the slice ahead of it has ended"
+)
+
+
+def check_sequence_parallel(layer, options: RolloutOptions) -> None:
+    """Raises a ``ValueError`` naming ``sequence_axis`` when ``options`` split ``T`` over a
+    mesh axis and ``layer`` cannot run so (it has no ``sequence_parallel = True``).
+
+    The reason given is the layer's ``sequence_parallel_refusal`` when it has one.
+
+    >>> import jax, jaxseq as js
+    >>> opts = js.recurrent.RolloutOptions(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")
+    >>> check_sequence_parallel(js.MinGRU(4), opts)  # a linear recurrence: fine
+    >>> check_sequence_parallel(js.LSTM(4), opts)
+    Traceback (most recent call last):
+    ...
+    ValueError: sequence_axis: LSTM cannot split T over the mesh axis 'seq': its carry update ...
+    """
+    if options.sequence_axis is None or getattr(layer, "sequence_parallel", False) is True:
+        return
+    reason = getattr(layer, "sequence_parallel_refusal", None) or _NOT_LINEAR
+    raise ValueError(
+        f"sequence_axis: {type(layer).__name__} cannot split T over the mesh axis "
+        f"{options.sequence_axis!r}: {reason}. Layers that can: js.MinGRU, js.MinLSTM, "
+        f"js.recurrent.RGLRU, and js.Stack / js.Bidirectional of them (a layer of your own "
+        f"that honours options.mesh and options.sequence_axis sets sequence_parallel = True); "
+        f"run this one without mesh and sequence_axis"
+    )
 
 
 def _is_layer(layer) -> bool:
@@ -183,7 +231,9 @@ def run(layer, params, seq: Sequence, carry, options: RolloutOptions, key=None):
     sequence layer's ``rollout(params, seq, carry, options, key)`` method runs as
     it is; a cell gets its plan and kernel. Nothing is checked again, so a layer
     made of other layers (as :class:`~jaxseq.Stack` is) calls this for each of
-    them. ``carry=None`` starts a cell from zeros in the rollout's dtype.
+    them. ``carry=None`` starts a cell from zeros in the rollout's dtype. With
+    ``options.sequence_axis`` set, a layer without ``sequence_parallel = True``
+    is refused (:func:`check_sequence_parallel`).
 
     Returns ``(final_carry, ys: [T, *B, H])``, time-major.
 
@@ -195,6 +245,7 @@ def run(layer, params, seq: Sequence, carry, options: RolloutOptions, key=None):
     >>> ys.shape
     (5, 2, 4)
     """
+    check_sequence_parallel(layer, options)
     if _is_layer(layer):
         return layer.rollout(params, seq, carry, options, key)
     if carry is None:
@@ -238,6 +289,8 @@ def rollout(
     checkpoint_every=None,
     time_major=True,
     key=None,
+    mesh=None,
+    sequence_axis=None,
 ):
     """Runs any sequence layer over ``xs: [T, *B, D] -> ys: [T, *B, H]`` (time-major).
 
@@ -296,6 +349,20 @@ def rollout(
       key: optional PRNG key, keyword-only and last, for layers with randomness
         (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
         still checked to be a key), so generic code may pass a key to any layer.
+      mesh: optional ``jax.sharding.Mesh`` for sequence parallelism, with
+        ``sequence_axis``, the name of one of its axes: ``T`` is split over that
+        axis's ``n`` devices (``T`` a multiple of ``n``: pad it and pass
+        ``lengths``), each solving its ``T / n`` steps and exchanging one
+        ``[*B, H]`` summary per layer (see :func:`jaxseq.linear_recurrence`);
+        same values and gradients as without, up to rounding, with ``lengths``,
+        ``reset`` and ``reverse`` as usual. For layers whose recurrence is
+        linear with coefficients from the inputs alone (``js.MinGRU``,
+        ``js.MinLSTM``, ``js.recurrent.RGLRU``, and ``js.Stack`` /
+        ``js.Bidirectional`` of them; their projections are pointwise in time,
+        only the solve is split), with ``kernel`` ``"auto"`` or ``"fused"``.
+        Any other layer or cell (``LSTM``, ``GRU``, ``RNN``, sLSTM, mLSTM) is
+        refused with a ``ValueError`` naming ``sequence_axis``. Both or neither.
+      sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]`` (``[*B, T, H]`` when
@@ -310,13 +377,27 @@ def rollout(
     >>> carry, ys = js.rollout(cell, params, jnp.ones((2, 5, 3)), time_major=False)
     >>> ys.shape  # batch-major: [B, T, H]
     (2, 5, 4)
+
+    Split along ``T`` over a mesh axis (here one device):
+
+    >>> mesh = jax.make_mesh((1,), ("seq",))
+    >>> layer = js.MinGRU(4)
+    >>> params = layer.init(jax.random.key(0), 3)
+    >>> xs = jnp.ones((6, 2, 3))
+    >>> _, ys = js.rollout(layer, params, xs, mesh=mesh, sequence_axis="seq")
+    >>> bool(jnp.allclose(ys, js.rollout(layer, params, xs)[1], atol=1e-6))
+    True
     """
     if not _is_layer(layer):
         _check_cell(layer, "layer", layers_too=True)
-    options = RolloutOptions(reverse, unroll, kernel, checkpoint_every)
+    options = RolloutOptions(
+        reverse, unroll, kernel, checkpoint_every, mesh=mesh, sequence_axis=sequence_axis
+    )
     if key is not None:
         _checks.check_key("key", key)
     seq = prepare(layer, params, xs, lengths=lengths, mask=mask, reset=reset, time_major=time_major)
+    seqpar.check_mesh(mesh, sequence_axis, seq.t)
+    check_sequence_parallel(layer, options)
     _check_carry(layer, params, seq, carry)
     # Called eagerly (concrete arrays, after the checks above, which need them), the
     # route runs as one compiled program instead of op by op: the same operations, one
