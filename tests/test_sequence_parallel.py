@@ -10,11 +10,14 @@ The same subprocess lowers the sharded step for two ``T`` and reports the
 shapes its collectives move: they must not grow with ``T``; and runs
 ``js.rollout`` of MinGRU, MinLSTM, RG-LRU and a ``js.Stack`` of two with
 ``mesh``/``sequence_axis`` over 2 and 8 devices against the plain rollout.
+Two real processes (JAX's distributed runtime, gloo over localhost), one slice
+of ``linear_recurrence`` each, give what one process gives.
 """
 
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -359,3 +362,98 @@ def test_rollout_on_a_one_device_mesh_eager_and_batch_major():
     np.testing.assert_allclose(ys, want, rtol=1e-6, atol=1e-6)
     for got, ref in zip(jax.tree_util.tree_leaves(carry), jax.tree_util.tree_leaves(want_carry)):
         np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+# ---- two real processes, one slice each ------------------------------------------------
+
+_TWO_PROCESS_WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax, numpy as np
+    import jaxseq as js
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    me = int(os.environ["SEQPAR_PROCESS_ID"])
+    js.training.init_distributed(os.environ["SEQPAR_COORDINATOR"], 2, me,
+                                 initialization_timeout=60)
+    a, b, h0, reset, lengths, w = np.load(sys.argv[1]).values()
+    mesh = Mesh(np.array(jax.devices()), ("seq",))  # one device in each process
+    t = a.shape[0] // 2
+    mine = slice(me * t, (me + 1) * t)
+    put = lambda x, split: jax.make_array_from_process_local_data(
+        NamedSharding(mesh, P("seq") if split else P()), x[mine] if split else x)
+
+    def loss(a, b, h0, reset, lengths, w):
+        h_last, hs = js.linear_recurrence(a, b, h0, reset=reset, lengths=lengths,
+                                          reverse=True, mesh=mesh, sequence_axis="seq")
+        return (hs * w).sum() + (h_last * h_last).sum(), (h_last, hs)
+
+    args = (put(a, True), put(b, True), put(h0, False), put(reset, True), put(lengths, False),
+            put(w, True))
+    (_, (h_last, hs)), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(*args)
+    local = lambda x: np.asarray(x.addressable_shards[0].data).tolist()
+    rec = {"devices": jax.device_count(), "h_last": local(h_last), "hs": local(hs),
+           "grads": [local(g) for g in grads]}
+    with open(os.path.join(os.path.dirname(sys.argv[1]), f"proc{me}.json"), "w") as f:
+        json.dump(rec, f)
+    jax.distributed.shutdown()
+    """
+)
+
+
+def test_two_processes_one_slice_each_equal_one_process(tmp_path):
+    rng = np.random.default_rng(3)
+    t, b_, h = 8, 3, 2
+    data = {
+        "a": rng.uniform(0.3, 1.0, (t, b_, h)).astype(np.float32),
+        "b": rng.normal(size=(t, b_, h)).astype(np.float32),
+        "h0": rng.normal(size=(b_, h)).astype(np.float32),
+        "reset": np.zeros((t, b_), bool),
+        "lengths": np.array([8, 6, 3], np.int32),  # ends in the second slice, in the first
+        "w": rng.normal(size=(t, b_, h)).astype(np.float32),
+    }
+    data["reset"][4, 0] = data["reset"][2, 1] = True  # on the boundary, inside a slice
+    np.savez(tmp_path / "data.npz", **data)
+    (tmp_path / "worker.py").write_text(_TWO_PROCESS_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device each
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", SEQPAR_COORDINATOR=f"127.0.0.1:{port}")
+    cmd = [sys.executable, str(tmp_path / "worker.py"), str(tmp_path / "data.npz")]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            env={**env, "SEQPAR_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+
+        def loss(a, b, h0):
+            kw = dict(reset=data["reset"], lengths=data["lengths"], reverse=True)
+            h_last, hs = js.linear_recurrence(a, b, h0, **kw)
+            return jnp.sum(hs * data["w"]) + jnp.sum(h_last * h_last), (h_last, hs)
+
+        grad = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+        (_, (h_last, hs)), grads = grad(data["a"], data["b"], data["h0"])  # meanwhile
+    finally:
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=120)[0])
+            except subprocess.TimeoutExpired:
+                p.kill()
+                logs.append(p.communicate()[0])
+    assert all(p.returncode == 0 for p in procs), "\n".join(x[-3000:] for x in logs)
+    for i in range(2):
+        rec = json.loads((tmp_path / f"proc{i}.json").read_text())
+        mine = slice(i * t // 2, (i + 1) * t // 2)
+        assert rec["devices"] == 2
+        np.testing.assert_allclose(rec["h_last"], h_last, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(rec["hs"], hs[mine], rtol=1e-5, atol=1e-6)
+        for got, want, split in zip(rec["grads"], grads, (True, True, False)):
+            np.testing.assert_allclose(got, want[mine] if split else want, rtol=1e-5, atol=1e-6)
