@@ -175,18 +175,24 @@ _SCRIPT = textwrap.dedent(
         leaves = jax.tree_util.tree_leaves(carry)
         return jnp.sum(ys * w_r) + sum(jnp.sum(c * c) for c in leaves), (carry, ys)
 
-    def run_rollout(layer, reverse, params, **kw):
-        loss = lambda p, x: rollout_loss(p, x, layer, reverse, **kw)
-        (_, outs), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, xs_r)
-        return [np.asarray(x) for x in jax.tree_util.tree_leaves((outs, grads))]
+    def rollout_cases(params, xs, layer, reverse, ns):  # n=None: the plain rollout
+        results = []
+        for n in ns:
+            kw = {} if n is None else dict(mesh=meshes[n], sequence_axis="seq")
+            loss = lambda p, x: rollout_loss(p, x, layer, reverse, **kw)
+            (_, outs), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, xs)
+            results.append(jax.tree_util.tree_leaves((outs, grads)))
+        return results
 
     out["rollout"] = {}
-    for name, (layer, reverse) in layers.items():
+    f = jax.jit(rollout_cases, static_argnums=(2, 3, 4))
+    for name, (layer, reverse) in layers.items():  # two programs per layer (one mesh each)
         params = layer.init(jax.random.key(0), DR)
-        ref = run_rollout(layer, reverse, params)
-        for n in (2, 8):
-            got = run_rollout(layer, reverse, params, mesh=meshes[n], sequence_axis="seq")
-            out["rollout"][f"{name} n={n} reverse={reverse}"] = compare(got, ref)
+        ref, got2 = f(params, xs_r, layer, reverse, (None, 2))
+        (got8,) = f(params, xs_r, layer, reverse, (8,))
+        for n, got in ((2, got2), (8, got8)):
+            case = compare([np.asarray(x) for x in got], [np.asarray(x) for x in ref])
+            out["rollout"][f"{name} n={n} reverse={reverse}"] = case
     print("RESULT" + json.dumps(out))
     """
 )
