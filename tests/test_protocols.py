@@ -310,7 +310,9 @@ def test_the_rollout_options_are_written_once():
     assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in _OPTIONS)
     assert list(params)[-1] == "key"
     fields = [f.name for f in dataclasses.fields(js.recurrent.RolloutOptions)]
-    assert fields == ["reverse", "unroll", "kernel", "checkpoint_every"]
+    assert fields == [
+        "reverse", "unroll", "kernel", "checkpoint_every", "mesh", "sequence_axis",
+    ]  # fmt: skip
     for name in fields:
         assert params[name].default == getattr(js.recurrent.RolloutOptions(), name)
     for fn in (js.Stack.rollout, js.Bidirectional.rollout, js.MinGRU.rollout):

@@ -288,9 +288,9 @@ def rollout(
     kernel="auto",
     checkpoint_every=None,
     time_major=True,
-    key=None,
     mesh=None,
     sequence_axis=None,
+    key=None,
 ):
     """Runs any sequence layer over ``xs: [T, *B, D] -> ys: [T, *B, H]`` (time-major).
 
@@ -346,9 +346,6 @@ def rollout(
         time-major rollout, so results (values, carries, gradients) are exactly
         those of the time-major call on transposed arrays (its cost is in
         ``benchmarks/README.md``).
-      key: optional PRNG key, keyword-only and last, for layers with randomness
-        (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
-        still checked to be a key), so generic code may pass a key to any layer.
       mesh: optional ``jax.sharding.Mesh`` for sequence parallelism, with
         ``sequence_axis``, the name of one of its axes: ``T`` is split over that
         axis's ``n`` devices (``T`` a multiple of ``n``: pad it and pass
@@ -363,6 +360,9 @@ def rollout(
         Any other layer or cell (``LSTM``, ``GRU``, ``RNN``, sLSTM, mLSTM) is
         refused with a ``ValueError`` naming ``sequence_axis``. Both or neither.
       sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
+      key: optional PRNG key, keyword-only and last, for layers with randomness
+        (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
+        still checked to be a key), so generic code may pass a key to any layer.
 
     Returns:
       ``(final_carry, ys)`` with ``ys: [T, *B, H]`` (``[*B, T, H]`` when
