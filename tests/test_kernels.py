@@ -572,7 +572,9 @@ def test_a_subclass_of_a_builtin_cell_falls_back_to_scan_and_equals_the_fused_ke
     assert _has_custom_vjp(f(cell, "auto"), params)
     assert not _has_custom_vjp(f(sub, "auto"), params)
     got, fused, scan = f(sub, "auto")(params), f(cell, "fused")(params), f(cell, "scan")(params)
-    np.testing.assert_array_equal(got, scan)  # the same scan path, bit for bit
+    # the same scan path, bit for bit, when both are compiled the same way (an eager call
+    # of the library's own cell runs compiled; a user's subclass runs as called)
+    np.testing.assert_array_equal(jax.jit(f(sub, "auto"))(params), jax.jit(f(cell, "scan"))(params))
     np.testing.assert_allclose(got, fused, rtol=1e-5, atol=1e-6)
     grads = [
         jax.grad(lambda p, g=g: jnp.sum(g(p) ** 2))(params)

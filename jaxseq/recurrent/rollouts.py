@@ -255,9 +255,26 @@ def run(layer, params, seq: Sequence, carry, options: RolloutOptions, key=None):
     return kernel(layer, params, seq, carry, plan)
 
 
+def _library_layer(layer) -> bool:
+    """The layer and every cell or layer inside it (a dataclass field, or a tuple of
+    them) are the library's own, which are pure functions of their arguments. A user's
+    layer may rely on concrete values or side effects, so it keeps running as called."""
+    if not type(layer).__module__.startswith("jaxseq."):
+        return False
+    if dataclasses.is_dataclass(layer):
+        for field in dataclasses.fields(layer):
+            value = getattr(layer, field.name)
+            for item in value if isinstance(value, tuple | list) else (value,):
+                inner = any(callable(getattr(item, m, None)) for m in ("step", "rollout"))
+                if inner and not _library_layer(item):
+                    return False
+    return True
+
+
 def _compilable(layer, trees) -> bool:
     """True when a call can run as one compiled program: every leaf a concrete array
-    (none is a tracer, so no transformation sees inside) and the layer hashable."""
+    (none is a tracer, so no transformation sees inside) and the layer the library's
+    own and hashable."""
     for leaf in jax.tree_util.tree_leaves(trees):
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array | np.ndarray):
             return False
@@ -265,7 +282,7 @@ def _compilable(layer, trees) -> bool:
         hash(layer)
     except TypeError:
         return False
-    return True
+    return _library_layer(layer)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 6))
