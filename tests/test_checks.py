@@ -45,7 +45,10 @@ def test_checked_returns_what_the_function_returns(problem):
     good = jnp.array([0, 3, 5])
     want = jax.jit(f)(params, xs, good)
     np.testing.assert_array_equal(js.checked(f)(params, xs, good), want)
-    np.testing.assert_array_equal(js.checked(f, jit=False)(params, xs, good), want)
+    # not jitted: the same values up to float32 rounding (compiled in other pieces)
+    np.testing.assert_allclose(
+        js.checked(f, jit=False)(params, xs, good), want, rtol=1e-6, atol=1e-7
+    )
     # composes with vmap and grad inside
     g = js.checked(jax.grad(lambda p, n: jnp.sum(f(p, xs, n) ** 2)))
     want_g = jax.grad(lambda p, n: jnp.sum(f(p, xs, n) ** 2))(params, good)
