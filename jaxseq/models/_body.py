@@ -33,7 +33,8 @@ from jaxseq.recurrent.layers import Bidirectional, Stack
 from jaxseq.recurrent.minimal import MinGRU, MinLSTM
 from jaxseq.recurrent.mlstm import MLSTM
 from jaxseq.recurrent.rglru import RGLRU
-from jaxseq.recurrent.rollouts import rollout
+from jaxseq.recurrent.rollouts import RolloutOptions, rollout
+from jaxseq.recurrent.rollouts import check_sequence_parallel as check_layer_sequence_parallel
 from jaxseq.recurrent.sequence import valid_steps as _steps_mask
 from jaxseq.recurrent.slstm import SLSTM
 
@@ -133,12 +134,16 @@ def run_body(
     mask=None,
     reset=None,
     unroll="auto",
+    mesh=None,
+    sequence_axis=None,
     key=None,
 ):
     """Dropout on ``x: [T, *B, D]``, the stack, dropout on its outputs -> ``(carries, h [T, *B, H])``.
 
     The padding is ``lengths`` or, when the caller has built it already, ``mask``
-    (``bool[T, *B]``), which the rollout then uses as it is."""
+    (``bool[T, *B]``), which the rollout then uses as it is. ``mesh`` and
+    ``sequence_axis`` (both or neither) split the stack's ``T`` over that mesh axis
+    (see :func:`jaxseq.rollout`)."""
     use_dropout = key is not None and dropout_rate > 0.0
     k_in = k_stack = k_out = None
     if key is not None:
@@ -147,11 +152,43 @@ def run_body(
     if use_dropout:
         x = dropout(k_in, x, dropout_rate, shared_axes=shared_axes)
     carry, h = rollout(
-        stack, params, x, carry, lengths=lengths, mask=mask, reset=reset, unroll=unroll, key=k_stack
+        stack,
+        params,
+        x,
+        carry,
+        lengths=lengths,
+        mask=mask,
+        reset=reset,
+        unroll=unroll,
+        mesh=mesh,
+        sequence_axis=sequence_axis,
+        key=k_stack,
     )
     if use_dropout:
         h = dropout(k_out, h, dropout_rate, shared_axes=shared_axes)
     return carry, h
+
+
+def check_sequence_parallel(stack: Stack, mesh, sequence_axis) -> None:
+    """Checks a model's ``mesh``/``sequence_axis`` (both or neither, the axis one of the
+    mesh's) and that every layer of ``stack`` can split ``T`` over that axis: a
+    ``ValueError`` naming ``sequence_axis`` and the layer otherwise, when the model is
+    built rather than at its first call."""
+    options = RolloutOptions(mesh=mesh, sequence_axis=sequence_axis)
+    if sequence_axis is None:
+        return
+
+    def check(layer):
+        if isinstance(layer, Stack):
+            for inner in layer.layers:
+                check(inner)
+        elif isinstance(layer, Bidirectional):
+            check(layer.forward)
+            check(layer.backward)
+        else:
+            check_layer_sequence_parallel(layer, options)
+
+    check(stack)
 
 
 def check_tokens(name: str, tokens, layout: str = "[T, *B]", ndim: int | None = None):

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq.models._body import (
     CELLS,
+    check_sequence_parallel,
     check_stack,
     check_tokens,
     describe_layer,
@@ -82,6 +83,15 @@ class RecurrentLM:
       unroll: the ``lax.scan`` unroll passed to :func:`jaxseq.rollout` (default "auto").
       variational_dropout: share each dropout mask over the time axis (one mask per
         sequence and chunk, as the stack's ``variational_dropout``).
+      mesh, sequence_axis: sequence parallelism (both or neither): the stack runs with
+        ``T`` split over the mesh axis named ``sequence_axis`` (:func:`jaxseq.rollout`
+        with ``mesh``/``sequence_axis``; ``T`` of each call a multiple of that axis's
+        size). Only stacks of layers that can split ``T`` (MinGRU, MinLSTM, RG-LRU and
+        Stacks/Bidirectionals of them) take it: any other is a ``ValueError`` naming
+        ``sequence_axis`` when the model is built. The embedding, head and loss are
+        pointwise over ``T`` and need nothing: under ``jit`` with inputs split along
+        ``T`` (e.g. ``js.fit(..., mesh=mesh, split="time")``) XLA splits them too. The
+        carry stays whole (replicated). Not part of :meth:`config` (a run setting).
 
     >>> import jaxseq as js
     >>> lm = RecurrentLM(11, 4, js.Stack([js.GRU(8)]))
@@ -97,6 +107,8 @@ class RecurrentLM:
     dropout_rate: float = 0.0
     unroll: Any = "auto"
     variational_dropout: bool = False
+    mesh: Any = None
+    sequence_axis: Any = None
 
     def __post_init__(self):
         _checks.check_positive_int("vocab_size", self.vocab_size)
@@ -105,6 +117,7 @@ class RecurrentLM:
             raise TypeError(f"stack: expected js.Stack, got {type(self.stack).__name__}")
         _checks.check_rate("dropout_rate", self.dropout_rate)
         check_stack(self.stack, self.embedding_size)
+        check_sequence_parallel(self.stack, self.mesh, self.sequence_axis)
 
     def init(self, key, dtype=jnp.float32) -> LMParams:
         """Parameters: ``embedding [V, E]`` N(0, 1), the stack's, a LeCun-normal head ``[H, V]``."""
@@ -220,6 +233,8 @@ class RecurrentLM:
             mask=valid,  # built once, above, from lengths
             reset=reset,
             unroll=self.unroll,
+            mesh=self.mesh,
+            sequence_axis=self.sequence_axis,
             key=key,
         )
         if not time_major:
@@ -239,6 +254,7 @@ def char_lm(
     variational_dropout: bool = False,
     unroll: Any = "auto",
     cell_kwargs=None,
+    sequence_parallel=None,
 ) -> RecurrentLM:
     """A character language model (a :class:`RecurrentLM`): ``num_layers`` cells of type ``cell``.
 
@@ -249,7 +265,9 @@ def char_lm(
     ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
     ``variational_dropout`` shares every mask over time (one per stream and chunk);
     ``cell_kwargs`` go to every cell (e.g. ``{"num_heads": 2}`` for "mlstm", "slstm",
-    "xlstm").
+    "xlstm"). ``sequence_parallel=(mesh, axis_name)`` runs the stack with ``T`` split
+    over that mesh axis (the model's ``mesh`` and ``sequence_axis``; cells "mingru",
+    "minlstm", "rglru" only).
 
     >>> lm = char_lm(65, num_layers=2, hidden_size=16, embedding_size=8)
     >>> [type(c).__name__ for c in lm.stack.layers], lm.stack.output_size
@@ -258,6 +276,14 @@ def char_lm(
     >>> [type(c).__name__ for c in xl.stack.layers]
     ['MLSTM', 'SLSTM']
     """
+    mesh = sequence_axis = None
+    if sequence_parallel is not None:
+        if not isinstance(sequence_parallel, tuple | list) or len(sequence_parallel) != 2:
+            raise TypeError(
+                "sequence_parallel: expected (mesh, sequence_axis), a jax.sharding.Mesh and "
+                f"one of its axis names, got {sequence_parallel!r}"
+            )
+        mesh, sequence_axis = sequence_parallel
     ld = dropout_rate if layer_dropout_rate is None else layer_dropout_rate
     stack = recurrent_stack(
         cell,
@@ -274,4 +300,6 @@ def char_lm(
         dropout_rate=dropout_rate,
         unroll=unroll,
         variational_dropout=variational_dropout,
+        mesh=mesh,
+        sequence_axis=sequence_axis,
     )

@@ -57,7 +57,7 @@ import numpy as np
 from jaxseq import _checks
 from jaxseq.training.checkpoint import _short
 from jaxseq.training.loggers import JsonlLogger, Logger, _check_loggers, _scalars
-from jaxseq.training.sharding import _is_global, make_mesh, shard_batch, shard_state
+from jaxseq.training.sharding import _is_global, make_mesh, replicate, shard_batch, shard_state
 from jaxseq.training.step import TrainState, TrainStep
 
 __all__ = [
@@ -386,6 +386,27 @@ def _shift_axes(axes, by: int):
     return jax.tree_util.tree_map(lambda a: a + by, axes)
 
 
+SPLITS = ("batch", "time")
+
+
+def _time_axes(axes):
+    """The time axis of each field from its batch axis (``split="time"``): the axis just
+    before it, as in time-major ``[T, B, ...]`` fields; a field whose batch axis is 0
+    (no time axis before it: lengths, per-example labels) is a ``ValueError``."""
+
+    def time_axis(a):
+        if isinstance(a, bool) or not isinstance(a, int | np.integer) or a < 1:
+            raise ValueError(
+                "split: 'time' splits the time axis of time-major fields ([T, B, ...], "
+                "batch_axes 1), so every field needs a batch axis >= 1; the batch source's "
+                f"batch_axes are {axes!r}: use split='batch' for a source with per-example "
+                "fields"
+            )
+        return int(a) - 1
+
+    return jax.tree_util.tree_map(time_axis, axes)
+
+
 def _silent_s() -> float:
     """Seconds without a sign of life after which a process counts as lost: a third of
     the runtime's heartbeat timeout (so this names it before the runtime's own abort),
@@ -493,6 +514,7 @@ class _Run:
     main: bool
     mesh: Any
     local_batches: bool
+    split: str
     checkpointer: Any
     checkpoint_every: int
     checkpoint_meta: Callable | None
@@ -513,6 +535,8 @@ class _Run:
     def __post_init__(self):
         self.n = self.step_fn.chunks_per_call
         axes = self.source.batch_axes()
+        if self.split == "time":
+            axes = _time_axes(axes)
         self.axes = axes if self.n == 1 else _shift_axes(axes, 1)
         self.last_saved = self.start
 
@@ -741,6 +765,7 @@ def fit(
     eval_every: int = 0,
     max_bad_steps: int = 10,
     mesh=None,
+    split: str = "batch",
     progress: bool | None = None,
     on_step: Callable[[int, dict], None] | None = None,
     plot: bool = True,
@@ -777,7 +802,14 @@ def fit(
         at its end instead of returning.
       mesh: when given, batches are split over it with :func:`shard_batch` along
         the source's ``batch_axes`` (1, time-major, when it has none; plus one
-        when stacked).
+        when stacked), or along time with ``split="time"``.
+      split: which axis of every batch ``mesh`` splits: ``"batch"`` (default: data
+        parallelism, the source's ``batch_axes``) or ``"time"``: the time axis of
+        time-major fields, the one before the batch axis (0 for ``[K, B, ...]``
+        chunks, 1 when stacked ``[n, K, B, ...]``), for a model that runs its stack
+        split along ``T`` over the same mesh (sequence parallelism, e.g.
+        ``js.models.char_lm(..., sequence_parallel=(mesh, "seq"))``); the carry
+        between chunks stays whole (replicated). Every field must be time-major.
       progress: tqdm bar (default: when stderr is a terminal).
       on_step: ``(step, record)`` callback after every step. A ``KeyboardInterrupt``
         it raises ends the run after that step (``stopped == "interrupted"``): the
@@ -829,6 +861,9 @@ def fit(
     (50, 'steps', 0, 3.0)
     """
     num_steps, source, start = _check_fit_args(step_fn, state, batches, num_steps, checkpoint_every)
+    _checks.check_choice("split", split, SPLITS)
+    if split == "time" and mesh is None and jax.process_count() == 1:
+        raise ValueError("split: 'time' splits batches over a mesh, but mesh is None")
     loggers = _check_loggers(loggers)
     bad_start = int(state.bad_steps)
     multi = jax.process_count() > 1
@@ -836,7 +871,7 @@ def fit(
     if multi:
         mesh = make_mesh() if mesh is None else mesh
         if not all(_is_global(x) for x in jax.tree_util.tree_leaves(state)):
-            state = shard_state(state, mesh)
+            state = shard_state(state, mesh) if split == "batch" else replicate(state, mesh)
     loggers = _run_loggers(loggers, out_dir, main)
     if progress is None:
         progress = sys.stderr.isatty()
@@ -853,7 +888,7 @@ def fit(
         run = _Run(
             step_fn=step_fn, source=source, state=state, start=start, num_steps=num_steps,
             info=info, elapsed_s=elapsed_s, max_seconds=max_seconds, multi=multi, main=main,
-            mesh=mesh, local_batches=local_batches, checkpointer=checkpointer,
+            mesh=mesh, local_batches=local_batches, split=split, checkpointer=checkpointer,
             checkpoint_every=checkpoint_every, checkpoint_meta=checkpoint_meta, eval_fn=eval_fn,
             eval_every=eval_every, loggers=loggers, on_step=on_step,
             max_bad_steps=_checks.check_positive_int("max_bad_steps", max_bad_steps),
