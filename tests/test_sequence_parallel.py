@@ -9,7 +9,9 @@ per-key decay, with resets and lengths on and across the devices' boundaries.
 The same subprocess lowers the sharded step for two ``T`` and reports the
 shapes its collectives move: they must not grow with ``T``; and runs
 ``js.rollout`` of MinGRU, MinLSTM, RG-LRU and a ``js.Stack`` of two with
-``mesh``/``sequence_axis`` over 2 and 8 devices against the plain rollout.
+``mesh``/``sequence_axis`` over 2 and 8 devices against the plain rollout, and
+``js.fit`` of a MinGRU char LM with batches split along T (``split="time"``)
+against the run without a mesh.
 Two real processes (JAX's distributed runtime, gloo over localhost), one slice
 of ``linear_recurrence`` each, give what one process gives.
 """
@@ -193,6 +195,36 @@ _SCRIPT = textwrap.dedent(
         for n, got in ((2, got2), (8, got8)):
             case = compare([np.asarray(x) for x in got], [np.asarray(x) for x in ref])
             out["rollout"][f"{name} n={n} reverse={reverse}"] = case
+
+    # js.fit of a MinGRU char LM with batches split along T (split="time") over 2 and 8
+    # devices against the run without a mesh: 4 steps over chunks of K=8 steps (slices of
+    # 4 and 1), the carry crossing chunks; one chunk per call and two stacked [2, K, B]
+    def fit_lm(mesh, chunks_per_call):
+        sp = None if mesh is None else (mesh, "seq")
+        model = js.models.char_lm(11, cell="mingru", num_layers=2, hidden_size=8,
+                                  embedding_size=4, sequence_parallel=sp)
+        ids = np.random.default_rng(5).integers(0, 11, 2 * 40 + 1)
+        data = js.data.StreamBatcher(ids, num_streams=2, chunk_len=8, vocab_size=11)
+        opt = js.make_optimizer("adam", 1e-2)
+        key = jax.random.key(0)
+        state = js.init_state(model.init(key), opt, key, model.initial_carry((2,)))
+        step = js.make_train_step(js.lm_loss_fn(model), opt, chunks_per_call=chunks_per_call)
+        losses = []
+        kw = {} if mesh is None else dict(mesh=mesh, split="time")
+        state, _ = js.fit(step, state, data, num_steps=4, progress=False,
+                          on_step=lambda s, r: losses.append(r["loss"]), **kw)
+        carry = jax.tree_util.tree_leaves(state.carry)
+        return {"losses": losses, "params": [np.asarray(x).tolist() for x in
+                                             jax.tree_util.tree_leaves(state.params)],
+                "carry": [np.asarray(x).tolist() for x in carry],
+                "carry_whole": [[x.sharding.is_fully_replicated, len(x.sharding.device_set)]
+                                for x in carry]}
+
+    out["fit"] = {}
+    for per_call in (1, 2):
+        out["fit"][f"plain per_call={per_call}"] = fit_lm(None, per_call)
+        for n in (2, 8):
+            out["fit"][f"n={n} per_call={per_call}"] = fit_lm(meshes[n], per_call)
     print("RESULT" + json.dumps(out))
     """
 )
@@ -231,6 +263,20 @@ def test_rollouts_of_linear_layers_split_over_2_and_8_devices_equal_one_device(e
         name: c for name, c in cases.items() if not c["max_abs_err"] <= 2e-5 * max(c["scale"], 1)
     }
     assert not bad, bad
+
+
+def test_fit_with_batches_split_along_t_equals_the_run_without_a_mesh(eight_devices):
+    runs = eight_devices["fit"]
+    assert len(runs) == 2 * 3, sorted(runs)
+    for per_call in (1, 2):
+        want = runs[f"plain per_call={per_call}"]
+        assert len(want["losses"]) == 4
+        for n in (2, 8):
+            got = runs[f"n={n} per_call={per_call}"]
+            np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-5)
+            for g, w in zip(got["params"] + got["carry"], want["params"] + want["carry"]):
+                np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+            assert all(whole == [True, n] for whole in got["carry_whole"]), got["carry_whole"]
 
 
 def _elements(shape: str) -> int:
@@ -354,6 +400,48 @@ def test_rollout_refuses_layers_that_cannot_split_t_naming_sequence_axis():
         js.rollout(gru, params, xs, sequence_axis="seq")
     with pytest.raises(ValueError, match=r"sequence_axis: expected one of .*\['seq'\], got 't'"):
         js.recurrent.RolloutOptions(mesh=sp["mesh"], sequence_axis="t")
+
+
+def test_language_models_refuse_layers_that_cannot_split_t_naming_sequence_axis():
+    sp = (jax.make_mesh((1,), ("seq",)), "seq")
+    with pytest.raises(ValueError, match="sequence_axis: LSTM cannot split T"):
+        js.models.char_lm(11, cell="lstm", num_layers=2, hidden_size=8, sequence_parallel=sp)
+    stack = js.Stack([js.MinGRU(8), js.Bidirectional(js.GRU(4))])
+    with pytest.raises(ValueError, match="sequence_axis: GRU cannot split T"):
+        js.models.RecurrentLM(11, 4, stack, mesh=sp[0], sequence_axis="seq")
+    with pytest.raises(ValueError, match="mesh, sequence_axis: expected both"):
+        js.models.RecurrentLM(11, 4, js.Stack([js.MinGRU(8)]), sequence_axis="seq")
+    with pytest.raises(TypeError, match=r"sequence_parallel: expected \(mesh, sequence_axis\)"):
+        js.models.char_lm(11, cell="mingru", sequence_parallel="seq")
+
+
+def test_fit_split_time_on_a_one_device_mesh_and_its_errors():
+    mesh = jax.make_mesh((1,), ("seq",))
+    model = js.models.char_lm(
+        11, cell="minlstm", num_layers=1, hidden_size=4, embedding_size=3,
+        sequence_parallel=(mesh, "seq"),
+    )  # fmt: skip
+    data = js.data.StreamBatcher(np.arange(41) % 11, num_streams=2, chunk_len=4)
+    opt = js.make_optimizer("sgd", 0.1)
+    key = jax.random.key(0)
+    state = js.init_state(model.init(key), opt, key, model.initial_carry((2,)))
+    step = js.make_train_step(js.lm_loss_fn(model), opt, donate=False)
+    run = dict(num_steps=2, progress=False)
+    state2, info = js.fit(step, state, data, mesh=mesh, split="time", **run)
+    assert info["steps"] == 2 and int(state2.bad_steps) == 0
+    with pytest.raises(ValueError, match=r"split: expected one of \['batch', 'time'\], got 'T'"):
+        js.fit(step, state, data, mesh=mesh, split="T", **run)
+    with pytest.raises(ValueError, match="split: 'time' splits batches over a mesh"):
+        js.fit(step, state, data, split="time", **run)
+
+    class PerExample:  # a field with no time axis before its batch axis
+        batch_axes = {"inputs": 1, "label": 0}
+
+        def at_step(self, step):
+            return {"inputs": np.zeros((4, 2), np.int32), "label": np.zeros(2, np.int32)}
+
+    with pytest.raises(ValueError, match="split: 'time' splits the time axis"):
+        js.fit(step, state, PerExample(), mesh=mesh, split="time", **run)
 
 
 def test_rollout_on_a_one_device_mesh_eager_and_batch_major():

@@ -389,6 +389,17 @@ def _shift_axes(axes, by: int):
 SPLITS = ("batch", "time")
 
 
+def _auto_axes(mesh):
+    """``mesh`` with Auto axes (None stays None): batches split along ``T`` on it leave
+    XLA's partitioner to split the pointwise parts (an embedding lookup of ids split
+    over an Explicit axis would need an ``out_sharding``); the stack's rollout splits
+    ``T`` over the model's own mesh either way."""
+    if mesh is None:
+        return None
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def _time_axes(axes):
     """The time axis of each field from its batch axis (``split="time"``): the axis just
     before it, as in time-major ``[T, B, ...]`` fields; a field whose batch axis is 0
@@ -535,8 +546,10 @@ class _Run:
     def __post_init__(self):
         self.n = self.step_fn.chunks_per_call
         axes = self.source.batch_axes()
+        self.batch_mesh = self.mesh
         if self.split == "time":
             axes = _time_axes(axes)
+            self.batch_mesh = _auto_axes(self.mesh)
         self.axes = axes if self.n == 1 else _shift_axes(axes, 1)
         self.last_saved = self.start
 
@@ -648,7 +661,7 @@ class _Run:
         if tokens is not None and self.multi and self.local_batches:
             tokens *= jax.process_count()
         if self.mesh is not None:
-            batch = shard_batch(batch, self.mesh, self.axes, local=self.local_batches)
+            batch = shard_batch(batch, self.batch_mesh, self.axes, local=self.local_batches)
         self.state, metrics = self.step_fn(self.state, batch)
         return metrics, tokens
 
