@@ -170,6 +170,8 @@ _SCRIPT = textwrap.dedent(
         "MinLSTM": (js.MinLSTM(4, candidate="tanh"), True),
         "RGLRU": (js.recurrent.RGLRU(4), False),
         "Stack": (js.Stack([js.MinGRU(4), js.recurrent.RGLRU(4)], residual=True), True),
+        # the mLSTM's stabiliser combines exactly across slices (a running max)
+        "MLSTM": (js.recurrent.MLSTM(4, num_heads=2, chunk=4, forget_gate="exp"), True),
     }
 
     def rollout_loss(params, xs, layer, reverse, **kw):
@@ -258,7 +260,7 @@ def test_split_over_2_4_8_devices_equals_one_device_in_values_and_gradients(eigh
 
 def test_rollouts_of_linear_layers_split_over_2_and_8_devices_equal_one_device(eight_devices):
     cases = eight_devices["rollout"]
-    assert len(cases) == 4 * 2, sorted(cases)
+    assert len(cases) == 5 * 2, sorted(cases)
     bad = {
         name: c for name, c in cases.items() if not c["max_abs_err"] <= 2e-5 * max(c["scale"], 1)
     }
@@ -387,7 +389,7 @@ def test_rollout_refuses_layers_that_cannot_split_t_naming_sequence_axis():
     for layer, why in [
         (js.LSTM(4), "not a linear recurrence"),
         (js.Stack([js.MinGRU(4), js.GRU(4)]), "GRU cannot split T"),
-        (js.recurrent.MLSTM(4, num_heads=2), "stabiliser"),
+        (js.recurrent.SLSTM(4, num_heads=2), "SLSTM cannot split T"),
     ]:
         params = layer.init(jax.random.key(0), 3)
         with pytest.raises(ValueError, match=f"sequence_axis: .*{why}"):
@@ -396,6 +398,9 @@ def test_rollout_refuses_layers_that_cannot_split_t_naming_sequence_axis():
     params = gru.init(jax.random.key(0), 3)
     with pytest.raises(ValueError, match="sequence_axis: MinGRU .* kernel='scan'"):
         js.rollout(gru, params, xs, kernel="scan", **sp)
+    mlstm = js.recurrent.MLSTM(4, num_heads=2)
+    with pytest.raises(ValueError, match="sequence_axis: MLSTM .* kernel='scan'"):
+        js.rollout(mlstm, mlstm.init(jax.random.key(0), 3), xs, kernel="scan", **sp)
     with pytest.raises(ValueError, match="mesh, sequence_axis: expected both"):
         js.rollout(gru, params, xs, sequence_axis="seq")
     with pytest.raises(ValueError, match=r"sequence_axis: expected one of .*\['seq'\], got 't'"):

@@ -54,6 +54,7 @@ pre-activations per head and an output gate from the input, ``y_t = sigmoid(o_t)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, ClassVar, NamedTuple
 
@@ -63,6 +64,7 @@ import jax.numpy as jnp
 from jaxseq import _checks
 from jaxseq import initializers as inits
 from jaxseq._numerics import acc_dtype, add_bias, matmul_f32
+from jaxseq.recurrent import _sequence_parallel as seqpar
 from jaxseq.recurrent.cells import _CellBase
 from jaxseq.recurrent.linear_attention import (
     LINEAR_ATTENTION_MODES,
@@ -552,6 +554,75 @@ def solve(
     return _cast_state(state, out_dtype), h.astype(out_dtype)
 
 
+# --------------------------------------------------------------------------- split along T
+
+# The m of "nothing yet": below any reachable log scale, yet finite, so that sums with
+# it and exp() of differences with it stay exact zeros (never inf - inf).
+_NOTHING = -1e30
+
+
+def _split_combine(state: MLSTMState, total, end: MLSTMState) -> MLSTMState:
+    """The state after a slice from the state before it: the slice's summed log-forget
+    gates ``total [N]`` and its end state from nothing ``end``. Unrolled,
+    ``m_t = max(m_0 + sum log f, max_s (log i_s + sum_{r > s} log f_r))``, so the
+    stabiliser, and with it ``c`` and ``n``, combine exactly."""
+    m = jnp.maximum(state.m + total, end.m)
+    a, b = jnp.exp(state.m + total - m), jnp.exp(end.m - m)
+    c = a[..., None, None] * state.c + b[..., None, None] * end.c
+    return MLSTMState(c, a[..., None] * state.n + b[..., None] * end.n, m)
+
+
+def _split_slice(q, k, v, i, f, s0, reset, lengths, *, axis, reverse, kw):
+    """One device's slice (inside ``shard_map``): its end state from nothing and its
+    summed log-forget gates, combined over the devices in processing order into the
+    state entering the slice, then the slice solved from that state."""
+    valid = seqpar.local_valid(axis, q.shape[0], lengths)
+    acc = s0.c.dtype
+    nothing = MLSTMState(jnp.zeros_like(s0.c), jnp.zeros_like(s0.n), jnp.full_like(s0.m, _NOTHING))
+    end, _ = solve(q, k, v, i, f, nothing, reset, valid, reverse=reverse, **kw)
+    lf = _log_forget(f.astype(acc), kw["forget_gate"])
+    if valid is not None:  # padded steps pass the state through
+        lf = jnp.where(valid[..., None], lf, jnp.zeros((), acc))
+    total = jnp.sum(lf, axis=0)
+    live = seqpar.live_resets(reset, valid)
+    if live is not None:  # a reset in the slice: what enters it does not pass through
+        total = jnp.where(jnp.any(live, axis=0)[..., None], jnp.asarray(_NOTHING, acc), total)
+    cut = seqpar.reverse_cut(reset, valid, reverse)
+    if cut is not None:  # reverse: the slice passes on the empty state (c, n, m = 0)
+        end = MLSTMState(
+            *(jnp.where(_expand(cut[..., None], x), jnp.zeros((), acc), x) for x in end)
+        )
+    totals, ends = seqpar.gather(axis, total, end)
+
+    def body(state, x):
+        return _split_combine(state, *x), state
+
+    final, entering = jax.lax.scan(body, s0, (totals, MLSTMState(*ends)), reverse=reverse)
+    here = jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_index_in_dim(x, jax.lax.axis_index(axis), 0, keepdims=False),
+        entering,
+    )
+    _, h = solve(q, k, v, i, f, here, reset, valid, reverse=reverse, **kw)
+    return final, h
+
+
+def _split_solve(gates, s0: MLSTMState, reset, lengths, options: RolloutOptions, kw):
+    """:func:`solve` with ``T`` split over ``options.sequence_axis`` of ``options.mesh``
+    (time-major ``q, k, v: [T, *B, K, D]``, ``i, f: [T, *B, K]``): each device solves
+    its slice from nothing for its end state, the devices exchange those and their
+    summed log-forget gates (``O(devices * state)``), a scan over devices gives each
+    the exact state entering its slice, and the slice is solved from it."""
+    acc = acc_dtype(*gates, *s0)
+    gates = tuple(x.astype(acc) for x in gates)
+    s0 = MLSTMState(*(x.astype(acc) for x in s0))
+    body = functools.partial(
+        _split_slice, axis=options.sequence_axis, reverse=options.reverse, kw=kw
+    )
+    sharded = (True, True, True, True, True, False, True, False)
+    run_split = seqpar.shard(body, options.mesh, options.sequence_axis, sharded, (False, True))
+    return run_split(*gates, s0, reset, lengths)
+
+
 # --------------------------------------------------------------------------- cell
 
 
@@ -612,13 +683,8 @@ class MLSTM:
 
     carry_type: ClassVar[type] = MLSTMState
     params_type: ClassVar[type] = MLSTMParams
-    # js.rollout(..., mesh=, sequence_axis=) refuses this layer, with this reason
-    sequence_parallel_refusal: ClassVar[str] = (
-        "its stabiliser m_t = max(log f_t + m_{t-1}, log i_t) is a running maximum, not a "
-        "linear recurrence, and the outputs depend on it (the normaliser's floor exp(-m_t)), "
-        "so a slice cannot be solved from a zero state and corrected afterwards as "
-        "MinGRU's or RG-LRU's can"
-    )
+    # js.rollout(..., mesh=, sequence_axis=) splits T over a mesh axis (see _split_solve)
+    sequence_parallel: ClassVar[bool] = True
 
     def __post_init__(self):
         h = _checks.check_positive_int("hidden_size", self.hidden_size)
@@ -773,11 +839,29 @@ class MLSTM:
         >>> ys.shape, bool(jnp.all(ys[2:, 1] == 0))
         ((6, 2, 8), True)
         """
+        if options.kernel == "scan" and options.sequence_axis is not None:
+            raise ValueError(
+                f"sequence_axis: MLSTM splits T over a mesh axis only in its whole-sequence "
+                f"solve, not step by step; got kernel='scan' with "
+                f"sequence_axis={options.sequence_axis!r} (use kernel='auto' or 'fused')"
+            )
         if options.kernel == "scan":
             return run(_StepView(self), params, seq, carry, options)
         if carry is None:
             carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))
         q, k, v, o, i, f = self._split(self.project(params, seq.xs))
+        if options.sequence_axis is not None:
+            state, h = _split_solve(
+                (q, k, v, i, f),
+                MLSTMState(*(a.astype(q.dtype) for a in carry)),
+                seq.reset,
+                seq.lengths,
+                options,
+                dict(mode=self.mode, chunk=self.chunk, forget_gate=self.forget_gate, eps=self.eps),
+            )
+            ys = jax.nn.sigmoid(o) * h.reshape(o.shape)
+            dtype = carry.c.dtype
+            return _cast_state(state, dtype), ys.astype(dtype)
         state, h = solve(
             q,
             k,

@@ -86,7 +86,7 @@ class RolloutOptions:
     The options are hashable (an eager :func:`rollout` compiles once per options).
 
     A layer honours ``mesh``/``sequence_axis`` only when it says so with a class
-    attribute ``sequence_parallel = True`` (MinGRU, MinLSTM, RG-LRU, and
+    attribute ``sequence_parallel = True`` (MinGRU, MinLSTM, RG-LRU, mLSTM, and
     :class:`~jaxseq.Stack` and :class:`~jaxseq.Bidirectional`, which hand the
     options to their layers); :func:`run` refuses every other layer and cell.
 
@@ -371,11 +371,12 @@ def rollout(
         same values and gradients as without, up to rounding, with ``lengths``,
         ``reset`` and ``reverse`` as usual. For layers whose recurrence is
         linear with coefficients from the inputs alone (``js.MinGRU``,
-        ``js.MinLSTM``, ``js.recurrent.RGLRU``, and ``js.Stack`` /
+        ``js.MinLSTM``, ``js.recurrent.RGLRU``, ``js.recurrent.MLSTM`` (whose
+        max-stabiliser combines exactly across slices), and ``js.Stack`` /
         ``js.Bidirectional`` of them; their projections are pointwise in time,
         only the solve is split), with ``kernel`` ``"auto"`` or ``"fused"``.
-        Any other layer or cell (``LSTM``, ``GRU``, ``RNN``, sLSTM, mLSTM) is
-        refused with a ``ValueError`` naming ``sequence_axis``. Both or neither.
+        Any other layer or cell (``LSTM``, ``GRU``, ``RNN``, sLSTM) is refused
+        with a ``ValueError`` naming ``sequence_axis``. Both or neither.
       sequence_axis: the mesh axis ``T`` is split over (see ``mesh``).
       key: optional PRNG key, keyword-only and last, for layers with randomness
         (``js.Stack``'s dropout). A cell is deterministic and ignores it (it is
