@@ -197,53 +197,26 @@ class _MinimalBase(_CellBase):
         """
         kernel = options.kernel
         forward_mode = kernel == "auto" and under_forward_mode(params, seq.xs, carry)
-        if options.sequence_axis is not None:
-            return self._rollout_split(params, seq, carry, options, forward_mode)
-        if kernel == "scan" or forward_mode:
+        split = options.sequence_axis is not None  # kernel="scan" refused by run()
+        if not split and (kernel == "scan" or forward_mode):
             scan = dataclasses.replace(options, kernel="scan")
             return run(_StepView(self), params, seq, carry, scan)
         if carry is None:
             carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))
         a, b = self.coefficients(params, self.project(params, seq.xs))
-        h_last, ys = solve(
-            a,
-            b,
-            carry.h.astype(a.dtype),
-            valid=seq.valid,
-            reset=seq.reset,
-            reverse=options.reverse,
-            mode=self.mode,
-            chunk=self.chunk,
-        )
-        dtype = carry.h.dtype
-        return RNNCarry(h_last.astype(dtype)), ys.astype(dtype)
-
-    def _rollout_split(self, params, seq: Sequence, carry, options: RolloutOptions, forward_mode):
-        """:meth:`rollout` with ``T`` split over ``options.sequence_axis``: the projection
-        and coefficients pointwise as usual, the solve by :func:`jaxseq.linear_recurrence`
-        on the mesh (``"associative"`` under ``jax.jvp``: the other modes are
-        ``custom_vjp`` s). The step path cannot be split: ``kernel="scan"`` is refused."""
-        if options.kernel == "scan":
-            raise ValueError(
-                f"sequence_axis: {type(self).__name__} splits T over a mesh axis only in its "
-                f"whole-sequence solve, not step by step; got kernel='scan' with "
-                f"sequence_axis={options.sequence_axis!r} (use kernel='auto' or 'fused')"
-            )
-        if carry is None:
-            carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))
-        a, b = self.coefficients(params, self.project(params, seq.xs))
-        h_last, ys = linear_recurrence(
-            a,
-            b,
-            carry.h.astype(a.dtype),
-            reset=seq.reset,
-            lengths=seq.lengths,
-            reverse=options.reverse,
-            mode="associative" if forward_mode else self.mode,
-            chunk=self.chunk,
-            mesh=options.mesh,
-            sequence_axis=options.sequence_axis,
-        )
+        h0 = carry.h.astype(a.dtype)
+        if split:  # the solve on the mesh ("associative" under jax.jvp: the others are
+            # custom_vjps); the projection and coefficients are pointwise in time
+            h_last, ys = linear_recurrence(
+                a, b, h0, reset=seq.reset, lengths=seq.lengths, reverse=options.reverse,
+                mode="associative" if forward_mode else self.mode, chunk=self.chunk,
+                mesh=options.mesh, sequence_axis=options.sequence_axis,
+            )  # fmt: skip
+        else:
+            h_last, ys = solve(
+                a, b, h0, valid=seq.valid, reset=seq.reset, reverse=options.reverse,
+                mode=self.mode, chunk=self.chunk,
+            )  # fmt: skip
         dtype = carry.h.dtype
         return RNNCarry(h_last.astype(dtype)), ys.astype(dtype)
 

@@ -839,13 +839,7 @@ class MLSTM:
         >>> ys.shape, bool(jnp.all(ys[2:, 1] == 0))
         ((6, 2, 8), True)
         """
-        if options.kernel == "scan" and options.sequence_axis is not None:
-            raise ValueError(
-                f"sequence_axis: MLSTM splits T over a mesh axis only in its whole-sequence "
-                f"solve, not step by step; got kernel='scan' with "
-                f"sequence_axis={options.sequence_axis!r} (use kernel='auto' or 'fused')"
-            )
-        if options.kernel == "scan":
+        if options.kernel == "scan":  # (with sequence_axis: refused by run())
             return run(_StepView(self), params, seq, carry, options)
         if carry is None:
             carry = self.initial_carry(seq.batch_shape, compute_dtype(params, seq.xs))

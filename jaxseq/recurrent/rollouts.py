@@ -133,9 +133,9 @@ _NOT_LINEAR = (
 
 def check_sequence_parallel(layer, options: RolloutOptions) -> None:
     """Raises a ``ValueError`` naming ``sequence_axis`` when ``options`` split ``T`` over a
-    mesh axis and ``layer`` cannot run so (it has no ``sequence_parallel = True``).
-
-    The reason given is the layer's ``sequence_parallel_refusal`` when it has one.
+    mesh axis and ``layer`` cannot run so: it has no ``sequence_parallel = True``, or
+    ``kernel="scan"`` asks for its step path, which cannot be split (only the
+    whole-sequence solves can).
 
     >>> import jax, jaxseq as js
     >>> opts = js.recurrent.RolloutOptions(mesh=jax.make_mesh((1,), ("seq",)), sequence_axis="seq")
@@ -145,13 +145,22 @@ def check_sequence_parallel(layer, options: RolloutOptions) -> None:
     ...
     ValueError: sequence_axis: LSTM cannot split T over the mesh axis 'seq': its carry update ...
     """
-    if options.sequence_axis is None or getattr(layer, "sequence_parallel", False) is True:
+    if options.sequence_axis is None:
         return
-    reason = getattr(layer, "sequence_parallel_refusal", None) or _NOT_LINEAR
+    name = type(layer).__name__
+    if getattr(layer, "sequence_parallel", False) is True:
+        if options.kernel == "scan":
+            raise ValueError(
+                f"sequence_axis: {name} splits T over a mesh axis only in its whole-sequence "
+                f"solve, not step by step; got kernel='scan' with "
+                f"sequence_axis={options.sequence_axis!r} (use kernel='auto' or 'fused')"
+            )
+        return
     raise ValueError(
-        f"sequence_axis: {type(layer).__name__} cannot split T over the mesh axis "
-        f"{options.sequence_axis!r}: {reason}. Layers that can: js.MinGRU, js.MinLSTM, "
-        f"js.recurrent.RGLRU, and js.Stack / js.Bidirectional of them (a layer of your own "
+        f"sequence_axis: {name} cannot split T over the mesh axis "
+        f"{options.sequence_axis!r}: {_NOT_LINEAR}. Layers that can: js.MinGRU, js.MinLSTM, "
+        f"js.recurrent.RGLRU, js.recurrent.MLSTM, and js.Stack / js.Bidirectional of them "
+        f"(a layer of your own "
         f"that honours options.mesh and options.sequence_axis sets sequence_parallel = True); "
         f"run this one without mesh and sequence_axis"
     )
