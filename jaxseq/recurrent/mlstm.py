@@ -580,9 +580,12 @@ def _split_slice(q, k, v, i, f, s0, reset, lengths, *, axis, reverse, kw):
     acc = s0.c.dtype
     nothing = MLSTMState(jnp.zeros_like(s0.c), jnp.zeros_like(s0.n), jnp.full_like(s0.m, _NOTHING))
     end, _ = solve(q, k, v, i, f, nothing, reset, valid, reverse=reverse, **kw)
-    lf = _log_forget(f.astype(acc), kw["forget_gate"])
-    if valid is not None:  # padded steps pass the state through
-        lf = jnp.where(valid[..., None], lf, jnp.zeros((), acc))
+    f, zero = f.astype(acc), jnp.zeros((), acc)
+    if valid is not None:  # padded steps pass the state through, whatever they hold
+        f = jnp.where(valid[..., None], f, zero)
+    lf = _log_forget(f, kw["forget_gate"])
+    if valid is not None:
+        lf = jnp.where(valid[..., None], lf, zero)
     total = jnp.sum(lf, axis=0)
     live = seqpar.live_resets(reset, valid)
     if live is not None:  # a reset in the slice: what enters it does not pass through
