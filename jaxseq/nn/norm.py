@@ -1,14 +1,28 @@
-"""Layer normalisation over the last axis, statistics in float32."""
+"""Layer normalisation over the last axis, statistics in float32.
+
+The backward is written by hand (``jax.custom_vjp``) and keeps the normalised
+input ``x̂`` and ``1/σ`` from the forward: ``dx = (g - mean(g) - x̂·mean(g·x̂)) / σ``
+with ``g = dy·scale``. Ordinary autodiff of the formula keeps ``x`` instead, and
+XLA's CPU fusion then recomputes ``x`` inside every consumer of the backward; in
+a pre-LN Transformer ``x`` is the residual stream, the sum of every earlier
+block's outputs, so each consumer re-added all of them (a quarter of a 4-layer
+model's train step on a 2-core CPU; ``benchmarks/README.md``, "The Transformer
+against PyTorch"). Under forward-mode autodiff (``jax.jvp``), which a
+``custom_vjp`` does not support, the plain formula runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
+from jaxseq._autodiff import under_forward_mode
+from jaxseq._numerics import acc_dtype
 
 __all__ = [
     "LayerNorm",
@@ -57,8 +71,9 @@ class LayerNorm:
 def layer_norm(params: LayerNormParams, x, eps: float = 1e-5):
     """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis of ``x: [..., D]``.
 
-    Statistics in float32; the result has ``x``'s dtype. The pure function under
-    :meth:`LayerNorm.apply`.
+    Statistics in float32 (float64 for float64 ``x``); the result has ``x``'s dtype.
+    The pure function under :meth:`LayerNorm.apply`; its backward is hand-written
+    (see the module docstring), and ``jax.jvp`` runs the plain formula.
 
     >>> y = layer_norm(LayerNorm().init(None, 4), jnp.array([[1.0, 2.0, 3.0, 4.0]]))
     >>> [round(v, 3) for v in y[0].tolist()]
@@ -71,12 +86,50 @@ def layer_norm(params: LayerNormParams, x, eps: float = 1e-5):
     d = params.scale.shape[0]
     if x.shape[-1] != d:
         raise ValueError(f"x: expected last dim D={d}, got {_checks.describe(x)}")
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
     shape = (1,) * (x.ndim - 1) + (d,)
-    y = y * params.scale.astype(jnp.float32).reshape(shape) + params.bias.astype(
-        jnp.float32
-    ).reshape(shape)
+    scale = params.scale.reshape(shape)
+    bias = params.bias.reshape(shape)
+    if under_forward_mode(x, scale, bias):
+        return _layer_norm_formula(x, scale, bias, eps)
+    return _layer_norm(x, scale, bias, float(eps))
+
+
+def _normalise(x, eps):
+    """``(x̂, 1/σ)`` over the last axis, in float32 (float64 for float64 ``x``)."""
+    xf = x.astype(acc_dtype(x))
+    xc = xf - jnp.mean(xf, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(jnp.square(xc), axis=-1, keepdims=True) + eps)
+    return xc * rstd, rstd
+
+
+def _layer_norm_formula(x, scale, bias, eps):
+    xh, _ = _normalise(x, eps)
+    y = xh * scale.astype(xh.dtype) + bias.astype(xh.dtype)
     return y.astype(x.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x, scale, bias, eps):
+    return _layer_norm_formula(x, scale, bias, eps)
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    xh, rstd = _normalise(x, eps)
+    y = (xh * scale.astype(xh.dtype) + bias.astype(xh.dtype)).astype(x.dtype)
+    return y, (xh, rstd, scale, bias)
+
+
+def _layer_norm_bwd(eps, res, dy):
+    xh, rstd, scale, bias = res
+    dyf = dy.astype(xh.dtype)
+    g = dyf * scale.astype(xh.dtype)
+    dx = rstd * (
+        g - jnp.mean(g, axis=-1, keepdims=True) - xh * jnp.mean(g * xh, axis=-1, keepdims=True)
+    )
+    lead = tuple(range(dy.ndim - 1))
+    dscale = jnp.sum(dyf * xh, axis=lead, keepdims=True)
+    dbias = jnp.sum(dyf, axis=lead, keepdims=True)
+    return dx.astype(dy.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
