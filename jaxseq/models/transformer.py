@@ -432,6 +432,9 @@ class TransformerLM:
         dist = ti[:, None] - ti[None, :]
         in_chunk = (last[:, :, None] == last[:, None, :]) & ((dist >= 0) & (dist < c))[None]
         mask = jnp.concatenate([from_cache, in_chunk], axis=-1)  # [N, T, C + T]
+        # a chunk that starts with a reset everywhere (training with reset_every_chunk,
+        # a fresh cache) reads no slot: its attention skips the cache (half the keys)
+        reads_cache = jnp.any(from_cache)
         # rotary offsets relative to the chunk: query/key i at i, slot with position p at p - length
         rel_chunk = jnp.broadcast_to(ti[None, :], (n, t))
         rel_cache = cache.slots - length[:, None]
@@ -458,10 +461,26 @@ class TransformerLM:
                 keys.append(scatter(ck, k))
                 values.append(scatter(cv, v))
                 if self.positions == "rotary":
-                    q, k, ck = _rotate(q, rel_chunk), _rotate(k, rel_chunk), _rotate(ck, rel_cache)
-                k_all = jnp.concatenate([ck, k], axis=2)
-                v_all = jnp.concatenate([cv, v], axis=2)
-                return _attention(q, k_all, v_all, mask)
+                    q, k = _rotate(q, rel_chunk), _rotate(k, rel_chunk)
+
+                def with_cache(q, k, v, ck, cv):
+                    if self.positions == "rotary":
+                        ck = _rotate(ck, rel_cache)
+                    k_all = jnp.concatenate([ck, k], axis=2)
+                    v_all = jnp.concatenate([cv, v], axis=2)
+                    return _attention(q, k_all, v_all, mask)
+
+                def chunk_only(q, k, v, ck, cv):
+                    return _attention(q, k, v, in_chunk)
+
+                # each branch is rebuilt in the backward (jax.checkpoint), so the cond
+                # keeps only its inputs, not zeros for the untaken branch's residuals
+                return jax.lax.cond(
+                    reads_cache,
+                    jax.checkpoint(with_cache),
+                    jax.checkpoint(chunk_only),
+                    q, k, v, ck, cv,
+                )  # fmt: skip
 
             x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         last_pos = jnp.take_along_axis(pos, idx_last[:, None], axis=1)[:, 0]
