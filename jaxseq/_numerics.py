@@ -6,8 +6,12 @@ float32 and float64 inputs in float64 everywhere in the package.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+
+from jaxseq._autodiff import under_forward_mode
 
 
 def acc_dtype(*arrays) -> jnp.dtype:
@@ -29,21 +33,61 @@ def _dot(x, w, out_dtype):
     )
 
 
-@jax.custom_jvp
-def _matmul_narrow(x, w):
-    return _dot(x, w, jnp.float32)
+# Mixed precision (both operands 16-bit floats): the forward's products and the
+# backward's take 16-bit operands and accumulate in float32, and every product
+# RETURNS float32 (rounded to 16 bits after it). A product with a 16-bit result is
+# not what it seems on CPU: XLA's CPU backend has no 16-bit-output matmul and
+# runs it as a float32 one on converted operands (about twice the time of the
+# 16-bit-operand, float32-output product). Autodiff of a float32-output product
+# gives float32 cotangents, hence mixed (float32 x 16-bit) backward products,
+# which XLA also runs in float32; so the backward is written here: the incoming
+# cotangent is rounded to the operands' dtype and each backward product
+# accumulates into, and returns, float32. Under forward-mode autodiff (a
+# custom_vjp has none) the plain product runs.
 
 
-@_matmul_narrow.defjvp
-def _matmul_narrow_jvp(primals, tangents):
-    # The tangent map is computed in the operands' 16-bit dtype, so its transpose (the
-    # backward) multiplies 16-bit cotangents too (the backends accumulate 16-bit dots in
-    # float32 and round the result).
-    x, w = primals
-    dx, dw = tangents
-    narrow = x.dtype
-    t = _dot(dx.astype(narrow), w, narrow) + _dot(x, dw.astype(narrow), narrow)
-    return _matmul_narrow(x, w), t.astype(jnp.float32)
+def _einsum_parts(spec: str):
+    ins, out = spec.replace(" ", "").split("->")
+    a, b = ins.split(",")
+    return a, b, out
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_narrow(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_narrow_fwd(spec, a, b):
+    return _einsum_narrow(spec, a, b), (a, b)
+
+
+def _einsum_narrow_bwd(spec, res, g):
+    a, b = res
+    sa, sb, so = _einsum_parts(spec)
+    gn = g.astype(a.dtype)
+    da = jnp.einsum(f"{so},{sb}->{sa}", gn, b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{so}->{sb}", a, gn, preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum_narrow.defvjp(_einsum_narrow_fwd, _einsum_narrow_bwd)
+
+
+def einsum_acc(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` of two operands, accumulated and returned in at least
+    float32 (float64 for float64 operands).
+
+    With both operands the same 16-bit float dtype (mixed precision), the backward's
+    products take 16-bit operands too (the incoming cotangent rounded to their dtype)
+    and accumulate in float32. ``spec`` is explicit (``"...td,dke->...kte"``); every
+    index of an operand appears in the other operand or in the output.
+
+    >>> einsum_acc("td,dk->tk", jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16)).dtype
+    dtype('float32')
+    """
+    if _is_narrow(a) and _is_narrow(b) and a.dtype == b.dtype and not under_forward_mode(a, b):
+        return _einsum_narrow(spec, a, b)
+    return jnp.einsum(spec, a, b, preferred_element_type=acc_dtype(a, b))
 
 
 def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -52,13 +96,13 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
 
     With both operands 16-bit floats (mixed precision), the backward's matmuls take
     16-bit operands as the forward's do (the incoming cotangent is rounded to that
-    dtype), and still accumulate in float32.
+    dtype), and still accumulate in float32 (:func:`einsum_acc`).
 
     >>> matmul_f32(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16)).dtype
     dtype('float32')
     """
-    if _is_narrow(x) and _is_narrow(w) and x.dtype == w.dtype:
-        return _matmul_narrow(x, w)
+    if _is_narrow(x) and _is_narrow(w) and x.dtype == w.dtype and not under_forward_mode(x, w):
+        return _einsum_narrow("...i,io->...o", x, w)
     return _dot(x, w, acc_dtype(x, w))
 
 

@@ -41,10 +41,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype, masked_softmax, matmul_f32
+from jaxseq._numerics import einsum_acc, masked_softmax, matmul_f32
 from jaxseq.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks
 
 __all__ = [
@@ -198,11 +197,10 @@ def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left"):
         k = _keep_rows(k, k_seen)
         if v is not None:
             v = _keep_rows(v, k_seen)
-    acc = acc_dtype(q, k)
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), acc)
+    s = einsum_acc("qd,kd->qk", q, k)
+    s = s * jnp.asarray(_scale_of(scale, q.shape[1]), s.dtype)
     if bias is not None:
-        s = s + bias.astype(acc)
+        s = s + bias.astype(s.dtype)
     w = masked_softmax(s, mask)
     return w if v is None else (_weighted_values(w, v), w)
 

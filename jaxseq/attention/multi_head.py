@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq import initializers as inits
-from jaxseq._numerics import add_bias, matmul_f32
+from jaxseq._numerics import add_bias, einsum_acc, matmul_f32
 from jaxseq.attention.blockwise import blockwise_attention
 from jaxseq.attention.dot_product import (
     _check_lengths_arg,
@@ -270,7 +270,7 @@ def multi_head_attention(
         )
         w = weights_fn(q, k, mask, bias)  # f32[K, Tq, Tk]
         wd = w if key is None else dropout(key, w, dropout_rate)
-        o = jnp.einsum("kqt,tkd->qkd", wd.astype(dtype), v, preferred_element_type=jnp.float32)
+        o = einsum_acc("kqt,tkd->qkd", wd.astype(dtype), v)
     out = matmul_f32(o.reshape(tq, nh * dv).astype(dtype), params.w_o.reshape(nh * dv, do))
     if params.b_o is not None:
         out = add_bias(out, params.b_o)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype, add_bias
+from jaxseq._numerics import add_bias, einsum_acc
 from jaxseq.attention.multi_head import (
     MultiHeadAttention,
     MultiHeadAttentionParams,
@@ -168,9 +168,7 @@ class TransformerBlock:
 
         def attention(h):
             o = attend(_heads(h, a.w_q, a.b_q), _heads(h, a.w_k, a.b_k), _heads(h, a.w_v, a.b_v))
-            out = jnp.einsum(
-                "...ktd,kde->...te", o, a.w_o, preferred_element_type=acc_dtype(o, a.w_o)
-            )
+            out = einsum_acc("...ktd,kde->...te", o, a.w_o)
             if a.b_o is not None:
                 out = add_bias(out, a.b_o)
             return out.astype(x.dtype)
@@ -265,7 +263,7 @@ def transformer_block(
 def _heads(x, w, b):
     """``x: [*N, T, D] @ w: [D, K, E] (+ b: [K, E]) -> [*N, K, T, E]`` head-major
     (float32 accumulation, result in ``x``'s dtype)."""
-    y = jnp.einsum("...td,dke->...kte", x, w, preferred_element_type=acc_dtype(x, w))
+    y = einsum_acc("...td,dke->...kte", x, w)
     if b is not None:
         nh, e = b.shape
         y = y + b.astype(y.dtype).reshape((1,) * (y.ndim - 3) + (nh, 1, e))

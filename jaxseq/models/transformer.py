@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import acc_dtype, masked_softmax
+from jaxseq._numerics import einsum_acc, masked_softmax
 from jaxseq.attention.positional import LearnedPositions, learned, rotary
 from jaxseq.attention.transformer import TransformerBlock, TransformerBlockParams
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
@@ -110,10 +110,9 @@ def _attention(q, k, v, mask):
     seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    acc = acc_dtype(q, k)
-    s = jnp.einsum("nktd,nksd->nkts", q, k, preferred_element_type=acc)
-    w = masked_softmax(s * jnp.asarray(q.shape[-1] ** -0.5, acc), mask[:, None])
-    out = jnp.einsum("nkts,nksd->nktd", w.astype(v.dtype), v, preferred_element_type=acc)
+    s = einsum_acc("nktd,nksd->nkts", q, k)
+    w = masked_softmax(s * jnp.asarray(q.shape[-1] ** -0.5, s.dtype), mask[:, None])
+    out = einsum_acc("nkts,nksd->nktd", w.astype(v.dtype), v)
     return out.astype(v.dtype)
 
 
