@@ -45,13 +45,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._numerics import einsum_acc, masked_softmax
+from jaxseq._autodiff import under_forward_mode
+from jaxseq._numerics import acc_dtype
 from jaxseq.attention.positional import LearnedPositions, learned, rotary
 from jaxseq.attention.transformer import TransformerBlock, TransformerBlockParams
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
@@ -105,15 +107,70 @@ def _rotate(x, positions):
 def _attention(q, k, v, mask):
     """Softmax attention per example and head (head-major, so each product is one batched
     matmul): ``q: [N, K, T, Dh]``, ``k, v: [N, K, S, Dh]``, ``mask: bool[N, T, S]`` ->
-    ``[N, K, T, Dh]``. Scores and softmax in float32; keys no query may see are zeroed
-    before the products, so an empty or stale slot never reaches an output."""
+    ``[N, K, T, Dh]``. Scores and softmax in float32 (float64 for float64 inputs); keys
+    no query may see are zeroed before the products, so an empty or stale slot never
+    reaches an output; a query that sees no key gets zeros."""
     seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    s = einsum_acc("nktd,nksd->nkts", q, k)
-    w = masked_softmax(s * jnp.asarray(q.shape[-1] ** -0.5, s.dtype), mask[:, None])
-    out = einsum_acc("nkts,nksd->nktd", w.astype(v.dtype), v)
-    return out.astype(v.dtype)
+    return _softmax_attention(q, k, v, mask, float(q.shape[-1] ** -0.5))
+
+
+def _scores(q, k, scale):
+    acc = acc_dtype(q, k)
+    return jnp.einsum("nktd,nksd->nkts", q, k, preferred_element_type=acc) * jnp.asarray(scale, acc)
+
+
+def _softmax_attention_fwd(q, k, v, mask, scale):
+    """``(out, residuals)``: the forward keeps the log-sum-exp of each query's scores (inf
+    for a query that sees no key), not the ``[T, S]`` weights."""
+    s = _scores(q, k, scale)
+    m4 = mask[:, None]
+    s = jnp.where(m4, s, -jnp.inf)
+    top = jnp.max(s, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    p = jnp.where(m4, jnp.exp(s - top), 0.0)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    sees = total > 0
+    safe = jnp.where(sees, total, 1.0)
+    w = jnp.where(sees, p / safe, 0.0)
+    out = jnp.einsum(
+        "nkts,nksd->nktd", w.astype(v.dtype), v, preferred_element_type=acc_dtype(w, v)
+    ).astype(v.dtype)
+    lse = jnp.where(sees, top + jnp.log(safe), jnp.inf)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _softmax_attention_bwd(scale, res, g):
+    """The weights rebuilt from the saved log-sum-exp, then the four products of the
+    softmax-attention backward (FlashAttention's, without the blocks)."""
+    q, k, v, mask, out, lse = res
+    do = g.astype(v.dtype)
+    acc = lse.dtype
+    w = jnp.where(mask[:, None], jnp.exp(_scores(q, k, scale) - lse), 0.0)
+    dv = jnp.einsum("nkts,nktd->nksd", w.astype(do.dtype), do, preferred_element_type=acc)
+    dw = jnp.einsum("nktd,nksd->nkts", do, v, preferred_element_type=acc)
+    delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
+    ds = (w * (dw - delta) * jnp.asarray(scale, acc)).astype(q.dtype)
+    dq = jnp.einsum("nkts,nksd->nktd", ds, k, preferred_element_type=acc)
+    dk = jnp.einsum("nkts,nktd->nksd", ds, q, preferred_element_type=acc)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attention_vjp(q, k, v, mask, scale):
+    return _softmax_attention_fwd(q, k, v, mask, scale)[0]
+
+
+_softmax_attention_vjp.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+def _softmax_attention(q, k, v, mask, scale):
+    """Masked softmax attention with a hand-written backward (autodiff of the masked
+    softmax costs about a third more on CPU); the plain form under ``jax.jvp``."""
+    if under_forward_mode(q, k, v):
+        return _softmax_attention_fwd(q, k, v, mask, scale)[0]
+    return _softmax_attention_vjp(q, k, v, mask, scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,10 +502,17 @@ class TransformerLM:
         any_reset = jnp.any(last >= 0, axis=1) & (n_valid > 0)
         kept = jnp.where(any_reset[:, None], -1, cache.slots)
 
-        def scatter(ring, new):  # ring [N, C] (slots) or [N, K, C, Dh]
+        # the chunk step each slot receives, or -1: the writes are gathers (a scatter of
+        # the chunk into the ring costs a select per element on CPU)
+        hit = at[:, :, None] == jnp.arange(c, dtype=jnp.int32)[None, None, :]  # [N, T, C]
+        src = jnp.max(jnp.where(hit, ti[None, :, None], -1), axis=1)  # [N, C]
+        src_idx = jnp.clip(src, 0, t - 1)
+
+        def write(ring, new):  # ring [N, C] <- new [N, T], or [N, L, K, C, Dh] <- [N, L, K, T, Dh]
             if ring.ndim == 2:
-                return jax.vmap(lambda r, i, u: r.at[i].set(u, mode="drop"))(ring, at, new)
-            return jax.vmap(lambda r, i, u: r.at[:, i].set(u, mode="drop"))(ring, at, new)
+                return jnp.where(src >= 0, jnp.take_along_axis(new, src_idx, axis=1), ring)
+            got = jnp.take_along_axis(new, src_idx[:, None, None, :, None], axis=3)
+            return jnp.where((src >= 0)[:, None, None, :, None], got, ring)
 
         k_emb, k_layers = self._keys(key)
         x = self._embed(params, tok, jnp.where(valid, pos, 0), k_emb)
@@ -456,37 +520,34 @@ class TransformerLM:
         for i, bp in enumerate(params.blocks):
 
             def attend(q, k, v, i=i):
-                ck, cv = cache.keys[:, i], cache.values[:, i]
-                keys.append(scatter(ck, k))
-                values.append(scatter(cv, v))
+                keys.append(k)
+                values.append(v)
                 if self.positions == "rotary":
                     q, k = _rotate(q, rel_chunk), _rotate(k, rel_chunk)
 
-                def with_cache(q, k, v, ck, cv):
+                def with_cache(q, k, v):
+                    ck, cv = cache.keys[:, i], cache.values[:, i]
                     if self.positions == "rotary":
                         ck = _rotate(ck, rel_cache)
                     k_all = jnp.concatenate([ck, k], axis=2)
                     v_all = jnp.concatenate([cv, v], axis=2)
                     return _attention(q, k_all, v_all, mask)
 
-                def chunk_only(q, k, v, ck, cv):
+                def chunk_only(q, k, v):
                     return _attention(q, k, v, in_chunk)
 
                 # each branch is rebuilt in the backward (jax.checkpoint), so the cond
                 # keeps only its inputs, not zeros for the untaken branch's residuals
                 return jax.lax.cond(
-                    reads_cache,
-                    jax.checkpoint(with_cache),
-                    jax.checkpoint(chunk_only),
-                    q, k, v, ck, cv,
-                )  # fmt: skip
+                    reads_cache, jax.checkpoint(with_cache), jax.checkpoint(chunk_only), q, k, v
+                )
 
             x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         last_pos = jnp.take_along_axis(pos, idx_last[:, None], axis=1)[:, 0]
         new = KVCache(
-            scatter(kept, pos),
-            jnp.stack(keys, 1),
-            jnp.stack(values, 1),
+            write(kept, pos),
+            write(cache.keys, jnp.stack(keys, 1)),
+            write(cache.values, jnp.stack(values, 1)),
             jnp.where(n_valid > 0, last_pos + 1, length).astype(jnp.int32),
         )
         return new, self._head(params, x)
