@@ -4,6 +4,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import frameworks, scan_vs_unrolled
@@ -372,3 +373,45 @@ def test_matrix_recurrences_skips_over_the_limits_with_the_reason():
     assert mr._estimates({"parallel": (1024, 100.0), "chunked": (1024, 10.0)}, 4096, 2) == {
         "parallel": pytest.approx(3.2), "chunked": pytest.approx(0.08)
     }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- transformer_e2e
+
+
+def test_transformer_e2e_quick_runs_both_sides_on_the_same_model(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import transformer_e2e
+
+    out = transformer_e2e.main(["--quick", "--out", str(tmp_path), "--quiet"])
+    assert out["finite"]
+    data = json.loads((tmp_path / "transformer_e2e.json").read_text())
+    recs = data["records"]
+    lm = {(r["impl"], r["precision"]): r for r in recs if r["part"] == "lm"}
+    assert set(lm) == {(i, p) for i in ("jaxseq", "torch") for p in ("fp32", "bf16")}
+    for r in lm.values():
+        assert r["status"] == "ok" and len(r["losses"]) == 4 and r["median_ms"] > 0
+    # the same weights: the loss of chunk 0 agrees, and so do the first training losses
+    a, b = lm[("jaxseq", "fp32")], lm[("torch", "fp32")]
+    assert abs(a["loss_step0_fp32"] - b["loss_step0_fp32"]) < 1e-4
+    np.testing.assert_allclose(a["losses"], b["losses"], atol=1e-3)
+    assert a["ratio_vs_torch"] == pytest.approx(a["median_ms"] / b["median_ms"])
+    att = [r for r in recs if r["part"] in ("core", "mha")]
+    assert {r["T"] for r in att} == {16, 32} and {r["mode"] for r in att} == {"fwd", "fwd+bwd"}
+    for r in att:
+        assert r["status"] == "ok", r
+        if r["impl"] != "torch":
+            assert r["ratio_vs_torch"] > 0
+        if r["mode"] == "fwd" and r["impl"] != "torch":
+            assert r["max_abs_diff_vs_torch"] < 1e-4  # the same attention on both sides
+    assert (tmp_path / "transformer_e2e.png").stat().st_size > 0
+
+
+def test_transformer_e2e_without_torch_skips_its_rows(tmp_path, monkeypatch):
+    from benchmarks import transformer_e2e
+
+    monkeypatch.setattr(transformer_e2e, "TORCH_MODULE", "torch_missing_for_this_test")
+    transformer_e2e.main(["--quick", "--out", str(tmp_path), "--quiet", "--precisions", "fp32"])
+    recs = json.loads((tmp_path / "transformer_e2e.json").read_text())["records"]
+    torch_rows = [r for r in recs if r["impl"] == "torch"]
+    assert [r["status"] for r in torch_rows] == ["skipped"]
+    assert all(r["status"] == "ok" for r in recs if r["impl"] != "torch")

@@ -1,6 +1,7 @@
 """The Transformer LM (key/value cache) and the fixed-window LM against NumPy float64
 forwards written here from the documented equations."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -278,3 +279,28 @@ def test_every_library_language_model_meets_the_protocol():
         np.testing.assert_allclose(again, logits, rtol=1e-6, atol=1e-6)
     assert not isinstance(js.LSTM(4), proto)
     assert not isinstance(models.tagger(3, input_size=2), proto)
+
+
+def test_transformer_chunk_that_reads_no_slot_skips_the_cache_alike(learned_lm):
+    """A chunk whose every stream resets at step 0 takes the attention that skips the
+    cache; with one stream reading its cache the whole batch takes the full one. The
+    resetting stream's logits and the gradients agree between the two."""
+    lm, params, tokens, apply, _ = learned_lm
+    empty = lm.initial_carry((2,))
+    stale = apply(params, empty, tokens)[0]  # a full cache in both streams
+    reset_all = np.zeros((10, 2), bool)
+    reset_all[0] = True
+    reset_one = reset_all.copy()
+    reset_one[0, 1] = False  # stream 1 reads its cache: the full attention runs
+    _, skip = apply(params, stale, tokens, reset=reset_all)
+    _, full = apply(params, stale, tokens, reset=reset_one)
+    _, fresh = apply(params, empty, tokens)
+    np.testing.assert_allclose(skip, fresh, atol=1e-5)
+    np.testing.assert_allclose(full[:, 0], fresh[:, 0], atol=1e-5)
+
+    def loss(p, carry, reset):
+        return jnp.sum(lm.apply(p, carry, tokens, reset=reset)[1][:, 0] ** 2)
+
+    g_skip = jax.jit(jax.grad(loss))(params, stale, reset_all)
+    g_full = jax.jit(jax.grad(loss))(params, stale, reset_one)
+    chex.assert_trees_all_close(g_skip, g_full, atol=1e-4, rtol=1e-4)

@@ -124,3 +124,109 @@ def test_bf16_step_multiplies_bfloat16_operands_forward_and_backward(key):
     assert len(bf16) >= 9, bf16  # 2 layers x (projection, recurrence, 3 in the backward) + head
     assert all(a == b == "bf16" for a, b in bf16), bf16
     assert all(a == b == "f32" for a, b in fp32), fp32
+
+
+def _bf16(rng, shape):
+    """Positive bfloat16 values in [0.5, 1.5): long sums of them drift when accumulated in bf16."""
+    return jnp.asarray(rng.uniform(0.5, 1.5, shape), jnp.bfloat16)
+
+
+def _f64(a):
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+def _round_bf16(a):
+    return _f64(jnp.asarray(np.asarray(a, np.float32), jnp.bfloat16))
+
+
+def test_a_bf16_accumulated_sum_would_fail_these_tolerances():
+    """The premise of the accumulation tests below: 4096 terms near 1 summed in bfloat16
+    stall far from the float64 sum (bf16 keeps 8 significant bits)."""
+    terms = np.asarray(_bf16(np.random.default_rng(0), (4096,)), np.float32)
+    acc = jnp.bfloat16(0)
+    for v in terms:
+        acc = jnp.bfloat16(float(acc) + float(v))
+    assert abs(float(acc) / terms.astype(np.float64).sum() - 1) > 0.5
+
+
+@pytest.mark.parametrize(
+    "spec, ref, a_shape, b_shape",
+    [
+        ("...i,io->...o", "ni,io->no", (8, 4096), (4096, 8)),  # forward: over 4096
+        ("...i,io->...o", "ni,io->no", (8, 8), (8, 4096)),  # dx = g w^T: over 4096
+        ("...i,io->...o", "ni,io->no", (4096, 8), (8, 8)),  # dw = x^T g: over 4096 rows
+        ("...td,dke->...kte", "ntd,dke->nkte", (2, 3, 4096), (4096, 2, 4)),  # heads' projection
+        ("...td,dke->...kte", "ntd,dke->nkte", (64, 64, 8), (8, 2, 4)),  # its weight gradient
+        ("...ktd,kde->...te", "nktd,kde->nte", (2, 2, 3, 4096), (2, 4096, 8)),  # output proj.
+    ],
+)
+def test_bf16_products_accumulate_in_float32_forward_and_backward(spec, ref, a_shape, b_shape):
+    """Every 16-bit product of the package (matmul_f32, einsum_acc) multiplies bfloat16
+    operands and accumulates in float32, forward and backward (the cotangent rounded to
+    bfloat16 first, by design): within 1% of float64 sums of the same rounded operands,
+    where bfloat16 accumulation misses by more than 50% (the test above)."""
+    from jaxseq._numerics import einsum_acc, matmul_f32
+
+    rng = np.random.default_rng(1)
+    a, b = _bf16(rng, a_shape), _bf16(rng, b_shape)
+    if spec == "...i,io->...o":
+        f = matmul_f32
+    else:
+        f = lambda a, b: einsum_acc(spec, a, b)  # noqa: E731
+    out, vjp = jax.vjp(f, a, b)
+    assert out.dtype == jnp.float32
+    want = np.einsum(ref, _f64(a), _f64(b))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, out.shape), jnp.float32)
+    da, db = vjp(g)
+    assert da.dtype == db.dtype == jnp.bfloat16
+    sa, sb = ref.split("->")[0].split(",")
+    so = ref.split("->")[1]
+    gr = _round_bf16(g)
+    want_a = np.einsum(f"{so},{sb}->{sa}", gr, _f64(b))
+    want_b = np.einsum(f"{sa},{so}->{sb}", _f64(a), gr)
+    np.testing.assert_allclose(_f64(da), want_a, rtol=1e-2)  # the result rounded to bf16
+    np.testing.assert_allclose(_f64(db), want_b, rtol=1e-2)
+
+
+def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
+    """The Transformer LM's attention core with bfloat16 inputs: scores over Dh=4096,
+    weighted values over S=4096 keys and the values' gradient over T=4096 queries all
+    accumulate in float32 (within 1% of float64 of the same rounded operands)."""
+    from jaxseq.models.transformer import _softmax_attention
+
+    rng = np.random.default_rng(2)
+    t = 4096
+    q = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
+    k = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
+    v = _bf16(rng, (1, 1, t, 64))
+    mask = jnp.ones((1, t, t), bool)
+    out, vjp = jax.vjp(lambda q, k, v: _softmax_attention(q, k, v, mask, 0.125), q, k, v)
+    s = np.einsum("td,sd->ts", _f64(q[0, 0]), _f64(k[0, 0])) * 0.125
+    w = np.exp(s - s.max(-1, keepdims=True))
+    w = _round_bf16(w / w.sum(-1, keepdims=True))  # rounded to v's dtype before the product
+    np.testing.assert_allclose(_f64(out[0, 0]), w @ _f64(v[0, 0]), rtol=1e-2)
+    g = jnp.asarray(rng.uniform(0.5, 1.5, out.shape), jnp.bfloat16)
+    dv = vjp(g)[2]
+    np.testing.assert_allclose(_f64(dv[0, 0]), w.T @ _f64(g[0, 0]), rtol=1e-2)
+
+
+def test_bf16_transformer_step_multiplies_bfloat16_into_float32():
+    """Every product of a bf16 train step of the Transformer LM, forward and backward,
+    takes bfloat16 operands and returns float32: a 16-bit result would run as a float32
+    product on CPU (its operands converted), twice the time."""
+    lm = js.models.transformer_lm(7, num_layers=1, d_model=8, num_heads=2, max_len=4,
+                                  positions="learned")  # fmt: skip
+    opt = js.make_optimizer("adam", 1e-2)
+    state = js.init_state(
+        lm.init(jax.random.key(0)), opt, jax.random.key(1), lm.initial_carry((2,))
+    )
+    chunk = js.data.StreamBatcher(np.arange(60) % 7, 2, 4, reset_every_chunk=True).at_step(0)
+    step = js.make_train_step(js.training.lm_loss_fn(lm), opt, precision="bf16", donate=False)
+    text = jax.jit(lambda s, b: step(s, b)).lower(state, chunk).as_text()
+    ops = re.findall(
+        r"dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\) -> (tensor<[^>]*>)", text
+    )
+    kinds = [tuple(x.rsplit("x", 1)[-1][:-1] for x in op) for op in ops]
+    assert len(kinds) >= 20, kinds  # projections, attention, MLP, head, and their backward
+    assert all(k == ("bf16", "bf16", "f32") for k in kinds), kinds
