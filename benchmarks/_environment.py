@@ -37,6 +37,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: CPU flags that decide whether bfloat16 pays: AMX tiles (Intel Sapphire Rapids and
+#: later), AVX512-BF16 (bf16 dot products in vector registers: Intel Cooper Lake and
+#: later, AMD Zen 4 and later), AVX512F and AVX2.
+CPU_FEATURES = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+
+
+def cpu_features() -> str:
+    """The bfloat16-relevant CPU flags present (``/proc/cpuinfo``), e.g.
+    ``"avx512_bf16 avx512f avx2"``; ``"none"`` when none is, ``"unknown"`` off Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    have = [x for x in CPU_FEATURES if x in flags]
+                    return " ".join(have) if have else "none"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def package_version(dist: str) -> str:
     """The installed version of distribution ``dist``, or ``"not installed"``."""
     try:
@@ -70,6 +91,7 @@ def environment() -> dict:
         "device_kind": devices[0].device_kind if devices else "none",
         "device_count": len(devices),
         "cpu_model": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "jax_cpu_threads": jax_thread_count(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
