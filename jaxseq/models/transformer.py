@@ -45,15 +45,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._autodiff import under_forward_mode
-from jaxseq._numerics import acc_dtype
+from jaxseq.attention._core import softmax_attention
 from jaxseq.attention.positional import LearnedPositions, learned, rotary
 from jaxseq.attention.transformer import TransformerBlock, TransformerBlockParams
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
@@ -113,64 +111,7 @@ def _attention(q, k, v, mask):
     seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    return _softmax_attention(q, k, v, mask, float(q.shape[-1] ** -0.5))
-
-
-def _scores(q, k, scale):
-    acc = acc_dtype(q, k)
-    return jnp.einsum("nktd,nksd->nkts", q, k, preferred_element_type=acc) * jnp.asarray(scale, acc)
-
-
-def _softmax_attention_fwd(q, k, v, mask, scale):
-    """``(out, residuals)``: the forward keeps the log-sum-exp of each query's scores (inf
-    for a query that sees no key), not the ``[T, S]`` weights."""
-    s = _scores(q, k, scale)
-    m4 = mask[:, None]
-    s = jnp.where(m4, s, -jnp.inf)
-    top = jnp.max(s, axis=-1, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    p = jnp.where(m4, jnp.exp(s - top), 0.0)
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    sees = total > 0
-    safe = jnp.where(sees, total, 1.0)
-    w = jnp.where(sees, p / safe, 0.0)
-    out = jnp.einsum(
-        "nkts,nksd->nktd", w.astype(v.dtype), v, preferred_element_type=acc_dtype(w, v)
-    ).astype(v.dtype)
-    lse = jnp.where(sees, top + jnp.log(safe), jnp.inf)
-    return out, (q, k, v, mask, out, lse)
-
-
-def _softmax_attention_bwd(scale, res, g):
-    """The weights rebuilt from the saved log-sum-exp, then the four products of the
-    softmax-attention backward (FlashAttention's, without the blocks)."""
-    q, k, v, mask, out, lse = res
-    do = g.astype(v.dtype)
-    acc = lse.dtype
-    w = jnp.where(mask[:, None], jnp.exp(_scores(q, k, scale) - lse), 0.0)
-    dv = jnp.einsum("nkts,nktd->nksd", w.astype(do.dtype), do, preferred_element_type=acc)
-    dw = jnp.einsum("nktd,nksd->nkts", do, v, preferred_element_type=acc)
-    delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
-    ds = (w * (dw - delta) * jnp.asarray(scale, acc)).astype(q.dtype)
-    dq = jnp.einsum("nkts,nksd->nktd", ds, k, preferred_element_type=acc)
-    dk = jnp.einsum("nkts,nktd->nksd", ds, q, preferred_element_type=acc)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _softmax_attention_vjp(q, k, v, mask, scale):
-    return _softmax_attention_fwd(q, k, v, mask, scale)[0]
-
-
-_softmax_attention_vjp.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
-
-
-def _softmax_attention(q, k, v, mask, scale):
-    """Masked softmax attention with a hand-written backward (autodiff of the masked
-    softmax costs about a third more on CPU); the plain form under ``jax.jvp``."""
-    if under_forward_mode(q, k, v):
-        return _softmax_attention_fwd(q, k, v, mask, scale)[0]
-    return _softmax_attention_vjp(q, k, v, mask, scale)
+    return softmax_attention(q, k, v, mask[:, None], None, q.shape[-1] ** -0.5)
 
 
 @dataclasses.dataclass(frozen=True)
