@@ -175,10 +175,10 @@ def test_check_grads_dense(key):
         check_grads(jax.jit(f), (q, k, v), order=2, modes=["rev"], eps=1e-4)
 
 
-def test_dense_hand_written_backward_equals_autodiff_with_mask_bias_and_empty_rows(key):
-    """The dense core's backward (weights rebuilt from the log-sum-exp) against autodiff of
-    the weights' formula (attention_weights @ v), float64, with a mask, a bias, causal
-    masking and a query row that sees no key; both autodiff modes by check_grads."""
+def test_dense_gradients_equal_the_weights_formula_with_mask_bias_and_empty_rows(key):
+    """dot_product_attention's gradients against autodiff of the weights' formula
+    (attention_weights @ v), float64, with a mask, a bias, causal masking and a query row
+    that sees no key; both autodiff modes by check_grads."""
     with jax.enable_x64(True):
         q, k, v = (np.asarray(a, np.float64) for a in _rand(key, (4, 3), (5, 3), (5, 2)))
         bias = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (4, 5)), np.float64)

@@ -193,7 +193,7 @@ def test_bf16_products_accumulate_in_float32_forward_and_backward(spec, ref, a_s
 
 
 def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
-    """The dense attention core (the LM's, batched_dot_product_attention's) with bfloat16 inputs: scores over Dh=4096,
+    """The Transformer LM's attention core with bfloat16 inputs: scores over Dh=4096,
     weighted values over S=4096 keys and the values' gradient over T=4096 queries all
     accumulate in float32 (within 1% of float64 of the same rounded operands)."""
     from jaxseq.attention._core import softmax_attention

@@ -1,4 +1,5 @@
-"""Softmax attention with a hand-written backward, shared by the dense attention paths.
+"""Softmax attention with a hand-written backward, for attention over head-major batches
+(the Transformer LM's core).
 
 ``softmax_attention(q, k, v, mask, bias, scale)``: ``q: [..., Tq, Dk]``, ``k:
 [..., Tk, Dk]``, ``v: [..., Tk, Dv]`` (the same leading dims), ``mask: bool`` and
@@ -14,6 +15,11 @@ weights and selects through every mask twice; on a 2-core CPU the hand-written f
 took about a third less in a Transformer's train step. With 16-bit inputs every
 product takes 16-bit operands and accumulates into float32. Under forward-mode
 autodiff (``jax.jvp``; a ``custom_vjp`` has none) the plain formula runs.
+
+Not used for attention written per example and vmapped (``dot_product_attention``,
+``batched_dot_product_attention``): there the custom VJP's batching made the
+forward+backward 20-30% slower at T = 256 and 1024 than autodiff of the masked
+softmax (equal at T = 64), measured side by side on a 2-core AMD EPYC.
 
 Callers zero the keys and values no query may see (and the queries that see no key)
 before calling, so padding never reaches a product (NaN * 0 is NaN).

@@ -44,7 +44,6 @@ import jax.numpy as jnp
 
 from jaxseq import _checks
 from jaxseq._numerics import einsum_acc, masked_softmax, matmul_f32
-from jaxseq.attention._core import softmax_attention
 from jaxseq.masks import CAUSAL_ALIGNMENTS, causal_mask, combine_masks
 
 __all__ = [
@@ -183,10 +182,8 @@ def _check_alignment(causal_alignment):
     _checks.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
 
 
-def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left", weights=True):
-    """Weights ``float32[Tq, Tk]`` and, when ``v`` is given, ``(out [Tq, Dv], weights)``;
-    with ``v`` and ``weights=False`` only ``out``, by :func:`~jaxseq.attention._core.softmax_attention`
-    (the hand-written backward that keeps no weights).
+def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left"):
+    """Weights ``float32[Tq, Tk]`` and, when ``v`` is given, ``(out [Tq, Dv], weights)``.
 
     Inputs are validated by the caller. Queries with no visible key and keys no query
     sees are zeroed (and their values) before the products, so padding never leaks.
@@ -200,10 +197,6 @@ def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left", weights=Tr
         k = _keep_rows(k, k_seen)
         if v is not None:
             v = _keep_rows(v, k_seen)
-    if v is not None and not weights:
-        if bias is not None:
-            bias = jnp.broadcast_to(bias, (tq, tk))
-        return softmax_attention(q, k, v, mask, bias, _scale_of(scale, q.shape[1]))
     s = einsum_acc("qd,kd->qk", q, k)
     s = s * jnp.asarray(_scale_of(scale, q.shape[1]), s.dtype)
     if bias is not None:
@@ -309,7 +302,7 @@ def dot_product_attention(
     _check_qkv(q, k, v)
     _check_alignment(causal_alignment)
     mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
-    return _attend(q, k, v, mask, bias, causal, scale, causal_alignment, weights=False)
+    return _attend(q, k, v, mask, bias, causal, scale, causal_alignment)[0]
 
 
 def batched_dot_product_attention(
@@ -375,10 +368,10 @@ def batched_dot_product_attention(
                 jnp.arange(tk) < (tk if kl1 is None else kl1)
             )[None, :]
             m1 = pad if m1 is None else m1 & pad
-        return _attend(q1, k1, v1, m1, b1, causal, scale, causal_alignment, weights=return_weights)
+        return _attend(q1, k1, v1, m1, b1, causal, scale, causal_alignment)
 
-    out_axes = (1, 0) if return_weights else 1
-    fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax, None, None), out_axes=out_axes)
+    fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax, None, None), out_axes=(1, 0))
     for i in reversed(range(len(batch))):
         fn = jax.vmap(fn, in_axes=(0, 0, 0, m_b[i], b_b[i], l_ax, l_ax))
-    return fn(q, k, v, mask, bias, ql, kl)
+    out, w = fn(q, k, v, mask, bias, ql, kl)
+    return (out, w) if return_weights else out
