@@ -196,7 +196,7 @@ def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
     """The Transformer LM's attention core with bfloat16 inputs: scores over Dh=4096,
     weighted values over S=4096 keys and the values' gradient over T=4096 queries all
     accumulate in float32 (within 1% of float64 of the same rounded operands)."""
-    from jaxseq.attention._core import softmax_attention
+    from jaxseq.models.transformer import _softmax_attention
 
     rng = np.random.default_rng(2)
     t = 4096
@@ -204,7 +204,7 @@ def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
     k = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
     v = _bf16(rng, (1, 1, t, 64))
     mask = jnp.ones((1, t, t), bool)
-    out, vjp = jax.vjp(lambda q, k, v: softmax_attention(q, k, v, mask, None, 0.125), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: _softmax_attention(q, k, v, mask, None, 0.125), q, k, v)
     s = np.einsum("td,sd->ts", _f64(q[0, 0]), _f64(k[0, 0])) * 0.125
     w = np.exp(s - s.max(-1, keepdims=True))
     w = _round_bf16(w / w.sum(-1, keepdims=True))  # rounded to v's dtype before the product

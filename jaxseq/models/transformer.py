@@ -45,13 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq.attention._core import softmax_attention
+from jaxseq._numerics import acc_dtype, under_forward_mode
 from jaxseq.attention.positional import LearnedPositions, learned, rotary
 from jaxseq.attention.transformer import TransformerBlock, TransformerBlockParams
 from jaxseq.models._body import check_tokens, token_ids, valid_steps
@@ -102,6 +103,94 @@ def _rotate(x, positions):
     return jax.vmap(per_head)(x, positions)
 
 
+def _core_scores(q, k, bias, scale):
+    acc = acc_dtype(q, k)
+    s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=acc)
+    s = s * jnp.asarray(scale, acc)
+    if bias is not None:
+        s = s + bias.astype(acc)
+    return s
+
+
+def _core_forward(q, k, v, mask, bias, scale):
+    s = _core_scores(q, k, bias, scale)
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    top = jnp.max(s, axis=-1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    p = jnp.exp(s - top)
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    sees = total > 0
+    safe = jnp.where(sees, total, 1.0)
+    w = jnp.where(sees, p / safe, 0.0)
+    out = jnp.einsum(
+        "...qk,...kd->...qd", w.astype(v.dtype), v, preferred_element_type=acc_dtype(w, v)
+    ).astype(v.dtype)
+    lse = jnp.where(sees, top + jnp.log(safe), jnp.inf)
+    return out, lse
+
+
+def _core_fwd(q, k, v, mask, bias, scale):
+    out, lse = _core_forward(q, k, v, mask, bias, scale)
+    return out, (q, k, v, mask, bias, out, lse)
+
+
+def _core_bwd(scale, res, g):
+    q, k, v, mask, bias, out, lse = res
+    do = g.astype(v.dtype)
+    acc = lse.dtype
+    w = jnp.exp(_core_scores(q, k, bias, scale) - lse)
+    if mask is not None:
+        w = jnp.where(mask, w, 0.0)
+    dv = jnp.einsum("...qk,...qd->...kd", w.astype(do.dtype), do, preferred_element_type=acc)
+    dw = jnp.einsum("...qd,...kd->...qk", do, v, preferred_element_type=acc)
+    delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
+    ds = w * (dw - delta)
+    dbias = None if bias is None else ds.astype(bias.dtype)  # bias: the scores' shape
+    ds = (ds * jnp.asarray(scale, acc)).astype(q.dtype)
+    dq = jnp.einsum("...qk,...kd->...qd", ds, k, preferred_element_type=acc)
+    dk = jnp.einsum("...qk,...qd->...kd", ds, q, preferred_element_type=acc)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_vjp(q, k, v, mask, bias, scale):
+    return _core_forward(q, k, v, mask, bias, scale)[0]
+
+
+_attention_vjp.defvjp(_core_fwd, _core_bwd)
+
+
+def _softmax_attention(q, k, v, mask, bias, scale: float):
+    """Softmax attention with a hand-written backward, over head-major batches.
+
+    ``q: [..., Tq, Dk]``, ``k: [..., Tk, Dk]``, ``v: [..., Tk, Dv]`` (the same leading
+    dims), ``mask: bool`` broadcastable to ``[..., Tq, Tk]`` or None, ``bias`` of the
+    scores' shape or None -> ``[..., Tq, Dv]`` in ``v``'s dtype. Scores and softmax
+    accumulate in float32 (float64 for float64 inputs); masked entries get exactly zero
+    weight and a query that sees no key gets zeros. Callers zero the keys and values no
+    query may see first, so padding never reaches a product (NaN * 0 is NaN).
+
+    The forward keeps the log-sum-exp of each query's scores, not the ``[Tq, Tk]``
+    weights; the backward rebuilds the weights from it and runs FlashAttention's four
+    products without blocks: ``dv = wᵀ do``, ``dw = do vᵀ``, ``ds = w (dw - rowsum(do ∘
+    out))``, ``dq = ds k``, ``dk = dsᵀ q``. Autodiff of the masked softmax keeps the
+    weights and selects through the mask twice; the hand-written form took about a
+    sixth less for this model's attention on a 2-core CPU. With 16-bit inputs every
+    product takes 16-bit operands and accumulates into float32. Under ``jax.jvp`` (a
+    ``custom_vjp`` has no forward mode) the plain formula runs.
+
+    Per-example attention vmapped over heads and batch (``dot_product_attention``) keeps
+    autodiff: there this backward measured 20-30% slower at T = 256 and 1024 (equal at
+    T = 64; ``benchmarks/README.md``).
+    """
+    if under_forward_mode(q, k, v, bias):
+        return _core_forward(q, k, v, mask, bias, scale)[0]
+    return _attention_vjp(q, k, v, mask, bias, float(scale))
+
+
 def _attention(q, k, v, mask):
     """Softmax attention per example and head (head-major, so each product is one batched
     matmul): ``q: [N, K, T, Dh]``, ``k, v: [N, K, S, Dh]``, ``mask: bool[N, T, S]`` ->
@@ -111,7 +200,27 @@ def _attention(q, k, v, mask):
     seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    return softmax_attention(q, k, v, mask[:, None], None, q.shape[-1] ** -0.5)
+    return _softmax_attention(q, k, v, mask[:, None], None, q.shape[-1] ** -0.5)
+
+
+def _ring_writer(at, c: int):
+    """``write(ring, new)``: the ring with slot ``at[n, t]`` (``c``: dropped) set to the
+    chunk's step ``t``; ring ``[N, C]`` <- new ``[N, T]``, or ``[N, L, K, C, Dh]`` <-
+    ``[N, L, K, T, Dh]``. Gathers, not a scatter (which costs a select per element on
+    CPU): each slot takes the chunk step that writes it, if any (at most one does)."""
+    t = at.shape[1]
+    ti = jnp.arange(t, dtype=jnp.int32)
+    hit = at[:, :, None] == jnp.arange(c, dtype=jnp.int32)[None, None, :]  # [N, T, C]
+    src = jnp.max(jnp.where(hit, ti[None, :, None], -1), axis=1)  # [N, C]: step or -1
+    idx = jnp.clip(src, 0, t - 1)
+
+    def write(ring, new):
+        if ring.ndim == 2:
+            return jnp.where(src >= 0, jnp.take_along_axis(new, idx, axis=1), ring)
+        got = jnp.take_along_axis(new, idx[:, None, None, :, None], axis=3)
+        return jnp.where((src >= 0)[:, None, None, :, None], got, ring)
+
+    return write
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,18 +552,7 @@ class TransformerLM:
         any_reset = jnp.any(last >= 0, axis=1) & (n_valid > 0)
         kept = jnp.where(any_reset[:, None], -1, cache.slots)
 
-        # the chunk step each slot receives, or -1: the writes are gathers (a scatter of
-        # the chunk into the ring costs a select per element on CPU)
-        hit = at[:, :, None] == jnp.arange(c, dtype=jnp.int32)[None, None, :]  # [N, T, C]
-        src = jnp.max(jnp.where(hit, ti[None, :, None], -1), axis=1)  # [N, C]
-        src_idx = jnp.clip(src, 0, t - 1)
-
-        def write(ring, new):  # ring [N, C] <- new [N, T], or [N, L, K, C, Dh] <- [N, L, K, T, Dh]
-            if ring.ndim == 2:
-                return jnp.where(src >= 0, jnp.take_along_axis(new, src_idx, axis=1), ring)
-            got = jnp.take_along_axis(new, src_idx[:, None, None, :, None], axis=3)
-            return jnp.where((src >= 0)[:, None, None, :, None], got, ring)
-
+        write = _ring_writer(at, c)
         k_emb, k_layers = self._keys(key)
         x = self._embed(params, tok, jnp.where(valid, pos, 0), k_emb)
         keys, values = [], []

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxseq import _checks
-from jaxseq._autodiff import under_forward_mode
-from jaxseq._numerics import acc_dtype
+from jaxseq._numerics import acc_dtype, under_forward_mode
 
 __all__ = [
     "LayerNorm",
