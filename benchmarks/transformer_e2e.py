@@ -80,7 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--lengths", default="64,256,1024,4096", help="T of the attention part")
+    ap.add_argument(
+        "--lengths", default=None, help="T of the attention part (default 64,256,1024,4096)"
+    )
     ap.add_argument("--tokens", type=int, default=2048, help="B = max(1, tokens // T)")
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds of the attention part")
     ap.add_argument("--dense-max", type=int, default=4096, help="longest T for dense attention")
@@ -92,7 +94,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.layers, args.d_model, args.heads, args.batch, args.seq = 1, 32, 2, 4, 16
-        args.lengths, args.tokens, args.repeats = "16,32", 64, 3
+        args.lengths = args.lengths or "16,32"
+        args.tokens, args.repeats = 64, 3
         args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
     for name in ("steps", "layers", "d_model", "heads", "batch", "seq", "vocab", "tokens"):
         if getattr(args, name) < 1:
@@ -103,7 +106,7 @@ def parse_args(argv=None):
     for p in args.precisions:
         if p not in PRECISIONS:
             ap.error(f"--precisions: expected names from {PRECISIONS}, got {p!r}")
-    args.lengths = [int(t) for t in args.lengths.split(",") if t.strip()]
+    args.lengths = [int(t) for t in (args.lengths or "64,256,1024,4096").split(",") if t.strip()]
     return args
 
 

@@ -193,13 +193,14 @@ def test_bf16_products_accumulate_in_float32_forward_and_backward(spec, ref, a_s
 
 
 def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
-    """The Transformer LM's attention core with bfloat16 inputs: scores over Dh=4096,
-    weighted values over S=4096 keys and the values' gradient over T=4096 queries all
-    accumulate in float32 (within 1% of float64 of the same rounded operands)."""
+    """The Transformer LM's attention core with bfloat16 inputs: weighted values over
+    S=2048 keys and the values' gradient over T=2048 queries accumulate in float32
+    (within 1% of float64 of the same rounded operands; bf16 accumulation of 2048 terms
+    near 1 stalls at a few hundred)."""
     from jaxseq.models.transformer import _softmax_attention
 
     rng = np.random.default_rng(2)
-    t = 4096
+    t = 2048
     q = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
     k = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
     v = _bf16(rng, (1, 1, t, 64))
