@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
+import importlib.util
 import os
 import platform
 import sys
@@ -56,6 +57,14 @@ def cpu_features() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def module_available(name: str) -> bool:
+    """Whether module ``name`` can be imported (found on the path), without importing it."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def package_version(dist: str) -> str:

@@ -49,7 +49,6 @@ Writes ``char_lm_e2e.json``, ``char_lm_e2e.md`` and ``char_lm_e2e_loss.png``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -58,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._environment import environment, jax_thread_count, package_version
+from benchmarks._environment import environment, jax_thread_count, module_available, package_version
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import skipped
 
@@ -86,10 +85,7 @@ def synthetic_text(n: int = 200_000, seed: int = 0) -> str:
 
 
 def torch_available() -> bool:
-    try:
-        return importlib.util.find_spec(TORCH_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
+    return module_available(TORCH_MODULE)
 
 
 def parse_args(argv=None):

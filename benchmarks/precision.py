@@ -28,7 +28,6 @@ Writes ``precision.json``, ``precision.md`` and ``precision_curve.png``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 from types import SimpleNamespace
@@ -37,7 +36,7 @@ import jax
 import numpy as np
 
 import jaxseq as js
-from benchmarks._environment import cpu_features, environment, jax_thread_count
+from benchmarks._environment import cpu_features, environment, jax_thread_count, module_available
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import skipped
 from benchmarks.transformer_e2e import build_torch_lm, synthetic_ids
@@ -48,10 +47,7 @@ WINDOW = 50
 
 
 def torch_available() -> bool:
-    try:
-        return importlib.util.find_spec(TORCH_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
+    return module_available(TORCH_MODULE)
 
 
 def parse_args(argv=None):

@@ -43,7 +43,6 @@ Writes ``transformer_e2e.json``, ``transformer_e2e.md`` and ``transformer_e2e.pn
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks._environment import environment, jax_thread_count
+from benchmarks._environment import environment, jax_thread_count, module_available
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import compile_jitted, skipped, time_interleaved
 
@@ -61,10 +60,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def torch_available() -> bool:
-    try:
-        return importlib.util.find_spec(TORCH_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
+    return module_available(TORCH_MODULE)
 
 
 def parse_args(argv=None):
