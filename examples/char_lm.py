@@ -82,7 +82,7 @@ DEFAULTS = {
 HPARAMS = (
     "model", "layers", "hidden", "embed", "d_model", "heads", "max_len", "positions", "mlp",
     "context", "batch", "seq", "steps", "optimizer", "lr", "warmup", "schedule", "final_lr",
-    "clip", "weight_decay", "dropout", "variational_dropout", "seed", "no_carry",
+    "clip", "weight_decay", "dropout", "variational_dropout", "weight_dropout", "seed", "no_carry",
     "chunks_per_call", "train_fraction",
 )  # fmt: skip
 
@@ -140,6 +140,13 @@ def parse_args(argv=None):
         "--variational-dropout",
         action="store_true",
         help="recurrent: one dropout mask per stream and chunk, shared by its K steps",
+    )
+    m.add_argument(
+        "--weight-dropout",
+        type=float,
+        default=0.0,
+        help="rnn, lstm, gru, slstm, xlstm: DropConnect on the recurrent weights (AWD-LSTM's "
+        "weight drop), one mask per chunk",
     )
     t = p.add_argument_group("training")
     t.add_argument("--seq", type=int, default=64, help="K, truncation length (steps per chunk)")
@@ -209,6 +216,8 @@ def resolve(args, model: str):
 def build_model(args, vocab_size: int):
     """The library model ``args.model`` names, with its size flags."""
     kind = _kind(args.model)
+    if kind != "recurrent" and args.weight_dropout:
+        raise SystemExit(f"--weight-dropout: the recurrent models only, not --model {args.model}")
     if kind == "transformer":
         if args.positions == "learned" and args.seq > args.max_len:
             raise SystemExit(
@@ -229,6 +238,7 @@ def build_model(args, vocab_size: int):
         vocab_size, cell=args.model, num_layers=args.layers, hidden_size=args.hidden,
         embedding_size=args.embed, dropout_rate=args.dropout,
         variational_dropout=args.variational_dropout,
+        weight_dropout=args.weight_dropout,
         cell_kwargs={"num_heads": args.heads} if args.model in HEADED else None,
     )  # fmt: skip
 
@@ -312,6 +322,8 @@ def train(args, text: str) -> dict:
     params = model.init(k_init)
     state = js.init_state(params, opt, k_train, model.initial_carry((args.batch,)))
     hparams = {h: getattr(args, h) for h in HPARAMS}
+    if not args.weight_dropout:  # recorded only when set: earlier runs still resume
+        del hparams["weight_dropout"]
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
     ckpt = js.Checkpointer(

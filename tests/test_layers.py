@@ -156,6 +156,58 @@ def test_variational_dropout_shares_the_mask_over_time(key):
     np.testing.assert_allclose(y1, want, rtol=1e-5, atol=1e-6)
 
 
+def test_weight_dropout_drops_recurrent_weights_once_per_rollout(key):
+    # DropConnect on every w_hh (AWD-LSTM's weight drop): the rollout with a key equals
+    # a key-less rollout whose w_hh are masked and scaled by 1/(1-rate), one mask for
+    # every step and stream. The mask is read back from the gradient: a dropped entry,
+    # and only a dropped one, gets exactly zero gradient.
+    rate, h = 0.3, 16
+    stack = js.Stack([js.GRU(h), js.Bidirectional(js.LSTM(h))], weight_dropout=rate)
+    p = stack.init(key, D)
+    xs = jax.random.normal(jax.random.key(3), (T, 5, D))
+    k = jax.random.key(7)
+
+    def loss(p):
+        return jnp.sum(jnp.sin(js.rollout(stack, p, xs, key=k)[1]))
+
+    g = jax.grad(loss)(p)
+    whh = [
+        (p[0].w_hh, g[0].w_hh),
+        (p[1].forward.w_hh, g[1].forward.w_hh),
+        (p[1].backward.w_hh, g[1].backward.w_hh),
+    ]
+    masked = []
+    for w, gw in whh:
+        keep = np.asarray(gw) != 0
+        assert abs(keep.mean() - (1 - rate)) < 0.05
+        masked.append(jnp.where(keep, w / (1 - rate), 0.0))
+    p_ref = (
+        p[0]._replace(w_hh=masked[0]),
+        p[1]._replace(
+            forward=p[1].forward._replace(w_hh=masked[1]),
+            backward=p[1].backward._replace(w_hh=masked[2]),
+        ),
+    )
+    plain = js.Stack(stack.layers)
+    _, want = js.rollout(plain, p_ref, xs)
+    np.testing.assert_allclose(js.rollout(stack, p, xs, key=k)[1], want, rtol=1e-5, atol=1e-6)
+    # without a key (evaluation) nothing is dropped; another key drops other weights
+    np.testing.assert_array_equal(js.rollout(stack, p, xs)[1], js.rollout(plain, p, xs)[1])
+    g2 = jax.grad(lambda p: jnp.sum(js.rollout(stack, p, xs, key=jax.random.key(8))[1]))(p)
+    assert np.any((np.asarray(g2[0].w_hh) != 0) != (np.asarray(g[0].w_hh) != 0))
+    # the input weights are never dropped
+    assert np.all(np.asarray(g[0].w_ih) != 0)
+    # a language model takes it, and records it in its config
+    lm = js.models.char_lm(11, cell="gru", num_layers=1, hidden_size=8, weight_dropout=0.2)
+    assert lm.stack.weight_dropout == 0.2 and lm.config()["stack_weight_dropout"] == 0.2
+    assert "stack_weight_dropout" not in js.models.char_lm(11, cell="gru").config()
+    with pytest.raises(ValueError, match=r"weight_dropout: expected a value in \[0, 1\), got 1.0"):
+        js.Stack([js.GRU(h)], weight_dropout=1.0)
+    no_w_hh = js.Stack([js.recurrent.MinGRU(h)], weight_dropout=0.2)
+    with pytest.raises(ValueError, match="weight_dropout: expected a layer with recurrent weights"):
+        js.rollout(no_w_hh, no_w_hh.init(key, D), xs, key=k)
+
+
 def test_dense_and_embedding(key):
     p = js.nn.Dense(3).init(key, 4)
     x = jax.random.normal(key, (2, 5, 4))

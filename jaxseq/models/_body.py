@@ -71,6 +71,7 @@ def recurrent_stack(
     bidirectional: bool = False,
     dropout_rate: float = 0.0,
     variational_dropout: bool = False,
+    weight_dropout: float = 0.0,
     cell_kwargs=None,
 ) -> Stack:
     """``num_layers`` cells named ``cell`` of size ``hidden_size`` (each direction), stacked.
@@ -80,13 +81,14 @@ def recurrent_stack(
     ``cell="rglru"``: the Griffin-style arrangement (:data:`STACK_DEFAULTS`), a
     ``js.Stack(..., residual=True, norm="rms")``: each layer's input RMS-normalised,
     residual connections from the second layer on, a final RMS norm on the outputs.
-    The other cells stack plainly (no norm, no residual)."""
+    The other cells stack plainly (no norm, no residual). ``weight_dropout`` is the
+    stack's DropConnect on the recurrent weights (:class:`jaxseq.Stack`)."""
     _checks.check_choice("cell", cell, (*CELLS, *STACKS))
     h = _checks.check_positive_int("hidden_size", hidden_size)
     n = _checks.check_positive_int("num_layers", num_layers)
     kw = dict(cell_kwargs or {})
     if cell == "xlstm":
-        return xlstm_stack(
+        stack = xlstm_stack(
             h,
             n,
             bidirectional=bidirectional,
@@ -94,6 +96,7 @@ def recurrent_stack(
             variational_dropout=variational_dropout,
             **kw,
         )
+        return dataclasses.replace(stack, weight_dropout=weight_dropout)
 
     def layer():
         c = CELLS[cell](h, **kw)
@@ -103,6 +106,7 @@ def recurrent_stack(
         tuple(layer() for _ in range(n)),
         dropout_rate=dropout_rate,
         variational_dropout=variational_dropout,
+        weight_dropout=weight_dropout,
         **STACK_DEFAULTS.get(cell, {}),
     )
 
@@ -333,14 +337,20 @@ def _is_layer(value) -> bool:
 
 
 def stack_norm(stack) -> dict:
-    """``{"norm": ..., "norm_eps": ...}`` of a normalised stack for a model's config, else ``{}``
-    (a stack without norms records nothing new, so earlier configs compare equal).
+    """The stack settings a model's config records only when set: ``{"norm": ...,
+    "norm_eps": ...}`` of a normalised stack, ``{"stack_weight_dropout": ...}`` with
+    weight dropout, else ``{}`` (a stack without them records nothing new, so earlier
+    configs compare equal).
 
     >>> stack_norm(recurrent_stack("rglru", 4, 2))
     {'norm': 'rms', 'norm_eps': 1e-06}
+    >>> stack_norm(recurrent_stack("gru", 4, 2, weight_dropout=0.2))
+    {'stack_weight_dropout': 0.2}
     """
     norm = getattr(stack, "norm", None)
-    return {} if norm is None else {"norm": norm, "norm_eps": float(stack.norm_eps)}
+    out = {} if norm is None else {"norm": norm, "norm_eps": float(stack.norm_eps)}
+    weight_dropout = float(getattr(stack, "weight_dropout", 0.0))
+    return {**out, "stack_weight_dropout": weight_dropout} if weight_dropout else out
 
 
 def describe_layer(name: str, layer) -> dict:

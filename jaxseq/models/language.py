@@ -252,6 +252,7 @@ def char_lm(
     dropout_rate: float = 0.0,
     layer_dropout_rate: float | None = None,
     variational_dropout: bool = False,
+    weight_dropout: float = 0.0,
     unroll: Any = "auto",
     cell_kwargs=None,
     sequence_parallel=None,
@@ -264,6 +265,8 @@ def char_lm(
     ``dropout_rate`` applies to the embeddings and the head input;
     ``layer_dropout_rate`` (default: ``dropout_rate``) between the recurrent layers;
     ``variational_dropout`` shares every mask over time (one per stream and chunk);
+    ``weight_dropout`` drops recurrent weights (DropConnect on every ``w_hh``, one
+    mask per chunk: :class:`jaxseq.Stack`; cells "rnn", "lstm", "gru", "slstm");
     ``cell_kwargs`` go to every cell (e.g. ``{"num_heads": 2}`` for "mlstm", "slstm",
     "xlstm"). ``sequence_parallel=(mesh, axis_name)`` runs the stack with ``T`` split
     over that mesh axis (the model's ``mesh`` and ``sequence_axis``; cells "mingru",
@@ -291,6 +294,7 @@ def char_lm(
         num_layers,
         dropout_rate=ld,
         variational_dropout=variational_dropout,
+        weight_dropout=weight_dropout,
         cell_kwargs=cell_kwargs,
     )
     return RecurrentLM(

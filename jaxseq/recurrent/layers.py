@@ -238,6 +238,13 @@ class Stack:
         only when the rollout gets a ``key``.
       variational_dropout: one dropout mask per sequence, shared by all time steps
         (Gal and Ghahramani 2016), instead of a fresh mask at every step.
+      weight_dropout: DropConnect on the recurrent weights, the weight drop of
+        AWD-LSTM (Merity et al. 2018): every ``w_hh`` in the layers' params (RNN,
+        LSTM, GRU, sLSTM cells, both directions of a :class:`Bidirectional`) has
+        each entry zeroed with this probability and the rest scaled by
+        ``1 / (1 - rate)``, one mask per rollout shared by all steps and sequences;
+        applied only when the rollout gets a ``key``. A rate above 0 needs a layer
+        with recurrent weights.
       norm: ``None`` (default: no normalisation), ``"rms"`` or ``"layer"``: a
         pre-norm stack, as in Transformers and Griffin's residual blocks (De et
         al. 2024). Each layer gets its input normalised over the last axis,
@@ -273,6 +280,7 @@ class Stack:
     residual: bool = False
     dropout_rate: float = 0.0
     variational_dropout: bool = False
+    weight_dropout: float = 0.0
     norm: str | None = None
     norm_eps: float = 1e-6
 
@@ -282,6 +290,7 @@ class Stack:
             raise ValueError(f"layers: expected a non-empty sequence of cells, got {self.layers!r}")
         object.__setattr__(self, "layers", layers)
         _checks.check_rate("dropout_rate", self.dropout_rate)
+        _checks.check_rate("weight_dropout", self.weight_dropout)
         if self.norm is not None and (not isinstance(self.norm, str) or self.norm not in NORMS):
             raise ValueError(
                 f"norm: expected None (no normalisation), 'rms' or 'layer', got {self.norm!r}"
@@ -431,7 +440,8 @@ class Stack:
 
         The padding, resets and options apply to every layer; ``reverse=True``
         reverses every layer (a :class:`Bidirectional` swaps its directions).
-        Dropout between layers is on only when ``key`` is given; each layer also
+        Dropout between layers and on the recurrent weights (``weight_dropout``)
+        is on only when ``key`` is given; each layer also
         gets a key of its own, ``jax.random.fold_in(key, i)`` (cells ignore it).
         The outputs of each layer are zero at padded steps, so they enter the
         next layer as its inputs with nothing to mask again.
@@ -454,6 +464,8 @@ class Stack:
         use_dropout = key is not None and self.dropout_rate > 0.0
         keys: Any = jax.random.split(key, max(n - 1, 1)) if use_dropout else None
         norms = None if self.norm is None else params[n]
+        if key is not None and self.weight_dropout > 0.0:
+            params = _drop_recurrent_weights(key, self.layers, params[:n], self.weight_dropout)
         carries, h = [], seq.xs
         for i, (layer, p, c) in enumerate(zip(self.layers, params, carry)):
             k_layer = None if key is None else jax.random.fold_in(key, i)
@@ -483,6 +495,32 @@ class Stack:
         y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.norm_eps)
         scale = scale.astype(xf.dtype).reshape((1,) * (x.ndim - 1) + scale.shape)
         return (y * scale).astype(x.dtype)
+
+
+def _drop_recurrent_weights(key, layers: tuple, params: tuple, rate: float) -> tuple:
+    """The layers' params with DropConnect on every ``w_hh`` leaf (one mask per leaf).
+
+    A nested :class:`Stack` keeps its params: its own ``weight_dropout`` decides."""
+    dropped = []
+
+    def drop(path, leaf):
+        last = path[-1] if path else None
+        if not (isinstance(last, jax.tree_util.GetAttrKey) and last.name == "w_hh"):
+            return leaf
+        dropped.append(jax.tree_util.keystr(path))
+        return dropout(jax.random.fold_in(key, len(params) + len(dropped)), leaf, rate)
+
+    out = tuple(
+        p if isinstance(layer, Stack) else jax.tree_util.tree_map_with_path(drop, p)
+        for layer, p in zip(layers, params)
+    )
+    if not dropped:
+        raise ValueError(
+            f"weight_dropout: expected a layer with recurrent weights (a w_hh: RNN, LSTM, "
+            f"GRU, sLSTM) to drop, got weight_dropout={rate} for a stack of "
+            f"{[type(layer).__name__ for layer in layers]} layers, whose params have none"
+        )
+    return out
 
 
 def _check_output(layer, i: int, y) -> None:
