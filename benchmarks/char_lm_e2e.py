@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._data import markov_ids
 from benchmarks._environment import environment, jax_thread_count, module_available, package_version
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import skipped
@@ -71,17 +72,8 @@ def synthetic_text(n: int = 200_000, seed: int = 0) -> str:
     Each character's successor distribution is a sparse Dirichlet draw, so the
     text is learnable (its entropy rate is well below ln(30)).
     """
-    rng = np.random.default_rng(seed)
     alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz .,\n"))
-    v = len(alphabet)
-    cum = np.cumsum(rng.dirichlet(np.full(v, 0.2), size=v), axis=1)
-    u = rng.random(n)
-    out = np.empty(n, np.int64)
-    s = 0
-    for i in range(n):
-        s = min(int(np.searchsorted(cum[s], u[i], side="right")), v - 1)
-        out[i] = s
-    return "".join(alphabet[out])
+    return "".join(alphabet[markov_ids(n, len(alphabet), seed)])
 
 
 def torch_available() -> bool:

@@ -36,10 +36,11 @@ import jax
 import numpy as np
 
 import jaxseq as js
+from benchmarks._data import markov_ids
 from benchmarks._environment import cpu_features, environment, jax_thread_count, module_available
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import skipped
-from benchmarks.transformer_e2e import build_torch_lm, synthetic_ids
+from benchmarks.transformer_e2e import build_torch_lm
 
 TORCH_MODULE = "torch"  # tests may point it at a missing name to simulate its absence
 MODELS = ("lstm", "transformer")
@@ -237,7 +238,7 @@ def main(argv=None) -> dict:
         vocab, data_name = vocab_obj.size, os.path.basename(a.data)
     else:
         vocab = 65
-        ids = synthetic_ids(400_000 if not a.quick else 20_000, vocab, 0)
+        ids = markov_ids(400_000 if not a.quick else 20_000, vocab, 0)
         data_name = f"first-order Markov text over {vocab} symbols ({len(ids)} tokens)"
     records, all_curves = [], {}
     feats = cpu_features()

@@ -25,7 +25,9 @@ of ``sum(out**2)`` with respect to the inputs), over T in ``--lengths`` with
 
 * ``core``: ``js.batched_dot_product_attention`` (dense), ``js.blockwise_attention``
   and ``jax.nn.dot_product_attention`` against ``F.scaled_dot_product_attention``
-  on ``[B, K, T, 64]``;
+  on ``[B, K, T, 64]``, each given its inputs in its own layout (laid out before
+  timing): ``[B, T, K, 64]`` for the dense ones, ``[B, K, T, 64]`` for blockwise
+  and SDPA;
 * ``mha``: multi-head attention with its projections (D=256): ``js.MultiHeadAttention``
   written for one example and vmapped over the batch, dense and blockwise,
   against a torch module (fused ``q, k, v`` projection, SDPA, output projection).
@@ -50,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks._data import markov_ids
 from benchmarks._environment import environment, jax_thread_count, module_available
 from benchmarks._output import format_table, progress, write_results
 from benchmarks._timing import compile_jitted, skipped, time_interleaved
@@ -107,19 +110,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- part 1: LM
-
-
-def synthetic_ids(n: int, vocab: int, seed: int) -> np.ndarray:
-    """Token ids of a first-order Markov chain (learnable, deterministic)."""
-    rng = np.random.default_rng(seed)
-    cum = np.cumsum(rng.dirichlet(np.full(vocab, 0.2), size=vocab), axis=1)
-    u = rng.random(n)
-    out = np.empty(n, np.int32)
-    s = 0
-    for i in range(n):
-        s = min(int(np.searchsorted(cum[s], u[i], side="right")), vocab - 1)
-        out[i] = s
-    return out
 
 
 def build_torch_lm(args, params):
@@ -216,7 +206,7 @@ def run_lm(args, has_torch: bool) -> list[dict]:
         args.vocab, num_layers=args.layers, d_model=args.d_model, num_heads=args.heads,
         max_len=args.seq, positions="learned",
     )  # fmt: skip
-    ids = synthetic_ids(max(20_000, 40 * args.batch * args.seq), args.vocab, args.seed)
+    ids = markov_ids(max(20_000, 40 * args.batch * args.seq), args.vocab, args.seed)
     batcher = js.data.StreamBatcher(
         ids, args.batch, args.seq, vocab_size=args.vocab, reset_every_chunk=True
     )
@@ -327,12 +317,26 @@ def attention_contenders(t: int, b: int, nh: int, dh: int, dense_max: int, seed:
     mha = js.MultiHeadAttention(nh, dh)
     mp = mha.init(jax.random.key(seed), d)
     sw = lambda a: jnp.swapaxes(a, 1, 2)  # noqa: E731  [B, T, K, D] <-> [B, K, T, D]
+    # each implementation gets q, k, v in its own layout, laid out before timing, as
+    # SDPA gets [B, K, T, D]: [B, T, K, D] for the dense ones, [B, K, T, D] (heads as a
+    # leading batch dim) for blockwise; the outputs are compared in [B, T, K, D]
+    heads_first = tuple(sw(a) for a in (q, k, v))
     core = {
-        "jaxseq dense": lambda q, k, v: js.batched_dot_product_attention(q, k, v, causal=True),
-        "jaxseq blockwise": lambda q, k, v: sw(
-            js.blockwise_attention(sw(q), sw(k), sw(v), causal=True)
+        "jaxseq dense": (
+            lambda q, k, v: js.batched_dot_product_attention(q, k, v, causal=True),
+            (q, k, v),
+            None,
         ),
-        "jax.nn": lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+        "jaxseq blockwise": (
+            lambda q, k, v: js.blockwise_attention(q, k, v, causal=True),
+            heads_first,
+            sw,
+        ),
+        "jax.nn": (
+            lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True),
+            (q, k, v),
+            None,
+        ),
     }
     multi = {
         "jaxseq dense": lambda p, x: jax.vmap(lambda x1: mha.apply(p, x1, causal=True))(x),
@@ -341,18 +345,18 @@ def attention_contenders(t: int, b: int, nh: int, dh: int, dense_max: int, seed:
         )(x),
     }
     out = {}
-    for name, f in core.items():
+    for name, (f, args, to_btkd) in core.items():
         if "dense" in name and t > dense_max or name == "jax.nn" and t > dense_max:
             out[("core", name)] = None
             continue
         loss = lambda q, k, v, f=f: jnp.sum(jnp.square(f(q, k, v).astype(jnp.float32)))
-        out[("core", name)] = ((f, jax.grad(loss, argnums=(0, 1, 2))), (q, k, v))
+        out[("core", name)] = ((f, jax.grad(loss, argnums=(0, 1, 2))), args, to_btkd)
     for name, f in multi.items():
         if "dense" in name and t > dense_max:
             out[("mha", name)] = None
             continue
         loss = lambda p, x, f=f: jnp.sum(jnp.square(f(p, x).astype(jnp.float32)))
-        out[("mha", name)] = ((f, jax.grad(loss, argnums=(0, 1))), (mp, x))
+        out[("mha", name)] = ((f, jax.grad(loss, argnums=(0, 1))), (mp, x), None)
     return out, (q, k, v, x, mp)
 
 
@@ -423,11 +427,12 @@ def run_attention(args, has_torch: bool) -> list[dict]:
             for key, spec in contenders.items():
                 if spec is None:
                     continue
-                (f, g), fargs = spec
+                (f, g), fargs, to_btkd = spec
                 call, info[key] = compile_jitted(f if mode == "fwd" else g, *fargs)
                 calls[key] = call
                 if mode == "fwd" and key[0] in torch_out:
-                    got = np.asarray(jax.device_get(call()))
+                    got = call() if to_btkd is None else to_btkd(call())
+                    got = np.asarray(jax.device_get(got))
                     errs[key] = float(np.max(np.abs(got - torch_out[key[0]])))
             for key, (tf, tfb) in torch_calls.items():
                 calls[key] = tf if mode == "fwd" else tfb
