@@ -67,6 +67,17 @@ def _is_narrow(a) -> bool:
 
 
 def _dot(x, w, out_dtype):
+    """``x [..., I] @ w [I, O]`` with the leading dims of ``x`` as one: autodiff's weight
+    gradient is then a product over one row axis (over several, XLA:CPU runs it
+    through copies and a slower product)."""
+    if x.ndim > 2:
+        y = jax.lax.dot_general(
+            x.reshape(-1, x.shape[-1]),
+            w,
+            (((1,), (0,)), ((), ())),
+            preferred_element_type=out_dtype,
+        )
+        return y.reshape(x.shape[:-1] + w.shape[1:])
     return jax.lax.dot_general(
         x, w, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype
     )
@@ -141,7 +152,8 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     dtype('float32')
     """
     if _is_narrow(x) and _is_narrow(w) and x.dtype == w.dtype and not under_forward_mode(x, w):
-        return _einsum_narrow("...i,io->...o", x, w)
+        y = _einsum_narrow("ni,io->no", x.reshape(-1, x.shape[-1]), w)  # rows as one (_dot)
+        return y.reshape(x.shape[:-1] + w.shape[1:])
     return _dot(x, w, acc_dtype(x, w))
 
 
