@@ -152,8 +152,8 @@ def matmul_f32(x: jax.Array, w: jax.Array) -> jax.Array:
     dtype('float32')
     """
     if _is_narrow(x) and _is_narrow(w) and x.dtype == w.dtype and not under_forward_mode(x, w):
-        y = _einsum_narrow("ni,io->no", x.reshape(-1, x.shape[-1]), w)  # rows as one (_dot)
-        return y.reshape(x.shape[:-1] + w.shape[1:])
+        # leading dims kept: flattening them made the bf16 Transformer step 1.2x slower
+        return _einsum_narrow("...i,io->...o", x, w)
     return _dot(x, w, acc_dtype(x, w))
 
 
