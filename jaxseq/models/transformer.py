@@ -564,22 +564,24 @@ class TransformerLM:
                 if self.positions == "rotary":
                     q, k = _rotate(q, rel_chunk), _rotate(k, rel_chunk)
 
-                def with_cache(q, k, v):
-                    ck, cv = cache.keys[:, i], cache.values[:, i]
+                def with_cache(q, k, v, ck, cv):
                     if self.positions == "rotary":
                         ck = _rotate(ck, rel_cache)
                     k_all = jnp.concatenate([ck, k], axis=2)
                     v_all = jnp.concatenate([cv, v], axis=2)
                     return _attention(q, k_all, v_all, mask)
 
-                def chunk_only(q, k, v):
+                def chunk_only(q, k, v, ck, cv):
                     return _attention(q, k, v, in_chunk)
 
                 # each branch is rebuilt in the backward (jax.checkpoint), so the cond
-                # keeps only its inputs, not zeros for the untaken branch's residuals
+                # keeps only its inputs, not zeros for the untaken branch's residuals;
+                # the layer's own cache slices are operands: closed over, the cache of
+                # every layer was a residual the other branch filled with zeros
                 return jax.lax.cond(
-                    reads_cache, jax.checkpoint(with_cache), jax.checkpoint(chunk_only), q, k, v
-                )
+                    reads_cache, jax.checkpoint(with_cache), jax.checkpoint(chunk_only),
+                    q, k, v, cache.keys[:, i], cache.values[:, i],
+                )  # fmt: skip
 
             x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         last_pos = jnp.take_along_axis(pos, idx_last[:, None], axis=1)[:, 0]
