@@ -8,6 +8,7 @@ float32 and float64 inputs in float64 everywhere in the package.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -72,7 +73,7 @@ def _dot(x, w, out_dtype):
     through copies and a slower product)."""
     if x.ndim > 2:
         y = jax.lax.dot_general(
-            x.reshape(-1, x.shape[-1]),
+            x.reshape(math.prod(x.shape[:-1]), x.shape[-1]),
             w,
             (((1,), (0,)), ((), ())),
             preferred_element_type=out_dtype,

@@ -25,6 +25,24 @@ def test_dense_matches_numpy_and_accumulates_bfloat16_in_float32(key):
     np.testing.assert_array_equal(got, jnp.asarray(ref, jnp.float32).astype(jnp.bfloat16))
 
 
+def test_dense_over_several_leading_axes_equals_numpy_in_values_and_gradients(key):
+    # the product runs with x's leading axes as one: values and both gradients as the
+    # float64 formula, for 1, 2 and 3 leading axes, and for an empty one
+    k1, k2 = jax.random.split(key)
+    p = js.nn.Dense(3).init(k1, 4)
+    for shape in ((5, 4), (2, 5, 4), (2, 3, 5, 4), (0, 5, 4)):
+        x = jax.random.normal(k2, shape)
+        g = np.asarray(jax.random.normal(jax.random.key(9), shape[:-1] + (3,)), np.float64)
+        loss = lambda p, x, g=g: jnp.sum(js.nn.dense(p, x) * g)  # noqa: E731
+        dp, dx = jax.grad(loss, argnums=(0, 1))(p, x)
+        xn, wn = np.asarray(x, np.float64), np.asarray(p.w, np.float64)
+        np.testing.assert_allclose(js.nn.dense(p, x), xn @ wn + np.asarray(p.b), atol=1e-5)
+        np.testing.assert_allclose(dx, g @ wn.T, rtol=1e-5, atol=1e-5)
+        rows_x, rows_g = xn.reshape(-1, 4), g.reshape(-1, 3)
+        np.testing.assert_allclose(dp.w, rows_x.T @ rows_g, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(dp.b, rows_g.sum(0), rtol=1e-5, atol=1e-5)
+
+
 def test_dense_init_and_errors(key):
     p = js.nn.Dense(3, kernel_init=js.initializers.constant(0.5)).init(key, 4)
     np.testing.assert_array_equal(p.w, np.full((4, 3), 0.5))
