@@ -238,13 +238,6 @@ class Stack:
         only when the rollout gets a ``key``.
       variational_dropout: one dropout mask per sequence, shared by all time steps
         (Gal and Ghahramani 2016), instead of a fresh mask at every step.
-      weight_dropout: DropConnect on the recurrent weights, the weight drop of
-        AWD-LSTM (Merity et al. 2018): every ``w_hh`` in the layers' params (RNN,
-        LSTM, GRU, sLSTM cells, both directions of a :class:`Bidirectional`) has
-        each entry zeroed with this probability and the rest scaled by
-        ``1 / (1 - rate)``, one mask per rollout shared by all steps and sequences;
-        applied only when the rollout gets a ``key``. A rate above 0 needs a layer
-        with recurrent weights.
       norm: ``None`` (default: no normalisation), ``"rms"`` or ``"layer"``: a
         pre-norm stack, as in Transformers and Griffin's residual blocks (De et
         al. 2024). Each layer gets its input normalised over the last axis,
@@ -255,6 +248,13 @@ class Stack:
         same kind. Statistics in float32 (float64 for float64 inputs), results in
         the input's dtype; zero (padded) steps stay zero.
       norm_eps: the ``eps`` of the norms (positive).
+      weight_dropout: DropConnect on the recurrent weights, the weight drop of
+        AWD-LSTM (Merity et al. 2018): every ``w_hh`` in the layers' params (RNN,
+        LSTM, GRU, sLSTM cells, both directions of a :class:`Bidirectional`) has
+        each entry zeroed with this probability and the rest scaled by
+        ``1 / (1 - rate)``, one mask per rollout shared by all steps and sequences;
+        applied only when the rollout gets a ``key``. A rate above 0 needs a layer
+        with recurrent weights.
 
     Params: a tuple of the layers' params, followed, with ``norm``, by a
     :class:`StackNormParams` (the scales); carry: a tuple of the layers' carries.
@@ -280,9 +280,9 @@ class Stack:
     residual: bool = False
     dropout_rate: float = 0.0
     variational_dropout: bool = False
-    weight_dropout: float = 0.0
     norm: str | None = None
     norm_eps: float = 1e-6
+    weight_dropout: float = 0.0  # last: the earlier fields keep their positions
 
     def __post_init__(self):
         layers = tuple(self.layers) if isinstance(self.layers, collections.abc.Sequence) else None
