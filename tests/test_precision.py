@@ -205,7 +205,7 @@ def test_bf16_attention_scores_and_outputs_accumulate_in_float32():
     k = jnp.asarray(rng.normal(0, 0.02, (1, 1, t, 64)), jnp.bfloat16)
     v = _bf16(rng, (1, 1, t, 64))
     mask = jnp.ones((1, t, t), bool)
-    out, vjp = jax.vjp(lambda q, k, v: _softmax_attention(q, k, v, mask, None, 0.125), q, k, v)
+    out, vjp = jax.vjp(lambda q, k, v: _softmax_attention(q, k, v, mask, 0.125), q, k, v)
     s = np.einsum("td,sd->ts", _f64(q[0, 0]), _f64(k[0, 0])) * 0.125
     w = np.exp(s - s.max(-1, keepdims=True))
     w = _round_bf16(w / w.sum(-1, keepdims=True))  # rounded to v's dtype before the product

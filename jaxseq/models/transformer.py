@@ -103,24 +103,17 @@ def _rotate(x, positions):
     return jax.vmap(per_head)(x, positions)
 
 
-def _core_scores(q, k, bias, scale):
+def _core_scores(q, k, scale):
     acc = acc_dtype(q, k)
     s = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=acc)
-    s = s * jnp.asarray(scale, acc)
-    if bias is not None:
-        s = s + bias.astype(acc)
-    return s
+    return s * jnp.asarray(scale, acc)
 
 
-def _core_forward(q, k, v, mask, bias, scale):
-    s = _core_scores(q, k, bias, scale)
-    if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+def _core_forward(q, k, v, mask, scale):
+    s = jnp.where(mask, _core_scores(q, k, scale), -jnp.inf)
     top = jnp.max(s, axis=-1, keepdims=True)
     top = jnp.where(jnp.isfinite(top), top, 0.0)
-    p = jnp.exp(s - top)
-    if mask is not None:
-        p = jnp.where(mask, p, 0.0)
+    p = jnp.where(mask, jnp.exp(s - top), 0.0)
     total = jnp.sum(p, axis=-1, keepdims=True)
     sees = total > 0
     safe = jnp.where(sees, total, 1.0)
@@ -132,46 +125,42 @@ def _core_forward(q, k, v, mask, bias, scale):
     return out, lse
 
 
-def _core_fwd(q, k, v, mask, bias, scale):
-    out, lse = _core_forward(q, k, v, mask, bias, scale)
-    return out, (q, k, v, mask, bias, out, lse)
+def _core_fwd(q, k, v, mask, scale):
+    out, lse = _core_forward(q, k, v, mask, scale)
+    return out, (q, k, v, mask, out, lse)
 
 
 def _core_bwd(scale, res, g):
-    q, k, v, mask, bias, out, lse = res
+    q, k, v, mask, out, lse = res
     do = g.astype(v.dtype)
     acc = lse.dtype
-    w = jnp.exp(_core_scores(q, k, bias, scale) - lse)
-    if mask is not None:
-        w = jnp.where(mask, w, 0.0)
+    w = jnp.where(mask, jnp.exp(_core_scores(q, k, scale) - lse), 0.0)
     dv = jnp.einsum("...qk,...qd->...kd", w.astype(do.dtype), do, preferred_element_type=acc)
     dw = jnp.einsum("...qd,...kd->...qk", do, v, preferred_element_type=acc)
     delta = jnp.sum(do.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
-    ds = w * (dw - delta)
-    dbias = None if bias is None else ds.astype(bias.dtype)  # bias: the scores' shape
-    ds = (ds * jnp.asarray(scale, acc)).astype(q.dtype)
+    ds = (w * (dw - delta) * jnp.asarray(scale, acc)).astype(q.dtype)
     dq = jnp.einsum("...qk,...kd->...qd", ds, k, preferred_element_type=acc)
     dk = jnp.einsum("...qk,...qd->...kd", ds, q, preferred_element_type=acc)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, dbias
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _attention_vjp(q, k, v, mask, bias, scale):
-    return _core_forward(q, k, v, mask, bias, scale)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention_vjp(q, k, v, mask, scale):
+    return _core_forward(q, k, v, mask, scale)[0]
 
 
 _attention_vjp.defvjp(_core_fwd, _core_bwd)
 
 
-def _softmax_attention(q, k, v, mask, bias, scale: float):
+def _softmax_attention(q, k, v, mask, scale: float):
     """Softmax attention with a hand-written backward, over head-major batches.
 
     ``q: [..., Tq, Dk]``, ``k: [..., Tk, Dk]``, ``v: [..., Tk, Dv]`` (the same leading
-    dims), ``mask: bool`` broadcastable to ``[..., Tq, Tk]`` or None, ``bias`` of the
-    scores' shape or None -> ``[..., Tq, Dv]`` in ``v``'s dtype. Scores and softmax
-    accumulate in float32 (float64 for float64 inputs); masked entries get exactly zero
-    weight and a query that sees no key gets zeros. Callers zero the keys and values no
-    query may see first, so padding never reaches a product (NaN * 0 is NaN).
+    dims), ``mask: bool`` broadcastable to ``[..., Tq, Tk]`` -> ``[..., Tq, Dv]`` in
+    ``v``'s dtype. Scores and softmax accumulate in float32 (float64 for float64
+    inputs); masked entries get exactly zero weight and a query that sees no key gets
+    zeros. Callers zero the keys and values no query may see first, so padding never
+    reaches a product (NaN * 0 is NaN).
 
     The forward keeps the log-sum-exp of each query's scores, not the ``[Tq, Tk]``
     weights; the backward rebuilds the weights from it and runs FlashAttention's four
@@ -186,9 +175,9 @@ def _softmax_attention(q, k, v, mask, bias, scale: float):
     autodiff: there this backward measured 20-30% slower at T = 256 and 1024 (equal at
     T = 64; ``benchmarks/README.md``).
     """
-    if under_forward_mode(q, k, v, bias):
-        return _core_forward(q, k, v, mask, bias, scale)[0]
-    return _attention_vjp(q, k, v, mask, bias, float(scale))
+    if under_forward_mode(q, k, v):
+        return _core_forward(q, k, v, mask, scale)[0]
+    return _attention_vjp(q, k, v, mask, float(scale))
 
 
 def _attention(q, k, v, mask):
@@ -200,7 +189,7 @@ def _attention(q, k, v, mask):
     seen = jnp.any(mask, axis=1)[:, None, :, None]  # [N, 1, S, 1]
     k = jnp.where(seen, k, jnp.zeros((), k.dtype))
     v = jnp.where(seen, v, jnp.zeros((), v.dtype))
-    return _softmax_attention(q, k, v, mask[:, None], None, q.shape[-1] ** -0.5)
+    return _softmax_attention(q, k, v, mask[:, None], q.shape[-1] ** -0.5)
 
 
 def _ring_writer(at, c: int):

@@ -507,7 +507,7 @@ def _drop_recurrent_weights(key, layers: tuple, params: tuple, rate: float) -> t
         last = path[-1] if path else None
         if not (isinstance(last, jax.tree_util.GetAttrKey) and last.name == "w_hh"):
             return leaf
-        dropped.append(jax.tree_util.keystr(path))
+        dropped.append(path)
         return dropout(jax.random.fold_in(key, len(params) + len(dropped)), leaf, rate)
 
     out = tuple(
