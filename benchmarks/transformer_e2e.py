@@ -60,6 +60,7 @@ from benchmarks._timing import compile_jitted, skipped, time_interleaved
 NAME = "transformer_e2e"
 TORCH_MODULE = "torch"  # tests may point it at a missing name to simulate its absence
 PRECISIONS = ("fp32", "bf16")
+LENGTHS = "64,256,1024,4096"  # T of the attention part (the quick run's: 16,32)
 
 
 def torch_available() -> bool:
@@ -79,9 +80,7 @@ def parse_args(argv=None):
     ap.add_argument("--vocab", type=int, default=65)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument(
-        "--lengths", default=None, help="T of the attention part (default 64,256,1024,4096)"
-    )
+    ap.add_argument("--lengths", default=None, help=f"T of the attention part (default {LENGTHS})")
     ap.add_argument("--tokens", type=int, default=2048, help="B = max(1, tokens // T)")
     ap.add_argument("--repeats", type=int, default=10, help="timed rounds of the attention part")
     ap.add_argument("--dense-max", type=int, default=4096, help="longest T for dense attention")
@@ -105,7 +104,7 @@ def parse_args(argv=None):
     for p in args.precisions:
         if p not in PRECISIONS:
             ap.error(f"--precisions: expected names from {PRECISIONS}, got {p!r}")
-    args.lengths = [int(t) for t in (args.lengths or "64,256,1024,4096").split(",") if t.strip()]
+    args.lengths = [int(t) for t in (args.lengths or LENGTHS).split(",") if t.strip()]
     return args
 
 
