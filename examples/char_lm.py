@@ -83,7 +83,7 @@ HPARAMS = (
     "model", "layers", "hidden", "embed", "d_model", "heads", "max_len", "positions", "mlp",
     "context", "batch", "seq", "steps", "optimizer", "lr", "warmup", "schedule", "final_lr",
     "clip", "weight_decay", "dropout", "variational_dropout", "weight_dropout", "seed", "no_carry",
-    "chunks_per_call", "train_fraction",
+    "chunks_per_call", "train_fraction", "cooldown",
 )  # fmt: skip
 
 
@@ -157,9 +157,16 @@ def parse_args(argv=None):
     t.add_argument("--minutes", type=float, default=None, help="--time-budget in minutes")
     t.add_argument("--optimizer", choices=js.training.OPTIMIZERS, default="adam")
     t.add_argument("--warmup", type=int, default=0, help="linear warmup steps")
-    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
     t.add_argument(
-        "--final-lr", type=float, default=0.05, help="cosine: final lr as a fraction of --lr"
+        "--schedule", choices=("constant", "cosine", "wsd"), default="constant",
+        help="after the warmup: constant, cosine decay to --final-lr, or warmup-stable-decay "
+        "(constant, then a 1 - sqrt decay over the last --cooldown of the steps)",
+    )  # fmt: skip
+    t.add_argument(
+        "--final-lr", type=float, default=0.05, help="cosine, wsd: final lr as a fraction of --lr"
+    )
+    t.add_argument(
+        "--cooldown", type=float, default=0.2, help="wsd: the decaying fraction of the steps"
     )
     t.add_argument("--weight-decay", type=float, default=0.0, help="adamw only")
     t.add_argument("--no-carry", action="store_true", help="reset the carry at every chunk")
@@ -313,7 +320,8 @@ def train(args, text: str) -> dict:
     steps = args.steps - args.steps % args.chunks_per_call
     opt = js.make_optimizer(
         args.optimizer, args.lr, max_norm=args.clip, warmup_steps=args.warmup,
-        total_steps=steps if args.schedule == "cosine" else None,
+        total_steps=steps if args.schedule in ("cosine", "wsd") else None,
+        cooldown_steps=max(1, round(args.cooldown * steps)) if args.schedule == "wsd" else None,
         final_lr_ratio=args.final_lr, weight_decay=args.weight_decay,
     )  # fmt: skip
 
@@ -324,6 +332,8 @@ def train(args, text: str) -> dict:
     hparams = {h: getattr(args, h) for h in HPARAMS}
     if not args.weight_dropout:  # recorded only when set: earlier runs still resume
         del hparams["weight_dropout"]
+    if args.schedule != "wsd":
+        del hparams["cooldown"]
     hparams["vocab"] = vocab.chars
     os.makedirs(args.out, exist_ok=True)
     ckpt = js.Checkpointer(

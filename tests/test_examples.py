@@ -36,6 +36,7 @@ def test_char_lm_smoke_resume_and_refusals(char_lm, corpus, tmp_path):
     out = tmp_path / "run"
     summary = char_lm.main(_args(corpus, out, 6))
     assert np.isfinite(summary["val_loss"]) and summary["step"] == 6
+    assert "cooldown" not in summary["hparams"]  # recorded with --schedule wsd only
     for name in ("metrics.jsonl", "eval.jsonl", "summary.json", "samples.txt", "curves.png"):
         assert (out / name).exists(), name
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -54,6 +55,15 @@ def test_char_lm_smoke_resume_and_refusals(char_lm, corpus, tmp_path):
     assert summary["step"] == 9
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in recs] == list(range(1, 10))
+
+
+def test_char_lm_wsd_schedule_holds_the_peak_then_decays(char_lm, corpus, tmp_path):
+    args = _args(corpus, tmp_path / "wsd", 8) + ["--optimizer", "adamw", "--weight-decay", "0.1"]
+    summary = char_lm.main(args + ["--schedule", "wsd", "--cooldown", "0.5", "--final-lr", "0.1"])
+    lrs = [json.loads(line)["lr"] for line in open(tmp_path / "wsd" / "metrics.jsonl")]
+    np.testing.assert_allclose(lrs[:5], 0.05, rtol=1e-6)  # steps 1-4 at the peak, then 1 - sqrt
+    np.testing.assert_allclose(lrs[5:], [0.005 + 0.045 * (1 - (p / 4) ** 0.5) for p in (1, 2, 3)])
+    assert summary["hparams"]["cooldown"] == 0.5 and summary["hparams"]["schedule"] == "wsd"
 
 
 def test_char_lm_bad_input_fails_before_training(char_lm, corpus, tmp_path):

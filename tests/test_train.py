@@ -648,6 +648,40 @@ def test_make_optimizer_defaults_and_adam_moments_are_honoured():
         np.testing.assert_allclose(u["w"], r["w"], rtol=1e-6)
 
 
+def test_warmup_stable_decay_schedule_follows_its_formula():
+    # written from the definition: linear warmup, the peak, then 1 - sqrt(progress) down
+    # to the final value over the last cooldown_steps, constant after total_steps
+    peak, warmup, total, cooldown, final = 2e-3, 5, 40, 10, 0.1
+
+    def want(c):
+        if c < warmup:
+            return peak * c / warmup
+        p = min(max((c - (total - cooldown)) / cooldown, 0.0), 1.0)
+        return peak * final + (peak - peak * final) * (1.0 - p**0.5)
+
+    opt = train.make_optimizer(
+        "adamw", peak, warmup_steps=warmup, total_steps=total, cooldown_steps=cooldown,
+        final_lr_ratio=final, weight_decay=0.1,
+    )  # fmt: skip
+    params = {"w": jnp.zeros((2, 2))}
+    state = opt.init(params)
+    got = []
+    for _ in range(total + 5):  # the state holds the lr of the update just applied
+        _, state = opt.update({"w": jnp.ones((2, 2))}, state, params)
+        got.append(float(state.hyperparams["learning_rate"]))
+    np.testing.assert_allclose(got, [want(c) for c in range(total + 5)], rtol=1e-5, atol=1e-12)
+    assert got[warmup] == got[total - cooldown] == pytest.approx(peak)  # the stable part
+    assert got[total - cooldown + 1] < peak and got[-1] == pytest.approx(peak * final)
+    for kw, msg in (
+        ({"cooldown_steps": 0}, r"^cooldown_steps: expected a positive int"),
+        ({"cooldown_steps": 36}, r"^cooldown_steps: expected at most total_steps - warmup"),
+        ({"cooldown_steps": 3, "total_steps": None}, r"^cooldown_steps: the end of a run"),
+    ):
+        kwargs = {"warmup_steps": warmup, "total_steps": total, **kw}
+        with pytest.raises(ValueError, match=msg):
+            train.make_optimizer("adam", peak, **kwargs)
+
+
 def test_donating_train_step_consumes_the_input_state(key):
     cell, loss_fn, init = _regression()
     opt = train.make_optimizer("sgd", 1e-2)

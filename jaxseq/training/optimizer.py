@@ -67,6 +67,7 @@ def make_optimizer(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     final_lr_ratio: float = 0.0,
+    cooldown_steps: int | None = None,
     weight_decay: float = 0.0,
     decay_biases: bool = False,
     momentum: float = 0.0,
@@ -86,7 +87,12 @@ def make_optimizer(
       total_steps: when given, cosine decay to ``final_lr_ratio * learning_rate``
         at ``total_steps`` (after the warmup), constant afterwards; when None,
         constant after the warmup (a number ``learning_rate`` only).
-      final_lr_ratio: the end of the cosine decay, as a fraction of ``learning_rate``.
+      final_lr_ratio: the end of the decay, as a fraction of ``learning_rate``.
+      cooldown_steps: with ``total_steps``, a warmup-stable-decay schedule instead of
+        the cosine: ``learning_rate`` from the end of the warmup to ``total_steps -
+        cooldown_steps``, then down to ``final_lr_ratio * learning_rate`` at
+        ``total_steps`` along ``1 - sqrt(progress)`` (the cooldown shape Hägele et
+        al., 2024, found best), constant afterwards.
       weight_decay: decoupled weight decay (adamw only), on the weight matrices and
         embeddings (leaves with 2 or more dimensions); biases (the LSTM forget-gate
         bias among them) and other vectors are not decayed unless ``decay_biases``.
@@ -122,6 +128,11 @@ def make_optimizer(
         raise ValueError(f"warmup_steps: expected a non-negative int, got {warmup_steps!r}")
     if weight_decay and name != "adamw":
         raise ValueError(f"weight_decay: only adamw uses it, got {weight_decay!r} with {name!r}")
+    if cooldown_steps is not None and total_steps is None:
+        raise ValueError(
+            f"cooldown_steps: the end of a run of total_steps, got cooldown_steps="
+            f"{cooldown_steps!r} without total_steps"
+        )
     if callable(lr):
         if warmup_steps or total_steps is not None:
             raise ValueError(
@@ -135,9 +146,14 @@ def make_optimizer(
             raise ValueError(
                 f"total_steps: expected more than warmup_steps={warmup_steps}, got {total}"
             )
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, lr, int(warmup_steps), total, end_value=lr * float(final_lr_ratio)
-        )
+        if cooldown_steps is None:
+            schedule = optax.warmup_cosine_decay_schedule(
+                0.0, lr, int(warmup_steps), total, end_value=lr * float(final_lr_ratio)
+            )
+        else:
+            schedule = _warmup_stable_decay(
+                lr, int(warmup_steps), total, cooldown_steps, float(final_lr_ratio)
+            )
     elif warmup_steps:
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, lr, int(warmup_steps)), optax.constant_schedule(lr)],
@@ -170,6 +186,27 @@ def make_optimizer(
         return optax.chain(*clip, base)
 
     return optax.inject_hyperparams(factory)(learning_rate=schedule)
+
+
+def _warmup_stable_decay(lr: float, warmup: int, total: int, cooldown, final_ratio: float):
+    """Linear warmup to ``lr``, ``lr`` until ``total - cooldown``, then ``1 - sqrt`` down to
+    ``final_ratio * lr`` at ``total`` (constant afterwards)."""
+    cooldown = _checks.check_positive_int("cooldown_steps", cooldown)
+    if cooldown > total - warmup:
+        raise ValueError(
+            f"cooldown_steps: expected at most total_steps - warmup_steps = {total - warmup}, "
+            f"got {cooldown}"
+        )
+    start, end = total - cooldown, lr * final_ratio
+
+    def schedule(count):
+        c = jnp.asarray(count, jnp.float32)
+        rise = lr * c / warmup if warmup else jnp.float32(lr)
+        progress = jnp.clip((c - start) / cooldown, 0.0, 1.0)
+        fall = end + (lr - end) * (1.0 - jnp.sqrt(progress))
+        return jnp.where(c < warmup, rise, fall)
+
+    return schedule
 
 
 def _matrices_mask(params):
