@@ -193,6 +193,8 @@ def parse_args(argv=None):
     o.add_argument("--top-k", type=int, default=10)
     o.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: kept mass")
     args = p.parse_args(argv)
+    if not 0.0 < args.cooldown <= 1.0:
+        p.error(f"--cooldown: expected a fraction of the steps in (0, 1], got {args.cooldown}")
     if args.minutes is not None:
         if args.time_budget is not None:
             p.error("--minutes and --time-budget: give one of them")

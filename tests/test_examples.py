@@ -57,13 +57,18 @@ def test_char_lm_smoke_resume_and_refusals(char_lm, corpus, tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 10))
 
 
-def test_char_lm_wsd_schedule_holds_the_peak_then_decays(char_lm, corpus, tmp_path):
+def test_char_lm_wsd_schedule_holds_the_peak_then_decays(char_lm, corpus, tmp_path, capsys):
     args = _args(corpus, tmp_path / "wsd", 8) + ["--optimizer", "adamw", "--weight-decay", "0.1"]
     summary = char_lm.main(args + ["--schedule", "wsd", "--cooldown", "0.5", "--final-lr", "0.1"])
     lrs = [json.loads(line)["lr"] for line in open(tmp_path / "wsd" / "metrics.jsonl")]
-    np.testing.assert_allclose(lrs[:5], 0.05, rtol=1e-6)  # steps 1-4 at the peak, then 1 - sqrt
+    np.testing.assert_allclose(lrs[:5], 0.05, rtol=1e-6)  # counts 0-4 at the peak, then 1 - sqrt
     np.testing.assert_allclose(lrs[5:], [0.005 + 0.045 * (1 - (p / 4) ** 0.5) for p in (1, 2, 3)])
     assert summary["hparams"]["cooldown"] == 0.5 and summary["hparams"]["schedule"] == "wsd"
+    with pytest.raises(SystemExit):
+        char_lm.main(args + ["--schedule", "wsd", "--cooldown", "0"])
+    assert (
+        "--cooldown: expected a fraction of the steps in (0, 1], got 0.0" in capsys.readouterr().err
+    )
 
 
 def test_char_lm_bad_input_fails_before_training(char_lm, corpus, tmp_path):
