@@ -104,12 +104,15 @@ def _all_modes(fn, modes=MODES):
     return jax.jit(lambda: [fn(mode, chunk) for mode, chunk in modes])()
 
 
-@pytest.mark.parametrize("reverse,gate", [(False, "sigmoid"), (True, "exp")])
-def test_every_mode_matches_the_float64_loop(reverse, gate):
+@pytest.mark.parametrize(
+    "reverse,gate,resets", [(False, "sigmoid", True), (True, "exp", True), (True, "sigmoid", False)]
+)
+def test_every_mode_matches_the_float64_loop(reverse, gate, resets):
+    # without resets the chunked mode solves the pass across chunks at once
     with jax.enable_x64(True):
         xs = _inputs(dtype=jnp.float64)
         s0 = _state(dtype=jnp.float64)
-        kw = dict(reset=RESET, lengths=LENGTHS, reverse=reverse)
+        kw = dict(reset=RESET if resets else None, lengths=LENGTHS, reverse=reverse)
         (c, n, m), h = ref_mlstm(*xs, s0, gate=gate, **kw)
         outs = _all_modes(
             lambda mode, chunk: mlstm_recurrence(
@@ -180,13 +183,15 @@ def test_gradients_of_every_mode_match_finite_differences():
         xs = _inputs(seed=2, t=5, dtype=jnp.float64, gate_scale=1.0)
         args = (*xs, *_state(dtype=jnp.float64))
         reset = jnp.zeros((5, B), bool).at[2, 0].set(True)
-        weights = np.random.default_rng(9).standard_normal(3)
+        weights = np.random.default_rng(9).standard_normal(4)
 
         def loss(*a):
             total = 0.0
-            for w, (mode, chunk) in zip(weights, MODES[:3]):
+            # the chunked mode with and without resets (without: the pass across chunks
+            # solved at once)
+            for w, (mode, chunk), r in zip(weights, [*MODES[:3], MODES[1]], [reset] * 3 + [None]):
                 state, h = mlstm_recurrence(
-                    *a[:5], initial_state=a[5:], reset=reset, lengths=jnp.array([5, 3, 0]),
+                    *a[:5], initial_state=a[5:], reset=r, lengths=jnp.array([5, 3, 0]),
                     mode=mode, chunk=chunk,
                 )  # fmt: skip
                 c = state.c * jnp.exp(state.m)[..., None, None]
@@ -294,8 +299,8 @@ def _heads_major(x):
     return jnp.moveaxis(x, 0, 2)
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_heads_major_layout_matches_the_float64_loop_in_every_mode(reverse):
+@pytest.mark.parametrize("reverse,resets", [(False, True), (True, True), (False, False)])
+def test_heads_major_layout_matches_the_float64_loop_in_every_mode(reverse, resets):
     # inputs [B, K, T, D], reset [B, T]: the loop's (time-major) results moved to that
     # layout; 34 steps in chunks of 3 and 2 take the unrolled and the looped pass across
     # chunks; the state keeps its layout
@@ -303,14 +308,15 @@ def test_heads_major_layout_matches_the_float64_loop_in_every_mode(reverse):
     with jax.enable_x64(True):
         xs = _inputs(seed=5, t=t, dtype=jnp.float64)
         s0 = _state(dtype=jnp.float64)
-        reset = jnp.asarray(np.random.default_rng(6).random((t, B)) < 0.15)
+        reset = jnp.asarray(np.random.default_rng(6).random((t, B)) < 0.15) if resets else None
         lengths = jnp.array([t, 29, 0])
         (c, n, m), h = ref_mlstm(*xs, s0, reset=reset, lengths=lengths, reverse=reverse)
         modes = [("recurrent", 4), ("chunked", 3), ("chunked", 2), ("parallel", 64)]
         hm = [_heads_major(x) for x in xs]
         outs = _all_modes(
             lambda mode, chunk: mlstm_recurrence(
-                *hm, initial_state=s0, reset=reset.T, lengths=lengths, reverse=reverse,
+                *hm, initial_state=s0, reset=None if reset is None else reset.T,
+                lengths=lengths, reverse=reverse,
                 mode=mode, chunk=chunk, layout="heads_major",
             ),
             modes,

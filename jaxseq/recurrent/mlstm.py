@@ -244,6 +244,8 @@ def _chunk_states(axis: int, k, v, li, after, keep, seg, start, state):
 
     xs: tuple = (dc, dn, a_max, decay, through)
     chunks = dc.shape[axis]
+    if through is None and chunks <= _UNROLL_CHUNKS:  # no resets, few chunks
+        return _states_at_once(axis, dc, dn, a_max, decay, state)
     if chunks <= _UNROLL_CHUNKS:
         # few chunks: straight-line code (no loop, no per-step copies of the carried state,
         # XLA fuses across the steps), the entering states stacked along the chunk axis
@@ -256,6 +258,44 @@ def _chunk_states(axis: int, k, v, li, after, keep, seg, start, state):
     xs = tuple(None if x is None else jnp.moveaxis(x, axis, 0) for x in xs)
     state, entering = jax.lax.scan(body, state, xs)
     return state, MLSTMState(*(jnp.moveaxis(x, 0, axis) for x in entering))
+
+
+def _states_at_once(axis: int, dc, dn, a_max, decay, state):
+    """:func:`_chunk_states`' recurrence across chunks without resets, solved at once:
+    after chunk j, ``m_j = max(m_0 + g_0 + ... + g_j, max_{i <= j} a_i + g_{i+1} + ... +
+    g_j)`` (its max-plus unrolling) and ``c_j = sum_{i <= j} exp(a_i + g_{i+1} + ... + g_j
+    - m_j) dc_i + exp(m_0 + g_0 + ... + g_j - m_j) c_0`` (``n`` alike). Each exponent is a
+    direct sum of its own log forget gates (no difference of running sums, which lose
+    precision as they grow) and at most 0. Two small products over the chunk axis
+    replace one sequential state update per chunk."""
+    c0, n0, m0 = state
+    count = dc.shape[axis]
+    g = jnp.moveaxis(decay, axis, -1)  # [N, C]
+    a = jnp.moveaxis(a_max, axis, -1)
+    idx = jnp.arange(count)
+    upto = idx[None, :] <= idx[:, None]  # [j, i]: i <= j
+    between = (idx[None, None, :] > idx[None, :, None]) & (idx[None, None, :] <= idx[:, None, None])
+    span = _einsum("nk,jik->nji", g, between.astype(g.dtype))  # g_{i+1} + ... + g_j
+    total = _einsum("nk,jk->nj", g, upto.astype(g.dtype)) + m0[..., None]  # m_0 + g_0..g_j
+    terms = jnp.where(upto, a[:, None, :] + span, -jnp.inf)  # [N, j, i]
+    m = jnp.maximum(total, jnp.max(terms, axis=-1))  # [N, C]: m after chunk j
+    w = jnp.exp(terms - m[..., None])
+    w0 = jnp.exp(total - m)
+    # the state entering chunk j is the one after chunk j - 1: rows shifted down by one
+    w_in = jnp.concatenate([jnp.zeros_like(w[:, :1]), w[:, :-1]], axis=1)
+    w0_in = jnp.concatenate([jnp.ones_like(w0[:, :1]), w0[:, :-1]], axis=1)
+    m_in = jnp.concatenate([m0[:, None], m[:, :-1]], axis=1)
+    x = "inde" if axis == 0 else "nide"
+    y = "jnde" if axis == 0 else "njde"
+    c_in = _einsum(f"nji,{x}->{y}", w_in, dc)
+    n_in = _einsum(f"nji,{x[:-1]}->{y[:-1]}", w_in, dn)
+    w0_b = jnp.moveaxis(w0_in, 1, axis)
+    c_in = c_in + w0_b[..., None, None] * jnp.expand_dims(c0, axis)
+    n_in = n_in + w0_b[..., None] * jnp.expand_dims(n0, axis)
+    last_c = _einsum(f"ni,{x}->nde", w[:, -1], dc) + w0[:, -1, None, None] * c0
+    last_n = _einsum(f"ni,{x[:-1]}->nd", w[:, -1], dn) + w0[:, -1, None] * n0
+    last = MLSTMState(last_c, last_n, m[:, -1])
+    return last, MLSTMState(c_in, n_in, jnp.moveaxis(m_in, 1, axis))
 
 
 def _chunked(q, k, v, li, lf, keep, reset, state, length: int, eps: float, axis: int = 0):
