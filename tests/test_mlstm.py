@@ -201,6 +201,34 @@ def test_gradients_of_every_mode_match_finite_differences():
         check_grads(jax.jit(loss), args, order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
 
 
+def test_unpadded_chunks_match_the_loop_in_both_autodiff_modes():
+    """No lengths, no resets, T a multiple of the chunk: the mask is added to the log
+    weights and the entering state's part has its own differentiation rule (scaled
+    after the product undifferentiated, before it differentiated). Values against the
+    float64 loop in both layouts; ``check_grads`` to second order, forward and reverse."""
+    with jax.enable_x64(True):
+        xs = _inputs(seed=6, t=12, dtype=jnp.float64)
+        s0 = _state(dtype=jnp.float64)
+        (_, _, m), h = ref_mlstm(*xs, s0)
+        run = lambda *a, **kw: mlstm_recurrence(*a, initial_state=s0, mode="chunked", chunk=4, **kw)
+        state, h_tm = jax.jit(run)(*xs)
+        _, h_hm = jax.jit(functools.partial(run, layout="heads_major"))(
+            *[_heads_major(x) for x in xs]
+        )
+        np.testing.assert_allclose(h_tm, h, atol=1e-12, rtol=1e-10)
+        np.testing.assert_allclose(h_hm, _heads_major(h), atol=1e-12, rtol=1e-10)
+        np.testing.assert_allclose(state.m, m, atol=1e-12)
+        small = tuple(x[:8, :1] for x in _inputs(seed=7, t=8, dtype=jnp.float64, gate_scale=1.0))
+
+        def loss(*a):
+            state, out = mlstm_recurrence(*a, mode="chunked", chunk=4)
+            return jnp.sum(out * jnp.cos(out)) + jnp.sum(
+                state.c * jnp.exp(state.m)[..., None, None]
+            )
+
+        check_grads(jax.jit(loss), small, order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
 def test_padded_inputs_reach_no_arithmetic_and_closed_gates_stay_finite():
     """NaN at padded steps changes nothing, in values or gradients; sequence 0 has every
     gate closed (``m`` far below 0: the floor ``exp(-m)`` is capped, no ``0 * inf``)."""
@@ -218,7 +246,9 @@ def test_padded_inputs_reach_no_arithmetic_and_closed_gates_stay_finite():
         return f(*bad), f(*xs), grads
 
     for (mode, _), (h, h_ok, grads) in zip(MODES, _all_modes(run, MODES[:2])):
-        np.testing.assert_array_equal(h, h_ok, err_msg=mode)
+        # NaN at a padded step that reached a valid one would make it NaN; the clean run
+        # and the NaN run are fused apart by XLA, so equal up to rounding, not bitwise
+        np.testing.assert_allclose(h, h_ok, rtol=1e-6, atol=0, err_msg=mode)
         assert np.all(np.isfinite(h)), mode
         for g in grads:
             assert np.all(np.isfinite(g)), mode
