@@ -305,7 +305,7 @@ def _entering_part(q, inter, c_in, n_in):
     L]``, ``c_in: [., ., Dk, Dv]``, ``n_in: [., ., Dk]``.
 
     Undifferentiated, the products' rows are scaled afterwards, so ``q ⊙ inter`` is
-    never written out (the forward alone 0.92x at T=1024 on CPU, ``benchmarks/README.md``).
+    never written out (the forward alone 0.91-0.97x at T=1024 on CPU, ``benchmarks/README.md``).
     Differentiated, the rule below computes the plain formula and its tangent: the
     reverse pass keeps ``q ⊙ inter`` as before (scaling afterwards made it 1.07x)."""
     return (
