@@ -417,3 +417,54 @@ def test_transformer_e2e_without_torch_skips_its_rows(tmp_path, monkeypatch):
     torch_rows = [r for r in recs if r["impl"] == "torch"]
     assert [r["status"] for r in torch_rows] == ["skipped"]
     assert all(r["status"] == "ok" for r in recs if r["impl"] != "torch")
+
+
+# ----------------------------------------------------------------------------- attention_products
+
+
+def test_attention_products_measures_every_core_and_one_core(tmp_path):
+    import os
+
+    from benchmarks import attention_products as ap
+
+    out = ap.main(["--quick", "--out", str(tmp_path)])
+    recs = out["records"]
+    cores = len(os.sched_getaffinity(0))
+    has_torch = ap.module_available("torch")
+    for product, (eq, shapes) in ap.PRODUCTS.items():
+        # the FLOPs every record is divided by are those of this product's einsum:
+        # one multiply-add for each combination of its indices
+        sizes = {}
+        for letters, shape in zip(eq.split("->")[0].split(","), shapes(8, 16, 4), strict=True):
+            sizes.update(zip(letters, shape, strict=True))
+        assert ap._flops(8, 16, 4) == 2 * int(np.prod(list(sizes.values())))
+        for want_cores in {cores, 1}:
+            got = {
+                r["impl"]: r for r in recs if r["product"] == product and r["cores"] == want_cores
+            }
+            assert got["xla"]["gflops"] > 0 and got["xla"]["median_ms"] > 0
+            if has_torch:
+                assert got["torch"]["gflops"] > 0
+            else:
+                assert got["torch"]["status"] == "skipped"
+    if cores > 1:  # one row per product and contender, GFLOP/s on all cores over one core
+        assert {(r["product"], r["impl"]) for r in out["speedups"]} >= {
+            (p, "xla") for p in ap.PRODUCTS
+        }
+        for r in out["speedups"]:
+            assert r["second_core_speedup"] == pytest.approx(
+                r[f"gflops_{cores}_cores"] / r["gflops_1_core"]
+            )
+    for name in ("attention_products.json", "attention_products.md", "attention_products.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_attention_products_without_torch_skips_its_rows(tmp_path, monkeypatch):
+    from benchmarks import attention_products as ap
+
+    monkeypatch.setattr(ap, "module_available", lambda name: False)
+    out = ap.main(["--quick", "--no-one-core", "--out", str(tmp_path)])
+    torch_rows = [r for r in out["records"] if r["impl"] == "torch"]
+    assert len(torch_rows) == len(ap.PRODUCTS)
+    assert all(r["status"] == "skipped" and "torch" in r["reason"] for r in torch_rows)
+    assert out["speedups"] == []
