@@ -101,4 +101,12 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception as e:
+        # The error's name and message as ONE write to the pipe the tests read: the
+        # traceback Python prints next is written piece by piece, and a checkpoint
+        # library's thread that dies at exit ("Event loop is closed") can interleave
+        # its own traceback with it, splitting the line the tests look for.
+        os.write(2, f"\n{type(e).__name__}: {e}\n".encode())
+        raise
