@@ -452,7 +452,7 @@ def test_attention_products_measures_every_core_and_one_core(tmp_path):
             (p, "xla") for p in ap.PRODUCTS
         }
         for r in out["speedups"]:
-            assert r["second_core_speedup"] == pytest.approx(
+            assert r["all_cores_over_one"] == pytest.approx(
                 r[f"gflops_{cores}_cores"] / r["gflops_1_core"]
             )
     for name in ("attention_products.json", "attention_products.md", "attention_products.png"):
