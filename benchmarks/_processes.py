@@ -24,12 +24,12 @@ from pathlib import Path
 
 from benchmarks._timing import skipped
 
-__all__ = ["CompileBudgetRunner", "peak_memory_subprocess"]
+__all__ = ["CompileBudgetRunner", "child_env", "peak_memory_subprocess"]
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def _child_env(base=None) -> dict:
+def child_env(base=None) -> dict:
     """``base`` (default: this process's environment) with the repository on ``PYTHONPATH``."""
     env = dict(os.environ if base is None else base)
     env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -101,7 +101,7 @@ class CompileBudgetRunner:
             stderr=self._stderr,
             text=True,
             cwd=_ROOT,
-            env=_child_env(self._env),
+            env=child_env(self._env),
         )
         events: queue.Queue = queue.Queue()
         proc = self._proc
@@ -227,7 +227,7 @@ def peak_memory_subprocess(
     cmd = [sys.executable, "-m" if is_module else "-c", module_or_code, *map(str, args)]
     with tempfile.TemporaryFile(mode="w+") as out, tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=_ROOT, env=_child_env())
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=_ROOT, env=child_env())
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:

@@ -137,6 +137,7 @@ def time_interleaved(
     repeats: int = 10,
     warmup: int = 2,
     info: dict[str, dict] | None = None,
+    burst: int = 0,
 ) -> dict[str, dict]:
     """Times several zero-argument callables side by side, one call of each per round.
 
@@ -144,8 +145,14 @@ def time_interleaved(
     measurement hits every contender alike. ``info[name]`` (e.g. from
     :func:`compile_jitted`) supplies ``compile_s``/``first_call_s``; returns a
     timing dict (the keys of :func:`time_jitted`) per name.
+
+    ``burst > 0``: in each round a contender runs one untimed call, then ``burst`` timed
+    calls back to back (``repeats * burst`` samples each). For calls of a few
+    milliseconds, which are slower right after another runtime's threads held the cores.
     """
     _check_counts(repeats, warmup)
+    if not isinstance(burst, int) or burst < 0:
+        raise ValueError(f"burst: expected a non-negative int, got {burst!r}")
     names = list(calls)
     for _ in range(warmup):
         for n in names:
@@ -158,9 +165,12 @@ def time_interleaved(
         for r in range(repeats):
             k = r % len(names) if names else 0
             for n in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                _block(calls[n]())
-                samples[n].append(time.perf_counter() - t0)
+                if burst:
+                    _block(calls[n]())
+                for _ in range(max(burst, 1)):
+                    t0 = time.perf_counter()
+                    _block(calls[n]())
+                    samples[n].append(time.perf_counter() - t0)
     finally:
         if was_enabled:
             gc.enable()

@@ -39,12 +39,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks._environment import environment, module_available
+from benchmarks._environment import environment, jax_thread_count, module_available
 from benchmarks._output import format_table, write_results
+from benchmarks._processes import child_env
+from benchmarks._timing import time_interleaved
 
 PRODUCTS = {  # name: (einsum, lhs shape, rhs shape) as functions of (b, t, dh)
     "scores": ("bqd,bkd->bqk", lambda b, t, d: ((b, t, d), (b, t, d))),
@@ -59,27 +60,12 @@ def _flops(b: int, t: int, dh: int) -> int:
     return 2 * b * t * t * dh
 
 
-def _burst_times(calls: dict, rounds: int, burst: int) -> dict:
-    """``{name: [seconds]}``: per round, each call once untimed, then ``burst`` timed calls."""
-    times = {n: [] for n in calls}
-    for r in range(rounds):
-        names = list(calls)
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            calls[n]()
-            for _ in range(burst):
-                t0 = time.perf_counter()
-                calls[n]()
-                times[n].append(time.perf_counter() - t0)
-    return times
-
-
 def measure(b: int, t: int, dh: int, rounds: int, burst: int) -> list[dict]:
     """The records of every product and contender in this process (its cores)."""
     import jax
     import jax.numpy as jnp
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = jax_thread_count()
     torch = None
     if module_available("torch"):
         import torch
@@ -94,13 +80,14 @@ def measure(b: int, t: int, dh: int, rounds: int, burst: int) -> list[dict]:
         t0 = time.perf_counter()
         want = np.asarray(f(ja, jb))
         compile_s = time.perf_counter() - t0
-        calls = {"xla": lambda f=f, ja=ja, jb=jb: f(ja, jb).block_until_ready()}
+        calls = {"xla": lambda f=f, ja=ja, jb=jb: f(ja, jb)}
         if torch is not None:
             ta, tb = torch.from_numpy(lhs), torch.from_numpy(rhs)
             np.testing.assert_allclose(torch.einsum(eq, ta, tb).numpy(), want, rtol=1e-3, atol=1e-3)
             calls["torch"] = lambda eq=eq, ta=ta, tb=tb: torch.einsum(eq, ta, tb)
-        for impl, ts in _burst_times(calls, rounds, burst).items():
-            med = float(np.median(ts))
+        timed = time_interleaved(calls, repeats=rounds, warmup=0, burst=burst)
+        for impl, tm in timed.items():
+            med = tm["median_s"]
             records.append(
                 {"product": name, "impl": impl, "cores": cores, "median_ms": 1e3 * med,
                  "gflops": _flops(b, t, dh) / med / 1e9,
@@ -117,10 +104,7 @@ def _on_one_core(args) -> list[dict]:
     cmd = [sys.executable, "-m", "benchmarks.attention_products", "--child",
            "--batch", str(args.batch), "--T", str(args.T), "--head-size", str(args.head_size),
            "--rounds", str(args.rounds), "--burst", str(args.burst)]  # fmt: skip
-    root = str(Path(__file__).resolve().parent.parent)  # the child imports benchmarks/ from here
-    path = os.environ.get("PYTHONPATH")
-    env = dict(os.environ, PYTHONPATH=root + (os.pathsep + path if path else ""))
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    r = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(f"the one-core child failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.rsplit("RECORDS", 1)[1])
@@ -191,7 +175,7 @@ def main(argv=None) -> dict:
         print("RECORDS" + json.dumps(records))
         return {"records": records}
     records = measure(args.batch, args.T, args.head_size, args.rounds, args.burst)
-    pinnable = hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+    pinnable = hasattr(os, "sched_setaffinity") and jax_thread_count() > 1
     if not args.no_one_core and pinnable:
         records += _on_one_core(args)
     rows = _speedups(records)

@@ -49,6 +49,16 @@ def test_time_jitted_and_callable(key):
     assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating rounds
     assert recs["a"]["compile_s"] == 1.5 and recs["b"]["compile_s"] is None
     assert recs["a"]["repeats"] == recs["b"]["repeats"] == 3
+    # bursts: per turn one untimed call, then `burst` timed ones back to back
+    order.clear()
+    recs = time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+        repeats=2, warmup=0, burst=2,
+    )  # fmt: skip
+    assert order == ["a"] * 3 + ["b"] * 3 + ["b"] * 3 + ["a"] * 3
+    assert recs["a"]["repeats"] == recs["b"]["repeats"] == 4
+    with pytest.raises(ValueError, match="burst: expected a non-negative int, got -1"):
+        time_interleaved({"a": lambda: None}, burst=-1)
 
 
 def test_time_jitted_rejects_bad_counts():
