@@ -9,7 +9,7 @@ one. The faults it can be given:
 - ``--kill-in-save K``: SIGKILL itself in the middle of writing the checkpoint of
   step K (after its metadata file is written, before the write is committed);
 - ``--fail-at K``: the batch source raises ``OSError`` making the batch of step K;
-- ``--die-at K``: with several processes, process ``--die-rank`` (1) SIGKILLs itself
+- ``--die-at K``: process ``--die-rank`` (1; 0 in a run of one process) SIGKILLs itself
   after step K.
 
 ``--strict`` refuses a damaged newest checkpoint instead of falling back. With the

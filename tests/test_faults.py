@@ -1,6 +1,7 @@
 """Faults injected for real into training runs in subprocesses (tests/_fault_driver.py):
-SIGTERM at a random step, a SIGKILL inside a checkpoint write, damaged files in the
-newest checkpoints, a batch source that raises, and one of two processes killed.
+SIGTERM at a random step, a SIGKILL between checkpoints and one inside a checkpoint
+write, damaged files in the newest checkpoints, a batch source that raises, and one
+of two processes killed.
 Every resumed run must log exactly the losses of an uninterrupted one.
 """
 
@@ -93,6 +94,20 @@ def test_sigterm_at_a_random_step_saves_that_step_exits_143_and_resumes_exactly(
     assert rc == 0, out[-3000:]
     assert json.loads((run / "done0.json").read_text())["start"] == stop
     assert _losses(run) == want  # every step's loss, bit for bit
+
+
+def test_a_sigkill_between_checkpoints_resumes_from_the_last_one_bit_for_bit(tmp_path, reference):
+    run = tmp_path / "run"
+    rc, out = _run(tmp_path, run, "--die-at", 11, "--die-rank", 0)  # killed after step 11
+    assert rc == -signal.SIGKILL, out[-3000:]
+    assert max(_losses(run)) in (10, 11)  # the last line may be lost
+    start_steps = _steps_on_disk(run / "ckpt")
+    assert start_steps[-1] in (6, 9), start_steps  # step 9's write may not have committed
+
+    rc, out = _run(tmp_path, run)
+    assert rc == 0, out[-3000:]
+    assert json.loads((run / "done0.json").read_text())["start"] == start_steps[-1]
+    assert _losses(run) == reference[1]  # every step's loss, bit for bit
 
 
 def test_a_kill_inside_a_checkpoint_write_leaves_the_previous_one_to_resume(tmp_path, reference):

@@ -1,4 +1,7 @@
-"""Tests of the training loop: TBPTT, guard, clipping, one trace, kill-and-resume, sharding."""
+"""Tests of the training loop: TBPTT, guard, clipping, one trace, sharding.
+
+Killed and resumed runs are in tests/test_faults.py.
+"""
 
 import json
 import os
@@ -368,72 +371,6 @@ def test_fit_logs_checkpoints_and_respects_bad_input_before_compiling(key, tmp_p
     assert [e["step"] for e in evals] == [4, 8, 12]
     assert ckpt.all_steps() == [8, 12]  # keep=2
     assert (tmp_path / "curves.png").stat().st_size > 1000
-
-
-_DRIVER = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    import jax, numpy as np
-    import jaxseq as js
-
-    out, kill_at = sys.argv[1], int(sys.argv[2])
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 9, size=2000).astype(np.int32)
-    model = js.models.char_lm(9, num_layers=1, hidden_size=16, embedding_size=6, dropout_rate=0.1)
-    bt = js.data.StreamBatcher(ids, 4, 10)
-    opt = js.make_optimizer("adam", 1e-2, warmup_steps=2, total_steps=16)
-    init = jax.jit(lambda k: js.training.init_state(model.init(k), opt, k, model.initial_carry((4,))))
-    state = init(jax.random.key(3))
-    ckpt = js.Checkpointer(os.path.join(out, "ckpt"), keep=2,
-                                      model_config=model.config(), hparams={"lr": 1e-2})
-    if ckpt.latest_step() is not None:
-        state, _ = ckpt.restore(state)
-    step = js.make_train_step(js.training.lm_loss_fn(model), opt)
-
-    def on_step(s, m):
-        if s == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    js.fit(step, state, bt, num_steps=16, out_dir=out, checkpointer=ckpt, checkpoint_every=3,
-           on_step=on_step, progress=False, plot=False)
-    """
-)
-
-
-def _run_driver(tmp_path, out, kill_at):
-    script = tmp_path / "driver.py"
-    script.write_text(_DRIVER)
-    env = dict(
-        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-        # the three runs share compiled executables (same programs, so same bits)
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )  # fmt: skip
-    return subprocess.run(
-        [sys.executable, str(script), str(out), str(kill_at)], env=env, capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
-
-
-def _losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path))}
-
-
-def test_sigkill_and_resume_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
-    ref = _run_driver(tmp_path, tmp_path / "ref", -1)
-    assert ref.returncode == 0, ref.stderr[-2000:]
-    killed = _run_driver(tmp_path, tmp_path / "run", 11)
-    assert killed.returncode == -9, killed.stderr[-2000:]  # died by SIGKILL after step 11
-    assert max(_losses(tmp_path / "run" / "metrics.jsonl")) in (10, 11)  # last line may be lost
-    resumed = _run_driver(tmp_path, tmp_path / "run", -1)  # resumes from the step-9 checkpoint
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    want, got = (
-        _losses(tmp_path / "ref" / "metrics.jsonl"),
-        _losses(tmp_path / "run" / "metrics.jsonl"),
-    )
-    assert sorted(got) == list(range(1, 17))
-    assert got == want  # exact float equality, every step
 
 
 _SHARDED = textwrap.dedent(
