@@ -12,6 +12,7 @@ code, an error under :func:`jaxseq.checked`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -172,6 +173,29 @@ def check_lengths(lengths, batch_shape, xs):
             f"{describe(xs)}), got {describe(lengths)}"
         )
     return lengths
+
+
+def compiled_after_checks(fn, static_argnames: tuple[str, ...]):
+    """``fn``, the part of a public function that runs after its checks, as one compiled
+    program where no argument is a tracer (a call outside ``jit``, ``grad`` and ``vmap``):
+    ``jax.jit`` with ``static_argnames`` (passed by keyword), compiled once per shapes and
+    settings instead of running op by op. Under a transformation it is ``fn`` itself,
+    traced into the caller's program. The checks stay outside, on concrete values.
+
+    >>> import jax.numpy as jnp
+    >>> twice = compiled_after_checks(lambda x, *, n: x * n, ("n",))
+    >>> twice(jnp.ones(2), n=2).tolist(), jax.jit(lambda x: twice(x, n=3))(jnp.ones(1)).tolist()
+    ([2.0, 2.0], [3.0])
+    """
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
+            return fn(*args, **kwargs)
+        return jitted(*args, **kwargs)
+
+    return call
 
 
 def is_concrete(x) -> bool:

@@ -486,6 +486,17 @@ def blockwise_attention(
             raise ValueError(
                 f"batch_chunk: expected a divisor of the flattened batch size {n}, got {c}"
             )
+    options = dict(causal=bool(causal), bq=bq, bk=bk, scale=scale, offset=offset, chunk=c)
+    return _blockwise_checked(q, k, v, q_lengths, k_lengths, method=method, **options)
+
+
+def _blockwise_checked(
+    q, k, v, q_lengths, k_lengths, *, causal, bq, bk, scale, offset, method, chunk
+):
+    """:func:`blockwise_attention` on checked arguments, its settings resolved
+    (``chunk``: examples per block step)."""
+    batch, tq, tk, dk = q.shape[:-2], q.shape[-2], k.shape[-2], q.shape[-1]
+    n, c = math.prod(batch), chunk
     dtype = jnp.result_type(q, k, v)
     dv = v.shape[-1]
     ql = kl = None
@@ -504,11 +515,17 @@ def blockwise_attention(
         kl,
     )
     if method == "unrolled":
-        run = lambda a: _rows(*a, bool(causal), bq, scale, offset)
+        run = lambda a: _rows(*a, causal, bq, scale, offset)
     else:
-        run = lambda a: _blockwise(*a, bool(causal), bq, bk, scale, offset, tk)
+        run = lambda a: _blockwise(*a, causal, bq, bk, scale, offset, tk)
     if c == n:
         out = run(jax.tree_util.tree_map(lambda a: a[0], args))
     else:
         out = lax.map(run, args)
     return out.reshape(batch + (tq, v.shape[-1])).astype(v.dtype)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_blockwise_checked = _checks.compiled_after_checks(
+    _blockwise_checked, ("causal", "bq", "bk", "scale", "offset", "method", "chunk")
+)

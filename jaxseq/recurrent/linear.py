@@ -431,8 +431,17 @@ def linear_recurrence(
     if seqpar.check_mesh(mesh, sequence_axis, t) is not None:
         options = dict(reverse=reverse, mode=mode, chunk=chunk)
         return _sharded(a, b, h0, reset, lengths, mesh, sequence_axis, **options)
-    valid = None if lengths is None else valid_steps(lengths, t)
+    return _solve_checked(a, b, h0, reset, lengths, reverse=reverse, mode=mode, chunk=chunk)
+
+
+def _solve_checked(a, b, h0, reset, lengths, *, reverse, mode, chunk):
+    """:func:`linear_recurrence` on one device, its arguments checked."""
+    valid = None if lengths is None else valid_steps(lengths, a.shape[0])
     return solve(a, b, h0, valid=valid, reset=reset, reverse=reverse, mode=mode, chunk=chunk)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_solve_checked = _checks.compiled_after_checks(_solve_checked, ("reverse", "mode", "chunk"))
 
 
 def _slice_body(a, b, h0, reset, lengths, *, axis, reverse, mode, chunk):

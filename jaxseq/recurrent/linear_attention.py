@@ -485,8 +485,18 @@ def linear_attention(
     if seqpar.check_mesh(mesh, sequence_axis, q.shape[0]) is not None:
         inputs = (q, k, v, log_decay, initial_state, reset, lengths)
         return _sharded(*inputs, mesh, sequence_axis, reverse=reverse, mode=mode, chunk=chunk)
+    inputs = (q, k, v, log_decay, initial_state, reset, lengths)
+    return _solve_checked(*inputs, reverse=reverse, mode=mode, chunk=chunk)
+
+
+def _solve_checked(q, k, v, log_decay, initial_state, reset, lengths, *, reverse, mode, chunk):
+    """:func:`linear_attention` on one device, its arguments checked."""
     valid = None if lengths is None else valid_steps(lengths, q.shape[0])
     return _solve(q, k, v, log_decay, initial_state, reset, valid, reverse, mode, chunk)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_solve_checked = _checks.compiled_after_checks(_solve_checked, ("reverse", "mode", "chunk"))
 
 
 def _slice_decay(q, log_decay, reset, valid):

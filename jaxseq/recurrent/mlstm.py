@@ -525,11 +525,22 @@ def mlstm_recurrence(
     )
     if heads_major and reset is not None:
         reset = jnp.moveaxis(reset, -1, 0)  # [T, *B], as solve takes it
-    t, _, _ = _layout_dims(q, heads_major)
-    valid = None if lengths is None else valid_steps(lengths, t)
-    args = (q, k, v, i_pre, f_pre, initial_state, reset, valid)
+    args = (q, k, v, i_pre, f_pre, initial_state, reset, lengths)
     options = dict(mode=mode, chunk=chunk, forget_gate=forget_gate, eps=eps)
-    return solve(*args, reverse=reverse, heads_major=heads_major, **options)
+    return _solve_checked(*args, reverse=reverse, heads_major=heads_major, **options)
+
+
+def _solve_checked(q, k, v, i_pre, f_pre, initial_state, reset, lengths, **options):
+    """:func:`mlstm_recurrence` on checked arguments (``options``: :func:`solve`'s)."""
+    t, _, _ = _layout_dims(q, options["heads_major"])
+    valid = None if lengths is None else valid_steps(lengths, t)
+    return solve(q, k, v, i_pre, f_pre, initial_state, reset, valid, **options)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_solve_checked = _checks.compiled_after_checks(
+    _solve_checked, ("reverse", "heads_major", "mode", "chunk", "forget_gate", "eps")
+)
 
 
 def _flatten(q, k, v, i_pre, f_pre, state, reset, valid, reverse, forget_gate, heads_major):

@@ -1,0 +1,99 @@
+"""Calls outside ``jit``: the matrix-state solvers run as one compiled program after
+their checks (not op by op, which compiled some 80-100 small programs per new shape),
+give what ``jax.jit`` of the same call gives, and keep their checks on concrete values.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxseq as js
+
+_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+@contextlib.contextmanager
+def _count_compiles():
+    seen = []
+
+    def listen(name, duration, **kwargs):
+        if name == _COMPILE:
+            seen.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield seen
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def _inputs(t, lengths=None):
+    """Arguments of each call in CALLS at ``T = t`` (lengths ``[t, t - 2]`` unless given)."""
+    rng = np.random.default_rng(t)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+    q, k, v = normal(t, 2, 3, 5), normal(t, 2, 3, 5), normal(t, 2, 3, 5)
+    return {
+        "q": q, "k": k, "v": v, "log_decay": -jax.nn.softplus(normal(t, 2, 3)),
+        "a": jnp.asarray(rng.uniform(0.2, 1.0, (t, 2, 5)), jnp.float32), "b": normal(t, 2, 5),
+        "lengths": jnp.array([t, t - 2] if lengths is None else lengths),
+        "q_bt": normal(2, 3, t, 5),  # [*B, T, D] for attention
+    }  # fmt: skip
+
+
+CALLS = {  # name: a call on _inputs' arguments
+    "linear_attention": lambda x: js.recurrent.linear_attention(
+        x["q"], x["k"], x["v"], x["log_decay"], lengths=x["lengths"]
+    ),
+    "mlstm_recurrence": lambda x: js.recurrent.mlstm_recurrence(
+        x["q"], x["k"], x["v"], x["log_decay"], x["log_decay"], lengths=x["lengths"]
+    ),
+    "linear_recurrence": lambda x: js.linear_recurrence(
+        x["a"], x["b"], lengths=x["lengths"], reverse=True
+    ),
+    "blockwise_attention": lambda x: js.blockwise_attention(
+        x["q_bt"], x["q_bt"], x["q_bt"], causal=True, block_q=4, k_lengths=x["lengths"]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_an_eager_call_compiles_one_program_and_equals_jit(name):
+    fn = CALLS[name]
+    args = _inputs(11)  # T=11: shapes no other test uses
+    with _count_compiles() as first:
+        got = fn(args)
+    with _count_compiles() as again:
+        fn(args)
+    # the solver's program, and at most the checks' own few small ones (lengths' range)
+    assert 1 <= len(first) <= 4, len(first)
+    assert again == []
+    want = jax.jit(fn)(args)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_checks_of_concrete_values_still_raise_outside_jit(name):
+    with pytest.raises(ValueError, match="lengths"):
+        CALLS[name](_inputs(6, lengths=[7, 2]))  # 7 > T=6
+
+
+def test_under_a_transformation_the_solver_is_traced_into_the_callers_program():
+    x = _inputs(5)
+
+    def loss(q):
+        return jnp.sum(CALLS["linear_attention"](dict(x, q=q))[1] ** 2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(x["q"]))
+    assert "name=_solve_checked" not in jaxpr  # no program of its own inside the caller's
+
+    def _solve_checked(x):  # how a jitted solver would show in a jaxpr
+        return x * 2
+
+    assert "name=_solve_checked" in str(jax.make_jaxpr(jax.jit(_solve_checked))(x["q"]))
+    np.testing.assert_allclose(
+        jax.grad(loss)(x["q"]), jax.jit(jax.grad(loss))(x["q"]), rtol=1e-5, atol=1e-6
+    )
