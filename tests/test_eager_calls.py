@@ -1,5 +1,6 @@
-"""Calls outside ``jit``: the matrix-state solvers run as one compiled program after
-their checks (not op by op, which compiled some 80-100 small programs per new shape),
+"""Calls outside ``jit``: the matrix-state solvers and batched and blockwise attention run
+as one compiled program after their checks (not op by op, which compiled up to 98 small
+programs per new shape),
 give what ``jax.jit`` of the same call gives, and keep their checks on concrete values.
 """
 
@@ -39,7 +40,8 @@ def _inputs(t, lengths=None):
         "q": q, "k": k, "v": v, "log_decay": -jax.nn.softplus(normal(t, 2, 3)),
         "a": jnp.asarray(rng.uniform(0.2, 1.0, (t, 2, 5)), jnp.float32), "b": normal(t, 2, 5),
         "lengths": jnp.array([t, t - 2] if lengths is None else lengths),
-        "q_bt": normal(2, 3, t, 5),  # [*B, T, D] for attention
+        "q_bt": normal(2, 3, t, 5),  # [*B, T, D] for blockwise attention
+        "q_btk": normal(2, t, 3, 5),  # [*B, T, K, D] for batched attention
     }  # fmt: skip
 
 
@@ -55,6 +57,9 @@ CALLS = {  # name: a call on _inputs' arguments
     ),
     "blockwise_attention": lambda x: js.blockwise_attention(
         x["q_bt"], x["q_bt"], x["q_bt"], causal=True, block_q=4, k_lengths=x["lengths"]
+    ),
+    "batched_dot_product_attention": lambda x: js.batched_dot_product_attention(
+        x["q_btk"], x["q_btk"], x["q_btk"], causal=True, k_lengths=x["lengths"]
     ),
 }
 

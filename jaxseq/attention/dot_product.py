@@ -360,6 +360,16 @@ def batched_dot_product_attention(
     what = "the batch dims of q"
     ql = _check_lengths_arg("q_lengths", q_lengths, batch, tq, "Tq", what)
     kl = _check_lengths_arg("k_lengths", k_lengths, batch, tk, "Tk", what)
+    options = dict(causal=bool(causal), alignment=causal_alignment, weights=bool(return_weights))
+    axes = (m_ax, b_ax, tuple(m_b), tuple(b_b))
+    return _batched_checked(q, k, v, mask, bias, ql, kl, scale, axes=axes, **options)
+
+
+def _batched_checked(q, k, v, mask, bias, ql, kl, scale, *, axes, causal, alignment, weights):
+    """:func:`batched_dot_product_attention` on checked arguments; ``axes``: the vmap axes
+    of the mask and bias (:func:`_per_head_arg`)."""
+    m_ax, b_ax, m_b, b_b = axes
+    tq, tk = q.shape[-3], k.shape[-3]
     l_ax = 0 if ql is not None or kl is not None else None
 
     def one(q1, k1, v1, m1, b1, ql1, kl1):
@@ -368,10 +378,16 @@ def batched_dot_product_attention(
                 jnp.arange(tk) < (tk if kl1 is None else kl1)
             )[None, :]
             m1 = pad if m1 is None else m1 & pad
-        return _attend(q1, k1, v1, m1, b1, causal, scale, causal_alignment)
+        return _attend(q1, k1, v1, m1, b1, causal, scale, alignment)
 
     fn = jax.vmap(one, in_axes=(1, 1, 1, m_ax, b_ax, None, None), out_axes=(1, 0))
-    for i in reversed(range(len(batch))):
+    for i in reversed(range(q.ndim - 3)):
         fn = jax.vmap(fn, in_axes=(0, 0, 0, m_b[i], b_b[i], l_ax, l_ax))
     out, w = fn(q, k, v, mask, bias, ql, kl)
-    return (out, w) if return_weights else out
+    return (out, w) if weights else out
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_batched_checked = _checks.compiled_after_checks(
+    _batched_checked, ("axes", "causal", "alignment", "weights")
+)
