@@ -102,3 +102,22 @@ def test_under_a_transformation_the_solver_is_traced_into_the_callers_program():
     np.testing.assert_allclose(
         jax.grad(loss)(x["q"]), jax.jit(jax.grad(loss))(x["q"]), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_transformer_lm_called_eagerly_compiles_once_and_still_checks_positions():
+    lm = js.models.transformer_lm(11, num_layers=1, d_model=8, num_heads=2, max_len=5,
+                                  positions="learned")  # fmt: skip
+    params = lm.init(jax.random.key(0))
+    tokens = jnp.ones((3, 2), jnp.int32)
+    with _count_compiles() as first:
+        cache, logits = lm.apply(params, None, tokens)
+    with _count_compiles() as again:
+        lm.apply(params, None, tokens)  # (op by op, its attention `cond` compiled each time)
+    assert len(first) >= 1 and again == []
+    want = jax.jit(lm.apply)(params, None, tokens)[1]
+    np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+    cache, _ = lm.apply(params, cache, tokens[:2])  # 5 positions: the table's last is 4
+    with pytest.raises(ValueError, match=r"positions: expected values in \[0, 4\]"):
+        lm.apply(params, cache, tokens[:1])  # one step at position 5
+    with pytest.raises(ValueError, match=r"positions: expected values in \[0, 4\]"):
+        lm.apply(params, cache, tokens[:2])  # a chunk from position 5

@@ -437,28 +437,29 @@ class TransformerLM:
         tok = tokens.reshape(t, n).T  # [N, T]
         rst = None if reset is None else reset.reshape(t, n).T
         lens = None if lengths is None else jnp.asarray(lengths).reshape(n).astype(jnp.int32)
-        if t == 1 and rst is None and lens is None:
-            flat, logits = self._one_step(params, flat, tok[:, 0], key)
-            logits = logits[:, None]
-        else:
-            flat, logits = self._chunk(params, flat, tok, rst, lens, key)
+        flat, logits, pos = _run_flat(params, flat, tok, rst, lens, key, model=self)
+        if self.positions == "learned" and _checks.is_concrete(pos):
+            self._check_positions(pos)  # the compiled program's own check is a no-op
         carry = jax.tree_util.tree_map(lambda a: a.reshape(batch + a.shape[1:]), flat)
         return carry, jnp.moveaxis(logits, 1, 0).reshape((t, *batch, self.vocab_size))
 
     # -- internals on flattened batches: tokens [N, T], cache leaves [N, ...] ---------------
 
+    def _check_positions(self, pos):
+        c = self.max_len
+        _checks.check_in_range(
+            "positions",
+            pos,
+            0,
+            c - 1,
+            f" (learned positions: at most max_len={c} tokens since the carry's start or "
+            "last reset; reset the carry, or use positions='rotary' for a sliding window)",
+        )
+
     def _embed(self, params, tok, pos, key):
         x = embed(params.embedding, tok)  # [N, T, D]
         if self.positions == "learned":
-            c = self.max_len
-            _checks.check_in_range(
-                "positions",
-                pos,
-                0,
-                c - 1,
-                f" (learned positions: at most max_len={c} tokens since the carry's start or "
-                "last reset; reset the carry, or use positions='rotary' for a sliding window)",
-            )
+            self._check_positions(pos)
             x = x + learned(params.positions, positions=pos.reshape(-1)).reshape(x.shape)
         if key is not None and self.dropout_rate > 0.0:
             x = dropout(key, x, self.dropout_rate)
@@ -502,7 +503,7 @@ class TransformerLM:
 
             x = self.block.apply_with_attention(bp, x, attend, key=k_layers[i])
         new = KVCache(slots, jnp.stack(keys, 1), jnp.stack(values, 1), length + 1)
-        return new, self._head(params, x)
+        return new, self._head(params, x), length[:, None]  # and the positions read
 
     def _chunk(self, params, cache: KVCache, tok, reset, lengths, key):
         """``tok: int[N, T]``: attend to the cache and the chunk, then write the chunk."""
@@ -580,7 +581,21 @@ class TransformerLM:
             write(cache.values, jnp.stack(values, 1)),
             jnp.where(n_valid > 0, last_pos + 1, length).astype(jnp.int32),
         )
-        return new, self._head(params, x)
+        return new, self._head(params, x), jnp.where(valid, pos, 0)
+
+
+def _run_flat(params, flat, tok, rst, lens, key, *, model: TransformerLM):
+    """The model on flattened batches (``tok: int[N, T]``, cache leaves ``[N, ...]``):
+    ``(cache, logits [N, T, V], positions [N, T])``, the positions it embedded at."""
+    if tok.shape[1] == 1 and rst is None and lens is None:
+        flat, logits, pos = model._one_step(params, flat, tok[:, 0], key)
+        return flat, logits[:, None], pos
+    return model._chunk(params, flat, tok, rst, lens, key)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch (whose `cond` of new
+# closures compiled again at every call)
+_run_flat = _checks.compiled_after_checks(_run_flat, ("model",))
 
 
 def transformer_lm(
