@@ -191,11 +191,15 @@ def compiled_after_checks(fn, static_argnames: tuple[str, ...]):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((args, kwargs))):
-            return fn(*args, **kwargs)
-        return jitted(*args, **kwargs)
+        return (fn if any_tracer(args, kwargs) else jitted)(*args, **kwargs)
 
     return call
+
+
+def any_tracer(*trees) -> bool:
+    """True when a leaf of ``trees`` is a tracer (the call is inside ``jit``, ``grad`` or
+    ``vmap``)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
 
 
 def is_concrete(x) -> bool:

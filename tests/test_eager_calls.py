@@ -1,5 +1,5 @@
-"""Calls outside ``jit``: the matrix-state solvers and batched and blockwise attention run
-as one compiled program after their checks (not op by op, which compiled up to 98 small
+"""Calls outside ``jit``: the matrix-state solvers, attention (batched, blockwise, per
+example) and the Transformer LM run as one compiled program after their checks (not op by op, which compiled up to 98 small
 programs per new shape), give what ``jax.jit`` of the same call gives, and keep their
 checks on concrete values.
 """
@@ -121,3 +121,29 @@ def test_a_transformer_lm_called_eagerly_compiles_once_and_still_checks_position
         lm.apply(params, cache, tokens[:1])  # one step at position 5
     with pytest.raises(ValueError, match=r"positions: expected values in \[0, 4\]"):
         lm.apply(params, cache, tokens[:2])  # a chunk from position 5
+
+
+@pytest.mark.parametrize("fn", ["multi_head_attention", "transformer_block"])
+def test_per_example_attention_called_eagerly_compiles_once_and_still_checks(fn):
+    key = jax.random.key(1)
+    x = jax.random.normal(key, (7, 12))  # one example [T, D]
+    if fn == "multi_head_attention":
+        params = js.attention.MultiHeadAttention(num_heads=3, key_size=4).init(key, 12)
+        call = lambda x, n: js.attention.multi_head_attention(
+            params, x, causal=True, q_lengths=n, k_lengths=n, return_weights=True
+        )
+    else:
+        params = js.attention.TransformerBlock(num_heads=3).init(key, 12)
+        call = lambda x, n: js.attention.transformer_block(
+            params, x, lengths=n, dropout_rate=0.5, key=key
+        )
+    with _count_compiles() as first:
+        got = call(x, 5)
+    with _count_compiles() as again:
+        call(x, 5)
+    assert 1 <= len(first) <= 4 and again == []
+    want = jax.jit(call, static_argnums=1)(x, 5)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 7\]"):
+        call(x, 8)

@@ -225,11 +225,18 @@ def multi_head_attention(
     dq, dc, nh, dk, dv, do = _check_mha_params(params)
     x, ctx = _check_inputs(x, context, dq, dc)
     tq, tk = x.shape[0], ctx.shape[0]
-    _checks.check_rate("dropout_rate", dropout_rate)
+    dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
     _checks.check_choice("causal_alignment", causal_alignment, CAUSAL_ALIGNMENTS)
     one = "one example; vmap over a batch"
     q_lengths = _check_lengths_arg("q_lengths", q_lengths, (), tq, "Tq", one)
     k_lengths = _check_lengths_arg("k_lengths", k_lengths, (), tk, "Tk", one)
+    if not _checks.any_tracer(params, x, ctx, mask, bias, key, q_lengths, k_lengths):
+        # outside jit: this function again as one compiled program (checked again,
+        # on tracers), instead of op-by-op dispatch
+        options = dict(causal=bool(causal), causal_alignment=causal_alignment, bias=bias)
+        options.update(dropout_rate=dropout_rate, key=key, return_weights=bool(return_weights))
+        options.update(blockwise=bool(blockwise), q_lengths=q_lengths, k_lengths=k_lengths)
+        return _compiled(params, x, ctx, mask, **options)
     q_valid = None if q_lengths is None else length_mask(q_lengths, tq)  # bool[Tq]
     k_valid = None if k_lengths is None else length_mask(k_lengths, tk)  # bool[Tk]
     dtype = x.dtype
@@ -276,6 +283,12 @@ def multi_head_attention(
         out = add_bias(out, params.b_o)
     out = out.astype(dtype)
     return (out, w) if return_weights else out
+
+
+_compiled = jax.jit(
+    multi_head_attention,
+    static_argnames=("causal", "causal_alignment", "dropout_rate", "return_weights", "blockwise"),
+)
 
 
 def _check_inputs(x, context, dq, dc):

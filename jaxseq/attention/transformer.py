@@ -221,12 +221,20 @@ def transformer_block(
     d = params.ln1.scale.shape[0]
     _checks.check_shape("x", x, (None, d), ("T", "D"))
     t = x.shape[0]
-    valid = None
     if lengths is not None:
         lengths = _checks.as_array("lengths", lengths)
         _checks.check_integer("lengths", lengths)
         _checks.check_shape("lengths", lengths, ())
         _checks.check_in_range("lengths", lengths, 0, t, f" (T={t})")
+    dropout_rate = _checks.check_rate("dropout_rate", dropout_rate)
+    if not _checks.any_tracer(params, x, mask, lengths, key):
+        # outside jit: this function again as one compiled program (checked again, on
+        # tracers), instead of op-by-op dispatch
+        options = dict(causal=bool(causal), key=key, dropout_rate=dropout_rate)
+        options.update(blockwise=bool(blockwise), return_weights=bool(return_weights))
+        return _compiled(params, x, mask=mask, lengths=lengths, **options)
+    valid = None
+    if lengths is not None:
         valid = length_mask(lengths, t)
         x = jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
     use_dropout = key is not None and dropout_rate > 0.0
@@ -260,6 +268,12 @@ def transformer_block(
     if valid is not None:
         y = jnp.where(valid[:, None], y, jnp.zeros((), y.dtype))
     return (y, weights[0]) if return_weights else y
+
+
+_compiled = jax.jit(
+    transformer_block,
+    static_argnames=("causal", "dropout_rate", "blockwise", "return_weights"),
+)
 
 
 def _heads(x, w, b):
