@@ -236,7 +236,7 @@ def multi_head_attention(
         options = dict(causal=bool(causal), causal_alignment=causal_alignment, bias=bias)
         options.update(dropout_rate=dropout_rate, key=key, return_weights=bool(return_weights))
         options.update(blockwise=bool(blockwise), q_lengths=q_lengths, k_lengths=k_lengths)
-        return _compiled(params, x, ctx, mask, **options)
+        return _compiled(params, x, None if context is None else ctx, mask, **options)
     q_valid = None if q_lengths is None else length_mask(q_lengths, tq)  # bool[Tq]
     k_valid = None if k_lengths is None else length_mask(k_lengths, tk)  # bool[Tk]
     dtype = x.dtype
