@@ -147,3 +147,20 @@ def test_per_example_attention_called_eagerly_compiles_once_and_still_checks(fn)
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"lengths: expected values in \[0, 7\]"):
         call(x, 8)
+
+
+@pytest.mark.parametrize("fn", ["dot_product_attention", "attention_weights"])
+def test_one_example_dot_product_attention_called_eagerly_compiles_once(fn):
+    t = 9 if fn == "dot_product_attention" else 10  # shapes of their own: nothing cached
+    q = jax.random.normal(jax.random.key(2), (t, 6))
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    if fn == "dot_product_attention":
+        call = lambda q: js.dot_product_attention(q, q, q, mask, causal=True, scale=0.3)
+    else:
+        call = lambda q: js.attention.attention_weights(q, q, mask, causal=True, scale=0.3)
+    with _count_compiles() as first:
+        got = call(q)
+    with _count_compiles() as again:
+        call(q)
+    assert 1 <= len(first) <= 2 and again == []  # (attention_weights slices k for its check)
+    np.testing.assert_allclose(got, jax.jit(call)(q), rtol=1e-6, atol=1e-6)

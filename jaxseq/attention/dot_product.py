@@ -205,6 +205,15 @@ def _attend(q, k, v, mask, bias, causal, scale, alignment="top_left"):
     return w if v is None else (_weighted_values(w, v), w)
 
 
+def _attend_checked(q, k, v, mask, bias, scale, *, causal, alignment):
+    """:func:`_attend` on checked arguments, its settings by keyword."""
+    return _attend(q, k, v, mask, bias, causal, scale, alignment)
+
+
+# outside jit, one compiled program instead of op-by-op dispatch
+_attend_checked = _checks.compiled_after_checks(_attend_checked, ("causal", "alignment"))
+
+
 def _weighted_values(w, v):
     """``w: float32[..., Tk] @ v: [Tk, Dv] -> [..., Dv]`` in the dtype of ``v``
     (weights rounded to ``v``'s dtype, accumulated in at least float32)."""
@@ -257,7 +266,8 @@ def attention_weights(
     _check_qkv(q, k, k[:, :1])
     _check_alignment(causal_alignment)
     mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
-    return _attend(q, k, None, mask, bias, causal, scale, causal_alignment)
+    options = dict(causal=bool(causal), alignment=causal_alignment)
+    return _attend_checked(q, k, None, mask, bias, scale, **options)
 
 
 def dot_product_attention(
@@ -302,7 +312,8 @@ def dot_product_attention(
     _check_qkv(q, k, v)
     _check_alignment(causal_alignment)
     mask, bias = _check_mask_bias(mask, bias, q.shape[0], k.shape[0])
-    return _attend(q, k, v, mask, bias, causal, scale, causal_alignment)[0]
+    options = dict(causal=bool(causal), alignment=causal_alignment)
+    return _attend_checked(q, k, v, mask, bias, scale, **options)[0]
 
 
 def batched_dot_product_attention(
