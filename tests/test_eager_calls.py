@@ -31,6 +31,13 @@ def _count_compiles():
         jax.monitoring.unregister_event_duration_listener(listen)
 
 
+def test_the_counter_sees_each_new_program():
+    x = jnp.ones(3)
+    with _count_compiles() as seen:
+        jax.jit(lambda x: x * 3 + 1)(x)  # a new function: a program of its own
+    assert len(seen) == 1
+
+
 def _inputs(t, lengths=None):
     """Arguments of each call in CALLS at ``T = t`` (lengths ``[t, t - 2]`` unless given)."""
     rng = np.random.default_rng(t)
@@ -73,7 +80,7 @@ def test_an_eager_call_compiles_one_program_and_equals_jit(name):
     with _count_compiles() as again:
         fn(args)
     # the solver's program, and at most the checks' own few small ones (lengths' range)
-    assert 1 <= len(first) <= 4, len(first)
+    assert len(first) <= 4, len(first)
     assert again == []
     want = jax.jit(fn)(args)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
@@ -113,7 +120,7 @@ def test_a_transformer_lm_called_eagerly_compiles_once_and_still_checks_position
         cache, logits = lm.apply(params, None, tokens)
     with _count_compiles() as again:
         lm.apply(params, None, tokens)  # (op by op, its attention `cond` compiled each time)
-    assert len(first) >= 1 and again == []
+    assert len(first) <= 10 and again == []  # the model's program and its checks' (109 before)
     want = jax.jit(lm.apply)(params, None, tokens)[1]
     np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
     cache, _ = lm.apply(params, cache, tokens[:2])  # 5 positions: the table's last is 4
@@ -141,7 +148,7 @@ def test_per_example_attention_called_eagerly_compiles_once_and_still_checks(fn)
         got = call(x, 5)
     with _count_compiles() as again:
         call(x, 5)
-    assert 1 <= len(first) <= 4 and again == []
+    assert len(first) <= 4 and again == []
     want = jax.jit(call, static_argnums=1)(x, 5)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
@@ -162,5 +169,5 @@ def test_one_example_dot_product_attention_called_eagerly_compiles_once(fn):
         got = call(q)
     with _count_compiles() as again:
         call(q)
-    assert 1 <= len(first) <= 2 and again == []  # (attention_weights slices k for its check)
+    assert len(first) <= 2 and again == []  # (attention_weights slices k for its check)
     np.testing.assert_allclose(got, jax.jit(call)(q), rtol=1e-6, atol=1e-6)
