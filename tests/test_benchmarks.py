@@ -478,3 +478,25 @@ def test_attention_products_without_torch_skips_its_rows(tmp_path, monkeypatch):
     assert len(torch_rows) == len(ap.PRODUCTS)
     assert all(r["status"] == "skipped" and "torch" in r["reason"] for r in torch_rows)
     assert out["speedups"] == []
+
+
+def test_eager_calls_times_each_function_eagerly_and_jitted_in_fresh_processes(tmp_path):
+    from benchmarks import eager_calls as ec
+
+    out = ec.main(["--quick", "--out", str(tmp_path)])
+    recs = {r["function"]: r for r in out["records"]}
+    assert set(recs) == {"linear_attention", "dot_product_attention"}
+    for r in recs.values():
+        assert r["eager_first_s"] > 0 and r["jit_first_s"] > 0 and r["jit_again_ms"] > 0
+        assert r["first_eager_over_jit"] == pytest.approx(r["eager_first_s"] / r["jit_first_s"])
+        # a fresh process compiles at least the call's program; eagerly, one program and
+        # not the op-by-op tens (65 for linear_attention before)
+        assert 1 <= r["jit_programs"] and 1 <= r["eager_programs"] <= 4
+    for name in ("eager_calls.json", "eager_calls.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    # every function of the full run builds its call
+    import jax
+
+    for name, build in ec._calls().items():
+        fn, args = build()
+        assert jax.eval_shape(fn, *args) is not None, name
