@@ -485,12 +485,12 @@ def test_eager_calls_times_each_function_eagerly_and_jitted_in_fresh_processes(t
 
     out = ec.main(["--quick", "--out", str(tmp_path)])
     recs = {r["function"]: r for r in out["records"]}
-    assert set(recs) == {"linear_attention", "dot_product_attention"}
+    assert set(recs) == {"dot_product_attention"}
     for r in recs.values():
         assert r["eager_first_s"] > 0 and r["jit_first_s"] > 0 and r["jit_again_ms"] > 0
         assert r["first_eager_over_jit"] == pytest.approx(r["eager_first_s"] / r["jit_first_s"])
         # a fresh process compiles at least the call's program; eagerly, one program and
-        # not the op-by-op tens (65 for linear_attention before)
+        # not the op-by-op tens (20 for dot_product_attention before)
         assert 1 <= r["jit_programs"] and 1 <= r["eager_programs"] <= 4
     for name in ("eager_calls.json", "eager_calls.md"):
         assert (tmp_path / name).stat().st_size > 0
