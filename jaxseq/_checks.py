@@ -199,7 +199,7 @@ def compiled_after_checks(fn, static_argnames: tuple[str, ...]):
 def any_tracer(*trees) -> bool:
     """True when a leaf of ``trees`` is a tracer (the call is inside ``jit``, ``grad`` or
     ``vmap``)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+    return not all(is_concrete(x) for x in jax.tree_util.tree_leaves(trees))
 
 
 def is_concrete(x) -> bool:

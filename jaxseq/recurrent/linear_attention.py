@@ -482,10 +482,9 @@ def linear_attention(
         per_key = log_decay is not None and log_decay.ndim == q.ndim
         chunk = _PER_KEY_CHUNK if per_key else _CHUNK
     reset, lengths, reverse, chunk = _check_options(q, reset, lengths, reverse, mode, chunk)
-    if seqpar.check_mesh(mesh, sequence_axis, q.shape[0]) is not None:
-        inputs = (q, k, v, log_decay, initial_state, reset, lengths)
-        return _sharded(*inputs, mesh, sequence_axis, reverse=reverse, mode=mode, chunk=chunk)
     inputs = (q, k, v, log_decay, initial_state, reset, lengths)
+    if seqpar.check_mesh(mesh, sequence_axis, q.shape[0]) is not None:
+        return _sharded(*inputs, mesh, sequence_axis, reverse=reverse, mode=mode, chunk=chunk)
     return _solve_checked(*inputs, reverse=reverse, mode=mode, chunk=chunk)
 
 
