@@ -84,6 +84,17 @@ def _jaxseq_version() -> str:
         return package_version("jaxseq")
 
 
+def _host_memory() -> str:
+    """jaxseq's malloc settings in this process (``jaxseq.host_memory``)."""
+    try:
+        import jaxseq
+
+        s = jaxseq.host_memory.state()
+    except (ImportError, AttributeError):
+        return "unknown"
+    return s["policy"] if s["policy"] == "keep" else f"{s['policy']} ({s['reason']})"
+
+
 def environment() -> dict:
     """Where a result came from: versions, backend, device, CPU, threads, flags, date (UTC)."""
     import jax
@@ -104,6 +115,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "jax_cpu_threads": jax_thread_count(),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "host_memory": _host_memory(),
     }
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[var] = os.environ.get(var, "")

@@ -26,6 +26,10 @@ sub-package: ``js.decoding.sample``, ``js.data.pad_sequences``,
 True
 """
 
+# First, before JAX starts a backend: malloc keeps XLA:CPU's per-call buffers
+# (jaxseq/host_memory.py; JAXSEQ_HOST_MEMORY=system leaves malloc as it is).
+from jaxseq import host_memory
+
 # Grouped by layer, bottom to top, in the order of __all__ (not the import sorter's).
 # isort: off
 # The sub-packages (and the lowest layer's public modules).
@@ -118,6 +122,7 @@ __all__ = [
     "checks",
     "data",
     "decoding",
+    "host_memory",
     "initializers",
     "interop",
     "masks",

