@@ -500,3 +500,23 @@ def test_eager_calls_times_each_function_eagerly_and_jitted_in_fresh_processes(t
     for name, build in ec._calls().items():
         fn, args = build()
         assert jax.eval_shape(fn, *args) is not None, name
+
+
+def test_host_memory_times_each_policy_in_its_own_process(tmp_path):
+    from benchmarks import host_memory as hm
+
+    out = hm.main(["--quick", "--quiet", "--out", str(tmp_path)])
+    (rec,) = out["records"]
+    assert rec["status"] == "ok", rec
+    for p in hm.POLICIES:
+        assert rec[f"{p}_ms"] > 0 and rec[f"{p}_faults"] >= 0 and rec[f"{p}_sys_ms"] >= 0
+    assert rec["keep_over_system"] == pytest.approx(rec["keep_ms"] / rec["system_ms"])
+    for name in ("host_memory.json", "host_memory.md", "host_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    # a child that did not get the policy it was asked for is an error, not a figure
+    runs = {p: [{"step_ms": 1.0, "faults": 0, "sys_ms": 0.0, "temp_mb": 1.0,
+                 "state": {"policy": "system", "reason": "JAXSEQ_HOST_MEMORY=system"}}]
+            for p in hm.POLICIES}  # fmt: skip
+    assert hm._record("w", runs)["status"] == "error"
+    # every workload of the full run is listed (built only in its child)
+    assert len(hm._workloads(quick=False)) == 6
