@@ -6,6 +6,7 @@ vmapped attention, models, and a training loop for any task.
 
 Layers, bottom to top (a module imports only from layers below it)::
 
+    host_memory  imported first: malloc keeps XLA:CPU's per-call buffers
     _checks, _numerics, masks, initializers, protocols, checks
     nn/          dense, embedding, dropout, layer norm
     recurrent/   cells, minGRU/minLSTM, fused kernels, linear recurrences, rollouts, Bidirectional, Stack
