@@ -29,10 +29,9 @@ per step, total, tokens per second, the ratio jaxseq/torch of time per 1000
 steps (below 1: jaxseq is faster), and the loss of every step (dropout masks
 differ, so the curves track each other, they do not coincide).
 
-Host memory: by default the process calls :func:`jaxseq.training.reuse_host_memory` first
-(as ``examples/char_lm.py`` does), which speeds up both sides (each allocates its
-step's temporaries with ``malloc``); ``--host-memory default`` keeps the C
-library's thresholds. The setting is recorded in the environment.
+Host memory: jaxseq's import sets glibc's ``malloc`` to keep XLA's per-call buffers
+(``jaxseq.host_memory``), for the whole process; ``JAXSEQ_HOST_MEMORY=system`` in the
+environment leaves it alone. The policy is recorded in the environment.
 
 Data: ``--data PATH`` (a text file, e.g. tiny Shakespeare); without it a
 deterministic synthetic text (a first-order Markov chain over 30 characters,
@@ -99,13 +98,6 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=10, help="rows of the loss table")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (H=32, E=16, B=4, K=16)")
-    ap.add_argument(
-        "--host-memory",
-        choices=("reuse", "default"),
-        default="reuse",
-        help="reuse: js.training.reuse_host_memory() for the whole process (both sides; what "
-        "examples/char_lm.py does); default: the C library's own thresholds",
-    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     if args.quick:
@@ -279,8 +271,6 @@ def main(argv=None) -> dict:
 
     import jaxseq as js
 
-    if args.host_memory == "reuse":
-        js.training.reuse_host_memory()
     if args.data:
         text = Path(args.data).read_text(encoding="utf-8")
         data_name = os.path.basename(args.data)
@@ -360,7 +350,6 @@ def main(argv=None) -> dict:
     records.append(comparison)
 
     env = environment()
-    env["host_memory"] = args.host_memory
     env["torch"] = package_version("torch")
     env["torch_threads"] = torch.get_num_threads() if has_torch else None
     env["data"] = data_name

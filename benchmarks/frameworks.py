@@ -17,10 +17,10 @@ and (1, 128, 1000), forward and training step (forward + backward of
   GEMMs over all steps (forward: ``X W_ih`` and ``H W_hh``; training adds the
   four backward products), i.e. the time if every FLOP ran at large-matmul speed.
 
-Host memory: by default the process first calls :func:`jaxseq.training.reuse_host_memory`
-(freed host buffers stay in the heap for the next call; every implementation in
-the process gains, as each allocates its temporaries with ``malloc``);
-``--host-memory default`` measures with the C library's own thresholds.
+Host memory: jaxseq's import sets glibc's ``malloc`` to keep XLA's per-call buffers
+for the whole process, every implementation alike (``jaxseq.host_memory``);
+``JAXSEQ_HOST_MEMORY=system`` in the environment leaves it alone. The policy is
+recorded in the environment.
 
 All in one process, side by side: every implementation of a configuration is
 compiled first, then timed interleaved (each round calls each one once, in
@@ -357,13 +357,6 @@ def parse_args(argv=None):
     p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {','.join(IMPLS)}")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls after the first")
-    p.add_argument(
-        "--host-memory",
-        choices=("reuse", "default"),
-        default="reuse",
-        help="reuse: js.training.reuse_host_memory() for the whole process, every implementation "
-        "alike (what the examples do); default: the C library's own thresholds",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     args.cells = (args.cells or ("lstm" if args.quick else ",".join(CELLS))).split(",")
@@ -394,12 +387,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if "torch" in args.impls and available("torch"):
         torch_threads()  # before anything else runs, so the interop setting sticks
-    if args.host_memory == "reuse":
-        import jaxseq as js
-
-        js.training.reuse_host_memory()
     env = environment()
-    env["host_memory"] = args.host_memory
     t0 = time.perf_counter()
     records = run(
         args.cells,

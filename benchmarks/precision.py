@@ -230,7 +230,6 @@ def step_times(c, ids, vocab, repeats, has_torch, quiet) -> dict[str, dict]:
 
 def main(argv=None) -> dict:
     a = parse_args(argv)
-    js.training.reuse_host_memory()
     has_torch = torch_available()
     if a.data:
         vocab_obj = js.data.CharVocab.from_text(open(a.data, encoding="utf-8").read())

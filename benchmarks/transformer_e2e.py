@@ -507,9 +507,6 @@ def _plot(path, records):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import jaxseq as js
-
-    js.training.reuse_host_memory()
     has_torch = torch_available()
     records: list[dict] = []
     if not args.skip_lm:
@@ -517,7 +514,6 @@ def main(argv=None) -> dict:
     if not args.skip_attention:
         records += run_attention(args, has_torch)
     env = environment()
-    env["host_memory"] = "reuse"
     env["recipe"] = (
         f"LM: {args.layers} layers, d_model {args.d_model}, {args.heads} heads, T={args.seq}, "
         f"B={args.batch}, V={args.vocab}, Adam lr {args.lr}, clip 1.0, learned positions, "

@@ -74,11 +74,7 @@ def parser(
 def start(args):
     """Starts JAX's distributed runtime when the flags or the environment ask for it
     (``--coordinator/--num-processes/--process-id`` or ``--distributed``; one process
-    otherwise), and on Linux keeps freed host buffers in the process for the next
-    training step (:func:`jaxseq.training.reuse_host_memory`; its effect is measured in
-    ``benchmarks/README.md``).
-    Call it right after parsing, before anything else touches JAX."""
-    js.training.reuse_host_memory()
+    otherwise). Call it right after parsing, before anything else touches JAX."""
     js.training.init_from_args(args)
     return args
 
@@ -198,7 +194,7 @@ def environment() -> dict:
         "process_count": jax.process_count(),
         "jax": jax.__version__,
         "cpu": cpu,
-        "host_memory_threshold": js.training.host_memory.host_memory_setting(),
+        "host_memory": js.host_memory.state()["policy"],
     }
 
 

@@ -21,9 +21,6 @@ from jaxseq.training.distributed import (
 from jaxseq.training.evaluation import (
     evaluate,
 )
-from jaxseq.training.host_memory import (
-    reuse_host_memory,
-)
 from jaxseq.training.lm import (
     evaluate_lm,
     lm_loss_fn,
@@ -116,7 +113,6 @@ __all__ = [
     "process_slice",
     "read_jsonl",
     "restore_params",
-    "reuse_host_memory",
     "shard_batch",
     "shard_state",
     "token_cross_entropy",
