@@ -23,8 +23,10 @@ same moment share one arena's lock (PyTorch's bf16 autocast on a CPU, in the sam
 process, measured slower). Set ``JAXSEQ_HOST_MEMORY=system`` in the environment to
 leave ``malloc`` as it is. Nothing is changed where it would not help: another C
 library than glibc, a JAX backend that had already started (its threads have their
-arenas), or JAX set up for an accelerator (``JAX_PLATFORMS`` naming another platform
-first, or an accelerator plugin installed with ``JAX_PLATFORMS`` unset).
+own arenas), or JAX set up for an accelerator (``JAX_PLATFORMS`` naming another
+platform first, or an accelerator plugin installed with ``JAX_PLATFORMS`` unset).
+Threads that another library started and used before jaxseq's import keep their
+arenas too, and XLA's threads may be given one of them: import jaxseq first.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _accelerator() -> str | None:
 
 def _why_not() -> str | None:
     """Why the settings are not applied in this process, or ``None``."""
-    wanted = os.environ.get(ENV, "keep").strip().lower()
+    wanted = (os.environ.get(ENV) or "keep").strip().lower()  # unset or empty: keep
     if wanted == "system":
         return f"{ENV}=system"
     if wanted != "keep":

@@ -100,10 +100,17 @@ def _state_in_fresh_process(env):
             {"JAXSEQ_HOST_MEMORY": "fast"},
             "JAXSEQ_HOST_MEMORY='fast' is neither 'keep' nor 'system'",
         ),
+        ({"JAXSEQ_HOST_MEMORY": " System "}, "JAXSEQ_HOST_MEMORY=system"),
     ],
 )
-def test_nothing_is_changed_for_an_accelerator_or_an_unknown_value(env, reason):
+def test_nothing_is_changed_for_an_accelerator_an_opt_out_or_an_unknown_value(env, reason):
     assert _state_in_fresh_process(env) == {"policy": "system", "reason": reason}
+
+
+@pytest.mark.skipif(not GLIBC_LINUX, reason="the settings are glibc's")
+def test_an_empty_setting_is_the_default():
+    env = {"JAXSEQ_HOST_MEMORY": "", "JAX_PLATFORMS": "cpu"}
+    assert _state_in_fresh_process(env) == {"policy": "keep", "reason": "mallopt applied"}
 
 
 def test_state_is_a_copy_with_a_policy_and_a_reason():
