@@ -85,13 +85,11 @@ def _jaxseq_version() -> str:
 
 
 def _host_memory() -> str:
-    """jaxseq's malloc settings in this process (``jaxseq.host_memory``)."""
-    try:
-        import jaxseq
+    """jaxseq's malloc settings in this process (``jaxseq.host_memory``; the
+    ``benchmarks`` package imports jaxseq first)."""
+    import jaxseq
 
-        s = jaxseq.host_memory.state()
-    except (ImportError, AttributeError):
-        return "unknown"
+    s = jaxseq.host_memory.state()
     return s["policy"] if s["policy"] == "keep" else f"{s['policy']} ({s['reason']})"
 
 

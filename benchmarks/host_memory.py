@@ -40,6 +40,14 @@ POLICIES = ("system", "keep")
 TORCH_WORKLOADS = ("torch transformer_lm fp32", "torch transformer_lm bf16")
 
 
+def _transformer_lm():
+    """The Transformer char LM of ``benchmarks.transformer_e2e`` (both sides' model)."""
+    import jaxseq as js
+
+    return js.models.transformer_lm(65, num_layers=4, d_model=256, num_heads=4, max_len=64,
+                                    positions="learned")  # fmt: skip
+
+
 def _lm_step(lm, batch: int, seq: int, reset_every_chunk: bool):
     """``step()``: one jaxseq train step (Adam, clip 1.0) on a fixed chunk, and the
     program's temporary buffer in bytes."""
@@ -85,13 +93,11 @@ def _torch_step(precision: str):
     import jax
     import torch
 
-    import jaxseq as js
     from benchmarks import transformer_e2e as te
 
     args = te.parse_args(["--quiet"])
-    lm = js.models.transformer_lm(65, num_layers=4, d_model=256, num_heads=4, max_len=64,
-                                  positions="learned")  # fmt: skip
-    step = te.make_torch_step(te.build_torch_lm(args, lm.init(jax.random.key(0))), precision,
+    params = _transformer_lm().init(jax.random.key(0))
+    step = te.make_torch_step(te.build_torch_lm(args, params), precision,
                               1e-3)  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     x, y = (torch.randint(0, 65, (32, 64), generator=gen) for _ in range(2))
@@ -104,10 +110,8 @@ def _workloads(quick: bool) -> dict:
 
     if quick:
         return {"rollout lstm (8, 32, 20)": lambda: _rollout_step(8, 32, 20)}
-    tlm = lambda: js.models.transformer_lm(65, num_layers=4, d_model=256, num_heads=4,
-                                           max_len=64, positions="learned")  # fmt: skip
     return {
-        "transformer_lm fp32": lambda: _lm_step(tlm(), 32, 64, True),
+        "transformer_lm fp32": lambda: _lm_step(_transformer_lm(), 32, 64, True),
         "char_lm lstm": lambda: _lm_step(js.char_lm(65, cell="lstm"), 32, 64, False),
         "char_lm gru": lambda: _lm_step(js.char_lm(65, cell="gru"), 32, 64, False),
         "rollout lstm (32, 256, 100)": lambda: _rollout_step(32, 256, 100),
